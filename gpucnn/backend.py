@@ -1,0 +1,96 @@
+"""The one place that decides which engine runs: NumPy or CUDA.
+
+``GPUCNN_DEVICE`` chooses: ``auto`` (default: the GPU when CuPy imports and a device answers, else NumPy
+with one short notice), ``gpu`` (the GPU or a clear error keeping CuPy's own reason) or ``cpu`` (NumPy).
+``set_engine()`` does the same from code. Importing gpucnn never touches CuPy; the decision is made the
+first time an engine is needed.
+
+Everything else asks this module for ``ops()`` (the op module of the engine: ``ops_numpy`` or
+``ops_cuda``, mirrored function for function) and for ``xp`` (``numpy`` or ``cupy``).
+"""
+import os
+import sys
+
+_CHOICES = ("auto", "gpu", "cpu")
+_state = {"engine": None, "ops": None}
+_gpu_probe = {}
+
+
+class GPUUnavailableError(RuntimeError):
+    """The GPU engine was asked for but CuPy or a CUDA device is not usable."""
+
+
+def gpu_status():
+    """Return ``(usable, reason)``: whether CuPy imports and a CUDA device answers, and if not, why."""
+    if "usable" not in _gpu_probe:
+        try:
+            import cupy  # noqa: F401  (any failure here is the reason we report)
+
+            count = cupy.cuda.runtime.getDeviceCount()
+            if count < 1:
+                raise RuntimeError("CuPy found no CUDA device")
+            cupy.cuda.Device(0).compute_capability  # touches the driver
+            _gpu_probe.update(usable=True, reason=None, error=None)
+        except Exception as exc:  # CuPy raises several kinds: ImportError, CUDARuntimeError, ...
+            _gpu_probe.update(usable=False, reason=f"{type(exc).__name__}: {exc}", error=exc)
+    return _gpu_probe["usable"], _gpu_probe["reason"]
+
+
+def _resolve(choice):
+    choice = (choice or "auto").strip().lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"GPUCNN_DEVICE / engine must be one of {_CHOICES}, got {choice!r}")
+    if choice == "cpu":
+        return "numpy"
+    usable, reason = gpu_status()
+    if usable:
+        return "cuda"
+    if choice == "gpu":
+        raise GPUUnavailableError(
+            f"the GPU engine was requested but is not usable ({reason}). Install CuPy for your CUDA "
+            "version (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]') on a machine with an NVIDIA "
+            "driver, or use GPUCNN_DEVICE=cpu."
+        ) from _gpu_probe.get("error")
+    print(f"gpucnn: no usable GPU ({reason.splitlines()[0][:120]}); using the NumPy engine.",
+          file=sys.stderr)
+    return "numpy"
+
+
+def set_engine(choice):
+    """Choose the engine from code: ``"auto"``, ``"gpu"`` or ``"cpu"`` (as ``GPUCNN_DEVICE``).
+
+    Build models after choosing: a model's weights live on the engine that was active when it was built.
+    """
+    _state["engine"] = _resolve(choice)
+    _state["ops"] = None
+    return _state["engine"]
+
+
+def engine():
+    """The active engine's name, ``"numpy"`` or ``"cuda"``, deciding it on first use."""
+    if _state["engine"] is None:
+        _state["engine"] = _resolve(os.environ.get("GPUCNN_DEVICE", "auto"))
+    return _state["engine"]
+
+
+def ops():
+    """The op module of the active engine (``gpucnn.ops_numpy`` or ``gpucnn.ops_cuda``)."""
+    if _state["ops"] is None:
+        if engine() == "cuda":
+            from . import ops_cuda as module
+        else:
+            from . import ops_numpy as module
+        _state["ops"] = module
+    return _state["ops"]
+
+
+def is_engine_array(a):
+    """Whether ``a`` is a CuPy array (checked without importing CuPy)."""
+    return type(a).__module__.startswith("cupy")
+
+
+def to_numpy(a):
+    """A NumPy array of ``a`` (copied from the device when ``a`` is a CuPy array)."""
+    if is_engine_array(a):
+        return a.get()
+    return a

@@ -1,0 +1,326 @@
+"""The NumPy engine: every op of gpucnn, vectorised, float32.
+
+``ops_cuda.py`` holds the same functions, with the same names, arguments and order, launching the kernels
+of ``kernels/*.cu``. Read the two side by side. The naive float64 loops in ``tests/reference.py`` are the
+judge of both.
+
+Conventions (both engines):
+  * images are channels-last: ``x`` is (N, H, W, C); a conv kernel ``w`` is (KH, KW, C, F) as in Keras;
+    a dense kernel is (IN, UNITS);
+  * ``padding`` is an explicit ``(top, bottom, left, right)`` tuple (the layers turn Keras's
+    "valid"/"same" into it), ``stride`` and ``pool`` are ``(sh, sw)`` / ``(ph, pw)`` tuples;
+  * ``activation`` is ``None``, ``"relu"`` or ``"softmax"`` and is fused into the op that precedes it;
+  * ``ctx`` is a dict a forward op may fill with what its backward needs (the NumPy engine keeps its
+    im2col matrix there; the CUDA engine recomputes instead) — the same dict goes to the backward ops;
+  * optimizer updates work in place on (flat) parameter and state arrays.
+"""
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+xp = np
+DTYPE = np.float32
+
+
+# ===================================================================================== helpers
+def out_size(size, k, s, pad_lo, pad_hi):
+    """Output length of a window of ``k`` at stride ``s`` over ``size`` padded by ``pad_lo + pad_hi``."""
+    return (size + pad_lo + pad_hi - k) // s + 1
+
+
+def _pad(x, padding, value=0.0):
+    top, bottom, left, right = padding
+    if not (top or bottom or left or right):
+        return x
+    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+
+
+def _geometry(x_shape, k, stride, padding):
+    n, h, w, c = x_shape
+    p = out_size(h, k[0], stride[0], padding[0], padding[1])
+    q = out_size(w, k[1], stride[1], padding[2], padding[3])
+    return n, h, w, c, p, q
+
+
+def _windows(xpad, k, stride, p, q):
+    """A read-only (N, P, Q, KH, KW, C) view of every window of the padded input (no copy)."""
+    n, _, _, c = xpad.shape
+    s0, s1, s2, s3 = xpad.strides
+    return as_strided(xpad, (n, p, q, k[0], k[1], c),
+                      (s0, s1 * stride[0], s2 * stride[1], s1, s2, s3), writeable=False)
+
+
+def _tap(a, i, j, stride, p, q):
+    """The (N, P, Q, C) slice of padded array ``a`` that tap (i, j) of every window reads."""
+    return a[:, i:i + stride[0] * (p - 1) + 1:stride[0], j:j + stride[1] * (q - 1) + 1:stride[1], :]
+
+
+def _crop(a, padding):
+    top, bottom, left, right = padding
+    return a[:, top:a.shape[1] - bottom, left:a.shape[2] - right, :]
+
+
+def _finish(y, out):
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+# ===================================================================================== activations
+def activation_forward(x, activation, out=None):
+    """relu / softmax (over the last axis) / None of ``x``."""
+    if activation is None:
+        return _finish(x, out)
+    if activation == "relu":
+        return np.maximum(x, 0, out=out if out is not None else None)
+    if activation == "softmax":
+        z = x - x.max(axis=-1, keepdims=True)
+        e = np.exp(z, out=z)
+        e /= e.sum(axis=-1, keepdims=True)
+        return _finish(e, out)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_backward(dy, y, activation, out=None):
+    """Gradient through an activation, from its output ``y``."""
+    if activation is None:
+        return _finish(dy, out)
+    if activation == "relu":
+        return np.multiply(dy, y > 0, out=out)
+    if activation == "softmax":
+        return _finish(y * (dy - (dy * y).sum(axis=-1, keepdims=True)), out)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+# ===================================================================================== conv2d
+def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
+    """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F)."""
+    kh, kw, c, f = w.shape
+    n, h, wd, _, p, q = _geometry(x.shape, (kh, kw), stride, padding)
+    cols = _windows(_pad(x, padding), (kh, kw), stride, p, q).reshape(n * p * q, kh * kw * c)
+    if ctx is not None:
+        ctx["cols"] = cols  # the im2col matrix, reused by conv2d_backward_filter
+    y = cols @ w.reshape(kh * kw * c, f)
+    if b is not None:
+        y += b
+    y = y.reshape(n, p, q, f)
+    return activation_forward(y, activation, out=y if out is None else out)
+
+
+def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
+    """dx (N,H,W,C) from dy (N,P,Q,F): each tap's product is added back where that tap read."""
+    kh, kw, c, f = w.shape
+    n, h, wd, _, p, q = _geometry(x_shape, (kh, kw), stride, padding)
+    dcols = (dy.reshape(n * p * q, f) @ w.reshape(kh * kw * c, f).T).reshape(n, p, q, kh, kw, c)
+    dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
+    for i in range(kh):
+        for j in range(kw):
+            _tap(dxp, i, j, stride, p, q)[...] += dcols[:, :, :, i, j, :]
+    return _finish(_crop(dxp, padding), out)
+
+
+def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
+    """(dw (KH,KW,C,F), db (F,)) from dy (N,P,Q,F) and the layer's input x."""
+    kh, kw, c, f = w_shape
+    n, h, wd, _, p, q = _geometry(x.shape, (kh, kw), stride, padding)
+    cols = ctx.get("cols") if ctx else None
+    if cols is None:
+        cols = _windows(_pad(x, padding), (kh, kw), stride, p, q).reshape(n * p * q, kh * kw * c)
+    dy2 = dy.reshape(n * p * q, f)
+    dw = (cols.T @ dy2).reshape(w_shape)
+    db = dy2.sum(axis=0)
+    return _finish(dw, out_w), _finish(db, out_b)
+
+
+# ===================================================================================== pooling
+def maxpool2d_forward(x, pool, stride, padding, out=None):
+    """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
+    a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does."""
+    n, h, wd, c, p, q = _geometry(x.shape, pool, stride, padding)
+    xpad = _pad(x, padding, value=-np.inf)
+    taps = [_tap(xpad, k // pool[1], k % pool[1], stride, p, q) for k in range(pool[0] * pool[1])]
+    y = taps[0].astype(DTYPE, copy=True)
+    for v in taps[1:]:
+        np.maximum(y, v, out=y)  # NaN propagates
+    if np.isnan(y).any():
+        not_max = lambda v: ~((v == y) | np.isnan(v))  # noqa: E731  the first NaN is "the maximum"
+    else:
+        not_max = lambda v: v != y  # noqa: E731
+    # idx counts the taps passed over before the first maximum: it reaches k only if taps 0..k-1 missed.
+    idx = not_max(taps[0]).view(np.int8).copy()
+    for k in range(1, len(taps) - 1):
+        idx += not_max(taps[k]) & (idx == k)
+    return _finish(y, out), idx
+
+
+def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
+    """dx (N,H,W,C): each window's gradient goes to its first maximum only."""
+    n, h, wd, c, p, q = _geometry(x_shape, pool, stride, padding)
+    dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
+    overlapping = stride[0] < pool[0] or stride[1] < pool[1]
+    for k in range(pool[0] * pool[1]):
+        dst = _tap(dxp, k // pool[1], k % pool[1], stride, p, q)
+        if overlapping:
+            dst += (idx == k) * dy
+        else:  # each input cell belongs to one window at most
+            np.multiply(idx == k, dy, out=dst)
+    return _finish(_crop(dxp, padding), out)
+
+
+def _avg_counts(x_shape, pool, stride, padding):
+    """How many real (not padding) inputs each window covers, as (1, P, Q, 1)."""
+    _, h, wd, _, p, q = _geometry(x_shape, pool, stride, padding)
+    ones = _pad(np.ones((1, h, wd, 1), DTYPE), padding)
+    return sum(_tap(ones, i, j, stride, p, q) for i in range(pool[0]) for j in range(pool[1]))
+
+
+def avgpool2d_forward(x, pool, stride, padding, out=None):
+    """y (N,P,Q,C): the mean of each window over its real inputs ("same" padding is not counted)."""
+    n, h, wd, c, p, q = _geometry(x.shape, pool, stride, padding)
+    xpad = _pad(x, padding)
+    y = np.zeros((n, p, q, c), DTYPE)
+    for i in range(pool[0]):
+        for j in range(pool[1]):
+            y += _tap(xpad, i, j, stride, p, q)
+    y /= _avg_counts(x.shape, pool, stride, padding)
+    return _finish(y, out)
+
+
+def avgpool2d_backward(dy, x_shape, pool, stride, padding, out=None):
+    """dx (N,H,W,C): each window's gradient shared equally among its real inputs."""
+    n, h, wd, c, p, q = _geometry(x_shape, pool, stride, padding)
+    g = dy / _avg_counts(x_shape, pool, stride, padding)
+    dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
+    for i in range(pool[0]):
+        for j in range(pool[1]):
+            _tap(dxp, i, j, stride, p, q)[...] += g
+    return _finish(_crop(dxp, padding), out)
+
+
+def global_avgpool2d_forward(x, out=None):
+    """y (N,C): the mean over H and W."""
+    return _finish(x.mean(axis=(1, 2), dtype=DTYPE), out)
+
+
+def global_avgpool2d_backward(dy, x_shape, out=None):
+    """dx (N,H,W,C) = dy / (H·W) everywhere."""
+    n, h, wd, c = x_shape
+    dx = np.broadcast_to((dy / DTYPE(h * wd))[:, None, None, :], x_shape)
+    return _finish(np.ascontiguousarray(dx), out)
+
+
+# ===================================================================================== dense
+def dense_forward(x, w, b, activation, out=None):
+    """y = act(x @ w + b): x (N,IN), w (IN,UNITS), b (UNITS,) or None."""
+    y = x @ w
+    if b is not None:
+        y += b
+    return activation_forward(y, activation, out=y if out is None else out)
+
+
+def dense_backward_data(dy, w, out=None):
+    """dx (N,IN) = dy @ w.T."""
+    return _finish(dy @ w.T, out)
+
+
+def dense_backward_weights(dy, x, out_w=None, out_b=None):
+    """(dw (IN,UNITS), db (UNITS,)) = (x.T @ dy, sum of dy over the batch)."""
+    return _finish(x.T @ dy, out_w), _finish(dy.sum(axis=0), out_b)
+
+
+# ===================================================================================== dropout
+def dropout_forward(x, rate, seed, out=None):
+    """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate)."""
+    keep = np.random.default_rng(seed).random(x.shape, dtype=DTYPE) >= rate
+    mask = keep.astype(DTYPE) / DTYPE(1.0 - rate)
+    return _finish(x * mask, out), mask
+
+
+def dropout_backward(dy, mask, out=None):
+    return np.multiply(dy, mask, out=out)
+
+
+# ===================================================================================== losses
+EPSILON = 1e-7  # Keras's backend epsilon: probabilities are clipped to [EPSILON, 1 - EPSILON]
+
+
+def _onehot(labels, units):
+    """One-hot float32 rows from integer labels (N,)."""
+    y = np.zeros((labels.shape[0], units), DTYPE)
+    y[np.arange(labels.shape[0]), labels] = 1
+    return y
+
+
+def crossentropy_forward(p, labels, sparse):
+    """Per-sample cross-entropy (N,) of probabilities p (N,K), as Keras computes it: rows renormalised
+    to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,)."""
+    y = _onehot(labels, p.shape[1]) if sparse else labels
+    q = np.clip(p / p.sum(axis=-1, keepdims=True), EPSILON, 1 - EPSILON)
+    return -(y * np.log(q)).sum(axis=-1)
+
+
+def softmax_crossentropy_backward(p, labels, sparse, out=None):
+    """Gradient of the mean cross-entropy w.r.t. the logits of a softmax output p: (p - y) / N."""
+    y = _onehot(labels, p.shape[1]) if sparse else labels
+    return _finish((p - y) / DTYPE(p.shape[0]), out)
+
+
+def crossentropy_backward(p, labels, sparse, out=None):
+    """Gradient of the mean cross-entropy w.r.t. probabilities p (used when the output layer is not a
+    softmax): through the renormalisation and the clip (zero where clipping is active)."""
+    y = _onehot(labels, p.shape[1]) if sparse else labels
+    s = p.sum(axis=-1, keepdims=True)
+    q = p / s
+    inside = (q >= EPSILON) & (q <= 1 - EPSILON)
+    dq = np.where(inside, -y / np.clip(q, EPSILON, 1 - EPSILON), 0)
+    dp = (dq - (dq * q).sum(axis=-1, keepdims=True)) / s
+    return _finish((dp / DTYPE(p.shape[0])).astype(DTYPE), out)
+
+
+def count_correct(p, labels, sparse):
+    """How many rows of p have their arg-max at the true class (first maximum wins ties)."""
+    truth = labels if sparse else labels.argmax(axis=-1)
+    return int((p.argmax(axis=-1) == truth).sum())
+
+
+# ===================================================================================== optimizers
+def sgd_update(w, g, m, lr, momentum, nesterov):
+    """Keras SGD, in place: m = momentum·m − lr·g; w += m (Nesterov: w += momentum·m − lr·g)."""
+    if momentum == 0:
+        w -= DTYPE(lr) * g
+        return
+    m *= DTYPE(momentum)
+    m -= DTYPE(lr) * g
+    if nesterov:
+        w += DTYPE(momentum) * m - DTYPE(lr) * g
+    else:
+        w += m
+
+
+def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
+    """Keras RMSprop, in place: v = rho·v + (1 − rho)·g²; w −= lr·g / sqrt(v + epsilon) — epsilon
+    inside the square root. centered subtracts avg², the running mean of g, squared; momentum > 0 keeps
+    mom = momentum·mom + step and applies mom."""
+    rho, lr, epsilon = DTYPE(rho), DTYPE(lr), DTYPE(epsilon)
+    v *= rho
+    v += (1 - rho) * g * g
+    denom = v + epsilon
+    if centered:
+        avg *= rho
+        avg += (1 - rho) * g
+        denom -= avg * avg
+    step = lr * g / np.sqrt(denom)
+    if momentum > 0:
+        mom *= DTYPE(momentum)
+        mom += step
+        step = mom
+    w -= step
+
+
+def adam_update(w, g, m, v, lr, beta_1, beta_2, epsilon, t):
+    """Keras Adam step t (1-based), in place: m += (g − m)(1 − β1); v += (g² − v)(1 − β2);
+    w −= lr·sqrt(1 − β2^t)/(1 − β1^t) · m / (sqrt(v) + epsilon)."""
+    alpha = DTYPE(lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t))
+    m += (g - m) * DTYPE(1 - beta_1)
+    v += (g * g - v) * DTYPE(1 - beta_2)
+    w -= alpha * m / (np.sqrt(v) + DTYPE(epsilon))

@@ -1,0 +1,97 @@
+"""Optimizers with Keras's update rules: RMSprop, SGD (momentum, Nesterov), Adam.
+
+An optimizer updates one flat float32 parameter buffer from one flat gradient buffer of the same length
+(the model keeps every weight as a view into them), so each step is one engine call per rule.
+"""
+import numpy as np
+
+from . import backend
+
+
+class Optimizer:
+    name = None
+    _slots = ()  # names of the per-parameter state buffers
+    _config = ()  # constructor arguments reported by get_config
+
+    def __init__(self, learning_rate):
+        if not float(learning_rate) > 0:
+            raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+        self.learning_rate = float(learning_rate)
+        self.iterations = 0
+        self.state = None
+
+    def build(self, n):
+        """Allocate zeroed state for ``n`` parameters on the active engine."""
+        xp = backend.ops().xp
+        self.state = {slot: xp.zeros(n, dtype=np.float32) for slot in self._slots}
+
+    def apply(self, params, grads):
+        """One step over the flat ``params`` from the flat ``grads`` (both engine arrays)."""
+        if self.state is None:
+            self.build(params.shape[0])
+        self.iterations += 1
+        self._update(backend.ops(), params, grads)
+
+    def get_config(self):
+        return {k: getattr(self, k) for k in ("name", "learning_rate", *self._config)}
+
+
+class SGD(Optimizer):
+    name = "sgd"
+    _config = ("momentum", "nesterov")
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
+        super().__init__(learning_rate)
+        if not 0 <= float(momentum) <= 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        self._slots = ("momentum",) if self.momentum else ()
+
+    def _update(self, ops, w, g):
+        ops.sgd_update(w, g, self.state.get("momentum"), self.learning_rate, self.momentum,
+                       self.nesterov)
+
+
+class RMSprop(Optimizer):
+    """Keras: v = rho·v + (1 − rho)·g²;  w −= lr·g / sqrt(v + epsilon)  (epsilon inside the root)."""
+    name = "rmsprop"
+    _config = ("rho", "momentum", "epsilon", "centered")
+
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False):
+        super().__init__(learning_rate)
+        self.rho, self.momentum = float(rho), float(momentum)
+        self.epsilon, self.centered = float(epsilon), bool(centered)
+        self._slots = ("velocity",) + (("momentum",) if self.momentum else ()) + (
+            ("average_gradient",) if self.centered else ())
+
+    def _update(self, ops, w, g):
+        s = self.state
+        ops.rmsprop_update(w, g, s["velocity"], s.get("momentum"), s.get("average_gradient"),
+                           self.learning_rate, self.rho, self.epsilon, self.momentum, self.centered)
+
+
+class Adam(Optimizer):
+    name = "adam"
+    _slots = ("m", "v")
+    _config = ("beta_1", "beta_2", "epsilon")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def _update(self, ops, w, g):
+        ops.adam_update(w, g, self.state["m"], self.state["v"], self.learning_rate, self.beta_1,
+                        self.beta_2, self.epsilon, self.iterations)
+
+
+OPTIMIZERS = {cls.name: cls for cls in (SGD, RMSprop, Adam)}
+
+
+def get(optimizer):
+    """An Optimizer from a name (Keras's defaults) or an instance."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str) and optimizer.lower() in OPTIMIZERS:
+        return OPTIMIZERS[optimizer.lower()]()
+    raise ValueError(f"unknown optimizer {optimizer!r}; gpucnn knows {sorted(OPTIMIZERS)} "
+                     "(as names, or objects such as gpucnn.optimizers.RMSprop(learning_rate=1e-4))")

