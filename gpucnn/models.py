@@ -406,6 +406,37 @@ class Sequential:
         bar.finish({})
         return backend.to_numpy(xp.concatenate(outs))
 
+    def layer_outputs(self, x, layers=None):
+        """The output of every layer (or of the named ones) for inputs ``x``, as NumPy arrays in a dict
+        keyed by layer name, in model order: the feature maps a convnet computes."""
+        x = self._check_x(x)
+        names = [l.name for l in self.layers] if layers is None else list(layers)
+        unknown = [n for n in names if n not in {l.name for l in self.layers}]
+        if unknown:
+            raise ValueError(f"no layer named {unknown[0]!r}; layers: {[l.name for l in self.layers]}")
+        out, h = {}, backend.ops().xp.asarray(x)
+        for layer in self.layers:
+            h = layer.forward(h, training=False)
+            if layer.name in names:
+                out[layer.name] = backend.to_numpy(h).copy()
+        return out
+
+    # ================================================================================= saving
+    def save(self, path):
+        """Save architecture, weights and optimizer state to one file (see ``gpucnn.saving``)."""
+        from .saving import save_model
+        save_model(self, path)
+
+    def save_weights(self, path):
+        """Save the weights alone (an ``.npz`` of float32 arrays, Keras's order)."""
+        from .saving import save_weights
+        save_weights(self, path)
+
+    def load_weights(self, path):
+        """Load weights saved by ``save_weights`` (or ``save``) into this model."""
+        from .saving import load_weights
+        load_weights(self, path)
+
     def __call__(self, x, training=False):
         """Forward pass on an engine array (no checks, no batching)."""
         self._require_built("__call__")
@@ -415,6 +446,12 @@ class Sequential:
         return {"name": self.name, "input_shape": list(self._input_shape or []),
                 "layers": [{"class_name": type(l).__name__, "config": l.get_config()}
                            for l in self.layers]}
+
+
+def load_model(path):
+    """Rebuild a model saved by ``model.save(path)``: architecture, weights, optimizer state."""
+    from .saving import load_model as _load
+    return _load(path)
 
 
 def _positive_int(value, what):
