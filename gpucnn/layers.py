@@ -214,6 +214,7 @@ class Conv2D(Layer):
         self.kernel_initializer = _initializer(kernel_initializer) and kernel_initializer
         self.bias_initializer = _initializer(bias_initializer) and bias_initializer
         self.needs_input_grad = True  # the model turns this off for the first layer
+        self.ctx = {}  # what the engine keeps between this layer's forward and backward
 
     def _build(self, input_shape):
         _check_image_input(self, input_shape)
@@ -232,7 +233,7 @@ class Conv2D(Layer):
         return (p, q, self.filters)
 
     def forward(self, x, training):
-        self.x, self.ctx = x, {}
+        self.x = x
         bias = self.weights[1] if self.use_bias else None
         self.y = backend.ops().conv2d_forward(x, self.weights[0], bias, self.strides, self.pads,
                                               self.activation, ctx=self.ctx)

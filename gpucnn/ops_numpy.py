@@ -10,8 +10,10 @@ Conventions (both engines):
   * ``padding`` is an explicit ``(top, bottom, left, right)`` tuple (the layers turn Keras's
     "valid"/"same" into it), ``stride`` and ``pool`` are ``(sh, sw)`` / ``(ph, pw)`` tuples;
   * ``activation`` is ``None``, ``"relu"`` or ``"softmax"`` and is fused into the op that precedes it;
-  * ``ctx`` is a dict a forward op may fill with what its backward needs (the NumPy engine keeps its
-    im2col matrix there; the CUDA engine recomputes instead) — the same dict goes to the backward ops;
+  * ``ctx`` is a dict a layer keeps for its whole life and hands to its forward and backward ops: a
+    forward op may leave there what its backward needs (the NumPy engine's im2col matrix) and ops keep
+    their work arrays there between steps. A gradient an op returns may live in ``ctx``: it is valid
+    until that layer's next backward;
   * optimizer updates work in place on (flat) parameter and state arrays.
 """
 import numpy as np
@@ -59,6 +61,19 @@ def _crop(a, padding):
     return a[:, top:a.shape[1] - bottom, left:a.shape[2] - right, :]
 
 
+def _scratch(ctx, key, shape, zero=False):
+    """A float32 work array kept in ``ctx`` from one call to the next. Fresh large arrays cost page
+    faults on every step; reused ones do not."""
+    a = None if ctx is None else ctx.get(key)
+    if a is None or a.shape != shape:
+        a = np.empty(shape, DTYPE)
+        if ctx is not None:
+            ctx[key] = a
+    if zero:
+        a.fill(0)
+    return a
+
+
 def _finish(y, out):
     if out is None:
         return y
@@ -97,9 +112,8 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = _geometry(x.shape, (kh, kw), stride, padding)
-    cols = _windows(_pad(x, padding), (kh, kw), stride, p, q).reshape(n * p * q, kh * kw * c)
-    if ctx is not None:
-        ctx["cols"] = cols  # the im2col matrix, reused by conv2d_backward_filter
+    cols = _scratch(ctx, "cols", (n * p * q, kh * kw * c))  # im2col, kept for backward_filter
+    cols.reshape(n, p, q, kh, kw, c)[...] = _windows(_pad(x, padding), (kh, kw), stride, p, q)
     y = cols @ w.reshape(kh * kw * c, f)
     if b is not None:
         y += b
@@ -111,8 +125,11 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     """dx (N,H,W,C) from dy (N,P,Q,F): each tap's product is added back where that tap read."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = _geometry(x_shape, (kh, kw), stride, padding)
-    dcols = (dy.reshape(n * p * q, f) @ w.reshape(kh * kw * c, f).T).reshape(n, p, q, kh, kw, c)
-    dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
+    dcols = _scratch(ctx, "dcols", (n * p * q, kh * kw * c))
+    np.matmul(dy.reshape(n * p * q, f), w.reshape(kh * kw * c, f).T, out=dcols)
+    dcols = dcols.reshape(n, p, q, kh, kw, c)
+    dxp = _scratch(ctx, "dxp", (n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c),
+                   zero=True)
     for i in range(kh):
         for j in range(kw):
             _tap(dxp, i, j, stride, p, q)[...] += dcols[:, :, :, i, j, :]
@@ -124,7 +141,7 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = _geometry(x.shape, (kh, kw), stride, padding)
     cols = ctx.get("cols") if ctx else None
-    if cols is None:
+    if cols is None or cols.shape != (n * p * q, kh * kw * c):
         cols = _windows(_pad(x, padding), (kh, kw), stride, p, q).reshape(n * p * q, kh * kw * c)
     dy2 = dy.reshape(n * p * q, f)
     dw = (cols.T @ dy2).reshape(w_shape)
