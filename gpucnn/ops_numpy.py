@@ -178,9 +178,9 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
     for k in range(pool[0] * pool[1]):
         dst = _tap(dxp, k // pool[1], k % pool[1], stride, p, q)
         if overlapping:
-            dst += (idx == k) * dy
+            dst += np.where(idx == k, dy, 0)
         else:  # each input cell belongs to one window at most
-            np.multiply(idx == k, dy, out=dst)
+            np.copyto(dst, dy, where=idx == k)
     return _finish(_crop(dxp, padding), out)
 
 

@@ -1,0 +1,425 @@
+"""The test oracle: every op of gpucnn written as plain float64 loops.
+
+Slow on purpose and meant to be read: each function follows the definition of its op, one output (or one
+window tap) at a time. It shares nothing with ``gpucnn/ops_numpy.py`` except the names and the order of the
+arguments (without ``ctx`` and ``out``); the NumPy engine and the CUDA kernels are both checked against it,
+and ``tests/test_reference.py`` checks its backward passes by central differences.
+
+Conventions, as in the engines and Keras: images are channels-last (N, H, W, C); a conv kernel is
+(KH, KW, C, F); a dense kernel is (IN, UNITS); ``padding`` is ``(top, bottom, left, right)``; ``stride``
+and ``pool`` are ``(rows, cols)``. Every function returns new float64 arrays; the optimizer updates return
+the updated parameter and state arrays instead of working in place.
+
+The only NumPy "vectorisation" is in the convolution, whose inner sum over input channels is a small
+(N, C) @ (C, F) product per output position and kernel tap, so the test grid stays affordable.
+"""
+import math
+
+import numpy as np
+
+EPSILON = 1e-7  # Keras clips probabilities to [EPSILON, 1 - EPSILON] in the cross-entropy
+
+
+# ===================================================================================== helpers
+def _f64(a):
+    """A float64 copy of ``a`` (never a view of the caller's array)."""
+    return np.array(a, dtype=np.float64, copy=True)
+
+
+def same_padding(size, k, s):
+    """(lo, hi) padding of Keras/TensorFlow "same" along one axis: the output has ceil(size / s)
+    positions and an odd total padding puts the extra cell at the end (bottom / right)."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    lo = total // 2
+    return lo, total - lo
+
+
+def _out_len(size, k, s, lo, hi):
+    return (size + lo + hi - k) // s + 1
+
+
+def _cell(o, tap, s, lo, size):
+    """Input index read by ``tap`` of the window at output ``o``, or None when it falls in the padding."""
+    i = o * s + tap - lo
+    return i if 0 <= i < size else None
+
+
+# ===================================================================================== activations
+def activation_forward(x, activation):
+    """relu / softmax over the last axis / identity (None)."""
+    x = _f64(x)
+    if activation is None:
+        return x
+    y = np.zeros_like(x)
+    if activation == "relu":
+        for i in np.ndindex(x.shape):
+            y[i] = x[i] if x[i] > 0 else 0.0
+        return y
+    if activation == "softmax":
+        for row in np.ndindex(x.shape[:-1]):
+            top = max(x[row])
+            e = [math.exp(v - top) for v in x[row]]
+            total = math.fsum(e)
+            y[row] = [v / total for v in e]
+        return y
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_backward(dy, y, activation):
+    """dx from dy and the activation's output y."""
+    dy, y = _f64(dy), _f64(y)
+    if activation is None:
+        return dy
+    dx = np.zeros_like(dy)
+    if activation == "relu":
+        for i in np.ndindex(dy.shape):
+            dx[i] = dy[i] if y[i] > 0 else 0.0
+        return dx
+    if activation == "softmax":
+        k = y.shape[-1]
+        for row in np.ndindex(y.shape[:-1]):
+            s = y[row]
+            # d s_j / d x_i = s_j (delta_ij - s_i)
+            for i in range(k):
+                dx[row + (i,)] = math.fsum(dy[row + (j,)] * s[j] * ((i == j) - s[i]) for j in range(k))
+        return dx
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+# ===================================================================================== conv2d
+def conv2d_forward(x, w, b, stride, padding, activation):
+    """y[n, p, q, f] = act(b[f] + sum over taps (i, j) and channels c of x[n, p*sh+i-top, q*sw+j-left, c]
+    * w[i, j, c, f]), the cells that fall in the padding reading zero."""
+    x, w = _f64(x), _f64(w)
+    n, h, wd, c = x.shape
+    kh, kw, wc, f = w.shape
+    assert wc == c, (x.shape, w.shape)
+    (sh, sw), (top, bottom, left, right) = stride, padding
+    p, q = _out_len(h, kh, sh, top, bottom), _out_len(wd, kw, sw, left, right)
+    y = np.zeros((n, p, q, f))
+    for oi in range(p):
+        for oj in range(q):
+            for i in range(kh):
+                r = _cell(oi, i, sh, top, h)
+                for j in range(kw):
+                    col = _cell(oj, j, sw, left, wd)
+                    if r is not None and col is not None:
+                        y[:, oi, oj, :] += x[:, r, col, :] @ w[i, j]
+    if b is not None:
+        y += _f64(b)
+    return activation_forward(y, activation)
+
+
+def conv2d_backward_data(dy, w, x_shape, stride, padding):
+    """dx: every input cell collects dy[n, p, q, f] * w[i, j, c, f] from each (output, tap) that read it."""
+    dy, w = _f64(dy), _f64(w)
+    n, h, wd, c = x_shape
+    kh, kw, _, f = w.shape
+    (sh, sw), (top, _, left, _) = stride, padding
+    _, p, q, _ = dy.shape
+    dx = np.zeros((n, h, wd, c))
+    for oi in range(p):
+        for oj in range(q):
+            for i in range(kh):
+                r = _cell(oi, i, sh, top, h)
+                for j in range(kw):
+                    col = _cell(oj, j, sw, left, wd)
+                    if r is not None and col is not None:
+                        dx[:, r, col, :] += dy[:, oi, oj, :] @ w[i, j].T
+    return dx
+
+
+def conv2d_backward_filter(dy, x, w_shape, stride, padding):
+    """(dw, db): dw[i, j, c, f] = sum over n, p, q of x[n, cell read by tap (i, j), c] * dy[n, p, q, f];
+    db[f] = sum of dy[..., f]."""
+    dy, x = _f64(dy), _f64(x)
+    n, h, wd, c = x.shape
+    kh, kw, _, f = w_shape
+    (sh, sw), (top, _, left, _) = stride, padding
+    _, p, q, _ = dy.shape
+    dw = np.zeros(w_shape)
+    for oi in range(p):
+        for oj in range(q):
+            for i in range(kh):
+                r = _cell(oi, i, sh, top, h)
+                for j in range(kw):
+                    col = _cell(oj, j, sw, left, wd)
+                    if r is not None and col is not None:
+                        dw[i, j] += x[:, r, col, :].T @ dy[:, oi, oj, :]
+    db = np.zeros(f)
+    for k in range(f):
+        db[k] = math.fsum(dy[..., k].ravel())
+    return dw, db
+
+
+# ===================================================================================== pooling
+def _window(x, nn, oi, oj, ch, pool, stride, padding):
+    """The values of one window in scan order (row-major over the taps); padding cells read -inf."""
+    _, h, wd, _ = x.shape
+    values = []
+    for i in range(pool[0]):
+        r = _cell(oi, i, stride[0], padding[0], h)
+        for j in range(pool[1]):
+            col = _cell(oj, j, stride[1], padding[2], wd)
+            values.append(-math.inf if r is None or col is None else x[nn, r, col, ch])
+    return values
+
+
+def _first_max(values):
+    """Index of the first NaN if there is one, else of the first maximum."""
+    best = 0
+    for k in range(1, len(values)):
+        if math.isnan(values[best]):
+            break
+        if math.isnan(values[k]) or values[k] > values[best]:
+            best = k
+    return best
+
+
+def maxpool2d_forward(x, pool, stride, padding):
+    """(y, idx): idx[n, p, q, c] is the scan-order tap (i * pw + j) of the window's first maximum, or of
+    its first NaN; y is the value there."""
+    x = _f64(x)
+    n, h, wd, c = x.shape
+    p = _out_len(h, pool[0], stride[0], padding[0], padding[1])
+    q = _out_len(wd, pool[1], stride[1], padding[2], padding[3])
+    y = np.zeros((n, p, q, c))
+    idx = np.zeros((n, p, q, c), dtype=np.int64)
+    for cell in np.ndindex(n, p, q, c):
+        values = _window(x, *cell, pool, stride, padding)
+        k = _first_max(values)
+        y[cell], idx[cell] = values[k], k
+    return y, idx
+
+
+def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding):
+    """dx: each window's dy goes to the input cell under its tap idx (nothing if that is padding)."""
+    dy = _f64(dy)
+    _, h, wd, _ = x_shape
+    dx = np.zeros(x_shape)
+    for nn, oi, oj, ch in np.ndindex(dy.shape):
+        i, j = divmod(int(idx[nn, oi, oj, ch]), pool[1])
+        r = _cell(oi, i, stride[0], padding[0], h)
+        col = _cell(oj, j, stride[1], padding[2], wd)
+        if r is not None and col is not None:
+            dx[nn, r, col, ch] += dy[nn, oi, oj, ch]
+    return dx
+
+
+def _real_cells(oi, oj, pool, stride, padding, h, wd):
+    """The (row, col) input cells of one window that are not padding."""
+    cells = []
+    for i in range(pool[0]):
+        r = _cell(oi, i, stride[0], padding[0], h)
+        for j in range(pool[1]):
+            col = _cell(oj, j, stride[1], padding[2], wd)
+            if r is not None and col is not None:
+                cells.append((r, col))
+    return cells
+
+
+def avgpool2d_forward(x, pool, stride, padding):
+    """y: the mean of each window over its real cells (padding is not counted)."""
+    x = _f64(x)
+    n, h, wd, c = x.shape
+    p = _out_len(h, pool[0], stride[0], padding[0], padding[1])
+    q = _out_len(wd, pool[1], stride[1], padding[2], padding[3])
+    y = np.zeros((n, p, q, c))
+    for nn, oi, oj, ch in np.ndindex(n, p, q, c):
+        cells = _real_cells(oi, oj, pool, stride, padding, h, wd)
+        y[nn, oi, oj, ch] = math.fsum(x[nn, r, col, ch] for r, col in cells) / len(cells)
+    return y
+
+
+def avgpool2d_backward(dy, x_shape, pool, stride, padding):
+    """dx: each window's dy shared equally among its real cells."""
+    dy = _f64(dy)
+    _, h, wd, _ = x_shape
+    dx = np.zeros(x_shape)
+    for nn, oi, oj, ch in np.ndindex(dy.shape):
+        cells = _real_cells(oi, oj, pool, stride, padding, h, wd)
+        for r, col in cells:
+            dx[nn, r, col, ch] += dy[nn, oi, oj, ch] / len(cells)
+    return dx
+
+
+def global_avgpool2d_forward(x):
+    """y (N, C): the mean of every channel over H and W."""
+    x = _f64(x)
+    n, h, wd, c = x.shape
+    y = np.zeros((n, c))
+    for nn, ch in np.ndindex(n, c):
+        y[nn, ch] = math.fsum(x[nn, :, :, ch].ravel()) / (h * wd)
+    return y
+
+
+def global_avgpool2d_backward(dy, x_shape):
+    dy = _f64(dy)
+    n, h, wd, c = x_shape
+    dx = np.zeros(x_shape)
+    for nn, r, col, ch in np.ndindex(x_shape):
+        dx[nn, r, col, ch] = dy[nn, ch] / (h * wd)
+    return dx
+
+
+# ===================================================================================== dense
+def dense_forward(x, w, b, activation):
+    """y[n, u] = act(sum_i x[n, i] * w[i, u] + b[u])."""
+    x, w = _f64(x), _f64(w)
+    n, units = x.shape[0], w.shape[1]
+    y = np.zeros((n, units))
+    for nn, u in np.ndindex(n, units):
+        y[nn, u] = math.fsum(x[nn, i] * w[i, u] for i in range(w.shape[0]))
+        if b is not None:
+            y[nn, u] += float(b[u])
+    return activation_forward(y, activation)
+
+
+def dense_backward_data(dy, w):
+    """dx[n, i] = sum_u dy[n, u] * w[i, u]."""
+    dy, w = _f64(dy), _f64(w)
+    dx = np.zeros((dy.shape[0], w.shape[0]))
+    for nn, i in np.ndindex(dx.shape):
+        dx[nn, i] = math.fsum(dy[nn, u] * w[i, u] for u in range(w.shape[1]))
+    return dx
+
+
+def dense_backward_weights(dy, x):
+    """(dw, db): dw[i, u] = sum_n x[n, i] * dy[n, u]; db[u] = sum_n dy[n, u]."""
+    dy, x = _f64(dy), _f64(x)
+    dw = np.zeros((x.shape[1], dy.shape[1]))
+    for i, u in np.ndindex(dw.shape):
+        dw[i, u] = math.fsum(x[nn, i] * dy[nn, u] for nn in range(x.shape[0]))
+    db = np.array([math.fsum(dy[:, u]) for u in range(dy.shape[1])])
+    return dw, db
+
+
+# ===================================================================================== dropout
+def dropout_backward(dy, mask):
+    dy, mask = _f64(dy), _f64(mask)
+    dx = np.zeros_like(dy)
+    for i in np.ndindex(dy.shape):
+        dx[i] = dy[i] * mask[i]
+    return dx
+
+
+# ===================================================================================== losses
+def _targets(labels, k, sparse):
+    """(N, K) float64 target rows: one-hot rows built from integer labels when sparse."""
+    if not sparse:
+        return _f64(labels)
+    labels = np.asarray(labels)
+    y = np.zeros((labels.shape[0], k))
+    for nn in range(labels.shape[0]):
+        y[nn, int(labels[nn])] = 1.0
+    return y
+
+
+def crossentropy_forward(p, labels, sparse):
+    """Per-sample loss (N,): -sum_k y_k log(clip(p_k / sum(p), EPSILON, 1 - EPSILON))."""
+    p = _f64(p)
+    y = _targets(labels, p.shape[1], sparse)
+    loss = np.zeros(p.shape[0])
+    for nn in range(p.shape[0]):
+        total = math.fsum(p[nn])
+        terms = []
+        for k in range(p.shape[1]):
+            q = min(max(p[nn, k] / total, EPSILON), 1 - EPSILON)
+            terms.append(-y[nn, k] * math.log(q))
+        loss[nn] = math.fsum(terms)
+    return loss
+
+
+def softmax_crossentropy_backward(p, labels, sparse):
+    """d mean_n CE(softmax(z)) / dz for target rows that sum to 1, from p = softmax(z): (p - y) / N."""
+    p = _f64(p)
+    y = _targets(labels, p.shape[1], sparse)
+    n = p.shape[0]
+    dz = np.zeros_like(p)
+    for nn, k in np.ndindex(p.shape):
+        dz[nn, k] = (p[nn, k] - y[nn, k]) / n
+    return dz
+
+
+def crossentropy_backward(p, labels, sparse):
+    """d mean_n CE(p) / dp through the renormalisation q = p / sum(p) and the clip (a clipped q_k passes
+    no gradient): dp_j = 1/N sum_k dL/dq_k * (delta_jk - q_k) / sum(p)."""
+    p = _f64(p)
+    y = _targets(labels, p.shape[1], sparse)
+    n, kk = p.shape
+    dp = np.zeros_like(p)
+    for nn in range(n):
+        total = math.fsum(p[nn])
+        q = [p[nn, k] / total for k in range(kk)]
+        dq = [-y[nn, k] / q[k] if EPSILON <= q[k] <= 1 - EPSILON else 0.0 for k in range(kk)]
+        for j in range(kk):
+            dp[nn, j] = math.fsum(dq[k] * ((j == k) - q[k]) / total for k in range(kk)) / n
+    return dp
+
+
+def count_correct(p, labels, sparse):
+    """Rows whose first maximum is at the true class (the first maximum of a one-hot row)."""
+    p = _f64(p)
+
+    def first_argmax(row):
+        best = 0
+        for k in range(1, len(row)):
+            if row[k] > row[best]:
+                best = k
+        return best
+
+    correct = 0
+    for nn in range(p.shape[0]):
+        truth = int(labels[nn]) if sparse else first_argmax(_f64(labels[nn]))
+        correct += first_argmax(p[nn]) == truth
+    return int(correct)
+
+
+# ===================================================================================== optimizers
+def sgd_update(w, g, m, lr, momentum, nesterov):
+    """Keras SGD → (w, m). Without momentum w -= lr·g (m unchanged); with it m = momentum·m − lr·g and
+    w += m, or with Nesterov w += momentum·m − lr·g."""
+    w, g = _f64(w), _f64(g)
+    m = None if m is None else _f64(m)
+    if momentum == 0:
+        return w - lr * g, m
+    m = momentum * m - lr * g
+    if nesterov:
+        return w + momentum * m - lr * g, m
+    return w + m, m
+
+
+def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
+    """Keras RMSprop → (w, v, mom, avg):
+        v = rho·v + (1 − rho)·g²
+        centered: avg = rho·avg + (1 − rho)·g and denominator = sqrt(v − avg² + epsilon),
+        else denominator = sqrt(v + epsilon)  — epsilon inside the root
+        step = lr·g / denominator
+        momentum > 0: mom = momentum·mom + step and w −= mom, else w −= step.
+    State arrays that the configuration does not use are passed through."""
+    w, g, v = _f64(w), _f64(g), _f64(v)
+    mom = None if mom is None else _f64(mom)
+    avg = None if avg is None else _f64(avg)
+    v = rho * v + (1 - rho) * g * g
+    if centered:
+        avg = rho * avg + (1 - rho) * g
+        denom = np.sqrt(v - avg * avg + epsilon)
+    else:
+        denom = np.sqrt(v + epsilon)
+    step = lr * g / denom
+    if momentum > 0:
+        mom = momentum * mom + step
+        step = mom
+    return w - step, v, mom, avg
+
+
+def adam_update(w, g, m, v, lr, beta_1, beta_2, epsilon, t):
+    """Keras Adam step t (1-based) → (w, m, v):
+        m = β1·m + (1 − β1)·g;  v = β2·v + (1 − β2)·g²
+        w −= lr · sqrt(1 − β2^t) / (1 − β1^t) · m / (sqrt(v) + epsilon)  (Keras's "epsilon hat")."""
+    w, g, m, v = _f64(w), _f64(g), _f64(m), _f64(v)
+    m = beta_1 * m + (1 - beta_1) * g
+    v = beta_2 * v + (1 - beta_2) * g * g
+    alpha = lr * math.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+    return w - alpha * m / (np.sqrt(v) + epsilon), m, v

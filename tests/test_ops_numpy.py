@@ -1,0 +1,585 @@
+"""The NumPy engine (gpucnn/ops_numpy.py) against the float64 oracle (tests/reference.py).
+
+Inputs are drawn in float64, rounded to float32 once, and the same rounded values go to both: the engine
+computes in float32, the oracle in float64, so what is left is the engine's float32 rounding (test plan
+rows 3, 5-7, 9, 14). Pooling is compared exactly, on values whose sums float32 holds exactly.
+"""
+import numpy as np
+import pytest
+
+import reference as ref
+from gpucnn import ops_numpy as ops
+
+F32 = np.float32
+VALID = (0, 0, 0, 0)
+
+
+def f32(a):
+    return np.asarray(a, dtype=F32)
+
+
+def normal(rng, shape, scale=1.0):
+    return f32(rng.normal(size=shape) * scale)
+
+
+def assert_close(got, want, rtol=1e-5, atol_scale=1e-5):
+    """float32 ``got`` against the float64 oracle: rtol, plus an atol of atol_scale · max|want| for
+    entries that cancel to near zero."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == F32, got.dtype
+    atol = atol_scale * float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def assert_exact(got, want):
+    """Equal after casting the oracle to float32 (NaNs in the same places)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == F32, got.dtype
+    np.testing.assert_array_equal(got, f32(want))
+
+
+def padding_for(kind, h, w, k, s):
+    if kind == "valid":
+        return VALID
+    return ref.same_padding(h, k[0], s[0]) + ref.same_padding(w, k[1], s[1])
+
+
+def expected_hw(kind, h, w, k, s):
+    if kind == "same":
+        return -(-h // s[0]), -(-w // s[1])
+    return (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+
+
+# ===================================================================================== conv2d grid
+# The full cross product of test plan row 3: batch × channels × kernel × stride × padding × size.
+CONV_GRID = [(n, c, hw, k, s, pad) for hw in ((5, 5), (7, 5), (28, 28)) for n in (1, 2, 7) for c in (1, 3, 8)
+             for k in (1, 2, 3, 5) for s in (1, 2) for pad in ("valid", "same")]
+EXTRA_CONV = [  # even and non-square kernels, mixed strides (plan row 7)
+    (2, 3, (6, 6), (4, 4), (1, 1), "same"),
+    (2, 3, (5, 7), (4, 4), (2, 2), "same"),
+    (1, 2, (6, 5), (2, 3), (1, 2), "same"),
+    (3, 2, (7, 6), (1, 5), (2, 1), "same"),
+    (2, 4, (9, 8), (4, 2), (2, 3), "same"),
+    (2, 4, (9, 8), (4, 2), (2, 3), "valid"),
+]
+
+
+def _conv_case(n, c, hw, k, s, pad, f=4, bias=True):
+    h, w = hw
+    k = (k, k) if isinstance(k, int) else k
+    s = (s, s) if isinstance(s, int) else s
+    rng = np.random.default_rng([n, c, h, w, k[0], k[1], s[0], s[1], pad == "same", f])
+    x = normal(rng, (n, h, w, c))
+    wt = normal(rng, k + (c, f), 0.5)
+    b = normal(rng, (f,)) if bias else None
+    return x, wt, b, s, padding_for(pad, h, w, k, s), rng
+
+
+def _check_conv(n, c, hw, k, s, pad, f=4, bias=True):
+    x, wt, b, s, padding, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
+    saved = (x.copy(), wt.copy())
+    ctx = {}
+    y = ops.conv2d_forward(x, wt, b, s, padding, None, ctx)
+    y_ref = ref.conv2d_forward(x, wt, b, s, padding, None)
+    assert y.shape == (n,) + expected_hw(pad, hw[0], hw[1], wt.shape[:2], s) + (f,)
+    assert_close(y, y_ref)
+
+    dy = normal(rng, y_ref.shape)
+    dx = ops.conv2d_backward_data(dy, wt, x.shape, s, padding, ctx)
+    assert_close(dx, ref.conv2d_backward_data(dy, wt, x.shape, s, padding))
+    dw, db = ops.conv2d_backward_filter(dy, x, wt.shape, s, padding, ctx)
+    dw_ref, db_ref = ref.conv2d_backward_filter(dy, x, wt.shape, s, padding)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+    dw2, db2 = ops.conv2d_backward_filter(dy, x, wt.shape, s, padding, None)  # without the forward's ctx
+    assert_close(dw2, dw_ref)
+    assert_close(db2, db_ref)
+    np.testing.assert_array_equal(x, saved[0])  # inputs not written to
+    np.testing.assert_array_equal(wt, saved[1])
+
+
+def _conv_id(case):
+    n, c, (h, w), k, s, pad = case
+    return f"n{n}-c{c}-{h}x{w}-k{k}-s{s}-{pad}".replace(" ", "")
+
+
+@pytest.mark.parametrize("n, c, hw, k, s, pad", CONV_GRID + EXTRA_CONV,
+                         ids=map(_conv_id, CONV_GRID + EXTRA_CONV))
+def test_conv2d_matches_reference(n, c, hw, k, s, pad):
+    _check_conv(n, c, hw, k, s, pad)
+
+
+@pytest.mark.parametrize("f, bias", [(1, True), (16, False), (3, False)])
+def test_conv2d_filters_and_no_bias(f, bias):
+    _check_conv(2, 3, (7, 5), 3, 1, "same", f=f, bias=bias)
+    _check_conv(2, 3, (5, 5), 2, 2, "same", f=f, bias=bias)
+
+
+@pytest.mark.parametrize("activation", ["relu", "softmax"])
+def test_conv2d_fused_activation(activation):
+    x, wt, b, s, padding, rng = _conv_case(2, 3, (7, 5), 3, 1, "same", f=5)
+    y = ops.conv2d_forward(x, wt, b, s, padding, activation, {})
+    y_ref = ref.conv2d_forward(x, wt, b, s, padding, activation)
+    assert_close(y, y_ref)
+    if activation == "relu":
+        assert (y_ref == 0).any() and (y_ref > 0).any()
+    else:
+        np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-6)
+
+
+def test_conv2d_asymmetric_explicit_padding():
+    rng = np.random.default_rng(11)
+    x, wt, b = normal(rng, (2, 6, 5, 2)), normal(rng, (3, 2, 2, 3)), normal(rng, (3,))
+    padding, s = (0, 2, 1, 0), (2, 1)
+    y = ops.conv2d_forward(x, wt, b, s, padding, None, {})
+    assert_close(y, ref.conv2d_forward(x, wt, b, s, padding, None))
+    dy = normal(rng, y.shape)
+    assert_close(ops.conv2d_backward_data(dy, wt, x.shape, s, padding, {}),
+                 ref.conv2d_backward_data(dy, wt, x.shape, s, padding))
+    for got, want in zip(ops.conv2d_backward_filter(dy, x, wt.shape, s, padding, {}),
+                         ref.conv2d_backward_filter(dy, x, wt.shape, s, padding)):
+        assert_close(got, want)
+
+
+# ===================================================================================== pooling
+POOL_GRID = [(hw, p, s, pad) for hw in ((5, 5), (7, 5), (11, 11)) for p in (2, 3) for s in (1, 2, 3)
+             for pad in ("valid", "same")]
+POOL_GRID += [((7, 5), (2, 3), (1, 2), "same"), ((11, 11), (3, 2), (2, 1), "valid")]
+
+
+def _pool_id(case):
+    (h, w), p, s, pad = case
+    return f"{h}x{w}-p{p}-s{s}-{pad}".replace(" ", "")
+
+
+def _pool_args(hw, p, s, pad):
+    p = (p, p) if isinstance(p, int) else p
+    s = (s, s) if isinstance(s, int) else s
+    return p, s, padding_for(pad, hw[0], hw[1], p, s)
+
+
+@pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
+def test_maxpool2d_exact(hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng([hw[0], hw[1], pool[0], pool[1], stride[0], stride[1], pad == "same"])
+    x = normal(rng, (2,) + hw + (3,))
+    y, idx = ops.maxpool2d_forward(x, pool, stride, padding)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, pool, stride, padding)
+    assert y.shape == (2,) + expected_hw(pad, hw[0], hw[1], pool, stride) + (3,)
+    assert_exact(y, y_ref)
+    np.testing.assert_array_equal(idx.astype(np.int64), idx_ref)
+    dy = f32(rng.integers(-8, 9, size=y.shape))  # small integers: overlapping windows sum exactly
+    dx = ops.maxpool2d_backward(dy, idx, x.shape, pool, stride, padding)
+    assert_exact(dx, ref.maxpool2d_backward(dy, idx_ref, x.shape, pool, stride, padding))
+
+
+@pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
+def test_avgpool2d_exact(hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng([hw[0], hw[1], pool[0], pool[1], stride[0], stride[1], pad == "same", 1])
+    # integer inputs: window sums are exact in float32, and one rounded division matches the oracle's
+    x = f32(rng.integers(-50, 51, size=(2,) + hw + (3,)))
+    y = ops.avgpool2d_forward(x, pool, stride, padding)
+    assert y.shape == (2,) + expected_hw(pad, hw[0], hw[1], pool, stride) + (3,)
+    assert_exact(y, ref.avgpool2d_forward(x, pool, stride, padding))
+    # dy a multiple of 2520 (divisible by every window count up to 10): every share is an integer
+    dy = f32(2520 * rng.integers(-4, 5, size=y.shape))
+    dx = ops.avgpool2d_backward(dy, x.shape, pool, stride, padding)
+    assert_exact(dx, ref.avgpool2d_backward(dy, x.shape, pool, stride, padding))
+    # and general floats, to float32 rounding
+    xf, dyf = normal(rng, x.shape), normal(rng, y.shape)
+    assert_close(ops.avgpool2d_forward(xf, pool, stride, padding),
+                 ref.avgpool2d_forward(xf, pool, stride, padding), rtol=1e-6, atol_scale=1e-6)
+    assert_close(ops.avgpool2d_backward(dyf, x.shape, pool, stride, padding),
+                 ref.avgpool2d_backward(dyf, x.shape, pool, stride, padding), rtol=1e-6, atol_scale=1e-6)
+
+
+@pytest.mark.parametrize("n, c", [(1, 1), (7, 8)])
+def test_pooling_batch_and_channels_on_28x28(n, c):
+    rng = np.random.default_rng(n * 10 + c)
+    x = f32(rng.permutation(n * 28 * 28 * c).reshape(n, 28, 28, c))  # distinct: no ties
+    y, idx = ops.maxpool2d_forward(x, (2, 2), (2, 2), VALID)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, (2, 2), (2, 2), VALID)
+    assert_exact(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+    dy = f32(rng.integers(-8, 9, size=y.shape))
+    assert_exact(ops.maxpool2d_backward(dy, idx, x.shape, (2, 2), (2, 2), VALID),
+                 ref.maxpool2d_backward(dy, idx_ref, x.shape, (2, 2), (2, 2), VALID))
+    assert_exact(ops.avgpool2d_forward(x, (2, 2), (2, 2), VALID),
+                 ref.avgpool2d_forward(x, (2, 2), (2, 2), VALID))
+
+
+@pytest.mark.parametrize("kind", ["constant", "duplicates"])
+@pytest.mark.parametrize("hw, p, s, pad", [((5, 5), 2, 1, "same"), ((7, 5), 3, 2, "same"),
+                                           ((11, 11), 3, 1, "valid"), ((5, 5), 3, 3, "same")])
+def test_maxpool2d_ties_go_to_the_first_maximum(kind, hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng(21)
+    shape = (2,) + hw + (3,)
+    x = np.full(shape, 1.5, F32) if kind == "constant" else f32(rng.integers(0, 3, size=shape))
+    y, idx = ops.maxpool2d_forward(x, pool, stride, padding)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, pool, stride, padding)
+    assert_exact(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+    dy = f32(rng.integers(1, 9, size=y.shape))
+    dx = ops.maxpool2d_backward(dy, idx, x.shape, pool, stride, padding)
+    assert_exact(dx, ref.maxpool2d_backward(dy, idx_ref, x.shape, pool, stride, padding))
+    assert dx.sum() == dy.sum()  # every window's gradient lands on exactly one cell
+    if kind == "constant" and pad == "valid":
+        assert not idx.any()  # the first tap of every window
+
+
+@pytest.mark.parametrize("hw, p, s, pad", [((5, 5), 2, 2, "same"), ((7, 5), 3, 1, "same"),
+                                           ((5, 5), 3, 2, "valid")])
+def test_maxpool2d_nan_propagates_and_takes_the_gradient(hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng(22)
+    x = normal(rng, (2,) + hw + (2,))
+    x[0, 1, 1, 0] = np.nan
+    x[0, 1, 2, 0] = np.nan  # two NaNs that share windows: the first in scan order wins
+    x[0, 2, 1, 0] = 1e30    # a large value next to them must not win
+    x[1, hw[0] - 1, hw[1] - 1, 1] = np.nan  # in the bottom-right corner (next to "same" padding)
+    y, idx = ops.maxpool2d_forward(x, pool, stride, padding)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, pool, stride, padding)
+    assert np.isnan(y_ref).any()
+    assert_exact(y, y_ref)  # assert_array_equal treats NaNs in the same places as equal
+    np.testing.assert_array_equal(idx, idx_ref)
+    dy = f32(rng.integers(1, 9, size=y.shape))
+    assert_exact(ops.maxpool2d_backward(dy, idx, x.shape, pool, stride, padding),
+                 ref.maxpool2d_backward(dy, idx_ref, x.shape, pool, stride, padding))
+
+
+def test_global_avgpool2d_matches_reference():
+    rng = np.random.default_rng(23)
+    for shape in [(1, 5, 5, 1), (7, 7, 5, 3), (2, 28, 28, 8)]:
+        x = normal(rng, shape)
+        y = ops.global_avgpool2d_forward(x)
+        assert_close(y, ref.global_avgpool2d_forward(x), rtol=1e-5, atol_scale=1e-5)
+        dy = normal(rng, y.shape)
+        assert_close(ops.global_avgpool2d_backward(dy, shape), ref.global_avgpool2d_backward(dy, shape),
+                     rtol=1e-6, atol_scale=1e-7)
+
+
+# ===================================================================================== repeated calls
+def test_second_backward_call_gives_the_same_result():
+    rng = np.random.default_rng(24)
+    x, wt, b = normal(rng, (2, 7, 5, 3)), normal(rng, (3, 3, 3, 4)), normal(rng, (4,))
+    padding = padding_for("same", 7, 5, (3, 3), (2, 2))
+    ctx = {}
+    y = ops.conv2d_forward(x, wt, b, (2, 2), padding, None, ctx)
+    saved_ctx = {k: np.array(v, copy=True) for k, v in ctx.items()}
+    dy = normal(rng, y.shape)
+    dy_saved = dy.copy()
+    # a returned gradient may live in ctx until the next backward: copy it before calling again
+    def backward():
+        return (ops.conv2d_backward_data(dy, wt, x.shape, (2, 2), padding, ctx),
+                *ops.conv2d_backward_filter(dy, x, wt.shape, (2, 2), padding, ctx))
+
+    first = tuple(np.array(a, copy=True) for a in backward())
+    second = backward()
+    for a, c in zip(first, second):
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(dy, dy_saved)
+    for k, v in saved_ctx.items():
+        np.testing.assert_array_equal(ctx[k], v)
+
+    xp = f32(rng.permutation(2 * 7 * 5 * 3).reshape(2, 7, 5, 3))
+    pool, stride, padding = (3, 3), (2, 2), padding_for("same", 7, 5, (3, 3), (2, 2))
+    y, idx = ops.maxpool2d_forward(xp, pool, stride, padding)
+    idx_saved, dy = idx.copy(), normal(rng, y.shape)
+    dx1 = ops.maxpool2d_backward(dy, idx, xp.shape, pool, stride, padding).copy()
+    dx2 = ops.maxpool2d_backward(dy, idx, xp.shape, pool, stride, padding)
+    np.testing.assert_array_equal(dx1, dx2)
+    np.testing.assert_array_equal(idx, idx_saved)
+    a1 = ops.avgpool2d_backward(dy, xp.shape, pool, stride, padding).copy()
+    a2 = ops.avgpool2d_backward(dy, xp.shape, pool, stride, padding)
+    np.testing.assert_array_equal(a1, a2)
+
+
+def test_conv2d_ctx_reused_across_steps_and_batch_sizes():
+    # one ctx for a layer's whole life, as the layers keep it: work arrays kept there from one step to
+    # the next (and resized when the batch changes) must not leak into the next step's results
+    ctx = {}
+    rng = np.random.default_rng(31)
+    wt, b = normal(rng, (3, 3, 3, 4)), normal(rng, (4,))
+    padding = padding_for("same", 7, 5, (3, 3), (1, 1))
+    for n in (2, 2, 7, 1, 2):
+        x = normal(rng, (n, 7, 5, 3))
+        y = ops.conv2d_forward(x, wt, b, (1, 1), padding, "relu", ctx)
+        y_ref = ref.conv2d_forward(x, wt, b, (1, 1), padding, "relu")
+        assert_close(y, y_ref)
+        dy = f32(ref.activation_backward(normal(rng, y.shape), y_ref, "relu"))
+        assert_close(ops.conv2d_backward_data(dy, wt, x.shape, (1, 1), padding, ctx),
+                     ref.conv2d_backward_data(dy, wt, x.shape, (1, 1), padding))
+        for got, want in zip(ops.conv2d_backward_filter(dy, x, wt.shape, (1, 1), padding, ctx),
+                             ref.conv2d_backward_filter(dy, x, wt.shape, (1, 1), padding)):
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (1, 1)])  # the non-overlapping and the overlapping code paths
+def test_maxpool2d_backward_non_finite_gradient_stays_on_the_max(stride):
+    x = f32(np.random.default_rng(32).permutation(16).reshape(1, 4, 4, 1))
+    y, idx = ops.maxpool2d_forward(x, (2, 2), stride, VALID)
+    dy = np.ones(y.shape, F32)
+    dy[0, 0, 0, 0], dy[0, -1, -1, 0] = np.inf, np.nan
+    with np.errstate(invalid="ignore"):
+        dx = ops.maxpool2d_backward(dy, idx, x.shape, (2, 2), stride, VALID)
+    assert_exact(dx, ref.maxpool2d_backward(dy, idx, x.shape, (2, 2), stride, VALID))
+
+
+# ===================================================================================== non-contiguous inputs
+def _layouts(a):
+    """The same values as ``a`` in other memory layouts: a strided slice, a transpose, Fortran order and
+    a reversed view."""
+    big = np.zeros(tuple(2 * d + 1 for d in a.shape), a.dtype)
+    sl = tuple(slice(1, 2 * d + 1, 2) for d in a.shape)
+    big[sl] = a
+    rev_axes = tuple(range(a.ndim))[::-1]
+    transposed = np.ascontiguousarray(a.transpose(rev_axes)).transpose(rev_axes)
+    flipped = a[(slice(None, None, -1),) * a.ndim].copy()[(slice(None, None, -1),) * a.ndim]
+    views = {"slice": big[sl], "transpose": transposed, "fortran": np.asfortranarray(a), "reversed": flipped}
+    for name, v in views.items():
+        np.testing.assert_array_equal(v, a)
+        assert a.ndim < 2 or not v.flags.c_contiguous, name
+    return views
+
+
+def _same_in_layout(layout, fn, *args, exact=True):
+    """fn on the arrays of ``args`` as given, and on the same values in another memory layout."""
+    def call(view):
+        out = fn(*(_layouts(a)[layout] if view and isinstance(a, np.ndarray) else a for a in args))
+        return [np.array(o, copy=True) for o in (out if isinstance(out, tuple) else (out,))]
+
+    for got, want in zip(call(True), call(False)):
+        if exact:
+            np.testing.assert_array_equal(got, want)
+        else:  # a reduction NumPy or BLAS may order differently for another layout
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("layout", ["slice", "transpose", "fortran", "reversed"])
+def test_non_contiguous_inputs_give_the_contiguous_result(layout):
+    rng = np.random.default_rng(25)
+    x, wt, b = normal(rng, (2, 7, 5, 3)), normal(rng, (3, 2, 3, 4)), normal(rng, (4,))
+    for padding in (padding_for("same", 7, 5, (3, 2), (1, 2)), VALID):
+        y = ops.conv2d_forward(x, wt, b, (1, 2), padding, "relu", {})
+        dy = normal(rng, y.shape)
+        _same_in_layout(layout, lambda *a: ops.conv2d_forward(*a, (1, 2), padding, "relu", {}), x, wt, b)
+        _same_in_layout(layout, lambda *a: ops.conv2d_backward_data(*a, x.shape, (1, 2), padding, {}), dy, wt)
+        _same_in_layout(layout, lambda *a: ops.conv2d_backward_filter(*a, wt.shape, (1, 2), padding, None),
+                        dy, x)
+
+        pool, stride = (3, 3), (2, 2)
+        y, idx = ops.maxpool2d_forward(x, pool, stride, padding)
+        dy = normal(rng, y.shape)
+        _same_in_layout(layout, lambda a: ops.maxpool2d_forward(a, pool, stride, padding), x)
+        _same_in_layout(layout, lambda *a: ops.maxpool2d_backward(*a, x.shape, pool, stride, padding),
+                        dy, idx)
+        _same_in_layout(layout, lambda a: ops.avgpool2d_forward(a, pool, stride, padding), x)
+        _same_in_layout(layout, lambda a: ops.avgpool2d_backward(a, x.shape, pool, stride, padding), dy)
+    _same_in_layout(layout, ops.global_avgpool2d_forward, x, exact=False)
+    _same_in_layout(layout, lambda a: ops.global_avgpool2d_backward(a, x.shape), normal(rng, (2, 3)))
+
+    # BLAS and NumPy's SIMD loops may take another path for strided operands: to float32 rounding
+    xd, wd, bd = normal(rng, (5, 6)), normal(rng, (6, 4)), normal(rng, (4,))
+    for act in (None, "relu", "softmax"):
+        y = ops.dense_forward(xd, wd, bd, act)
+        _same_in_layout(layout, lambda *a: ops.dense_forward(*a, act), xd, wd, bd, exact=False)
+        _same_in_layout(layout, lambda *a: ops.activation_forward(*a, act), xd, exact=False)
+        _same_in_layout(layout, lambda *a: ops.activation_backward(*a, act), normal(rng, y.shape), y,
+                        exact=False)
+    dyd = normal(rng, (5, 4))
+    _same_in_layout(layout, ops.dense_backward_data, dyd, wd, exact=False)
+    _same_in_layout(layout, ops.dense_backward_weights, dyd, xd, exact=False)
+
+
+# ===================================================================================== activations, dense
+def _away_from_zero(a, gap=1e-2):
+    return f32(np.sign(a) * (np.abs(a) + 2 * gap))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
+@pytest.mark.parametrize("shape", [(1, 10), (7, 3), (2, 5, 5, 8)])
+def test_activations_match_reference(activation, shape):
+    rng = np.random.default_rng(26)
+    x = _away_from_zero(rng.normal(size=shape) * 3)
+    y = ops.activation_forward(x, activation)
+    y_ref = ref.activation_forward(x, activation)
+    assert_close(y, y_ref, rtol=1e-6, atol_scale=1e-6)
+    dy = normal(rng, shape)
+    assert_close(ops.activation_backward(dy, y, activation), ref.activation_backward(dy, y, activation),
+                 rtol=1e-5, atol_scale=1e-6)
+
+
+def test_unknown_activation_raises():
+    x = np.zeros((2, 3), F32)
+    with pytest.raises(ValueError, match="tanh"):
+        ops.activation_forward(x, "tanh")
+    with pytest.raises(ValueError, match="tanh"):
+        ops.activation_backward(x, x, "tanh")
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
+@pytest.mark.parametrize("n, n_in, units, bias", [(1, 5, 3, True), (2, 12, 10, False), (7, 64, 10, True),
+                                                  (7, 576, 64, True)])
+def test_dense_matches_reference(n, n_in, units, bias, activation):
+    rng = np.random.default_rng([n, n_in, units, bias])
+    x, w = normal(rng, (n, n_in)), normal(rng, (n_in, units), 1 / np.sqrt(n_in))
+    b = normal(rng, (units,)) if bias else None
+    y = ops.dense_forward(x, w, b, activation)
+    assert_close(y, ref.dense_forward(x, w, b, activation))
+    dy = normal(rng, y.shape)
+    dz = ops.activation_backward(dy, y, activation)
+    assert_close(dz, ref.activation_backward(dy, y, activation), atol_scale=1e-5)
+    dz = f32(ref.activation_backward(dy, y, activation))
+    assert_close(ops.dense_backward_data(dz, w), ref.dense_backward_data(dz, w))
+    dw, db = ops.dense_backward_weights(dz, x)
+    dw_ref, db_ref = ref.dense_backward_weights(dz, x)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+
+
+# ===================================================================================== dropout
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.8])
+def test_dropout_mask(rate):
+    rng = np.random.default_rng(27)
+    x = normal(rng, (100, 40, 50))
+    y, mask = ops.dropout_forward(x, rate, 1234)
+    assert y.shape == mask.shape == x.shape and mask.dtype == F32
+    kept = mask != 0
+    np.testing.assert_allclose(mask[kept], 1 / (1 - rate), rtol=1e-6)
+    assert abs(kept.mean() - (1 - rate)) < 0.005  # 200,000 draws: the standard error is < 0.0012
+    np.testing.assert_array_equal(y, x * mask)
+    y2, mask2 = ops.dropout_forward(x, rate, 1234)
+    np.testing.assert_array_equal(mask2, mask)
+    np.testing.assert_array_equal(y2, y)
+    _, mask3 = ops.dropout_forward(x, rate, 1235)
+    assert (mask3 != mask).any()
+    dy = normal(rng, x.shape)
+    assert_exact(ops.dropout_backward(dy, mask), ref.dropout_backward(dy, mask))
+
+
+def test_dropout_rate_zero_keeps_everything():
+    x = normal(np.random.default_rng(28), (4, 6))
+    y, mask = ops.dropout_forward(x, 0.0, 7)
+    np.testing.assert_array_equal(mask, 1.0)
+    np.testing.assert_array_equal(y, x)
+
+
+# ===================================================================================== losses
+def _labels(rng, n, k, sparse):
+    ints = rng.integers(0, k, size=n)
+    return ints if sparse else f32(np.eye(k)[ints])
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("n, k", [(1, 2), (7, 10), (64, 10)])
+def test_crossentropy_matches_reference(n, k, sparse):
+    rng = np.random.default_rng([n, k, sparse])
+    labels = _labels(rng, n, k, sparse)
+    p = f32(ref.activation_forward(rng.normal(size=(n, k)) * 2, "softmax"))
+    assert_close(ops.crossentropy_forward(p, labels, sparse), ref.crossentropy_forward(p, labels, sparse))
+    assert_close(ops.softmax_crossentropy_backward(p, labels, sparse),
+                 ref.softmax_crossentropy_backward(p, labels, sparse), rtol=1e-6, atol_scale=1e-7)
+    q = f32(rng.uniform(0.05, 1.0, size=(n, k)))  # not normalised, away from the clip
+    assert_close(ops.crossentropy_forward(q, labels, sparse), ref.crossentropy_forward(q, labels, sparse))
+    assert_close(ops.crossentropy_backward(q, labels, sparse), ref.crossentropy_backward(q, labels, sparse))
+
+
+def test_crossentropy_clipping():
+    p = f32([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1e-12, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    labels = np.array([0, 1, 0, 2])
+    got = ops.crossentropy_forward(p, labels, True)
+    want = ref.crossentropy_forward(p, labels, True)
+    # -log(1e-7) = 16.1; float32 cannot hold 1 - 1e-7 exactly, so the perfect row is ~1.2e-7, not 1e-7
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    dp = ops.crossentropy_backward(p, labels, True)
+    assert dp.dtype == F32
+    np.testing.assert_array_equal(dp[2], 0.0)  # the true class is clipped: no gradient
+    np.testing.assert_allclose(dp[3], ref.crossentropy_backward(p, labels, True)[3], rtol=1e-5)
+    assert np.isfinite(dp).all()
+
+
+def test_count_correct_matches_reference():
+    rng = np.random.default_rng(29)
+    p = f32(rng.integers(0, 3, size=(50, 4)))  # many ties: the first maximum counts
+    for sparse in (True, False):
+        labels = _labels(rng, 50, 4, sparse)
+        got = ops.count_correct(p, labels, sparse)
+        want = ref.count_correct(p, labels, sparse)
+        assert int(got) == want
+        assert 0 < want < 50
+    p = f32([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
+    assert int(ops.count_correct(p, np.array([1, 2]), True)) == 1
+    assert int(ops.count_correct(p, np.array([0, 2]), True)) == 2
+
+
+# ===================================================================================== optimizers
+STEPS = 5
+
+
+def _opt_start(shape=(40,), seed=30):
+    rng = np.random.default_rng(seed)
+    return rng, normal(rng, shape)
+
+
+def _assert_state(got, want):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
+def test_sgd_update_matches_reference(momentum, nesterov):
+    rng, w = _opt_start()
+    m = np.zeros_like(w)
+    w_ref, m_ref = w.astype(np.float64), m.astype(np.float64)
+    for _ in range(STEPS):
+        g = normal(rng, w.shape)
+        assert ops.sgd_update(w, g, m, 0.01, momentum, nesterov) is None  # in place
+        w_ref, m_ref = ref.sgd_update(w_ref, g, m_ref, 0.01, momentum, nesterov)
+        _assert_state(w, w_ref)
+        _assert_state(m, m_ref)
+
+
+@pytest.mark.parametrize("lr, rho, eps, momentum, centered", [
+    (0.001, 0.9, 1e-7, 0.0, False),
+    (0.01, 0.9, 1e-7, 0.0, False),
+    (0.01, 0.95, 1e-4, 0.0, False),
+    (0.01, 0.9, 1e-7, 0.9, False),
+    (0.01, 0.9, 1e-7, 0.0, True),
+    (0.001, 0.8, 1e-6, 0.5, True),
+])
+def test_rmsprop_update_matches_reference(lr, rho, eps, momentum, centered):
+    rng, w = _opt_start()
+    v, mom, avg = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
+    w_ref, v_ref, mom_ref, avg_ref = (a.astype(np.float64) for a in (w, v, mom, avg))
+    for _ in range(STEPS):
+        g = normal(rng, w.shape)
+        ops.rmsprop_update(w, g, v, mom, avg, lr, rho, eps, momentum, centered)
+        w_ref, v_ref, mom_ref, avg_ref = ref.rmsprop_update(w_ref, g, v_ref, mom_ref, avg_ref, lr, rho, eps,
+                                                             momentum, centered)
+        for got, want in ((w, w_ref), (v, v_ref), (mom, mom_ref), (avg, avg_ref)):
+            _assert_state(got, want)
+
+
+def test_rmsprop_epsilon_inside_the_root_in_the_engine():
+    # gradients of 1e-4 make g² comparable to epsilon: a sqrt(v) + eps placement would step ~10x further
+    w, g = np.ones(3, F32), np.full(3, 1e-4, F32)
+    v = np.zeros(3, F32)
+    ops.rmsprop_update(w, g, v, None, None, 0.01, 0.9, 1e-7, 0.0, False)
+    inside = 1 - 0.01 * 1e-4 / np.sqrt(0.1 * 1e-8 + 1e-7)
+    np.testing.assert_allclose(w, inside, rtol=1e-6)
+
+
+@pytest.mark.parametrize("lr, b1, b2, eps", [(0.001, 0.9, 0.999, 1e-7), (0.01, 0.8, 0.99, 1e-3)])
+def test_adam_update_matches_reference(lr, b1, b2, eps):
+    rng, w = _opt_start()
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    w_ref, m_ref, v_ref = (a.astype(np.float64) for a in (w, m, v))
+    for t in range(1, STEPS + 1):
+        g = normal(rng, w.shape)
+        ops.adam_update(w, g, m, v, lr, b1, b2, eps, t)
+        w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, b1, b2, eps, t)
+        for got, want in ((w, w_ref), (m, m_ref), (v, v_ref)):
+            _assert_state(got, want)

@@ -1,0 +1,401 @@
+"""The oracle checked on its own: backward passes against float64 central differences (test plan row 1),
+forward passes and optimizer steps against small hand-computed cases."""
+import math
+
+import numpy as np
+import pytest
+
+import reference as ref
+
+EPS, ATOL, RTOL = 1e-6, 1e-5, 1e-3  # as torch.autograd.gradcheck
+
+
+def numeric_grad(f, x):
+    """Central differences of the scalar function f at x (float64), one element at a time."""
+    x = np.array(x, dtype=np.float64)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + EPS
+        up = f(x)
+        x[i] = old - EPS
+        down = f(x)
+        x[i] = old
+        g[i] = (up - down) / (2 * EPS)
+    return g
+
+
+def assert_grad(analytic, f, x):
+    numeric = numeric_grad(f, x)
+    assert analytic.shape == numeric.shape
+    assert np.abs(numeric).max() > 1e-3, "degenerate check: the numeric gradient is zero"
+    np.testing.assert_allclose(analytic, numeric, rtol=RTOL, atol=ATOL)
+
+
+def shuffled_arange(rng, shape, scale=0.25):
+    """Distinct values 0.25 apart (no ties in a pooling window), shuffled, centred on zero."""
+    size = int(np.prod(shape))
+    return (rng.permutation(size) - size / 2).reshape(shape) * scale
+
+
+def padding_for(kind, h, w, k, s):
+    if kind == "valid":
+        return (0, 0, 0, 0)
+    if kind == "same":
+        return ref.same_padding(h, k[0], s[0]) + ref.same_padding(w, k[1], s[1])
+    return kind  # an explicit (top, bottom, left, right) tuple
+
+
+# ===================================================================================== helpers
+@pytest.mark.parametrize("size, k, s, expected", [
+    (28, 3, 1, (1, 1)), (28, 2, 1, (0, 1)), (28, 4, 1, (1, 2)), (5, 2, 2, (0, 1)), (7, 3, 2, (1, 1)),
+    (6, 3, 2, (0, 1)), (5, 5, 1, (2, 2)), (5, 1, 2, (0, 0)), (11, 3, 3, (0, 1)), (4, 2, 2, (0, 0)),
+])
+def test_same_padding(size, k, s, expected):
+    assert ref.same_padding(size, k, s) == expected
+    lo, hi = expected
+    assert ref._out_len(size, k, s, lo, hi) == math.ceil(size / s)
+
+
+def test_conv_forward_small_case_by_hand():
+    x = np.arange(9.0).reshape(1, 3, 3, 1)  # [[0 1 2] [3 4 5] [6 7 8]]
+    w = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 2, 1, 1)
+    y = ref.conv2d_forward(x, w, np.array([0.5]), (1, 1), (0, 0, 0, 0), None)
+    assert y.shape == (1, 2, 2, 1)
+    np.testing.assert_array_equal(y[0, :, :, 0], [[0 + 2 + 9 + 16 + 0.5, 1 + 4 + 12 + 20 + 0.5],
+                                                  [3 + 8 + 18 + 28 + 0.5, 4 + 10 + 21 + 32 + 0.5]])
+    # "same" with an even kernel pads one row below and one column right: the last outputs see zeros
+    y = ref.conv2d_forward(x, w, None, (1, 1), ref.same_padding(3, 2, 1) * 2, None)
+    assert y.shape == (1, 3, 3, 1)
+    assert y[0, 2, 2, 0] == 8 * 1
+    assert y[0, 0, 2, 0] == 2 * 1 + 5 * 3
+
+
+def test_pool_forward_small_case_by_hand():
+    x = np.array([[3.0, 1.0, 4.0], [1.0, 5.0, 9.0], [2.0, 6.0, 5.0]]).reshape(1, 3, 3, 1)
+    y, idx = ref.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0, 0, 0))  # valid drops the odd row/column
+    assert y.shape == (1, 1, 1, 1) and y[0, 0, 0, 0] == 5.0 and idx[0, 0, 0, 0] == 3
+    y, idx = ref.maxpool2d_forward(x, (2, 2), (2, 2), (0, 1, 0, 1))  # same: padding bottom/right
+    np.testing.assert_array_equal(y[0, :, :, 0], [[5.0, 9.0], [6.0, 5.0]])
+    np.testing.assert_array_equal(idx[0, :, :, 0], [[3, 2], [1, 0]])
+    a = ref.avgpool2d_forward(x, (2, 2), (2, 2), (0, 1, 0, 1))
+    np.testing.assert_array_equal(a[0, :, :, 0], [[2.5, 6.5], [4.0, 5.0]])  # padding not counted
+
+
+def test_maxpool_ties_and_nan_by_hand():
+    x = np.array([[2.0, 2.0], [2.0, 2.0]]).reshape(1, 2, 2, 1)
+    y, idx = ref.maxpool2d_forward(x, (2, 2), (1, 1), (0, 0, 0, 0))
+    assert idx[0, 0, 0, 0] == 0
+    np.testing.assert_array_equal(ref.maxpool2d_backward(np.ones((1, 1, 1, 1)), idx, x.shape, (2, 2), (1, 1),
+                                                         (0, 0, 0, 0))[0, :, :, 0], [[1, 0], [0, 0]])
+    x = np.array([[1.0, 7.0], [np.nan, np.nan]]).reshape(1, 2, 2, 1)
+    y, idx = ref.maxpool2d_forward(x, (2, 2), (1, 1), (0, 0, 0, 0))
+    assert math.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 2
+    x = np.array([[np.nan, 7.0], [1.0, np.nan]]).reshape(1, 2, 2, 1)
+    assert ref.maxpool2d_forward(x, (2, 2), (1, 1), (0, 0, 0, 0))[1][0, 0, 0, 0] == 0
+    # a window starting in the padding: the padding (-inf) never wins against a real cell
+    x = np.full((1, 2, 2, 1), -5.0)
+    y, idx = ref.maxpool2d_forward(x, (2, 2), (1, 1), (1, 0, 1, 0))
+    assert y[0, 0, 0, 0] == -5.0 and idx[0, 0, 0, 0] == 3
+
+
+# ===================================================================================== conv2d
+CONV_CASES = [  # x shape, kernel (kh, kw), filters, stride, padding
+    ((2, 5, 5, 3), (3, 3), 4, (1, 1), "valid"),
+    ((2, 5, 5, 3), (3, 3), 2, (1, 1), "same"),
+    ((1, 7, 5, 2), (2, 2), 3, (2, 2), "same"),
+    ((2, 6, 7, 2), (3, 2), 2, (2, 1), "same"),
+    ((1, 5, 5, 1), (5, 5), 2, (1, 1), "same"),
+    ((2, 7, 5, 2), (1, 1), 3, (2, 2), "valid"),
+    ((1, 6, 6, 2), (4, 4), 2, (2, 2), "same"),
+    ((2, 5, 6, 2), (3, 3), 2, (2, 3), (0, 2, 1, 0)),
+]
+
+
+def _conv_inputs(x_shape, k, f, stride, padding, activation, seed):
+    """x, w, b, padding; for relu, redrawn until every pre-activation is at least 1e-2 from the kink."""
+    for attempt in range(200):
+        rng = np.random.default_rng(seed + 1000 * attempt)
+        x = rng.normal(size=x_shape)
+        w = rng.normal(size=k + (x_shape[3], f)) * 0.5
+        b = rng.normal(size=f)
+        pad = padding_for(padding, x_shape[1], x_shape[2], k, stride)
+        z = ref.conv2d_forward(x, w, b, stride, pad, None)
+        if activation != "relu" or np.abs(z).min() > 1e-2:
+            return x, w, b, pad
+    raise AssertionError("no kink-free draw")
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("x_shape, k, f, stride, padding", CONV_CASES)
+def test_conv2d_backward_matches_finite_differences(x_shape, k, f, stride, padding, activation):
+    x, w, b, pad = _conv_inputs(x_shape, k, f, stride, padding, activation, seed=1)
+    y = ref.conv2d_forward(x, w, b, stride, pad, activation)
+    g = np.random.default_rng(2).normal(size=y.shape)  # upstream gradient: L = sum(g * y)
+    dz = ref.activation_backward(g, y, activation)
+    dx = ref.conv2d_backward_data(dz, w, x.shape, stride, pad)
+    dw, db = ref.conv2d_backward_filter(dz, x, w.shape, stride, pad)
+    assert_grad(dx, lambda v: np.sum(g * ref.conv2d_forward(v, w, b, stride, pad, activation)), x)
+    assert_grad(dw, lambda v: np.sum(g * ref.conv2d_forward(x, v, b, stride, pad, activation)), w)
+    assert_grad(db, lambda v: np.sum(g * ref.conv2d_forward(x, w, v, stride, pad, activation)), b)
+    if activation == "relu":
+        assert (y == 0).any() and (y > 0).any()  # the kink is exercised on both sides
+
+
+# ===================================================================================== pooling
+POOL_CASES = [  # x shape, pool, stride, padding
+    ((2, 5, 5, 3), (2, 2), (2, 2), "valid"),
+    ((2, 5, 5, 2), (2, 2), (2, 2), "same"),
+    ((2, 7, 5, 2), (3, 3), (2, 2), "same"),
+    ((1, 11, 11, 2), (3, 3), (1, 1), "same"),
+    ((2, 7, 5, 1), (3, 3), (3, 3), "valid"),
+    ((1, 6, 7, 2), (2, 3), (1, 2), "valid"),
+    ((1, 5, 5, 1), (3, 3), (2, 2), (1, 0, 2, 1)),
+]
+
+
+@pytest.mark.parametrize("x_shape, pool, stride, padding", POOL_CASES)
+def test_maxpool2d_backward_matches_finite_differences(x_shape, pool, stride, padding):
+    rng = np.random.default_rng(3)
+    x = shuffled_arange(rng, x_shape)
+    pad = padding_for(padding, x_shape[1], x_shape[2], pool, stride)
+    y, idx = ref.maxpool2d_forward(x, pool, stride, pad)
+    g = rng.normal(size=y.shape)
+    dx = ref.maxpool2d_backward(g, idx, x.shape, pool, stride, pad)
+    assert_grad(dx, lambda v: np.sum(g * ref.maxpool2d_forward(v, pool, stride, pad)[0]), x)
+
+
+@pytest.mark.parametrize("x_shape, pool, stride, padding", POOL_CASES)
+def test_avgpool2d_backward_matches_finite_differences(x_shape, pool, stride, padding):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=x_shape)
+    pad = padding_for(padding, x_shape[1], x_shape[2], pool, stride)
+    y = ref.avgpool2d_forward(x, pool, stride, pad)
+    g = rng.normal(size=y.shape)
+    dx = ref.avgpool2d_backward(g, x.shape, pool, stride, pad)
+    assert_grad(dx, lambda v: np.sum(g * ref.avgpool2d_forward(v, pool, stride, pad)), x)
+
+
+@pytest.mark.parametrize("x_shape", [(2, 5, 5, 3), (1, 7, 5, 1), (3, 2, 3, 4)])
+def test_global_avgpool2d_backward_matches_finite_differences(x_shape):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=x_shape)
+    y = ref.global_avgpool2d_forward(x)
+    assert y.shape == (x_shape[0], x_shape[3])
+    np.testing.assert_allclose(y, x.mean(axis=(1, 2)), rtol=1e-12)
+    g = rng.normal(size=y.shape)
+    dx = ref.global_avgpool2d_backward(g, x.shape)
+    assert_grad(dx, lambda v: np.sum(g * ref.global_avgpool2d_forward(v)), x)
+
+
+# ===================================================================================== dense, activations
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_dense_backward_matches_finite_differences(activation, use_bias):
+    for attempt in range(200):
+        rng = np.random.default_rng(6 + 1000 * attempt)
+        x, w = rng.normal(size=(3, 6)), rng.normal(size=(6, 4))
+        b = rng.normal(size=4) if use_bias else None
+        if activation != "relu" or np.abs(ref.dense_forward(x, w, b, None)).min() > 1e-2:
+            break
+    y = ref.dense_forward(x, w, b, activation)
+    assert y.shape == (3, 4)
+    g = rng.normal(size=y.shape)
+    dz = ref.activation_backward(g, y, activation)
+    dx = ref.dense_backward_data(dz, w)
+    dw, db = ref.dense_backward_weights(dz, x)
+    assert_grad(dx, lambda v: np.sum(g * ref.dense_forward(v, w, b, activation)), x)
+    assert_grad(dw, lambda v: np.sum(g * ref.dense_forward(x, v, b, activation)), w)
+    if use_bias:
+        assert_grad(db, lambda v: np.sum(g * ref.dense_forward(x, w, v, activation)), b)
+    np.testing.assert_allclose(db, dz.sum(axis=0), rtol=1e-12)
+
+
+def test_dense_forward_matches_matmul():
+    rng = np.random.default_rng(7)
+    x, w, b = rng.normal(size=(5, 3)), rng.normal(size=(3, 2)), rng.normal(size=2)
+    np.testing.assert_allclose(ref.dense_forward(x, w, b, None), x @ w + b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["relu", "softmax"])
+def test_activation_backward_matches_finite_differences(activation):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(4, 5))
+    if activation == "relu":
+        x = np.sign(x) * (np.abs(x) + 2e-2)  # |x| > 1e-2: away from the kink
+    y = ref.activation_forward(x, activation)
+    g = rng.normal(size=y.shape)
+    dx = ref.activation_backward(g, y, activation)
+    assert_grad(dx, lambda v: np.sum(g * ref.activation_forward(v, activation)), x)
+
+
+def test_activation_forward_values():
+    x = np.array([[-1.0, 0.0, 2.0], [1000.0, 1000.0, 1000.0 - math.log(2.0)]])
+    np.testing.assert_array_equal(ref.activation_forward(x, "relu"),
+                                  [[0, 0, 2], [1000, 1000, 1000 - math.log(2)]])
+    s = ref.activation_forward(x, "softmax")  # no overflow with large logits
+    np.testing.assert_allclose(s[1], [0.4, 0.4, 0.2], rtol=1e-12)
+    np.testing.assert_allclose(s.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(ref.activation_forward(x, None), x)
+    with pytest.raises(ValueError):
+        ref.activation_forward(x, "tanh")
+
+
+# ===================================================================================== losses
+def _labels(rng, n, k, sparse):
+    ints = rng.integers(0, k, size=n)
+    return ints if sparse else np.eye(k)[ints]
+
+
+def mean_ce_of_softmax(z, labels, sparse):
+    return ref.crossentropy_forward(ref.activation_forward(z, "softmax"), labels, sparse).mean()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_softmax_crossentropy_backward_is_gradient_of_mean_loss_wrt_logits(sparse):
+    rng = np.random.default_rng(9)
+    z = rng.normal(size=(5, 4))
+    labels = _labels(rng, 5, 4, sparse)
+    p = ref.activation_forward(z, "softmax")
+    dz = ref.softmax_crossentropy_backward(p, labels, sparse)
+    assert_grad(dz, lambda v: mean_ce_of_softmax(v, labels, sparse), z)
+
+
+def test_softmax_crossentropy_backward_with_soft_targets():
+    rng = np.random.default_rng(10)
+    z = rng.normal(size=(3, 4))
+    t = rng.random((3, 4))
+    t /= t.sum(axis=1, keepdims=True)
+    dz = ref.softmax_crossentropy_backward(ref.activation_forward(z, "softmax"), t, False)
+    assert_grad(dz, lambda v: mean_ce_of_softmax(v, t, False), z)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_crossentropy_backward_is_gradient_of_mean_loss_wrt_probabilities(sparse):
+    rng = np.random.default_rng(11)
+    p = rng.uniform(0.05, 1.0, size=(5, 4))  # rows not normalised: the renormalisation is exercised
+    labels = _labels(rng, 5, 4, sparse)
+    dp = ref.crossentropy_backward(p, labels, sparse)
+    assert_grad(dp, lambda v: ref.crossentropy_forward(v, labels, sparse).mean(), p)
+
+
+def test_crossentropy_values_by_hand():
+    p = np.array([[0.2, 0.3, 0.5], [1.0, 1.0, 2.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    labels = np.array([2, 2, 0, 1])
+    got = ref.crossentropy_forward(p, labels, True)
+    np.testing.assert_allclose(got, [-math.log(0.5), -math.log(0.5), -math.log(1e-7), -math.log(1 - 1e-7)],
+                               rtol=1e-12)
+    np.testing.assert_allclose(ref.crossentropy_forward(p, np.eye(3)[labels], False), got, rtol=1e-12)
+
+
+def test_crossentropy_backward_is_zero_where_the_true_class_is_clipped():
+    p = np.array([[1e-12, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    dp = ref.crossentropy_backward(p, np.array([0, 1]), True)
+    np.testing.assert_array_equal(dp[0], 0.0)
+    assert np.abs(dp[1]).min() > 0
+
+
+def test_count_correct_by_hand():
+    p = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.3, 0.3, 0.4], [0.2, 0.4, 0.4]])
+    assert ref.count_correct(p, np.array([1, 0, 0, 1]), True) == 3  # ties: the first maximum counts
+    assert ref.count_correct(p, np.array([1, 1, 2, 2]), True) == 2
+    assert ref.count_correct(p, np.eye(3)[[1, 1, 2, 1]], False) == 3
+    assert isinstance(ref.count_correct(p, np.array([1, 0, 0, 1]), True), int)
+
+
+def test_dropout_backward():
+    dy = np.arange(6.0).reshape(2, 3)
+    mask = np.array([[2.0, 0.0, 2.0], [0.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(ref.dropout_backward(dy, mask), [[0, 0, 4], [0, 0, 10]])
+
+
+# ===================================================================================== optimizers
+def test_sgd_steps_by_hand():
+    w, m = np.array([1.0, -2.0]), np.zeros(2)
+    g = np.array([0.5, 0.25])
+    w1, m1 = ref.sgd_update(w, g, m, 0.1, 0.0, False)
+    np.testing.assert_allclose(w1, [1.0 - 0.05, -2.0 - 0.025], rtol=1e-15)
+    np.testing.assert_array_equal(m1, 0.0)
+    # momentum 0.9, two steps with the same gradient, scalar arithmetic on element 0
+    mm, ww = 0.0, 1.0
+    wa, ma = w, m
+    for _ in range(2):
+        mm = 0.9 * mm - 0.1 * 0.5
+        ww = ww + mm
+        wa, ma = ref.sgd_update(wa, g, ma, 0.1, 0.9, False)
+        assert wa[0] == pytest.approx(ww, rel=1e-15) and ma[0] == pytest.approx(mm, rel=1e-15)
+    mm, ww = 0.0, 1.0
+    wa, ma = w, m
+    for _ in range(2):
+        mm = 0.9 * mm - 0.1 * 0.5
+        ww = ww + 0.9 * mm - 0.1 * 0.5
+        wa, ma = ref.sgd_update(wa, g, ma, 0.1, 0.9, True)
+        assert wa[0] == pytest.approx(ww, rel=1e-15) and ma[0] == pytest.approx(mm, rel=1e-15)
+    assert ww != pytest.approx(1.0 - 0.05 - 0.095, rel=1e-6)  # Nesterov differs from plain momentum
+
+
+def test_rmsprop_keras_documented_example():
+    # Keras's docstring: var 10, loss var**2 / 2 (gradient = var), lr 0.1, one step → 9.683772
+    w, v, _, _ = ref.rmsprop_update(np.array([10.0]), np.array([10.0]), np.zeros(1), None, None,
+                                    0.1, 0.9, 1e-7, 0.0, False)
+    assert w[0] == pytest.approx(9.683772, abs=1e-6)
+    assert v[0] == pytest.approx(10.0, rel=1e-15)
+
+
+def test_rmsprop_steps_by_hand_with_epsilon_inside_the_root():
+    lr, rho, eps = 0.01, 0.9, 1e-7
+    g = 1e-4  # g² (1e-8) is comparable to epsilon: inside or outside the root differ by ~10x here
+    w, v = np.array([1.0]), np.zeros(1)
+    ww, vv = 1.0, 0.0
+    for _ in range(3):
+        vv = rho * vv + (1 - rho) * g * g
+        outside = ww - lr * g / (math.sqrt(vv) + eps)
+        ww = ww - lr * g / math.sqrt(vv + eps)
+        w, v, _, _ = ref.rmsprop_update(w, np.array([g]), v, None, None, lr, rho, eps, 0.0, False)
+        assert v[0] == pytest.approx(vv, rel=1e-14)
+        assert w[0] == pytest.approx(ww, rel=1e-14)
+        assert abs(w[0] - outside) > 1e-3  # the PyTorch-style placement would be far off
+
+
+def test_rmsprop_centered_and_momentum_by_hand():
+    lr, rho, eps, mu = 0.01, 0.9, 1e-7, 0.5
+    grads = [0.3, -0.2, 0.5]
+    w, v, mom, avg = np.array([1.0]), np.zeros(1), np.zeros(1), np.zeros(1)
+    ww, vv, mm, aa = 1.0, 0.0, 0.0, 0.0
+    for gg in grads:
+        vv = rho * vv + (1 - rho) * gg * gg
+        aa = rho * aa + (1 - rho) * gg
+        mm = mu * mm + lr * gg / math.sqrt(vv - aa * aa + eps)
+        ww = ww - mm
+        w, v, mom, avg = ref.rmsprop_update(w, np.array([gg]), v, mom, avg, lr, rho, eps, mu, True)
+        for got, want in ((w, ww), (v, vv), (mom, mm), (avg, aa)):
+            assert got[0] == pytest.approx(want, rel=1e-14)
+
+
+def test_adam_steps_by_hand():
+    lr, b1, b2, eps = 0.001, 0.9, 0.999, 1e-7
+    grads = [0.5, -0.1, 0.2, 0.2]
+    w, m, v = np.array([0.3]), np.zeros(1), np.zeros(1)
+    ww, mm, vv = 0.3, 0.0, 0.0
+    for t, gg in enumerate(grads, start=1):
+        mm = b1 * mm + (1 - b1) * gg
+        vv = b2 * vv + (1 - b2) * gg * gg
+        ww = ww - lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * mm / (math.sqrt(vv) + eps)
+        w, m, v = ref.adam_update(w, np.array([gg]), m, v, lr, b1, b2, eps, t)
+        for got, want in ((w, ww), (m, mm), (v, vv)):
+            assert got[0] == pytest.approx(want, rel=1e-14)
+    # step 1 moves every weight by about lr, whatever the gradient's size
+    w1, _, _ = ref.adam_update(np.zeros(3), np.array([0.05, 1.0, -50.0]), np.zeros(3), np.zeros(3),
+                               lr, b1, b2, eps, 1)
+    np.testing.assert_allclose(w1, [-lr, -lr, lr], rtol=1e-3)
+
+
+def test_adam_epsilon_is_keras_epsilon_hat():
+    # Keras adds epsilon to sqrt(v), not to sqrt(v / (1 - b2^t)) as Algorithm 1 of the paper does
+    lr, b1, b2, eps, g = 0.1, 0.9, 0.999, 0.1, 0.01
+    w, _, _ = ref.adam_update(np.zeros(1), np.array([g]), np.zeros(1), np.zeros(1), lr, b1, b2, eps, 1)
+    m, v = (1 - b1) * g, (1 - b2) * g * g
+    keras = -lr * math.sqrt(1 - b2) / (1 - b1) * m / (math.sqrt(v) + eps)
+    paper = -lr * (m / (1 - b1)) / (math.sqrt(v / (1 - b2)) + eps)
+    assert w[0] == pytest.approx(keras, rel=1e-14)
+    assert abs(keras - paper) > 1e-3
