@@ -1,0 +1,756 @@
+"""The CUDA engine (gpucnn/ops_cuda.py and kernels/*.cu) against the float64 oracle (tests/reference.py).
+
+Marked ``gpu``, and skipped as a whole, with the backend's reason, where CuPy or a CUDA device is not usable.
+Test plan rows 4-9 (the shape grid, pooling, ties and NaN, even kernels, big grids, non-contiguous inputs),
+15 (determinism), 18 (launch errors) and 24 (out of memory), plus the engine's own promises: results stay
+on the device, and with ``out=`` buffers and a reused ``ctx`` a training step allocates nothing and can
+be captured in a CUDA graph.
+
+Inputs are drawn in float64, rounded to float32 once, and the same values go to the kernels and the
+oracle. Tolerances: rtol 1e-4 and atol 1e-4 · max|ref| (dW: 1e-3), pooling exact.
+"""
+import numpy as np
+import pytest
+
+import reference as ref
+from gpucnn import backend
+
+pytestmark = pytest.mark.gpu
+
+_usable, _reason = backend.gpu_status()
+if not _usable:
+    pytest.skip(f"no usable GPU: {_reason}", allow_module_level=True)
+
+import cupy  # noqa: E402
+
+from gpucnn import cuda, ops_numpy  # noqa: E402
+from gpucnn import ops_cuda as ops  # noqa: E402
+
+F32 = np.float32
+VALID = (0, 0, 0, 0)
+RTOL, ATOL_SCALE = 1e-4, 1e-4
+
+
+def f32(a):
+    return np.asarray(a, dtype=F32)
+
+
+def normal(rng, shape, scale=1.0):
+    return f32(rng.normal(size=shape) * scale)
+
+
+def dev(a):
+    """A device copy of a host array (None stays None)."""
+    return None if a is None else cupy.asarray(a)
+
+
+def host(a):
+    assert isinstance(a, cupy.ndarray), type(a)
+    return cupy.asnumpy(a)
+
+
+def assert_close(got, want, rtol=RTOL, atol_scale=ATOL_SCALE):
+    """Device float32 ``got`` against the float64 oracle ``want``."""
+    got, want = host(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == F32, got.dtype
+    atol = atol_scale * float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def assert_exact(got, want):
+    """Equal after casting the oracle to float32 (NaNs in the same places)."""
+    got, want = host(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == F32, got.dtype
+    np.testing.assert_array_equal(got, f32(want))
+
+
+def padding_for(kind, h, w, k, s):
+    if kind == "valid":
+        return VALID
+    return ref.same_padding(h, k[0], s[0]) + ref.same_padding(w, k[1], s[1])
+
+
+def expected_hw(kind, h, w, k, s):
+    if kind == "same":
+        return -(-h // s[0]), -(-w // s[1])
+    return (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+
+
+# ===================================================================================== conv2d grid (row 4)
+CONV_GRID = [(n, c, hw, k, s, pad) for hw in ((5, 5), (7, 5), (28, 28)) for n in (1, 2, 7) for c in (1, 3, 8)
+             for k in (1, 2, 3, 5) for s in (1, 2) for pad in ("valid", "same")]
+EXTRA_CONV = [  # even and non-square kernels, mixed strides (row 7)
+    (2, 3, (6, 6), (4, 4), (1, 1), "same"),
+    (2, 3, (5, 7), (4, 4), (2, 2), "same"),
+    (1, 2, (6, 5), (2, 3), (1, 2), "same"),
+    (3, 2, (7, 6), (1, 5), (2, 1), "same"),
+    (2, 4, (9, 8), (4, 2), (2, 3), "same"),
+    (2, 4, (9, 8), (4, 2), (2, 3), "valid"),
+]
+
+
+def _conv_case(n, c, hw, k, s, pad, f=4, bias=True):
+    h, w = hw
+    k = (k, k) if isinstance(k, int) else k
+    s = (s, s) if isinstance(s, int) else s
+    rng = np.random.default_rng([n, c, h, w, k[0], k[1], s[0], s[1], pad == "same", f])
+    x = normal(rng, (n, h, w, c))
+    wt = normal(rng, k + (c, f), 0.5)
+    b = normal(rng, (f,)) if bias else None
+    return x, wt, b, s, padding_for(pad, h, w, k, s), rng
+
+
+def _check_conv(n, c, hw, k, s, pad, f=4, bias=True, activation=None):
+    x, wt, b, s, padding, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
+    xd, wd, bd = dev(x), dev(wt), dev(b)
+    ctx = {}
+    y = ops.conv2d_forward(xd, wd, bd, s, padding, activation, ctx)
+    y_ref = ref.conv2d_forward(x, wt, b, s, padding, activation)
+    assert y.shape == (n,) + expected_hw(pad, hw[0], hw[1], wt.shape[:2], s) + (f,)
+    assert_close(y, y_ref)
+
+    dy = normal(rng, y_ref.shape)
+    dyd = dev(dy)
+    assert_close(ops.conv2d_backward_data(dyd, wd, x.shape, s, padding, ctx),
+                 ref.conv2d_backward_data(dy, wt, x.shape, s, padding))
+    dw, db = ops.conv2d_backward_filter(dyd, xd, wt.shape, s, padding, ctx)
+    dw_ref, db_ref = ref.conv2d_backward_filter(dy, x, wt.shape, s, padding)
+    assert_close(dw, dw_ref, atol_scale=1e-3)
+    assert_close(db, db_ref)
+    dw2, db2 = ops.conv2d_backward_filter(dyd, xd, wt.shape, s, padding, None)  # without a ctx
+    np.testing.assert_array_equal(host(dw2), host(dw))
+    np.testing.assert_array_equal(host(db2), host(db))
+    np.testing.assert_array_equal(host(xd), x)  # inputs not written to
+    np.testing.assert_array_equal(host(wd), wt)
+    np.testing.assert_array_equal(host(dyd), dy)
+
+
+def _conv_id(case):
+    n, c, (h, w), k, s, pad = case
+    return f"n{n}-c{c}-{h}x{w}-k{k}-s{s}-{pad}".replace(" ", "")
+
+
+@pytest.mark.parametrize("n, c, hw, k, s, pad", CONV_GRID + EXTRA_CONV, ids=map(_conv_id, CONV_GRID + EXTRA_CONV))
+def test_conv2d_matches_reference(n, c, hw, k, s, pad):
+    _check_conv(n, c, hw, k, s, pad)
+
+
+@pytest.mark.parametrize("n, c, hw, k, s, pad, f", [
+    (2, 40, (9, 9), 5, 2, "same", 70),   # channels in two shared-memory chunks, filters in three tiles
+    (1, 3, (30, 17), 3, 1, "same", 33),  # several output tiles per image, a partial filter tile
+    (3, 16, (12, 12), 3, 1, "valid", 64),  # more than BWF_TILE_R im2col rows
+    (2, 1, (11, 11), 11, 1, "valid", 2),   # one output pixel per image
+])
+def test_conv2d_tile_edges(n, c, hw, k, s, pad, f):
+    _check_conv(n, c, hw, k, s, pad, f=f)
+
+
+@pytest.mark.parametrize("f, bias", [(1, True), (16, False), (3, False)])
+def test_conv2d_filters_and_no_bias(f, bias):
+    _check_conv(2, 3, (7, 5), 3, 1, "same", f=f, bias=bias)
+    _check_conv(2, 3, (5, 5), 2, 2, "same", f=f, bias=bias)
+
+
+@pytest.mark.parametrize("activation", ["relu", "softmax"])
+def test_conv2d_fused_activation(activation):
+    x, wt, b, s, padding, _ = _conv_case(2, 3, (7, 5), 3, 1, "same", f=5)
+    y = ops.conv2d_forward(dev(x), dev(wt), dev(b), s, padding, activation, {})
+    y_ref = ref.conv2d_forward(x, wt, b, s, padding, activation)
+    assert_close(y, y_ref)
+    if activation == "relu":
+        assert (y_ref == 0).any() and (y_ref > 0).any()
+
+
+def test_conv2d_asymmetric_explicit_padding():
+    rng = np.random.default_rng(11)
+    x, wt, b = normal(rng, (2, 6, 5, 2)), normal(rng, (3, 2, 2, 3)), normal(rng, (3,))
+    padding, s = (0, 2, 1, 0), (2, 1)
+    y = ops.conv2d_forward(dev(x), dev(wt), dev(b), s, padding, None, {})
+    assert_close(y, ref.conv2d_forward(x, wt, b, s, padding, None))
+    dy = normal(rng, y.shape)
+    assert_close(ops.conv2d_backward_data(dev(dy), dev(wt), x.shape, s, padding, {}),
+                 ref.conv2d_backward_data(dy, wt, x.shape, s, padding))
+    for got, want, atol in zip(ops.conv2d_backward_filter(dev(dy), dev(x), wt.shape, s, padding, {}),
+                               ref.conv2d_backward_filter(dy, x, wt.shape, s, padding), (1e-3, ATOL_SCALE)):
+        assert_close(got, want, atol_scale=atol)
+
+
+# ===================================================================================== pooling (rows 5, 6)
+POOL_GRID = [(hw, p, s, pad) for hw in ((5, 5), (7, 5), (11, 11)) for p in (2, 3) for s in (1, 2, 3)
+             for pad in ("valid", "same")]
+POOL_GRID += [((7, 5), (2, 3), (1, 2), "same"), ((11, 11), (3, 2), (2, 1), "valid")]
+
+
+def _pool_id(case):
+    (h, w), p, s, pad = case
+    return f"{h}x{w}-p{p}-s{s}-{pad}".replace(" ", "")
+
+
+def _pool_args(hw, p, s, pad):
+    p = (p, p) if isinstance(p, int) else p
+    s = (s, s) if isinstance(s, int) else s
+    return p, s, padding_for(pad, hw[0], hw[1], p, s)
+
+
+def _check_maxpool(x, pool, stride, padding, dy_values=(-8, 9)):
+    rng = np.random.default_rng(x.size)
+    y, idx = ops.maxpool2d_forward(dev(x), pool, stride, padding)
+    y_ref, idx_ref = ref.maxpool2d_forward(x, pool, stride, padding)
+    assert_exact(y, y_ref)
+    assert idx.dtype == np.int8
+    np.testing.assert_array_equal(host(idx).astype(np.int64), idx_ref)
+    dy = f32(rng.integers(*dy_values, size=y.shape))  # small integers: overlapping windows sum exactly
+    dx = ops.maxpool2d_backward(dev(dy), idx, x.shape, pool, stride, padding)
+    assert_exact(dx, ref.maxpool2d_backward(dy, idx_ref, x.shape, pool, stride, padding))
+    return host(y), host(idx), host(dx), dy
+
+
+@pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
+def test_maxpool2d_exact(hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng([hw[0], hw[1], pool[0], pool[1], stride[0], stride[1], pad == "same"])
+    x = normal(rng, (2,) + hw + (3,))
+    y, _, _, _ = _check_maxpool(x, pool, stride, padding)
+    assert y.shape == (2,) + expected_hw(pad, hw[0], hw[1], pool, stride) + (3,)
+
+
+@pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
+def test_avgpool2d_exact(hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng([hw[0], hw[1], pool[0], pool[1], stride[0], stride[1], pad == "same", 1])
+    # integer inputs: window sums are exact in float32, and one rounded division matches the oracle's
+    x = f32(rng.integers(-50, 51, size=(2,) + hw + (3,)))
+    y = ops.avgpool2d_forward(dev(x), pool, stride, padding)
+    assert y.shape == (2,) + expected_hw(pad, hw[0], hw[1], pool, stride) + (3,)
+    assert_exact(y, ref.avgpool2d_forward(x, pool, stride, padding))
+    # dy a multiple of 2520 (divisible by every window count up to 10): every share is an integer
+    dy = f32(2520 * rng.integers(-4, 5, size=y.shape))
+    assert_exact(ops.avgpool2d_backward(dev(dy), x.shape, pool, stride, padding),
+                 ref.avgpool2d_backward(dy, x.shape, pool, stride, padding))
+    xf, dyf = normal(rng, x.shape), normal(rng, y.shape)
+    assert_close(ops.avgpool2d_forward(dev(xf), pool, stride, padding),
+                 ref.avgpool2d_forward(xf, pool, stride, padding), rtol=1e-6, atol_scale=1e-6)
+    assert_close(ops.avgpool2d_backward(dev(dyf), x.shape, pool, stride, padding),
+                 ref.avgpool2d_backward(dyf, x.shape, pool, stride, padding), rtol=1e-6, atol_scale=1e-6)
+
+
+@pytest.mark.parametrize("hw, p, s, pad", POOL_GRID[::4], ids=map(_pool_id, POOL_GRID[::4]))
+def test_pooling_agrees_with_the_numpy_engine_bit_for_bit(hw, p, s, pad):
+    # both engines add in the same order: general floats give the same bits
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng(40)
+    x = normal(rng, (3,) + hw + (2,))
+    y_np, idx_np = ops_numpy.maxpool2d_forward(x, pool, stride, padding)
+    y, idx = ops.maxpool2d_forward(dev(x), pool, stride, padding)
+    np.testing.assert_array_equal(host(y), y_np)
+    np.testing.assert_array_equal(host(idx), idx_np)
+    dy = normal(rng, y_np.shape)
+    np.testing.assert_array_equal(host(ops.maxpool2d_backward(dev(dy), idx, x.shape, pool, stride, padding)),
+                                  ops_numpy.maxpool2d_backward(dy, idx_np, x.shape, pool, stride, padding))
+    np.testing.assert_array_equal(host(ops.avgpool2d_forward(dev(x), pool, stride, padding)),
+                                  ops_numpy.avgpool2d_forward(x, pool, stride, padding))
+    np.testing.assert_array_equal(host(ops.avgpool2d_backward(dev(dy), x.shape, pool, stride, padding)),
+                                  ops_numpy.avgpool2d_backward(dy, x.shape, pool, stride, padding))
+
+
+@pytest.mark.parametrize("kind", ["constant", "duplicates"])
+@pytest.mark.parametrize("hw, p, s, pad", [((5, 5), 2, 1, "same"), ((7, 5), 3, 2, "same"), ((11, 11), 3, 1, "valid"),
+                                           ((5, 5), 3, 3, "same")])
+def test_maxpool2d_ties_go_to_the_first_maximum(kind, hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    rng = np.random.default_rng(21)
+    shape = (2,) + hw + (3,)
+    x = np.full(shape, 1.5, F32) if kind == "constant" else f32(rng.integers(0, 3, size=shape))
+    _, idx, dx, dy = _check_maxpool(x, pool, stride, padding, dy_values=(1, 9))
+    assert dx.sum() == dy.sum()  # every window's gradient lands on exactly one cell
+    if kind == "constant" and pad == "valid":
+        assert not idx.any()  # the first tap of every window
+
+
+@pytest.mark.parametrize("hw, p, s, pad", [((5, 5), 2, 2, "same"), ((7, 5), 3, 1, "same"), ((5, 5), 3, 2, "valid")])
+def test_maxpool2d_nan_propagates_and_takes_the_gradient(hw, p, s, pad):
+    pool, stride, padding = _pool_args(hw, p, s, pad)
+    x = normal(np.random.default_rng(22), (2,) + hw + (2,))
+    x[0, 1, 1, 0] = np.nan
+    x[0, 1, 2, 0] = np.nan  # two NaNs that share windows: the first in scan order wins
+    x[0, 2, 1, 0] = 1e30    # a large value next to them must not win
+    x[1, hw[0] - 1, hw[1] - 1, 1] = np.nan  # in the bottom-right corner (next to "same" padding)
+    y, _, _, _ = _check_maxpool(x, pool, stride, padding, dy_values=(1, 9))
+    assert np.isnan(y).any()
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (1, 1)])
+def test_maxpool2d_backward_non_finite_gradient_stays_on_the_max(stride):
+    # a gather adds dy only where idx points: an inf/NaN dy reaches the max cell and no other
+    x = f32(np.random.default_rng(32).permutation(16).reshape(1, 4, 4, 1))
+    y, idx = ops.maxpool2d_forward(dev(x), (2, 2), stride, VALID)
+    dy = np.ones(y.shape, F32)
+    dy[0, 0, 0, 0], dy[0, -1, -1, 0] = np.inf, np.nan
+    dx = ops.maxpool2d_backward(dev(dy), idx, x.shape, (2, 2), stride, VALID)
+    assert_exact(dx, ref.maxpool2d_backward(dy, host(idx), x.shape, (2, 2), stride, VALID))
+
+
+def test_global_avgpool2d_matches_reference():
+    rng = np.random.default_rng(23)
+    for shape in [(1, 5, 5, 1), (7, 7, 5, 3), (2, 28, 28, 8), (3, 4, 4, 300)]:
+        x = normal(rng, shape)
+        y = ops.global_avgpool2d_forward(dev(x))
+        assert_close(y, ref.global_avgpool2d_forward(x), rtol=1e-5, atol_scale=1e-5)
+        dy = normal(rng, y.shape)
+        assert_close(ops.global_avgpool2d_backward(dev(dy), shape), ref.global_avgpool2d_backward(dy, shape),
+                     rtol=1e-6, atol_scale=1e-7)
+
+
+def test_second_backward_call_gives_the_same_result():
+    rng = np.random.default_rng(24)
+    x = f32(rng.permutation(2 * 7 * 5 * 3).reshape(2, 7, 5, 3))
+    pool, stride, padding = (3, 3), (2, 2), padding_for("same", 7, 5, (3, 3), (2, 2))
+    y, idx = ops.maxpool2d_forward(dev(x), pool, stride, padding)
+    idx_saved, dy = host(idx), dev(normal(rng, y.shape))
+    dx1 = host(ops.maxpool2d_backward(dy, idx, x.shape, pool, stride, padding))
+    dx2 = host(ops.maxpool2d_backward(dy, idx, x.shape, pool, stride, padding))
+    np.testing.assert_array_equal(dx1, dx2)
+    np.testing.assert_array_equal(host(idx), idx_saved)
+
+
+# ===================================================================================== big grids (row 8)
+def test_batch_times_channels_beyond_the_grid_limits():
+    # 70,000 images: more than the 65,535 blocks grid y and z allow
+    rng = np.random.default_rng(33)
+    n = 70_000
+    x = normal(rng, (n, 3, 3, 1))
+    wt, b = normal(rng, (2, 2, 1, 2)), normal(rng, (2,))
+    y = ops.conv2d_forward(dev(x), dev(wt), dev(b), (1, 1), VALID, "relu", {})
+    y_ref = ref.conv2d_forward(x, wt, b, (1, 1), VALID, "relu")
+    assert_close(y, y_ref)
+    dy = normal(rng, y.shape)
+    assert_close(ops.conv2d_backward_data(dev(dy), dev(wt), x.shape, (1, 1), VALID, {}),
+                 ref.conv2d_backward_data(dy, wt, x.shape, (1, 1), VALID))
+    dw, db = ops.conv2d_backward_filter(dev(dy), dev(x), wt.shape, (1, 1), VALID, {})
+    dw_ref, db_ref = ref.conv2d_backward_filter(dy, x, wt.shape, (1, 1), VALID)
+    assert_close(dw, dw_ref, atol_scale=1e-3)
+    assert_close(db, db_ref)
+
+    xp = f32(rng.integers(-50, 51, size=(n, 2, 2, 1)))
+    _check_maxpool(xp, (2, 2), (2, 2), VALID)
+    assert_exact(ops.avgpool2d_forward(dev(xp), (2, 2), (1, 1), VALID),
+                 ref.avgpool2d_forward(xp, (2, 2), (1, 1), VALID))
+    dyp = f32(4 * rng.integers(-4, 5, size=(n, 1, 1, 1)))
+    assert_exact(ops.avgpool2d_backward(dev(dyp), xp.shape, (2, 2), (1, 1), VALID),
+                 ref.avgpool2d_backward(dyp, xp.shape, (2, 2), (1, 1), VALID))
+
+    # batch x channels = 70,400 for the global pool; many rows for dense and the row kernels
+    xg = normal(rng, (1100, 2, 2, 64))
+    assert_close(ops.global_avgpool2d_forward(dev(xg)), ref.global_avgpool2d_forward(xg))
+    dyg = normal(rng, (1100, 64))
+    assert_close(ops.global_avgpool2d_backward(dev(dyg), xg.shape), ref.global_avgpool2d_backward(dyg, xg.shape))
+    xd, wd = normal(rng, (n, 3)), normal(rng, (3, 2))
+    assert_close(ops.dense_forward(dev(xd), dev(wd), None, "softmax"), ref.dense_forward(xd, wd, None, "softmax"))
+
+
+# ===================================================================================== non-contiguous (row 9)
+def _layouts(a):
+    """The same values as device array ``a`` in other memory layouts."""
+    big = cupy.zeros(tuple(2 * d + 1 for d in a.shape), a.dtype)
+    sl = tuple(slice(1, 2 * d + 1, 2) for d in a.shape)
+    big[sl] = a
+    rev = tuple(range(a.ndim))[::-1]
+    views = {"slice": big[sl], "transpose": cupy.ascontiguousarray(a.transpose(rev)).transpose(rev),
+             "fortran": cupy.asfortranarray(a),
+             "reversed": a[(slice(None, None, -1),) * a.ndim].copy()[(slice(None, None, -1),) * a.ndim]}
+    for name, v in views.items():
+        np.testing.assert_array_equal(host(v), host(a))
+        assert a.ndim < 2 or not v.flags.c_contiguous, name
+    return views
+
+
+@pytest.mark.parametrize("layout", ["slice", "transpose", "fortran", "reversed"])
+def test_non_contiguous_inputs_give_the_contiguous_result(layout):
+    rng = np.random.default_rng(25)
+    x, wt, b = dev(normal(rng, (2, 7, 5, 3))), dev(normal(rng, (3, 2, 3, 4))), dev(normal(rng, (4,)))
+    v = lambda a: _layouts(a)[layout]  # noqa: E731
+    padding = padding_for("same", 7, 5, (3, 2), (1, 2))
+    same = np.testing.assert_array_equal  # the same kernels on the same values: the same bits
+    y = ops.conv2d_forward(x, wt, b, (1, 2), padding, "relu", {})
+    same(host(ops.conv2d_forward(v(x), v(wt), v(b), (1, 2), padding, "relu", {})), host(y))
+    dy = dev(normal(rng, y.shape))
+    same(host(ops.conv2d_backward_data(v(dy), v(wt), x.shape, (1, 2), padding, {})),
+         host(ops.conv2d_backward_data(dy, wt, x.shape, (1, 2), padding, {})))
+    for got, want in zip(ops.conv2d_backward_filter(v(dy), v(x), wt.shape, (1, 2), padding, None),
+                         ops.conv2d_backward_filter(dy, x, wt.shape, (1, 2), padding, None)):
+        same(host(got), host(want))
+    yp, idx = ops.maxpool2d_forward(x, (3, 3), (2, 2), padding)
+    ypv, idxv = ops.maxpool2d_forward(v(x), (3, 3), (2, 2), padding)
+    same(host(ypv), host(yp))
+    same(host(idxv), host(idx))
+    dyp = dev(normal(rng, yp.shape))
+    same(host(ops.maxpool2d_backward(v(dyp), v(idx), x.shape, (3, 3), (2, 2), padding)),
+         host(ops.maxpool2d_backward(dyp, idx, x.shape, (3, 3), (2, 2), padding)))
+    same(host(ops.avgpool2d_forward(v(x), (3, 3), (2, 2), padding)),
+         host(ops.avgpool2d_forward(x, (3, 3), (2, 2), padding)))
+    same(host(ops.avgpool2d_backward(v(dyp), x.shape, (3, 3), (2, 2), padding)),
+         host(ops.avgpool2d_backward(dyp, x.shape, (3, 3), (2, 2), padding)))
+    same(host(ops.global_avgpool2d_forward(v(x))), host(ops.global_avgpool2d_forward(x)))
+
+    xd, wd, bd = dev(normal(rng, (5, 6))), dev(normal(rng, (6, 4))), dev(normal(rng, (4,)))
+    for act in (None, "relu", "softmax"):
+        y = ops.dense_forward(xd, wd, bd, act)
+        same(host(ops.dense_forward(v(xd), v(wd), v(bd), act)), host(y))
+        dy = dev(normal(rng, y.shape))
+        same(host(ops.activation_backward(v(dy), v(y), act)), host(ops.activation_backward(dy, y, act)))
+    dyd = dev(normal(rng, (5, 4)))
+    same(host(ops.dense_backward_data(v(dyd), v(wd))), host(ops.dense_backward_data(dyd, wd)))
+    for got, want in zip(ops.dense_backward_weights(v(dyd), v(xd)), ops.dense_backward_weights(dyd, xd)):
+        same(host(got), host(want))
+    p = ops.activation_forward(dev(normal(rng, (6, 5))), "softmax")
+    labels = dev(np.eye(5, dtype=F32)[[0, 1, 2, 3, 4, 0]])
+    same(host(ops.crossentropy_forward(v(p), v(labels), False)), host(ops.crossentropy_forward(p, labels, False)))
+
+
+# ===================================================================================== activations, dense
+def _away_from_zero(a, gap=1e-2):
+    return f32(np.sign(a) * (np.abs(a) + 2 * gap))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
+@pytest.mark.parametrize("shape", [(1, 10), (7, 3), (2, 5, 5, 8)])
+def test_activations_match_reference(activation, shape):
+    rng = np.random.default_rng(26)
+    x = _away_from_zero(rng.normal(size=shape) * 3)
+    y = ops.activation_forward(dev(x), activation)
+    y_ref = ref.activation_forward(x, activation)
+    assert_close(y, y_ref, rtol=1e-5, atol_scale=1e-6)
+    dy = normal(rng, shape)
+    assert_close(ops.activation_backward(dev(dy), y, activation), ref.activation_backward(dy, host(y), activation),
+                 rtol=1e-5, atol_scale=1e-6)
+
+
+def test_activations_in_place_and_nan():
+    x = dev(f32([[1.0, -2.0, np.nan, 0.5]]))
+    assert ops.activation_forward(x, "relu", out=x) is x
+    np.testing.assert_array_equal(host(x), f32([[1.0, 0.0, np.nan, 0.5]]))  # relu keeps a NaN, as NumPy
+    s = dev(f32([[1.0, 2.0, 3.0], [1.0, np.nan, 0.0]]))
+    ops.activation_forward(s, "softmax", out=s)
+    assert_close(s[:1], ref.activation_forward(f32([[1.0, 2.0, 3.0]]), "softmax"))
+    assert np.isnan(host(s[1])).all()
+    with pytest.raises(ValueError, match="tanh"):
+        ops.activation_forward(x, "tanh")
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "softmax"])
+@pytest.mark.parametrize("n, n_in, units, bias", [(1, 5, 3, True), (2, 12, 10, False), (7, 64, 10, True),
+                                                  (7, 576, 64, True), (65, 33, 70, True)])
+def test_dense_matches_reference(n, n_in, units, bias, activation):
+    rng = np.random.default_rng([n, n_in, units, bias])
+    x, w = normal(rng, (n, n_in)), normal(rng, (n_in, units), 1 / np.sqrt(n_in))
+    b = normal(rng, (units,)) if bias else None
+    y = ops.dense_forward(dev(x), dev(w), dev(b), activation)
+    assert_close(y, ref.dense_forward(x, w, b, activation))
+    dy = normal(rng, y.shape)
+    assert_close(ops.activation_backward(dev(dy), y, activation), ref.activation_backward(dy, host(y), activation),
+                 atol_scale=1e-5)
+    dz = f32(ref.activation_backward(dy, host(y), activation))
+    assert_close(ops.dense_backward_data(dev(dz), dev(w)), ref.dense_backward_data(dz, w))
+    dw, db = ops.dense_backward_weights(dev(dz), dev(x))
+    dw_ref, db_ref = ref.dense_backward_weights(dz, x)
+    assert_close(dw, dw_ref, atol_scale=1e-3)
+    assert_close(db, db_ref)
+
+
+# ===================================================================================== dropout
+@pytest.mark.parametrize("rate", [0.25, 0.5, 0.8])
+def test_dropout_mask(rate):
+    rng = np.random.default_rng(27)
+    x = dev(normal(rng, (100, 40, 50)))
+    y, mask = ops.dropout_forward(x, rate, 1234)
+    assert y.shape == mask.shape == x.shape and mask.dtype == F32
+    m = host(mask)
+    kept = m != 0
+    np.testing.assert_array_equal(m[kept], F32(1) / F32(1 - rate))
+    assert abs(kept.mean() - (1 - rate)) < 0.005  # 200,000 draws: the standard error is < 0.0012
+    np.testing.assert_array_equal(host(y), host(x) * m)
+    y2, mask2 = ops.dropout_forward(x, rate, 1234)  # the same seed: the same bits
+    np.testing.assert_array_equal(host(mask2), m)
+    np.testing.assert_array_equal(host(y2), host(y))
+    _, mask3 = ops.dropout_forward(x, rate, 1235)
+    assert (host(mask3) != m).any()
+    dy = normal(rng, x.shape)
+    assert_exact(ops.dropout_backward(dev(dy), mask), ref.dropout_backward(dy, m))
+
+
+def test_dropout_rate_zero_keeps_everything():
+    x = dev(normal(np.random.default_rng(28), (4, 6)))
+    y, mask = ops.dropout_forward(x, 0.0, 7)
+    np.testing.assert_array_equal(host(mask), 1.0)
+    np.testing.assert_array_equal(host(y), host(x))
+
+
+# ===================================================================================== losses
+def _labels(rng, n, k, sparse):
+    ints = rng.integers(0, k, size=n)
+    return ints if sparse else f32(np.eye(k)[ints])
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("n, k", [(1, 2), (7, 10), (64, 10), (300, 3)])
+def test_crossentropy_matches_reference(n, k, sparse):
+    rng = np.random.default_rng([n, k, sparse])
+    labels = _labels(rng, n, k, sparse)
+    p = f32(ref.activation_forward(rng.normal(size=(n, k)) * 2, "softmax"))
+    loss = ops.crossentropy_forward(dev(p), dev(labels), sparse)
+    assert loss.shape == (n,)
+    assert_close(loss, ref.crossentropy_forward(p, labels, sparse))
+    assert_close(ops.softmax_crossentropy_backward(dev(p), dev(labels), sparse),
+                 ref.softmax_crossentropy_backward(p, labels, sparse), rtol=1e-6, atol_scale=1e-7)
+    q = f32(rng.uniform(0.05, 1.0, size=(n, k)))  # not normalised, away from the clip
+    assert_close(ops.crossentropy_forward(dev(q), dev(labels), sparse), ref.crossentropy_forward(q, labels, sparse))
+    assert_close(ops.crossentropy_backward(dev(q), dev(labels), sparse), ref.crossentropy_backward(q, labels, sparse))
+
+
+def test_crossentropy_clipping_and_label_dtypes():
+    p = f32([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1e-12, 0.5, 0.5], [0.2, 0.3, 0.5]])
+    labels = np.array([0, 1, 0, 2])
+    want = ref.crossentropy_forward(p, labels, True)
+    for dtype in (np.int32, np.int64, np.uint8):
+        got = ops.crossentropy_forward(dev(p), dev(labels.astype(dtype)), True)
+        np.testing.assert_allclose(host(got), want, rtol=1e-5, atol=1e-6)
+    onehot = np.eye(3)[labels]  # float64 one-hot rows, as to_categorical gives
+    np.testing.assert_allclose(host(ops.crossentropy_forward(dev(p), dev(onehot), False)), want, rtol=1e-5, atol=1e-6)
+    dp = host(ops.crossentropy_backward(dev(p), dev(labels), True))
+    np.testing.assert_array_equal(dp[2], 0.0)  # the true class is clipped: no gradient
+    np.testing.assert_allclose(dp[3], ref.crossentropy_backward(p, labels, True)[3], rtol=1e-5)
+    assert np.isfinite(dp).all()
+
+
+def test_out_of_range_sparse_label_gives_nan_for_its_row_only():
+    p = dev(f32([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]))
+    labels = dev(np.array([1, 2, -1], np.int32))
+    loss = host(ops.crossentropy_forward(p, labels, True))
+    assert np.isfinite(loss[0]) and np.isnan(loss[1:]).all()
+    for grad in (ops.softmax_crossentropy_backward, ops.crossentropy_backward):
+        g = host(grad(p, labels, True))
+        assert np.isfinite(g[0]).all() and np.isnan(g[1:]).all()
+
+
+def test_count_correct_is_a_device_integer():
+    rng = np.random.default_rng(29)
+    p = f32(rng.integers(0, 3, size=(50, 4)))  # many ties: the first maximum counts
+    for sparse in (True, False):
+        labels = _labels(rng, 50, 4, sparse)
+        got = ops.count_correct(dev(p), dev(labels), sparse)
+        assert isinstance(got, cupy.ndarray) and got.shape == () and got.dtype == np.int64
+        assert int(got) == ref.count_correct(p, labels, sparse)
+    q = dev(f32([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7], [0.1, np.nan, 0.7]]))  # a NaN wins, as numpy.argmax
+    assert int(ops.count_correct(q, dev(np.array([1, 2, 1])), True)) == 2
+    assert int(ops.count_correct(q, dev(np.array([0, 2, 2])), True)) == 2
+    many = f32(rng.normal(size=(1000, 10)))
+    labels = rng.integers(0, 10, size=1000)
+    assert int(ops.count_correct(dev(many), dev(labels), True)) == ref.count_correct(many, labels, True)
+
+
+# ===================================================================================== optimizers
+STEPS = 5
+
+
+def _assert_state(got, want):
+    got = host(got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
+def test_sgd_update_matches_reference(momentum, nesterov):
+    rng = np.random.default_rng(30)
+    w = dev(normal(rng, (1000,)))
+    m = cupy.zeros_like(w)
+    w_ref, m_ref = host(w).astype(np.float64), host(m).astype(np.float64)
+    for _ in range(STEPS):
+        g = normal(rng, w.shape)
+        assert ops.sgd_update(w, dev(g), m, 0.01, momentum, nesterov) is None  # in place
+        w_ref, m_ref = ref.sgd_update(w_ref, g, m_ref, 0.01, momentum, nesterov)
+        _assert_state(w, w_ref)
+        _assert_state(m, m_ref)
+
+
+@pytest.mark.parametrize("lr, rho, eps, momentum, centered", [
+    (0.001, 0.9, 1e-7, 0.0, False),
+    (0.01, 0.95, 1e-4, 0.0, False),
+    (0.01, 0.9, 1e-7, 0.9, False),
+    (0.01, 0.9, 1e-7, 0.0, True),
+    (0.001, 0.8, 1e-6, 0.5, True),
+])
+def test_rmsprop_update_matches_reference(lr, rho, eps, momentum, centered):
+    rng = np.random.default_rng(31)
+    w = dev(normal(rng, (1000,)))
+    v, mom, avg = cupy.zeros_like(w), cupy.zeros_like(w), cupy.zeros_like(w)
+    w_ref, v_ref, mom_ref, avg_ref = (host(a).astype(np.float64) for a in (w, v, mom, avg))
+    for _ in range(STEPS):
+        g = normal(rng, w.shape)
+        ops.rmsprop_update(w, dev(g), v, mom, avg, lr, rho, eps, momentum, centered)
+        w_ref, v_ref, mom_ref, avg_ref = ref.rmsprop_update(w_ref, g, v_ref, mom_ref, avg_ref, lr, rho, eps,
+                                                             momentum, centered)
+        for got, want in ((w, w_ref), (v, v_ref), (mom, mom_ref), (avg, avg_ref)):
+            _assert_state(got, want)
+
+
+@pytest.mark.parametrize("lr, b1, b2, eps", [(0.001, 0.9, 0.999, 1e-7), (0.01, 0.8, 0.99, 1e-3)])
+def test_adam_update_matches_reference(lr, b1, b2, eps):
+    rng = np.random.default_rng(32)
+    w = dev(normal(rng, (1000,)))
+    m, v = cupy.zeros_like(w), cupy.zeros_like(w)
+    w_ref, m_ref, v_ref = (host(a).astype(np.float64) for a in (w, m, v))
+    for t in range(1, STEPS + 1):
+        g = normal(rng, w.shape)
+        ops.adam_update(w, dev(g), m, v, lr, b1, b2, eps, t)
+        w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, b1, b2, eps, t)
+        for got, want in ((w, w_ref), (m, m_ref), (v, v_ref)):
+            _assert_state(got, want)
+
+
+def test_optimizer_state_must_be_contiguous():
+    w = cupy.zeros((10, 4), F32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ops.sgd_update(w.T, cupy.zeros((4, 10), F32), cupy.zeros((4, 10), F32), 0.1, 0.9, False)
+
+
+# ===================================================================================== determinism (row 15)
+def test_backward_passes_are_bitwise_reproducible():
+    rng = np.random.default_rng(34)
+    x, wt = dev(normal(rng, (64, 13, 13, 32))), dev(normal(rng, (3, 3, 32, 64)))
+    dy = dev(normal(rng, (64, 11, 11, 64)))
+    first = [host(a) for a in ops.conv2d_backward_filter(dy, x, wt.shape, (1, 1), VALID, {})]
+    first.append(host(ops.conv2d_backward_data(dy, wt, x.shape, (1, 1), VALID)))
+    for _ in range(3):
+        again = [host(a) for a in ops.conv2d_backward_filter(dy, x, wt.shape, (1, 1), VALID, {})]
+        again.append(host(ops.conv2d_backward_data(dy, wt, x.shape, (1, 1), VALID)))
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+    xd, dyd = dev(normal(rng, (64, 576))), dev(normal(rng, (64, 64)))
+    one = [host(a) for a in ops.dense_backward_weights(dyd, xd)]
+    two = [host(a) for a in ops.dense_backward_weights(dyd, xd)]
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+# ===================================================================================== no allocation, no sync
+class _CountingAllocator:
+    """Counts device allocations made through CuPy while installed."""
+
+    def __init__(self):
+        self.pool, self.count = cupy.get_default_memory_pool(), 0
+
+    def __call__(self, size):
+        self.count += 1
+        return self.pool.malloc(size)
+
+    def __enter__(self):
+        cupy.cuda.set_allocator(self)
+        return self
+
+    def __exit__(self, *exc):
+        cupy.cuda.set_allocator(self.pool.malloc)
+
+
+def _preallocated_step(bufs, ctx):
+    """conv (relu) -> maxpool backward data path -> dense (softmax) -> loss gradient -> backward -> RMSprop,
+    writing only into ``bufs`` (what a captured training step does)."""
+    b = bufs
+    ops.conv2d_forward(b["x"], b["w"], b["b"], (1, 1), VALID, "relu", ctx, out=b["y"])
+    ops.avgpool2d_forward(b["y"], (2, 2), (2, 2), VALID, out=b["pooled"])
+    ops.dense_forward(b["pooled"].reshape(b["pooled"].shape[0], -1), b["wd"], b["bd"], "softmax", out=b["p"])
+    ops.softmax_crossentropy_backward(b["p"], b["labels"], True, out=b["dp"])
+    ops.dense_backward_weights(b["dp"], b["pooled"].reshape(b["pooled"].shape[0], -1), out_w=b["dwd"], out_b=b["dbd"])
+    ops.dense_backward_data(b["dp"], b["wd"], out=b["dpooled"].reshape(b["dpooled"].shape[0], -1))
+    ops.avgpool2d_backward(b["dpooled"], b["y"].shape, (2, 2), (2, 2), VALID, out=b["dy"])
+    ops.activation_backward(b["dy"], b["y"], "relu", out=b["dz"])
+    ops.conv2d_backward_filter(b["dz"], b["x"], b["w"].shape, (1, 1), VALID, ctx, out_w=b["dw"], out_b=b["db"])
+    ops.conv2d_backward_data(b["dz"], b["w"], b["x"].shape, (1, 1), VALID, ctx, out=b["dx"])
+    ops.rmsprop_update(b["w"], b["dw"], b["v"], None, None, 0.001, 0.9, 1e-7, 0.0, False)
+
+
+def _step_buffers(rng):
+    n = 8
+    shapes = {"x": (n, 10, 10, 3), "w": (3, 3, 3, 8), "b": (8,), "y": (n, 8, 8, 8), "pooled": (n, 4, 4, 8),
+              "wd": (128, 10), "bd": (10,), "p": (n, 10), "dp": (n, 10), "dwd": (128, 10), "dbd": (10,),
+              "dpooled": (n, 4, 4, 8), "dy": (n, 8, 8, 8), "dz": (n, 8, 8, 8), "dw": (3, 3, 3, 8), "db": (8,),
+              "dx": (n, 10, 10, 3), "v": (3, 3, 3, 8)}
+    bufs = {k: dev(normal(rng, s, 0.3)) for k, s in shapes.items()}
+    bufs["v"][...] = 0
+    bufs["labels"] = dev(rng.integers(0, 10, size=n).astype(np.int32))
+    return bufs
+
+
+def test_a_step_with_out_buffers_and_ctx_allocates_nothing():
+    bufs, ctx = _step_buffers(np.random.default_rng(35)), {}
+    _preallocated_step(bufs, ctx)  # compiles the kernels, fills ctx
+    cupy.cuda.Device().synchronize()
+    with _CountingAllocator() as counter:
+        _preallocated_step(bufs, ctx)
+    assert counter.count == 0
+
+
+def test_a_step_can_be_captured_in_a_cuda_graph():
+    rng = np.random.default_rng(36)
+    eager, captured = _step_buffers(rng), None
+    captured = {k: v.copy() for k, v in eager.items()}
+    ctx_eager, ctx_graph = {}, {}
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        _preallocated_step({k: v.copy() for k, v in eager.items()}, ctx_graph)  # warm up: compile, fill ctx
+        stream.synchronize()
+        stream.begin_capture()
+        _preallocated_step(captured, ctx_graph)  # a host sync or an allocation here would fail the capture
+        graph = stream.end_capture()
+        for _ in range(2):
+            graph.launch(stream)
+        stream.synchronize()
+    for _ in range(2):
+        _preallocated_step(eager, ctx_eager)
+    for k in ("w", "v", "dw", "dx", "p"):
+        np.testing.assert_array_equal(host(captured[k]), host(eager[k]), err_msg=k)
+
+
+# ===================================================================================== launch errors (row 18)
+def test_bad_launch_configuration_names_the_kernel():
+    x = cupy.zeros(4, F32)
+    with pytest.raises(cuda.KernelLaunchError, match="relu_forward.*block"):
+        cuda.launch("relu_forward", 1, 2048, (x, x, 4))  # more threads than a block can have
+    with pytest.raises(cuda.KernelLaunchError, match="relu_forward"):
+        cuda.launch("relu_forward", (1, 70_000), 256, (x, x, 4))  # grid y over 65,535
+    with pytest.raises(cuda.KernelLaunchError, match="conv2d_forward"):  # refused by the driver
+        xd, wd = cupy.zeros((1, 4, 4, 1), F32), cupy.zeros((3, 3, 1, 1), F32)
+        y = cupy.zeros((1, 2, 2, 1), F32)
+        cuda.launch("conv2d_forward", (1, 1), (32, 8),
+                    (xd, wd, None, y, 1, 4, 4, 1, 3, 3, 1, 2, 2, 1, 1, 0, 0, 0, 1), shared_mem=1 << 30)
+    assert issubclass(cuda.KernelLaunchError, RuntimeError)
+
+
+def test_bad_arguments_name_the_kernel_and_the_argument():
+    x, xi = cupy.zeros(4, F32), cupy.zeros(4, np.int32)
+    with pytest.raises(TypeError, match="relu_forward.*x.*float32"):
+        cuda.launch("relu_forward", 1, 256, (xi, x, 4))
+    with pytest.raises(ValueError, match="relu_forward.*C-contiguous"):
+        cuda.launch("relu_forward", 1, 256, (cupy.zeros(8, F32)[::2], x, 4))
+    with pytest.raises(TypeError, match="relu_forward.*3 arguments"):
+        cuda.launch("relu_forward", 1, 256, (x, x))
+    with pytest.raises(TypeError, match="relu_forward.*None"):
+        cuda.launch("relu_forward", 1, 256, (None, x, 4))
+    with pytest.raises(ValueError, match="conv2d_backward_data.*N"):
+        cuda.launch("conv2d_backward_data", 1, 256, (x, x, x) + (2**31,) + (1,) * 12)
+    with pytest.raises(TypeError, match="numpy"):
+        ops.activation_forward(np.zeros(4, F32), "relu")  # a host array is not moved silently
+    with pytest.raises(KeyError, match="no kernel"):
+        cuda.launch("conv3d_forward", 1, 1, ())
+
+
+# ===================================================================================== out of memory (row 24)
+def test_out_of_memory_gives_a_clear_error_and_later_work_succeeds():
+    dy = cupy.ones((2**20, 1), F32)
+    huge = (2**20, 2**10, 2**10, 1)  # 4 TiB of float32
+    with pytest.raises(cuda.DeviceOutOfMemoryError, match="batch_size") as info:
+        ops.global_avgpool2d_backward(dy, huge)
+    assert isinstance(info.value, MemoryError)
+    assert "MiB" in str(info.value)
+    x = dev(normal(np.random.default_rng(37), (2, 5, 5, 3)))
+    assert_close(ops.global_avgpool2d_forward(x), ref.global_avgpool2d_forward(host(x)))
