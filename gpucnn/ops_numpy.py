@@ -21,6 +21,7 @@ from numpy.lib.stride_tricks import as_strided
 
 xp = np
 DTYPE = np.float32
+MAX_POOL_TAPS = 127  # max-pooling's argmax index is int8
 
 
 # ===================================================================================== helpers
@@ -154,6 +155,9 @@ def maxpool2d_forward(x, pool, stride, padding, out=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
     a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does."""
     n, h, wd, c, p, q = _geometry(x.shape, pool, stride, padding)
+    if pool[0] * pool[1] > MAX_POOL_TAPS:
+        raise ValueError(f"max-pooling windows hold at most {MAX_POOL_TAPS} cells (idx is int8), got "
+                         f"{pool[0]}x{pool[1]}")
     xpad = _pad(x, padding, value=-np.inf)
     taps = [_tap(xpad, k // pool[1], k % pool[1], stride, p, q) for k in range(pool[0] * pool[1])]
     y = taps[0].astype(DTYPE, copy=True)
@@ -297,7 +301,7 @@ def crossentropy_backward(p, labels, sparse, out=None):
 def count_correct(p, labels, sparse):
     """How many rows of p have their arg-max at the true class (first maximum wins ties)."""
     truth = labels if sparse else labels.argmax(axis=-1)
-    return int((p.argmax(axis=-1) == truth).sum())
+    return (p.argmax(axis=-1) == truth).sum()  # a NumPy integer: the CUDA engine returns a 0-d array
 
 
 # ===================================================================================== optimizers
