@@ -1,7 +1,11 @@
-"""Callbacks with Keras's hook names, and ``History``, which ``fit`` returns.
+"""Callbacks with Keras's hook names, and ``History``, which ``fit`` returns; ``EarlyStopping``,
+``ModelCheckpoint`` and ``TerminateOnNaN`` behave as Keras's.
 
 A callback may set ``self.model.stop_training = True`` to end training after the current epoch.
 """
+import math
+import os
+import warnings
 
 
 class Callback:
@@ -69,3 +73,133 @@ class CallbackList:
             for cb in self.callbacks:
                 getattr(cb, hook)(*args, **kwargs)
         return call
+
+
+# ===================================================================================== Keras's callbacks
+def _monitor_op(monitor, mode, who):
+    """``(better, sign)``: ``better(a, b)`` is true when a beats b; sign is -1 for "min", +1 for "max"."""
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"{who}: mode must be 'auto', 'min' or 'max', got {mode!r}")
+    if mode == "auto":
+        base = monitor[4:] if monitor.startswith("val_") else monitor
+        if base == "loss":
+            mode = "min"
+        elif base in ("acc", "accuracy"):
+            mode = "max"
+        else:
+            raise ValueError(f"{who}: cannot tell whether {monitor!r} should rise or fall; "
+                             "pass mode='min' or mode='max'")
+    return (lambda a, b: a < b, -1) if mode == "min" else (lambda a, b: a > b, 1)
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
+
+    ``baseline``: training also stops if the value does not beat it within ``patience`` epochs.
+    ``restore_best_weights``: at the end of training, set the weights of the best epoch back (Keras 3).
+    """
+
+    def __init__(self, monitor="val_loss", min_delta=0, patience=0, verbose=0, mode="auto",
+                 baseline=None, restore_best_weights=False, start_from_epoch=0):
+        super().__init__()
+        self.monitor, self.patience, self.verbose = monitor, int(patience), verbose
+        self.baseline, self.restore_best_weights = baseline, restore_best_weights
+        self.start_from_epoch = int(start_from_epoch)
+        self._better, sign = _monitor_op(monitor, mode, "EarlyStopping")
+        self.min_delta = sign * abs(min_delta)  # an improvement must beat best by |min_delta|
+
+    def on_train_begin(self, logs=None):
+        self.wait, self.stopped_epoch, self.best_epoch = 0, 0, 0
+        self.best, self.best_weights = None, None
+
+    def _improves(self, value, reference):
+        return reference is None or self._better(value - self.min_delta, reference)
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is None:
+            warnings.warn(f"EarlyStopping is conditioned on {self.monitor!r}, which is not in the logs; "
+                          f"available: {sorted(logs or {})}", stacklevel=2)
+            return
+        if epoch < self.start_from_epoch:
+            return
+        if self.restore_best_weights and self.best_weights is None:
+            self.best_weights = self.model.get_weights()  # restore something even if nothing improves
+        self.wait += 1
+        if self._improves(current, self.best):
+            self.best, self.best_epoch = current, epoch
+            if self.restore_best_weights:
+                self.best_weights = self.model.get_weights()
+            if self.baseline is None or self._improves(current, self.baseline):
+                self.wait = 0
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.stopped_epoch > 0 and self.verbose:
+            print(f"Epoch {self.stopped_epoch + 1}: early stopping")
+        if self.restore_best_weights and self.best_weights is not None:
+            if self.verbose:
+                print(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
+            self.model.set_weights(self.best_weights)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model (``save_weights_only``: its weights) at the end of every epoch.
+
+    ``filepath`` may hold ``{epoch:02d}`` and any log key, e.g. ``"ckpt-{epoch:02d}-{val_loss:.3f}.gpucnn"``.
+    ``save_best_only``: write only when ``monitor`` improves on the best value seen so far.
+    Files are written atomically (see ``gpucnn.saving``).
+    """
+
+    def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
+                 save_weights_only=False, mode="auto", initial_value_threshold=None):
+        super().__init__()
+        self.filepath, self.monitor, self.verbose = os.fspath(filepath), monitor, verbose
+        self.save_best_only, self.save_weights_only = save_best_only, save_weights_only
+        self._better, sign = _monitor_op(monitor, mode, "ModelCheckpoint")
+        self.best = -sign * math.inf if initial_value_threshold is None else initial_value_threshold
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        try:
+            path = self.filepath.format(epoch=epoch + 1, **logs)
+        except KeyError as exc:
+            raise KeyError(f"ModelCheckpoint: filepath {self.filepath!r} names {exc}, which is not in the "
+                           f"logs; available: ['epoch'] + {sorted(logs)}") from None
+        if self.save_best_only:
+            current = logs.get(self.monitor)
+            if current is None:
+                warnings.warn(f"ModelCheckpoint can save the best model only with {self.monitor!r} in the "
+                              f"logs; available: {sorted(logs)}", stacklevel=2)
+                return
+            if not self._better(current, self.best):
+                if self.verbose:
+                    print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {self.best:.5f}")
+                return
+            if self.verbose:
+                print(f"\nEpoch {epoch + 1}: {self.monitor} improved from {self.best:.5f} to "
+                      f"{current:.5f}, saving model to {path}")
+            self.best = current
+        elif self.verbose:
+            print(f"\nEpoch {epoch + 1}: saving model to {path}")
+        self._save(path)
+
+    def _save(self, path):
+        from . import saving
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        (saving.save_weights if self.save_weights_only else saving.save_model)(self.model, path)
+
+
+class TerminateOnNaN(Callback):
+    """Stop training as soon as a batch's loss is NaN or infinite."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            print(f"Batch {batch}: Invalid loss, terminating training")
+            self.model.stop_training = True

@@ -55,6 +55,32 @@ def cmd_train(args):
     return 0
 
 
+def cmd_sweep(args):
+    import json
+
+    from . import backend, sweep
+    engine = backend.set_engine(args.engine or os.environ.get("GPUCNN_DEVICE", "auto"))
+    quick = args.quick  # --train-size and --epochs are absent from args unless given
+    train_size = getattr(args, "train_size", 500 if quick else 6000)
+    epochs = getattr(args, "epochs", 1 if quick else 3)
+    print(f"gpucnn: sweeping variants of the seed model on the {engine} engine")
+    results = sweep.run_sweep(sweep.QUICK_VARIANTS if quick else None, train_size=train_size,
+                              val_size=500 if quick else 10000, epochs=epochs, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sweep.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    written = [os.path.join(args.out, "sweep.json")]
+    try:
+        from . import viz
+        png = os.path.join(args.out, "sweep.png")
+        viz.plot_sweep(results, "params", hue="pooling", path=png)
+        written.append(png)
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="gpucnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +98,21 @@ def build_parser():
     train.add_argument("--seed", type=int, default=0, help="random seed (runs repeat exactly)")
     train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1)
     train.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser("sweep", help="train variants of the seed model on a small training set and "
+                                      "compare their validation accuracy (table, JSON and plot)")
+    sw.add_argument("--train-size", type=int, default=argparse.SUPPRESS, metavar="N",
+                    help="train on the first N training images (default 6000; 500 with --quick)")
+    sw.add_argument("--epochs", type=int, default=argparse.SUPPRESS,
+                    help="epochs per variant (default 3; 1 with --quick)")
+    sw.add_argument("--out", default="gpucnn-sweep", metavar="DIR",
+                    help="folder for sweep.json and sweep.png (default: gpucnn-sweep)")
+    sw.add_argument("--quick", action="store_true",
+                    help="a tiny run: 3 variants, 500 training and 500 validation images, 1 epoch")
+    sw.add_argument("--engine", choices=("auto", "gpu", "cpu"), default=None,
+                    help="as for train (default: $GPUCNN_DEVICE or auto)")
+    sw.add_argument("--seed", type=int, default=0, help="random seed (runs repeat exactly)")
+    sw.set_defaults(func=cmd_sweep)
     return parser
 
 

@@ -285,8 +285,8 @@ class MaxPooling2D(_Pooling2D):
     """Max over each window; the gradient goes to the window's first maximum (scan order)."""
 
     def _build(self, input_shape):
-        if self.pool_size[0] * self.pool_size[1] > 127:
-            raise ValueError(f"MaxPooling2D {self.name!r}: pool_size {self.pool_size} has more than 127 "
+        if self.pool_size[0] * self.pool_size[1] > 128:
+            raise ValueError(f"MaxPooling2D {self.name!r}: pool_size {self.pool_size} has more than 128 "
                              "cells, which gpucnn does not support; use a smaller window or stack poolings")
         return super()._build(input_shape)
 

@@ -21,7 +21,7 @@ from numpy.lib.stride_tricks import as_strided
 
 xp = np
 DTYPE = np.float32
-MAX_POOL_TAPS = 127  # max-pooling's argmax index is int8
+MAX_POOL_TAPS = 128  # max-pooling's argmax index is int8 (taps 0..127)
 
 
 # ===================================================================================== helpers
