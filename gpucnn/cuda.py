@@ -92,6 +92,7 @@ _C_TYPES = {
     "long long": np.int64,
     "unsigned long long": np.uint64,
     "signed char": np.int8,
+    "unsigned char": np.uint8,
 }
 _KERNEL = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)')

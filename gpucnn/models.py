@@ -298,7 +298,15 @@ class Sequential:
             validation_data = (xv, self._check_y(validation_data[1], len(xv), "validation_data[1]"))
 
         xp = backend.ops().xp
-        x_dev, y_dev = xp.asarray(x), xp.asarray(y)  # the whole set goes to the engine once
+        trainer = None
+        if backend.engine() == "cuda":  # the fast path (gpucnn/fastpath.py): a CUDA graph per step
+            from . import fastpath
+            trainer = fastpath.plan(self, batch_size, x, y)
+            if isinstance(trainer, str):
+                fastpath.notice(self, trainer)
+                trainer = None
+        # the whole set goes to the engine once (the fast path's trainer holds its own device copy)
+        x_dev, y_dev = (x, y) if trainer is not None else (xp.asarray(x), xp.asarray(y))
         history = History()
         params = {"verbose": verbose, "epochs": epochs, "steps": math.ceil(len(x) / batch_size)}
         cbs = CallbackList(list(callbacks or []) + [history], self, params)
@@ -307,12 +315,12 @@ class Sequential:
         cbs.on_train_begin()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _read_logs
             self._epochs(x_dev, y_dev, batch_size, epochs, initial_epoch, shuffle, verbose,
-                         validation_data, cbs)
+                         validation_data, cbs, trainer)
         cbs.on_train_end(self._last_logs)
         return history
 
     def _epochs(self, x_dev, y_dev, batch_size, epochs, initial_epoch, shuffle, verbose,
-                validation_data, cbs):
+                validation_data, cbs, trainer=None):
         xp = backend.ops().xp
         n = len(x_dev)
         steps = math.ceil(n / batch_size)
@@ -325,21 +333,24 @@ class Sequential:
             if verbose and epochs > 1:
                 print(f"Epoch {epoch + 1}/{epochs}")
                 sys.stdout.flush()
-            order = rng().permutation(n) if shuffle else np.arange(n)
-            order_dev = xp.asarray(order)
             bar = Progbar(steps, verbose)
-            loss_total, correct_total, seen, logs = 0.0, 0, 0, {}
-            for step in range(steps):
-                cbs.on_train_batch_begin(step)
-                idx = order_dev[step * batch_size:(step + 1) * batch_size]
-                loss_sum, correct = self._train_step(x_dev[idx], y_dev[idx])
-                seen += len(idx)
-                loss_total = loss_total + loss_sum
-                correct_total = correct_total + correct
-                if step % read_every == read_every - 1 or step == steps - 1:
-                    logs = self._read_logs(loss_total, correct_total, seen, epoch, step)
-                cbs.on_train_batch_end(step, logs)
-                bar.update(step + 1, logs)
+            if trainer is not None:  # the fast path: its own device order, graphs and metric reads
+                logs = trainer.run_epoch(epoch, shuffle, cbs, bar)
+            else:
+                order = rng().permutation(n) if shuffle else np.arange(n)
+                order_dev = xp.asarray(order)
+                loss_total, correct_total, seen, logs = 0.0, 0, 0, {}
+                for step in range(steps):
+                    cbs.on_train_batch_begin(step)
+                    idx = order_dev[step * batch_size:(step + 1) * batch_size]
+                    loss_sum, correct = self._train_step(x_dev[idx], y_dev[idx])
+                    seen += len(idx)
+                    loss_total = loss_total + loss_sum
+                    correct_total = correct_total + correct
+                    if step % read_every == read_every - 1 or step == steps - 1:
+                        logs = self._read_logs(loss_total, correct_total, seen, epoch, step)
+                    cbs.on_train_batch_end(step, logs)
+                    bar.update(step + 1, logs)
             logs = dict(logs)
             if validation_data is not None:
                 val = self.evaluate(*validation_data, batch_size=batch_size, verbose=0,

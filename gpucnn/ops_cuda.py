@@ -244,16 +244,17 @@ def _pool_args(x_shape, pool, stride, padding, what):
                                  padding[2])
 
 
-def maxpool2d_forward(x, pool, stride, padding, out=None):
+def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
-    a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does."""
+    a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does. ``out_idx``: an
+    int8 array to write idx into (then nothing is allocated)."""
     if pool[0] * pool[1] > 128:
         raise ValueError(f"maxpool2d_forward: a {pool[0]}x{pool[1]} window has more taps than the int8 "
                          "index holds (128)")
     (n, h, wd, c, p, q), dims = _pool_args(x.shape, pool, stride, padding, "maxpool2d_forward")
     x = _c(x)
     y = _out(out, (n, p, q, c))
-    idx = cuda.empty((n, p, q, c), np.int8)
+    idx = _out(out_idx, (n, p, q, c), np.int8, name="out_idx")
     cuda.launch("maxpool2d_forward", _image_grid(p * q * c, n), _THREADS, (x, y, idx) + dims)
     return y, idx
 

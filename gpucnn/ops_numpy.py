@@ -151,9 +151,10 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
 
 
 # ===================================================================================== pooling
-def maxpool2d_forward(x, pool, stride, padding, out=None):
+def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
-    a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does."""
+    a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does. ``out_idx``: an
+    int8 array to write idx into."""
     n, h, wd, c, p, q = _geometry(x.shape, pool, stride, padding)
     if pool[0] * pool[1] > MAX_POOL_TAPS:
         raise ValueError(f"max-pooling windows hold at most {MAX_POOL_TAPS} cells (idx is int8), got "
@@ -171,7 +172,7 @@ def maxpool2d_forward(x, pool, stride, padding, out=None):
     idx = not_max(taps[0]).view(np.int8).copy()
     for k in range(1, len(taps) - 1):
         idx += not_max(taps[k]) & (idx == k)
-    return _finish(y, out), idx
+    return _finish(y, out), _finish(idx, out_idx)
 
 
 def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):

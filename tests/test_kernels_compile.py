@@ -89,7 +89,8 @@ def _problems(log):
 
 # ===================================================================================== compiling
 def test_there_are_kernel_files():
-    assert {"activations.cu", "conv2d.cu", "dense.cu", "loss.cu", "optimizers.cu", "pool2d.cu"} <= set(FILES)
+    assert {"activations.cu", "conv2d.cu", "dense.cu", "loss.cu", "optimizers.cu", "pool2d.cu", "train_step.cu",
+            "conv_pool.cu"} <= set(FILES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -182,12 +183,22 @@ def test_epsilon_agrees_with_the_numpy_engine():
     assert float(value) == ops_numpy.EPSILON
 
 
-def _launched_kernels():
-    """Kernel names that ops_cuda.py passes to cuda.launch (directly, or through _loss_kernel)."""
-    tree = ast.parse((ROOT / "gpucnn" / "ops_cuda.py").read_text(encoding="utf-8"))
+def _launched_kernels(module="ops_cuda.py"):
+    """Kernel names that gpucnn/<module> passes to cuda.launch (directly, or through _loss_kernel): calls of
+    ``cuda.launch``, ``self.cuda.launch`` or a local alias named ``launch`` (not a CUDA graph's launch)."""
+    tree = ast.parse((ROOT / "gpucnn" / module).read_text(encoding="utf-8"))
     names = set()
+
+    def is_kernel_launch(func):
+        if isinstance(func, ast.Name):
+            return func.id == "launch"
+        if not (isinstance(func, ast.Attribute) and func.attr == "launch"):
+            return False
+        owner = func.value
+        return getattr(owner, "id", None) == "cuda" or getattr(owner, "attr", None) == "cuda"
+
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "launch":
+        if isinstance(node, ast.Call) and node.args and is_kernel_launch(node.func):
             first = node.args[0]
             if isinstance(first, ast.Constant):
                 names.add(first.value)
@@ -198,8 +209,12 @@ def _launched_kernels():
     return names
 
 
-def test_ops_cuda_launches_every_kernel_and_only_existing_ones():
-    assert _launched_kernels() == set(cuda._kernel_table())
+def test_every_kernel_is_launched_and_only_existing_ones():
+    # ops_cuda.py launches the engine's kernels; gpucnn/fastpath.py those of the captured training step
+    by_ops, by_fastpath = _launched_kernels(), _launched_kernels("fastpath.py")
+    assert by_ops | by_fastpath == set(cuda._kernel_table())
+    step_files = {"train_step.cu", "conv_pool.cu"}
+    assert {n for n, (f, _) in cuda._kernel_table().items() if f in step_files} == by_fastpath - by_ops
 
 
 def test_scalar_arguments_are_converted_and_range_checked():

@@ -1,0 +1,215 @@
+// train_step.cu — the kernels of the captured training step that read step-varying values from device memory
+// (gpucnn.fastpath): batch gather, device shuffling, the step counter, the fused softmax cross-entropy,
+// dropout and Adam with per-step tables.
+//
+//   x_u8     is (n_total, per_image)   the training images as uint8 (x = x_u8 / 255 exactly), or
+//   x_f32    is (n_total, per_image)   the training images as float32 (exactly one of the two is given)
+//   onehot   is (n_total, K)           float32 one-hot labels, or
+//   labels   is (n_total,)             int32 class labels (exactly one of the two is given)
+//   perm     is (n_total,)             int32: this epoch's order of the samples
+//   step     is (1,)                   int32: the step of the epoch the step being run is (the device counter)
+//   xb       is (rows, per_image)      the batch's images (float32); onehot_b (rows, K) / labels_b (rows,)
+//   keys     is (n_total,)             uint64 sort keys whose argsort is the epoch's permutation
+//   logits   is (N, K)                 the model's last pre-softmax values; dz (N, K) their gradient
+//   loss_steps is (steps,)             float32: the sum over the batch of the per-sample loss, per step
+//   correct_steps is (steps,)          int32: how many rows of the batch were classified right, per step
+//   seeds    is (steps, slots)         uint64 dropout seeds: one per step and dropout layer (slot)
+//   alphas   is (steps,)               float32 Adam step sizes lr*sqrt(1 - beta_2^t)/(1 - beta_1^t), per step
+//   w, g, m, v are (n,)                the flat parameters, gradients and Adam state
+//
+// Step-varying values never appear as kernel arguments (they would be frozen into the CUDA graph): the
+// kernels read the counter `step` and index the per-epoch tables with it; step_advance, the step's last
+// kernel, increments it. The host resets it to 0 and uploads the tables before each epoch.
+//
+// Kernels (version 1 of each; all used by gpucnn/fastpath.py):
+//   permutation_keys          keys[i] = (33 random bits of mix64(seed, i)) << 31 | i: distinct keys, so their
+//                             argsort (cupy.argsort, outside the graph) is a uniform-enough permutation that
+//                             depends on the seed only. Grid-stride, block THREADS.
+//   gather_batch              xb[r] = x[perm[step*batch + r]] (uint8 / 255.0f, an IEEE division: the same
+//                             bits as numpy's float32 x / 255), and the label rows likewise.
+//                             Grid (blocks over per_image, rows), IMAGE_LOOP / ELEMENT_LOOP; block THREADS.
+//   step_advance              step[0] += 1 (grid 1, block 1)
+//   softmax_crossentropy_step_{onehot,sparse}
+//                             one block of THREADS threads, a thread per row (strided): p = softmax(logits)
+//                             exactly as softmax_forward, the loss exactly as crossentropy_forward (renormalise,
+//                             clip), dz = (p - y) / N as softmax_crossentropy_backward, the first arg-max of
+//                             p against the label as count_correct; then fixed-order block sums of the loss
+//                             and the count, written to loss_steps[step] and correct_steps[step]. No atomics.
+//   dropout_forward_scheduled dropout_forward with seed = seeds[step*slots + slot]
+//   adam_update_scheduled     adam_update with alpha = alphas[step]
+#include "common.cuh"
+
+#ifndef EPSILON
+#define EPSILON 1e-7f  // Keras's backend epsilon, as in loss.cu
+#endif
+
+// ------------------------------------------------------------------------------------ shuffling
+extern "C" __global__ void __launch_bounds__(THREADS)
+permutation_keys(unsigned long long* __restrict__ keys, int n_total, unsigned long long seed) {
+    GRID_STRIDE_LOOP(i, n_total) {
+        const unsigned long long bits = mix64(mix64(seed + 0x9e3779b97f4a7c15ULL) + (unsigned long long)i);
+        keys[i] = (bits & 0xffffffff80000000ULL) | (unsigned long long)i;  // i < 2^31: the low 31 bits
+    }
+}
+
+// ------------------------------------------------------------------------------------ the batch
+// grid (ceil(per_image / THREADS) capped, rows capped); rows <= batch; step*batch + rows <= n_total (the host
+// plans the graphs so). Label rows are copied by the threads with e < K (one-hot) or e == 0 (sparse).
+extern "C" __global__ void __launch_bounds__(THREADS)
+gather_batch(const unsigned char* __restrict__ x_u8_or_null, const float* __restrict__ x_f32_or_null,
+             const float* __restrict__ onehot_or_null, const int* __restrict__ labels_or_null,
+             const int* __restrict__ perm, const int* __restrict__ step, float* __restrict__ xb,
+             float* __restrict__ onehot_b_or_null, int* __restrict__ labels_b_or_null,
+             int n_total, int batch, int rows, int per_image, int K) {
+    const long long base = (long long)step[0] * batch;
+    IMAGE_LOOP(r, rows) {
+        const long long slot = base + r;
+        const int src = slot < n_total ? perm[slot] : 0;  // (never out of range when planned right)
+        float* dst = xb + (long long)r * per_image;
+        if (x_u8_or_null) {
+            const unsigned char* s = x_u8_or_null + (long long)src * per_image;
+            ELEMENT_LOOP(e, per_image) dst[e] = (float)s[e] / 255.0f;
+        } else {
+            const float* s = x_f32_or_null + (long long)src * per_image;
+            ELEMENT_LOOP(e, per_image) dst[e] = s[e];
+        }
+        if (onehot_or_null) {
+            ELEMENT_LOOP(e, K) onehot_b_or_null[(long long)r * K + e] = onehot_or_null[(long long)src * K + e];
+        } else {
+            ELEMENT_LOOP(e, 1) labels_b_or_null[r] = labels_or_null[src];
+        }
+    }
+}
+
+extern "C" __global__ void step_advance(int* __restrict__ step) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) step[0] += 1;
+}
+
+// ------------------------------------------------------------------------------------ loss
+// Sum of one float per thread over the block in a fixed tree order (blockDim.x a power of two); every thread
+// calls it and gets the sum.
+__device__ __forceinline__ float block_sum_f(float v, float* scratch) {
+    const int t = threadIdx.x;
+    scratch[t] = v;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (t < half) scratch[t] += scratch[t + half];
+        __syncthreads();
+    }
+    const float total = scratch[0];
+    __syncthreads();
+    return total;
+}
+
+// The index of the first maximum of row[0..K) (a NaN wins, the first NaN stays), as loss.cu.
+__device__ __forceinline__ int first_argmax_row(const float* row, int K) {
+    int best = 0;
+    for (int k = 1; k < K; ++k)
+        if (max_replaces(row[k], row[best])) best = k;
+    return best;
+}
+
+// q clipped to [EPSILON, 1 - EPSILON]; a NaN stays a NaN (as numpy.clip)
+__device__ __forceinline__ float clip_probability_step(float q) {
+    return q < EPSILON ? EPSILON : (q > 1.0f - EPSILON ? 1.0f - EPSILON : q);
+}
+
+template <bool SPARSE>
+__device__ __forceinline__ void softmax_crossentropy_rows(const float* __restrict__ logits,
+                                                          const float* __restrict__ onehot,
+                                                          const int* __restrict__ labels,
+                                                          float* __restrict__ dz,
+                                                          float* __restrict__ loss_steps,
+                                                          int* __restrict__ correct_steps,
+                                                          const int* __restrict__ step, int N, int K) {
+    __shared__ float loss_scratch[THREADS];
+    __shared__ long long count_scratch[THREADS];
+    float my_loss = 0.0f;
+    long long my_correct = 0;
+    for (int r = threadIdx.x; r < N; r += blockDim.x) {
+        const float* xr = logits + (long long)r * K;
+        float* dr = dz + (long long)r * K;
+        const int label = SPARSE ? labels[r] : 0;
+        const bool bad = SPARSE && (label < 0 || label >= K);
+        // softmax, as softmax_forward: first maximum, sum of exp in order, exp / sum
+        float top = xr[0];
+        for (int k = 1; k < K; ++k)
+            if (max_replaces(xr[k], top)) top = xr[k];
+        float sum = 0.0f;
+        for (int k = 0; k < K; ++k) sum += expf(xr[k] - top);
+        // the loss, as crossentropy_forward on p: renormalise, clip, -sum y log q
+        float total = 0.0f;
+        for (int k = 0; k < K; ++k) total += expf(xr[k] - top) / sum;
+        float ce = 0.0f;
+        int best = 0;
+        float best_p = 0.0f;
+        int truth = label;
+        float truth_best = 0.0f;
+        for (int k = 0; k < K; ++k) {
+            const float p = expf(xr[k] - top) / sum;
+            const float y = SPARSE ? (k == label ? 1.0f : 0.0f) : onehot[(long long)r * K + k];
+            ce += y * logf(clip_probability_step(p / total));
+            dr[k] = bad ? quiet_nan() : (p - y) / (float)N;
+            if (k == 0 || max_replaces(p, best_p)) {
+                best = k;
+                best_p = p;
+            }
+            if (!SPARSE && (k == 0 || max_replaces(y, truth_best))) {
+                truth = k;
+                truth_best = y;
+            }
+        }
+        my_loss += bad ? quiet_nan() : -ce;
+        my_correct += best == truth;
+    }
+    const float loss_sum = block_sum_f(my_loss, loss_scratch);
+    const long long correct = block_sum_ll(my_correct, count_scratch);
+    if (threadIdx.x == 0) {
+        loss_steps[step[0]] = loss_sum;
+        correct_steps[step[0]] = (int)correct;
+    }
+}
+
+// grid 1, block THREADS
+extern "C" __global__ void __launch_bounds__(THREADS)
+softmax_crossentropy_step_onehot(const float* __restrict__ logits, const float* __restrict__ onehot,
+                                 float* __restrict__ dz, float* __restrict__ loss_steps,
+                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K) {
+    softmax_crossentropy_rows<false>(logits, onehot, nullptr, dz, loss_steps, correct_steps, step, N, K);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+softmax_crossentropy_step_sparse(const float* __restrict__ logits, const int* __restrict__ labels,
+                                 float* __restrict__ dz, float* __restrict__ loss_steps,
+                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K) {
+    softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K);
+}
+
+// ------------------------------------------------------------------------------------ dropout, Adam
+extern "C" __global__ void __launch_bounds__(THREADS)
+dropout_forward_scheduled(const float* x, float* y, float* __restrict__ mask, long long n, float rate,
+                          float scale, const unsigned long long* __restrict__ seeds,
+                          const int* __restrict__ step, int slot, int slots) {
+    const unsigned long long seed = seeds[(long long)step[0] * slots + slot];
+    GRID_STRIDE_LOOP(i, n) {
+        const float m = uniform01(seed, (unsigned long long)i) >= rate ? scale : 0.0f;
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+adam_update_scheduled(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                      float* __restrict__ v, long long n, const float* __restrict__ alphas,
+                      const int* __restrict__ step, float one_minus_beta_1, float one_minus_beta_2,
+                      float epsilon) {
+    const float alpha = alphas[step[0]];
+    GRID_STRIDE_LOOP(i, n) {
+        const float gi = g[i];
+        const float mi = m[i] + (gi - m[i]) * one_minus_beta_1;
+        const float vi = v[i] + (gi * gi - v[i]) * one_minus_beta_2;
+        m[i] = mi;
+        v[i] = vi;
+        w[i] -= alpha * mi / (sqrtf(vi) + epsilon);
+    }
+}

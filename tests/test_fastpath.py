@@ -1,0 +1,565 @@
+"""The fast GPU training path (gpucnn/fastpath.py): which models it takes (CPU tests, run everywhere), and on
+a GPU (marked ``gpu``, skipped with the backend's reason elsewhere) that it trains as the plain CUDA path and
+the NumPy engine do, repeats bit for bit from a seed, allocates nothing while replaying its graphs, handles
+the smaller last batch, reports divergence, and falls back with one notice.
+"""
+import numpy as np
+import pytest
+
+from gpucnn import backend, fastpath, layers, models, optimizers
+from gpucnn.utils import set_random_seed, to_categorical
+
+_usable, _reason = backend.gpu_status()
+needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not _usable, reason=f"no usable GPU: {_reason}")]
+
+
+def _gpu(test):
+    """Mark a test ``gpu`` and skip it, with the backend's reason, where no GPU is usable."""
+    for mark in needs_gpu:
+        test = mark(test)
+    return test
+
+
+@pytest.fixture
+def cpu_engine():
+    backend.set_engine("cpu")
+    yield
+    backend.set_engine("cpu")
+
+
+@pytest.fixture
+def gpu_engine():
+    backend.set_engine("gpu")
+    yield
+    backend.set_engine("cpu")
+
+
+def small_model(output="dense_softmax", optimizer="rmsprop", loss="categorical_crossentropy", dropout=0.0,
+                pool="max"):
+    """Conv (relu) + 2x2 max-pool (fused on the fast path), an unfused conv, Flatten, Dense, the output."""
+    m = models.Sequential()
+    m.add(layers.Conv2D(4, (3, 3), activation="relu", input_shape=(10, 10, 1)))
+    m.add(layers.MaxPooling2D((2, 2)) if pool == "max" else layers.AveragePooling2D((2, 2)))
+    m.add(layers.Conv2D(6, (2, 2), activation="relu", padding="same"))
+    m.add(layers.Flatten())
+    m.add(layers.Dense(8, activation="relu"))
+    if dropout:
+        m.add(layers.Dropout(dropout))
+    if output == "dense_softmax":
+        m.add(layers.Dense(5, activation="softmax"))
+    elif output == "activation_softmax":
+        m.add(layers.Dense(5))
+        m.add(layers.Activation("softmax"))
+    else:
+        m.add(layers.Dense(5))
+    m.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+    return m
+
+
+def seed_model():
+    m = models.Sequential()
+    m.add(layers.Conv2D(32, (3, 3), activation="relu", input_shape=(28, 28, 1)))
+    m.add(layers.MaxPooling2D((2, 2)))
+    m.add(layers.Conv2D(64, (3, 3), activation="relu"))
+    m.add(layers.MaxPooling2D((2, 2)))
+    m.add(layers.Conv2D(64, (3, 3), activation="relu"))
+    m.add(layers.Flatten())
+    m.add(layers.Dense(64, activation="relu"))
+    m.add(layers.Dense(10, activation="softmax"))
+    m.compile(optimizer="rmsprop", loss="categorical_crossentropy", metrics=["accuracy"])
+    return m
+
+
+def small_data(n=40, kind="u8", sparse=False, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "u8":
+        x = rng.integers(0, 256, size=(n, 10, 10, 1)).astype("float32") / 255
+    else:
+        x = rng.normal(size=(n, 10, 10, 1)).astype("float32")
+    labels = rng.integers(0, 5, size=n)
+    return x, (labels if sparse else to_categorical(labels, 5))
+
+
+# ===================================================================================== CPU: what is taken
+def test_the_seed_model_and_the_supported_layers_are_taken(cpu_engine):
+    assert fastpath.unsupported_reason(seed_model()) is None
+    for kwargs in ({}, {"output": "activation_softmax"}, {"dropout": 0.5}, {"pool": "avg"},
+                   {"optimizer": "adam"}, {"optimizer": optimizers.SGD(0.1, momentum=0.9, nesterov=True)},
+                   {"loss": "sparse_categorical_crossentropy"}):
+        assert fastpath.unsupported_reason(small_model(**kwargs)) is None, kwargs
+    m = models.Sequential([layers.Conv2D(3, 3, input_shape=(8, 8, 2)), layers.GlobalAveragePooling2D(),
+                           layers.Dense(4, activation="softmax")])
+    m.compile(optimizer="sgd", loss="categorical_crossentropy")
+    assert fastpath.unsupported_reason(m) is None
+
+
+def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
+    assert "softmax" in fastpath.unsupported_reason(small_model(output="linear"))
+
+    class MyAdam(optimizers.Adam):
+        pass
+
+    assert "MyAdam" in fastpath.unsupported_reason(small_model(optimizer=MyAdam()))
+
+    class Custom(layers.Flatten):
+        pass
+
+    m = models.Sequential([layers.Flatten(input_shape=(4, 4, 1)), Custom(), layers.Dense(3, activation="softmax")])
+    m.compile(optimizer="sgd", loss="categorical_crossentropy")
+    assert "Custom" in fastpath.unsupported_reason(m)
+
+    m = models.Sequential([layers.Conv2D(3, 3, activation="softmax", input_shape=(5, 5, 1)), layers.Flatten(),
+                           layers.Dense(3, activation="softmax")])
+    m.compile(optimizer="sgd", loss="categorical_crossentropy")
+    assert "Conv2D" in fastpath.unsupported_reason(m)
+    assert "no layers" in fastpath.unsupported_reason(models.Sequential())
+
+
+def test_which_max_pools_run_inside_the_convolution():
+    conv = layers.Conv2D(4, 3, activation="relu")
+    assert fastpath.fusable_pool(conv, layers.MaxPooling2D((2, 2)))
+    assert fastpath.fusable_pool(layers.Conv2D(4, 3), layers.MaxPooling2D(2, strides=2))
+    assert not fastpath.fusable_pool(conv, layers.MaxPooling2D((3, 3)))
+    assert not fastpath.fusable_pool(conv, layers.MaxPooling2D((2, 2), strides=1))
+    assert not fastpath.fusable_pool(conv, layers.MaxPooling2D((2, 2), padding="same"))
+    assert not fastpath.fusable_pool(conv, layers.AveragePooling2D((2, 2)))
+    assert not fastpath.fusable_pool(conv, None)
+
+
+def test_uint8_storage_is_used_exactly_when_it_reproduces_x():
+    u8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = u8.astype("float32") / 255
+    np.testing.assert_array_equal(fastpath.as_uint8(x), u8)
+    assert fastpath.as_uint8(u8.astype("float32") / 256) is None  # not /255
+    assert fastpath.as_uint8(x * 2) is None                      # out of range
+    y = x.copy()
+    y[3, 3] = np.nextafter(y[3, 3], np.float32(1))
+    assert fastpath.as_uint8(y) is None                          # one bit off
+    z = x.copy()
+    z[0, 0] = -0.0
+    assert fastpath.as_uint8(z) is None                          # -0.0 would come back as +0.0
+
+
+def test_plan_says_why_on_the_numpy_engine(cpu_engine):
+    m = small_model()
+    x, y = small_data()
+    assert "not the GPU" in fastpath.plan(m, 16, x, y)
+
+
+# ===================================================================================== GPU
+def _fit_weights(engine, weights, x, y, monkeypatch, fast=True, epochs=1, batch_size=16, shuffle=False,
+                 **model_kwargs):
+    """Weights and history after fitting small_model from ``weights`` on ``engine``."""
+    backend.set_engine(engine)
+    monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+    m = small_model(**model_kwargs)
+    m.set_weights(weights)
+    h = m.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=shuffle, verbose=0)
+    return m.get_weights(), h.history
+
+
+@_gpu
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam", "sgd_momentum"])
+@pytest.mark.parametrize("kind, sparse, output", [("u8", False, "dense_softmax"), ("normal", True, "dense_softmax"),
+                                                  ("u8", True, "activation_softmax")])
+def test_fast_path_trains_as_the_plain_cuda_path_and_numpy(optimizer, kind, sparse, output, monkeypatch,
+                                                           gpu_engine):
+    opt = {"rmsprop": lambda: "rmsprop", "adam": lambda: "adam",
+           "sgd_momentum": lambda: optimizers.SGD(0.05, momentum=0.9)}[optimizer]
+    loss = "sparse_categorical_crossentropy" if sparse else "categorical_crossentropy"
+    x, y = small_data(40, kind, sparse)  # batch 16: two full steps and a last one of 8
+    backend.set_engine("cpu")
+    start = small_model(output=output, loss=loss, optimizer=opt()).get_weights()
+    results = {}
+    for name, engine, fast in (("numpy", "cpu", False), ("plain", "gpu", False), ("fast", "gpu", True)):
+        w, hist = _fit_weights(engine, start, x, y, monkeypatch, fast=fast, epochs=2, output=output,
+                               loss=loss, optimizer=opt())
+        results[name] = (w, hist)
+    for name in ("plain", "numpy"):
+        for got, want in zip(results["fast"][0], results[name][0]):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(results["fast"][1]["loss"], results[name][1]["loss"], rtol=1e-5)
+        assert results["fast"][1]["accuracy"] == results[name][1]["accuracy"]
+
+
+@_gpu
+def test_the_fast_path_is_used_and_has_a_last_batch_graph(gpu_engine):
+    m = small_model()
+    x, y = small_data(40)
+    trainer = fastpath.plan(m, 16, x, y)
+    assert isinstance(trainer, fastpath.Trainer), trainer
+    assert trainer.x_u8 is not None and trainer.x_f32 is None
+    assert (trainer.full_rows, trainer.last_rows, trainer.steps) == (16, 8, 3)
+    trainer.begin_epoch(shuffle=True)
+    assert sorted(trainer._graphs) == [8, 16]
+    assert trainer.graph_for(2) is trainer._graphs[8][0] and trainer.graph_for(1) is trainer._graphs[16][0]
+    exact = fastpath.plan(m, 20, x, y)  # 40 = 2 x 20: one graph
+    exact.begin_epoch(shuffle=False)
+    assert list(exact._graphs) == [20]
+    whole = fastpath.plan(m, 64, x, y)  # a batch larger than the data: one step of 40
+    assert (whole.full_rows, whole.last_rows, whole.steps) == (40, 40, 1)
+
+
+@_gpu
+def test_the_epoch_order_is_a_permutation_from_the_seed(gpu_engine):
+    m = small_model()
+    x, y = small_data(40)
+    trainer = fastpath.plan(m, 16, x, y)
+    set_random_seed(3)
+    trainer.begin_epoch(shuffle=True)
+    first = trainer.perm.get()
+    assert sorted(first.tolist()) == list(range(40)) and first.tolist() != list(range(40))
+    set_random_seed(3)
+    trainer.begin_epoch(shuffle=True)
+    np.testing.assert_array_equal(trainer.perm.get(), first)
+    trainer.begin_epoch(shuffle=False)
+    np.testing.assert_array_equal(trainer.perm.get(), np.arange(40))
+
+
+@_gpu
+def test_replaying_the_graphs_allocates_nothing(gpu_engine):
+    import cupy
+
+    m = small_model(dropout=0.3, optimizer="adam")
+    x, y = small_data(40)
+    trainer = fastpath.plan(m, 16, x, y)
+    trainer.begin_epoch(shuffle=True)
+    cupy.cuda.Device().synchronize()
+    pool = cupy.get_default_memory_pool()
+    before = pool.used_bytes(), pool.total_bytes()
+    for step in range(trainer.steps):
+        trainer.graph_for(step).launch(trainer.stream)
+    trainer.stream.synchronize()
+    assert (pool.used_bytes(), pool.total_bytes()) == before
+    assert int(trainer.step.get()[0]) == trainer.steps
+    assert np.isfinite(trainer.loss_steps.get()).all()
+    assert trainer.correct_steps.get().sum() <= 40
+
+
+@_gpu
+def test_two_seeded_runs_are_bitwise_identical(gpu_engine):
+    x, y = small_data(40)
+    runs = []
+    for _ in range(2):
+        set_random_seed(7)
+        m = small_model(dropout=0.25, optimizer="adam")
+        h = m.fit(x, y, batch_size=16, epochs=2, shuffle=True, verbose=0)
+        runs.append((m.get_weights(), h.history["loss"]))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+    assert runs[0][1] == runs[1][1]
+
+
+@_gpu
+def test_dropout_masks_match_the_plain_cuda_path(gpu_engine, monkeypatch):
+    # the same seeds are drawn in the same order (no shuffling), so the masks and the weights agree
+    x, y = small_data(40)
+    backend.set_engine("cpu")
+    start = small_model(dropout=0.5).get_weights()
+    out = []
+    for fast in (False, True):
+        set_random_seed(11)
+        out.append(_fit_weights("gpu", start, x, y, monkeypatch, fast=fast, dropout=0.5)[0])
+    for a, b in zip(*out):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@_gpu
+def test_divergence_raises(gpu_engine):
+    m = small_model(optimizer=optimizers.SGD(1e30))
+    x, y = small_data(40, "normal")
+    with pytest.raises(models.TrainingDivergedError):
+        m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
+
+
+@_gpu
+def test_an_unsupported_model_falls_back_with_one_notice(gpu_engine, capsys):
+    m = small_model(output="linear")
+    x, y = small_data(40)
+    m.fit(x, y, batch_size=16, verbose=0)
+    m.fit(x, y, batch_size=16, verbose=0)
+    err = capsys.readouterr().err
+    assert err.count("not the fast path") == 1 and "softmax" in err
+
+
+@_gpu
+@pytest.mark.mnist
+@pytest.mark.slow
+def test_seed_model_one_epoch_on_an_mnist_subset_matches_numpy(monkeypatch):
+    from gpucnn.datasets import mnist
+
+    (x_train, y_train), _ = mnist.load_data()
+    n = 4096
+    x = (x_train[:n].astype("float32") / 255)[..., None]
+    y = to_categorical(y_train[:n], 10)
+    backend.set_engine("cpu")
+    set_random_seed(0)
+    start = seed_model().get_weights()
+    hist = {}
+    try:
+        for engine in ("cpu", "gpu"):
+            backend.set_engine(engine)
+            set_random_seed(1)
+            m = seed_model()
+            m.set_weights(start)
+            # no shuffling: the fast path's device order is not the NumPy generator's
+            hist[engine] = m.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0).history
+    finally:
+        backend.set_engine("cpu")
+    assert abs(hist["gpu"]["loss"][0] - hist["cpu"]["loss"][0]) < 1e-3
+    assert abs(hist["gpu"]["accuracy"][0] - hist["cpu"]["accuracy"][0]) < 0.005
+
+
+# ===================================================================================== CPU: the step's wiring
+# The trainer run on the CPU: NumPy stand-ins for CuPy, for gpucnn.cuda (each new kernel of train_step.cu and
+# conv_pool.cu written again with ops_numpy) and for ops_cuda (ops_numpy plus ops_cuda's grid helpers), and
+# each "graph" replaying the step's launches eagerly. This checks the fast path's plan — stages, buffers,
+# counters, tables, metric reads — against the plain NumPy engine without a GPU; the kernels themselves are
+# checked on the GPU above (and by the kernel emulator).
+class _DeviceArray(np.ndarray):
+    """A NumPy array with CuPy's ``get``/``set``."""
+
+    def get(self, stream=None, out=None, blocking=True):
+        if out is None:
+            return np.array(self)
+        out[...] = self
+        return out
+
+    def set(self, a):
+        self[...] = a
+
+
+def _dev(a):
+    return np.ascontiguousarray(a).view(_DeviceArray)
+
+
+class _Stream:
+    def __init__(self, non_blocking=False):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+
+class _Event:
+    done = True
+
+    def __init__(self, disable_timing=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+
+class _FakeCupy:
+    class cuda:  # noqa: N801  (mirrors cupy.cuda)
+        Stream, Event = _Stream, _Event
+
+        @staticmethod
+        def alloc_pinned_memory(nbytes):
+            return bytearray(nbytes)
+
+    asarray = staticmethod(lambda a: _dev(np.array(a)))
+    zeros = staticmethod(lambda shape, dtype=np.float32: _dev(np.zeros(shape, dtype)))
+    arange = staticmethod(lambda n, dtype=None: _dev(np.arange(n, dtype=dtype)))
+    argsort = staticmethod(lambda a: _dev(np.argsort(a, kind="stable")))
+    copyto = staticmethod(np.copyto)
+
+
+def _mix64(z):
+    z = np.asarray(z, np.uint64)
+    with np.errstate(over="ignore"):
+        z = z ^ (z >> np.uint64(30))
+        z = z * np.uint64(0xbf58476d1ce4e5b9)
+        z = z ^ (z >> np.uint64(27))
+        z = z * np.uint64(0x94d049bb133111eb)
+        return z ^ (z >> np.uint64(31))
+
+
+def _kernel_stand_ins():
+    from gpucnn import ops_numpy as on
+
+    def permutation_keys(keys, n, seed):
+        with np.errstate(over="ignore"):
+            bits = _mix64(_mix64(np.uint64(seed) + np.uint64(0x9e3779b97f4a7c15)) + np.arange(n, dtype=np.uint64))
+        keys[...] = (bits & np.uint64(0xffffffff80000000)) | np.arange(n, dtype=np.uint64)
+
+    def gather_batch(x_u8, x_f32, onehot, labels, perm, step, xb, onehot_b, labels_b, n, batch, rows, per, k):
+        src = perm[step[0] * batch:step[0] * batch + rows]
+        xb.reshape(rows, per)[...] = x_u8[src].astype(np.float32) / np.float32(255) if x_u8 is not None \
+            else x_f32[src]
+        if onehot is not None:
+            onehot_b[...] = onehot[src]
+        else:
+            labels_b[...] = labels[src]
+
+    def step_advance(step):
+        step[0] += 1
+
+    def loss_step(sparse):
+        def run(logits, y, dz, loss_steps, correct_steps, step, n, k):
+            p = on.activation_forward(logits, "softmax")
+            loss_steps[step[0]] = on.crossentropy_forward(p, y, sparse).sum()
+            correct_steps[step[0]] = on.count_correct(p, y, sparse)
+            dz[...] = on.softmax_crossentropy_backward(p, y, sparse)
+        return run
+
+    def dropout_forward_scheduled(x, y, mask, n, rate, scale, seeds, step, slot, slots):
+        out, m = on.dropout_forward(x, rate, int(seeds[step[0] * slots + slot]))
+        y[...], mask[...] = out, m
+
+    def adam_update_scheduled(w, g, m, v, n, alphas, step, one_minus_b1, one_minus_b2, eps):
+        alpha = alphas[step[0]]
+        m += (g - m) * one_minus_b1
+        v += (g * g - v) * one_minus_b2
+        w -= alpha * m / (np.sqrt(v) + eps)
+
+    def conv2d_relu_maxpool_forward(x, w, b, y, idx, n, h, wd, c, kh, kw, f, pp, pq, sh, sw, pt, pl, act, cc):
+        bottom = max(0, (2 * pp - 1) * sh + kh - h - pt)
+        right = max(0, (2 * pq - 1) * sw + kw - wd - pl)
+        z = on.conv2d_forward(x, w, b, (sh, sw), (pt, bottom, pl, right), "relu" if act else None)
+        z = np.ascontiguousarray(z[:, :2 * pp, :2 * pq])
+        y[...], idx[...] = on.maxpool2d_forward(z, (2, 2), (2, 2), (0, 0, 0, 0))
+
+    def maxpool2d_relu_backward(dy, idx, y, dz, n, h, w, c, p, q, ph, pw, sh, sw, pt, pl, act):
+        pads = (pt, h - (p - 1) * sh - ph - pt, pl, w - (q - 1) * sw - pw - pl)
+        acc = on.maxpool2d_backward(dy, idx, (n, h, w, c), (ph, pw), (sh, sw), pads)
+        if act:
+            gate = on.maxpool2d_backward((y > 0).astype(np.float32), idx, (n, h, w, c), (ph, pw), (sh, sw), pads)
+            acc = acc * (gate > 0)
+        dz[...] = acc
+
+    return {"permutation_keys": permutation_keys, "gather_batch": gather_batch, "step_advance": step_advance,
+            "softmax_crossentropy_step_onehot": loss_step(False),
+            "softmax_crossentropy_step_sparse": loss_step(True),
+            "dropout_forward_scheduled": dropout_forward_scheduled, "adam_update_scheduled": adam_update_scheduled,
+            "conv2d_relu_maxpool_forward": conv2d_relu_maxpool_forward,
+            "maxpool2d_relu_backward": maxpool2d_relu_backward}
+
+
+def _fake_modules():
+    import types
+
+    from gpucnn import cuda, ops_cuda, ops_numpy
+
+    kernels = _kernel_stand_ins()
+
+    def launch(name, grid, block, args, shared_mem=0):
+        params = cuda.signature(name)  # the real signature: the argument count must agree
+        assert len(args) == len(params), (name, len(args), len(params))
+        kernels[name](*args)
+
+    fake_cuda = types.SimpleNamespace(launch=launch, kernel_constants=cuda.kernel_constants,
+                                      empty=lambda shape, dtype=np.float32: _dev(np.zeros(shape, dtype)),
+                                      DeviceOutOfMemoryError=cuda.DeviceOutOfMemoryError)
+    ops = types.SimpleNamespace(**{k: getattr(ops_numpy, k) for k in dir(ops_numpy) if not k.startswith("__")})
+    for helper in ("_THREADS", "_blocks", "_image_grid", "_PATCH_BYTES", "_fused"):
+        setattr(ops, helper, getattr(ops_cuda, helper))
+    return _FakeCupy, fake_cuda, ops
+
+
+class _Replay:
+    def __init__(self, program):
+        self.program = program
+
+    def launch(self, stream=None):
+        for run in self.program:
+            run()
+
+
+class _CpuTrainer(fastpath.Trainer):
+    def _capture(self, rows):
+        return _Replay(self._program(rows, {})), {}
+
+
+@pytest.fixture
+def cpu_fast_path(cpu_engine, monkeypatch):
+    """``fit`` on the NumPy engine going through the fast path's trainer with NumPy stand-ins."""
+    pytest.importorskip("cupy", reason="the grid helpers come from gpucnn.ops_cuda, which imports CuPy")
+    modules = _fake_modules()
+    trainers = []
+
+    def plan(model, batch_size, x, y):
+        assert fastpath.unsupported_reason(model) is None
+        trainers.append(_CpuTrainer(model, batch_size, x, y, _modules=modules))
+        return trainers[-1]
+
+    backend.ops()  # the NumPy ops stay chosen while fit is told the engine is CUDA
+    monkeypatch.setattr(fastpath, "plan", plan)
+    monkeypatch.setattr(backend, "engine", lambda: "cuda")
+    return trainers
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"optimizer": "adam", "dropout": 0.4},
+    {"optimizer": "sgd_momentum", "loss": "sparse_categorical_crossentropy", "output": "activation_softmax"},
+    {"pool": "avg", "kind": "normal"},
+])
+def test_the_fast_path_step_on_the_cpu_trains_as_the_numpy_engine(kwargs, cpu_fast_path, monkeypatch):
+    kwargs = dict(kwargs)
+    kind = kwargs.pop("kind", "u8")
+    sparse = kwargs.get("loss") == "sparse_categorical_crossentropy"
+    x, y = small_data(40, kind, sparse)
+    results = []
+    for fast in (False, True):
+        set_random_seed(5)
+        model_kwargs = dict(kwargs)
+        if kwargs.get("optimizer") == "sgd_momentum":
+            model_kwargs["optimizer"] = optimizers.SGD(0.05, momentum=0.9)  # a fresh state each run
+        m = small_model(**model_kwargs)
+        if not fast:
+            monkeypatch.setattr(backend, "engine", lambda: "numpy")
+        else:
+            monkeypatch.setattr(backend, "engine", lambda: "cuda")
+        h = m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append((m.get_weights(), h.history, m.optimizer.iterations))
+    assert len(cpu_fast_path) == 1
+    trainer = cpu_fast_path[0]
+    assert (trainer.x_u8 is not None) == (kind == "u8")
+    assert [s[0] for s in trainer.stages][:2] == (["conv_pool", "Conv2D"] if "pool" not in kwargs
+                                                  else ["Conv2D", "AveragePooling2D"])
+    (w_plain, h_plain, it_plain), (w_fast, h_fast, it_fast) = results
+    assert it_plain == it_fast == 6
+    for a, b in zip(w_fast, w_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+    assert h_fast["accuracy"] == h_plain["accuracy"]
+
+
+def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(cpu_fast_path, monkeypatch):
+    monkeypatch.setattr(fastpath, "READ_EVERY", 2)
+    x, y = small_data(100)
+    seen = []
+
+    from gpucnn.callbacks import Callback
+
+    class Record(Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(dict(logs or {}))
+
+    runs = []
+    for _ in range(2):
+        set_random_seed(9)
+        m = small_model()
+        m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[Record()])
+        runs.append(m.get_weights())
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+    perm = cpu_fast_path[0].perm.get()
+    assert sorted(perm.tolist()) == list(range(100)) and perm.tolist() != list(range(100))
+    assert not seen[0] and seen[2] and "loss" in seen[2]  # a read after every READ_EVERY steps
+    assert seen[12]["loss"] > 0 and 0 <= seen[12]["accuracy"] <= 1
+
+
+def test_a_diverging_cpu_fast_path_raises(cpu_fast_path):
+    m = small_model(optimizer=optimizers.SGD(1e30))
+    x, y = small_data(40, "normal")
+    with pytest.raises(models.TrainingDivergedError):
+        m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
