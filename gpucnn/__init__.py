@@ -6,9 +6,9 @@
 ``GPUCNN_DEVICE=auto|gpu|cpu`` (or ``gpucnn.set_engine``) chooses the engine; see ``gpucnn.backend``.
 Importing gpucnn never touches the GPU.
 """
-from . import callbacks, datasets, layers, losses, models, optimizers, utils
+from . import callbacks, datasets, layers, losses, models, optimizers, saving, utils, viz
 from .backend import engine, set_engine
 
 __version__ = "0.1.0"
-__all__ = ["callbacks", "datasets", "layers", "losses", "models", "optimizers", "utils",
+__all__ = ["callbacks", "datasets", "layers", "losses", "models", "optimizers", "saving", "utils", "viz",
            "engine", "set_engine", "__version__"]

@@ -73,7 +73,8 @@ def cmd_sweep(args):
     try:
         from . import viz
         png = os.path.join(args.out, "sweep.png")
-        viz.plot_sweep(results, "params", hue="pooling", path=png)
+        viz.plot_sweep(results, "params", hue="pooling", path=png,
+                       title=f"{epochs} epochs on MNIST's first {train_size:,} training images")
         written.append(png)
     except ImportError as exc:
         print(f"no plot: {exc}")

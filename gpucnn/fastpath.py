@@ -16,7 +16,7 @@ decide the time. Here:
     sizes (tables uploaded before each epoch, drawn/computed exactly as the plain path does);
   * the per-step loss sums and correct counts are copied to pinned host memory about every ``READ_EVERY``
     steps and read when the copy has finished, so the progress bar moves without stalling the GPU; a
-    non-finite loss found there raises ``TrainingDivergedError`` (through ``Sequential._read_logs``);
+    non-finite loss found there raises ``TrainingDivergedError`` (through ``Sequential._end_batch``);
   * Conv2D followed by MaxPooling2D((2, 2)) runs as one kernel (``kernels/conv_pool.cu``), and its backward
     goes from the pooled gradient to the convolution's pre-activation gradient in one gather.
 
@@ -506,8 +506,9 @@ class Trainer:
                     event = cupy.cuda.Event(disable_timing=True)
                     event.record(self.stream)
                     pending = (event, step)
-            cbs.on_train_batch_end(step, logs)
-            bar.update(step + 1, logs)
+            if self.model._end_batch(cbs, bar, epoch, step, logs):
+                self.stream.synchronize()  # the steps already launched finish before fit goes on
+                break
         return logs
 
     def _copy_metrics(self, step):
@@ -521,7 +522,7 @@ class Trainer:
         seen = self.seen_after(step)
         loss_total = float(np.sum(self._loss_host[:step + 1], dtype=np.float64))
         correct_total = int(np.sum(self._correct_host[:step + 1], dtype=np.int64))
-        return self.model._read_logs(loss_total, correct_total, seen, epoch, step)
+        return self.model._read_logs(loss_total, correct_total, seen)
 
 
 def _is_view(kind, layer, is_last):

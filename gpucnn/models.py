@@ -313,7 +313,7 @@ class Sequential:
         self.stop_training = False
         self.history = history
         cbs.on_train_begin()
-        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _read_logs
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _end_batch
             self._epochs(x_dev, y_dev, batch_size, epochs, initial_epoch, shuffle, verbose,
                          validation_data, cbs, trainer)
         cbs.on_train_end(self._last_logs)
@@ -348,9 +348,9 @@ class Sequential:
                     loss_total = loss_total + loss_sum
                     correct_total = correct_total + correct
                     if step % read_every == read_every - 1 or step == steps - 1:
-                        logs = self._read_logs(loss_total, correct_total, seen, epoch, step)
-                    cbs.on_train_batch_end(step, logs)
-                    bar.update(step + 1, logs)
+                        logs = self._read_logs(loss_total, correct_total, seen)
+                    if self._end_batch(cbs, bar, epoch, step, logs):
+                        break
             logs = dict(logs)
             if validation_data is not None:
                 val = self.evaluate(*validation_data, batch_size=batch_size, verbose=0,
@@ -362,18 +362,28 @@ class Sequential:
             if self.stop_training:
                 break
 
-    def _read_logs(self, loss_total, correct_total, seen, epoch, step):
-        """Running means of the epoch so far; raises TrainingDivergedError on a non-finite loss."""
-        loss = float(loss_total) / seen
+    def _read_logs(self, loss_total, correct_total, seen):
+        """Running means of the epoch so far (engine scalars are read here)."""
+        logs = {"loss": float(loss_total) / seen}
+        if self.metrics:
+            logs["accuracy"] = int(correct_total) / seen
+        return logs
+
+    def _end_batch(self, cbs, bar, epoch, step, logs):
+        """Batch-end rules shared by the plain loop and the GPU fast path: callbacks, progress, then stop
+        when a callback asked (e.g. TerminateOnNaN), else raise TrainingDivergedError on a non-finite
+        loss. Returns whether the epoch must end now."""
+        cbs.on_train_batch_end(step, logs)
+        bar.update(step + 1, logs)
+        if self.stop_training:
+            return True
+        loss = logs.get("loss", 0.0)
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"training diverged: the loss became {loss} at epoch {epoch + 1}, step {step + 1}. "
                 f"Lower the learning rate (now {self.optimizer.learning_rate:g}), check the inputs are "
                 "scaled (e.g. divided by 255), and rebuild the model: its weights are no longer usable.")
-        logs = {"loss": loss}
-        if self.metrics:
-            logs["accuracy"] = int(correct_total) / seen
-        return logs
+        return False
 
     # ================================================================================= evaluate, predict
     def evaluate(self, x=None, y=None, batch_size=32, verbose=1, return_dict=False, _checked=False):

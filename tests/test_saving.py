@@ -1,0 +1,390 @@
+"""Saving and loading (test plan rows 20 and 22): round trips, a resumed run equal to an uninterrupted one,
+atomic writes, and refusal of truncated, altered or hostile files without running anything from them.
+Also the Keras weight layouts that make ``get_weights``/``set_weights`` an interchange format."""
+import builtins
+import hashlib
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from gpucnn import backend, layers, models, optimizers, saving, utils
+from gpucnn.saving import InvalidModelFile
+
+
+@pytest.fixture(autouse=True)
+def numpy_engine():
+    backend.set_engine("cpu")
+    utils.clear_session()
+    utils.set_random_seed(1)
+    yield
+
+
+def tiny_model():
+    return models.Sequential([
+        layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)),
+        layers.MaxPooling2D(2),
+        layers.Flatten(),
+        layers.Dropout(0.25),
+        layers.Dense(3, activation="softmax"),
+    ])
+
+
+def tiny_data(n=40, seed=0):
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 3, n)
+    x = r.random((n, 8, 8, 1)).astype(np.float32) * 0.1
+    for i, c in enumerate(y):
+        x[i, c * 2:c * 2 + 3, 2:5, 0] += 1.0
+    return x, y
+
+
+def trained(optimizer="rmsprop", epochs=1):
+    model = tiny_model()
+    model.compile(optimizer, "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data()
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0)
+    return model
+
+
+def opt_state(model):
+    return {k: backend.to_numpy(v).copy() for k, v in model.optimizer.state.items()}
+
+
+# ===================================================================================== round trips
+def test_model_round_trip_keeps_everything(tmp_path):
+    model = trained(optimizers.SGD(0.05, momentum=0.9, nesterov=True))
+    path = tmp_path / "m.gpucnn"
+    model.save(path)
+    loaded = models.load_model(path)
+    assert loaded.get_config() == model.get_config()
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert loaded.optimizer.iterations == model.optimizer.iterations == 5
+    assert loaded.loss.name == "sparse_categorical_crossentropy" and loaded.metrics == ["accuracy"]
+    for slot, value in opt_state(model).items():
+        np.testing.assert_array_equal(opt_state(loaded)[slot], value)
+    x, _ = tiny_data(6)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == ["model.json", "optimizer.npz", "weights.npz"]
+        header = json.loads(zf.read("model.json"))
+    assert header["format_version"] == saving.FORMAT_VERSION
+    assert [l["class_name"] for l in header["model_config"]["layers"]] == [
+        "Conv2D", "MaxPooling2D", "Flatten", "Dropout", "Dense"]
+
+
+def test_uncompiled_and_untrained_models_round_trip(tmp_path):
+    model = tiny_model()
+    model.save(tmp_path / "a")
+    loaded = models.load_model(tmp_path / "a")
+    assert loaded.optimizer is None
+    np.testing.assert_array_equal(loaded.get_weights()[0], model.get_weights()[0])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.save(tmp_path / "b")  # compiled, but no step yet: no optimizer state
+    loaded = models.load_model(tmp_path / "b")
+    assert loaded.optimizer.name == "adam" and loaded.optimizer.state is None and loaded.metrics == []
+
+
+@pytest.mark.parametrize("optimizer", ["rmsprop", "adam", "sgd"])
+def test_resumed_training_equals_uninterrupted_training(tmp_path, optimizer):
+    x, y = tiny_data()
+
+    def fresh():
+        utils.clear_session()
+        utils.set_random_seed(7)
+        model = tiny_model()
+        model.compile(optimizers.SGD(0.1, momentum=0.9) if optimizer == "sgd" else optimizer,
+                      "sparse_categorical_crossentropy", ["accuracy"])
+        return model
+
+    straight = fresh()
+    straight.fit(x, y, batch_size=8, epochs=4, verbose=0)
+
+    first = fresh()
+    first.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    first.save(tmp_path / "ckpt")
+    utils.set_random_seed(12345)  # another session: different random state, another model built
+    tiny_model()
+    resumed = models.load_model(tmp_path / "ckpt")
+    history = resumed.fit(x, y, batch_size=8, epochs=4, verbose=0, initial_epoch=2)
+
+    assert history.epoch == [2, 3]
+    for a, b in zip(resumed.get_weights(), straight.get_weights()):
+        np.testing.assert_array_equal(a, b)  # bitwise
+    assert resumed.optimizer.iterations == straight.optimizer.iterations == 20
+    for slot, value in opt_state(straight).items():
+        np.testing.assert_array_equal(opt_state(resumed)[slot], value)
+
+
+def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
+    model = trained()
+    model.save_weights(tmp_path / "w.npz")
+    with np.load(tmp_path / "w.npz", allow_pickle=False) as npz:
+        assert npz.files == ["00_conv2d_kernel", "01_conv2d_bias", "02_dense_kernel", "03_dense_bias"]
+        assert npz["00_conv2d_kernel"].shape == (3, 3, 1, 4)
+    other = tiny_model()  # same architecture, other layer names (conv2d_1, ...)
+    other.load_weights(tmp_path / "w.npz")
+    for a, b in zip(other.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    model.save(tmp_path / "m.gpucnn")
+    third = tiny_model()
+    third.load_weights(tmp_path / "m.gpucnn")  # the weights of a whole-model file
+    np.testing.assert_array_equal(third.get_weights()[2], model.get_weights()[2])
+
+
+def test_load_weights_refuses_another_architecture(tmp_path):
+    trained().save_weights(tmp_path / "w.npz")
+    wider = models.Sequential([layers.Conv2D(5, 3, activation="relu", input_shape=(8, 8, 1)),
+                               layers.MaxPooling2D(2), layers.Flatten(), layers.Dense(3)])
+    with pytest.raises(InvalidModelFile, match=r"weight 0 \(conv2d_kernel, shape \(3, 3, 1, 4\)\) does not "
+                                               r"fit layer 'conv2d_\d+''s kernel of shape \(3, 3, 1, 5\)"):
+        wider.load_weights(tmp_path / "w.npz")
+    deeper = models.Sequential([layers.Conv2D(4, 3, input_shape=(8, 8, 1)), layers.Flatten(),
+                                layers.Dense(4), layers.Dense(3)])
+    with pytest.raises(InvalidModelFile, match="holds 4 weight arrays, the model has 6"):
+        deeper.load_weights(tmp_path / "w.npz")
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        models.load_model(tmp_path / "nothing.gpucnn")
+
+
+# ===================================================================================== atomic writes
+def test_a_crash_mid_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "m.gpucnn"
+    trained().save(path)
+    good = path.read_bytes()
+    real = zipfile.ZipFile.writestr
+    calls = []
+
+    def crash_on_second_member(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", crash_on_second_member)
+    with pytest.raises(OSError, match="disk full"):
+        trained(epochs=2).save(path)
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["m.gpucnn"]
+    models.load_model(path)
+
+
+def test_a_crash_before_sync_leaves_the_old_weights_file(tmp_path, monkeypatch):
+    path = tmp_path / "w.npz"
+    trained().save_weights(path)
+    good = path.read_bytes()
+
+    def fail(fd):
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="I/O error"):
+        trained(epochs=2).save_weights(path)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["w.npz"]
+
+
+# ===================================================================================== damaged files
+def members(path):
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def rewrite(path, replace=(), header=None, fix_sums=True):
+    """Rewrite a model file with some members replaced (checksums updated, so only the content is bad)."""
+    parts = members(path)
+    parts.update(dict(replace))
+    head = json.loads(parts["model.json"])
+    if header:
+        header(head)
+    if fix_sums:
+        head["sha256"] = {n: hashlib.sha256(parts[n]).hexdigest() for n in head["sha256"]}
+    parts["model.json"] = json.dumps(head).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in parts.items():
+            zf.writestr(name, data)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "m.gpucnn"
+    trained().save(path)
+    return path
+
+
+@pytest.mark.parametrize("keep", [0, 10, 100, 0.5, -22, -1])
+def test_truncated_files_are_refused(saved, keep):
+    raw = saved.read_bytes()
+    saved.write_bytes(raw[:int(len(raw) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(InvalidModelFile):
+        models.load_model(saved)
+    with pytest.raises(InvalidModelFile):
+        tiny_model().load_weights(saved)
+
+
+def test_every_flipped_byte_is_refused_or_harmless(saved):
+    raw = saved.read_bytes()
+    reference = models.load_model(saved)
+    state = utils.rng().bit_generator.state
+    refused = 0
+    for pos in range(0, len(raw), max(1, len(raw) // 300)):
+        damaged = bytearray(raw)
+        damaged[pos] ^= 0x5A
+        saved.write_bytes(bytes(damaged))
+        try:
+            model = models.load_model(saved)
+        except InvalidModelFile:
+            refused += 1
+            continue
+        # a flip in zip metadata that nothing reads (a timestamp): the content must be intact
+        assert model.get_config() == reference.get_config()
+        assert utils.rng().bit_generator.state == state
+        for a, b in zip(model.get_weights(), reference.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert refused > 250
+
+
+def test_a_member_altered_behind_the_zip_is_caught_by_its_checksum(saved):
+    parts = members(saved)
+    with np.load(io.BytesIO(parts["weights.npz"])) as npz:
+        arrays = dict(npz)
+    arrays["02_dense_kernel"][0, 0] += 1.0
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    rewrite(saved, {"weights.npz": buf.getvalue()}, fix_sums=False)  # a valid zip, a stale checksum
+    with pytest.raises(InvalidModelFile, match="checksum mismatch in weights.npz"):
+        models.load_model(saved)
+
+
+class Payload:
+    """Unpickling this creates a file: the proof that a loader ran code from the file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def object_npz(marker, key="00_conv2d_kernel"):
+    buf = io.BytesIO()
+    np.savez(buf, **{key: np.array([Payload(marker)], dtype=object)})
+    return buf.getvalue()
+
+
+def test_the_payload_would_run_if_unpickled(tmp_path):
+    with np.load(io.BytesIO(object_npz(tmp_path / "proof")), allow_pickle=True) as npz:
+        npz["00_conv2d_kernel"]
+    assert (tmp_path / "proof").exists()
+
+
+@pytest.mark.parametrize("member,kind", [("weights.npz", "object-array"), ("weights.npz", "pickle"),
+                                         ("optimizer.npz", "object-array"), ("optimizer.npz", "pickle")])
+def test_pickles_inside_a_model_file_never_run(saved, tmp_path, member, kind):
+    marker = tmp_path / "pwned"
+    data = object_npz(marker, "velocity") if kind == "object-array" else pickle.dumps(Payload(marker))
+    rewrite(saved, {member: data})
+    with pytest.raises(InvalidModelFile):
+        models.load_model(saved)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["object-array", "pickle"])
+def test_pickles_as_a_weights_file_never_run(tmp_path, kind):
+    marker, path = tmp_path / "pwned", tmp_path / "w.npz"
+    path.write_bytes(object_npz(marker) if kind == "object-array" else pickle.dumps(Payload(marker)))
+    with pytest.raises(InvalidModelFile):
+        tiny_model().load_weights(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("class_name", ["Lambda", "os.system", "Sequential", "Layer", ["Conv2D"]])
+def test_unknown_layer_classes_are_refused(saved, class_name):
+    rewrite(saved, header=lambda h: h["model_config"]["layers"][0].update(class_name=class_name))
+    with pytest.raises(InvalidModelFile, match="unknown layer class"):
+        models.load_model(saved)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda h: h["model_config"]["layers"][0]["config"].update(function="print"), "invalid model config"),
+    (lambda h: h["model_config"]["layers"][0]["config"].update(filters=5), "does not fit layer"),
+    (lambda h: h["compile_config"]["optimizer"].update(name="evil"), "unknown optimizer"),
+    (lambda h: h["compile_config"].update(loss="mse"), "unknown loss"),
+    (lambda h: h.update(format_version=99), "format version 99"),
+    (lambda h: h.update(format="pickle"), "not a gpucnn model file"),
+    (lambda h: h.pop("model_config"), "invalid model config"),
+    (lambda h: h.update(rng_state={"bit_generator": "MT19937"}), "random-generator state"),
+    (lambda h: h.update(optimizer_iterations=-3), "iterations"),
+])
+def test_bad_headers_are_refused(saved, edit, match):
+    rewrite(saved, header=edit)
+    with pytest.raises(InvalidModelFile, match=match):
+        models.load_model(saved)
+
+
+def test_wrong_weight_shapes_inside_a_model_file(saved):
+    with np.load(io.BytesIO(members(saved)["weights.npz"])) as npz:
+        arrays = dict(npz)
+    arrays["02_dense_kernel"] = arrays["02_dense_kernel"][:-1]
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    rewrite(saved, {"weights.npz": buf.getvalue()})
+    with pytest.raises(InvalidModelFile, match=r"shape \(35, 3\)\) does not fit layer 'dense'"):
+        models.load_model(saved)
+
+
+def test_non_float_and_non_finite_weights_are_refused(tmp_path):
+    model = trained()
+    arrays = saving._weight_arrays(model)
+    for key, bad, match in [("01_conv2d_bias", np.array(["a"] * 4), "dtype <U1, not float"),
+                            ("01_conv2d_bias", np.array([np.nan, 0, 0, 0], np.float32), "NaN")]:
+        np.savez(tmp_path / "w.npz", **{**arrays, key: bad})
+        with pytest.raises(InvalidModelFile, match=match):
+            model.load_weights(tmp_path / "w.npz")
+
+
+def test_invalid_model_file_is_a_value_error():
+    assert issubclass(InvalidModelFile, ValueError)
+
+
+# ===================================================================================== Keras layouts
+def test_keras_layouts_give_the_hand_computed_forward_pass():
+    """Weights built by hand in Keras's layouts — conv (kh, kw, in, out), dense (in, units), Flatten in
+    (H, W, C) order — give exactly the forward pass computed by hand: the interchange contract."""
+    r = np.random.default_rng(3)
+    x = r.normal(size=(2, 4, 5, 2))
+    kernel = r.normal(size=(3, 2, 2, 3))  # (kh, kw, in, out)
+    bias = r.normal(size=3)
+    dense_kernel = r.normal(size=(2 * 4 * 3, 2))  # (in, units) over the flattened (2, 4, 3) maps
+    dense_bias = r.normal(size=2)
+    model = models.Sequential([layers.Conv2D(3, (3, 2), activation="relu", input_shape=(4, 5, 2)),
+                               layers.Flatten(), layers.Dense(2)])
+    model.set_weights([kernel, bias, dense_kernel, dense_bias])
+
+    expected = np.zeros((2, 2))
+    for n in range(2):
+        maps = np.zeros((2, 4, 3))  # (H, W, C)
+        for i in range(2):
+            for j in range(4):
+                for c in range(3):
+                    total = bias[c]
+                    for di in range(3):
+                        for dj in range(2):
+                            for ci in range(2):
+                                total += x[n, i + di, j + dj, ci] * kernel[di, dj, ci, c]
+                    maps[i, j, c] = max(total, 0.0)
+        flat = [maps[i, j, c] for i in range(2) for j in range(4) for c in range(3)]  # channels fastest
+        for u in range(2):
+            expected[n, u] = dense_bias[u] + sum(f * dense_kernel[k, u] for k, f in enumerate(flat))
+    np.testing.assert_allclose(model.predict(x.astype(np.float32), verbose=0), expected, rtol=1e-5,
+                               atol=1e-5)
+    for got, given in zip(model.get_weights(), [kernel, bias, dense_kernel, dense_bias]):
+        np.testing.assert_array_equal(got, given.astype(np.float32))  # the same arrays come back out
