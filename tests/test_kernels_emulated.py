@@ -1,0 +1,233 @@
+"""The real CUDA kernels run on the CPU by an EMULATOR (tests/emulator/, see its README) against the float64
+oracle: tests/test_gpu.py (all but the tests listed in EXCLUDE) plus the checks below, in a subprocess
+whose fake ``cupy`` never reaches this process.
+
+EMULATION, not a GPU: it checks indexing, bounds (guard zones around every array), reduction order and
+barrier placement (every thread of a block at the same ``__syncthreads``; threads of a block run in both
+orders, so a missing barrier shows). It does not model warps, the memory model, concurrent blocks, timing
+or real races. Nothing that passes here is verified on a GPU.
+
+Skipped (with the reason) where g++ is missing. Shared objects are cached outside the repository (see
+tests/emulator/fake_cupy.py). This file holds both sides: the test of this process, and, when
+GPUCNN_EMU_INNER=1, the extra tests of the emulated subprocess.
+"""
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EMULATOR = ROOT / "tests" / "emulator"
+INNER = os.environ.get("GPUCNN_EMU_INNER") == "1"
+
+# tests/test_gpu.py tests the emulated run leaves out, and why
+EXCLUDE = {
+    "test_batch_times_channels_beyond_the_grid_limits":
+        "70,000 images take a minute here; test_grid_stride_loops_with_few_blocks checks the same loops",
+    "test_backward_passes_are_bitwise_reproducible": "sequential emulation is deterministic anyway (5 s)",
+    "test_a_step_can_be_captured_in_a_cuda_graph": "CUDA streams and graphs are not emulated",
+}
+MIN_PASSED = 550  # the emulated run must have run (and passed) at least this many tests
+
+# The kernels when this test was written: each must be launched by the emulated run. Kernels added later
+# are reported (a warning) until a test launches them and they are added here.
+KNOWN_KERNELS = frozenset("""
+relu_forward relu_backward softmax_forward softmax_backward dropout_forward dropout_backward
+conv2d_forward conv2d_backward_data conv2d_backward_filter conv2d_backward_filter_reduce
+dense_forward dense_backward_data dense_backward_weights dense_backward_bias
+crossentropy_forward_onehot crossentropy_forward_sparse softmax_crossentropy_backward_onehot
+softmax_crossentropy_backward_sparse crossentropy_backward_onehot crossentropy_backward_sparse
+count_correct_onehot count_correct_sparse sgd_update rmsprop_update adam_update
+maxpool2d_forward maxpool2d_backward avgpool2d_forward avgpool2d_backward
+global_avgpool2d_forward global_avgpool2d_backward
+""".split())
+# Known kernels that no emulated test launches yet (the fast path runs them only inside CUDA graphs,
+# which the emulator does not model): reported, not failed.
+PENDING = frozenset("""
+conv2d_relu_maxpool_forward maxpool2d_relu_backward permutation_keys gather_batch step_advance
+softmax_crossentropy_step_onehot softmax_crossentropy_step_sparse dropout_forward_scheduled
+adam_update_scheduled
+""".split())
+
+
+if not INNER:
+    def test_kernels_on_the_cpu_emulator(tmp_path):
+        if shutil.which("g++") is None:
+            pytest.skip("g++ not found: the kernel emulator compiles the kernels for the host with it")
+        if not sys.platform.startswith("linux"):
+            pytest.skip("the kernel emulator's fibers (ucontext) are only set up for Linux")
+        report_path = tmp_path / "emulated.json"
+        env = dict(os.environ, GPUCNN_EMU_INNER="1", GPUCNN_EMU_REPORT=str(report_path), GPUCNN_FASTPATH="0",
+                   GPUCNN_EMU_EXCLUDE=json.dumps(EXCLUDE),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(EMULATOR), str(ROOT), os.environ.get("PYTHONPATH")])))
+        env.pop("GPUCNN_NO_POOL", None)  # a sanitizer setting for real CuPy (tests/conftest.py)
+        command = [sys.executable, "-m", "pytest", "-p", "fake_cupy", "-p", "no:cacheprovider", "-q", "-o",
+                   "addopts=-ra", "tests/test_gpu.py", "tests/test_kernels_emulated.py"]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        seconds = time.perf_counter() - start
+        output = (done.stdout + done.stderr)[-8000:]
+        assert report_path.exists(), f"the emulated run wrote no report (exit {done.returncode}):\n{output}"
+        report = json.loads(report_path.read_text())
+        outcomes = report["outcomes"]
+        assert done.returncode == 0 and not outcomes.get("failed"), \
+            f"the emulated kernel tests failed ({seconds:.0f} s):\n{output}"
+        assert not report["problems"], report["problems"]
+        passed = len(outcomes.get("passed", []))
+        assert passed >= MIN_PASSED, f"only {passed} emulated tests passed, expected at least {MIN_PASSED}"
+
+        launched, table = set(report["launched"]), set(report["kernels"])
+        missing = (KNOWN_KERNELS & table) - launched - PENDING
+        assert not missing, f"kernels no emulated test launched: {sorted(missing)}"
+        new = table - KNOWN_KERNELS - PENDING - launched
+        pending = (PENDING & table) - launched
+        if new or pending or report["build_errors"]:
+            warnings.warn(f"kernels not run by the emulator: new {sorted(new)}, pending {sorted(pending)}; "
+                          f"files that do not build for it: {report['build_errors']}")
+        print(f"emulated: {passed} passed, {len(outcomes.get('skipped', []))} skipped, {len(launched)} of "
+              f"{len(table)} kernels launched, {seconds:.1f} s")
+
+
+# ===================================================================================== inside the emulator
+if INNER:
+    import fake_cupy
+    import cupy  # the fake one: fake_cupy is loaded as a pytest plugin first
+    import test_gpu as T
+
+    from gpucnn import backend, cuda, layers, models
+    from gpucnn import ops_cuda as ops
+    from gpucnn.utils import set_random_seed
+
+    assert cupy is fake_cupy.cupy
+
+    _BROKEN = r"""
+    extern "C" __global__ void divergent_barrier(float* y, int n) {
+        if (threadIdx.x < 16) __syncthreads();
+        y[threadIdx.x] = 1.0f;
+    }
+    extern "C" __global__ void early_exit_before_barrier(float* y, int n) {
+        if (threadIdx.x >= n) return;
+        __syncthreads();
+        y[threadIdx.x] = 1.0f;
+    }
+    extern "C" __global__ void missing_barrier(float* y, int n) {
+        __shared__ float s[64];
+        s[threadIdx.x] = threadIdx.x;
+        y[threadIdx.x] = s[(threadIdx.x + 1) % n];  // no __syncthreads() between the write and the read
+    }
+    extern "C" __global__ void with_barrier(float* y, int n) {
+        __shared__ float s[64];
+        s[threadIdx.x] = threadIdx.x;
+        __syncthreads();
+        y[threadIdx.x] = s[(threadIdx.x + 1) % n];
+    }
+    extern "C" __global__ void writes_past_the_end(float* y, int n) {
+        y[threadIdx.x + 1] = 1.0f;
+    }
+    """
+
+    @pytest.fixture(scope="module")
+    def broken():
+        import ctypes
+
+        lib = ctypes.CDLL(fake_cupy.build_source("broken.cu", _BROKEN))
+        return {name: fake_cupy.EmulatedKernel(name, params, lib)
+                for name, params in cuda.parse_kernels(_BROKEN).items()}
+
+    def test_the_emulator_catches_broken_kernels(broken):
+        """The checks work: each deliberate bug is flagged, and the correct kernel passes."""
+        for name, what in (("divergent_barrier", "different barriers|exited"),
+                           ("early_exit_before_barrier", "exited while the others wait"),
+                           ("writes_past_the_end", "wrote outside")):
+            with pytest.raises(fake_cupy.EmulatedKernelError, match=what):
+                broken[name]((2, 1, 1), (64, 1, 1), (cupy.zeros(64, np.float32), 40))
+        y = cupy.zeros(64, np.float32)
+        del fake_cupy.PROBLEMS[:]  # expected ones
+        want = (np.arange(64) + 1) % 64
+        broken["with_barrier"]((2, 1, 1), (64, 1, 1), (y, 64))
+        np.testing.assert_array_equal(cupy.asnumpy(y), want)
+        broken["missing_barrier"]((2, 1, 1), (64, 1, 1), (y, 64))  # block 1 runs its threads last to first
+        assert not np.array_equal(cupy.asnumpy(y), want)
+
+    @pytest.fixture
+    def few_blocks(monkeypatch):
+        """Grids capped at 2 blocks along x and 3 images along y: every grid-stride loop goes round."""
+        image_grid = ops._image_grid
+        monkeypatch.setattr(ops, "_MAX_BLOCKS", 2)
+        monkeypatch.setattr(ops, "_image_grid", lambda per, n: (min(image_grid(per, n)[0], 2), min(n, 3)))
+
+    def test_grid_stride_loops_with_few_blocks(few_blocks):
+        T.test_conv2d_matches_reference(n=7, c=3, hw=(7, 5), k=3, s=2, pad="same")
+        T.test_conv2d_matches_reference(n=7, c=8, hw=(28, 28), k=5, s=1, pad="valid")
+        T.test_maxpool2d_exact(hw=(11, 11), p=3, s=2, pad="same")
+        T.test_avgpool2d_exact(hw=(7, 5), p=2, s=1, pad="valid")
+        T.test_global_avgpool2d_matches_reference()
+        for activation in ("relu", "softmax"):
+            T.test_activations_match_reference(shape=(2, 5, 5, 8), activation=activation)
+        T.test_dense_matches_reference(n=65, n_in=33, units=70, bias=True, activation="relu")
+        for sparse in (True, False):
+            T.test_crossentropy_matches_reference(n=300, k=3, sparse=sparse)
+        T.test_dropout_mask(rate=0.5)
+        T.test_sgd_update_matches_reference(momentum=0.9, nesterov=True)
+        T.test_rmsprop_update_matches_reference(lr=0.001, rho=0.8, eps=1e-6, momentum=0.5, centered=True)
+        T.test_adam_update_matches_reference(lr=0.01, b1=0.8, b2=0.99, eps=1e-3)
+
+    def test_an_empty_batch_reads_nothing():
+        x, w, b = cupy.zeros((0, 5, 5, 3), np.float32), cupy.ones((3, 3, 3, 4), np.float32), cupy.ones(4, np.float32)
+        pad = (1, 1, 1, 1)
+        y = ops.conv2d_forward(x, w, b, (1, 1), pad, "relu")
+        assert y.shape == (0, 5, 5, 4)
+        assert ops.conv2d_backward_data(y, w, x.shape, (1, 1), pad).shape == x.shape
+        dw, db = ops.conv2d_backward_filter(y, x, w.shape, (1, 1), pad)
+        np.testing.assert_array_equal(cupy.asnumpy(dw), 0)
+        np.testing.assert_array_equal(cupy.asnumpy(db), 0)
+        yp, idx = ops.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0, 0, 0))
+        assert ops.maxpool2d_backward(yp, idx, x.shape, (2, 2), (2, 2), (0, 0, 0, 0)).shape == x.shape
+        assert ops.global_avgpool2d_forward(x).shape == (0, 3)
+        xd = cupy.zeros((0, 6), np.float32)
+        p = ops.dense_forward(xd, cupy.ones((6, 3), np.float32), None, "softmax")
+        dwd, dbd = ops.dense_backward_weights(cupy.zeros((0, 3), np.float32), xd)
+        np.testing.assert_array_equal(cupy.asnumpy(dwd), 0)
+        np.testing.assert_array_equal(cupy.asnumpy(dbd), 0)
+        for sparse, labels in ((True, cupy.zeros(0, np.int32)), (False, cupy.zeros((0, 3), np.float32))):
+            assert ops.crossentropy_forward(p, labels, sparse).shape == (0,)
+            assert int(ops.count_correct(p, labels, sparse)) == 0
+
+    def _history(engine, x, y, loss, optimizer):
+        backend.set_engine(engine)
+        set_random_seed(3)
+        model = models.Sequential([
+            layers.Conv2D(6, (3, 3), activation="relu", input_shape=(9, 9, 2)),
+            layers.MaxPooling2D((2, 2)),
+            layers.Conv2D(5, (2, 2), activation="relu", padding="same", strides=(2, 2)),
+            layers.Flatten(),
+            layers.Dense(7, activation="relu"),
+            layers.Dense(4, activation="softmax"),
+        ])
+        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+        history = model.fit(x, y, batch_size=10, epochs=2, verbose=0, shuffle=False).history
+        weights = [np.array(w) for w in model.get_weights()]
+        backend.set_engine("cpu")
+        return history, weights
+
+    @pytest.mark.parametrize("loss, optimizer", [("sparse_categorical_crossentropy", "adam"),
+                                                 ("categorical_crossentropy", "sgd"),
+                                                 ("categorical_crossentropy", "rmsprop")])
+    def test_a_short_fit_matches_the_numpy_engine(loss, optimizer):
+        rng = np.random.default_rng(4)
+        x = rng.random((25, 9, 9, 2)).astype(np.float32)  # a last batch of 5
+        labels = rng.integers(0, 4, 25)
+        y = labels if loss.startswith("sparse") else np.eye(4, dtype=np.float32)[labels]
+        (h_np, w_np), (h_cu, w_cu) = (_history(e, x, y, loss, optimizer) for e in ("cpu", "gpu"))
+        assert h_np.keys() == h_cu.keys()
+        for key in h_np:
+            np.testing.assert_allclose(h_cu[key], h_np[key], rtol=1e-4, err_msg=key)
+        for a, b in zip(w_cu, w_np):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))
