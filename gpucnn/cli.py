@@ -3,7 +3,6 @@ import argparse
 import os
 import time
 
-import numpy as np
 
 
 def seed_model(filters=(32, 64, 64), dense=64):

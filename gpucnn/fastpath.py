@@ -145,6 +145,9 @@ class Trainer:
         # step's wiring on the CPU
         cupy, cuda, _ = _modules
         self.cupy, self.cuda, self.ops = _modules
+        # fit builds the model before planning, but plan() may be called directly (tests/test_fastpath.py
+        # does): the flat parameter buffer model._params only exists once the model is built
+        model._require_built("fastpath.plan")
         self.model = model
         self.n = n = len(x)
         self.batch = int(batch_size)
@@ -472,7 +475,7 @@ class Trainer:
                 table = np.empty((self.steps, len(self.dropouts)), np.uint64)
                 for s in range(self.steps):
                     for d, layer in enumerate(self.dropouts):
-                        table[s, d] = int(rng().integers(2**63)) if layer.seed is None else int(layer.seed)
+                        table[s, d] = layer.next_seed()
                 self.seeds.set(table.reshape(-1))
             if isinstance(opt, optimizers_mod.Adam):
                 t = opt.iterations + 1 + np.arange(self.steps)

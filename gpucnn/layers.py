@@ -86,12 +86,11 @@ INITIALIZERS = {
 class Layer:
     """Base class: name, build, weights (``get_weights``/``set_weights``), forward/backward."""
 
-    def __init__(self, name=None, input_shape=None, trainable=True):
+    def __init__(self, name=None, input_shape=None):
         self.name = name or next_name(_snake(type(self).__name__))
         self.input_shape = None  # per-sample shape, set by build
         self.output_shape = None
         self._declared_input = tuple(input_shape) if input_shape is not None else None
-        self.trainable = trainable
         self.built = False
         self.weights = []  # engine arrays, in Keras's order (kernel, bias)
         self.grads = []  # same shapes; written by backward
@@ -99,14 +98,26 @@ class Layer:
 
     # ---- building
     def build(self, input_shape):
-        """Check the per-sample input shape, compute the output shape and create the weights."""
-        self.input_shape = tuple(int(d) for d in input_shape)
-        self.output_shape = self._build(self.input_shape)
-        self.built = True
-        return self.output_shape
+        """Check the per-sample input shape, compute the output shape and create the weights (once: a
+        built layer keeps its weights, and refuses an input of another shape)."""
+        shape = tuple(int(d) for d in input_shape)
+        if self.built:
+            if shape != self.input_shape:
+                raise ValueError(f"layer {self.name!r} was built for inputs {self.input_shape} and cannot "
+                                 f"take {shape}; create a new layer for the new shape")
+            return self.output_shape
+        output_shape = self._build(shape)
+        self.input_shape, self.output_shape, self.built = shape, output_shape, True
+        return output_shape
 
     def _build(self, input_shape):
         return input_shape
+
+    def _unbuild(self):
+        """Forget a build (the model's build failed further down and will be retried)."""
+        self.input_shape = self.output_shape = None
+        self.weights, self.grads, self.weight_names = [], [], []
+        self.built = False
 
     def _add_weight(self, name, shape, initializer):
         xp = backend.ops().xp
@@ -114,6 +125,16 @@ class Layer:
         self.weight_names.append(name)
         self.weights.append(xp.asarray(value))
         self.grads.append(xp.zeros(shape, dtype=np.float32))
+
+    @property
+    def trainable(self):
+        """Every gpucnn layer trains: freezing layers is not supported yet."""
+        return True
+
+    @trainable.setter
+    def trainable(self, value):
+        if not value:
+            raise NotImplementedError("freezing layers (trainable=False) is not supported by gpucnn yet")
 
     def count_params(self):
         return int(sum(int(np.prod(w.shape)) for w in self.weights))
@@ -141,14 +162,18 @@ class Layer:
     # ---- computing
     def __call__(self, x, training=False):
         """Run the layer forward on a batch (builds it first if needed); returns an engine array."""
+        x = backend.ops().xp.asarray(x, dtype=np.float32)
         if not self.built:
             self.build(x.shape[1:])
         return self.forward(x, training)
 
     def forward(self, x, training):
+        """Outputs for a batch; keeps what ``backward`` needs."""
         raise NotImplementedError
 
     def backward(self, dy):
+        """The input gradient for output gradient ``dy`` (and the weight gradients into ``grads``).
+        The returned array may be a work array of the engine, valid until this layer's next backward."""
         raise NotImplementedError
 
     def get_config(self):
@@ -211,8 +236,8 @@ class Conv2D(Layer):
         self.padding = _padding_mode(padding)
         self.activation = _activation(activation)
         self.use_bias = bool(use_bias)
-        self.kernel_initializer = _initializer(kernel_initializer) and kernel_initializer
-        self.bias_initializer = _initializer(bias_initializer) and bias_initializer
+        _initializer(kernel_initializer), _initializer(bias_initializer)  # unknown names fail here
+        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
         self.needs_input_grad = True  # the model turns this off for the first layer
         self.ctx = {}  # what the engine keeps between this layer's forward and backward
 
@@ -352,8 +377,8 @@ class Dense(Layer):
         self.units = int(units)
         self.activation = _activation(activation)
         self.use_bias = bool(use_bias)
-        self.kernel_initializer = _initializer(kernel_initializer) and kernel_initializer
-        self.bias_initializer = _initializer(bias_initializer) and bias_initializer
+        _initializer(kernel_initializer), _initializer(bias_initializer)  # unknown names fail here
+        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
         self.needs_input_grad = True
 
     def _build(self, input_shape):
@@ -414,13 +439,18 @@ class Dropout(Layer):
             raise ValueError(f"Dropout rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)
         self.seed = seed
+        self._seed_rng = None if seed is None else np.random.default_rng(seed)
+
+    def next_seed(self):
+        """The seed of the next training step's mask: from gpucnn's generator, or, when the layer was
+        given a seed, from its own generator started at that seed (a new mask each step, as Keras)."""
+        return int((self._seed_rng or rng()).integers(2**63))
 
     def forward(self, x, training):
         if not training or self.rate == 0:
             self.mask = None
             return x
-        seed = int(rng().integers(2**63)) if self.seed is None else self.seed
-        y, self.mask = backend.ops().dropout_forward(x, self.rate, seed)
+        y, self.mask = backend.ops().dropout_forward(x, self.rate, self.next_seed())
         return y
 
     def backward(self, dy):

@@ -16,7 +16,7 @@ class Loss:
         if y.dtype.kind not in "biuf":
             raise TypeError(f"{what} must hold numbers, got dtype {y.dtype}")
         if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-            bad = int(np.flatnonzero(~np.isfinite(y.reshape(len(y), -1)).any(axis=1))[0])
+            bad = int(np.flatnonzero((~np.isfinite(y.reshape(len(y), -1))).any(axis=1))[0])
             raise ValueError(f"{what} contains NaN or infinity (first at sample {bad})")
         return self._check(y, units, what)
 

@@ -49,6 +49,9 @@ class Sequential:
                 raise ValueError("an Input must be the first element of a Sequential model")
             self._input_shape = layer.shape
             return self
+        if any(l.name == layer.name for l in self.layers):
+            raise ValueError(f"the model already has a layer named {layer.name!r}; layer names must be "
+                             "unique (pass name=... to tell them apart)")
         if not self.layers and self._input_shape is None and layer._declared_input is not None:
             self._input_shape = layer._declared_input
         self.layers.append(layer)
@@ -59,30 +62,37 @@ class Sequential:
         return self
 
     def build(self, input_shape=None):
-        """Build every layer for per-sample ``input_shape`` (e.g. ``(28, 28, 1)``; a leading None or
-        batch dimension of a 4-tuple is dropped)."""
+        """Build every layer. ``input_shape`` is Keras's: it starts with the batch dimension, e.g.
+        ``(None, 28, 28, 1)``; without it, the shape given to the first layer is used."""
         if self.built:
             return
         if input_shape is not None:
             shape = tuple(input_shape)
-            if len(shape) >= 2 and shape[0] is None:
-                shape = shape[1:]
-            self._input_shape = shape
+            if len(shape) < 2:
+                raise ValueError(f"build() takes a shape with the batch dimension first, e.g. (None, 28, "
+                                 f"28, 1); got {shape}")
+            self._input_shape = shape[1:]
         if self._input_shape is None:
             raise ValueError("the model does not know its input shape yet: give the first layer "
                              "input_shape=(28, 28, 1), start with layers.Input(shape=...), or call fit()")
         if not self.layers:
             raise ValueError("the model has no layers")
         shape = tuple(int(d) for d in self._input_shape)
-        for layer in self.layers:
-            shape = layer.output_shape if layer.built and layer.input_shape == shape else layer.build(shape)
+        fresh = [layer for layer in self.layers if not layer.built]
+        try:
+            for layer in self.layers:
+                shape = layer.build(shape)
+        except Exception:
+            for layer in fresh:  # a later call with a corrected shape starts clean
+                layer._unbuild()
+            raise
         trainable = [l for l in self.layers if l.weights]
         for layer in self.layers:  # the first layer with weights needs no input gradient
             if hasattr(layer, "needs_input_grad"):
                 layer.needs_input_grad = layer is not (trainable[0] if trainable else None)
         self._pack_weights()
         if self.optimizer is not None:
-            self.optimizer.state = None  # new buffers: optimizer state starts again
+            self.optimizer.reset()  # new buffers: the optimizer starts again
         self.built = True
 
     def _pack_weights(self):
@@ -105,7 +115,7 @@ class Sequential:
         if not self.built:
             if self._input_shape is None:
                 raise ValueError(f"{what}: the model has not been built yet. Give the first layer "
-                                 "input_shape=..., call model.build(input_shape), or fit it first.")
+                                 "input_shape=..., call model.build((None, 28, 28, 1)) with your shape, or fit it first.")
             self.build()
 
     @property
@@ -168,8 +178,6 @@ class Sequential:
                  rule("┡", "╇", "┩", "━")]
         for i, layer in enumerate(self.layers):
             shape = "(None, " + ", ".join(str(d) for d in layer.output_shape) + ")"
-            if len(layer.output_shape) == 1:
-                shape = f"(None, {layer.output_shape[0]})"
             lines.append(row((f"{layer.name} ({type(layer).__name__})", shape,
                               f"{layer.count_params():,}")))
             if i < len(self.layers) - 1:
@@ -189,7 +197,7 @@ class Sequential:
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
         self.loss = losses_mod.get(loss)
-        metrics = list(metrics or [])
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics or [])
         for m in metrics:
             if m not in ("accuracy", "acc"):
                 raise ValueError(f"unknown metric {m!r}; gpucnn knows 'accuracy'")
@@ -213,14 +221,21 @@ class Sequential:
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"{what} is empty (shape {x.shape}): there are no samples")
         if not self.built:
-            if self._input_shape is None:
-                self._input_shape = x.shape[1:]
+            if self._input_shape is None:  # the first data fixes the input shape, once it builds
+                try:
+                    self._input_shape = x.shape[1:]
+                    self.build()
+                except Exception:
+                    self._input_shape = None
+                    raise
             self.build()
         expected = tuple(self._input_shape)
         if x.shape[1:] != expected:
             msg = (f"{what} has shape {x.shape}, but the model expects (N, "
                    f"{', '.join(map(str, expected))}) (input_shape={expected})")
-            if x.shape[1:] + (1,) == expected:
+            if x.shape == expected:
+                msg += f". For one sample, add the batch axis: {what}[None]"
+            elif x.shape[1:] + (1,) == expected:
                 msg += (f". Your images lack the channel axis: add it with "
                         f"{what} = {what}.reshape(({x.shape[0]}, {', '.join(map(str, expected))})) "
                         f"or {what}[..., None]")
@@ -250,7 +265,7 @@ class Sequential:
 
     def _fused_softmax(self):
         last = self.layers[-1]
-        return getattr(last, "activation", None) == "softmax" and hasattr(last, "backward")
+        return getattr(last, "activation", None) == "softmax"
 
     def _train_step(self, xb, yb):
         """Forward, loss, backward, update. Returns engine scalars (loss sum, correct count)."""
@@ -280,7 +295,9 @@ class Sequential:
             validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0):
         """Train; returns a ``History`` whose ``.history`` has ``loss``, ``accuracy``, ``val_*``."""
         self._require_compiled("fit")
-        batch_size, epochs = _positive_int(batch_size, "batch_size"), int(epochs)
+        batch_size = _positive_int(batch_size, "batch_size")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
+            raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         x = self._check_x(x)
         y = self._check_y(y, len(x))
         if validation_data is None and validation_split:
@@ -354,7 +371,7 @@ class Sequential:
             logs = dict(logs)
             if validation_data is not None:
                 val = self.evaluate(*validation_data, batch_size=batch_size, verbose=0,
-                                    return_dict=True, _checked=True)
+                                    return_dict=True, callbacks=cbs, _checked=True)
                 logs.update({f"val_{k}": v for k, v in val.items()})
             bar.finish(logs)
             cbs.on_epoch_end(epoch, logs)
@@ -386,44 +403,55 @@ class Sequential:
         return False
 
     # ================================================================================= evaluate, predict
-    def evaluate(self, x=None, y=None, batch_size=32, verbose=1, return_dict=False, _checked=False):
+    def evaluate(self, x=None, y=None, batch_size=32, verbose=1, return_dict=False, callbacks=None,
+                 _checked=False):
         """``[loss, accuracy]`` over the data (the loss alone when compiled without metrics)."""
         self._require_compiled("evaluate")
         batch_size = _positive_int(batch_size, "batch_size")
         if not _checked:
             x = self._check_x(x)
             y = self._check_y(y, len(x))
+        cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(callbacks, self, {})
+        cbs.on_test_begin()
         ops = backend.ops()
         x_dev, y_dev = ops.xp.asarray(x), ops.xp.asarray(y)
         steps = math.ceil(len(x) / batch_size)
         bar = Progbar(steps, verbose)
         loss_total, correct_total = 0.0, 0
         for step in range(steps):
+            cbs.on_test_batch_begin(step)
             sl = slice(step * batch_size, (step + 1) * batch_size)
             p = self._forward(x_dev[sl], training=False)
             loss_total = loss_total + ops.crossentropy_forward(p, y_dev[sl], self.loss.sparse).sum()
             correct_total = correct_total + ops.count_correct(p, y_dev[sl], self.loss.sparse)
+            cbs.on_test_batch_end(step, {})
             bar.update(step + 1, {})
         logs = {"loss": float(loss_total) / len(x)}
         if self.metrics:
             logs["accuracy"] = int(correct_total) / len(x)
+        cbs.on_test_end(logs)
         bar.finish(logs)
         if return_dict:
             return logs
         return [logs["loss"], logs["accuracy"]] if self.metrics else logs["loss"]
 
-    def predict(self, x, batch_size=32, verbose=1):
+    def predict(self, x, batch_size=32, verbose=1, callbacks=None):
         """The model's outputs for ``x`` as a NumPy array (N, ...)."""
         batch_size = _positive_int(batch_size, "batch_size")
         x = self._check_x(x)
+        cbs = CallbackList(callbacks, self, {})
+        cbs.on_predict_begin()
         xp = backend.ops().xp
         x_dev = xp.asarray(x)
         steps = math.ceil(len(x) / batch_size)
         bar = Progbar(steps, verbose)
         outs = []
         for step in range(steps):
+            cbs.on_predict_batch_begin(step)
             outs.append(self._forward(x_dev[step * batch_size:(step + 1) * batch_size], training=False))
+            cbs.on_predict_batch_end(step, {})
             bar.update(step + 1, {})
+        cbs.on_predict_end()
         bar.finish({})
         return backend.to_numpy(xp.concatenate(outs))
 
@@ -461,7 +489,7 @@ class Sequential:
     def __call__(self, x, training=False):
         """Forward pass on an engine array (no checks, no batching)."""
         self._require_built("__call__")
-        return self._forward(x, training)
+        return self._forward(backend.ops().xp.asarray(x, dtype=np.float32), training)
 
     def get_config(self):
         return {"name": self.name, "input_shape": list(self._input_shape or []),

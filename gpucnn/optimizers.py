@@ -20,6 +20,10 @@ class Optimizer:
         self.iterations = 0
         self.state = None
 
+    def reset(self):
+        """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
+        self.state, self.iterations = None, 0
+
     def build(self, n):
         """Allocate zeroed state for ``n`` parameters on the active engine."""
         xp = backend.ops().xp
@@ -59,6 +63,8 @@ class RMSprop(Optimizer):
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False):
         super().__init__(learning_rate)
+        _check_unit("rho", rho)
+        _check_unit("momentum", momentum)
         self.rho, self.momentum = float(rho), float(momentum)
         self.epsilon, self.centered = float(epsilon), bool(centered)
         self._slots = ("velocity",) + (("momentum",) if self.momentum else ()) + (
@@ -77,11 +83,18 @@ class Adam(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         super().__init__(learning_rate)
+        _check_unit("beta_1", beta_1)
+        _check_unit("beta_2", beta_2)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
     def _update(self, ops, w, g):
         ops.adam_update(w, g, self.state["m"], self.state["v"], self.learning_rate, self.beta_1,
                         self.beta_2, self.epsilon, self.iterations)
+
+
+def _check_unit(name, value):
+    if not 0 <= float(value) < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
 OPTIMIZERS = {cls.name: cls for cls in (SGD, RMSprop, Adam)}

@@ -13,19 +13,16 @@ constructed only from ``gpucnn.layers.LAYER_CLASSES``, and a file that is trunca
 anything unknown is refused with ``InvalidModelFile``. Every write goes to a temporary file in the same
 directory, is flushed to disk, then replaces the target in one step: a crash leaves the old file intact.
 """
-import contextlib
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 
 import numpy as np
 
 from . import backend, layers as layers_mod, losses as losses_mod, optimizers as optimizers_mod
-from .utils import rng
+from .utils import atomic_write, rng
 
 FORMAT = "gpucnn.model"
 FORMAT_VERSION = 1
@@ -60,7 +57,7 @@ def save_model(model, path):
         "rng_state": rng().bit_generator.state,
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
     }
-    with _atomic_write(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_write(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(_JSON, json.dumps(header, indent=1))
         for name, data in members.items():
             zf.writestr(name, data)
@@ -86,7 +83,7 @@ def save_weights(model, path):
     """Write the weights to an ``.npz`` (float32 arrays keyed ``00_conv2d_kernel``, ... in Keras's order)."""
     model._require_built("save_weights")
     data = _npz_bytes(_weight_arrays(model))
-    with _atomic_write(path) as f:
+    with atomic_write(path) as f:
         f.write(data)
 
 
@@ -107,41 +104,6 @@ def load_weights(model, path):
 
 
 # ===================================================================================== writing
-@contextlib.contextmanager
-def _atomic_write(path):
-    """Yield a binary file that replaces ``path`` only once completely written and synced to disk."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _file_mode(path):
-    """The existing file's permissions, or those a new file would get (0666 less the umask)."""
-    try:
-        return os.stat(path).st_mode & 0o777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def _npz_bytes(arrays):
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -255,7 +217,7 @@ def _build_from_config(config, path):
             if not isinstance(kwargs, dict):
                 raise InvalidModelFile(f"{path}: the config of a {class_name} layer is not a mapping")
             model.add(cls(**kwargs))
-        model.build(tuple(int(d) for d in config["input_shape"]))
+        model.build((None,) + tuple(int(d) for d in config["input_shape"]))
     except InvalidModelFile:
         raise
     except (KeyError, TypeError, ValueError) as exc:

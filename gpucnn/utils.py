@@ -1,5 +1,8 @@
 """Small utilities a Keras user expects: ``to_categorical``, ``set_random_seed``, ``clear_session``."""
+import contextlib
+import os
 import random
+import tempfile
 
 import numpy as np
 
@@ -13,6 +16,8 @@ def rng():
 
 def set_random_seed(seed):
     """Seed Python's ``random``, NumPy's global generator and gpucnn's own, so runs repeat exactly."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -55,3 +60,38 @@ def to_categorical(y, num_classes=None):
     out = np.zeros(y.shape + (num_classes,), dtype=np.float64)
     np.put_along_axis(out, y[..., None], 1.0, axis=-1)
     return out
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yield a binary file that replaces ``path`` only once completely written and synced to disk."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files; keep the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _file_mode(path):
+    """The existing file's permissions, or those a new file would get (0666 less the umask)."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -418,3 +418,108 @@ def test_to_categorical_matches_keras():
     assert utils.to_categorical(np.array([[1], [0]]), 4).shape == (2, 4)
     with pytest.raises(ValueError, match="out of range"):
         utils.to_categorical([3], 3)
+
+
+# ===================================================================================== review findings
+def test_a_built_layer_keeps_its_weights_and_refuses_another_shape():
+    conv = layers.Conv2D(2, 3)
+    m = models.Sequential([layers.Input((10, 10, 1)), conv])
+    m.build()
+    assert conv.build((10, 10, 1)) == (8, 8, 2) and conv.count_params() == 20
+    assert len(m.get_weights()) == 2
+    with pytest.raises(ValueError, match=r"built for inputs \(10, 10, 1\) and cannot take \(9, 9, 1\)"):
+        models.Sequential([layers.Input((9, 9, 1)), conv]).build()
+
+
+def test_a_failed_first_fit_leaves_the_model_usable():
+    m = models.Sequential([layers.Conv2D(4, 3, activation="relu"), layers.Flatten(),
+                           layers.Dense(3, activation="softmax")])
+    m.compile("sgd", "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(8)
+    with pytest.raises(ValueError, match="channel axis"):
+        m.fit(x[..., 0], y, verbose=0)
+    m.fit(x, y, verbose=0)
+    assert m.input_shape == (None, 8, 8, 1) and m.count_params() == 4 * 10 + 144 * 3 + 3
+
+
+def test_nan_in_one_hot_labels_is_named():
+    model = tiny_model()
+    model.compile("sgd", "categorical_crossentropy")
+    x, y = tiny_data(4)
+    y = utils.to_categorical(y, 3)
+    y[2, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity.*sample 2"):
+        model.fit(x, y, verbose=0)
+
+
+def test_freezing_is_refused_rather_than_ignored():
+    with pytest.raises(NotImplementedError, match="trainable=False"):
+        layers.Dense(2).trainable = False
+
+
+def test_a_seeded_dropout_draws_a_new_mask_each_step_and_repeats_across_runs():
+    def masks():
+        layer = layers.Dropout(0.5, seed=7)
+        x = np.ones((4, 16), np.float32)
+        return [layer(x, training=True) for _ in range(2)]
+    a, b = masks(), masks()
+    assert not np.array_equal(a[0], a[1])
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_adding_a_layer_restarts_the_optimizer():
+    m = models.Sequential([layers.Input((4,)), layers.Dense(3, activation="softmax")])
+    m.compile("adam", "sparse_categorical_crossentropy")
+    m.fit(np.ones((4, 4), np.float32), np.arange(4) % 3, verbose=0)
+    assert m.optimizer.iterations == 1
+    m.layers[-1].activation = None
+    m.add(layers.Dense(3, activation="softmax"))
+    m.build()
+    assert m.optimizer.iterations == 0 and m.optimizer.state is None
+
+
+def test_one_image_without_batch_axis_says_add_it(compiled):
+    with pytest.raises(ValueError, match=r"add the batch axis: x\[None\]"):
+        compiled.predict(np.zeros((28, 28, 1), np.float32), verbose=0)
+
+
+def test_small_api_edges():
+    m = tiny_model()
+    m.compile("sgd", "sparse_categorical_crossentropy", metrics="accuracy")
+    assert m.metrics == ["accuracy"]
+    x, y = tiny_data(4)
+    for bad in (2.5, -1, True):
+        with pytest.raises(ValueError, match="epochs must be a non-negative int"):
+            m.fit(x, y, epochs=bad, verbose=0)
+    assert m.fit(x, y, epochs=0, verbose=0).history == {}
+    with pytest.raises(ValueError, match="already has a layer named 'dense'"):
+        models.Sequential([layers.Dense(2, name="dense"), layers.Dense(2, name="dense")])
+    for bad in (1.5, -1):
+        with pytest.raises(ValueError, match="seed must be a non-negative int"):
+            utils.set_random_seed(bad)
+    with pytest.raises(ValueError, match="rho must be in"):
+        optimizers.RMSprop(rho=2)
+    with pytest.raises(ValueError, match="beta_2 must be in"):
+        optimizers.Adam(beta_2=1.0)
+    out = m.layers[0](x.tolist())  # lists are converted, as Keras does
+    assert out.dtype == np.float32 and out.shape == (4, 6, 6, 4)
+    with pytest.raises(ValueError, match=r"batch dimension first"):
+        models.Sequential([layers.Dense(2)]).build((4,))
+
+
+def test_validation_runs_the_test_hooks():
+    calls = []
+
+    class Spy(callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            calls.append("test_begin")
+
+        def on_test_end(self, logs=None):
+            calls.append(("test_end", sorted(logs)))
+
+    m = tiny_model()
+    m.compile("sgd", "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(20)
+    m.fit(x, y, batch_size=5, epochs=2, verbose=0, validation_split=0.2, callbacks=[Spy()])
+    assert calls == ["test_begin", ("test_end", ["accuracy", "loss"])] * 2

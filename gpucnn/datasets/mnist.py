@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils import atomic_write
+
 try:  # numpy >= 2 moved numpy.core to numpy._core
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # pragma: no cover - numpy < 2
@@ -151,20 +153,10 @@ def _unpack(pkl_gz):
 
 
 def _write_atomic(file, arrays):
-    """Write ``arrays`` to ``file`` via a fsynced temp file and os.replace."""
+    """Write ``arrays`` to ``file`` so that a crash never leaves a half-written cache."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".mnist-", suffix=".npz.tmp",
-                               dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates files as 0600
-        os.replace(tmp, file)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(file) as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _download(file):
