@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: train test bench gpu-check clean
+.PHONY: train test bench gpu-check bench-gpu bench-summary clean
 
 # The venv sees system site-packages so a machine's preinstalled CuPy is used when there is one.
 $(STAMP): pyproject.toml
@@ -26,10 +26,18 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo "PyTorch not installable here; benchmarking gpucnn alone"
 	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only $(ARGS)
 
-# On a GPU machine with CuPy, PyTorch, NumPy, pytest and pytest-benchmark already installed (no network):
-# GPU tests, compute-sanitizer, benchmarks; summary in benchmarks/results/gpu-check.json.
+# On a GPU machine with CuPy, PyTorch, NumPy, pytest and pytest-benchmark already installed (no network, no
+# venv): GPU tests, compute-sanitizer, quick benchmarks; summary in benchmarks/results/gpu-check.json.
+# ARGS="--stage bench --full" for the whole benchmark suite; benchmarks/README.md has the details.
 gpu-check:
-	$(PYTHON) benchmarks/gpu_check.py
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --require-gpu $(ARGS)
+
+# The GPU benchmarks alone, with the system Python (GPU machine); then the summary (any machine).
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) -m pytest benchmarks -q -p no:cacheprovider --benchmark-only -k "not numpy_vs_torch_cpu" $(ARGS)
+
+bench-summary:
+	$(PYTHON) benchmarks/summarize.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

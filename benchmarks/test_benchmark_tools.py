@@ -1,0 +1,84 @@
+"""The benchmark suite's own tools, checked on any machine (no GPU, no timing): the compute-sanitizer and
+junit parsers of gpu_check.py, summarize.py on results written here, and the GPU timing's settings.
+Not benchmarks: ``--benchmark-only`` skips them."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpu_check
+import summarize
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_sanitizer_summaries_are_counted():
+    memcheck = "========= COMPUTE-SANITIZER\n...\n========= ERROR SUMMARY: 3 errors\n"
+    assert gpu_check.parse_sanitizer_log(memcheck) == (3, None)
+    race = ("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n"
+            "========= ERROR SUMMARY: 1 error\n")
+    assert gpu_check.parse_sanitizer_log(race) == (1, {"hazards": 2, "errors": 1, "warnings": 1})
+    assert gpu_check.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n") == (0, None)
+    assert gpu_check.parse_sanitizer_log("Target application terminated before first instrumented API call")[0] is None
+
+
+def test_junit_counts(tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="2">'
+                   '<testcase classname="t" name="a"><failure/></testcase><testcase classname="t" name="b"><error/>'
+                   '</testcase><testcase classname="t" name="c"/></testsuite></testsuites>')
+    counts = gpu_check.junit_counts(xml)
+    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 1, 2)
+    assert counts["failures"] == ["t::a", "t::b"]
+    assert gpu_check.junit_counts(tmp_path / "missing.xml") is None
+
+
+def _write(folder, name, data):
+    (folder / f"{name}.json").write_text(json.dumps(data))
+
+
+def test_summary_reports_targets_and_writes_nothing_without_results(tmp_path):
+    assert summarize.summarize(tmp_path, quiet=True) is None
+    assert list(tmp_path.iterdir()) == []  # no results: no files
+    stamp = {"machine": {"date": "2000-01-01", "commit": "abc"}, "device": {"name": "Test GPU"}}
+    _write(tmp_path, "kernels-vs-cudnn", {**stamp, "rows": [
+        {"layer": "conv2", "pass": "forward", "batch": 64, "ours_ms": 2.0, "cudnn_ms": 1.0, "ratio": 2.0,
+         "target_ratio": 1.0, "met": False, "missed_by_pct": 100.0, "correct": True},
+        {"layer": "conv2", "pass": "forward", "batch": 256, "ours_ms": 1.0, "cudnn_ms": 1.0, "ratio": 1.0,
+         "target_ratio": None, "met": None, "missed_by_pct": None, "correct": True}]})
+    _write(tmp_path, "training-vs-torch", {**stamp, "epoch": {"gpucnn": {"64": {"epoch_seconds": 1.5}}},
+                                           "five_epochs": {"gpucnn": {"five_epoch_seconds": 9.0,
+                                                                      "test_accuracy": 0.99}},
+                                           "errors": {"torch_compile": {"error": "no compiler"}}})
+    latest = summarize.summarize(tmp_path, quiet=True)
+    assert latest["device"] == "Test GPU" and latest["commit"] == "abc" and latest["date"] == "2000-01-01"
+    assert latest["train"]["gpucnn"] == {"epoch_seconds": 1.5, "five_epoch_seconds": 9.0, "test_accuracy": 0.99}
+    assert latest["train"]["torch_compile"]["error"] == "no compiler"
+    assert latest["kernel_targets"]["judged"] == 1 and latest["kernel_targets"]["missed"] == 1
+    assert [set(k) >= {"layer", "pass", "batch", "ours_ms", "cudnn_ms"} for k in latest["kernels"]] == [True, True]
+    assert json.loads((tmp_path / "latest.json").read_text()) == latest
+    text = (tmp_path / "summary.md").read_text()
+    assert "Test GPU" in text and "| conv2 | forward | 64 |" in text and "0 of 1 met" in text
+
+
+def test_gpu_check_tests_stage_without_a_gpu(tmp_path):
+    from gpucnn import backend
+    if backend.gpu_status()[0]:
+        pytest.skip("a GPU is usable here: the stage would run the whole GPU test suite")
+    out = tmp_path / "gpu-check.json"
+    proc = subprocess.run([sys.executable, str(HERE / "gpu_check.py"), "--stage", "tests", "--out", str(out),
+                           "--logs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["tests"]["passed"] == 0 and report["tests"]["skipped"] > 0 and report["tests"]["failed"] == 0
+    assert report["gpu_usable"] is False and report["ok"] is True
+    assert {"device", "date", "commit"} <= set(report)
+    proc = subprocess.run([sys.executable, str(HERE / "gpu_check.py"), "--stage", "sanitizer", "--require-gpu",
+                           "--out", str(out), "--logs", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1  # on the GPU machine, no GPU is a failure
+    report = json.loads(out.read_text())
+    assert report["tests"]["skipped"] > 0  # the earlier stage's result is kept
+    assert report["sanitizer"]["status"] == "skipped" and report["ok"] is False
