@@ -754,3 +754,305 @@ def test_out_of_memory_gives_a_clear_error_and_later_work_succeeds():
     assert "MiB" in str(info.value)
     x = dev(normal(np.random.default_rng(37), (2, 5, 5, 3)))
     assert_close(ops.global_avgpool2d_forward(x), ref.global_avgpool2d_forward(host(x)))
+
+
+# ===================================================================================== fast-path kernels
+# kernels/conv_pool.cu and kernels/train_step.cu, launched one by one exactly as gpucnn/fastpath.py launches
+# them inside its captured step (same grids, blocks, shared memory and arguments), against the oracle.
+# Outputs start filled with a sentinel, so an element a kernel should not write stays visible.
+_FUSED = cuda.kernel_constants("conv_pool.cu")
+_TRAIN = cuda.kernel_constants("train_step.cu")
+SENTINEL = -7.25
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _conv_relu_maxpool(xd, wd, bd, stride, pads, activation, n, h, wdt, c, kh, kw, f, pp, pq):
+    """conv2d_relu_maxpool_forward as fastpath.Trainer._stage_conv_pool launches it → (y, idx) on the device."""
+    tpp, tpq, tf = _FUSED["FUSED_TILE_PP"], _FUSED["FUSED_TILE_PQ"], _FUSED["FUSED_TILE_F"]
+    patch = ((2 * tpp - 1) * stride[0] + kh) * ((2 * tpq - 1) * stride[1] + kw) * 4
+    cc = min(c, ops._PATCH_BYTES // patch)
+    assert cc >= 1
+    y = cupy.full((n, pp, pq, f), SENTINEL, F32)
+    idx = cupy.full((n, pp, pq, f), -1, np.int8)
+    tiles = n * _cdiv(pp, tpp) * _cdiv(pq, tpq)
+    cuda.launch("conv2d_relu_maxpool_forward", (max(1, tiles), _cdiv(f, tf)), (tf, tpq),
+                (xd, wd, bd, y, idx, n, h, wdt, c, kh, kw, f, pp, pq, stride[0], stride[1], pads[0], pads[2],
+                 ops._fused(activation), cc), shared_mem=patch * cc)
+    return y, idx
+
+
+# (n, c, hw, k, s, pad, f, activation, bias): odd convolution outputs (a row and column no window reads),
+# several tiles of pooled outputs, more filters than a block's FUSED_TILE_F, input channels in chunks (cc < c)
+CONV_POOL_GRID = [
+    (1, 1, (5, 5), 3, 1, "valid", 4, "relu", True),       # 3x3 -> 1x1
+    (2, 3, (11, 11), 1, 1, "valid", 4, "relu", True),     # 11x11 -> 5x5
+    (7, 3, (11, 11), 3, 1, "same", 8, "relu", False),     # 11x11 -> 5x5, zero padding
+    (2, 32, (11, 11), 3, 1, "valid", 8, None, True),      # 9x9 -> 4x4, linear
+    (7, 1, (28, 28), 3, 1, "valid", 32, "relu", True),    # the seed model's first layer: 26x26 -> 13x13
+    (2, 32, (13, 13), 3, 1, "valid", 64, "relu", True),   # its second: 11x11 -> 5x5, two filter tiles
+    (2, 32, (16, 16), 5, 2, "same", 4, "relu", True),     # a large patch: channels in two chunks
+    (1, 3, (7, 5), 2, 1, "same", 33, None, False),        # 7x5 -> 3x2, 33 filters
+    (2, 3, (12, 9), (3, 2), (2, 1), "valid", 5, "relu", True),  # mixed strides: 5x8 -> 2x4
+    (7, 2, (9, 10), (2, 3), (3, 2), "same", 3, "relu", True),   # 3x5 -> 1x2, stride 3
+]
+
+
+def _conv_pool_case(n, c, hw, k, s, pad, f, activation, bias):
+    k = (k, k) if isinstance(k, int) else k
+    s = (s, s) if isinstance(s, int) else s
+    x, wt, b, s, pads, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
+    z = ref.conv2d_forward(x, wt, b, s, pads, activation)
+    _, p, q, _ = z.shape
+    return x, wt, b, s, pads, z, p // 2, q // 2, rng
+
+
+@pytest.mark.parametrize("case", CONV_POOL_GRID, ids=lambda case: "-".join(map(str, case)).replace(" ", ""))
+def test_conv2d_relu_maxpool_forward_matches_reference(case):
+    x, wt, b, s, pads, z, pp, pq, _ = _conv_pool_case(*case)
+    n, h, wdt, c = x.shape
+    kh, kw, _, f = wt.shape
+    y, idx = _conv_relu_maxpool(dev(x), dev(wt), dev(b), s, pads, case[7], n, h, wdt, c, kh, kw, f, pp, pq)
+    zc = z[:, :2 * pp, :2 * pq]  # the rows and columns some 2x2 window reads
+    y_ref, idx_ref = ref.maxpool2d_forward(zc, (2, 2), (2, 2), VALID)
+    assert_close(y, y_ref)
+    got = host(idx).astype(np.int64)
+    assert got.dtype == np.int64 and ((got >= 0) & (got < 4)).all()
+    # the tap the kernel chose holds the window's maximum (up to float32 rounding); where the oracle's
+    # maximum is clear of the runner-up, it is the oracle's tap
+    windows = zc.reshape(n, pp, 2, pq, 2, f).transpose(0, 1, 3, 5, 2, 4).reshape(n, pp, pq, f, 4)
+    chosen = np.take_along_axis(windows, got[..., None], axis=-1)[..., 0]
+    atol = ATOL_SCALE * float(np.abs(zc).max()) if zc.size else 0.0
+    np.testing.assert_allclose(chosen, y_ref, rtol=RTOL, atol=atol)
+    top2 = np.sort(windows, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 10 * (atol + RTOL * np.abs(top2[..., 1]))
+    np.testing.assert_array_equal(got[clear], idx_ref[clear])
+
+
+@pytest.mark.parametrize("case", CONV_POOL_GRID[1:8:2], ids=lambda case: "-".join(map(str, case)).replace(" ", ""))
+def test_conv2d_relu_maxpool_forward_is_bitwise_the_unfused_pair(case):
+    """kernels/conv_pool.cu promises the same bits as conv2d_forward followed by maxpool2d_forward (the same
+    8x8 convolution tile and channel chunks, so the same summation order)."""
+    x, wt, b, s, pads, z, pp, pq, _ = _conv_pool_case(*case)
+    n, h, wdt, c = x.shape
+    kh, kw, _, f = wt.shape
+    xd, wd, bd = dev(x), dev(wt), dev(b)
+    y, idx = _conv_relu_maxpool(xd, wd, bd, s, pads, case[7], n, h, wdt, c, kh, kw, f, pp, pq)
+    conv = ops.conv2d_forward(xd, wd, bd, s, pads, case[7])
+    y_pair, idx_pair = ops.maxpool2d_forward(conv, (2, 2), (2, 2), VALID)
+    np.testing.assert_array_equal(host(y), host(y_pair))
+    np.testing.assert_array_equal(host(idx), host(idx_pair))
+
+
+@pytest.mark.parametrize("activation", ["relu", None])
+@pytest.mark.parametrize("hw, pool, stride, pad", [
+    ((11, 11), (2, 2), (2, 2), "valid"),   # the fast path's pool, odd input: the last row/column gets 0
+    ((8, 6), (2, 2), (2, 2), "valid"),
+    ((7, 5), (3, 3), (2, 2), "same"),      # overlapping windows with padding ("any pooling geometry")
+    ((6, 7), (2, 2), (1, 1), "valid"),
+])
+def test_maxpool2d_relu_backward_matches_reference(hw, pool, stride, pad, activation):
+    rng = np.random.default_rng([hw[0], hw[1], pool[0], stride[0], pad == "same", activation is None])
+    n, c = 3, 5
+    h, w = hw
+    z = normal(rng, (n, h, w, c))
+    if activation == "relu":
+        z = np.maximum(z, F32(0))  # the convolution's output after the relu: many zeros, ties included
+    pads = padding_for(pad, h, w, pool, stride)
+    y_ref, idx_ref = ref.maxpool2d_forward(z, pool, stride, pads)
+    _, p, q, _ = y_ref.shape
+    dy = normal(rng, y_ref.shape)
+    want = ref.maxpool2d_backward(dy, idx_ref, z.shape, pool, stride, pads)
+    if activation == "relu":
+        want = ref.activation_backward(want, z, "relu")
+    idx = dev(idx_ref.astype(np.int8))
+    dz = cupy.full(z.shape, SENTINEL, F32)
+    cuda.launch("maxpool2d_relu_backward", ops._image_grid(h * w * c, n), ops._THREADS,
+                (dev(dy), idx, dev(f32(y_ref)), dz, n, h, w, c, p, q, pool[0], pool[1], stride[0], stride[1],
+                 pads[0], pads[2], ops._fused(activation)))
+    overlapping = pool[0] > stride[0] or pool[1] > stride[1]
+    if overlapping:
+        assert_close(dz, want)
+    else:
+        assert_exact(dz, want)  # one window per element: no sum
+    # the same values as maxpool2d_backward followed by relu_backward (the unfused pair)
+    pair = ops.maxpool2d_backward(dev(dy), idx, z.shape, pool, stride, pads)
+    if activation == "relu":
+        pair = ops.activation_backward(pair, dev(z), "relu")
+    np.testing.assert_array_equal(host(dz), host(pair))
+
+
+def _gather(x_u8, x_f32, onehot, labels, perm, step, n_total, batch, rows, per_image, k, grid=None):
+    """gather_batch as fastpath.Trainer._program launches it → (xb, onehot_b or labels_b)."""
+    xb = cupy.full((batch, per_image), SENTINEL, F32)
+    yb = cupy.full((batch, k), SENTINEL, F32) if labels is None else cupy.full((batch,), -3, np.int32)
+    if grid is None:
+        grid = (ops._blocks(per_image), min(rows, 65535))
+    cuda.launch("gather_batch", grid, ops._THREADS,
+                (x_u8, x_f32, onehot, labels, perm, step, xb[:rows], yb[:rows] if labels is None else None,
+                 yb[:rows] if labels is not None else None, n_total, batch, rows, per_image, k))
+    return host(xb), host(yb)
+
+
+@pytest.mark.parametrize("source", ["uint8", "float32"])
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("per_image, grid", [(300, None), (784, None), (600, (1, 2))])  # (1, 2): loops go round
+def test_gather_batch_copies_the_steps_rows(source, sparse, per_image, grid):
+    rng = np.random.default_rng([per_image, sparse, source == "uint8"])
+    n_total, batch, k = 29, 8, 6
+    u8 = rng.integers(0, 256, size=(n_total, per_image)).astype(np.uint8)
+    x = u8.astype(F32) / F32(255) if source == "uint8" else normal(rng, (n_total, per_image))
+    classes = rng.integers(0, k, size=n_total)
+    labels = classes.astype(np.int32) if sparse else f32(np.eye(k)[classes])
+    perm = rng.permutation(n_total).astype(np.int32)
+    x_u8, x_f32 = (dev(u8), None) if source == "uint8" else (None, dev(x))
+    y_dev = dev(labels)
+    for step in range(_cdiv(n_total, batch)):  # the last step has 5 rows
+        rows = min(batch, n_total - step * batch)
+        xb, yb = _gather(x_u8, x_f32, None if sparse else y_dev, y_dev if sparse else None, dev(perm),
+                         dev(np.array([step], np.int32)), n_total, batch, rows, per_image, k, grid)
+        src = perm[step * batch:step * batch + rows]
+        np.testing.assert_array_equal(xb[:rows], x[src])  # uint8 / 255: the same bits as NumPy's division
+        np.testing.assert_array_equal(yb[:rows], labels[src])
+        assert (xb[rows:] == SENTINEL).all() and ((yb[rows:] == -3) if sparse else (yb[rows:] == SENTINEL)).all()
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z):
+    """common.cuh's mix64, on Python integers."""
+    z ^= z >> 30
+    z = (z * 0xbf58476d1ce4e5b9) & _MASK64
+    z ^= z >> 27
+    z = (z * 0x94d049bb133111eb) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _permutation_keys(n, seed, grid=None):
+    keys = cupy.zeros(n, np.uint64)
+    cuda.launch("permutation_keys", grid or ops._blocks(n), ops._THREADS, (keys, n, seed))
+    return keys
+
+
+def test_permutation_keys_give_a_seeded_permutation():
+    n = 1000
+    seed = 2**62 + 12345
+    keys = _permutation_keys(n, seed)
+    got = host(keys)
+    mixed = _mix64((seed + 0x9e3779b97f4a7c15) & _MASK64)
+    want = [(_mix64((mixed + i) & _MASK64) & 0xffffffff80000000) | i for i in range(n)]
+    assert got.tolist() == want  # the bits kernels/train_step.cu documents
+    order = host(cupy.argsort(keys))
+    assert sorted(order.tolist()) == list(range(n))   # distinct keys: argsort is a permutation
+    assert (order == np.arange(n)).mean() < 0.02      # and a shuffled one
+    np.testing.assert_array_equal(host(_permutation_keys(n, seed, grid=1)), got)  # any grid, the same keys
+    np.testing.assert_array_equal(host(cupy.argsort(_permutation_keys(n, seed))), order)  # same seed, order
+    other = host(cupy.argsort(_permutation_keys(n, seed + 1)))
+    assert (other != order).mean() > 0.9
+
+
+def test_step_advance_adds_one_once():
+    step = dev(np.array([5], np.int32))
+    cuda.launch("step_advance", 1, 1, (step,))
+    assert host(step).tolist() == [6]
+    cuda.launch("step_advance", 3, 64, (step,))  # only thread 0 of block 0 writes
+    assert host(step).tolist() == [7]
+
+
+def _separated_logits(rng, n, k, ties=0):
+    """Logits whose largest entry is clear of the runner-up (float32 and float64 agree on the arg-max),
+    plus ``ties`` rows with exactly tied maxima (the first one counts)."""
+    z = rng.normal(size=(n, k)) * 2
+    top = z.argmax(axis=1)
+    z[np.arange(n), top] += 0.05
+    for r in range(min(ties, n)):
+        if k > 1:
+            z[r, :] = np.round(z[r, :])
+            z[r, k - 1] = z[r, 0] = z[r].max()
+    return f32(z)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("n, k", [(1, 2), (7, 10), (64, 10), (300, 3)])  # 300: more rows than THREADS
+def test_softmax_crossentropy_step_matches_reference(n, k, sparse):
+    rng = np.random.default_rng([n, k, sparse, 40])
+    logits = _separated_logits(rng, n, k, ties=3)
+    labels = _labels(rng, n, k, sparse)
+    labels[:2] = 0 if sparse else np.eye(k, dtype=F32)[0]  # tie rows whose first maximum is the label
+    steps, step = 4, 2
+    loss_steps = cupy.full(steps, SENTINEL, F32)
+    correct_steps = cupy.full(steps, -3, np.int32)
+    dz = cupy.full((n, k), SENTINEL, F32)
+    name = "softmax_crossentropy_step_sparse" if sparse else "softmax_crossentropy_step_onehot"
+    lab = dev(labels.astype(np.int32) if sparse else labels)
+    cuda.launch(name, 1, ops._THREADS, (dev(logits), lab, dz, loss_steps, correct_steps,
+                                         dev(np.array([step], np.int32)), n, k))
+    p = ref.activation_forward(logits, "softmax")
+    loss, correct = host(loss_steps), host(correct_steps)
+    np.testing.assert_allclose(loss[step], ref.crossentropy_forward(p, labels, sparse).sum(), rtol=1e-4)
+    assert correct[step] == ref.count_correct(p, labels, sparse)
+    assert (np.delete(loss, step) == SENTINEL).all() and (np.delete(correct, step) == -3).all()
+    # p comes from the kernel's own expf here (not given, as in test_crossentropy_matches_reference)
+    assert_close(dz, ref.softmax_crossentropy_backward(p, labels, sparse), atol_scale=1e-5)
+
+
+def test_softmax_crossentropy_step_sparse_out_of_range_label_is_nan():
+    logits = dev(f32([[0.2, 0.8], [0.6, 0.4], [0.5, 0.1]]))
+    loss_steps, correct_steps = cupy.zeros(1, F32), cupy.zeros(1, np.int32)
+    dz = cupy.zeros((3, 2), F32)
+    cuda.launch("softmax_crossentropy_step_sparse", 1, ops._THREADS,
+                (logits, dev(np.array([1, 2, 0], np.int32)), dz, loss_steps, correct_steps,
+                 dev(np.array([0], np.int32)), 3, 2))
+    assert np.isnan(host(loss_steps)[0])  # the step's loss: a NaN row makes the sum NaN (divergence shows)
+    g = host(dz)
+    assert np.isfinite(g[[0, 2]]).all() and np.isnan(g[1]).all()
+
+
+@pytest.mark.parametrize("rate", [0.25, 0.5])
+def test_dropout_forward_scheduled_uses_the_steps_seed(rate):
+    rng = np.random.default_rng(41)
+    x = dev(normal(rng, (64, 1000)))
+    steps, slots = 3, 2
+    seeds = rng.integers(0, 2**63, size=steps * slots, dtype=np.uint64)
+    scale = F32(1) / F32(1 - rate)
+    for step, slot, grid in ((0, 0, None), (2, 1, None), (1, 0, 3)):  # grid 3: a grid-stride loop
+        y, mask = cupy.full(x.shape, SENTINEL, F32), cupy.full(x.shape, SENTINEL, F32)
+        cuda.launch("dropout_forward_scheduled", grid or ops._blocks(x.size), ops._THREADS,
+                    (x, y, mask, x.size, F32(rate), scale, dev(seeds), dev(np.array([step], np.int32)), slot,
+                     slots))
+        # the plain kernel with that seed: the same mask and output, bit for bit
+        y_plain, mask_plain = ops.dropout_forward(x, rate, int(seeds[step * slots + slot]))
+        np.testing.assert_array_equal(host(mask), host(mask_plain))
+        np.testing.assert_array_equal(host(y), host(y_plain))
+        m = host(mask)
+        assert set(np.unique(m).tolist()) <= {0.0, float(scale)}
+        assert abs((m != 0).mean() - (1 - rate)) < 0.01  # 64,000 draws
+        np.testing.assert_array_equal(host(y), host(x) * m)
+
+
+@pytest.mark.parametrize("lr, b1, b2, eps", [(0.001, 0.9, 0.999, 1e-7), (0.01, 0.8, 0.99, 1e-3)])
+def test_adam_update_scheduled_matches_reference(lr, b1, b2, eps):
+    """Adam with its step sizes in a per-step table indexed by the device step counter, as the fast path
+    runs it (the counter advanced by step_advance, the table computed as Trainer.begin_epoch does)."""
+    rng = np.random.default_rng(42)
+    w = dev(normal(rng, (1000,)))
+    m, v = cupy.zeros_like(w), cupy.zeros_like(w)
+    w_plain, m_plain, v_plain = w.copy(), m.copy(), v.copy()
+    w_ref, m_ref, v_ref = (host(a).astype(np.float64) for a in (w, m, v))
+    alphas = dev(np.asarray([F32(lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)) for t in range(1, STEPS + 1)], F32))
+    step = dev(np.array([0], np.int32))
+    for t in range(1, STEPS + 1):
+        g = normal(rng, w.shape)
+        cuda.launch("adam_update_scheduled", ops._blocks(w.size) if t != 3 else 1, ops._THREADS,
+                    (w, dev(g), m, v, w.size, alphas, step, F32(1 - b1), F32(1 - b2), F32(eps)))
+        cuda.launch("step_advance", 1, 1, (step,))
+        ops.adam_update(w_plain, dev(g), m_plain, v_plain, lr, b1, b2, eps, t)
+        w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, b1, b2, eps, t)
+        for got, want in ((w, w_ref), (m, m_ref), (v, v_ref)):
+            _assert_state(got, want)
+        for got, plain in ((w, w_plain), (m, m_plain), (v, v_plain)):  # the plain kernel's bits
+            np.testing.assert_array_equal(host(got), host(plain))
+    assert host(step).tolist() == [STEPS]

@@ -1,6 +1,8 @@
 """The real CUDA kernels run on the CPU by an EMULATOR (tests/emulator/, see its README) against the float64
-oracle: tests/test_gpu.py (all but the tests listed in EXCLUDE) plus the checks below, in a subprocess
-whose fake ``cupy`` never reaches this process.
+oracle: tests/test_gpu.py and tests/test_fastpath.py (all but the tests listed in EXCLUDE) plus the checks
+below, in a subprocess whose fake ``cupy`` never reaches this process. The fast path's CUDA graphs are
+recorded and replayed by the fake ``cupy`` (operations recorded at capture, run in order at each replay), so
+its kernels and its Python orchestration both run here.
 
 EMULATION, not a GPU: it checks indexing, bounds (guard zones around every array), reduction order and
 barrier placement (every thread of a block at the same ``__syncthreads``; threads of a block run in both
@@ -32,9 +34,10 @@ EXCLUDE = {
     "test_batch_times_channels_beyond_the_grid_limits":
         "70,000 images take a minute here; test_grid_stride_loops_with_few_blocks checks the same loops",
     "test_backward_passes_are_bitwise_reproducible": "sequential emulation is deterministic anyway (5 s)",
-    "test_a_step_can_be_captured_in_a_cuda_graph": "CUDA streams and graphs are not emulated",
+    "test_seed_model_one_epoch_on_an_mnist_subset_matches_numpy":
+        "tests/test_fastpath.py: 4,096 MNIST images take minutes here; the small models cover the same path",
 }
-MIN_PASSED = 550  # the emulated run must have run (and passed) at least this many tests
+MIN_PASSED = 680  # the emulated run must have run (and passed) at least this many tests
 
 # The kernels when this test was written: each must be launched by the emulated run. Kernels added later
 # are reported (a warning) until a test launches them and they are added here.
@@ -47,14 +50,13 @@ softmax_crossentropy_backward_sparse crossentropy_backward_onehot crossentropy_b
 count_correct_onehot count_correct_sparse sgd_update rmsprop_update adam_update
 maxpool2d_forward maxpool2d_backward avgpool2d_forward avgpool2d_backward
 global_avgpool2d_forward global_avgpool2d_backward
-""".split())
-# Known kernels that no emulated test launches yet (the fast path runs them only inside CUDA graphs,
-# which the emulator does not model): reported, not failed.
-PENDING = frozenset("""
 conv2d_relu_maxpool_forward maxpool2d_relu_backward permutation_keys gather_batch step_advance
 softmax_crossentropy_step_onehot softmax_crossentropy_step_sparse dropout_forward_scheduled
 adam_update_scheduled
 """.split())
+# Known kernels that no emulated test launches yet: reported, not failed. (Empty since the emulator records
+# and replays CUDA graphs, which the fast path's kernels run in.)
+PENDING = frozenset()
 
 
 if not INNER:
@@ -64,12 +66,13 @@ if not INNER:
         if not sys.platform.startswith("linux"):
             pytest.skip("the kernel emulator's fibers (ucontext) are only set up for Linux")
         report_path = tmp_path / "emulated.json"
-        env = dict(os.environ, GPUCNN_EMU_INNER="1", GPUCNN_EMU_REPORT=str(report_path), GPUCNN_FASTPATH="0",
+        env = dict(os.environ, GPUCNN_EMU_INNER="1", GPUCNN_EMU_REPORT=str(report_path),
                    GPUCNN_EMU_EXCLUDE=json.dumps(EXCLUDE),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(EMULATOR), str(ROOT), os.environ.get("PYTHONPATH")])))
         env.pop("GPUCNN_NO_POOL", None)  # a sanitizer setting for real CuPy (tests/conftest.py)
+        env.pop("GPUCNN_FASTPATH", None)  # the fast path on by default; tests that compare paths set it
         command = [sys.executable, "-m", "pytest", "-p", "fake_cupy", "-p", "no:cacheprovider", "-q", "-o",
-                   "addopts=-ra", "tests/test_gpu.py", "tests/test_kernels_emulated.py"]
+                   "addopts=-ra", "tests/test_gpu.py", "tests/test_fastpath.py", "tests/test_kernels_emulated.py"]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - start
@@ -178,6 +181,154 @@ if INNER:
         T.test_sgd_update_matches_reference(momentum=0.9, nesterov=True)
         T.test_rmsprop_update_matches_reference(lr=0.001, rho=0.8, eps=1e-6, momentum=0.5, centered=True)
         T.test_adam_update_matches_reference(lr=0.01, b1=0.8, b2=0.99, eps=1e-3)
+        T.test_maxpool2d_relu_backward_matches_reference(hw=(11, 11), pool=(2, 2), stride=(2, 2), pad="valid",
+                                                         activation="relu")
+        T.test_conv2d_relu_maxpool_forward_matches_reference(T.CONV_POOL_GRID[4])
+        T.test_dropout_forward_scheduled_uses_the_steps_seed(rate=0.5)
+        T.test_adam_update_scheduled_matches_reference(lr=0.01, b1=0.8, b2=0.99, eps=1e-3)
+        T.test_permutation_keys_give_a_seeded_permutation()
+
+    def test_the_fast_path_with_few_blocks(few_blocks, monkeypatch):
+        """The fast path's own grids (gather_batch, maxpool2d_relu_backward, the scheduled kernels) capped."""
+        test_a_short_fit_matches_the_numpy_engine("sparse_categorical_crossentropy", "adam", True, monkeypatch)
+
+    def _fast_fit(fast, build, x, y, batch_size, monkeypatch, callbacks=()):
+        """(history, weights, per-batch logs) of a 2-epoch fit of ``build()`` on the CUDA engine."""
+        from gpucnn import fastpath
+        from gpucnn.callbacks import Callback
+
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        seen = []
+
+        class Record(Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                seen.append(dict(logs or {}))
+
+        backend.set_engine("gpu")
+        set_random_seed(6)
+        model = build()
+        if fast:
+            assert fastpath.unsupported_reason(model) is None
+        history = model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0, shuffle=False,
+                            callbacks=[Record()]).history
+        weights = [np.array(w) for w in model.get_weights()]
+        backend.set_engine("cpu")
+        return history, weights, seen
+
+    def test_the_fast_path_reads_metrics_as_it_goes(monkeypatch):
+        """Every READ_EVERY steps an asynchronous copy of the step slots, read once its event is done: the
+        running logs it shows are the plain path's of the step the copy covered."""
+        from gpucnn import fastpath
+
+        monkeypatch.setattr(fastpath, "READ_EVERY", 2)
+        monkeypatch.setattr(models.Sequential, "READ_EVERY", 1)  # the plain path: running logs at every step
+        rng = np.random.default_rng(8)
+        x = rng.random((100, 9, 9, 2)).astype(np.float32)  # 13 steps of 8, the last of 4
+        y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 100)]
+        build = lambda: _model("adam", "categorical_crossentropy")  # noqa: E731
+        (h_fast, w_fast, fast), (h_plain, w_plain, plain) = (
+            _fast_fit(f, build, x, y, 8, monkeypatch) for f in (True, False))
+        assert len(fast) == len(plain) == 26
+        for s, logs in enumerate(fast):
+            step = s % 13
+            if step < 2:
+                assert not logs, (s, logs)  # nothing read yet in this epoch
+                continue
+            covered = s if step == 12 else s - 1 - (step % 2)  # the last step reads everything
+            for key in ("loss", "accuracy"):
+                np.testing.assert_allclose(logs[key], plain[covered][key], rtol=1e-5, err_msg=f"{key} {s}")
+        np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+        for a, b in zip(w_fast, w_plain):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+    def test_the_fast_path_stages_without_bias_and_unfused_pools(monkeypatch):
+        """Stages small_model does not have: a Conv2D and a Dense without bias (their own db buffers), a max
+        pool that is not fused (3x3), average and global pooling, a relu Activation, a linear Conv2D with
+        its 2x2 max-pool fused, an output Activation('softmax'); SGD with Nesterov momentum."""
+        from gpucnn import optimizers
+
+        def build():
+            model = models.Sequential([
+                layers.Conv2D(5, (3, 3), strides=(2, 2), padding="same", use_bias=False, activation="relu",
+                              input_shape=(13, 11, 2)),
+                layers.MaxPooling2D((3, 3), strides=(1, 1)),
+                layers.AveragePooling2D((2, 2), strides=(1, 1), padding="same"),
+                layers.Activation("relu"),
+                layers.Conv2D(6, (2, 2)),
+                layers.MaxPooling2D((2, 2)),
+                layers.GlobalAveragePooling2D(),
+                layers.Dense(7, use_bias=False, activation="relu"),
+                layers.Dense(3),
+                layers.Activation("softmax"),
+            ])
+            model.compile(optimizer=optimizers.SGD(0.1, momentum=0.9, nesterov=True),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            return model
+
+        rng = np.random.default_rng(9)
+        x = rng.normal(size=(19, 13, 11, 2)).astype(np.float32)
+        y = rng.integers(0, 3, 19)
+        (h_fast, w_fast, _), (h_plain, w_plain, _) = (_fast_fit(f, build, x, y, 6, monkeypatch)
+                                                      for f in (True, False))
+        np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+        assert h_fast["accuracy"] == h_plain["accuracy"]
+        for a, b in zip(w_fast, w_plain):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+    def test_emulated_graphs_record_and_replay():
+        """The harness's capture: operations are recorded, not run, and replayed in order at each launch,
+        reading the arrays as they are then; what CUDA refuses inside a capture is refused."""
+        x, y = cupy.zeros(4, np.float32), cupy.zeros(4, np.float32)
+        pinned = np.zeros(4, np.float32)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            x[...] = 1.0
+            stream.begin_capture()
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))
+            x[...] = x  # (a device-to-device copy: recorded too)
+            cupy.copyto(x, np.full(4, 2.0, np.float32))  # the host values as they were at the capture
+            y.get(stream=stream, out=pinned, blocking=False)
+            graph = stream.end_capture()
+        assert graph.operations() == ["kernel relu_forward", "a copy into a device array", "cupy.copyto",
+                                      "ndarray.get(out=...)"]
+        np.testing.assert_array_equal(cupy.asnumpy(x), 1.0)  # nothing ran
+        np.testing.assert_array_equal(cupy.asnumpy(y), 0.0)
+        graph.launch(stream)
+        np.testing.assert_array_equal(cupy.asnumpy(y), 1.0)
+        np.testing.assert_array_equal(cupy.asnumpy(x), 2.0)
+        np.testing.assert_array_equal(pinned, 1.0)
+        graph.launch(stream)
+        np.testing.assert_array_equal(pinned, 2.0)
+
+        def refuse_allocation(size):
+            raise MemoryError(f"allocation of {size}")
+
+        refused = {
+            "synchronize": lambda: stream.synchronize(),
+            "get": lambda: x.get(),
+            "arithmetic": lambda: x + 1,
+            "copy": lambda: x.copy(),
+            "int": lambda: int(x[:1].reshape(())),  # (x[0] is a NumPy scalar here, read at once)
+            "other stream": lambda: cuda.launch("relu_forward", 1, 256, (x, y, 4)),
+            "allocation": lambda: cupy.empty(3, np.float32),
+        }
+        for what, run in refused.items():
+            with stream:
+                stream.begin_capture()
+                previous = cupy.cuda.get_allocator()
+                cupy.cuda.set_allocator(refuse_allocation)
+                try:
+                    if what == "other stream":
+                        with cupy.cuda.Stream():
+                            with pytest.raises(fake_cupy.EmulatedCaptureError):
+                                run()
+                    else:
+                        with pytest.raises((fake_cupy.EmulatedCaptureError, MemoryError)):
+                            run()
+                finally:
+                    cupy.cuda.set_allocator(previous)
+                    assert len(stream.end_capture()) == 0, what
+        assert (x + 1).sum() == 12  # the hooks are gone after the capture
 
     def test_an_empty_batch_reads_nothing():
         x, w, b = cupy.zeros((0, 5, 5, 3), np.float32), cupy.ones((3, 3, 3, 4), np.float32), cupy.ones(4, np.float32)
@@ -203,6 +354,13 @@ if INNER:
     def _history(engine, x, y, loss, optimizer):
         backend.set_engine(engine)
         set_random_seed(3)
+        model = _model(optimizer, loss)
+        history = model.fit(x, y, batch_size=10, epochs=2, verbose=0, shuffle=False).history
+        weights = [np.array(w) for w in model.get_weights()]
+        backend.set_engine("cpu")
+        return history, weights
+
+    def _model(optimizer, loss):
         model = models.Sequential([
             layers.Conv2D(6, (3, 3), activation="relu", input_shape=(9, 9, 2)),
             layers.MaxPooling2D((2, 2)),
@@ -212,17 +370,26 @@ if INNER:
             layers.Dense(4, activation="softmax"),
         ])
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-        history = model.fit(x, y, batch_size=10, epochs=2, verbose=0, shuffle=False).history
-        weights = [np.array(w) for w in model.get_weights()]
-        backend.set_engine("cpu")
-        return history, weights
+        return model
 
+    @pytest.mark.parametrize("fast", [False, True], ids=["plain", "fastpath"])
     @pytest.mark.parametrize("loss, optimizer", [("sparse_categorical_crossentropy", "adam"),
                                                  ("categorical_crossentropy", "sgd"),
                                                  ("categorical_crossentropy", "rmsprop")])
-    def test_a_short_fit_matches_the_numpy_engine(loss, optimizer):
+    def test_a_short_fit_matches_the_numpy_engine(loss, optimizer, fast, monkeypatch):
+        """The plain CUDA path, and the fast path (its step captured as a graph and replayed by the
+        emulator; the first Conv2D and its 2x2 max-pool fused, a 7x7 convolution output pooled to 3x3)."""
+        from gpucnn import fastpath
+
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        if fast:
+            def refuse(model, reason):
+                raise AssertionError(f"the fast path was not taken: {reason}")
+            monkeypatch.setattr(fastpath, "notice", refuse)
         rng = np.random.default_rng(4)
         x = rng.random((25, 9, 9, 2)).astype(np.float32)  # a last batch of 5
+        if fast and loss.startswith("sparse"):
+            x = np.floor(x * 255).astype(np.float32) / 255  # stored as uint8 on the device
         labels = rng.integers(0, 4, 25)
         y = labels if loss.startswith("sparse") else np.eye(4, dtype=np.float32)[labels]
         (h_np, w_np), (h_cu, w_cu) = (_history(e, x, y, loss, optimizer) for e in ("cpu", "gpu"))

@@ -10,6 +10,15 @@ Importing this module (directly, or as the pytest plugin ``-p fake_cupy``) insta
     that ``gpucnn.cuda._kernel_table()`` lists. Shared objects are cached by a hash of their source under
     ``$GPUCNN_EMU_CACHE`` (default: ``<system temp>/gpucnn-emu-<uid>``), never in the repository.
 
+Streams and graphs (the fast path, gpucnn/fastpath.py): every emulated operation runs at once, in issue
+order, so streams, events and asynchronous copies are synchronous. ``Stream.begin_capture()`` switches the
+stream to recording: kernel launches and the few array operations a capture can hold (``a[...] = b``,
+``fill``, ``cupy.copyto``, ``set``, ``get(out=..., blocking=False)``) are recorded, NOT run, and
+``end_capture()`` returns a ``Graph`` whose ``launch()`` replays them in order, reading the arrays' contents
+at replay time. Inside a capture the harness refuses what CUDA or the emulator cannot capture: device
+allocations (through the installed allocator, as ``cupy.cuda.set_allocator`` hooks do), synchronisation,
+synchronous copies to the host, NumPy computations on device arrays, and operations on another stream.
+
 After every launch the harness checks the guard zones of each array argument (a write out of bounds) and
 the emulator's barrier checks (threads of a block at different ``__syncthreads`` or leaving while others
 wait); either raises ``EmulatedKernelError`` naming the kernel. With ``GPUCNN_EMU_REPORT=<path>`` the
@@ -57,32 +66,52 @@ class EmulatorBuildError(RuntimeError):
 class ndarray(np.ndarray):
     """A "device" array: a NumPy array with cupy's few extra methods."""
 
-    def get(self):
-        return np.array(self, copy=True)
+    def get(self, stream=None, order="C", out=None, blocking=True):
+        if out is None:
+            _refuse_in_capture("ndarray.get() (a synchronous copy to the host)")
+            return np.array(self, copy=True, order=order)
+        if blocking:
+            _refuse_in_capture("ndarray.get(out=..., blocking=True) (a synchronous copy to the host)")
+        _enqueue("ndarray.get(out=...)", lambda: np.copyto(out, np.asarray(self).reshape(out.shape)), stream)
+        return out
+
+    def set(self, arr, stream=None):
+        value = np.array(arr, copy=True)  # the host array as it is now
+        _enqueue("ndarray.set", lambda: np.ndarray.__setitem__(self, Ellipsis, value), stream)
 
 
 ndarray.__module__ = "cupy"
 _allocations = weakref.WeakValueDictionary()  # address of a guarded buffer -> the uint8 buffer
 _allocator = [None]  # cupy.cuda.set_allocator's function, called with the size of each allocation
+_pool_bytes = {"used": 0, "peak": 0}  # device bytes of live allocations (not the harness's own copies)
 
 
-def _alloc(shape, dtype=np.float32):
-    """A guarded, poisoned device array."""
+def _release(nbytes):
+    _pool_bytes["used"] -= nbytes
+
+
+def _alloc(shape, dtype=np.float32, internal=False):
+    """A guarded, poisoned device array. ``internal``: a copy the harness makes for a launch (not counted, not
+    refused: on a GPU that array would already be device memory)."""
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > DEVICE_MEMORY:
         raise cuda_ns.memory.OutOfMemoryError(f"out of memory allocating {nbytes:,} bytes (emulated device)")
-    if _allocator[0] is not None:
-        _allocator[0](nbytes)  # counted by tests that install their own allocator
+    if _allocator[0] is not None and not internal:
+        _allocator[0](nbytes)  # counted by tests that install their own allocator; refused inside captures
     raw = np.full(nbytes + 2 * GUARD, POISON, np.uint8)
     _allocations[raw.ctypes.data] = raw
+    if not internal:
+        _pool_bytes["used"] += nbytes
+        _pool_bytes["peak"] = max(_pool_bytes["peak"], _pool_bytes["used"])
+        weakref.finalize(raw, _release, nbytes)
     return raw[GUARD:GUARD + nbytes].view(dtype).reshape(shape).view(ndarray)
 
 
-def _device_copy(a, dtype=None, order="C"):
+def _device_copy(a, dtype=None, order="C", internal=False):
     a = np.asarray(a, dtype=dtype)
-    out = _alloc(a.shape, a.dtype)
+    out = _alloc(a.shape, a.dtype, internal)
     if order == "F" and a.ndim > 1:  # the same values in Fortran order: a view of a guarded buffer
         out = out.reshape(a.shape[::-1]).T
     out[...] = a
@@ -123,7 +152,9 @@ cupy.empty = _alloc
 cupy.asarray = lambda a, dtype=None: (  # a device array of the right dtype is returned as is, as CuPy does
     a if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype) else _device_copy(a, dtype))
 cupy.array = lambda a, dtype=None, copy=True: _device_copy(a, dtype)
-cupy.asnumpy = lambda a: np.array(a, copy=True)
+cupy.asnumpy = lambda a, stream=None, order="C", out=None, blocking=True: (
+    ndarray.get(a, stream, order, out, blocking) if isinstance(a, ndarray) else np.array(a, copy=True))
+cupy.arange = lambda *args, **kwargs: _device_copy(np.arange(*args, **kwargs))  # guarded, as all device arrays
 cupy.ascontiguousarray = lambda a, dtype=None: (
     a if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype)
     else _device_copy(a, dtype))
@@ -158,12 +189,27 @@ class _Device:
         self.id, self.compute_capability = index, "90"
 
     def synchronize(self):
-        pass
+        _refuse_in_capture("Device.synchronize()")
 
 
 class _MemoryPool:
+    """Counts the bytes of live device arrays: ``used_bytes``; ``total_bytes`` is their peak (a pool keeps
+    the blocks it got)."""
+
     def malloc(self, size):
         return None
+
+    def used_bytes(self):
+        return _pool_bytes["used"]
+
+    def total_bytes(self):
+        return _pool_bytes["peak"]
+
+    def free_bytes(self):
+        return _pool_bytes["peak"] - _pool_bytes["used"]
+
+    def free_all_blocks(self, stream=None):
+        _pool_bytes["peak"] = _pool_bytes["used"]
 
 
 _pool = _MemoryPool()
@@ -174,7 +220,215 @@ def _set_allocator(fn=None):
     _allocator[0] = None if fn is None or fn == _pool.malloc else fn
 
 
-cuda_ns = _module("cupy.cuda", Device=_Device, set_allocator=_set_allocator,
+def _get_allocator():
+    return _allocator[0] or _pool.malloc
+
+
+# ===================================================================================== streams, graphs
+class EmulatedCaptureError(RuntimeError):
+    """An operation inside a stream capture that CUDA refuses, or that the emulator cannot record."""
+
+
+_streams = []           # the `with stream:` stack; the current stream is the last one (else the null stream)
+_capturing = [None]     # the stream being captured (one at a time here)
+_replaying = [0]        # > 0 while a graph replays: its operations run, never recorded
+
+
+class Stream:
+    """A CUDA stream. Work runs as it is issued (the emulator is synchronous), except while the stream is
+    capturing: then it is recorded for the Graph that ``end_capture`` returns."""
+
+    def __init__(self, null=False, non_blocking=False, ptr=0):
+        self.is_null, self.non_blocking = bool(null), bool(non_blocking)
+        self._nodes = None  # the recorded operations while capturing
+
+    def __enter__(self):
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _streams.pop()
+        return False
+
+    def use(self):
+        _streams[:] = [self]
+        return self
+
+    @property
+    def done(self):
+        return True
+
+    def synchronize(self):
+        if _capturing[0] is not None:  # cudaErrorStreamCaptureUnsupported (and it invalidates the capture)
+            raise EmulatedCaptureError("Stream.synchronize() while a stream is being captured")
+
+    def record(self, event=None):
+        event = event if event is not None else Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        pass
+
+    def is_capturing(self):
+        return self._nodes is not None
+
+    def begin_capture(self, mode=None):
+        if self.is_null:
+            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: the null stream cannot be captured")
+        if self._nodes is not None:
+            raise CUDARuntimeError("cudaErrorIllegalState: the stream is already capturing")
+        if _capturing[0] is not None:
+            raise EmulatedCaptureError("two captures at once are not emulated")
+        self._nodes = []
+        _capturing[0] = self
+        _install_capture_hooks()
+
+    def end_capture(self):
+        if self._nodes is None:
+            raise CUDARuntimeError("cudaErrorIllegalState: end_capture on a stream that is not capturing")
+        nodes, self._nodes = self._nodes, None
+        _capturing[0] = None
+        _remove_capture_hooks()
+        return Graph(nodes)
+
+
+_null_stream = Stream(null=True)
+Stream.null = _null_stream
+
+
+def _current_stream():
+    return _streams[-1] if _streams else _null_stream
+
+
+class Graph:
+    """What a capture recorded; ``launch`` replays it in order (synchronously, like everything here)."""
+
+    def __init__(self, nodes):
+        self._nodes = tuple(nodes)
+
+    def __len__(self):
+        return len(self._nodes)
+
+    def upload(self, stream=None):
+        pass
+
+    def launch(self, stream=None):
+        if _capturing[0] is not None:
+            raise EmulatedCaptureError("Graph.launch while a stream is being captured is not emulated")
+        _replaying[0] += 1
+        try:
+            for _, run in self._nodes:
+                run()
+        finally:
+            _replaying[0] -= 1
+
+    def operations(self):
+        """What each recorded node is (for tests of the harness)."""
+        return [what for what, _ in self._nodes]
+
+
+class Event:
+    """A CUDA event: everything before it has finished already (the emulator is synchronous)."""
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    @property
+    def done(self):
+        return True
+
+    def synchronize(self):
+        _refuse_in_capture("Event.synchronize()")
+
+
+def _enqueue(what, run, stream=None):
+    """Run ``run`` now, or record it as ``what`` when ``stream`` (default: the current one) is capturing."""
+    capture = _capturing[0]
+    if capture is None or _replaying[0]:
+        run()
+        return
+    stream = stream if stream is not None else _current_stream()
+    if stream is not capture:
+        raise EmulatedCaptureError(f"{what} on another stream while a stream is being captured (CUDA would run it "
+                                   "outside the graph; the emulator refuses it)")
+    capture._nodes.append((what, run))
+
+
+def _refuse_in_capture(what):
+    if _capturing[0] is not None and not _replaying[0]:
+        raise EmulatedCaptureError(f"{what} inside a stream capture: CUDA refuses it (a synchronisation)")
+
+
+def _snapshot(value):
+    """A value to write later: a device array is read when the node runs; anything else is copied now."""
+    return value if isinstance(value, ndarray) else np.array(value, copy=True)
+
+
+def _capture_setitem(self, key, value):
+    value = _snapshot(value)
+    _enqueue("a copy into a device array", lambda: np.ndarray.__setitem__(self, key, value))
+
+
+def _capture_fill(self, value):
+    _enqueue("a memset of a device array", lambda: np.ndarray.fill(self, value))
+
+
+def _capture_ufunc(self, ufunc, method, *inputs, **kwargs):
+    raise EmulatedCaptureError(f"numpy.{ufunc.__name__}.{method} on a device array inside a stream capture: "
+                               "CuPy's elementwise kernels are not emulated in captures")
+
+
+_CAPTURE_HARMLESS = {np.shape, np.ndim, np.size, np.result_type, np.may_share_memory, np.shares_memory}
+
+
+def _capture_function(self, func, types, args, kwargs):
+    if func is np.copyto:
+        dst, src, rest = args[0], _snapshot(args[1]), args[2:]
+        _enqueue("cupy.copyto", lambda: np.copyto._implementation(dst, src, *rest, **kwargs))
+        return None
+    if func in _CAPTURE_HARMLESS:
+        return func._implementation(*args, **kwargs)
+    raise EmulatedCaptureError(f"numpy.{func.__name__} on a device array inside a stream capture: not emulated")
+
+
+def _capture_finalize(self, obj):
+    if self.base is None and not _replaying[0]:  # NumPy made a new device array: an allocation
+        if _allocator[0] is not None:
+            _allocator[0](self.nbytes)
+        raise EmulatedCaptureError("a new device array made by NumPy (copy, astype, arithmetic) inside a stream "
+                                   "capture: not emulated")
+
+
+def _capture_read(name):
+    def read(self, *args):
+        raise EmulatedCaptureError(f"ndarray.{name} (a synchronous read on the host) inside a stream capture")
+    return read
+
+
+_CAPTURE_HOOKS = {"__setitem__": _capture_setitem, "fill": _capture_fill, "__array_ufunc__": _capture_ufunc,
+                  "__array_function__": _capture_function, "__array_finalize__": _capture_finalize,
+                  **{name: _capture_read(name) for name in ("__int__", "__float__", "__bool__", "item", "tolist")}}
+
+
+def _install_capture_hooks():
+    for name, hook in _CAPTURE_HOOKS.items():
+        setattr(ndarray, name, hook)
+
+
+def _remove_capture_hooks():
+    for name in _CAPTURE_HOOKS:
+        if name in ndarray.__dict__:
+            delattr(ndarray, name)
+
+
+cuda_ns = _module("cupy.cuda", Device=_Device, set_allocator=_set_allocator, get_allocator=_get_allocator,
+                  Stream=Stream, Event=Event, Graph=Graph, get_current_stream=_current_stream,
+                  alloc_pinned_memory=lambda nbytes: bytearray(max(1, int(nbytes))),
+                  graph=_module("cupy.cuda.graph", Graph=Graph),
                   set_pinned_memory_allocator=lambda fn=None: None,
                   memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
                   runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, CUDARuntimeError=CUDARuntimeError))
@@ -311,10 +565,15 @@ class EmulatedKernel:
         self.max_dynamic_shared_size_bytes = DEFAULT_SHARED
 
     def __call__(self, grid, block, args, shared_mem=0):
+        """Launch on the current stream: now, or recorded when it is capturing (checked as it is issued)."""
         where = f"kernel {self.name} (grid {grid}, block {block})"
         if shared_mem > min(self.max_dynamic_shared_size_bytes, MAX_DYNAMIC_SHARED):
             raise CUDADriverError(f"{where}: CUDA_ERROR_INVALID_VALUE: {shared_mem} bytes of dynamic shared "
                                   "memory (emulated limit)")
+        grid, block, args = tuple(grid), tuple(block), tuple(args)
+        _enqueue(f"kernel {self.name}", lambda: self._run(where, grid, block, args, shared_mem))
+
+    def _run(self, where, grid, block, args, shared_mem):
         LAUNCHED[self.name] = LAUNCHED.get(self.name, 0) + 1
         cargs, copies, roots = [], [], []
         for p, a in zip(self.params, args):
@@ -325,7 +584,7 @@ class EmulatedKernel:
             else:
                 root = _guarded_root(a)
                 if root is None:  # memory NumPy allocated (astype, copy, ...): run on a guarded copy
-                    copies.append((a, _device_copy(a)))
+                    copies.append((a, _device_copy(a, internal=True)))
                     a, root = copies[-1][1], _guarded_root(copies[-1][1])
                 roots.append(root)
                 cargs.append(a.ctypes.data)
