@@ -317,8 +317,8 @@ class MaxPooling2D(_Pooling2D):
 
     def forward(self, x, training):
         self.x_shape = x.shape
-        y, self.idx = backend.ops().maxpool2d_forward(x, self.pool_size, self.strides, self.pads)
-        return y
+        self.y, self.idx = backend.ops().maxpool2d_forward(x, self.pool_size, self.strides, self.pads)
+        return self.y
 
     def backward(self, dy):
         return backend.ops().maxpool2d_backward(dy, self.idx, self.x_shape, self.pool_size,

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import backend, losses as losses_mod, optimizers as optimizers_mod
 from .callbacks import CallbackList, History
-from .layers import InputLayer, Layer
+from .layers import InputLayer, Layer, MaxPooling2D
 from .progress import Progbar
 from .utils import next_name, rng
 
@@ -274,21 +274,30 @@ class Sequential:
         p = self._forward(xb, training=True)
         loss_sum = ops.crossentropy_forward(p, yb, sparse).sum()
         correct = ops.count_correct(p, yb, sparse)
-        if self._fused_softmax():
-            dy = ops.softmax_crossentropy_backward(p, yb, sparse)
-            dy = self.layers[-1].backward(dy, through_activation=False)
-            rest = self.layers[-2::-1]
-        else:
-            dy = ops.crossentropy_backward(p, yb, sparse)
-            rest = self.layers[::-1]
-        for layer in rest:
-            if dy is None:
-                break
-            dy = layer.backward(dy)
+        fused = self._fused_softmax()  # softmax + cross-entropy: the gradient w.r.t. the logits directly
+        dy = (ops.softmax_crossentropy_backward if fused else ops.crossentropy_backward)(p, yb, sparse)
+        self._backward(dy, through_last_activation=not fused)
         if ops.xp is np and not np.isfinite(loss_sum):
             return loss_sum, correct  # fit stops before this step's update is applied
         self.optimizer.apply(self._params, self._grads)
         return loss_sum, correct
+
+    def _backward(self, dy, through_last_activation=True):
+        """Backward through every layer, last to first, leaving the weight gradients in ``_grads``."""
+        ops = backend.ops()
+        through = through_last_activation
+        for j in reversed(range(len(self.layers))):
+            layer = self.layers[j]
+            if isinstance(layer, MaxPooling2D) and j and getattr(self.layers[j - 1], "activation", 0) == "relu":
+                # ReLU then max-pooling: each pooled gradient goes to a window's maximum, where the ReLU's
+                # output is the pooled value, so the ReLU mask is applied to the smaller pooled gradient.
+                dy = layer.backward(ops.activation_backward(dy, layer.y, "relu"))
+                through = False
+                continue
+            dy = layer.backward(dy, through) if hasattr(layer, "activation") else layer.backward(dy)
+            through = True
+            if dy is None:  # the first layer with weights computes no input gradient
+                break
 
     # ================================================================================= fit
     def fit(self, x=None, y=None, batch_size=32, epochs=1, verbose=1, callbacks=None,
