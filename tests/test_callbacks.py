@@ -4,16 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from gpucnn import backend, callbacks, layers, models, optimizers, utils
+from gpucnn import callbacks, layers, models, optimizers
 from gpucnn.callbacks import EarlyStopping, ModelCheckpoint, TerminateOnNaN
 
 
-@pytest.fixture(autouse=True)
-def numpy_engine():
-    backend.set_engine("cpu")
-    utils.clear_session()
-    utils.set_random_seed(1)
-    yield
+pytestmark = pytest.mark.usefixtures("numpy_engine")
 
 
 def tiny_model():

@@ -12,7 +12,12 @@ oracle. Tolerances: rtol 1e-4 and atol 1e-4 · max|ref| (dW: 1e-3), pooling exac
 import numpy as np
 import pytest
 
+import helpers
 import reference as ref
+from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, f32, normal,
+                     padding_for)
+from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
+from helpers import pool_id as _pool_id
 from gpucnn import backend
 
 pytestmark = pytest.mark.gpu
@@ -26,17 +31,7 @@ import cupy  # noqa: E402
 from gpucnn import cuda, ops_numpy  # noqa: E402
 from gpucnn import ops_cuda as ops  # noqa: E402
 
-F32 = np.float32
-VALID = (0, 0, 0, 0)
 RTOL, ATOL_SCALE = 1e-4, 1e-4
-
-
-def f32(a):
-    return np.asarray(a, dtype=F32)
-
-
-def normal(rng, shape, scale=1.0):
-    return f32(rng.normal(size=shape) * scale)
 
 
 def dev(a):
@@ -51,57 +46,15 @@ def host(a):
 
 def assert_close(got, want, rtol=RTOL, atol_scale=ATOL_SCALE):
     """Device float32 ``got`` against the float64 oracle ``want``."""
-    got, want = host(got), np.asarray(want)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == F32, got.dtype
-    atol = atol_scale * float(np.abs(want).max()) if want.size else 0.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    helpers.assert_close(host(got), want, rtol, atol_scale)
 
 
 def assert_exact(got, want):
     """Equal after casting the oracle to float32 (NaNs in the same places)."""
-    got, want = host(got), np.asarray(want)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == F32, got.dtype
-    np.testing.assert_array_equal(got, f32(want))
-
-
-def padding_for(kind, h, w, k, s):
-    if kind == "valid":
-        return VALID
-    return ref.same_padding(h, k[0], s[0]) + ref.same_padding(w, k[1], s[1])
-
-
-def expected_hw(kind, h, w, k, s):
-    if kind == "same":
-        return -(-h // s[0]), -(-w // s[1])
-    return (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+    helpers.assert_exact(host(got), want)
 
 
 # ===================================================================================== conv2d grid (row 4)
-CONV_GRID = [(n, c, hw, k, s, pad) for hw in ((5, 5), (7, 5), (28, 28)) for n in (1, 2, 7) for c in (1, 3, 8)
-             for k in (1, 2, 3, 5) for s in (1, 2) for pad in ("valid", "same")]
-EXTRA_CONV = [  # even and non-square kernels, mixed strides (row 7)
-    (2, 3, (6, 6), (4, 4), (1, 1), "same"),
-    (2, 3, (5, 7), (4, 4), (2, 2), "same"),
-    (1, 2, (6, 5), (2, 3), (1, 2), "same"),
-    (3, 2, (7, 6), (1, 5), (2, 1), "same"),
-    (2, 4, (9, 8), (4, 2), (2, 3), "same"),
-    (2, 4, (9, 8), (4, 2), (2, 3), "valid"),
-]
-
-
-def _conv_case(n, c, hw, k, s, pad, f=4, bias=True):
-    h, w = hw
-    k = (k, k) if isinstance(k, int) else k
-    s = (s, s) if isinstance(s, int) else s
-    rng = np.random.default_rng([n, c, h, w, k[0], k[1], s[0], s[1], pad == "same", f])
-    x = normal(rng, (n, h, w, c))
-    wt = normal(rng, k + (c, f), 0.5)
-    b = normal(rng, (f,)) if bias else None
-    return x, wt, b, s, padding_for(pad, h, w, k, s), rng
-
-
 def _check_conv(n, c, hw, k, s, pad, f=4, bias=True, activation=None):
     x, wt, b, s, padding, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
     xd, wd, bd = dev(x), dev(wt), dev(b)
@@ -125,11 +78,6 @@ def _check_conv(n, c, hw, k, s, pad, f=4, bias=True, activation=None):
     np.testing.assert_array_equal(host(xd), x)  # inputs not written to
     np.testing.assert_array_equal(host(wd), wt)
     np.testing.assert_array_equal(host(dyd), dy)
-
-
-def _conv_id(case):
-    n, c, (h, w), k, s, pad = case
-    return f"n{n}-c{c}-{h}x{w}-k{k}-s{s}-{pad}".replace(" ", "")
 
 
 @pytest.mark.parametrize("n, c, hw, k, s, pad", CONV_GRID + EXTRA_CONV, ids=map(_conv_id, CONV_GRID + EXTRA_CONV))
@@ -178,22 +126,6 @@ def test_conv2d_asymmetric_explicit_padding():
 
 
 # ===================================================================================== pooling (rows 5, 6)
-POOL_GRID = [(hw, p, s, pad) for hw in ((5, 5), (7, 5), (11, 11)) for p in (2, 3) for s in (1, 2, 3)
-             for pad in ("valid", "same")]
-POOL_GRID += [((7, 5), (2, 3), (1, 2), "same"), ((11, 11), (3, 2), (2, 1), "valid")]
-
-
-def _pool_id(case):
-    (h, w), p, s, pad = case
-    return f"{h}x{w}-p{p}-s{s}-{pad}".replace(" ", "")
-
-
-def _pool_args(hw, p, s, pad):
-    p = (p, p) if isinstance(p, int) else p
-    s = (s, s) if isinstance(s, int) else s
-    return p, s, padding_for(pad, hw[0], hw[1], p, s)
-
-
 def _check_maxpool(x, pool, stride, padding, dy_values=(-8, 9)):
     rng = np.random.default_rng(x.size)
     y, idx = ops.maxpool2d_forward(dev(x), pool, stride, padding)

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from conftest import skip_kernel_check
 from gpucnn import cuda, ops_numpy
 
 ARCHS = ("sm_80", "sm_90")
@@ -32,7 +33,7 @@ def _nvrtc():
         if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise RuntimeError(f"nvrtcVersion returned {err}")
     except Exception as exc:  # ImportError, or the library failing to load (its type varies by version)
-        pytest.skip(f"NVRTC is not usable ({type(exc).__name__}: {exc}); "
+        skip_kernel_check(f"NVRTC is not usable ({type(exc).__name__}: {exc}); "
                     "pip install cuda-bindings nvidia-cuda-nvrtc")
     return nvrtc
 

@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import skip_kernel_check
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EMULATOR = ROOT / "tests" / "emulator"
@@ -62,9 +63,9 @@ PENDING = frozenset()
 if not INNER:
     def test_kernels_on_the_cpu_emulator(tmp_path):
         if shutil.which("g++") is None:
-            pytest.skip("g++ not found: the kernel emulator compiles the kernels for the host with it")
+            skip_kernel_check("g++ not found: the kernel emulator compiles the kernels for the host with it")
         if not sys.platform.startswith("linux"):
-            pytest.skip("the kernel emulator's fibers (ucontext) are only set up for Linux")
+            skip_kernel_check("the kernel emulator's fibers (ucontext) are only set up for Linux")
         report_path = tmp_path / "emulated.json"
         env = dict(os.environ, GPUCNN_EMU_INNER="1", GPUCNN_EMU_REPORT=str(report_path),
                    GPUCNN_EMU_EXCLUDE=json.dumps(EXCLUDE),

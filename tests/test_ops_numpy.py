@@ -7,76 +7,24 @@ rows 3, 5-7, 9, 14). Pooling is compared exactly, on values whose sums float32 h
 import numpy as np
 import pytest
 
+import helpers
 import reference as ref
+from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, f32, normal,
+                     padding_for)
+from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
+from helpers import pool_id as _pool_id
 from gpucnn import ops_numpy as ops
-
-F32 = np.float32
-VALID = (0, 0, 0, 0)
-
-
-def f32(a):
-    return np.asarray(a, dtype=F32)
-
-
-def normal(rng, shape, scale=1.0):
-    return f32(rng.normal(size=shape) * scale)
 
 
 def assert_close(got, want, rtol=1e-5, atol_scale=1e-5):
-    """float32 ``got`` against the float64 oracle: rtol, plus an atol of atol_scale · max|want| for
-    entries that cancel to near zero."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == F32, got.dtype
-    atol = atol_scale * float(np.abs(want).max()) if want.size else 0.0
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+    helpers.assert_close(got, want, rtol, atol_scale)
 
 
-def assert_exact(got, want):
-    """Equal after casting the oracle to float32 (NaNs in the same places)."""
-    got, want = np.asarray(got), np.asarray(want)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert got.dtype == F32, got.dtype
-    np.testing.assert_array_equal(got, f32(want))
-
-
-def padding_for(kind, h, w, k, s):
-    if kind == "valid":
-        return VALID
-    return ref.same_padding(h, k[0], s[0]) + ref.same_padding(w, k[1], s[1])
-
-
-def expected_hw(kind, h, w, k, s):
-    if kind == "same":
-        return -(-h // s[0]), -(-w // s[1])
-    return (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+assert_exact = helpers.assert_exact
 
 
 # ===================================================================================== conv2d grid
 # The full cross product of test plan row 3: batch × channels × kernel × stride × padding × size.
-CONV_GRID = [(n, c, hw, k, s, pad) for hw in ((5, 5), (7, 5), (28, 28)) for n in (1, 2, 7) for c in (1, 3, 8)
-             for k in (1, 2, 3, 5) for s in (1, 2) for pad in ("valid", "same")]
-EXTRA_CONV = [  # even and non-square kernels, mixed strides (plan row 7)
-    (2, 3, (6, 6), (4, 4), (1, 1), "same"),
-    (2, 3, (5, 7), (4, 4), (2, 2), "same"),
-    (1, 2, (6, 5), (2, 3), (1, 2), "same"),
-    (3, 2, (7, 6), (1, 5), (2, 1), "same"),
-    (2, 4, (9, 8), (4, 2), (2, 3), "same"),
-    (2, 4, (9, 8), (4, 2), (2, 3), "valid"),
-]
-
-
-def _conv_case(n, c, hw, k, s, pad, f=4, bias=True):
-    h, w = hw
-    k = (k, k) if isinstance(k, int) else k
-    s = (s, s) if isinstance(s, int) else s
-    rng = np.random.default_rng([n, c, h, w, k[0], k[1], s[0], s[1], pad == "same", f])
-    x = normal(rng, (n, h, w, c))
-    wt = normal(rng, k + (c, f), 0.5)
-    b = normal(rng, (f,)) if bias else None
-    return x, wt, b, s, padding_for(pad, h, w, k, s), rng
-
-
 def _check_conv(n, c, hw, k, s, pad, f=4, bias=True):
     x, wt, b, s, padding, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
     saved = (x.copy(), wt.copy())
@@ -98,11 +46,6 @@ def _check_conv(n, c, hw, k, s, pad, f=4, bias=True):
     assert_close(db2, db_ref)
     np.testing.assert_array_equal(x, saved[0])  # inputs not written to
     np.testing.assert_array_equal(wt, saved[1])
-
-
-def _conv_id(case):
-    n, c, (h, w), k, s, pad = case
-    return f"n{n}-c{c}-{h}x{w}-k{k}-s{s}-{pad}".replace(" ", "")
 
 
 @pytest.mark.parametrize("n, c, hw, k, s, pad", CONV_GRID + EXTRA_CONV,
@@ -144,22 +87,6 @@ def test_conv2d_asymmetric_explicit_padding():
 
 
 # ===================================================================================== pooling
-POOL_GRID = [(hw, p, s, pad) for hw in ((5, 5), (7, 5), (11, 11)) for p in (2, 3) for s in (1, 2, 3)
-             for pad in ("valid", "same")]
-POOL_GRID += [((7, 5), (2, 3), (1, 2), "same"), ((11, 11), (3, 2), (2, 1), "valid")]
-
-
-def _pool_id(case):
-    (h, w), p, s, pad = case
-    return f"{h}x{w}-p{p}-s{s}-{pad}".replace(" ", "")
-
-
-def _pool_args(hw, p, s, pad):
-    p = (p, p) if isinstance(p, int) else p
-    s = (s, s) if isinstance(s, int) else s
-    return p, s, padding_for(pad, hw[0], hw[1], p, s)
-
-
 @pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
 def test_maxpool2d_exact(hw, p, s, pad):
     pool, stride, padding = _pool_args(hw, p, s, pad)

@@ -16,12 +16,7 @@ from gpucnn import backend, layers, models, optimizers, saving, utils
 from gpucnn.saving import InvalidModelFile
 
 
-@pytest.fixture(autouse=True)
-def numpy_engine():
-    backend.set_engine("cpu")
-    utils.clear_session()
-    utils.set_random_seed(1)
-    yield
+pytestmark = pytest.mark.usefixtures("numpy_engine")
 
 
 def tiny_model():

@@ -5,14 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from gpucnn import backend, cli, layers, sweep, utils
+from gpucnn import cli, layers, sweep, utils
 
 
-@pytest.fixture(autouse=True)
-def numpy_engine():
-    backend.set_engine("cpu")
-    utils.clear_session()
-    yield
+pytestmark = pytest.mark.usefixtures("numpy_engine")
 
 
 def fake_mnist(n=600, seed=0):

@@ -6,15 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from gpucnn import backend, callbacks, layers, models, utils, viz
+from gpucnn import callbacks, layers, models, viz
 
 
-@pytest.fixture(autouse=True)
-def numpy_engine():
-    backend.set_engine("cpu")
-    utils.clear_session()
-    utils.set_random_seed(1)
-    yield
+pytestmark = pytest.mark.usefixtures("numpy_engine")
 
 
 @pytest.fixture

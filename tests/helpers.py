@@ -1,0 +1,91 @@
+"""Shapes, inputs and comparisons shared by the engine tests (test_ops_numpy.py, test_gpu.py)."""
+import numpy as np
+
+import reference as ref
+
+F32 = np.float32
+VALID = (0, 0, 0, 0)
+
+
+def f32(a):
+    return np.asarray(a, dtype=F32)
+
+
+def normal(rng, shape, scale=1.0):
+    return f32(rng.normal(size=shape) * scale)
+
+
+def assert_close(got, want, rtol, atol_scale):
+    """float32 ``got`` (a NumPy array) against the float64 oracle: rtol, plus an atol of
+    atol_scale · max|want| for entries that cancel to near zero."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == F32, got.dtype
+    atol = atol_scale * float(np.abs(want).max()) if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
+
+
+def assert_exact(got, want):
+    """Equal after casting the oracle to float32 (NaNs in the same places)."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert got.dtype == F32, got.dtype
+    np.testing.assert_array_equal(got, f32(want))
+
+
+def padding_for(kind, h, w, k, s):
+    if kind == "valid":
+        return VALID
+    return ref.same_padding(h, k[0], s[0]) + ref.same_padding(w, k[1], s[1])
+
+
+def expected_hw(kind, h, w, k, s):
+    if kind == "same":
+        return -(-h // s[0]), -(-w // s[1])
+    return (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+
+
+# ===================================================================================== shape grids
+# The full cross product of test plan row 3: batch × channels × kernel × stride × padding × size.
+CONV_GRID = [(n, c, hw, k, s, pad) for hw in ((5, 5), (7, 5), (28, 28)) for n in (1, 2, 7) for c in (1, 3, 8)
+             for k in (1, 2, 3, 5) for s in (1, 2) for pad in ("valid", "same")]
+EXTRA_CONV = [  # even and non-square kernels, mixed strides (plan row 7)
+    (2, 3, (6, 6), (4, 4), (1, 1), "same"),
+    (2, 3, (5, 7), (4, 4), (2, 2), "same"),
+    (1, 2, (6, 5), (2, 3), (1, 2), "same"),
+    (3, 2, (7, 6), (1, 5), (2, 1), "same"),
+    (2, 4, (9, 8), (4, 2), (2, 3), "same"),
+    (2, 4, (9, 8), (4, 2), (2, 3), "valid"),
+]
+
+
+def conv_case(n, c, hw, k, s, pad, f=4, bias=True):
+    h, w = hw
+    k = (k, k) if isinstance(k, int) else k
+    s = (s, s) if isinstance(s, int) else s
+    rng = np.random.default_rng([n, c, h, w, k[0], k[1], s[0], s[1], pad == "same", f])
+    x = normal(rng, (n, h, w, c))
+    wt = normal(rng, k + (c, f), 0.5)
+    b = normal(rng, (f,)) if bias else None
+    return x, wt, b, s, padding_for(pad, h, w, k, s), rng
+
+
+def conv_id(case):
+    n, c, (h, w), k, s, pad = case
+    return f"n{n}-c{c}-{h}x{w}-k{k}-s{s}-{pad}".replace(" ", "")
+
+
+POOL_GRID = [(hw, p, s, pad) for hw in ((5, 5), (7, 5), (11, 11)) for p in (2, 3) for s in (1, 2, 3)
+             for pad in ("valid", "same")]
+POOL_GRID += [((7, 5), (2, 3), (1, 2), "same"), ((11, 11), (3, 2), (2, 1), "valid")]
+
+
+def pool_id(case):
+    (h, w), p, s, pad = case
+    return f"{h}x{w}-p{p}-s{s}-{pad}".replace(" ", "")
+
+
+def pool_args(hw, p, s, pad):
+    p = (p, p) if isinstance(p, int) else p
+    s = (s, s) if isinstance(s, int) else s
+    return p, s, padding_for(pad, hw[0], hw[1], p, s)
