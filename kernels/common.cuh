@@ -10,10 +10,17 @@
 //                                image (IMAGE_LOOP, ELEMENT_LOOP), so grids capped below the hardware
 //                                limits cover tensors of any size
 //   windows_reading()            which pooling/conv windows read a given input (for the gathers)
+//   stage_input_patch()          a convolution tile's input patch (halo, zero padding) into shared memory
+//                                (conv2d_forward, conv2d_relu_maxpool_forward)
+//   maxpool_backward_gather()    max-pooling's gradient at one input element: the sum of dy over the windows
+//                                whose idx names it (maxpool2d_backward, maxpool2d_relu_backward)
 //   ACT_NONE / ACT_RELU, relu()  the activations fused into conv2d and dense (softmax is a kernel of its own)
 //   max_replaces()               the "first maximum wins, a NaN beats everything, the first NaN stays" rule
 //                                of max-pooling and arg-max, as in the NumPy engine
-//   block_sum_ll()               a fixed-order shared-memory reduction (deterministic)
+//   first_argmax()               the index of a row's first maximum by that rule (count_correct)
+//   clip_probability()           Keras's clip of a probability to [epsilon, 1 - epsilon] (the losses)
+//   block_sum()                  a fixed-order shared-memory reduction (deterministic), float or long long
+//   adam_update_element()        Adam's update of one parameter (adam_update, adam_update_scheduled)
 //   uniform01()                  counter-based random numbers: a pure function of (seed, counter)
 #ifndef GPUCNN_COMMON_CUH
 #define GPUCNN_COMMON_CUH
@@ -75,10 +82,78 @@ __device__ __forceinline__ bool max_replaces(float v, float best) {
     return v > best || (isnan(v) && !isnan(best));
 }
 
+// The index of the first maximum of row[0..K) (a NaN wins, the first NaN stays), as numpy.argmax.
+__device__ __forceinline__ int first_argmax(const float* row, int K) {
+    int best = 0;
+    for (int k = 1; k < K; ++k)
+        if (max_replaces(row[k], row[best])) best = k;
+    return best;
+}
+
+// q clipped to [epsilon, 1 - epsilon]; a NaN stays a NaN (as numpy.clip). Callers pass their EPSILON.
+__device__ __forceinline__ float clip_probability(float q, float epsilon) {
+    return q < epsilon ? epsilon : (q > 1.0f - epsilon ? 1.0f - epsilon : q);
+}
+
+// ------------------------------------------------------------------------------------ convolution, pooling
+// Stages input channels c0 .. c0 + cn - 1 of the patch_h x patch_w patch whose first cell is input row row0,
+// column col0 of x_image (H, W, C) into patch[(pr * patch_w + pc) * cn + c], zeros outside [0, H) x [0, W).
+// Every thread of the block (BLOCK_THREADS of them, tid = its flat index) must call it: it waits until the
+// previous chunk is no longer read, and again until the patch is complete.
+template <int BLOCK_THREADS>
+__device__ __forceinline__ void stage_input_patch(float* patch, const float* __restrict__ x_image, int H, int W,
+                                                  int C, int row0, int col0, int patch_h, int patch_w, int c0,
+                                                  int cn, int tid) {
+    __syncthreads();  // the previous chunk is no longer read
+    for (int e = tid; e < patch_h * patch_w * cn; e += BLOCK_THREADS) {
+        const int c = e % cn;
+        const int pc = (e / cn) % patch_w;
+        const int pr = e / (cn * patch_w);
+        const int hh = row0 + pr, ww = col0 + pc;
+        patch[e] = (hh >= 0 && hh < H && ww >= 0 && ww < W)
+                       ? x_image[((long long)hh * W + ww) * C + c0 + c] : 0.0f;
+    }
+    __syncthreads();
+}
+
+// Max-pooling's gradient at input element (hh, ww, c): the sum of dy over the windows whose idx (the
+// scan-order tap i*PW + j of each window's first maximum) points at it, taps in increasing scan order as
+// ops_numpy adds them. dy, idx and y are one image's (P, Q, C) pooled arrays. GATED: also sets `gate` to
+// whether such a window's pooled value y is > 0 (they all hold this element's value), else leaves it.
+// The loops stay rolled: unrolled, they spill in maxpool2d_relu_backward under NVRTC 13's ptxas (and their
+// trip counts are ceil(PH / sh) and ceil(PW / sw) at most: 1 for the usual 2x2 pooling at stride 2).
+template <bool GATED>
+__device__ __forceinline__ float maxpool_backward_gather(const float* __restrict__ dy,
+                                                         const signed char* __restrict__ idx,
+                                                         const float* __restrict__ y, int hh, int ww, int c,
+                                                         int C, int P, int Q, int PH, int PW, int sh, int sw,
+                                                         int pad_top, int pad_left, float& gate) {
+    int p_first, p_last, q_first, q_last;
+    windows_reading(hh, PH, sh, pad_top, P, p_first, p_last);
+    windows_reading(ww, PW, sw, pad_left, Q, q_first, q_last);
+    float acc = 0.0f;
+#pragma unroll 1
+    for (int p = p_last; p >= p_first; --p) {  // taps i = hh + pad_top - p*sh, increasing
+        const int i = hh + pad_top - p * sh;
+#pragma unroll 1
+        for (int q = q_last; q >= q_first; --q) {
+            const int j = ww + pad_left - q * sw;
+            const long long o = ((long long)p * Q + q) * C + c;
+            if (idx[o] == i * PW + j) {
+                acc += dy[o];
+                if (GATED) gate = y[o] > 0.0f ? 1.0f : 0.0f;
+            }
+        }
+    }
+    return acc;
+}
+
 // ------------------------------------------------------------------------------------ reductions
-// Sum of one value per thread over the block, in a fixed tree order. scratch holds blockDim.x values;
-// blockDim.x must be a power of two. Every thread of the block must call it; all get the sum.
-__device__ __forceinline__ long long block_sum_ll(long long v, long long* scratch) {
+// Sum of one value per thread over the block, in a fixed tree order (T: float or long long). scratch holds
+// blockDim.x values; blockDim.x must be a power of two. Every thread of the block must call it; all get the
+// sum.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
     const int t = threadIdx.x;
     scratch[t] = v;
     __syncthreads();
@@ -86,9 +161,24 @@ __device__ __forceinline__ long long block_sum_ll(long long v, long long* scratc
         if (t < half) scratch[t] += scratch[t + half];
         __syncthreads();
     }
-    const long long total = scratch[0];
+    const T total = scratch[0];
     __syncthreads();  // scratch may be reused right after
     return total;
+}
+
+// ------------------------------------------------------------------------------------ optimizers
+// Adam's update of parameter i, as Keras computes it: m += (g - m)*(1 - beta_1); v += (g^2 - v)*(1 - beta_2);
+// w -= alpha*m / (sqrt(v) + epsilon), alpha = lr*sqrt(1 - beta_2^t) / (1 - beta_1^t).
+__device__ __forceinline__ void adam_update_element(float* __restrict__ w, const float* __restrict__ g,
+                                                    float* __restrict__ m, float* __restrict__ v, long long i,
+                                                    float alpha, float one_minus_beta_1, float one_minus_beta_2,
+                                                    float epsilon) {
+    const float gi = g[i];
+    const float mi = m[i] + (gi - m[i]) * one_minus_beta_1;
+    const float vi = v[i] + (gi * gi - v[i]) * one_minus_beta_2;
+    m[i] = mi;
+    v[i] = vi;
+    w[i] -= alpha * mi / (sqrtf(vi) + epsilon);
 }
 
 // ------------------------------------------------------------------------------------ random numbers

@@ -16,9 +16,10 @@
 //   conv2d_forward                 direct convolution. A block computes a CONV_TILE_P x CONV_TILE_Q tile of
 //                                  output pixels for CONV_TILE_F filters: it stages the input patch under the
 //                                  tile (halo included, zeros for padding) in shared memory, `cc` channels at a
-//                                  time; threadIdx.x picks the filter (a warp reads 32 consecutive filters of
-//                                  w, coalesced), threadIdx.y the output column, and each thread keeps the
-//                                  CONV_TILE_P outputs of its column in registers. Bias and relu fused.
+//                                  time (common.cuh's stage_input_patch, as in conv_pool.cu); threadIdx.x picks
+//                                  the filter (a warp reads 32 consecutive filters of w, coalesced), threadIdx.y
+//                                  the output column, and each thread keeps the CONV_TILE_P outputs of its
+//                                  column in registers. Bias and relu fused.
 //   conv2d_backward_data           gather: one thread per input element sums dy * w over every (tap, filter)
 //                                  whose window read that element. No atomics.
 //   conv2d_backward_filter         implicit GEMM, first pass: block (row tile, filter tile, slice) multiplies
@@ -78,7 +79,7 @@ conv2d_forward(const float* __restrict__ x, const float* __restrict__ w, const f
     const int row0 = p0 * sh - pad_top;   // input row under the patch's first row
     const int col0 = q0 * sw - pad_left;  // input column under the patch's first column
     const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-    const long long x_image = (long long)n * H * W * C;
+    const float* x_image = x + (long long)n * H * W * C;
 
     float acc[CONV_TILE_P];
 #pragma unroll
@@ -86,16 +87,7 @@ conv2d_forward(const float* __restrict__ x, const float* __restrict__ w, const f
 
     for (int c0 = 0; c0 < C; c0 += cc) {
         const int cn = min(cc, C - c0);
-        __syncthreads();  // the previous chunk is no longer read
-        for (int e = tid; e < patch_h * patch_w * cn; e += CONV_THREADS) {
-            const int c = e % cn;
-            const int pc = (e / cn) % patch_w;
-            const int pr = e / (cn * patch_w);
-            const int hh = row0 + pr, ww = col0 + pc;
-            patch[e] = (hh >= 0 && hh < H && ww >= 0 && ww < W)
-                           ? x[x_image + ((long long)hh * W + ww) * C + c0 + c] : 0.0f;
-        }
-        __syncthreads();
+        stage_input_patch<CONV_THREADS>(patch, x_image, H, W, C, row0, col0, patch_h, patch_w, c0, cn, tid);
         if (f < F) {
             for (int i = 0; i < KH; ++i) {
                 for (int j = 0; j < KW; ++j) {

@@ -70,7 +70,7 @@ conv2d_relu_maxpool_forward(const float* __restrict__ x, const float* __restrict
     const int row0 = 2 * pp0 * sh - pad_top;   // input row under the patch's first row
     const int col0 = 2 * pq0 * sw - pad_left;  // input column under the patch's first column
     const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-    const long long x_image = (long long)n * H * W * C;
+    const float* x_image = x + (long long)n * H * W * C;
 
     float acc[FUSED_ROWS][2];
 #pragma unroll
@@ -78,16 +78,7 @@ conv2d_relu_maxpool_forward(const float* __restrict__ x, const float* __restrict
 
     for (int c0 = 0; c0 < C; c0 += cc) {
         const int cn = min(cc, C - c0);
-        __syncthreads();  // the previous chunk is no longer read
-        for (int e = tid; e < patch_h * patch_w * cn; e += FUSED_THREADS) {
-            const int c = e % cn;
-            const int pc = (e / cn) % patch_w;
-            const int pr = e / (cn * patch_w);
-            const int hh = row0 + pr, ww = col0 + pc;
-            patch[e] = (hh >= 0 && hh < H && ww >= 0 && ww < W)
-                           ? x[x_image + ((long long)hh * W + ww) * C + c0 + c] : 0.0f;
-        }
-        __syncthreads();
+        stage_input_patch<FUSED_THREADS>(patch, x_image, H, W, C, row0, col0, patch_h, patch_w, c0, cn, tid);
         if (f < F) {
             for (int i = 0; i < KH; ++i) {
                 for (int j = 0; j < KW; ++j) {
@@ -145,24 +136,10 @@ maxpool2d_relu_backward(const float* __restrict__ dy, const signed char* __restr
         float* dz_image = dz + (long long)n * H * W * C;
         ELEMENT_LOOP(e, H * W * C) {
             const int c = e % C, ww = (e / C) % W, hh = e / (C * W);
-            int p_first, p_last, q_first, q_last;
-            windows_reading(hh, PH, sh, pad_top, P, p_first, p_last);
-            windows_reading(ww, PW, sw, pad_left, Q, q_first, q_last);
-            float acc = 0.0f;
             float gate = 0.0f;  // relu_backward's factor: whether this element's output (a window it won) is > 0
-            #pragma unroll 1  // unrolled, these loops spill under NVRTC 13's ptxas
-            for (int p = p_last; p >= p_first; --p) {  // taps in increasing scan order, as maxpool2d_backward
-                const int i = hh + pad_top - p * sh;
-#pragma unroll 1
-                for (int q = q_last; q >= q_first; --q) {
-                    const int j = ww + pad_left - q * sw;
-                    const long long o = out_image + ((long long)p * Q + q) * C + c;
-                    if (idx[o] == i * PW + j) {
-                        acc += dy[o];
-                        gate = y[o] > 0.0f ? 1.0f : 0.0f;
-                    }
-                }
-            }
+            // the same gather as maxpool2d_backward (its loops kept rolled: unrolled, they spill here)
+            const float acc = maxpool_backward_gather<true>(dy + out_image, idx + out_image, y + out_image, hh, ww,
+                                                            c, C, P, Q, PH, PW, sh, sw, pad_top, pad_left, gate);
             dz_image[e] = acc * (act == ACT_RELU ? gate : 1.0f);
         }
     }

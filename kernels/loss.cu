@@ -36,11 +36,6 @@ __device__ __forceinline__ bool bad_label(int label, int K) {
     return SPARSE && (label < 0 || label >= K);
 }
 
-// q clipped to [EPSILON, 1 - EPSILON]; a NaN stays a NaN (as numpy.clip)
-__device__ __forceinline__ float clip_probability(float q) {
-    return q < EPSILON ? EPSILON : (q > 1.0f - EPSILON ? 1.0f - EPSILON : q);
-}
-
 template <bool SPARSE>
 __device__ __forceinline__ void crossentropy_forward_rows(const float* __restrict__ p,
                                                           const float* __restrict__ onehot,
@@ -53,7 +48,7 @@ __device__ __forceinline__ void crossentropy_forward_rows(const float* __restric
         for (int k = 0; k < K; ++k) total += pr[k];
         float sum = 0.0f;
         for (int k = 0; k < K; ++k) {
-            sum += target<SPARSE>(onehot, label, r, k, K) * logf(clip_probability(pr[k] / total));
+            sum += target<SPARSE>(onehot, label, r, k, K) * logf(clip_probability(pr[k] / total, EPSILON));
         }
         loss[r] = bad_label<SPARSE>(label, K) ? quiet_nan() : -sum;
     }
@@ -140,14 +135,6 @@ crossentropy_backward_sparse(const float* __restrict__ p, const int* __restrict_
     crossentropy_backward_rows<true>(p, nullptr, labels, dp, N, K);
 }
 
-// The index of the first maximum of row[0..K) (a NaN wins, the first NaN stays).
-__device__ __forceinline__ int first_argmax(const float* row, int K) {
-    int best = 0;
-    for (int k = 1; k < K; ++k)
-        if (max_replaces(row[k], row[best])) best = k;
-    return best;
-}
-
 template <bool SPARSE>
 __device__ __forceinline__ void count_correct_rows(const float* __restrict__ p, const float* __restrict__ onehot,
                                                    const int* __restrict__ labels,
@@ -158,7 +145,7 @@ __device__ __forceinline__ void count_correct_rows(const float* __restrict__ p, 
         const int truth = SPARSE ? labels[r] : first_argmax(onehot + (long long)r * K, K);
         mine += first_argmax(p + (long long)r * K, K) == truth;
     }
-    const long long total = block_sum_ll(mine, scratch);
+    const long long total = block_sum(mine, scratch);
     if (threadIdx.x == 0) count[0] = total;
 }
 

@@ -18,6 +18,7 @@
 //                   w -= step
 //   adam_update     m += (g - m)*(1 - beta_1);  v += (g^2 - v)*(1 - beta_2);
 //                   w -= alpha*m / (sqrt(v) + epsilon), alpha = lr*sqrt(1 - beta_2^t) / (1 - beta_1^t)
+//                   (common.cuh's adam_update_element, which train_step.cu's adam_update_scheduled shares)
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -61,12 +62,5 @@ rmsprop_update(float* __restrict__ w, const float* __restrict__ g, float* __rest
 extern "C" __global__ void __launch_bounds__(THREADS)
 adam_update(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
             long long n, float alpha, float one_minus_beta_1, float one_minus_beta_2, float epsilon) {
-    GRID_STRIDE_LOOP(i, n) {
-        const float gi = g[i];
-        const float mi = m[i] + (gi - m[i]) * one_minus_beta_1;
-        const float vi = v[i] + (gi * gi - v[i]) * one_minus_beta_2;
-        m[i] = mi;
-        v[i] = vi;
-        w[i] -= alpha * mi / (sqrtf(vi) + epsilon);
-    }
+    GRID_STRIDE_LOOP(i, n) adam_update_element(w, g, m, v, i, alpha, one_minus_beta_1, one_minus_beta_2, epsilon);
 }

@@ -14,7 +14,8 @@
 // order), so max-pooling, its gradient and the average pools agree with ops_numpy bit for bit.
 //   maxpool2d_forward          y and idx: scans the window's taps in order; replaces the best when
 //                              `v > best || (isnan(v) && !isnan(best))` (a padding cell reads -inf)
-//   maxpool2d_backward         gather: dx sums dy over the windows whose idx points at this cell
+//   maxpool2d_backward         gather: dx sums dy over the windows whose idx points at this cell (common.cuh's
+//                              maxpool_backward_gather, which conv_pool.cu's maxpool2d_relu_backward shares)
 //   avgpool2d_forward          y = (sum of the window's real cells) / (their count)
 //   avgpool2d_backward         gather: dx sums dy / count over the windows that cover this cell
 //   global_avgpool2d_forward   y[n, c] = (sum over H and W) / (H*W); grid (C-blocks, images)
@@ -59,19 +60,9 @@ maxpool2d_backward(const float* __restrict__ dy, const signed char* __restrict__
         float* dx_image = dx + (long long)n * H * W * C;
         ELEMENT_LOOP(e, H * W * C) {
             const int c = e % C, ww = (e / C) % W, hh = e / (C * W);
-            int p_first, p_last, q_first, q_last;
-            windows_reading(hh, PH, sh, pad_top, P, p_first, p_last);
-            windows_reading(ww, PW, sw, pad_left, Q, q_first, q_last);
-            float acc = 0.0f;
-            for (int p = p_last; p >= p_first; --p) {  // taps in increasing scan order, as ops_numpy adds them
-                const int i = hh + pad_top - p * sh;
-                for (int q = q_last; q >= q_first; --q) {
-                    const int j = ww + pad_left - q * sw;
-                    const long long o = out_image + ((long long)p * Q + q) * C + c;
-                    if (idx[o] == i * PW + j) acc += dy[o];
-                }
-            }
-            dx_image[e] = acc;
+            float unused;
+            dx_image[e] = maxpool_backward_gather<false>(dy + out_image, idx + out_image, nullptr, hh, ww, c, C, P,
+                                                         Q, PH, PW, sh, sw, pad_top, pad_left, unused);
         }
     }
 }

@@ -86,34 +86,6 @@ extern "C" __global__ void step_advance(int* __restrict__ step) {
 }
 
 // ------------------------------------------------------------------------------------ loss
-// Sum of one float per thread over the block in a fixed tree order (blockDim.x a power of two); every thread
-// calls it and gets the sum.
-__device__ __forceinline__ float block_sum_f(float v, float* scratch) {
-    const int t = threadIdx.x;
-    scratch[t] = v;
-    __syncthreads();
-    for (int half = blockDim.x / 2; half > 0; half /= 2) {
-        if (t < half) scratch[t] += scratch[t + half];
-        __syncthreads();
-    }
-    const float total = scratch[0];
-    __syncthreads();
-    return total;
-}
-
-// The index of the first maximum of row[0..K) (a NaN wins, the first NaN stays), as loss.cu.
-__device__ __forceinline__ int first_argmax_row(const float* row, int K) {
-    int best = 0;
-    for (int k = 1; k < K; ++k)
-        if (max_replaces(row[k], row[best])) best = k;
-    return best;
-}
-
-// q clipped to [EPSILON, 1 - EPSILON]; a NaN stays a NaN (as numpy.clip)
-__device__ __forceinline__ float clip_probability_step(float q) {
-    return q < EPSILON ? EPSILON : (q > 1.0f - EPSILON ? 1.0f - EPSILON : q);
-}
-
 template <bool SPARSE>
 __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restrict__ logits,
                                                           const float* __restrict__ onehot,
@@ -148,7 +120,7 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
         for (int k = 0; k < K; ++k) {
             const float p = expf(xr[k] - top) / sum;
             const float y = SPARSE ? (k == label ? 1.0f : 0.0f) : onehot[(long long)r * K + k];
-            ce += y * logf(clip_probability_step(p / total));
+            ce += y * logf(clip_probability(p / total, EPSILON));
             dr[k] = bad ? quiet_nan() : (p - y) / (float)N;
             if (k == 0 || max_replaces(p, best_p)) {
                 best = k;
@@ -162,8 +134,8 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
         my_loss += bad ? quiet_nan() : -ce;
         my_correct += best == truth;
     }
-    const float loss_sum = block_sum_f(my_loss, loss_scratch);
-    const long long correct = block_sum_ll(my_correct, count_scratch);
+    const float loss_sum = block_sum(my_loss, loss_scratch);
+    const long long correct = block_sum(my_correct, count_scratch);
     if (threadIdx.x == 0) {
         loss_steps[step[0]] = loss_sum;
         correct_steps[step[0]] = (int)correct;
@@ -204,12 +176,5 @@ adam_update_scheduled(float* __restrict__ w, const float* __restrict__ g, float*
                       const int* __restrict__ step, float one_minus_beta_1, float one_minus_beta_2,
                       float epsilon) {
     const float alpha = alphas[step[0]];
-    GRID_STRIDE_LOOP(i, n) {
-        const float gi = g[i];
-        const float mi = m[i] + (gi - m[i]) * one_minus_beta_1;
-        const float vi = v[i] + (gi * gi - v[i]) * one_minus_beta_2;
-        m[i] = mi;
-        v[i] = vi;
-        w[i] -= alpha * mi / (sqrtf(vi) + epsilon);
-    }
+    GRID_STRIDE_LOOP(i, n) adam_update_element(w, g, m, v, i, alpha, one_minus_beta_1, one_minus_beta_2, epsilon);
 }
