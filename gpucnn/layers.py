@@ -10,6 +10,7 @@ import re
 import numpy as np
 
 from . import backend
+from .ops_numpy import MAX_POOL_TAPS
 from .utils import next_name, rng
 
 ACTIVATIONS = (None, "relu", "softmax", "linear")
@@ -310,8 +311,8 @@ class MaxPooling2D(_Pooling2D):
     """Max over each window; the gradient goes to the window's first maximum (scan order)."""
 
     def _build(self, input_shape):
-        if self.pool_size[0] * self.pool_size[1] > 128:
-            raise ValueError(f"MaxPooling2D {self.name!r}: pool_size {self.pool_size} has more than 128 "
+        if self.pool_size[0] * self.pool_size[1] > MAX_POOL_TAPS:
+            raise ValueError(f"MaxPooling2D {self.name!r}: pool_size {self.pool_size} has more than {MAX_POOL_TAPS} "
                              "cells, which gpucnn does not support; use a smaller window or stack poolings")
         return super()._build(input_shape)
 

@@ -20,7 +20,7 @@ import cupy
 import numpy as np
 
 from . import cuda
-from .ops_numpy import _geometry, out_size  # noqa: F401  (pure shape helpers, shared by both engines)
+from .ops_numpy import MAX_POOL_TAPS, geometry, out_size  # noqa: F401  (shape rules shared by both engines)
 
 xp = cupy
 DTYPE = np.float32
@@ -92,7 +92,7 @@ def _fused(activation):
 
 
 def _window_geometry(x_shape, k, stride, padding, what):
-    n, h, wd, c, p, q = _geometry(x_shape, k, stride, padding)
+    n, h, wd, c, p, q = geometry(x_shape, k, stride, padding)
     if p < 1 or q < 1:
         raise ValueError(f"{what}: a {k[0]}x{k[1]} window does not fit the {h}x{wd} input padded by "
                          f"{tuple(padding)}")
@@ -248,9 +248,9 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
     a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does. ``out_idx``: an
     int8 array to write idx into (then nothing is allocated)."""
-    if pool[0] * pool[1] > 128:
+    if pool[0] * pool[1] > MAX_POOL_TAPS:
         raise ValueError(f"maxpool2d_forward: a {pool[0]}x{pool[1]} window has more taps than the int8 "
-                         "index holds (128)")
+                         f"index holds ({MAX_POOL_TAPS})")
     (n, h, wd, c, p, q), dims = _pool_args(x.shape, pool, stride, padding, "maxpool2d_forward")
     x = _c(x)
     y = _out(out, (n, p, q, c))

@@ -37,7 +37,8 @@ def _pad(x, padding, value=0.0):
     return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
 
 
-def _geometry(x_shape, k, stride, padding):
+def geometry(x_shape, k, stride, padding):
+    """(N, H, W, C, P, Q) of a window op over x_shape (shared with ops_cuda)."""
     n, h, w, c = x_shape
     p = out_size(h, k[0], stride[0], padding[0], padding[1])
     q = out_size(w, k[1], stride[1], padding[2], padding[3])
@@ -118,7 +119,7 @@ def activation_backward(dy, y, activation, out=None):
 def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F)."""
     kh, kw, c, f = w.shape
-    n, h, wd, _, p, q = _geometry(x.shape, (kh, kw), stride, padding)
+    n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     cols = _scratch(ctx, "cols", (n * p * q, kh * kw * c))  # im2col, kept for backward_filter
     xpad, cols6 = _pad(x, padding), cols.reshape(n, p, q, kh, kw, c)
     for i in range(kh):  # one copy per tap: faster than one 6-D strided copy when C is small
@@ -135,7 +136,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     """dx (N,H,W,C) from dy (N,P,Q,F): each tap's product dy @ w[i, j].T is added back where that tap
     read (one small product per tap stays in cache, unlike one large im2col-shaped product)."""
     kh, kw, c, f = w.shape
-    n, h, wd, _, p, q = _geometry(x_shape, (kh, kw), stride, padding)
+    n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
     dy2 = dy.reshape(n * p * q, f)
     part = _scratch(ctx, "dx_tap", (n * p * q, c))
     dxp = _scratch(ctx, "dxp", (n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c),
@@ -150,7 +151,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
 def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
     """(dw (KH,KW,C,F), db (F,)) from dy (N,P,Q,F) and the layer's input x."""
     kh, kw, c, f = w_shape
-    n, h, wd, _, p, q = _geometry(x.shape, (kh, kw), stride, padding)
+    n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     cols = ctx.get("cols") if ctx else None
     if cols is None or cols.shape != (n * p * q, kh * kw * c):
         cols = _windows(_pad(x, padding), (kh, kw), stride, p, q).reshape(n * p * q, kh * kw * c)
@@ -164,7 +165,7 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
     a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does. ``out_idx``: an
     int8 array to write idx into."""
-    n, h, wd, c, p, q = _geometry(x.shape, pool, stride, padding)
+    n, h, wd, c, p, q = geometry(x.shape, pool, stride, padding)
     if pool[0] * pool[1] > MAX_POOL_TAPS:
         raise ValueError(f"max-pooling windows hold at most {MAX_POOL_TAPS} cells (idx is int8), got "
                          f"{pool[0]}x{pool[1]}")
@@ -186,7 +187,7 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
 
 def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
     """dx (N,H,W,C): each window's gradient goes to its first maximum only."""
-    n, h, wd, c, p, q = _geometry(x_shape, pool, stride, padding)
+    n, h, wd, c, p, q = geometry(x_shape, pool, stride, padding)
     dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
     overlapping = stride[0] < pool[0] or stride[1] < pool[1]
     finite = np.isfinite(dy).all()  # mask · dy is fast, but 0 · inf would spread NaN off the maximum
@@ -202,14 +203,14 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
 
 def _avg_counts(x_shape, pool, stride, padding):
     """How many real (not padding) inputs each window covers, as (1, P, Q, 1)."""
-    _, h, wd, _, p, q = _geometry(x_shape, pool, stride, padding)
+    _, h, wd, _, p, q = geometry(x_shape, pool, stride, padding)
     ones = _pad(np.ones((1, h, wd, 1), DTYPE), padding)
     return sum(_tap(ones, i, j, stride, p, q) for i in range(pool[0]) for j in range(pool[1]))
 
 
 def avgpool2d_forward(x, pool, stride, padding, out=None):
     """y (N,P,Q,C): the mean of each window over its real inputs ("same" padding is not counted)."""
-    n, h, wd, c, p, q = _geometry(x.shape, pool, stride, padding)
+    n, h, wd, c, p, q = geometry(x.shape, pool, stride, padding)
     xpad = _pad(x, padding)
     y = np.zeros((n, p, q, c), DTYPE)
     for i in range(pool[0]):
@@ -221,7 +222,7 @@ def avgpool2d_forward(x, pool, stride, padding, out=None):
 
 def avgpool2d_backward(dy, x_shape, pool, stride, padding, out=None):
     """dx (N,H,W,C): each window's gradient shared equally among its real inputs."""
-    n, h, wd, c, p, q = _geometry(x_shape, pool, stride, padding)
+    n, h, wd, c, p, q = geometry(x_shape, pool, stride, padding)
     g = dy / _avg_counts(x_shape, pool, stride, padding)
     dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
     for i in range(pool[0]):
