@@ -8,15 +8,21 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: train test bench gpu-check bench-gpu bench-summary clean
 
-# The venv sees system site-packages so a machine's preinstalled CuPy is used when there is one.
+# The venv sees the packages of the Python that made it (system site-packages, and a parent venv's through a
+# .pth file), so a machine's preinstalled CuPy and PyTorch are used. Offline (a GPU machine without network)
+# the install fails and the venv uses the source tree with what the machine already has.
+PURELIB = import sysconfig; print(sysconfig.get_paths()['purelib'])
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(PYTHON) -c "$(PURELIB)" > "$$($(BIN)/python -c "$(PURELIB)")/_gpucnn_parent_site.pth"
+	$(BIN)/python -m pip install -q --retries 2 --timeout 30 -e '.[test]' \
+	  || { echo "gpucnn setup: install failed (offline?); using the source tree and the packages already here"; \
+	       echo "$(CURDIR)" > "$$($(BIN)/python -c "$(PURELIB)")/_gpucnn_source.pth"; }
 	$(BIN)/python -m gpucnn._install_cupy
 	touch $@
 
 train: $(STAMP)
-	$(BIN)/gpucnn train $(ARGS)
+	$(BIN)/python -m gpucnn train $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
