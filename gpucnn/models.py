@@ -277,7 +277,7 @@ class Sequential:
         fused = self._fused_softmax()  # softmax + cross-entropy: the gradient w.r.t. the logits directly
         dy = (ops.softmax_crossentropy_backward if fused else ops.crossentropy_backward)(p, yb, sparse)
         self._backward(dy, through_last_activation=not fused)
-        if ops.xp is np and not np.isfinite(loss_sum):
+        if not ops.READS_WAIT and not np.isfinite(loss_sum):
             return loss_sum, correct  # fit stops before this step's update is applied
         self.optimizer.apply(self._params, self._grads)
         return loss_sum, correct
@@ -352,7 +352,7 @@ class Sequential:
         steps = math.ceil(n / batch_size)
         # The NumPy engine reads its loss every step; on the GPU a read waits for the device, so the
         # running loss is read (and checked for divergence) only every READ_EVERY steps.
-        read_every = 1 if xp is np else self.READ_EVERY
+        read_every = self.READ_EVERY if backend.ops().READS_WAIT else 1
         self._last_logs = {}
         for epoch in range(initial_epoch, epochs):
             cbs.on_epoch_begin(epoch)

@@ -24,6 +24,7 @@ from .ops_numpy import MAX_POOL_TAPS, geometry, out_size  # noqa: F401  (shape r
 
 xp = cupy
 DTYPE = np.float32
+READS_WAIT = True  # reading a result on the host waits for the device: do it rarely
 
 _CONV = cuda.kernel_constants("conv2d.cu")
 _GEMM_TILE = cuda.kernel_constants("dense.cu")["GEMM_TILE"]
