@@ -163,6 +163,9 @@ class Trainer:
         if opt.state is None:
             opt.build(model._params.shape[0])
         self.dropouts = [l for l in model.layers if isinstance(l, L.Dropout) and l.rate > 0]
+        # The weights and optimizer state were written on the default stream, which a non-blocking
+        # stream does not wait for: let that work finish before this stream reads them.
+        cupy.cuda.Device().synchronize()
 
         with self.stream:
             # ---- the data, once
