@@ -365,6 +365,10 @@ class _FakeCupy:
     class cuda:  # noqa: N801  (mirrors cupy.cuda)
         Stream, Event = _Stream, _Event
 
+        class Device:  # noqa: N801
+            def synchronize(self):
+                pass
+
         @staticmethod
         def alloc_pinned_memory(nbytes):
             return bytearray(nbytes)
