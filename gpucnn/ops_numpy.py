@@ -117,18 +117,28 @@ def activation_backward(dy, y, activation, out=None):
 
 
 # ===================================================================================== conv2d
+def _im2col(x, k, stride, padding, p, q, ctx):
+    """The im2col matrix of x, (N·P·Q, KH·KW·C + 1): row (n, p, q) holds the window under output pixel
+    (p, q) of image n, tap by tap, then a 1 — the bias's input, so one product gives conv + bias and one
+    product gives dw and db. Kept in ``ctx`` for the backward pass."""
+    n, c, kk = x.shape[0], x.shape[3], k[0] * k[1] * x.shape[3]
+    cols = _scratch(ctx, "cols", (n * p * q, kk + 1))
+    cols[:, kk] = 1
+    xpad = _pad(x, padding)
+    windows = cols.reshape(n, p, q, kk + 1)[..., :kk].reshape(n, p, q, k[0], k[1], c)  # a view
+    for i in range(k[0]):  # one copy per tap: faster than one 6-D strided copy when C is small
+        for j in range(k[1]):
+            windows[:, :, :, i, j, :] = _tap(xpad, i, j, stride, p, q)
+    return cols
+
+
 def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
-    cols = _scratch(ctx, "cols", (n * p * q, kh * kw * c))  # im2col, kept for backward_filter
-    xpad, cols6 = _pad(x, padding), cols.reshape(n, p, q, kh, kw, c)
-    for i in range(kh):  # one copy per tap: faster than one 6-D strided copy when C is small
-        for j in range(kw):
-            cols6[:, :, :, i, j, :] = _tap(xpad, i, j, stride, p, q)
-    y = cols @ w.reshape(kh * kw * c, f)
-    if b is not None:
-        y += b
+    cols = _im2col(x, (kh, kw), stride, padding, p, q, ctx)
+    w2 = w.reshape(kh * kw * c, f)
+    y = cols[:, :-1] @ w2 if b is None else cols @ np.vstack([w2, b[None]])
     y = y.reshape(n, p, q, f)
     return activation_forward(y, activation, out=y if out is None else out)
 
@@ -150,15 +160,15 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
 
 
 def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
-    """(dw (KH,KW,C,F), db (F,)) from dy (N,P,Q,F) and the layer's input x."""
+    """(dw (KH,KW,C,F), db (F,)) from dy (N,P,Q,F) and the layer's input x: one product of the forward's
+    im2col matrix (its column of ones gives db) with dy."""
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     cols = ctx.get("cols") if ctx else None
-    if cols is None or cols.shape != (n * p * q, kh * kw * c):
-        cols = _windows(_pad(x, padding), (kh, kw), stride, p, q).reshape(n * p * q, kh * kw * c)
-    dy2 = dy.reshape(n * p * q, f)
-    dw = (cols.T @ dy2).reshape(w_shape)
-    return _finish(dw, out_w), _finish(_column_sums(dy2), out_b)
+    if cols is None or cols.shape != (n * p * q, kh * kw * c + 1):
+        cols = _im2col(x, (kh, kw), stride, padding, p, q, None)
+    g = cols.T @ dy.reshape(n * p * q, f)
+    return _finish(g[:-1].reshape(w_shape), out_w), _finish(g[-1], out_b)
 
 
 # ===================================================================================== pooling
