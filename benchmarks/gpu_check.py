@@ -175,14 +175,17 @@ _RACE = re.compile(r"RACECHECK SUMMARY:\s+(\d+)\s+hazards?\s+displayed\s+\((\d+)
 
 
 def parse_sanitizer_log(text):
-    """(errors or None, racecheck hazards/warnings dict or None) from a compute-sanitizer log."""
+    """(errors or None, racecheck hazards/warnings dict or None) from a compute-sanitizer log. racecheck
+    ends with its RACECHECK SUMMARY line only (no ERROR SUMMARY): its errors are that line's."""
     errors = [int(m) for m in _SUMMARY.findall(text)]
     races = _RACE.findall(text)
     race = None
     if races:
         race = {"hazards": sum(int(r[0]) for r in races), "errors": sum(int(r[1]) for r in races),
                 "warnings": sum(int(r[2]) for r in races)}
-    return (sum(errors) if errors else None), race
+    if errors:
+        return sum(errors), race
+    return (race["errors"] if race else None), race
 
 
 def stage_sanitizer(args, env, timeout, gpu):
@@ -220,7 +223,7 @@ def stage_sanitizer(args, env, timeout, gpu):
         if timed_out:
             entry["status"], entry["problem"] = "timeout", f"stopped after {int(budget)} s"
         elif errors is None:
-            entry["status"], entry["problem"] = "failed", "no ERROR SUMMARY line in the sanitizer's output"
+            entry["status"], entry["problem"] = "failed", "no ERROR/RACECHECK SUMMARY line in the sanitizer's output"
         elif errors:
             entry["status"], entry["problem"] = "failed", f"{errors} sanitizer errors"
         elif counts.get("failed") or counts.get("errors") or rc not in (0, 5):

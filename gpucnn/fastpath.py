@@ -31,6 +31,7 @@ Differences from the plain CUDA path, all documented: the shuffled order comes f
 float32 sums; an optimizer hyper-parameter changed by a callback is picked up at the next epoch (the graph
 is captured again), not in the middle of one.
 """
+import gc
 import math
 import os
 import sys
@@ -434,6 +435,11 @@ class Trainer:
             del saved
             previous = cupy.cuda.get_allocator()
             cupy.cuda.set_allocator(_refuse_allocation)
+            # No garbage collection inside the capture: without CuPy's pool (GPUCNN_NO_POOL=1, the sanitizer
+            # runs) a collected array is a cudaFree, an implicit device synchronisation, which a capture
+            # does not allow.
+            collecting = gc.isenabled()
+            gc.disable()
             self.stream.begin_capture()
             try:
                 for run in program:
@@ -441,6 +447,8 @@ class Trainer:
             finally:
                 graph = self.stream.end_capture()
                 cupy.cuda.set_allocator(previous)
+                if collecting:
+                    gc.enable()
         return graph, ctxs
 
     def _ensure_graphs(self):
@@ -464,6 +472,10 @@ class Trainer:
         from .utils import rng
 
         cupy, opt = self.cupy, self.model.optimizer
+        # Between epochs, callbacks (on_train_begin, on_epoch_end/begin) and validation run on the default
+        # stream, which the non-blocking training stream does not wait for: a set_weights there (an
+        # asynchronous copy kernel) could still be writing the weights when this epoch's steps read them.
+        cupy.cuda.Device().synchronize()
         self._ensure_graphs()
         with self.stream:
             if shuffle:
@@ -496,25 +508,36 @@ class Trainer:
         self.begin_epoch(shuffle)
         opt = self.model.optimizer
         logs, pending = {}, None  # pending: (event, last step its copy covers)
-        for step in range(self.steps):
-            cbs.on_train_batch_begin(step)
-            self.graph_for(step).launch(self.stream)
-            opt.iterations += 1
-            if step == self.steps - 1:  # the epoch's end: wait for everything, read every slot
-                self._copy_metrics(step)
-                self.stream.synchronize()
-                logs = self._logs(step, epoch)
-            else:
-                if pending is not None and pending[0].done:
-                    logs, pending = self._logs(pending[1], epoch), None
-                if pending is None and step % READ_EVERY == READ_EVERY - 1:
+        try:
+            for step in range(self.steps):
+                cbs.on_train_batch_begin(step)
+                self.graph_for(step).launch(self.stream)
+                opt.iterations += 1
+                if step == self.steps - 1:  # the epoch's end: wait for everything, read every slot
                     self._copy_metrics(step)
-                    event = cupy.cuda.Event(disable_timing=True)
-                    event.record(self.stream)
-                    pending = (event, step)
-            if self.model._end_batch(cbs, bar, epoch, step, logs):
-                self.stream.synchronize()  # the steps already launched finish before fit goes on
-                break
+                    self.stream.synchronize()
+                    logs = self._logs(step, epoch)
+                else:
+                    if pending is not None and pending[0].done:
+                        logs, pending = self._logs(pending[1], epoch), None
+                    if pending is None and step % READ_EVERY == READ_EVERY - 1:
+                        self._copy_metrics(step)
+                        event = cupy.cuda.Event(disable_timing=True)
+                        event.record(self.stream)
+                        pending = (event, step)
+                if self.model._end_batch(cbs, bar, epoch, step, logs):
+                    self.stream.synchronize()  # the steps already launched finish before fit goes on
+                    break
+        except BaseException:
+            # TrainingDivergedError from _end_batch, a callback's error, KeyboardInterrupt: steps are still
+            # in flight on the training stream. Let them finish before the caller reads the weights on the
+            # default stream (which does not wait for this stream) and before this trainer's buffers and
+            # pinned metric slots (an asynchronous copy may still target them) can be freed and reused.
+            try:
+                self.stream.synchronize()
+            except Exception:  # a device error of its own: the original exception says more
+                pass
+            raise
         return logs
 
     def _copy_metrics(self, step):

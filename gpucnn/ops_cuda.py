@@ -316,7 +316,8 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
 
 # ===================================================================================== dense
 def _gemm_grid(m, cols):
-    return max(1, _cdiv(m, _GEMM_TILE)), max(1, _cdiv(cols, _GEMM_TILE))
+    """(row tiles, column tiles capped at the grid-y limit: the kernels loop over the rest)."""
+    return max(1, _cdiv(m, _GEMM_TILE)), max(1, min(_cdiv(cols, _GEMM_TILE), 65535))
 
 
 _GEMM_BLOCK = (_GEMM_TILE // 2, _GEMM_TILE // 2)

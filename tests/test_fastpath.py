@@ -205,15 +205,18 @@ def test_the_epoch_order_is_a_permutation_from_the_seed(gpu_engine):
     m = small_model()
     x, y = small_data(40)
     trainer = fastpath.plan(m, 16, x, y)
+    # begin_epoch writes the order on the trainer's non-blocking stream, which a read on the default stream
+    # would not wait for: read on that stream
+    perm = lambda: trainer.perm.get(stream=trainer.stream)  # noqa: E731
     set_random_seed(3)
     trainer.begin_epoch(shuffle=True)
-    first = trainer.perm.get()
+    first = perm()
     assert sorted(first.tolist()) == list(range(40)) and first.tolist() != list(range(40))
     set_random_seed(3)
     trainer.begin_epoch(shuffle=True)
-    np.testing.assert_array_equal(trainer.perm.get(), first)
+    np.testing.assert_array_equal(perm(), first)
     trainer.begin_epoch(shuffle=False)
-    np.testing.assert_array_equal(trainer.perm.get(), np.arange(40))
+    np.testing.assert_array_equal(perm(), np.arange(40))
 
 
 @_gpu
@@ -262,6 +265,35 @@ def test_dropout_masks_match_the_plain_cuda_path(gpu_engine, monkeypatch):
         out.append(_fit_weights("gpu", start, x, y, monkeypatch, fast=fast, dropout=0.5)[0])
     for a, b in zip(*out):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@_gpu
+def test_weights_set_by_a_callback_between_epochs_are_what_the_next_epoch_trains(gpu_engine, monkeypatch):
+    # set_weights runs on the default stream; the next epoch's graphs on the trainer's non-blocking stream
+    # must wait for it (Trainer.begin_epoch). Plain SGD holds no state, so epoch 2 from the start weights is
+    # epoch 1 again: the same graphs from the same weights, the same bits.
+    from gpucnn.callbacks import Callback
+
+    monkeypatch.setenv("GPUCNN_FASTPATH", "1")
+    x, y = small_data(40)
+    backend.set_engine("cpu")
+    start = small_model(optimizer="sgd").get_weights()
+    backend.set_engine("gpu")
+
+    class Reset(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                self.model.set_weights(start)
+
+    once = small_model(optimizer="sgd")
+    once.set_weights(start)
+    h1 = once.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    twice = small_model(optimizer="sgd")
+    twice.set_weights(start)
+    h2 = twice.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[Reset()])
+    for a, b in zip(twice.get_weights(), once.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert h2.history["loss"] == h1.history["loss"] * 2
 
 
 @_gpu
@@ -571,3 +603,25 @@ def test_a_diverging_cpu_fast_path_raises(cpu_fast_path):
     x, y = small_data(40, "normal")
     with pytest.raises(models.TrainingDivergedError):
         m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
+
+
+def test_the_cpu_fast_path_waits_for_the_default_stream_and_leaves_no_step_in_flight(cpu_fast_path, monkeypatch):
+    # Each epoch starts after the default stream's work (weights set by callbacks between epochs), and an
+    # exception out of an epoch (here divergence) first waits for the steps already launched.
+    events = []
+    monkeypatch.setattr(_FakeCupy.cuda.Device, "synchronize", lambda self: events.append("device sync"))
+    monkeypatch.setattr(_Stream, "synchronize", lambda self: events.append("stream sync"))
+    replay = _Replay.launch
+    monkeypatch.setattr(_Replay, "launch", lambda self, stream=None: (events.append("step"), replay(self, stream)))
+    m = small_model(optimizer=optimizers.SGD(0.01))
+    x, y = small_data(40, "normal")
+    m.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    starts = [i for i, e in enumerate(events) if e == "step" and (i == 0 or events[i - 1] != "step")]
+    assert len(starts) == 2
+    for i in starts:  # the last synchronisation before an epoch's first step is the device's
+        assert [e for e in events[:i] if e != "step"][-1] == "device sync"
+    events.clear()
+    m = small_model(optimizer=optimizers.SGD(1e30))
+    with pytest.raises(models.TrainingDivergedError):
+        m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
+    assert "step" in events and events[-1] == "stream sync"

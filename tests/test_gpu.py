@@ -282,6 +282,32 @@ def test_batch_times_channels_beyond_the_grid_limits():
     assert_close(ops.dense_forward(dev(xd), dev(wd), None, "softmax"), ref.dense_forward(xd, wd, None, "softmax"))
 
 
+def test_dense_column_tiles_beyond_the_grid_y_limit():
+    # dense_backward_data's columns are the layer's inputs: a Dense after a large Flatten has more than
+    # 65,535 column tiles (2,097,120 inputs), so the grid's y is capped and the kernels loop over the rest.
+    # Checked with small grids (1 and 2 column blocks for 5 column tiles) against the full one.
+    assert ops._gemm_grid(70, 3 * 2**21) == (3, 65535)
+    rng = np.random.default_rng(38)
+    n, n_in, units = 37, 150, 70
+    x, w, b = normal(rng, (n, n_in)), normal(rng, (n_in, units)), normal(rng, (units,))
+    dy = normal(rng, (n, units))
+    cases = [("dense_forward", (dev(x), dev(w), dev(b)), (n, units), (n, n_in, units, ops._fused("relu")),
+              ref.dense_forward(x, w, b, "relu")),
+             ("dense_backward_data", (dev(dy), dev(w)), (n, n_in), (n, n_in, units), ref.dense_backward_data(dy, w)),
+             ("dense_backward_weights", (dev(dy), dev(x)), (n_in, units), (n, n_in, units),
+              ref.dense_backward_weights(dy, x)[0])]
+    for name, arrays, shape, sizes, want in cases:
+        full = ops._gemm_grid(shape[0], shape[1])
+        results = []
+        for grid_y in (full[1], 1, 2):
+            out = cupy.full(shape, SENTINEL, F32)
+            cuda.launch(name, (full[0], grid_y), ops._GEMM_BLOCK, arrays + (out,) + sizes)
+            results.append(host(out))
+        helpers.assert_close(results[0], want, RTOL, ATOL_SCALE)
+        for got in results[1:]:
+            np.testing.assert_array_equal(got, results[0], err_msg=name)
+
+
 # ===================================================================================== non-contiguous (row 9)
 def _layouts(a):
     """The same values as device array ``a`` in other memory layouts."""
@@ -567,21 +593,23 @@ def test_backward_passes_are_bitwise_reproducible():
 
 # ===================================================================================== no allocation, no sync
 class _CountingAllocator:
-    """Counts device allocations made through CuPy while installed."""
+    """Counts device allocations made through CuPy while installed; allocates with the allocator it replaced
+    and puts that one back (not the default pool: under GPUCNN_NO_POOL=1 the run must stay without it)."""
 
     def __init__(self):
-        self.pool, self.count = cupy.get_default_memory_pool(), 0
+        self.previous, self.count = None, 0
 
     def __call__(self, size):
         self.count += 1
-        return self.pool.malloc(size)
+        return self.previous(size)
 
     def __enter__(self):
+        self.previous = cupy.cuda.get_allocator()
         cupy.cuda.set_allocator(self)
         return self
 
     def __exit__(self, *exc):
-        cupy.cuda.set_allocator(self.pool.malloc)
+        cupy.cuda.set_allocator(self.previous)
 
 
 def _preallocated_step(bufs, ctx):
@@ -628,6 +656,8 @@ def test_a_step_can_be_captured_in_a_cuda_graph():
     captured = {k: v.copy() for k, v in eager.items()}
     ctx_eager, ctx_graph = {}, {}
     stream = cupy.cuda.Stream(non_blocking=True)
+    # the buffers were filled on the default stream, which a non-blocking stream does not wait for
+    cupy.cuda.Device().synchronize()
     with stream:
         _preallocated_step({k: v.copy() for k, v in eager.items()}, ctx_graph)  # warm up: compile, fill ctx
         stream.synchronize()
@@ -686,6 +716,19 @@ def test_out_of_memory_gives_a_clear_error_and_later_work_succeeds():
     assert "MiB" in str(info.value)
     x = dev(normal(np.random.default_rng(37), (2, 5, 5, 3)))
     assert_close(ops.global_avgpool2d_forward(x), ref.global_avgpool2d_forward(host(x)))
+
+
+def test_out_of_memory_without_the_memory_pool_is_reported_the_same_way():
+    # GPUCNN_NO_POOL=1 (tests/conftest.py, the sanitizer runs) allocates with cudaMalloc directly, whose
+    # failure CuPy raises as CUDARuntimeError cudaErrorMemoryAllocation, not OutOfMemoryError
+    previous = cupy.cuda.get_allocator()
+    cupy.cuda.set_allocator(None)
+    try:
+        with pytest.raises(cuda.DeviceOutOfMemoryError, match="batch_size"):
+            cuda.empty((2**20, 2**10, 2**10), F32)  # 4 TiB
+    finally:
+        cupy.cuda.set_allocator(previous)
+    assert int(cuda.empty((3,), F32).size) == 3
 
 
 # ===================================================================================== fast-path kernels
