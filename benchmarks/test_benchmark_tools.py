@@ -21,6 +21,8 @@ def test_sanitizer_summaries_are_counted():
             "========= ERROR SUMMARY: 1 error\n")
     assert gpu_check.parse_sanitizer_log(race) == (1, {"hazards": 2, "errors": 1, "warnings": 1})
     assert gpu_check.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n") == (0, None)
+    clean_race = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert gpu_check.parse_sanitizer_log(clean_race) == (0, {"hazards": 0, "errors": 0, "warnings": 0})
     assert gpu_check.parse_sanitizer_log("Target application terminated before first instrumented API call")[0] is None
 
 
