@@ -63,17 +63,26 @@ def torch_epoch(x, y):
     return time.perf_counter() - start, accuracy
 
 
+ROUNDS = 3  # this machine's epoch times vary by ±15 % from run to run: report the median of three
+
+
 @pytest.mark.parametrize("who", ["torch_cpu", "gpucnn_numpy"])
 def test_epoch(benchmark, mnist_train, who):
     x, y = mnist_train
     fn = gpucnn_epoch if who == "gpucnn_numpy" else torch_epoch
-    seconds, accuracy = benchmark.pedantic(fn, args=(x, y), rounds=1, iterations=1)
-    benchmark.extra_info.update(epoch_seconds=seconds, train_accuracy=accuracy)
-    _epochs[who] = {"epoch_seconds": round(seconds, 2), "train_accuracy": round(accuracy, 4)}
+    runs = []
+    benchmark.pedantic(lambda: runs.append(fn(x, y)), rounds=ROUNDS, iterations=1)
+    seconds = sorted(r[0] for r in runs)
+    accuracy = runs[-1][1]
+    median = seconds[len(seconds) // 2]
+    benchmark.extra_info.update(epoch_seconds=median, all_epoch_seconds=seconds, train_accuracy=accuracy)
+    _epochs[who] = {"epoch_seconds": round(median, 2), "all_epoch_seconds": [round(s, 2) for s in seconds],
+                    "train_accuracy": round(accuracy, 4)}
     assert accuracy > 0.9  # a real epoch of learning, not an empty loop
     if who == "gpucnn_numpy":
-        ratio = (seconds / _epochs["torch_cpu"]["epoch_seconds"]) if "torch_cpu" in _epochs else None
+        ratio = (median / _epochs["torch_cpu"]["epoch_seconds"]) if "torch_cpu" in _epochs else None
         write_result("numpy-vs-torch-cpu", {
-            "what": "one epoch of the seed model, 60,000 MNIST images, batch 64, RMSprop",
+            "what": f"one epoch of the seed model, 60,000 MNIST images, batch 64, RMSprop; median of {ROUNDS}",
             "target": "gpucnn NumPy epoch <= PyTorch CPU epoch (ratio <= 1)",
-            **_epochs, "ratio_gpucnn_over_torch": None if ratio is None else round(ratio, 3)})
+            **_epochs, "ratio_gpucnn_over_torch": None if ratio is None else round(ratio, 3),
+            "target_met": None if ratio is None else ratio <= 1.0})
