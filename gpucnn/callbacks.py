@@ -9,7 +9,13 @@ import warnings
 
 
 class Callback:
-    """Base class: override any of Keras's hooks. ``self.model`` and ``self.params`` are set by fit."""
+    """Base class: override any of Keras's hooks. ``self.model`` and ``self.params`` are set by fit.
+
+    A callback whose batch hooks may read or change the model sees it exactly as after each step; on the
+    GPU's fast path that means waiting for the device every step. A callback that only looks at ``logs``
+    in its batch hooks can set ``batch_hooks_use_model = False`` to let the steps run ahead."""
+
+    batch_hooks_use_model = True
 
     def __init__(self):
         self.model = None
@@ -64,6 +70,12 @@ class CallbackList:
                 raise TypeError(f"callbacks must be gpucnn.callbacks.Callback instances, got {cb!r}")
             cb.set_model(model)
             cb.set_params(params)
+
+    def batch_hooks_use_model(self):
+        """Whether any callback overrides a train-batch hook and may read or change the model there."""
+        return any(cb.batch_hooks_use_model and (
+            type(cb).on_train_batch_begin is not Callback.on_train_batch_begin
+            or type(cb).on_train_batch_end is not Callback.on_train_batch_end) for cb in self.callbacks)
 
     def __getattr__(self, hook):
         if not hook.startswith("on_"):
@@ -197,6 +209,8 @@ class ModelCheckpoint(Callback):
 
 class TerminateOnNaN(Callback):
     """Stop training as soon as a batch's loss is NaN or infinite."""
+
+    batch_hooks_use_model = False  # reads logs only
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")

@@ -508,9 +508,14 @@ class Trainer:
         self.begin_epoch(shuffle)
         opt = self.model.optimizer
         logs, pending = {}, None  # pending: (event, last step its copy covers)
+        # A batch callback that may use the model must see it as after each step, and anything it changes
+        # (on the default stream) must be done before the next step reads it: then every step waits.
+        lockstep = cbs.batch_hooks_use_model()
         try:
             for step in range(self.steps):
                 cbs.on_train_batch_begin(step)
+                if lockstep:
+                    cupy.cuda.Device().synchronize()
                 self.graph_for(step).launch(self.stream)
                 opt.iterations += 1
                 if step == self.steps - 1:  # the epoch's end: wait for everything, read every slot
@@ -525,6 +530,8 @@ class Trainer:
                         event = cupy.cuda.Event(disable_timing=True)
                         event.record(self.stream)
                         pending = (event, step)
+                if lockstep:
+                    self.stream.synchronize()
                 if self.model._end_batch(cbs, bar, epoch, step, logs):
                     self.stream.synchronize()  # the steps already launched finish before fit goes on
                     break

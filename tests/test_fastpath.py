@@ -625,3 +625,27 @@ def test_the_cpu_fast_path_waits_for_the_default_stream_and_leaves_no_step_in_fl
     with pytest.raises(models.TrainingDivergedError):
         m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
     assert "step" in events and events[-1] == "stream sync"
+
+
+def test_a_batch_callback_that_may_use_the_model_runs_the_cpu_fast_path_in_lockstep(cpu_fast_path,
+                                                                                    monkeypatch):
+    from gpucnn.callbacks import Callback, TerminateOnNaN
+
+    class Look(Callback):  # may read or change the weights after each step
+        def on_train_batch_end(self, batch, logs=None):
+            pass
+
+    m = small_model(optimizer=optimizers.SGD(0.01))
+    x, y = small_data(40, "normal")
+    for callbacks, lockstep in (([Look()], True), ([TerminateOnNaN()], False), ([], False)):
+        events = []
+        with monkeypatch.context() as mp:
+            mp.setattr(_Stream, "synchronize", lambda self: events.append("stream sync"))
+            replay = _Replay.launch
+            mp.setattr(_Replay, "launch",
+                       lambda self, stream=None, replay=replay: (events.append("step"), replay(self, stream)))
+            m.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=callbacks)
+        steps = [i for i, e in enumerate(events) if e == "step"]
+        waited = [events[i + 1] == "stream sync" for i in steps]
+        assert len(steps) == 5
+        assert all(waited) if lockstep else not any(waited[:-1])
