@@ -10,16 +10,19 @@ STAMP  := $(VENV)/.installed
 
 # The venv sees the packages of the Python that made it (system site-packages, and a parent venv's through a
 # .pth file), so a machine's preinstalled CuPy and PyTorch are used. Offline (a GPU machine without network)
-# the install fails and the venv uses the source tree with what the machine already has.
+# the install fails and the venv uses the source tree with what the machine already has; no stamp is left
+# then, so the next make tries the install again.
 PURELIB = import sysconfig; print(sysconfig.get_paths()['purelib'])
+PARENT  = import sysconfig; print('import site; ' + '; '.join(f'site.addsitedir({p!r})' for p in \
+          dict.fromkeys(sysconfig.get_paths()[k] for k in ('purelib', 'platlib'))))
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PYTHON) -c "$(PURELIB)" > "$$($(BIN)/python -c "$(PURELIB)")/_gpucnn_parent_site.pth"
-	$(BIN)/python -m pip install -q --retries 2 --timeout 30 -e '.[test]' \
-	  || { echo "gpucnn setup: install failed (offline?); using the source tree and the packages already here"; \
+	$(PYTHON) -c "$(PARENT)" > "$$($(BIN)/python -c "$(PURELIB)")/zz_gpucnn_parent_site.pth"
+	$(BIN)/python -m pip install -q --retries 2 --timeout 30 -e '.[test]' && touch $@ \
+	  || { echo "gpucnn setup: the install failed (no network?); using the source tree and the packages"; \
+	       echo "already here for this run; the next make tries the install again."; \
 	       echo "$(CURDIR)" > "$$($(BIN)/python -c "$(PURELIB)")/_gpucnn_source.pth"; }
 	$(BIN)/python -m gpucnn._install_cupy
-	touch $@
 
 train: $(STAMP)
 	$(BIN)/python -m gpucnn train $(ARGS)

@@ -72,10 +72,13 @@ class CallbackList:
             cb.set_params(params)
 
     def batch_hooks_use_model(self):
-        """Whether any callback overrides a train-batch hook and may read or change the model there."""
-        return any(cb.batch_hooks_use_model and (
-            type(cb).on_train_batch_begin is not Callback.on_train_batch_begin
-            or type(cb).on_train_batch_end is not Callback.on_train_batch_end) for cb in self.callbacks)
+        """Whether any callback has its own train-batch hook (on its class or set on the instance) that
+        may read or change the model there."""
+        def own(cb, name):
+            hook = getattr(cb, name)
+            return getattr(hook, "__func__", hook) is not getattr(Callback, name)
+        return any(cb.batch_hooks_use_model and (own(cb, "on_train_batch_begin") or
+                                                 own(cb, "on_train_batch_end")) for cb in self.callbacks)
 
     def __getattr__(self, hook):
         if not hook.startswith("on_"):
@@ -210,7 +213,11 @@ class ModelCheckpoint(Callback):
 class TerminateOnNaN(Callback):
     """Stop training as soon as a batch's loss is NaN or infinite."""
 
-    batch_hooks_use_model = False  # reads logs only
+    @property
+    def batch_hooks_use_model(self):
+        """False: this hook reads logs only (a subclass that overrides it is treated as using the model)."""
+        hook = getattr(self.on_train_batch_end, "__func__", None)
+        return hook is not TerminateOnNaN.on_train_batch_end
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")

@@ -13,7 +13,8 @@ decide the time. Here:
     Every buffer is allocated before the capture, and any allocation during the capture is refused.
     Values that change from step to step live in device memory: the step counter (reset before each epoch),
     which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds and Adam's step
-    sizes (tables uploaded before each epoch, drawn/computed exactly as the plain path does);
+    sizes (tables uploaded before each epoch, drawn/computed as the plain path does for a whole epoch: an
+    epoch stopped early has drawn its remaining dropout seeds all the same);
   * the per-step loss sums and correct counts are copied to pinned host memory about every ``READ_EVERY``
     steps and read when the copy has finished, so the progress bar moves without stalling the GPU; a
     non-finite loss found there raises ``TrainingDivergedError`` (through ``Sequential._end_batch``);
@@ -468,7 +469,7 @@ class Trainer:
     # --------------------------------------------------------------------------------- epochs
     def begin_epoch(self, shuffle):
         """Outside the graph: the epoch's order, the step counter back to 0, the dropout seeds and Adam's
-        step sizes for its steps (drawn and computed exactly as the plain path does)."""
+        step sizes for all its steps (drawn and computed as the plain path does over a whole epoch)."""
         from .utils import rng
 
         cupy, opt = self.cupy, self.model.optimizer

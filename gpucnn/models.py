@@ -64,14 +64,21 @@ class Sequential:
     def build(self, input_shape=None):
         """Build every layer. ``input_shape`` is Keras's: it starts with the batch dimension, e.g.
         ``(None, 28, 28, 1)``; without it, the shape given to the first layer is used."""
-        if self.built:
-            return
+        requested = None
         if input_shape is not None:
-            shape = tuple(input_shape)
-            if len(shape) < 2:
+            requested = tuple(input_shape)
+            if len(requested) < 2:
                 raise ValueError(f"build() takes a shape with the batch dimension first, e.g. (None, 28, "
-                                 f"28, 1); got {shape}")
-            self._input_shape = shape[1:]
+                                 f"28, 1); got {requested}")
+            requested = tuple(int(d) for d in requested[1:])
+        if self.built:
+            if requested is not None and requested != tuple(self._input_shape):
+                raise ValueError(f"the model is built for inputs {tuple(self._input_shape)}, not {requested}; "
+                                 "build a new model for another input shape")
+            return
+        previous_shape = self._input_shape
+        if requested is not None:
+            self._input_shape = requested
         if self._input_shape is None:
             raise ValueError("the model does not know its input shape yet: give the first layer "
                              "input_shape=(28, 28, 1), start with layers.Input(shape=...), or call fit()")
@@ -85,6 +92,7 @@ class Sequential:
         except Exception:
             for layer in fresh:  # a later call with a corrected shape starts clean
                 layer._unbuild()
+            self._input_shape = previous_shape
             raise
         trainable = [l for l in self.layers if l.weights]
         for layer in self.layers:  # the first layer with weights needs no input gradient

@@ -197,3 +197,21 @@ def test_terminate_on_nan_ends_fit_at_the_first_nan_batch():
                         callbacks=[TerminateOnNaN(), Seen()])
     assert history.epoch == [0] and len(losses) < 8
     assert not math.isfinite(losses[-1]) and all(math.isfinite(v) for v in losses[:-1])
+
+
+def test_which_callbacks_make_the_fast_path_wait_after_each_step():
+    from gpucnn.callbacks import Callback, CallbackList
+
+    class Plain(Callback):
+        pass
+
+    class Looks(TerminateOnNaN):
+        def on_train_batch_end(self, batch, logs=None):  # a subclass that may read the model
+            pass
+
+    lambda_style = Callback()
+    lambda_style.on_train_batch_end = lambda batch, logs=None: None
+    model = tiny_model()
+    waits = lambda *cbs: CallbackList(list(cbs), model, {}).batch_hooks_use_model()  # noqa: E731
+    assert not waits(Plain(), TerminateOnNaN(), callbacks.History())
+    assert waits(Looks()) and waits(lambda_style)

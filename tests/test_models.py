@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from gpucnn import callbacks, layers, models, optimizers, utils
+from gpucnn import backend, callbacks, layers, models, optimizers, utils
 from gpucnn.cli import seed_model
 
 
@@ -518,3 +518,43 @@ def test_validation_runs_the_test_hooks():
     x, y = tiny_data(20)
     m.fit(x, y, batch_size=5, epochs=2, verbose=0, validation_split=0.2, callbacks=[Spy()])
     assert calls == ["test_begin", ("test_end", ["accuracy", "loss"])] * 2
+
+
+def test_a_failed_build_with_a_shape_leaves_the_model_usable():
+    m = models.Sequential([layers.Conv2D(2, 3), layers.Flatten(), layers.Dense(3, activation="softmax")])
+    with pytest.raises(ValueError, match="larger than its 2x2 input"):
+        m.build((None, 2, 2, 1))
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = tiny_data(4)
+    m.fit(x, y, verbose=0)
+    assert m.input_shape == (None, 8, 8, 1)
+    m.build((None, 8, 8, 1))  # the same shape again: nothing to do
+    with pytest.raises(ValueError, match=r"built for inputs \(8, 8, 1\), not \(9, 9, 1\)"):
+        m.build((None, 9, 9, 1))
+
+
+@pytest.mark.parametrize("pool", [layers.MaxPooling2D(2), layers.MaxPooling2D(3, strides=1, padding="same"),
+                                  layers.MaxPooling2D((2, 3), strides=(2, 1))])
+@pytest.mark.parametrize("separate_activation", [False, True])
+def test_relu_then_max_pool_gradient_shortcut_equals_the_plain_chain(pool, separate_activation):
+    """_backward applies a ReLU's mask to the pooled gradient when a max-pool follows it: the gradients
+    must be exactly those of the layer-by-layer chain."""
+    convs = ([layers.Conv2D(3, 3, input_shape=(9, 9, 2)), layers.Activation("relu")] if separate_activation
+             else [layers.Conv2D(3, 3, activation="relu", input_shape=(9, 9, 2))])
+    m = models.Sequential(convs + [pool, layers.Flatten(), layers.Dense(4, activation="softmax")])
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    m.build()
+    r = np.random.default_rng(5)
+    x = r.standard_normal((3, 9, 9, 2)).astype(np.float32)
+    p = m._forward(x, training=True)
+    dy = backend.ops().softmax_crossentropy_backward(p, np.array([0, 1, 3], np.int32), True)
+    m._backward(dy.copy(), through_last_activation=False)
+    shortcut = m._grads.copy()
+    m._grads[...] = 0
+    d = m.layers[-1].backward(dy.copy(), through_activation=False)  # the plain chain, layer by layer
+    for layer in m.layers[-2::-1]:
+        d = layer.backward(d, True) if hasattr(layer, "activation") else layer.backward(d)
+        if d is None:
+            break
+    np.testing.assert_array_equal(shortcut, m._grads)
+    assert np.abs(shortcut).sum() > 0
