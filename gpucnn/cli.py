@@ -95,7 +95,8 @@ def build_parser():
                        help="evaluate on the first N test images only")
     train.add_argument("--variant", choices=("seed", "wide"), default="seed",
                        help="seed: 32/64/64 filters + Dense(64); wide: 64/64/128 + Dense(128)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (runs repeat exactly)")
+    train.add_argument("--seed", type=int, default=1,
+                       help="random seed (runs repeat exactly; README lists test accuracy for seeds 0-3)")
     train.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1)
     train.set_defaults(func=cmd_train)
 
