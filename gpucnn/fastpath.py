@@ -18,8 +18,9 @@ decide the time. Here:
   * the per-step loss sums and correct counts are copied to pinned host memory about every ``READ_EVERY``
     steps and read when the copy has finished, so the progress bar moves without stalling the GPU; a
     non-finite loss found there raises ``TrainingDivergedError`` (through ``Sequential._end_batch``);
-  * Conv2D followed by MaxPooling2D((2, 2)) runs as one kernel (``kernels/conv_pool.cu``), and its backward
-    goes from the pooled gradient to the convolution's pre-activation gradient in one gather.
+  * Conv2D followed by MaxPooling2D((2, 2)) runs as one kernel (``kernels/conv_pool.cu``, through
+    ``ops.conv2d_maxpool_forward`` as in the plain loop), and its backward goes from the pooled gradient to
+    the convolution's pre-activation gradient in one gather.
 
 ``unsupported_reason(model)`` says, without CuPy, why a model cannot take this path (None when it can);
 ``plan(model, batch_size, x, y)`` returns a ``Trainer`` or that reason; ``Trainer.run_epoch`` trains one
@@ -78,13 +79,6 @@ def unsupported_reason(model):
     if last.output_shape is not None and len(last.output_shape) != 1:
         return f"its output has per-sample shape {tuple(last.output_shape)}, not (classes,)"
     return None
-
-
-def fusable_pool(conv, pool):
-    """Whether ``pool`` (the layer after Conv2D ``conv``) runs inside the convolution's kernel: a
-    MaxPooling2D of 2x2 windows at stride 2, "valid", after a relu or linear convolution."""
-    return (isinstance(conv, L.Conv2D) and type(pool) is L.MaxPooling2D and conv.activation in (None, "relu")
-            and pool.pool_size == (2, 2) and pool.strides == (2, 2) and pool.padding == "valid")
 
 
 def plan(model, batch_size, x, y):
@@ -208,7 +202,7 @@ class Trainer:
         while i < len(layers):
             layer = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if fusable_pool(layer, nxt):
+            if L.fusable_pool(layer, nxt):
                 stages.append(("conv_pool", layer, nxt))
                 i += 2
             else:
@@ -224,7 +218,6 @@ class Trainer:
             self._buffer(("dx", k), layer.input_shape)
             if kind == "conv_pool":
                 self._buffer(("idx", k), out_shape, np.int8)
-                self._buffer(("dz", k), layer.output_shape)
             elif kind in ("Conv2D", "Dense"):
                 self._buffer(("dz", k), layer.output_shape)
             elif kind == "MaxPooling2D":
@@ -301,33 +294,20 @@ class Trainer:
                                         out=buf(("dx", k)))
 
     def _stage_conv_pool(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops, cuda = self.ops, self.cuda
-        consts = cuda.kernel_constants("conv_pool.cu")
-        tpp, tpq, tf = consts["FUSED_TILE_PP"], consts["FUSED_TILE_PQ"], consts["FUSED_TILE_F"]
-        kh, kw, c, f = layer.weights[0].shape
-        _, h, wd, _ = x.shape
-        p, q, _ = layer.output_shape
-        pp, pq, _ = pool.output_shape
-        sh, sw = layer.strides
-        patch = ((2 * tpp - 1) * sh + kh) * ((2 * tpq - 1) * sw + kw) * 4  # bytes per channel
-        cc = min(c, ops._PATCH_BYTES // patch)
-        if cc < 1:
-            raise ValueError(f"layer {layer.name!r}: its input patch ({patch:,} bytes a channel) is too big")
-        tiles = rows * -(-pp // tpp) * -(-pq // tpq)
-        act = ops._fused(layer.activation)
+        ops = self.ops
         bias = layer.weights[1] if layer.use_bias else None
-        idx, dz = buf(("idx", k)), buf(("dz", k))
-        ctx = ctxs.setdefault(k, {})
+        idx = buf(("idx", k))
+        ctx = ctxs.setdefault(k, {})  # keeps dz and the backward-filter workspace for this batch size
 
         def fwd():
-            cuda.launch("conv2d_relu_maxpool_forward", (max(1, tiles), -(-f // tf)), (tf, tpq),
-                        (x, layer.weights[0], bias, y, idx, rows, h, wd, c, kh, kw, f, pp, pq, sh, sw,
-                         layer.pads[0], layer.pads[2], act, cc), shared_mem=patch * cc)
+            ops.conv2d_maxpool_forward(x, layer.weights[0], bias, layer.strides, layer.pads, layer.activation,
+                                       ctx=ctx, out=y, out_idx=idx)
 
         def bwd(dy):
-            cuda.launch("maxpool2d_relu_backward", ops._image_grid(p * q * f, rows), ops._THREADS,
-                        (dy, idx, y, dz, rows, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, act))
-            return self._conv_backward(k, layer, x, dz, ctx, rows, buf)
+            return ops.conv2d_maxpool_backward(dy, y, idx, x, layer.weights[0], layer.strides, layer.pads,
+                                               layer.activation, ctx=ctx, out_w=layer.grads[0],
+                                               out_b=self._grads_b(k, layer), need_dx=layer.needs_input_grad,
+                                               out=buf(("dx", k)))
         return fwd, bwd
 
     def _stage_Conv2D(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):

@@ -461,6 +461,39 @@ class Dropout(Layer):
         return {"name": self.name, "rate": self.rate, "seed": self.seed}
 
 
+def fusable_pool(conv, pool):
+    """Whether training runs Conv2D ``conv`` and ``pool``, the layer after it, as one op
+    (``ops.conv2d_maxpool_forward``): a MaxPooling2D of 2x2 windows at stride 2, "valid", after a relu or
+    linear convolution."""
+    return (isinstance(conv, Conv2D) and type(pool) is MaxPooling2D and conv.activation in (None, "relu")
+            and pool.pool_size == (2, 2) and pool.strides == (2, 2) and pool.padding == "valid")
+
+
+class ConvPool:
+    """Training's step for a Conv2D and the MaxPooling2D after it (``fusable_pool``): one op forward and one
+    backward, through the layers' own weights, gradients and state. The convolution's full output is not
+    kept (``conv.y`` is None); the pool keeps its output and window indices as it does alone."""
+
+    def __init__(self, conv, pool):
+        self.conv, self.pool = conv, pool
+
+    def forward(self, x, training):
+        conv, pool = self.conv, self.pool
+        conv.x, conv.y = x, None
+        pool.x_shape = (x.shape[0],) + conv.output_shape
+        bias = conv.weights[1] if conv.use_bias else None
+        pool.y, pool.idx = backend.ops().conv2d_maxpool_forward(x, conv.weights[0], bias, conv.strides,
+                                                                conv.pads, conv.activation, ctx=conv.ctx)
+        return pool.y
+
+    def backward(self, dy):
+        conv, pool = self.conv, self.pool
+        return backend.ops().conv2d_maxpool_backward(
+            dy, pool.y, pool.idx, conv.x, conv.weights[0], conv.strides, conv.pads, conv.activation,
+            ctx=conv.ctx, out_w=conv.grads[0], out_b=conv.grads[1] if conv.use_bias else None,
+            need_dx=conv.needs_input_grad)
+
+
 # Layer classes by name: what a saved model may name (nothing else is ever constructed from a file).
 LAYER_CLASSES = {cls.__name__: cls for cls in (
     InputLayer, Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, Flatten, Dense,

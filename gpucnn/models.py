@@ -11,7 +11,7 @@ import numpy as np
 
 from . import backend, losses as losses_mod, optimizers as optimizers_mod
 from .callbacks import CallbackList, History
-from .layers import InputLayer, Layer, MaxPooling2D
+from .layers import ConvPool, InputLayer, Layer, MaxPooling2D, fusable_pool
 from .progress import Progbar
 from .utils import next_name, rng
 
@@ -267,9 +267,26 @@ class Sequential:
 
     # ================================================================================= the step
     def _forward(self, x, training):
-        for layer in self.layers:
-            x = layer.forward(x, training)
+        for step in (self._training_steps() if training else self.layers):
+            x = step.forward(x, training)
         return x
+
+    def _training_steps(self):
+        """The layers as a training step runs them: a Conv2D and the 2x2 max-pooling after it as one
+        ``ConvPool`` (layers.fusable_pool), every other layer alone."""
+        key = tuple(map(id, self.layers))
+        if getattr(self, "_steps_key", None) != key:
+            steps, i = [], 0
+            while i < len(self.layers):
+                nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+                if fusable_pool(self.layers[i], nxt):
+                    steps.append(ConvPool(self.layers[i], nxt))
+                    i += 2
+                else:
+                    steps.append(self.layers[i])
+                    i += 1
+            self._steps, self._steps_key = steps, key
+        return self._steps
 
     def _fused_softmax(self):
         last = self.layers[-1]
@@ -291,18 +308,19 @@ class Sequential:
         return loss_sum, correct
 
     def _backward(self, dy, through_last_activation=True):
-        """Backward through every layer, last to first, leaving the weight gradients in ``_grads``."""
+        """Backward through the training steps, last to first, leaving the weight gradients in ``_grads``."""
         ops = backend.ops()
         through = through_last_activation
-        for j in reversed(range(len(self.layers))):
-            layer = self.layers[j]
-            if isinstance(layer, MaxPooling2D) and j and getattr(self.layers[j - 1], "activation", 0) == "relu":
+        steps = self._training_steps()
+        for j in reversed(range(len(steps))):
+            step = steps[j]
+            if isinstance(step, MaxPooling2D) and j and getattr(steps[j - 1], "activation", 0) == "relu":
                 # ReLU then max-pooling: each pooled gradient goes to a window's maximum, where the ReLU's
                 # output is the pooled value, so the ReLU mask is applied to the smaller pooled gradient.
-                dy = layer.backward(ops.activation_backward(dy, layer.y, "relu"))
+                dy = step.backward(ops.activation_backward(dy, step.y, "relu"))
                 through = False
                 continue
-            dy = layer.backward(dy, through) if hasattr(layer, "activation") else layer.backward(dy)
+            dy = step.backward(dy, through) if hasattr(step, "activation") else step.backward(dy)
             through = True
             if dy is None:  # the first layer with weights computes no input gradient
                 break

@@ -11,8 +11,8 @@ Beyond ops_numpy's conventions:
   * no op synchronises with the host: results stay on the device (``count_correct`` returns a 0-d int64
     array, ``crossentropy_forward`` an (N,) array);
   * the conv ops recompute instead of keeping im2col; ``ctx["work"]`` keeps the backward-filter workspace
-    for the next call with the same shapes, so with ``out=`` buffers and the same ``ctx`` a step allocates
-    nothing in the ops that take them;
+    (and ``ctx["dz"]`` conv2d_maxpool_backward's convolution gradient) for the next call with the same
+    shapes, so with ``out=`` buffers and the same ``ctx`` a step allocates nothing in the ops that take them;
   * an empty batch works (nothing is read out of bounds); shapes the kernels' 32-bit indices cannot
     cover (one image of about 2^31 elements) raise ValueError, as does a window that does not fit.
 """
@@ -312,6 +312,64 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
     cuda.launch("global_avgpool2d_backward", _image_grid(h * wd * c, n), _THREADS,
                 (dy, dx, n, h * wd, c, DTYPE(h * wd)))
     return dx
+
+
+# ===================================================================================== conv2d + max-pool
+_FUSED = cuda.kernel_constants("conv_pool.cu")
+
+
+def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=None, out_idx=None):
+    """(y, idx) = maxpool2d_forward(conv2d_forward(x, w, b, ...), (2, 2), (2, 2), valid) in one kernel
+    (kernels/conv_pool.cu, the same bits as the pair); y (N,PP,PQ,F), idx int8."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"conv2d_maxpool_forward: activation must be None or 'relu', got {activation!r}")
+    kh, kw, c, f = w.shape
+    n, h, wd, xc, p, q = _window_geometry(x.shape, (kh, kw), stride, padding, "conv2d_maxpool_forward")
+    if xc != c:
+        raise ValueError(f"conv2d_maxpool_forward: x has {xc} channels, the kernel {w.shape} expects {c}")
+    pp, pq = p // 2, q // 2
+    tpp, tpq, tf = _FUSED["FUSED_TILE_PP"], _FUSED["FUSED_TILE_PQ"], _FUSED["FUSED_TILE_F"]
+    patch = ((2 * tpp - 1) * stride[0] + kh) * ((2 * tpq - 1) * stride[1] + kw) * 4  # bytes per channel
+    cc = min(c, _PATCH_BYTES // patch)
+    if cc < 1:
+        raise ValueError(f"conv2d_maxpool_forward: a {kh}x{kw} kernel at stride {tuple(stride)} needs an input "
+                         f"patch of {patch:,} bytes a channel, more than the kernel's {_PATCH_BYTES:,}")
+    _image_grid(h * wd * c, n)  # checks the image size
+    x, w, b = _c(x), _c(w), (None if b is None else _c(b))
+    y = _out(out, (n, pp, pq, f))
+    idx = _out(out_idx, (n, pp, pq, f), np.int8, name="out_idx")
+    tiles = n * _cdiv(pp, tpp) * _cdiv(pq, tpq)
+    cuda.launch("conv2d_relu_maxpool_forward", (max(1, tiles), _cdiv(f, tf)), (tf, tpq),
+                (x, w, b, y, idx, n, h, wd, c, kh, kw, f, pp, pq, stride[0], stride[1], padding[0], padding[2],
+                 _fused(activation), cc), shared_mem=patch * cc)
+    return y, idx
+
+
+def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=None, out_w=None,
+                            out_b=None, need_dx=True, out=None):
+    """The backward of conv2d_maxpool_forward from the pooled gradient dy: maxpool2d_relu_backward
+    (kernels/conv_pool.cu) gives the convolution's output gradient dz (kept in ``ctx["dz"]``), then
+    conv2d_backward_filter and, when ``need_dx``, conv2d_backward_data (returned; else None)."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"conv2d_maxpool_backward: activation must be None or 'relu', got {activation!r}")
+    kh, kw, c, f = w.shape
+    n, h, wd, _, p, q = _window_geometry(x.shape, (kh, kw), stride, padding, "conv2d_maxpool_backward")
+    pp, pq = p // 2, q // 2
+    if dy.shape != (n, pp, pq, f) or y.shape != dy.shape or idx.shape != dy.shape:
+        raise ValueError(f"conv2d_maxpool_backward: dy {dy.shape}, y {y.shape} and idx {idx.shape} must be "
+                         f"{(n, pp, pq, f)}")
+    dz = ctx.get("dz") if ctx is not None else None
+    if dz is None or dz.shape != (n, p, q, f):
+        dz = cuda.empty((n, p, q, f), DTYPE)
+        if ctx is not None:
+            ctx["dz"] = dz
+    dy, y, idx = _c(dy), _c(y), _c(idx)
+    cuda.launch("maxpool2d_relu_backward", _image_grid(p * q * f, n), _THREADS,
+                (dy, idx, y, dz, n, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, _fused(activation)))
+    conv2d_backward_filter(dz, x, w.shape, stride, padding, ctx=ctx, out_w=out_w, out_b=out_b)
+    if not need_dx:
+        return None
+    return conv2d_backward_data(dz, w, x.shape, stride, padding, ctx=ctx, out=out)
 
 
 # ===================================================================================== dense

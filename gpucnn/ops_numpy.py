@@ -117,18 +117,35 @@ def activation_backward(dy, y, activation, out=None):
 
 
 # ===================================================================================== conv2d
-def _im2col(x, k, stride, padding, p, q, ctx):
+def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
     """The im2col matrix of x, (N·P·Q, KH·KW·C + 1): row (n, p, q) holds the window under output pixel
     (p, q) of image n, tap by tap, then a 1 — the bias's input, so one product gives conv + bias and one
-    product gives dw and db. Kept in ``ctx`` for the backward pass."""
+    product gives dw and db. Kept in ``ctx`` for the backward pass.
+
+    ``pooled``: for a 2x2 max-pooling after the convolution, rows for the 2·P x 2·Q outputs its windows
+    read (P, Q: the pooled size), ordered (window tap di, dj, n, P, Q) — the four outputs of a window then
+    sit in four contiguous blocks of the product."""
     n, c, kk = x.shape[0], x.shape[3], k[0] * k[1] * x.shape[3]
-    cols = _scratch(ctx, "cols", (n * p * q, kk + 1))
-    cols[:, kk] = 1
+    taps = (2, 2) if pooled else (1, 1)
+    shape = (taps[0] * taps[1] * n * p * q, kk + 1)
+    kept = ctx is not None and ctx.get("cols") is not None and ctx["cols"].shape == shape
+    cols = _scratch(ctx, "cols", shape)
+    if not kept:  # a kept matrix has its column of ones already
+        cols[:, kk] = 1
     xpad = _pad(x, padding)
-    windows = cols.reshape(n, p, q, kk + 1)[..., :kk].reshape(n, p, q, k[0], k[1], c)  # a view
-    for i in range(k[0]):  # one copy per tap: faster than one 6-D strided copy when C is small
-        for j in range(k[1]):
-            windows[:, :, :, i, j, :] = _tap(xpad, i, j, stride, p, q)
+    windows = cols.reshape(taps + (n, p, q, kk + 1))[..., :kk].reshape(taps + (n, p, q, k[0], k[1], c))
+    step = (stride[0] * taps[0], stride[1] * taps[1])  # input rows between the rows of one block
+    if c >= 8:  # runs of C contiguous floats: one strided copy of every window is fastest
+        s0, s1, s2, s3 = xpad.strides
+        np.copyto(windows, as_strided(xpad, windows.shape, (s1 * stride[0], s2 * stride[1], s0, s1 * step[0],
+                                                            s2 * step[1], s1, s2, s3), writeable=False))
+        return cols
+    for di in range(taps[0]):  # few channels: one copy per tap is faster
+        for dj in range(taps[1]):
+            for i in range(k[0]):
+                for j in range(k[1]):
+                    windows[di, dj, :, :, :, i, j, :] = _tap(xpad, di * stride[0] + i, dj * stride[1] + j,
+                                                             step, p, q)
     return cols
 
 
@@ -148,6 +165,15 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     read (one small product per tap stays in cache, unlike one large im2col-shaped product)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
+    return _finish(_backward_data(dy.reshape(n, p, q, f), w, x_shape, stride, padding, ctx), out)
+
+
+def _backward_data(dy, w, x_shape, stride, padding, ctx):
+    """conv2d_backward_data's work for a dy (N, P', Q', F) that covers the first P' x Q' outputs only
+    (the rest have no gradient); returns a view of a work array in ``ctx``."""
+    kh, kw, c, f = w.shape
+    n, h, wd, _ = x_shape
+    _, p, q, _ = dy.shape
     dy2 = dy.reshape(n * p * q, f)
     part = _scratch(ctx, "dx_tap", (n * p * q, c))
     dxp = _scratch(ctx, "dxp", (n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c),
@@ -156,7 +182,7 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
         for j in range(kw):
             np.matmul(dy2, w[i, j].T, out=part)
             _tap(dxp, i, j, stride, p, q)[...] += part.reshape(n, p, q, c)
-    return _finish(_crop(dxp, padding), out)
+    return _crop(dxp, padding)
 
 
 def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
@@ -182,7 +208,22 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
                          f"{pool[0]}x{pool[1]}")
     xpad = _pad(x, padding, value=-np.inf)
     taps = [_tap(xpad, k // pool[1], k % pool[1], stride, p, q) for k in range(pool[0] * pool[1])]
-    y = taps[0].astype(DTYPE, copy=True)
+    return _first_max(taps, out, out_idx)
+
+
+def _first_max(taps, out=None, out_idx=None):
+    """(y, idx) of windows given as a list of same-shape arrays, one per tap in scan order: y the maximum,
+    idx (int8) the tap of the first maximum; a NaN wins (the first NaN)."""
+    if len(taps) == 4:  # 2x2 windows: the maximum of each pair, then of the two pairs (fewer passes)
+        m01, m23 = np.maximum(taps[0], taps[1]), np.maximum(taps[2], taps[3])
+        y = np.maximum(m01, m23, out=out)
+        if not np.isnan(y).any():  # (with a NaN, the general scan below)
+            # a tie keeps the first of a pair, and the first pair; arithmetic, as np.where is slow on int8
+            first = (taps[1] > taps[0]).view(np.int8)
+            idx = first.copy() if out_idx is None else _finish(first, out_idx)
+            idx += ((taps[3] > taps[2]).view(np.int8) + np.int8(2) - first) * (m23 > m01).view(np.int8)
+            return y, idx
+    y = taps[0].astype(DTYPE, copy=True) if out is None else _finish(taps[0], out)
     for v in taps[1:]:
         np.maximum(y, v, out=y)  # NaN propagates
     if np.isnan(y).any():
@@ -190,10 +231,11 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     else:
         not_max = lambda v: v != y  # noqa: E731
     # idx counts the taps passed over before the first maximum: it reaches k only if taps 0..k-1 missed.
-    idx = not_max(taps[0]).view(np.int8).copy()
+    idx = not_max(taps[0]).view(np.int8)
+    idx = idx.copy() if out_idx is None else _finish(idx, out_idx)
     for k in range(1, len(taps) - 1):
         idx += not_max(taps[k]) & (idx == k)
-    return _finish(y, out), _finish(idx, out_idx)
+    return y, idx
 
 
 def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
@@ -252,6 +294,68 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
     n, h, wd, c = x_shape
     dx = np.broadcast_to((dy / DTYPE(h * wd))[:, None, None, :], x_shape)
     return _finish(np.ascontiguousarray(dx), out)
+
+
+# ===================================================================================== conv2d + max-pool
+# Training runs a Conv2D and the MaxPooling2D((2, 2)) after it (strides 2, "valid", the conv's activation
+# relu or none) as one op, so the convolution's full output is never written, pooled, masked and read
+# back (gpucnn.layers.fusable_pool says which pairs; the CUDA engine fuses them into one kernel).
+def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=None, out_idx=None):
+    """(y, idx) = maxpool2d_forward(conv2d_forward(x, w, b, ...), (2, 2), (2, 2), valid), y (N,PP,PQ,F).
+    idx is the same wherever y > 0; where a relu output y is 0, idx may name another tap (its gradient is
+    0 there either way). Convolution outputs no window reads (an odd last row or column) are skipped.
+
+    Here the product of the im2col matrix, its rows grouped by window tap, gives the four outputs of
+    every window as four contiguous blocks; the pooling runs on them before the activation
+    (relu(max) = max(relu)) — four times fewer elements to activate."""
+    if activation not in (None, "relu"):
+        raise ValueError(f"conv2d_maxpool_forward: activation must be None or 'relu', got {activation!r}")
+    kh, kw, c, f = w.shape
+    n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
+    pp, pq = p // 2, q // 2
+    cols = _im2col(x, (kh, kw), stride, padding, pp, pq, ctx, pooled=True)
+    z = _scratch(ctx, "z", (4, n, pp, pq, f))
+    w2 = w.reshape(kh * kw * c, f)
+    if b is None:
+        np.matmul(cols[:, :-1], w2, out=z.reshape(-1, f))
+    else:
+        np.matmul(cols, np.vstack([w2, b[None]]), out=z.reshape(-1, f))
+    y, idx = _first_max(list(z), out, out_idx)
+    if activation == "relu":
+        np.maximum(y, 0, out=y)
+    return y, idx
+
+
+def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=None, out_w=None,
+                            out_b=None, need_dx=True, out=None):
+    """The backward of conv2d_maxpool_forward from the pooled gradient dy (N,PP,PQ,F), its y and idx:
+    the weight gradients go to (out_w, out_b) as conv2d_backward_filter gives them, and the input
+    gradient dx (N,H,W,C) is returned when ``need_dx`` (else None). ``ctx``: the forward's."""
+    kh, kw, c, f = w.shape
+    n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
+    pp, pq = p // 2, q // 2
+    g = np.multiply(dy, y > 0) if activation == "relu" else dy  # relu_backward of the pooled values
+    dz = _scratch(ctx, "dz", (4, n, pp, pq, f))  # the gradient of each window tap's convolution output
+    finite = np.isfinite(g).all()  # mask · g is fast, but 0 · inf would spread NaN off the maximum
+    for k in range(4):
+        if finite:
+            np.multiply(idx == k, g, out=dz[k])
+        else:
+            dz[k] = np.where(idx == k, g, 0)
+    cols = ctx.get("cols") if ctx else None
+    if cols is None or cols.shape != (4 * n * pp * pq, kh * kw * c + 1):
+        cols = _im2col(x, (kh, kw), stride, padding, pp, pq, None, pooled=True)
+    gw = cols.T @ dz.reshape(-1, f)
+    _finish(gw[:-1].reshape(w.shape), out_w)
+    if out_b is not None:
+        _finish(gw[-1], out_b)
+    if not need_dx:
+        return None
+    # the window taps back in image order: (n, 2·PP, 2·PQ, F), the convolution outputs that have gradients
+    dz_image = _scratch(ctx, "dz_image", (n, pp, 2, pq, 2, f))
+    np.copyto(dz_image, dz.reshape(2, 2, n, pp, pq, f).transpose(2, 3, 0, 4, 1, 5))
+    dx = _backward_data(dz_image.reshape(n, 2 * pp, 2 * pq, f), w, x.shape, stride, padding, ctx)
+    return _finish(dx, out)
 
 
 # ===================================================================================== dense

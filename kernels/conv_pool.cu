@@ -1,6 +1,7 @@
 // conv_pool.cu — a convolution with its bias, activation and the 2x2 max-pooling after it fused into one
 // kernel, and the matching backward step from the pooled gradient to the convolution's pre-activation
-// gradient (gpucnn.fastpath: Conv2D followed by MaxPooling2D((2, 2)), strides 2, "valid").
+// gradient: training's Conv2D followed by MaxPooling2D((2, 2)), strides 2, "valid" (launched by
+// ops_cuda.conv2d_maxpool_forward / conv2d_maxpool_backward; gpucnn.layers.fusable_pool says which pairs).
 //
 //   x   is (N, H, W, C)        the convolution's input
 //   w   is (KH, KW, C, F)      the filters, Keras layout; b_or_null (F,) the bias

@@ -56,7 +56,32 @@ EXTRA_CONV = [  # even and non-square kernels, mixed strides (plan row 7)
     (3, 2, (7, 6), (1, 5), (2, 1), "same"),
     (2, 4, (9, 8), (4, 2), (2, 3), "same"),
     (2, 4, (9, 8), (4, 2), (2, 3), "valid"),
+    (2, 8, (9, 8), (4, 2), (2, 3), "same"),   # 8 channels: the one-copy im2col with mixed strides
 ]
+
+
+# Conv2D + MaxPooling2D((2, 2)) as one op (ops.conv2d_maxpool_*): (n, c, hw, k, s, pad, f, activation, bias).
+# Odd convolution outputs (a row and column no window reads), several tiles of pooled outputs, more filters
+# than a GPU block's 32, input channels in chunks on the GPU, few channels and many (the NumPy engine's two
+# im2col copies), strides and "same" padding.
+CONV_POOL_GRID = [
+    (1, 1, (5, 5), 3, 1, "valid", 4, "relu", True),       # 3x3 -> 1x1
+    (2, 3, (11, 11), 1, 1, "valid", 4, "relu", True),     # 11x11 -> 5x5
+    (7, 3, (11, 11), 3, 1, "same", 8, "relu", False),     # 11x11 -> 5x5, zero padding
+    (2, 32, (11, 11), 3, 1, "valid", 8, None, True),      # 9x9 -> 4x4, linear
+    (7, 1, (28, 28), 3, 1, "valid", 32, "relu", True),    # the seed model's first layer: 26x26 -> 13x13
+    (2, 32, (13, 13), 3, 1, "valid", 64, "relu", True),   # its second: 11x11 -> 5x5, two filter tiles
+    (2, 32, (16, 16), 5, 2, "same", 4, "relu", True),     # a large patch: channels in two chunks
+    (1, 3, (7, 5), 2, 1, "same", 33, None, False),        # 7x5 -> 3x2, 33 filters
+    (2, 3, (12, 9), (3, 2), (2, 1), "valid", 5, "relu", True),  # mixed strides: 5x8 -> 2x4
+    (7, 2, (9, 10), (2, 3), (3, 2), "same", 3, "relu", True),   # 3x5 -> 1x2, stride 3
+    (2, 8, (10, 9), 3, 2, "same", 6, "relu", True),       # 8 channels, stride 2: 5x5 -> 2x2
+    (2, 8, (12, 9), (3, 2), (2, 1), "valid", 5, "relu", True),  # 8 channels, mixed strides: 5x8 -> 2x4
+]
+
+
+def conv_pool_id(case):
+    return "-".join(map(str, case)).replace(" ", "")
 
 
 def conv_case(n, c, hw, k, s, pad, f=4, bias=True):

@@ -207,6 +207,27 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding):
     return dx
 
 
+def conv2d_maxpool_forward(x, w, b, stride, padding, activation):
+    """What ops.conv2d_maxpool_forward means: conv2d_forward, then 2x2 max-pooling at stride 2 ("valid") over
+    the convolution outputs its windows read. Returns (y, idx, z), z the convolution's whole output."""
+    z = conv2d_forward(x, w, b, stride, padding, activation)
+    pp, pq = z.shape[1] // 2, z.shape[2] // 2
+    y, idx = maxpool2d_forward(z[:, :2 * pp, :2 * pq], (2, 2), (2, 2), (0, 0, 0, 0))
+    return y, idx, z
+
+
+def conv2d_maxpool_backward(dy, idx, z, x, w, stride, padding, activation):
+    """What ops.conv2d_maxpool_backward means, with the window indices ``idx`` given: maxpool2d_backward into
+    the outputs the windows read (the others get 0), activation_backward, then the convolution's backward.
+    Returns (dx, dw, db)."""
+    n, pp, pq, f = dy.shape
+    dz = np.zeros(z.shape)
+    dz[:, :2 * pp, :2 * pq] = maxpool2d_backward(dy, idx, (n, 2 * pp, 2 * pq, f), (2, 2), (2, 2), (0, 0, 0, 0))
+    dz = activation_backward(dz, z, activation)
+    dw, db = conv2d_backward_filter(dz, x, w.shape, stride, padding)
+    return conv2d_backward_data(dz, w, x.shape, stride, padding), dw, db
+
+
 def _real_cells(oi, oj, pool, stride, padding, h, wd):
     """The (row, col) input cells of one window that are not padding."""
     cells = []

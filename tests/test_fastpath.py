@@ -117,13 +117,13 @@ def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
 
 def test_which_max_pools_run_inside_the_convolution():
     conv = layers.Conv2D(4, 3, activation="relu")
-    assert fastpath.fusable_pool(conv, layers.MaxPooling2D((2, 2)))
-    assert fastpath.fusable_pool(layers.Conv2D(4, 3), layers.MaxPooling2D(2, strides=2))
-    assert not fastpath.fusable_pool(conv, layers.MaxPooling2D((3, 3)))
-    assert not fastpath.fusable_pool(conv, layers.MaxPooling2D((2, 2), strides=1))
-    assert not fastpath.fusable_pool(conv, layers.MaxPooling2D((2, 2), padding="same"))
-    assert not fastpath.fusable_pool(conv, layers.AveragePooling2D((2, 2)))
-    assert not fastpath.fusable_pool(conv, None)
+    assert layers.fusable_pool(conv, layers.MaxPooling2D((2, 2)))
+    assert layers.fusable_pool(layers.Conv2D(4, 3), layers.MaxPooling2D(2, strides=2))
+    assert not layers.fusable_pool(conv, layers.MaxPooling2D((3, 3)))
+    assert not layers.fusable_pool(conv, layers.MaxPooling2D((2, 2), strides=1))
+    assert not layers.fusable_pool(conv, layers.MaxPooling2D((2, 2), padding="same"))
+    assert not layers.fusable_pool(conv, layers.AveragePooling2D((2, 2)))
+    assert not layers.fusable_pool(conv, None)
 
 
 def test_uint8_storage_is_used_exactly_when_it_reproduces_x():
@@ -347,8 +347,8 @@ def test_seed_model_one_epoch_on_an_mnist_subset_matches_numpy(monkeypatch):
 
 
 # ===================================================================================== CPU: the step's wiring
-# The trainer run on the CPU: NumPy stand-ins for CuPy, for gpucnn.cuda (each new kernel of train_step.cu and
-# conv_pool.cu written again with ops_numpy) and for ops_cuda (ops_numpy plus ops_cuda's grid helpers), and
+# The trainer run on the CPU: NumPy stand-ins for CuPy, for gpucnn.cuda (each new kernel of train_step.cu
+# written again with ops_numpy) and for ops_cuda (ops_numpy plus ops_cuda's grid helpers), and
 # each "graph" replaying the step's launches eagerly. This checks the fast path's plan — stages, buffers,
 # counters, tables, metric reads — against the plain NumPy engine without a GPU; the kernels themselves are
 # checked on the GPU above (and by the kernel emulator).
@@ -460,27 +460,10 @@ def _kernel_stand_ins():
         v += (g * g - v) * one_minus_b2
         w -= alpha * m / (np.sqrt(v) + eps)
 
-    def conv2d_relu_maxpool_forward(x, w, b, y, idx, n, h, wd, c, kh, kw, f, pp, pq, sh, sw, pt, pl, act, cc):
-        bottom = max(0, (2 * pp - 1) * sh + kh - h - pt)
-        right = max(0, (2 * pq - 1) * sw + kw - wd - pl)
-        z = on.conv2d_forward(x, w, b, (sh, sw), (pt, bottom, pl, right), "relu" if act else None)
-        z = np.ascontiguousarray(z[:, :2 * pp, :2 * pq])
-        y[...], idx[...] = on.maxpool2d_forward(z, (2, 2), (2, 2), (0, 0, 0, 0))
-
-    def maxpool2d_relu_backward(dy, idx, y, dz, n, h, w, c, p, q, ph, pw, sh, sw, pt, pl, act):
-        pads = (pt, h - (p - 1) * sh - ph - pt, pl, w - (q - 1) * sw - pw - pl)
-        acc = on.maxpool2d_backward(dy, idx, (n, h, w, c), (ph, pw), (sh, sw), pads)
-        if act:
-            gate = on.maxpool2d_backward((y > 0).astype(np.float32), idx, (n, h, w, c), (ph, pw), (sh, sw), pads)
-            acc = acc * (gate > 0)
-        dz[...] = acc
-
     return {"permutation_keys": permutation_keys, "gather_batch": gather_batch, "step_advance": step_advance,
             "softmax_crossentropy_step_onehot": loss_step(False),
             "softmax_crossentropy_step_sparse": loss_step(True),
-            "dropout_forward_scheduled": dropout_forward_scheduled, "adam_update_scheduled": adam_update_scheduled,
-            "conv2d_relu_maxpool_forward": conv2d_relu_maxpool_forward,
-            "maxpool2d_relu_backward": maxpool2d_relu_backward}
+            "dropout_forward_scheduled": dropout_forward_scheduled, "adam_update_scheduled": adam_update_scheduled}
 
 
 def _fake_modules():

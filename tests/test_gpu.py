@@ -18,6 +18,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
                      padding_for)
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
+from helpers import CONV_POOL_GRID, conv_pool_id
 from gpucnn import backend
 
 pytestmark = pytest.mark.gpu
@@ -735,7 +736,6 @@ def test_out_of_memory_without_the_memory_pool_is_reported_the_same_way():
 # kernels/conv_pool.cu and kernels/train_step.cu, launched one by one exactly as gpucnn/fastpath.py launches
 # them inside its captured step (same grids, blocks, shared memory and arguments), against the oracle.
 # Outputs start filled with a sentinel, so an element a kernel should not write stays visible.
-_FUSED = cuda.kernel_constants("conv_pool.cu")
 _TRAIN = cuda.kernel_constants("train_step.cu")
 SENTINEL = -7.25
 
@@ -745,34 +745,11 @@ def _cdiv(a, b):
 
 
 def _conv_relu_maxpool(xd, wd, bd, stride, pads, activation, n, h, wdt, c, kh, kw, f, pp, pq):
-    """conv2d_relu_maxpool_forward as fastpath.Trainer._stage_conv_pool launches it → (y, idx) on the device."""
-    tpp, tpq, tf = _FUSED["FUSED_TILE_PP"], _FUSED["FUSED_TILE_PQ"], _FUSED["FUSED_TILE_F"]
-    patch = ((2 * tpp - 1) * stride[0] + kh) * ((2 * tpq - 1) * stride[1] + kw) * 4
-    cc = min(c, ops._PATCH_BYTES // patch)
-    assert cc >= 1
+    """ops.conv2d_maxpool_forward (kernels/conv_pool.cu) into outputs that start as a sentinel → (y, idx)."""
     y = cupy.full((n, pp, pq, f), SENTINEL, F32)
     idx = cupy.full((n, pp, pq, f), -1, np.int8)
-    tiles = n * _cdiv(pp, tpp) * _cdiv(pq, tpq)
-    cuda.launch("conv2d_relu_maxpool_forward", (max(1, tiles), _cdiv(f, tf)), (tf, tpq),
-                (xd, wd, bd, y, idx, n, h, wdt, c, kh, kw, f, pp, pq, stride[0], stride[1], pads[0], pads[2],
-                 ops._fused(activation), cc), shared_mem=patch * cc)
+    ops.conv2d_maxpool_forward(xd, wd, bd, stride, pads, activation, ctx={}, out=y, out_idx=idx)
     return y, idx
-
-
-# (n, c, hw, k, s, pad, f, activation, bias): odd convolution outputs (a row and column no window reads),
-# several tiles of pooled outputs, more filters than a block's FUSED_TILE_F, input channels in chunks (cc < c)
-CONV_POOL_GRID = [
-    (1, 1, (5, 5), 3, 1, "valid", 4, "relu", True),       # 3x3 -> 1x1
-    (2, 3, (11, 11), 1, 1, "valid", 4, "relu", True),     # 11x11 -> 5x5
-    (7, 3, (11, 11), 3, 1, "same", 8, "relu", False),     # 11x11 -> 5x5, zero padding
-    (2, 32, (11, 11), 3, 1, "valid", 8, None, True),      # 9x9 -> 4x4, linear
-    (7, 1, (28, 28), 3, 1, "valid", 32, "relu", True),    # the seed model's first layer: 26x26 -> 13x13
-    (2, 32, (13, 13), 3, 1, "valid", 64, "relu", True),   # its second: 11x11 -> 5x5, two filter tiles
-    (2, 32, (16, 16), 5, 2, "same", 4, "relu", True),     # a large patch: channels in two chunks
-    (1, 3, (7, 5), 2, 1, "same", 33, None, False),        # 7x5 -> 3x2, 33 filters
-    (2, 3, (12, 9), (3, 2), (2, 1), "valid", 5, "relu", True),  # mixed strides: 5x8 -> 2x4
-    (7, 2, (9, 10), (2, 3), (3, 2), "same", 3, "relu", True),   # 3x5 -> 1x2, stride 3
-]
 
 
 def _conv_pool_case(n, c, hw, k, s, pad, f, activation, bias):
@@ -784,7 +761,7 @@ def _conv_pool_case(n, c, hw, k, s, pad, f, activation, bias):
     return x, wt, b, s, pads, z, p // 2, q // 2, rng
 
 
-@pytest.mark.parametrize("case", CONV_POOL_GRID, ids=lambda case: "-".join(map(str, case)).replace(" ", ""))
+@pytest.mark.parametrize("case", CONV_POOL_GRID, ids=conv_pool_id)
 def test_conv2d_relu_maxpool_forward_matches_reference(case):
     x, wt, b, s, pads, z, pp, pq, _ = _conv_pool_case(*case)
     n, h, wdt, c = x.shape
@@ -806,7 +783,7 @@ def test_conv2d_relu_maxpool_forward_matches_reference(case):
     np.testing.assert_array_equal(got[clear], idx_ref[clear])
 
 
-@pytest.mark.parametrize("case", CONV_POOL_GRID[1:8:2], ids=lambda case: "-".join(map(str, case)).replace(" ", ""))
+@pytest.mark.parametrize("case", CONV_POOL_GRID[1:8:2], ids=conv_pool_id)
 def test_conv2d_relu_maxpool_forward_is_bitwise_the_unfused_pair(case):
     """kernels/conv_pool.cu promises the same bits as conv2d_forward followed by maxpool2d_forward (the same
     8x8 convolution tile and channel chunks, so the same summation order)."""
@@ -819,6 +796,31 @@ def test_conv2d_relu_maxpool_forward_is_bitwise_the_unfused_pair(case):
     y_pair, idx_pair = ops.maxpool2d_forward(conv, (2, 2), (2, 2), VALID)
     np.testing.assert_array_equal(host(y), host(y_pair))
     np.testing.assert_array_equal(host(idx), host(idx_pair))
+
+
+@pytest.mark.parametrize("case", CONV_POOL_GRID, ids=conv_pool_id)
+def test_conv2d_maxpool_backward_matches_reference(case):
+    """ops.conv2d_maxpool_backward (maxpool2d_relu_backward, then the convolution's backward kernels) against
+    the oracle, routed through the forward's own window indices; need_dx=False writes the same weight
+    gradients and returns None."""
+    x, wt, b, s, pads, z, pp, pq, rng = _conv_pool_case(*case)
+    activation, n, f = case[7], x.shape[0], wt.shape[3]
+    xd, wd, bd = dev(x), dev(wt), dev(b)
+    ctx = {}
+    y, idx = ops.conv2d_maxpool_forward(xd, wd, bd, s, pads, activation, ctx=ctx)
+    dy = normal(rng, (n, pp, pq, f))
+    dx_ref, dw_ref, db_ref = ref.conv2d_maxpool_backward(dy, host(idx).astype(np.int64), z, x, wt, s, pads,
+                                                         activation)
+    dw, db = cupy.full(wt.shape, SENTINEL, F32), cupy.full((f,), SENTINEL, F32)
+    dx = ops.conv2d_maxpool_backward(dev(dy), y, idx, xd, wd, s, pads, activation, ctx=ctx, out_w=dw,
+                                     out_b=db)
+    assert_close(dx, dx_ref)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+    dw2 = cupy.full(wt.shape, SENTINEL, F32)
+    assert ops.conv2d_maxpool_backward(dev(dy), y, idx, xd, wd, s, pads, activation, ctx=ctx, out_w=dw2,
+                                       out_b=cupy.empty((f,), F32), need_dx=False) is None
+    np.testing.assert_array_equal(host(dw2), host(dw))
 
 
 @pytest.mark.parametrize("activation", ["relu", None])

@@ -536,9 +536,11 @@ def test_a_failed_build_with_a_shape_leaves_the_model_usable():
 @pytest.mark.parametrize("pool", [layers.MaxPooling2D(2), layers.MaxPooling2D(3, strides=1, padding="same"),
                                   layers.MaxPooling2D((2, 3), strides=(2, 1))])
 @pytest.mark.parametrize("separate_activation", [False, True])
-def test_relu_then_max_pool_gradient_shortcut_equals_the_plain_chain(pool, separate_activation):
+def test_relu_then_max_pool_gradient_shortcut_equals_the_plain_chain(pool, separate_activation, monkeypatch):
     """_backward applies a ReLU's mask to the pooled gradient when a max-pool follows it: the gradients
-    must be exactly those of the layer-by-layer chain."""
+    must be exactly those of the layer-by-layer chain. (Training runs a Conv2D and a 2x2 max-pool as one op,
+    tested below; here the pair stays two layers.)"""
+    monkeypatch.setattr(models, "fusable_pool", lambda conv, pool: False)
     convs = ([layers.Conv2D(3, 3, input_shape=(9, 9, 2)), layers.Activation("relu")] if separate_activation
              else [layers.Conv2D(3, 3, activation="relu", input_shape=(9, 9, 2))])
     m = models.Sequential(convs + [pool, layers.Flatten(), layers.Dense(4, activation="softmax")])
@@ -558,3 +560,43 @@ def test_relu_then_max_pool_gradient_shortcut_equals_the_plain_chain(pool, separ
             break
     np.testing.assert_array_equal(shortcut, m._grads)
     assert np.abs(shortcut).sum() > 0
+
+
+# ===================================================================================== the fused training step
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_training_runs_conv_and_pool_as_one_op_with_the_unfused_gradients(activation, monkeypatch):
+    """A Conv2D followed by MaxPooling2D((2, 2)) trains as one op (layers.ConvPool, ops.conv2d_maxpool_*): the
+    step's loss and every weight gradient match the layers run one by one; inference keeps the layers."""
+    utils.set_random_seed(4)
+    m = models.Sequential([
+        layers.Conv2D(4, 3, activation=activation, input_shape=(17, 17, 2)),  # 15x15: a row no window reads
+        layers.MaxPooling2D(2),
+        layers.Conv2D(6, 2, activation="relu"),
+        layers.MaxPooling2D(2, strides=1),  # not fused: stride 1
+        layers.Conv2D(5, 3, activation="relu", use_bias=False),
+        layers.MaxPooling2D(),
+        layers.Flatten(),
+        layers.Dense(3, activation="softmax")])
+    m.compile("rmsprop", "categorical_crossentropy", ["accuracy"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 17, 17, 2)).astype(np.float32)
+    y = utils.to_categorical(rng.integers(0, 3, 6), 3)
+    m.build()
+    kinds = [type(s).__name__ for s in m._training_steps()]
+    assert kinds == ["ConvPool", "Conv2D", "MaxPooling2D", "ConvPool", "Flatten", "Dense"]
+
+    def step():
+        from gpucnn import ops_numpy as ops
+        p = m._forward(x, training=True)
+        m._backward(ops.softmax_crossentropy_backward(p, y, False), through_last_activation=False)
+        return p.copy(), m._grads.copy()
+
+    p_fused, g_fused = step()
+    monkeypatch.setattr(models, "fusable_pool", lambda conv, pool: False)
+    m._steps_key = None  # the steps are planned again
+    assert all(isinstance(s, layers.Layer) for s in m._training_steps())
+    p_plain, g_plain = step()
+    np.testing.assert_allclose(p_fused, p_plain, rtol=1e-5, atol=1e-7)
+    assert np.abs(g_plain).max() > 0
+    np.testing.assert_allclose(g_fused, g_plain, rtol=1e-4, atol=1e-6 * np.abs(g_plain).max())
+    assert m.layers[0].y is not None  # the plain step keeps the convolution's output, for layer_outputs

@@ -13,6 +13,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
                      padding_for)
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
+from helpers import CONV_POOL_GRID, conv_pool_id
 from gpucnn import ops_numpy as ops
 
 
@@ -254,6 +255,124 @@ def test_maxpool2d_backward_non_finite_gradient_stays_on_the_max(stride):
     with np.errstate(invalid="ignore"):
         dx = ops.maxpool2d_backward(dy, idx, x.shape, (2, 2), stride, VALID)
     assert_exact(dx, ref.maxpool2d_backward(dy, idx, x.shape, (2, 2), stride, VALID))
+
+
+# ===================================================================================== conv2d + max-pool
+def _conv_pool_case(n, c, hw, k, s, pad, f, activation, bias):
+    x, wt, b, s, pads, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
+    return x, wt, b, s, pads, rng
+
+
+def _check_idx(y, idx, y_ref, idx_ref, z, activation):
+    """idx names a tap holding the window's maximum; where the maximum is clear of the runner-up (and, after
+    a relu, above 0: below, any tap gets no gradient), it is the oracle's tap."""
+    n, pp, pq, f = y_ref.shape
+    windows = z[:, :2 * pp, :2 * pq].reshape(n, pp, 2, pq, 2, f).transpose(0, 1, 3, 5, 2, 4).reshape(
+        n, pp, pq, f, 4)
+    got = idx.astype(np.int64)
+    assert ((got >= 0) & (got < 4)).all()
+    chosen = np.take_along_axis(windows, got[..., None], axis=-1)[..., 0]
+    live = y_ref > 0 if activation == "relu" else np.ones(y_ref.shape, bool)
+    np.testing.assert_allclose(chosen[live], y_ref[live], rtol=1e-5, atol=1e-5 * float(np.abs(z).max()))
+    top2 = np.sort(windows, axis=-1)[..., -2:]
+    clear = live & ((top2[..., 1] - top2[..., 0]) > 1e-4 * (1 + np.abs(top2[..., 1])))
+    assert clear.any()
+    np.testing.assert_array_equal(got[clear], idx_ref[clear])
+
+
+@pytest.mark.parametrize("case", CONV_POOL_GRID, ids=conv_pool_id)
+def test_conv2d_maxpool_matches_reference(case):
+    """The fused op against the oracle's conv2d then max-pooling (forward), and against its maxpool, activation
+    and conv backward routed through the op's own window indices (backward); need_dx=False writes the same
+    weight gradients and returns None; the backward also works without the forward's ctx."""
+    x, wt, b, s, pads, rng = _conv_pool_case(*case)
+    activation, bias = case[7], case[8]
+    saved = (x.copy(), wt.copy())
+    ctx = {}
+    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx)
+    y_ref, idx_ref, z = ref.conv2d_maxpool_forward(x, wt, b, s, pads, activation)
+    assert y.shape == y_ref.shape and idx.dtype == np.int8
+    assert_close(y, y_ref)
+    _check_idx(y, idx, y_ref, idx_ref, z, activation)
+
+    dy = normal(rng, y.shape)
+    dx_ref, dw_ref, db_ref = ref.conv2d_maxpool_backward(dy, idx.astype(np.int64), z, x, wt, s, pads, activation)
+    f = wt.shape[3]
+    dw, db = np.full(wt.shape, np.nan, F32), (np.full((f,), np.nan, F32) if bias else None)
+    dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, activation, ctx, out_w=dw, out_b=db)
+    assert dx.shape == x.shape
+    assert_close(dx, dx_ref)
+    assert_close(dw, dw_ref)
+    if bias:
+        assert_close(db, db_ref)
+    dw2 = np.full(wt.shape, np.nan, F32)
+    assert ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, activation, ctx, out_w=dw2,
+                                       need_dx=False) is None
+    np.testing.assert_array_equal(dw2, dw)
+    dw3 = np.full(wt.shape, np.nan, F32)
+    dx3 = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, activation, None, out_w=dw3)
+    assert_close(dx3, dx_ref)
+    assert_close(dw3, dw_ref)
+    np.testing.assert_array_equal(x, saved[0])  # inputs not written to
+    np.testing.assert_array_equal(wt, saved[1])
+
+
+def test_conv2d_maxpool_ties_and_zeros_take_the_first_tap():
+    """Constant inputs (every window a 4-way tie, as on MNIST's blank borders), linear and relu: the first
+    tap wins and alone gets the gradient, as in the unfused pair."""
+    x = np.ones((2, 6, 6, 3), F32)
+    wt = np.full((3, 3, 3, 4), 0.25, F32)
+    for activation, bias in ((None, np.array([0.5, -9.0, 0.0, 1.0], F32)), ("relu", np.full((4,), 0.5, F32))):
+        y, idx = ops.conv2d_maxpool_forward(x, wt, bias, (1, 1), VALID, activation, {})
+        np.testing.assert_array_equal(idx, 0)
+        y_ref, idx_ref, z = ref.conv2d_maxpool_forward(x, wt, bias, (1, 1), VALID, activation)
+        assert_exact(y, y_ref)
+        dy = normal(np.random.default_rng(3), y.shape)
+        dw = np.empty(wt.shape, F32)
+        dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, (1, 1), VALID, activation, {}, out_w=dw,
+                                         out_b=np.empty((4,), F32))
+        dx_ref, dw_ref, _ = ref.conv2d_maxpool_backward(dy, idx_ref, z, x, wt, (1, 1), VALID, activation)
+        assert_close(dx, dx_ref)
+        assert_close(dw, dw_ref)
+
+
+def test_conv2d_maxpool_nan_and_inf():
+    """A NaN input makes its windows NaN (the first NaN tap wins, as in maxpool2d_forward); a non-finite
+    pooled gradient stays on its window's maximum instead of spreading NaN over the window (0 · inf)."""
+    x, wt, b, s, pads, rng = _conv_case(2, 2, (8, 8), 1, 1, "valid", 3, True)
+    x[0, 2, 3, 1] = np.nan
+    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, None, {})
+    y_ref, idx_ref, _ = ref.conv2d_maxpool_forward(x, wt, b, s, pads, None)
+    assert np.isnan(y[0, 1, 1]).all() and np.isnan(y).sum() == 3
+    np.testing.assert_array_equal(idx[0, 1, 1], idx_ref[0, 1, 1])
+    x, wt, b, s, pads, rng = _conv_case(1, 2, (6, 6), 3, 1, "valid", 2, True)
+    ctx = {}
+    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, None, ctx)
+    y_ref, idx_ref, z = ref.conv2d_maxpool_forward(x, wt, b, s, pads, None)
+    dy = np.ones(y.shape, F32)
+    dy[0, 0, 0, 0], dy[0, 1, 1, 1] = np.inf, np.nan
+    with np.errstate(invalid="ignore"):
+        dw = np.empty(wt.shape, F32)
+        ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, None, ctx, out_w=dw, out_b=np.empty((2,), F32))
+    dz = ctx["dz"]  # the gradient of each window tap's output: non-finite on the maximum's tap only
+    assert np.isinf(dz[idx[0, 0, 0, 0], 0, 0, 0, 0]) and np.isnan(dz[idx[0, 1, 1, 1], 0, 1, 1, 1])
+    assert np.isfinite(np.delete(dz[:, 0, 0, 0, 0], idx[0, 0, 0, 0])).all()
+    assert np.isfinite(np.delete(dz[:, 0, 1, 1, 1], idx[0, 1, 1, 1])).all()
+
+
+def test_first_max_of_four_taps_is_the_general_scan():
+    """The 2x2 shortcut of _first_max (pairs, then pairs of pairs) against the general scan, on values with
+    many ties and -inf (the padding of "same" pooling)."""
+    rng = np.random.default_rng(8)
+    taps = [f32(rng.integers(-2, 3, size=(5, 7, 3)).astype(np.float64)) for _ in range(4)]
+    taps[2][0] = -np.inf
+    y4, idx4 = ops._first_max(taps)
+    general = taps + [np.full_like(taps[0], -np.inf)]  # a fifth tap that never wins: the general scan
+    y5, idx5 = ops._first_max(general)
+    assert_exact(y4, y5)
+    np.testing.assert_array_equal(idx4, idx5)
+    stacked = np.stack(taps, axis=-1)
+    np.testing.assert_array_equal(idx4, np.argmax(stacked, axis=-1))  # NumPy's argmax: the first maximum
 
 
 # ===================================================================================== non-contiguous inputs
