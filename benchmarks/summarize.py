@@ -171,10 +171,11 @@ def markdown(latest, cpu):
         m = cpu.get("machine", {})
         out += ["", f"### CPU: NumPy engine vs PyTorch CPU ({m.get('cpu')}, {m.get('cpu_count')} cores; "
                     f"{m.get('date')}, commit {m.get('commit')})", ""]
-        rows = [[who, (cpu.get(who) or {}).get("epoch_seconds"), (cpu.get(who) or {}).get("train_accuracy")]
-                for who in ("gpucnn_numpy", "torch_cpu")]
-        out.append(_table(["who", "epoch s (batch 64)", "train accuracy"], rows))
-        out.append(f"- ratio gpucnn / PyTorch: {_fmt(cpu.get('ratio_gpucnn_over_torch'))} (target <= 1)")
+        whos = [who for who in ("gpucnn_numpy", "gpucnn_numpy_openblas_default", "torch_cpu") if cpu.get(who)]
+        rows = [[who, cpu[who].get("epoch_seconds"), cpu[who].get("train_accuracy"), cpu[who].get("openblas_kernels"),
+                 cpu[who].get("ratio_over_torch")] for who in whos]
+        out.append(_table(["who", "epoch s (batch 64)", "train accuracy", "OpenBLAS kernels",
+                           "ratio to PyTorch (target <= 1)"], rows))
     return "\n".join(out).strip() + "\n"
 
 

@@ -4,22 +4,45 @@ measured in the same run on the same machine. Target: gpucnn's epoch no slower t
     make bench                      (installs the CPU build of PyTorch when it can)
     pytest benchmarks/test_numpy_vs_torch_cpu.py --benchmark-only
 
+Each epoch runs in a fresh process (``python benchmarks/test_numpy_vs_torch_cpu.py gpucnn|torch`` prints one
+epoch's numbers as JSON), and the configurations take turns, round after round, so that a slow stretch of a
+shared machine falls on all of them; the median of ``ROUNDS`` epochs is reported.
+
+NumPy's matrix products run on the OpenBLAS kernels OpenBLAS picks for the CPU when the process starts, unless
+the environment variable ``OPENBLAS_CORETYPE`` names others. When it is set, gpucnn is measured both ways:
+``gpucnn_numpy`` with the environment as it is, ``gpucnn_numpy_openblas_default`` without that variable (what a
+machine without the setting runs). PyTorch's CPU build does not use OpenBLAS (oneDNN and MKL), so it is measured
+once. Each result names the kernels its process ran.
+
 Writes benchmarks/results/numpy-vs-torch-cpu.json.
 """
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bench_utils import write_result
 
 BATCH = 64
-_epochs = {}
+ROUNDS = 3  # this machine's epoch times vary by ±15 % from run to run: report the median of three
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def gpucnn_epoch(x, y):
+# ===================================================================================== one epoch, in a child
+def _mnist():
+    from gpucnn.cli import load_mnist
+    (x, y), _ = load_mnist()
+    return x, y
+
+
+def gpucnn_epoch():
     from gpucnn import backend, utils
     from gpucnn.cli import seed_model
+    x, y = _mnist()
     backend.set_engine("cpu")
     utils.set_random_seed(0)
     model = seed_model()
@@ -30,8 +53,10 @@ def gpucnn_epoch(x, y):
     return time.perf_counter() - start, history.history["accuracy"][-1]
 
 
-def torch_epoch(x, y):
-    torch = pytest.importorskip("torch")
+def torch_epoch():
+    import numpy as np
+    import torch
+    x, y = _mnist()
     nn = torch.nn
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -63,26 +88,82 @@ def torch_epoch(x, y):
     return time.perf_counter() - start, accuracy
 
 
-ROUNDS = 3  # this machine's epoch times vary by ±15 % from run to run: report the median of three
+def openblas_kernels():
+    """The kernel set ("Haswell", "SkylakeX", ...) of the OpenBLAS loaded in this process, or None."""
+    import ctypes
+    import re
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                     "openblas_get_corename"):
+            if hasattr(lib, name):
+                getattr(lib, name).restype = ctypes.c_char_p
+                return getattr(lib, name)().decode()
+    return None
 
 
-@pytest.mark.parametrize("who", ["torch_cpu", "gpucnn_numpy"])
-def test_epoch(benchmark, mnist_train, who):
-    x, y = mnist_train
-    fn = gpucnn_epoch if who == "gpucnn_numpy" else torch_epoch
-    runs = []
-    benchmark.pedantic(lambda: runs.append(fn(x, y)), rounds=ROUNDS, iterations=1)
-    seconds = sorted(r[0] for r in runs)
-    accuracy = runs[-1][1]
-    median = seconds[len(seconds) // 2]
-    benchmark.extra_info.update(epoch_seconds=median, all_epoch_seconds=seconds, train_accuracy=accuracy)
-    _epochs[who] = {"epoch_seconds": round(median, 2), "all_epoch_seconds": [round(s, 2) for s in seconds],
-                    "train_accuracy": round(accuracy, 4)}
-    assert accuracy > 0.9  # a real epoch of learning, not an empty loop
-    if who == "gpucnn_numpy":
-        ratio = (median / _epochs["torch_cpu"]["epoch_seconds"]) if "torch_cpu" in _epochs else None
-        write_result("numpy-vs-torch-cpu", {
-            "what": f"one epoch of the seed model, 60,000 MNIST images, batch 64, RMSprop; median of {ROUNDS}",
-            "target": "gpucnn NumPy epoch <= PyTorch CPU epoch (ratio <= 1)",
-            **_epochs, "ratio_gpucnn_over_torch": None if ratio is None else round(ratio, 3),
-            "target_met": None if ratio is None else ratio <= 1.0})
+def child(who):
+    seconds, accuracy = (gpucnn_epoch if who == "gpucnn" else torch_epoch)()
+    print(json.dumps({"epoch_seconds": seconds, "train_accuracy": accuracy, "openblas": openblas_kernels(),
+                      "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}))
+
+
+# ===================================================================================== the benchmark
+def configurations():
+    """(name, who, environment) of each configuration measured here."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    configs = [("torch_cpu", "torch", env), ("gpucnn_numpy", "gpucnn", env)]
+    if "OPENBLAS_CORETYPE" in env:
+        configs.append(("gpucnn_numpy_openblas_default", "gpucnn",
+                        {k: v for k, v in env.items() if k != "OPENBLAS_CORETYPE"}))
+    return configs
+
+
+def run_child(who, env):
+    out = subprocess.run([sys.executable, __file__, who], env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the {who} epoch failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_epoch(benchmark, mnist_train):  # mnist_train: the data is cached before the children start
+    pytest.importorskip("torch")
+    configs = configurations()
+    runs = {name: [] for name, _, _ in configs}
+
+    def session():
+        for _ in range(ROUNDS):  # the configurations take turns
+            for name, who, env in configs:
+                runs[name].append(run_child(who, env))
+
+    benchmark.pedantic(session, rounds=1, iterations=1)
+    results = {}
+    for name, runs_of in runs.items():
+        seconds = sorted(r["epoch_seconds"] for r in runs_of)
+        results[name] = {"epoch_seconds": round(seconds[len(seconds) // 2], 2),
+                         "all_epoch_seconds": [round(s, 2) for s in seconds],
+                         "train_accuracy": round(runs_of[-1]["train_accuracy"], 4),
+                         "openblas_kernels": runs_of[-1]["openblas"],
+                         "OPENBLAS_CORETYPE": runs_of[-1]["OPENBLAS_CORETYPE"]}
+        assert results[name]["train_accuracy"] > 0.9  # a real epoch of learning, not an empty loop
+    torch_seconds = results["torch_cpu"]["epoch_seconds"]
+    for name in results:
+        if name.startswith("gpucnn"):
+            ratio = results[name]["epoch_seconds"] / torch_seconds
+            results[name].update(ratio_over_torch=round(ratio, 3), target_met=ratio <= 1.0)
+    benchmark.extra_info.update(results)
+    write_result("numpy-vs-torch-cpu", {
+        "what": f"one epoch of the seed model, 60,000 MNIST images, batch 64, RMSprop; each epoch in its own "
+                f"process, the configurations in turn; median of {ROUNDS}",
+        "target": "gpucnn NumPy epoch <= PyTorch CPU epoch (ratio_over_torch <= 1)",
+        **results})
+
+
+if __name__ == "__main__":
+    child(sys.argv[1])
