@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from . import backend, losses as losses_mod, optimizers as optimizers_mod
+from . import backend, losses as losses_mod, optimizers as optimizers_mod, parallel
 from .callbacks import CallbackList, History
 from .layers import ConvPool, InputLayer, Layer, MaxPooling2D, fusable_pool
 from .progress import Progbar
@@ -295,16 +295,28 @@ class Sequential:
     def _train_step(self, xb, yb):
         """Forward, loss, backward, update. Returns engine scalars (loss sum, correct count)."""
         ops = backend.ops()
+        loss_sum, correct = self._forward_backward(xb, yb)
+        if not ops.READS_WAIT and not np.isfinite(loss_sum):
+            return loss_sum, correct  # fit stops before this step's update is applied
+        self.optimizer.apply(self._params, self._grads)
+        return loss_sum, correct
+
+    def _forward_backward(self, xb, yb, scale=None):
+        """Forward, loss and backward of a batch, its weight gradients left in ``_grads``; returns (loss sum,
+        correct count). On NumPy with two or more cores the batch runs as two halves on two threads
+        (gpucnn/parallel.py). ``scale`` multiplies the loss gradient: a half's share of its batch."""
+        if scale is None and parallel.split_reason(self, len(xb)) is None:
+            return parallel.split_step(self, xb, yb)
+        ops = backend.ops()
         sparse = self.loss.sparse
         p = self._forward(xb, training=True)
         loss_sum = ops.crossentropy_forward(p, yb, sparse).sum()
         correct = ops.count_correct(p, yb, sparse)
         fused = self._fused_softmax()  # softmax + cross-entropy: the gradient w.r.t. the logits directly
         dy = (ops.softmax_crossentropy_backward if fused else ops.crossentropy_backward)(p, yb, sparse)
+        if scale is not None:
+            dy *= np.float32(scale)
         self._backward(dy, through_last_activation=not fused)
-        if not ops.READS_WAIT and not np.isfinite(loss_sum):
-            return loss_sum, correct  # fit stops before this step's update is applied
-        self.optimizer.apply(self._params, self._grads)
         return loss_sum, correct
 
     def _backward(self, dy, through_last_activation=True):
