@@ -91,20 +91,10 @@ def torch_epoch():
 def openblas_kernels():
     """The kernel set ("Haswell", "SkylakeX", ...) of the OpenBLAS loaded in this process, or None."""
     import ctypes
-    import re
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
-    except OSError:
-        return None
-    for path in paths:
-        lib = ctypes.CDLL(path)
-        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
-                     "openblas_get_corename"):
-            if hasattr(lib, name):
-                getattr(lib, name).restype = ctypes.c_char_p
-                return getattr(lib, name)().decode()
-    return None
+
+    from gpucnn.parallel import openblas_function
+    corename = openblas_function("get_corename", ctypes.c_char_p)
+    return None if corename is None else corename().decode()
 
 
 def child(who):

@@ -100,6 +100,27 @@ def _window_geometry(x_shape, k, stride, padding, what):
     return n, h, wd, c, p, q
 
 
+def _patch_channels(rows, cols, kh, kw, c, stride, what):
+    """(bytes a channel, channels a chunk) of a forward convolution kernel's shared input patch under a tile
+    of ``rows`` x ``cols`` outputs: as many channels as fit in _PATCH_BYTES, at least one."""
+    patch = ((rows - 1) * stride[0] + kh) * ((cols - 1) * stride[1] + kw) * 4
+    cc = min(c, _PATCH_BYTES // patch)
+    if cc < 1:
+        raise ValueError(f"{what}: a {kh}x{kw} kernel at stride {tuple(stride)} needs an input patch of "
+                         f"{patch:,} bytes a channel, more than the kernel's {_PATCH_BYTES:,}")
+    return patch, cc
+
+
+def _work(ctx, key, shape, dtype=DTYPE):
+    """A device work array kept in ``ctx[key]`` for the next call with the same shape."""
+    a = ctx.get(key) if ctx is not None else None
+    if a is None or a.shape != tuple(shape):
+        a = cuda.empty(shape, dtype)
+        if ctx is not None:
+            ctx[key] = a
+    return a
+
+
 def _labels(labels, p, sparse):
     """Sparse labels as contiguous int32 (N,); one-hot labels as contiguous float32 (N, K)."""
     if sparse:
@@ -167,11 +188,7 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     x, w, b = _c(x), _c(w), (None if b is None else _c(b))
     y = _out(out, (n, p, q, f))
     tp, tq, tf = _CONV["CONV_TILE_P"], _CONV["CONV_TILE_Q"], _CONV["CONV_TILE_F"]
-    patch = ((tp - 1) * stride[0] + kh) * ((tq - 1) * stride[1] + kw) * 4  # bytes per channel
-    cc = min(c, _PATCH_BYTES // patch)
-    if cc < 1:
-        raise ValueError(f"conv2d_forward: a {kh}x{kw} kernel at stride {tuple(stride)} needs an input patch "
-                         f"of {patch:,} bytes, more than the kernel's {_PATCH_BYTES:,}")
+    patch, cc = _patch_channels(tp, tq, kh, kw, c, stride, "conv2d_forward")
     _image_grid(h * wd * c, n)  # checks the image size
     grid = (max(1, n * _cdiv(p, tp) * _cdiv(q, tq)), _cdiv(f, tf))
     cuda.launch("conv2d_forward", grid, (tf, tq),
@@ -222,11 +239,7 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     row_tiles, f_tiles = _cdiv(rows, _CONV["BWF_TILE_R"]), _cdiv(f, _CONV["BWF_TILE_F"])
     slices, slice_len = _filter_slices(n * p * q, row_tiles * f_tiles)
     work_shape = (slices, rows * f + f)
-    work = ctx.get("work") if ctx is not None else None
-    if work is None or work.shape != work_shape:
-        work = cuda.empty(work_shape, DTYPE)
-        if ctx is not None:
-            ctx["work"] = work
+    work = _work(ctx, "work", work_shape)
     dw = _out(out_w, w_shape, name="out_w")
     db = _out(out_b, (f,), name="out_b")
     cuda.launch("conv2d_backward_filter", (row_tiles, f_tiles, slices),
@@ -329,11 +342,7 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
         raise ValueError(f"conv2d_maxpool_forward: x has {xc} channels, the kernel {w.shape} expects {c}")
     pp, pq = p // 2, q // 2
     tpp, tpq, tf = _FUSED["FUSED_TILE_PP"], _FUSED["FUSED_TILE_PQ"], _FUSED["FUSED_TILE_F"]
-    patch = ((2 * tpp - 1) * stride[0] + kh) * ((2 * tpq - 1) * stride[1] + kw) * 4  # bytes per channel
-    cc = min(c, _PATCH_BYTES // patch)
-    if cc < 1:
-        raise ValueError(f"conv2d_maxpool_forward: a {kh}x{kw} kernel at stride {tuple(stride)} needs an input "
-                         f"patch of {patch:,} bytes a channel, more than the kernel's {_PATCH_BYTES:,}")
+    patch, cc = _patch_channels(2 * tpp, 2 * tpq, kh, kw, c, stride, "conv2d_maxpool_forward")
     _image_grid(h * wd * c, n)  # checks the image size
     x, w, b = _c(x), _c(w), (None if b is None else _c(b))
     y = _out(out, (n, pp, pq, f))
@@ -358,11 +367,7 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
     if dy.shape != (n, pp, pq, f) or y.shape != dy.shape or idx.shape != dy.shape:
         raise ValueError(f"conv2d_maxpool_backward: dy {dy.shape}, y {y.shape} and idx {idx.shape} must be "
                          f"{(n, pp, pq, f)}")
-    dz = ctx.get("dz") if ctx is not None else None
-    if dz is None or dz.shape != (n, p, q, f):
-        dz = cuda.empty((n, p, q, f), DTYPE)
-        if ctx is not None:
-            ctx["dz"] = dz
+    dz = _work(ctx, "dz", (n, p, q, f))
     dy, y, idx = _c(dy), _c(y), _c(idx)
     cuda.launch("maxpool2d_relu_backward", _image_grid(p * q * f, n), _THREADS,
                 (dy, idx, y, dz, n, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, _fused(activation)))

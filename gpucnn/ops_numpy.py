@@ -128,9 +128,9 @@ def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
     n, c, kk = x.shape[0], x.shape[3], k[0] * k[1] * x.shape[3]
     taps = (2, 2) if pooled else (1, 1)
     shape = (taps[0] * taps[1] * n * p * q, kk + 1)
-    kept = ctx is not None and ctx.get("cols") is not None and ctx["cols"].shape == shape
-    cols = _scratch(ctx, "cols", shape)
-    if not kept:  # a kept matrix has its column of ones already
+    cols = _kept_cols(ctx, shape)
+    if cols is None:  # a kept matrix has its column of ones already
+        cols = _scratch(ctx, "cols", shape)
         cols[:, kk] = 1
     xpad = _pad(x, padding)
     windows = cols.reshape(taps + (n, p, q, kk + 1))[..., :kk].reshape(taps + (n, p, q, k[0], k[1], c))
@@ -147,6 +147,19 @@ def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
                     windows[di, dj, :, :, :, i, j, :] = _tap(xpad, di * stride[0] + i, dj * stride[1] + j,
                                                              step, p, q)
     return cols
+
+
+def _kept_cols(ctx, shape):
+    """The im2col matrix the last forward left in ``ctx``, if it has this shape (else None)."""
+    cols = ctx.get("cols") if ctx else None
+    return cols if cols is not None and cols.shape == shape else None
+
+
+def _forward_cols(x, k, stride, padding, p, q, ctx, pooled=False):
+    """A backward's im2col matrix: the forward's from ``ctx``, or made again (not kept)."""
+    taps = 4 if pooled else 1
+    cols = _kept_cols(ctx, (taps * x.shape[0] * p * q, k[0] * k[1] * x.shape[3] + 1))
+    return _im2col(x, k, stride, padding, p, q, None, pooled) if cols is None else cols
 
 
 def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
@@ -190,9 +203,7 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     im2col matrix (its column of ones gives db) with dy."""
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
-    cols = ctx.get("cols") if ctx else None
-    if cols is None or cols.shape != (n * p * q, kh * kw * c + 1):
-        cols = _im2col(x, (kh, kw), stride, padding, p, q, None)
+    cols = _forward_cols(x, (kh, kw), stride, padding, p, q, ctx)
     g = cols.T @ dy.reshape(n * p * q, f)
     return _finish(g[:-1].reshape(w_shape), out_w), _finish(g[-1], out_b)
 
@@ -243,15 +254,24 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
     n, h, wd, c, p, q = geometry(x_shape, pool, stride, padding)
     dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
     overlapping = stride[0] < pool[0] or stride[1] < pool[1]
-    finite = np.isfinite(dy).all()  # mask · dy is fast, but 0 · inf would spread NaN off the maximum
+    finite = np.isfinite(dy).all()
     for k in range(pool[0] * pool[1]):
         dst = _tap(dxp, k // pool[1], k % pool[1], stride, p, q)
-        share = (idx == k) * dy if finite else np.where(idx == k, dy, 0)
+        share = _share_of_tap(idx, k, dy, finite)
         if overlapping:
             dst += share
         else:  # each input cell belongs to one window at most
             dst[...] = share
     return _finish(_crop(dxp, padding), out)
+
+
+def _share_of_tap(idx, k, dy, finite, out=None):
+    """The part of each window's gradient ``dy`` that goes to tap ``k``: all of it where idx names k, else
+    0. ``finite``: whether dy is all finite (then mask · dy, fast; else a select, as 0 · inf would spread NaN
+    off the maximum)."""
+    if finite:
+        return np.multiply(idx == k, dy, out=out)
+    return _finish(np.where(idx == k, dy, 0), out)
 
 
 def _avg_counts(x_shape, pool, stride, padding):
@@ -336,15 +356,10 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
     pp, pq = p // 2, q // 2
     g = np.multiply(dy, y > 0) if activation == "relu" else dy  # relu_backward of the pooled values
     dz = _scratch(ctx, "dz", (4, n, pp, pq, f))  # the gradient of each window tap's convolution output
-    finite = np.isfinite(g).all()  # mask · g is fast, but 0 · inf would spread NaN off the maximum
+    finite = np.isfinite(g).all()
     for k in range(4):
-        if finite:
-            np.multiply(idx == k, g, out=dz[k])
-        else:
-            dz[k] = np.where(idx == k, g, 0)
-    cols = ctx.get("cols") if ctx else None
-    if cols is None or cols.shape != (4 * n * pp * pq, kh * kw * c + 1):
-        cols = _im2col(x, (kh, kw), stride, padding, pp, pq, None, pooled=True)
+        _share_of_tap(idx, k, g, finite, out=dz[k])
+    cols = _forward_cols(x, (kh, kw), stride, padding, pp, pq, ctx, pooled=True)
     gw = cols.T @ dz.reshape(-1, f)
     _finish(gw[:-1].reshape(w.shape), out_w)
     if out_b is not None:

@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import copy
 import ctypes
+import functools
 import os
 import re
 import threading
@@ -34,6 +35,7 @@ _lock = threading.Lock()
 _pool = []
 
 
+@functools.lru_cache(maxsize=None)
 def usable_cores():
     try:
         return len(os.sched_getaffinity(0))
@@ -41,29 +43,36 @@ def usable_cores():
         return os.cpu_count() or 1
 
 
-def _openblas_threads():
-    """(get, set) of the thread count of the OpenBLAS NumPy uses, or None when it is not found."""
-    if "funcs" not in _blas:
-        _blas["funcs"] = None
+def openblas_function(name, restype=ctypes.c_int, argtypes=()):
+    """Function ``name`` (e.g. "get_num_threads") of the OpenBLAS loaded in this process, under any of the
+    names its builds export (NumPy's wheels: scipy_openblas_<name>64_), or None without OpenBLAS."""
+    if "libs" not in _blas:
         try:
             with open("/proc/self/maps") as f:
                 paths = sorted(set(re.findall(r"(/\S*openblas\S*\.so\S*)", f.read())))
         except OSError:
             paths = []
+        _blas["libs"] = []
         for path in paths:
             try:
-                lib = ctypes.CDLL(path)
+                _blas["libs"].append(ctypes.CDLL(path))
             except OSError:
                 continue
-            for pre, suf in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"),
-                             ("openblas_", "")):
-                get, put = f"{pre}get_num_threads{suf}", f"{pre}set_num_threads{suf}"
-                if hasattr(lib, get) and hasattr(lib, put):
-                    getattr(lib, get).restype = ctypes.c_int
-                    getattr(lib, put).argtypes = [ctypes.c_int]
-                    _blas["funcs"] = (getattr(lib, get), getattr(lib, put))
-                    return _blas["funcs"]
-    return _blas["funcs"]
+    for lib in _blas["libs"]:
+        for pre, suf in (("scipy_openblas_", "64_"), ("scipy_openblas_", ""), ("openblas_", "64_"),
+                         ("openblas_", "")):
+            if hasattr(lib, pre + name + suf):
+                func = getattr(lib, pre + name + suf)
+                func.restype, func.argtypes = restype, list(argtypes)
+                return func
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _openblas_threads():
+    """(get, set) of the thread count of the OpenBLAS NumPy uses, or None when it is not found."""
+    get, put = openblas_function("get_num_threads"), openblas_function("set_num_threads", None, [ctypes.c_int])
+    return None if get is None or put is None else (get, put)
 
 
 @contextlib.contextmanager
@@ -125,12 +134,6 @@ def _replica(model):
     return replica
 
 
-def _half(model, xb, yb, scale):
-    """Forward and backward of one half-batch into ``model._grads``, its loss gradient scaled to the whole
-    batch's mean; (loss sum, correct count)."""
-    return model._forward_backward(xb, yb, scale)
-
-
 def split_step(model, xb, yb):
     """Forward and backward of a batch as two half-steps on two threads; the gradients end in
     ``model._grads``. Returns (loss sum, correct count) of the whole batch."""
@@ -142,9 +145,9 @@ def split_step(model, xb, yb):
             _pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpucnn-half-step"))
     context = contextvars.copy_context()  # NumPy's errstate, as the caller has it
     with blas_threads(1):
-        future = _pool[0].submit(context.run, _half, replica, xb[h:], yb[h:], (n - h) / n)
+        future = _pool[0].submit(context.run, replica._forward_backward, xb[h:], yb[h:], (n - h) / n)
         try:
-            loss_a, correct_a = _half(model, xb[:h], yb[:h], h / n)
+            loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n)
         finally:
             second = future.exception()  # the worker has finished with the shared weights either way
         if second is not None:

@@ -80,6 +80,13 @@ CONV_POOL_GRID = [
 ]
 
 
+def window_taps(z, pp, pq):
+    """The 2x2 windows at stride 2 over the first 2·pp x 2·pq outputs of z (N, P, Q, F), as (N, pp, pq, F, 4),
+    the taps in scan order."""
+    n, f = z.shape[0], z.shape[3]
+    return z[:, :2 * pp, :2 * pq].reshape(n, pp, 2, pq, 2, f).transpose(0, 1, 3, 5, 2, 4).reshape(n, pp, pq, f, 4)
+
+
 def conv_pool_id(case):
     return "-".join(map(str, case)).replace(" ", "")
 

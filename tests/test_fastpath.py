@@ -482,7 +482,7 @@ def _fake_modules():
                                       empty=lambda shape, dtype=np.float32: _dev(np.zeros(shape, dtype)),
                                       DeviceOutOfMemoryError=cuda.DeviceOutOfMemoryError)
     ops = types.SimpleNamespace(**{k: getattr(ops_numpy, k) for k in dir(ops_numpy) if not k.startswith("__")})
-    for helper in ("_THREADS", "_blocks", "_image_grid", "_PATCH_BYTES", "_fused"):
+    for helper in ("_THREADS", "_blocks"):
         setattr(ops, helper, getattr(ops_cuda, helper))
     return _FakeCupy, fake_cuda, ops
 

@@ -18,7 +18,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
                      padding_for)
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
-from helpers import CONV_POOL_GRID, conv_pool_id
+from helpers import CONV_POOL_GRID, conv_pool_id, window_taps
 from gpucnn import backend
 
 pytestmark = pytest.mark.gpu
@@ -774,7 +774,7 @@ def test_conv2d_relu_maxpool_forward_matches_reference(case):
     assert got.dtype == np.int64 and ((got >= 0) & (got < 4)).all()
     # the tap the kernel chose holds the window's maximum (up to float32 rounding); where the oracle's
     # maximum is clear of the runner-up, it is the oracle's tap
-    windows = zc.reshape(n, pp, 2, pq, 2, f).transpose(0, 1, 3, 5, 2, 4).reshape(n, pp, pq, f, 4)
+    windows = window_taps(zc, pp, pq)
     chosen = np.take_along_axis(windows, got[..., None], axis=-1)[..., 0]
     atol = ATOL_SCALE * float(np.abs(zc).max()) if zc.size else 0.0
     np.testing.assert_allclose(chosen, y_ref, rtol=RTOL, atol=atol)

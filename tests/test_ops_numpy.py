@@ -13,7 +13,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
                      padding_for)
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
-from helpers import CONV_POOL_GRID, conv_pool_id
+from helpers import CONV_POOL_GRID, conv_pool_id, window_taps
 from gpucnn import ops_numpy as ops
 
 
@@ -258,17 +258,10 @@ def test_maxpool2d_backward_non_finite_gradient_stays_on_the_max(stride):
 
 
 # ===================================================================================== conv2d + max-pool
-def _conv_pool_case(n, c, hw, k, s, pad, f, activation, bias):
-    x, wt, b, s, pads, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
-    return x, wt, b, s, pads, rng
-
-
-def _check_idx(y, idx, y_ref, idx_ref, z, activation):
+def _check_idx(idx, y_ref, idx_ref, z, activation):
     """idx names a tap holding the window's maximum; where the maximum is clear of the runner-up (and, after
     a relu, above 0: below, any tap gets no gradient), it is the oracle's tap."""
-    n, pp, pq, f = y_ref.shape
-    windows = z[:, :2 * pp, :2 * pq].reshape(n, pp, 2, pq, 2, f).transpose(0, 1, 3, 5, 2, 4).reshape(
-        n, pp, pq, f, 4)
+    windows = window_taps(z, y_ref.shape[1], y_ref.shape[2])
     got = idx.astype(np.int64)
     assert ((got >= 0) & (got < 4)).all()
     chosen = np.take_along_axis(windows, got[..., None], axis=-1)[..., 0]
@@ -285,19 +278,18 @@ def test_conv2d_maxpool_matches_reference(case):
     """The fused op against the oracle's conv2d then max-pooling (forward), and against its maxpool, activation
     and conv backward routed through the op's own window indices (backward); need_dx=False writes the same
     weight gradients and returns None; the backward also works without the forward's ctx."""
-    x, wt, b, s, pads, rng = _conv_pool_case(*case)
-    activation, bias = case[7], case[8]
+    n, c, hw, k, s, pad, f, activation, bias = case
+    x, wt, b, s, pads, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
     saved = (x.copy(), wt.copy())
     ctx = {}
     y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx)
     y_ref, idx_ref, z = ref.conv2d_maxpool_forward(x, wt, b, s, pads, activation)
     assert y.shape == y_ref.shape and idx.dtype == np.int8
     assert_close(y, y_ref)
-    _check_idx(y, idx, y_ref, idx_ref, z, activation)
+    _check_idx(idx, y_ref, idx_ref, z, activation)
 
     dy = normal(rng, y.shape)
     dx_ref, dw_ref, db_ref = ref.conv2d_maxpool_backward(dy, idx.astype(np.int64), z, x, wt, s, pads, activation)
-    f = wt.shape[3]
     dw, db = np.full(wt.shape, np.nan, F32), (np.full((f,), np.nan, F32) if bias else None)
     dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, activation, ctx, out_w=dw, out_b=db)
     assert dx.shape == x.shape

@@ -117,25 +117,25 @@ def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
     m.build()
     x, y = data(32, False)
     seen = []
-    original = parallel._half
+    original = models.Sequential._forward_backward
 
-    def half(model, xb, yb, scale):
+    def forward_backward(model, xb, yb, scale=None):
         seen.append(get())
         return original(model, xb, yb, scale)
 
-    parallel._half = half
+    models.Sequential._forward_backward = forward_backward
     try:
         parallel.split_step(m, x, y)
         assert seen == [1, 1] and get() == before  # one OpenBLAS thread per half, the count restored after
 
-        def failing(model, xb, yb, scale):
+        def failing(model, xb, yb, scale=None):
             if model is not m:  # the worker's half
                 raise RuntimeError("half-step failed")
             return original(model, xb, yb, scale)
 
-        parallel._half = failing
+        models.Sequential._forward_backward = failing
         with pytest.raises(RuntimeError, match="half-step failed"):
             parallel.split_step(m, x, y)
         assert get() == before
     finally:
-        parallel._half = original
+        models.Sequential._forward_backward = original
