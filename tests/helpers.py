@@ -77,6 +77,8 @@ CONV_POOL_GRID = [
     (7, 2, (9, 10), (2, 3), (3, 2), "same", 3, "relu", True),   # 3x5 -> 1x2, stride 3
     (2, 8, (10, 9), 3, 2, "same", 6, "relu", True),       # 8 channels, stride 2: 5x5 -> 2x2
     (2, 8, (12, 9), (3, 2), (2, 1), "valid", 5, "relu", True),  # 8 channels, mixed strides: 5x8 -> 2x4
+    (3, 8, (12, 9), 3, 1, "same", 5, "relu", True),       # NumPy's Winograd path, zero padding: 12x9 -> 6x4
+    (2, 16, (8, 11), 3, 1, "valid", 3, None, False),      # Winograd, linear, no bias: 6x9 -> 3x4
 ]
 
 

@@ -346,10 +346,53 @@ def test_conv2d_maxpool_nan_and_inf():
     with np.errstate(invalid="ignore"):
         dw = np.empty(wt.shape, F32)
         ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, None, ctx, out_w=dw, out_b=np.empty((2,), F32))
-    dz = ctx["dz"]  # the gradient of each window tap's output: non-finite on the maximum's tap only
+    dz = ctx["z"]  # each window tap's gradient (in the forward's z array): non-finite on the maximum's tap only
     assert np.isinf(dz[idx[0, 0, 0, 0], 0, 0, 0, 0]) and np.isnan(dz[idx[0, 1, 1, 1], 0, 1, 1, 1])
     assert np.isfinite(np.delete(dz[:, 0, 0, 0, 0], idx[0, 0, 0, 0])).all()
     assert np.isfinite(np.delete(dz[:, 0, 1, 1, 1], idx[0, 1, 1, 1])).all()
+
+
+WINOGRAD_CASES = [case for case in CONV_POOL_GRID if ops._winograd_applies(
+    (case[3], case[3], case[1], case[6]) if isinstance(case[3], int) else case[3] + (case[1], case[6]),
+    (case[4], case[4]) if isinstance(case[4], int) else case[4])]
+
+
+def test_the_grid_covers_both_numpy_paths_of_the_fused_op():
+    """3x3 kernels at stride 1 over 8+ channels take the Winograd path (its tiles kept in ctx), the rest the
+    im2col path (its matrix kept): the grid above checks both against the oracle."""
+    assert len(WINOGRAD_CASES) >= 3 and len(WINOGRAD_CASES) < len(CONV_POOL_GRID) - 3
+    for case in CONV_POOL_GRID:
+        n, c, hw, k, s, pad, f, activation, bias = case
+        x, wt, b, s, pads, _ = _conv_case(n, c, hw, k, s, pad, f, bias)
+        ctx = {}
+        ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx)
+        assert ("wino_v" in ctx) == (case in WINOGRAD_CASES) and ("cols" in ctx) != (case in WINOGRAD_CASES)
+
+
+def test_winograd_matrices_give_the_2x2_outputs_of_a_3x3_correlation():
+    """Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A of one 4x4 tile and one 3x3 kernel, in float64, is the 2x2 valid correlation."""
+    rng = np.random.default_rng(4)
+    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+    bt, gm, at = (m.astype(np.float64) for m in (ops._WINO_BT, ops._WINO_G, ops._WINO_AT))
+    y = at @ ((gm @ g @ gm.T) * (bt @ d @ bt.T)) @ at.T
+    want = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(2)] for i in range(2)])
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    # the Kronecker forms act on tiles flattened row by row
+    np.testing.assert_allclose((ops._WINO_OUT.astype(np.float64) @ ((ops._WINO_KERNEL @ g.ravel())
+                                * (ops._WINO_TILE @ d.ravel()))).reshape(2, 2), want, rtol=1e-6, atol=1e-6)
+
+
+def test_winograd_nan_input_makes_the_same_windows_nan():
+    """A NaN input reaches every window whose tile holds it: the windows the direct convolution makes NaN."""
+    x, wt, b, s, pads, _ = _conv_case(2, 8, (11, 12), 3, 1, "valid", 3, True)
+    for r, c in ((0, 0), (4, 5), (5, 4), (10, 11), (7, 7)):
+        xn = x.copy()
+        xn[1, r, c, 2] = np.nan
+        with np.errstate(invalid="ignore"):
+            y, idx = ops.conv2d_maxpool_forward(xn, wt, b, s, pads, None, {})
+        y_ref, _, _ = ref.conv2d_maxpool_forward(xn, wt, b, s, pads, None)
+        np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+        assert np.isnan(y_ref).any() == (r != 10)  # the last row feeds no window
 
 
 def test_first_max_of_four_taps_is_the_general_scan():
