@@ -103,13 +103,14 @@ class Sequential:
             self.optimizer.reset()  # new buffers: the optimizer starts again
         self.built = True
 
-    def _pack_weights(self):
-        """Move every weight and gradient into one flat buffer each; layers keep views into them."""
+    def _pack_weights(self, params=None, grads=None):
+        """Move every weight and gradient into one flat buffer each (new ones, or the float32 arrays
+        ``params`` and ``grads`` of the right size); layers keep views into them."""
         xp = backend.ops().xp
         sizes = [int(np.prod(w.shape)) for l in self.layers for w in l.weights]
         offsets = np.cumsum([0] + [-(-s // _ALIGN) * _ALIGN for s in sizes])
-        self._params = xp.zeros(int(offsets[-1]), dtype=np.float32)
-        self._grads = xp.zeros(int(offsets[-1]), dtype=np.float32)
+        self._params = xp.zeros(int(offsets[-1]), dtype=np.float32) if params is None else params
+        self._grads = xp.zeros(int(offsets[-1]), dtype=np.float32) if grads is None else grads
         k = 0
         for layer in self.layers:
             for i, w in enumerate(layer.weights):
@@ -303,7 +304,7 @@ class Sequential:
 
     def _forward_backward(self, xb, yb, scale=None):
         """Forward, loss and backward of a batch, its weight gradients left in ``_grads``; returns (loss sum,
-        correct count). On NumPy with two or more cores the batch runs as two halves on two threads
+        correct count). On NumPy with two or more cores the batch runs as two halves in two processes
         (gpucnn/parallel.py). ``scale`` multiplies the loss gradient: a half's share of its batch."""
         if scale is None and parallel.split_reason(self, len(xb)) is None:
             return parallel.split_step(self, xb, yb)

@@ -1,38 +1,55 @@
-"""The NumPy engine's training step over two CPU cores: the batch split in two halves, one per thread.
+"""The NumPy engine's training step over two CPU cores: the batch split in two halves, one per process.
 
 Most NumPy work runs on one core (im2col copies, pooling, masks); only OpenBLAS's matrix products use more.
 So on a machine with at least two cores, a training step of a large enough batch runs as two half-steps at
-once: the model's own layers take the first half in the calling thread, a *replica* of them takes the second
-half in a worker thread, each with a one-thread OpenBLAS (so the two threads do not fight over the cores).
-The replica shares the model's weight arrays (read only during the step) and has its own layer state, work
-arrays and gradient buffer; its gradients are added to the model's before the optimizer runs.
+once: the model takes the first half in this process, and a *worker process* — a second Python running a
+copy of the model — takes the second half, each with a one-thread OpenBLAS (so the two do not fight over
+the cores). A second process, not a second thread: two threads of one Python take turns holding its global
+interpreter lock between NumPy calls, and the step has hundreds of small ones.
 
-The result is the full batch's mean-loss gradient, summed in another order than a one-thread step: equal up
+The two processes share one memory-mapped file: the weights (written there before each step), the worker's
+half of the batch, and its gradients (added to the model's before the optimizer runs). A pipe carries the
+rest: the model's architecture when it changes, then one message per step each way.
+
+The result is the full batch's mean-loss gradient, summed in another order than a one-process step: equal up
 to float32 rounding, and the same bits from run to run. Used when all of these hold (``split_reason`` says
 which does not):
-  * the NumPy engine, at least two usable cores, ``GPUCNN_CPU_THREADS`` not ``1``;
+  * the NumPy engine on a POSIX system, at least two usable cores, ``GPUCNN_CPU_THREADS`` not ``1``;
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
-  * only layers without per-step random state (no Dropout with a non-zero rate).
+  * only layers without per-step random state (no Dropout with a non-zero rate);
+  * the worker has not failed in this session. If it fails (it died, or could not start), gpucnn warns once
+    and trains on in one process; the step that failed is computed again there.
+
+The worker starts on the first split step (about half a second: a fresh Python importing NumPy and gpucnn)
+and serves every later step of every model in this process; it exits when this process does.
 """
+import atexit
 import contextlib
-import contextvars
-import copy
 import ctypes
 import functools
+import mmap
 import os
 import re
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import traceback
+import warnings
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
 from . import backend
 
-MIN_BATCH = 32  # each half at least 16 samples: below that the threads' overhead outweighs the gain
+MIN_BATCH = 32  # each half at least 16 samples: below that the exchange costs more than the half saves
+START_SECONDS = 120  # how long the worker may take to start (importing NumPy on a cold disk can be slow)
 _blas = {}
-_lock = threading.Lock()
-_pool = []
+_state = {"worker": None, "failed": None}
+_lock = threading.Lock()  # one split step at a time in this process
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,7 +109,7 @@ def blas_threads(n):
 
 
 def split_reason(model, batch):
-    """Why a training step of ``batch`` samples of ``model`` runs on one thread (None: it is split)."""
+    """Why a training step of ``batch`` samples of ``model`` runs in one process (None: it is split)."""
     from .layers import Dropout
 
     if backend.engine() != "numpy":
@@ -105,53 +122,190 @@ def split_reason(model, batch):
         return f"a batch under {MIN_BATCH} samples"
     if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model.layers):
         return "Dropout draws a new mask each step"
+    if os.name != "posix" or not sys.executable:
+        return "the worker process needs a POSIX system and a Python executable"
     if _openblas_threads() is None:
         return "NumPy's OpenBLAS not found (its thread count cannot be set)"
+    if _state["failed"] is not None:
+        return f"the worker process failed earlier ({_state['failed']})"
     return None
 
 
-def _replica(model):
-    """A shallow copy of ``model`` whose layers share its weights but keep their own state, work arrays
-    and gradients (kept on the model until its layers or buffers change)."""
-    key = (tuple(map(id, model.layers)), id(model._params), id(model._grads))
-    cached = getattr(model, "_split_replica", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    replica = copy.copy(model)
-    replica._grads = np.zeros_like(model._grads)
-    replica._steps_key = replica._split_replica = None
-    replica.layers = []
-    base = model._grads.__array_interface__["data"][0]
-    for layer in model.layers:
-        twin = copy.copy(layer)  # the same weight list; the state below its own
-        twin.ctx = {}
-        twin.grads = []
-        for g in layer.grads:
-            offset = (g.__array_interface__["data"][0] - base) // g.itemsize
-            twin.grads.append(replica._grads[offset:offset + g.size].reshape(g.shape))
-        replica.layers.append(twin)
-    model._split_replica = (key, replica)
-    return replica
-
-
+# ===================================================================================== this process's side
 def split_step(model, xb, yb):
-    """Forward and backward of a batch as two half-steps on two threads; the gradients end in
-    ``model._grads``. Returns (loss sum, correct count) of the whole batch."""
+    """Forward and backward of a batch as two half-steps, this process and the worker at once; the gradients
+    end in ``model._grads``. Returns (loss sum, correct count) of the whole batch."""
     n = len(xb)
     h = n // 2
-    replica = _replica(model)
     with _lock:
-        if not _pool:
-            _pool.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpucnn-half-step"))
-    context = contextvars.copy_context()  # NumPy's errstate, as the caller has it
-    with blas_threads(1):
-        future = _pool[0].submit(context.run, replica._forward_backward, xb[h:], yb[h:], (n - h) / n)
         try:
-            loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n)
+            worker = _worker()
+            shared = worker.prepare(model, xb[h:], yb[h:])
+            worker.conn.send(("step", n - h, (n - h) / n))
+        except Exception as exc:  # noqa: BLE001  (the worker could not take its half: one process goes on)
+            _give_up(exc)
+            return model._forward_backward(xb, yb, 1.0)
+        try:
+            with blas_threads(1):
+                loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n)
+        except BaseException:
+            _stop()  # its reply is still on the way: a fresh worker serves the next step
+            raise
+        try:
+            loss_b, correct_b = worker.result()
+        except Exception as exc:  # noqa: BLE001
+            _give_up(exc)
+            return model._forward_backward(xb, yb, 1.0)
+        model._grads += shared["grads"]
+    return loss_a + np.float32(loss_b), correct_a + correct_b
+
+
+class _Worker:
+    """The worker process, the pipe to it and the file both map."""
+
+    def __init__(self):
+        ours, theirs = socket.socketpair()
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.parallel import serve; "
+                "serve(int(sys.argv[2]))")
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", GPUCNN_DEVICE="cpu")
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent), str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
-            second = future.exception()  # the worker has finished with the shared weights either way
-        if second is not None:
-            raise second
-        loss_b, correct_b = future.result()
-    model._grads += replica._grads
-    return loss_a + loss_b, correct_a + correct_b
+            theirs.close()
+        self.pid = os.getpid()  # the process that started it (a fork of this one must start its own)
+        self.conn = Connection(ours.detach())
+        self.key = self.mapped = self.shared = None
+        self._expect("ready", START_SECONDS)
+
+    def prepare(self, model, xh, yh):
+        """Make the worker hold ``model`` and the file hold this step's weights and half batch; returns the
+        file's arrays."""
+        capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
+        key = (id(model), tuple(map(id, model.layers)), id(model._params), model.loss.name,
+               xh.shape[1:], yh.shape[1:], yh.dtype.str)
+        if key != self.key or len(xh) > len(self.shared["x"]):
+            self._setup(model, key, capacity, xh, yh)
+        shared = self.shared
+        shared["params"][...] = model._params
+        shared["x"][:len(xh)] = xh
+        shared["y"][:len(yh)] = yh
+        return shared
+
+    def _setup(self, model, key, capacity, xh, yh):
+        arrays = [("params", model._params.shape, "<f4"), ("grads", model._params.shape, "<f4"),
+                  ("x", (capacity,) + xh.shape[1:], "<f4"), ("y", (capacity,) + yh.shape[1:], yh.dtype.str)]
+        layout, offset = [], 0
+        for name, shape, dtype in arrays:
+            layout.append((name, offset, shape, dtype))
+            offset += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 64) * 64
+        folder = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # memory, not disk, where there is one
+        fd, path = tempfile.mkstemp(prefix="gpucnn-step-", dir=folder)
+        try:
+            os.ftruncate(fd, max(offset, 1))
+            mapped = mmap.mmap(fd, max(offset, 1))
+            self.key = None
+            self.conn.send(("setup", model.get_config(), model.loss.name, path, layout))
+            self._expect("ok", START_SECONDS)
+        finally:
+            os.close(fd)
+            os.unlink(path)  # both processes have it mapped; nothing is left behind
+        self.mapped, self.shared, self.key = mapped, _arrays(mapped, layout), key
+
+    def result(self):
+        reply = self._expect("done")
+        return reply[1], reply[2]
+
+    def _expect(self, what, timeout=None):
+        if timeout is not None and not self.conn.poll(timeout):
+            raise RuntimeError(f"no answer within {timeout} s")
+        reply = self.conn.recv()  # EOFError when the worker has died
+        if reply[0] == "error":
+            raise RuntimeError(f"the worker failed:\n{reply[1]}")
+        if reply[0] != what:
+            raise RuntimeError(f"the worker answered {reply[0]!r}, expected {what!r}")
+        return reply
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.conn.close()  # the worker reads the end of the pipe and exits
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _worker():
+    worker = _state["worker"]
+    if worker is not None and worker.pid != os.getpid():  # a fork of the process that started it
+        _state["worker"] = worker = None
+    if worker is None:
+        worker = _state["worker"] = _Worker()
+    return worker
+
+
+def _stop():
+    worker, _state["worker"] = _state["worker"], None
+    if worker is not None and worker.pid == os.getpid():
+        worker.close()
+
+
+def _give_up(exc):
+    """The worker failed: say so once, stop it, and train on in one process."""
+    _stop()
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+    _state["failed"] = reason
+    warnings.warn(f"gpucnn: the second training process failed ({reason}); training goes on in one process "
+                  "(set GPUCNN_CPU_THREADS=1 to ask for that from the start)", RuntimeWarning, stacklevel=3)
+
+
+atexit.register(_stop)
+
+
+def _arrays(mapped, layout):
+    return {name: np.ndarray(shape, np.dtype(dtype), buffer=mapped, offset=offset)
+            for name, offset, shape, dtype in layout}
+
+
+# ===================================================================================== the worker's side
+def serve(fd):
+    """The worker's loop (``python -c ...`` started by ``_Worker``): set up models, run half-steps, until the
+    pipe closes."""
+    conn = Connection(fd)
+    backend.set_engine("cpu")
+    conn.send(("ready",))
+    model = shared = None
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            if message[0] == "setup":
+                model = shared = None
+                model, shared = _replica(*message[1:])
+                conn.send(("ok",))
+            elif message[0] == "step":
+                _, n, scale = message
+                loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale)
+                conn.send(("done", float(loss), int(correct)))
+        except Exception:  # noqa: BLE001  (told to the other side, which gives up on the worker)
+            conn.send(("error", traceback.format_exc()))
+
+
+def _replica(config, loss, path, layout):
+    """The model rebuilt from its config, its weights and gradients views into the shared file."""
+    from .saving import _build_from_config
+
+    with open(path, "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0)
+    shared = _arrays(mapped, layout)
+    model = _build_from_config(config, "the model sent to the worker process")
+    model.compile("sgd", loss)
+    if model._params.shape != shared["params"].shape:
+        raise ValueError(f"the worker's model has {model._params.size} weights, the file "
+                         f"{shared['params'].size}")
+    model._pack_weights(shared["params"], shared["grads"])
+    return model, shared

@@ -1,12 +1,34 @@
-"""The NumPy engine's training step split over two threads (gpucnn/parallel.py): the same loss, accuracy and
-gradients as the one-thread step (up to float32 summation order), the same bits from run to run, OpenBLAS's
-thread count restored, and the one-thread step wherever the split does not apply."""
+"""The NumPy engine's training step split over two processes (gpucnn/parallel.py): the same loss, accuracy and
+gradients as the one-process step (up to float32 summation order), the same bits from run to run, OpenBLAS's
+thread count restored, the one-process step wherever the split does not apply, and training that goes on in
+one process, with a warning, when the worker process fails."""
+import glob
+import os
+import signal
+import warnings
+
 import numpy as np
 import pytest
 
 from gpucnn import layers, models, parallel, utils
 
-pytestmark = pytest.mark.usefixtures("numpy_engine")
+pytestmark = pytest.mark.usefixtures("numpy_engine", "worker_state")
+
+
+@pytest.fixture
+def worker_state():
+    """Each test starts with no recorded worker failure (and a worker a test broke is not reused)."""
+    parallel._state["failed"] = None
+    yield
+    if parallel._state["failed"] is not None:
+        parallel._state["failed"] = None
+        parallel._stop()
+
+
+def needs_split():
+    reason = parallel.split_reason(small_model(), 64)
+    if reason is not None:
+        pytest.skip(f"no split step here: {reason}")
 
 
 def small_model(dropout=0.0):
@@ -64,9 +86,8 @@ def test_the_split_step_gives_the_one_thread_step(n, loss, monkeypatch):
     np.testing.assert_array_equal(grads(m), grads_2)
 
 
-def test_fit_on_two_threads_is_repeatable_and_close_to_one_thread(monkeypatch):
-    if parallel.split_reason(small_model(), 64) is not None:
-        pytest.skip(f"no split step here: {parallel.split_reason(small_model(), 64)}")
+def test_fit_on_two_processes_is_repeatable_and_close_to_one_process(monkeypatch):
+    needs_split()
     x, y = data(200, False)
 
     def fit(threads):
@@ -104,13 +125,19 @@ def test_when_the_step_is_not_split(monkeypatch):
     monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
     monkeypatch.setattr(parallel, "_openblas_threads", lambda: None)
     assert "OpenBLAS" in parallel.split_reason(m, 64)
+    monkeypatch.setattr(parallel, "_openblas_threads", lambda: (lambda: 2, lambda n: None))
+    monkeypatch.setitem(parallel._state, "failed", "EOFError: ")
+    assert "failed earlier (EOFError" in parallel.split_reason(m, 64)
+    monkeypatch.setitem(parallel._state, "failed", None)
+    monkeypatch.setattr(os, "name", "nt")
+    assert "POSIX" in parallel.split_reason(m, 64)
 
 
 def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
-    funcs = parallel._openblas_threads()
-    if funcs is None:
-        pytest.skip("NumPy's OpenBLAS not found")
-    get, _ = funcs
+    """This process's half runs on one OpenBLAS thread, the count restored after, also when the half fails;
+    a failed half leaves no reply behind: the next step is right."""
+    needs_split()
+    get, _ = parallel._openblas_threads()
     before = get()
     m = small_model()
     m.compile("rmsprop", "categorical_crossentropy")
@@ -123,19 +150,103 @@ def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
         seen.append(get())
         return original(model, xb, yb, scale)
 
-    models.Sequential._forward_backward = forward_backward
+    def failing(model, xb, yb, scale=None):
+        raise KeyboardInterrupt
+
     try:
+        models.Sequential._forward_backward = forward_backward
         parallel.split_step(m, x, y)
-        assert seen == [1, 1] and get() == before  # one OpenBLAS thread per half, the count restored after
-
-        def failing(model, xb, yb, scale=None):
-            if model is not m:  # the worker's half
-                raise RuntimeError("half-step failed")
-            return original(model, xb, yb, scale)
-
+        assert seen == [1] and get() == before  # this process's half, on one thread; the count restored after
         models.Sequential._forward_backward = failing
-        with pytest.raises(RuntimeError, match="half-step failed"):
+        with pytest.raises(KeyboardInterrupt):
             parallel.split_step(m, x, y)
         assert get() == before
     finally:
         models.Sequential._forward_backward = original
+    x, y = data(33, False)  # other data: a reply left over from the failed step would give other numbers
+    m._grads[...] = np.nan
+    loss, _ = parallel.split_step(m, x, y)
+    assert parallel._state["failed"] is None and np.isfinite(grads(m)).all()
+    m2 = small_model()
+    m2.compile("rmsprop", "categorical_crossentropy")
+    m2.build()
+    m2.set_weights(m.get_weights())
+    m2._grads[...] = np.nan
+    with parallel.blas_threads(1):
+        loss_1, _ = m2._forward_backward(x, y, 1.0)
+    np.testing.assert_allclose(float(loss), float(loss_1), rtol=1e-5)
+    np.testing.assert_allclose(grads(m), grads(m2), rtol=1e-4, atol=1e-6 * np.abs(grads(m2)).max())
+
+
+def test_models_that_take_turns_each_get_their_own_step(monkeypatch):
+    """The worker holds one model at a time: a step of another model (or of another shape) sets it up again."""
+    needs_split()
+    a, b = small_model(), small_model()
+    a.compile("rmsprop", "categorical_crossentropy")
+    b.compile("rmsprop", "sparse_categorical_crossentropy")
+    a.build(), b.build()
+    b.set_weights([w * 0.5 for w in b.get_weights()])
+    xa, ya = data(40, False)
+    xb, yb = data(64, True)
+    for _ in range(2):
+        for m, x, y in ((a, xa, ya), (b, xb, yb), (a, xa[:33], ya[:33])):
+            want_loss, _, want_grads = one_thread_step(m, x, y, monkeypatch)
+            m._grads[...] = np.nan
+            loss, _ = parallel.split_step(m, x, y)
+            np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+            np.testing.assert_allclose(grads(m), want_grads, rtol=1e-4, atol=1e-6 * np.abs(want_grads).max())
+
+
+def kill_worker():
+    worker = parallel._state["worker"]
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+
+
+@pytest.mark.parametrize("when", ["between steps", "during a step"])
+def test_a_dead_worker_means_a_warning_and_one_process(when, monkeypatch):
+    """The worker killed between steps or while it computes its half: the step is computed in this process,
+    right, with one warning; later steps run in one process and say why; no shared file is left behind."""
+    needs_split()
+    m = small_model()
+    m.compile("rmsprop", "categorical_crossentropy")
+    m.build()
+    x, y = data(32, False)
+    parallel.split_step(m, x, y)
+    want_loss, want_correct, want_grads = one_thread_step(m, x, y, monkeypatch)
+    m._grads[...] = np.nan
+    if when == "between steps":
+        kill_worker()
+    else:  # after the worker got its half, before this process asks for the result
+        original = models.Sequential._forward_backward
+
+        def kill_then_run(model, xb, yb, scale=None):
+            if parallel._state["worker"] is not None:
+                kill_worker()
+            return original(model, xb, yb, scale)
+
+        monkeypatch.setattr(models.Sequential, "_forward_backward", kill_then_run)
+    with pytest.warns(RuntimeWarning, match="second training process failed.*one process"):
+        loss, correct = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    assert int(correct) == want_correct
+    np.testing.assert_allclose(grads(m), want_grads, rtol=1e-4, atol=1e-6 * np.abs(want_grads).max())
+    assert "failed earlier" in parallel.split_reason(m, 64) and parallel._state["worker"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        m._forward_backward(x, y)
+    assert not glob.glob("/dev/shm/gpucnn-step-*")
+
+
+def test_a_worker_that_cannot_build_the_model_means_one_process(monkeypatch):
+    """An error inside the worker (here: a config it cannot build) comes back as the warning's reason."""
+    needs_split()
+    m = small_model()
+    m.compile("rmsprop", "categorical_crossentropy")
+    m.build()
+    x, y = data(32, False)
+    monkeypatch.setattr(m, "get_config", lambda: {"name": "bad", "layers": [{"class_name": "Lambda"}]})
+    want_loss = one_thread_step(m, x, y, monkeypatch)[0]
+    with pytest.warns(RuntimeWarning, match="unknown layer class 'Lambda'"):
+        loss, _ = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
