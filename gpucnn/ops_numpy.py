@@ -163,9 +163,18 @@ def _forward_cols(x, k, stride, padding, p, q, ctx, pooled=False):
 
 
 def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
-    """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F)."""
+    """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F). One product of
+    the im2col matrix with the kernels or, for 3x3 kernels at stride 1 over 8+ channels, Winograd's
+    F(3x3, 3x3) (see below)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
+    if _winograd_applies(w.shape, stride):
+        th, tw = -(-p // 3), -(-q // 3)
+        blocks = _scratch(ctx, "wino_y", (9, n, th, tw, f))
+        _winograd_outputs(x, w, padding, 3, th, tw, ctx, out=blocks)
+        y = blocks.reshape(3, 3, n, th, tw, f).transpose(2, 3, 0, 4, 1, 5).reshape(n, 3 * th, 3 * tw, f)
+        y = y[:, :p, :q] + b if b is not None else np.ascontiguousarray(y[:, :p, :q])
+        return activation_forward(y, activation, out=y if out is None else out)
     cols = _im2col(x, (kh, kw), stride, padding, p, q, ctx)
     w2 = w.reshape(kh * kw * c, f)
     y = cols[:, :-1] @ w2 if b is None else cols @ np.vstack([w2, b[None]])
@@ -178,6 +187,10 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     read (one small product per tap stays in cache, unlike one large im2col-shaped product)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
+    if _winograd_applies(w.shape, stride):
+        blocks = _output_blocks(dy.reshape(n, p, q, f), 3, ctx)
+        dm = _winograd_output_grad(blocks, 3, ctx)
+        return _finish(_winograd_dx(dm, w, x_shape, padding, 3, blocks.shape[2], blocks.shape[3], ctx), out)
     return _finish(_backward_data(dy.reshape(n, p, q, f), w, x_shape, stride, padding, ctx), out)
 
 
@@ -203,6 +216,11 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     im2col matrix (its column of ones gives db) with dy."""
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
+    if _winograd_applies(w_shape, stride):
+        blocks = _output_blocks(dy.reshape(n, p, q, f), 3, ctx)
+        dm = _winograd_output_grad(blocks, 3, ctx)
+        dw = _winograd_dw(dm, x, padding, 3, blocks.shape[2], blocks.shape[3], ctx, out_w, w_shape)
+        return dw, _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
     cols = _forward_cols(x, (kh, kw), stride, padding, p, q, ctx)
     g = cols.T @ dy.reshape(n * p * q, f)
     return _finish(g[:-1].reshape(w_shape), out_w), _finish(g[-1], out_b)
@@ -327,7 +345,7 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
 
     Here the four outputs of every pooling window come out as four contiguous blocks (z, (4, N, PP, PQ, F)),
     by one product of an im2col matrix whose rows are grouped by window tap or, for 3x3 kernels at stride 1
-    over 8+ channels, by Winograd's algorithm (``_winograd_forward``). The pooling runs on them before the
+    over 8+ channels, by Winograd's F(2x2, 3x3) (``_winograd_outputs``). The pooling runs on them before the
     activation (relu(max) = max(relu)) — four times fewer elements to activate."""
     if activation not in (None, "relu"):
         raise ValueError(f"conv2d_maxpool_forward: activation must be None or 'relu', got {activation!r}")
@@ -336,7 +354,7 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
     pp, pq = p // 2, q // 2
     z = _scratch(ctx, "z", (4, n, pp, pq, f))
     if _winograd_applies(w.shape, stride):
-        _winograd_forward(x, w, padding, pp, pq, ctx, out=z)
+        _winograd_outputs(x, w, padding, 2, pp, pq, ctx, out=z)
         y, idx = _first_max(list(z), out, out_idx)
         if b is not None:
             y += b  # max(z + b) = max(z) + b: the bias added to the pooled values only
@@ -368,10 +386,11 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
     for k in range(4):
         _share_of_tap(idx, k, g, finite, out=dz[k])
     if _winograd_applies(w.shape, stride):
-        dx = _winograd_backward(dz, x, w, padding, ctx, out_w, need_dx)
+        dm = _winograd_output_grad(dz, 2, ctx)
+        _winograd_dw(dm, x, padding, 2, pp, pq, ctx, out_w, w.shape)
         if out_b is not None:
             _finish(_column_sums(g.reshape(-1, f)), out_b)
-        return None if dx is None else _finish(dx, out)
+        return _finish(_winograd_dx(dm, w, x.shape, padding, 2, pp, pq, ctx), out) if need_dx else None
     cols = _forward_cols(x, (kh, kw), stride, padding, pp, pq, ctx, pooled=True)
     gw = cols.T @ dz.reshape(-1, f)
     _finish(gw[:-1].reshape(w.shape), out_w)
@@ -386,88 +405,132 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
     return _finish(dx, out)
 
 
-# ------------------------------------------------------------- Winograd F(2x2, 3x3) under a 2x2 max-pool
-# A 3x3 convolution at stride 1 gives a 2x2 block of outputs — exactly one pooling window — from a 4x4
-# input tile d. Winograd's minimal filtering algorithm gets those 4 outputs with 16 multiplications per
-# (channel, filter) pair instead of 36:
+# ------------------------------------------------------------- Winograd F(m x m, 3x3)
+# A 3x3 convolution at stride 1 gives an m x m block of outputs from an (m + 2) x (m + 2) input tile d.
+# Winograd's minimal filtering algorithm gets those m² outputs with (m + 2)² multiplications per (channel,
+# filter) pair instead of 9 m²:
 #     Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A            (g: the 3x3 kernel of one channel and filter)
-# The transforms only add, subtract and halve. Over all tiles and channels, the 16 elementwise products
-# become 16 matrix products V[e] @ U[e] (V: transformed tiles, (tiles, C); U: transformed kernels, (C, F)),
-# 2.25 times fewer operations than im2col's product. Each transform of a 4x4 (or 3x3, 2x2) block is one
-# small matrix acting on the block flattened row by row — a Kronecker product, applied to every tile at once
-# as one matrix product. The backward pass is the transpose of each step, in reverse order; the gradients
-# are those of the convolution itself, up to float32 rounding.
+# The transforms only add, subtract and scale by constants. Over all tiles and channels, the (m + 2)²
+# elementwise products become (m + 2)² matrix products V[e] @ U[e] (V: transformed tiles, (tiles, C); U:
+# transformed kernels, (C, F)). Each transform of a block is one small matrix acting on the block flattened
+# row by row — a Kronecker product, applied to every tile at once as one matrix product. The backward pass
+# is the transpose of each step, in reverse order; the gradients are those of the convolution itself, up to
+# float32 rounding.
 #
-# Tiles start at even input rows and columns and overlap by two; tile (i, j) covers window (i, j). NaN and
-# inf spread over a whole tile (0 · inf in a transform), so a non-finite input makes the windows over it
-# NaN: the same windows the direct convolution makes non-finite, possibly NaN instead of ±inf.
-_WINO_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], DTYPE)
-_WINO_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], DTYPE)
-_WINO_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], DTYPE)
-_WINO_TILE = np.kron(_WINO_BT, _WINO_BT)  # (16, 16): input tile d -> Bᵀ d B
-_WINO_KERNEL = np.kron(_WINO_G, _WINO_G)  # (16, 9): kernel g -> G g Gᵀ
-_WINO_OUT = np.kron(_WINO_AT, _WINO_AT)   # (4, 16): product M -> Aᵀ M A, the 2x2 outputs in scan order
-WINOGRAD_MIN_CHANNELS = 8  # below this the 16 products are too thin to pay for the transforms
+# m = 2 (16 products for 4 outputs, 2.25x fewer than direct) serves the fused convolution + 2x2 max-pool: its
+# tiles, at even rows and columns, sit exactly under the pooling windows. m = 3 (25 for 9, 3.24x fewer)
+# serves a plain convolution; its tiles reach past the bottom and right edges when 3 does not divide the
+# output size (zeros there; those outputs are dropped). Tiles overlap by two rows and columns.
+#
+# NaN and inf spread over a whole tile (0 · inf in a transform): a non-finite input makes every output of
+# each tile over it NaN. Under a 2x2 max-pool these are the same windows the direct convolution makes
+# non-finite (possibly NaN instead of ±inf); a plain convolution may get NaN in a few more outputs.
+def _toom_cook(bt, g, at):
+    """The Kronecker forms (tile (α², α²), kernel (α², 9), out (m², α²)) of F(m, 3)'s matrices, α = m + 2."""
+    bt, g, at = (np.array(a, np.float64) for a in (bt, g, at))
+    return tuple(np.kron(a, a).astype(DTYPE) for a in (bt, g, at))
+
+
+_WINOGRAD = {  # m: the Kronecker forms of Bᵀ, G, Aᵀ (F(m, 3) from the points 0, 1, -1, (2,) ∞)
+    2: _toom_cook([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+                  [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
+                  [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    3: _toom_cook([[2, -1, -2, 1, 0], [0, -2, -1, 1, 0], [0, 2, -3, 1, 0], [0, -1, 0, 1, 0], [0, 2, -1, -2, 1]],
+                  [[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3],
+                   [0, 0, 1]],
+                  [[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]]),
+}
+WINOGRAD_MIN_CHANNELS = 8  # below this the products are too thin to pay for the transforms
 
 
 def _winograd_applies(w_shape, stride):
     return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and w_shape[2] >= WINOGRAD_MIN_CHANNELS
 
 
-def _winograd_tiles(x, padding, pp, pq, ctx):
-    """V (16, N·PP·PQ, C): the transformed 4x4 input tile under each pooling window, kept in ``ctx``."""
-    n, c = x.shape[0], x.shape[3]
-    xpad = _pad(x, padding)
+def _tile_padding(x_shape, padding, m, th, tw):
+    """The input padding for TH x TW tiles at stride m: the layer's, plus zeros where tiles reach past it."""
+    top, bottom, left, right = padding
+    return (top, bottom + max(0, m * th + 2 - (x_shape[1] + top + bottom)),
+            left, right + max(0, m * tw + 2 - (x_shape[2] + left + right)))
+
+
+def _winograd_tiles(x, padding, m, th, tw, ctx):
+    """V ((m+2)², N·TH·TW, C): the transformed input tile under each m x m block of outputs, kept in ``ctx``."""
+    n, c, a = x.shape[0], x.shape[3], m + 2
+    xpad = _pad(x, _tile_padding(x.shape, padding, m, th, tw))
     s0, s1, s2, s3 = xpad.strides
-    d = _scratch(ctx, "wino_d", (16, n * pp * pq, c))  # tile element (r, s) of every tile, r and s outermost
-    np.copyto(d.reshape(4, 4, n, pp, pq, c),
-              as_strided(xpad, (4, 4, n, pp, pq, c), (s1, s2, s0, 2 * s1, 2 * s2, s3), writeable=False))
+    d = _scratch(ctx, "wino_d", (a * a, n * th * tw, c))  # tile element (r, s) of every tile, r and s outermost
+    np.copyto(d.reshape(a, a, n, th, tw, c),
+              as_strided(xpad, (a, a, n, th, tw, c), (s1, s2, s0, m * s1, m * s2, s3), writeable=False))
     v = _scratch(ctx, "wino_v", d.shape)
-    np.matmul(_WINO_TILE, d.reshape(16, -1), out=v.reshape(16, -1))
+    np.matmul(_WINOGRAD[m][0], d.reshape(a * a, -1), out=v.reshape(a * a, -1))
     return v
 
 
-def _winograd_kernel(w):
-    """U (16, C, F): the transformed kernels."""
+def _winograd_kernel(w, m):
+    """U ((m+2)², C, F): the transformed kernels."""
     c, f = w.shape[2], w.shape[3]
-    return (_WINO_KERNEL @ w.reshape(9, c * f)).reshape(16, c, f)
+    return (_WINOGRAD[m][1] @ w.reshape(9, c * f)).reshape(-1, c, f)
 
 
-def _winograd_forward(x, w, padding, pp, pq, ctx, out):
-    """The convolution outputs under the PP x PQ pooling windows, no bias, into ``out`` (4, N, PP, PQ, F)."""
-    f = w.shape[3]
-    v = _winograd_tiles(x, padding, pp, pq, ctx)
-    m = _scratch(ctx, "wino_m", (16, v.shape[1], f))
-    np.matmul(v, _winograd_kernel(w), out=m)
-    np.matmul(_WINO_OUT, m.reshape(16, -1), out=out.reshape(4, -1))
+def _winograd_outputs(x, w, padding, m, th, tw, ctx, out):
+    """The first m·TH x m·TW convolution outputs, no bias, into ``out`` (m², N, TH, TW, F): block i·m + j
+    holds output (i, j) of every tile."""
+    v = _winograd_tiles(x, padding, m, th, tw, ctx)
+    prod = _scratch(ctx, "wino_m", v.shape[:2] + (w.shape[3],))
+    np.matmul(v, _winograd_kernel(w, m), out=prod)
+    np.matmul(_WINOGRAD[m][2], prod.reshape(len(prod), -1), out=out.reshape(m * m, -1))
 
 
-def _winograd_backward(dz, x, w, padding, ctx, out_w, need_dx):
-    """From dz (4, N, PP, PQ, F), the gradient of the outputs _winograd_forward gave: dw into ``out_w`` and,
-    when ``need_dx``, dx (N, H, W, C) (a view of a work array in ``ctx``)."""
-    _, n, pp, pq, f = dz.shape
-    c = w.shape[2]
-    t = n * pp * pq
-    dm = _scratch(ctx, "wino_m", (16, t, f))  # the forward's M is spent: its array takes dM
-    np.matmul(_WINO_OUT.T, dz.reshape(4, -1), out=dm.reshape(16, -1))
+def _winograd_output_grad(dy_blocks, m, ctx):
+    """dM ((m+2)², tiles, F) from the gradient of _winograd_outputs' blocks (m², N, TH, TW, F)."""
+    f = dy_blocks.shape[-1]
+    dm = _scratch(ctx, "wino_m", ((m + 2) ** 2, dy_blocks[0].size // f, f))  # the forward's product is spent
+    np.matmul(_WINOGRAD[m][2].T, dy_blocks.reshape(m * m, -1), out=dm.reshape(len(dm), -1))
+    return dm
+
+
+def _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w_shape):
+    """dw into ``out_w`` from dM, with the tiles the forward kept in ``ctx`` (made again if not there)."""
     v = ctx.get("wino_v") if ctx else None
-    if v is None or v.shape != (16, t, c):
-        v = _winograd_tiles(x, padding, pp, pq, None)
-    du = np.matmul(v.transpose(0, 2, 1), dm)  # (16, C, F)
-    _finish((_WINO_KERNEL.T @ du.reshape(16, -1)).reshape(w.shape), out_w)
-    if not need_dx:
-        return None
-    dv = _scratch(ctx, "wino_dv", (16, t, c))
-    np.matmul(dm, _winograd_kernel(w).transpose(0, 2, 1), out=dv)
-    dd = _scratch(ctx, "wino_d", (16, t, c))  # the forward's gathered tiles are spent: the array takes dd
-    np.matmul(_WINO_TILE.T, dv.reshape(16, -1), out=dd.reshape(16, -1))
-    _, h, wd, _ = x.shape
-    dxp = _scratch(ctx, "dxp", (n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), zero=True)
-    dd = dd.reshape(4, 4, n, pp, pq, c)
-    for r in range(4):  # each tile element back where it was read (tiles overlap: added)
-        for s in range(4):
-            dxp[:, r:r + 2 * pp - 1:2, s:s + 2 * pq - 1:2, :] += dd[r, s]
-    return _crop(dxp, padding)
+    if v is None or v.shape != (len(dm), dm.shape[1], x.shape[3]):
+        v = _winograd_tiles(x, padding, m, th, tw, None)
+    du = np.matmul(v.transpose(0, 2, 1), dm)  # ((m+2)², C, F)
+    return _finish((_WINOGRAD[m][1].T @ du.reshape(len(du), -1)).reshape(w_shape), out_w)
+
+
+def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
+    """dx (N, H, W, C) from dM (a view of a work array in ``ctx``)."""
+    n, h, wd, c = x_shape
+    a = m + 2
+    dv = _scratch(ctx, "wino_dv", dm.shape[:2] + (c,))
+    np.matmul(dm, _winograd_kernel(w, m).transpose(0, 2, 1), out=dv)
+    dd = _scratch(ctx, "wino_d", dv.shape)  # the forward's gathered tiles are spent: the array takes dd
+    np.matmul(_WINOGRAD[m][0].T, dv.reshape(a * a, -1), out=dd.reshape(a * a, -1))
+    top, bottom, left, right = _tile_padding(x_shape, padding, m, th, tw)
+    dxp = _scratch(ctx, "dxp", (n, h + top + bottom, wd + left + right, c), zero=True)
+    # each tile element back where it was read, tiles overlapping (added): first along rows of tiles, for
+    # every tile row element at once, then down the columns
+    dd = dd.reshape(a, a, n, th, tw, c)
+    rows = _scratch(ctx, "wino_rows", (a, n, th, dxp.shape[2], c), zero=True)
+    for s in range(a):
+        rows[:, :, :, s:s + m * (tw - 1) + 1:m, :] += dd[:, s]
+    for r in range(a):
+        dxp[:, r:r + m * (th - 1) + 1:m, :, :] += rows[r]
+    return dxp[:, top:top + h, left:left + wd, :]
+
+
+def _output_blocks(dy, m, ctx):
+    """dy (N, P, Q, F) as (m², N, TH, TW, F) blocks, the layout of _winograd_outputs (zeros past P x Q)."""
+    n, p, q, f = dy.shape
+    th, tw = -(-p // m), -(-q // m)
+    if (p, q) != (m * th, m * tw):
+        padded = np.zeros((n, m * th, m * tw, f), DTYPE)
+        padded[:, :p, :q] = dy
+        dy = padded
+    blocks = _scratch(ctx, "wino_dy", (m, m, n, th, tw, f))
+    np.copyto(blocks, dy.reshape(n, th, m, tw, m, f).transpose(2, 4, 0, 1, 3, 5))
+    return blocks.reshape(m * m, n, th, tw, f)
 
 
 # ===================================================================================== dense

@@ -369,17 +369,31 @@ def test_the_grid_covers_both_numpy_paths_of_the_fused_op():
         assert ("wino_v" in ctx) == (case in WINOGRAD_CASES) and ("cols" in ctx) != (case in WINOGRAD_CASES)
 
 
-def test_winograd_matrices_give_the_2x2_outputs_of_a_3x3_correlation():
-    """Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A of one 4x4 tile and one 3x3 kernel, in float64, is the 2x2 valid correlation."""
+@pytest.mark.parametrize("m", [2, 3])
+def test_winograd_matrices_give_the_outputs_of_a_3x3_correlation(m):
+    """Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A of one (m+2)x(m+2) tile and one 3x3 kernel, with the Kronecker forms acting
+    on blocks flattened row by row, is the m x m valid correlation (float64 arithmetic on the float32
+    matrices)."""
     rng = np.random.default_rng(4)
-    d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
-    bt, gm, at = (m.astype(np.float64) for m in (ops._WINO_BT, ops._WINO_G, ops._WINO_AT))
-    y = at @ ((gm @ g @ gm.T) * (bt @ d @ bt.T)) @ at.T
-    want = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(2)] for i in range(2)])
-    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
-    # the Kronecker forms act on tiles flattened row by row
-    np.testing.assert_allclose((ops._WINO_OUT.astype(np.float64) @ ((ops._WINO_KERNEL @ g.ravel())
-                                * (ops._WINO_TILE @ d.ravel()))).reshape(2, 2), want, rtol=1e-6, atol=1e-6)
+    d, g = rng.standard_normal((m + 2, m + 2)), rng.standard_normal((3, 3))
+    tile, kernel, out = (a.astype(np.float64) for a in ops._WINOGRAD[m])
+    assert tile.shape == ((m + 2) ** 2,) * 2 and kernel.shape == ((m + 2) ** 2, 9) and out.shape == (m * m,
+                                                                                                  (m + 2) ** 2)
+    y = (out @ ((kernel @ g.ravel()) * (tile @ d.ravel()))).reshape(m, m)
+    want = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(m)] for i in range(m)])
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_3x3_convolutions_over_8_channels_take_the_winograd_path():
+    """conv2d_forward keeps Winograd tiles (not an im2col matrix) exactly where _winograd_applies; the grid
+    above (c = 8, k = 3, s = 1) checks that path against the oracle, and the seed model's third layer here."""
+    for c, k, s in ((8, 3, 1), (3, 3, 1), (8, 3, 2), (8, 5, 1)):
+        x, wt, b, s, padding, _ = _conv_case(2, c, (7, 5), k, s, "same")
+        ctx = {}
+        ops.conv2d_forward(x, wt, b, s, padding, "relu", ctx)
+        assert ("wino_v" in ctx) == (c == 8 and k == 3 and s == (1, 1)) != ("cols" in ctx)
+    _check_conv(2, 64, (5, 5), 3, 1, "valid", f=64)
+    _check_conv(3, 16, (8, 10), 3, 1, "valid", f=5, bias=False)  # 6x8 outputs: tiles past the bottom and right
 
 
 def test_winograd_nan_input_makes_the_same_windows_nan():
