@@ -320,7 +320,7 @@ def test_integer_and_float64_inputs_are_cast(compiled):
     assert p64.dtype == p8.dtype == np.float32
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_nan_and_inf_inputs_are_refused(compiled, value):
     x = np.zeros((3, 28, 28, 1), np.float32)
     x[2, 5, 5, 0] = value
