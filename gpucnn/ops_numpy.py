@@ -169,7 +169,7 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     if _winograd_applies(w.shape, stride):
-        th, tw = -(-p // 3), -(-q // 3)
+        th, tw = _tile_counts(p, q, 3)
         blocks = _scratch(ctx, "wino_y", (9, n, th, tw, f))
         _winograd_outputs(x, w, padding, 3, th, tw, ctx, out=blocks)
         y = blocks.reshape(3, 3, n, th, tw, f).transpose(2, 3, 0, 4, 1, 5).reshape(n, 3 * th, 3 * tw, f)
@@ -188,9 +188,8 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
     if _winograd_applies(w.shape, stride):
-        blocks = _output_blocks(dy.reshape(n, p, q, f), 3, ctx)
-        dm = _winograd_output_grad(blocks, 3, ctx)
-        return _finish(_winograd_dx(dm, w, x_shape, padding, 3, blocks.shape[2], blocks.shape[3], ctx), out)
+        dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
+        return _finish(_winograd_dx(dm, w, x_shape, padding, 3, th, tw, ctx), out)
     return _finish(_backward_data(dy.reshape(n, p, q, f), w, x_shape, stride, padding, ctx), out)
 
 
@@ -217,9 +216,8 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     if _winograd_applies(w_shape, stride):
-        blocks = _output_blocks(dy.reshape(n, p, q, f), 3, ctx)
-        dm = _winograd_output_grad(blocks, 3, ctx)
-        dw = _winograd_dw(dm, x, padding, 3, blocks.shape[2], blocks.shape[3], ctx, out_w, w_shape)
+        dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
+        dw = _winograd_dw(dm, x, padding, 3, th, tw, ctx, out_w, w_shape)
         return dw, _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
     cols = _forward_cols(x, (kh, kw), stride, padding, p, q, ctx)
     g = cols.T @ dy.reshape(n * p * q, f)
@@ -520,17 +518,23 @@ def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
     return dxp[:, top:top + h, left:left + wd, :]
 
 
-def _output_blocks(dy, m, ctx):
-    """dy (N, P, Q, F) as (m², N, TH, TW, F) blocks, the layout of _winograd_outputs (zeros past P x Q)."""
+def _tile_counts(p, q, m):
+    """(TH, TW): the m x m tiles that cover P x Q outputs."""
+    return -(-p // m), -(-q // m)
+
+
+def _plain_output_grad(dy, ctx):
+    """(dM, TH, TW) of a plain convolution's F(3x3, 3x3) from its output gradient dy (N, P, Q, F): dy cut
+    into the (9, N, TH, TW, F) blocks of _winograd_outputs (zeros past P x Q), then transformed."""
     n, p, q, f = dy.shape
-    th, tw = -(-p // m), -(-q // m)
-    if (p, q) != (m * th, m * tw):
-        padded = np.zeros((n, m * th, m * tw, f), DTYPE)
+    th, tw = _tile_counts(p, q, 3)
+    if (p, q) != (3 * th, 3 * tw):
+        padded = np.zeros((n, 3 * th, 3 * tw, f), DTYPE)
         padded[:, :p, :q] = dy
         dy = padded
-    blocks = _scratch(ctx, "wino_dy", (m, m, n, th, tw, f))
-    np.copyto(blocks, dy.reshape(n, th, m, tw, m, f).transpose(2, 4, 0, 1, 3, 5))
-    return blocks.reshape(m * m, n, th, tw, f)
+    blocks = _scratch(ctx, "wino_dy", (3, 3, n, th, tw, f))
+    np.copyto(blocks, dy.reshape(n, th, 3, tw, 3, f).transpose(2, 4, 0, 1, 3, 5))
+    return _winograd_output_grad(blocks.reshape(9, n, th, tw, f), 3, ctx), th, tw
 
 
 # ===================================================================================== dense

@@ -176,7 +176,7 @@ class _Worker:
             theirs.close()
         self.pid = os.getpid()  # the process that started it (a fork of this one must start its own)
         self.conn = Connection(ours.detach())
-        self.key = self.mapped = self.shared = None
+        self.key = self.shared = None
         self._expect("ready", START_SECONDS)
 
     def prepare(self, model, xh, yh):
@@ -211,7 +211,7 @@ class _Worker:
         finally:
             os.close(fd)
             os.unlink(path)  # both processes have it mapped; nothing is left behind
-        self.mapped, self.shared, self.key = mapped, _arrays(mapped, layout), key
+        self.shared, self.key = _arrays(mapped, layout), key  # the arrays keep the mapping open
 
     def result(self):
         reply = self._expect("done")
