@@ -8,7 +8,7 @@ For each layer and pass, at batch 64, 256 and 1024 (64 and 1024 with GPUCNN_BENC
   dense1 576->64 (ReLU), dense2 64->10 (softmax)                 forward, backward-data, backward-weights
 
 What is measured:
-  ours   the ``gpucnn.ops_cuda`` function with preallocated ``out=`` buffers (and a reused ``ctx``), on NHWC
+  ours   the ``gpucnn.engines.cuda_ops`` function with preallocated ``out=`` buffers (and a reused ``ctx``), on NHWC
          activations and (KH,KW,C,F) weights: gpucnn's own layouts, so no conversion is needed;
   peer   the same computation through PyTorch on the same stream, on the same activation memory shared by
          DLPack (an NHWC array viewed as a channels_last NCHW tensor: no copy). The weights are given to
@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from gpu_timing import same_stream, settings, time_gpu  # noqa: E402
 from gpucnn import backend  # noqa: E402
-from gpucnn import ops_cuda as ops  # noqa: E402
+from gpucnn.engines import cuda_ops as ops  # noqa: E402
 
 BATCHES = (64, 1024) if QUICK else (64, 256, 1024)
 TARGETS = {64: 1.0, 1024: 1.25}  # ours / peer, at most
@@ -281,7 +281,7 @@ def _r(x, digits=4):
 
 def _write():
     write_result("kernels-vs-cudnn", {
-        "what": "gpucnn.ops_cuda kernels vs cuDNN/cuBLAS/PyTorch through PyTorch, seed-model layers, FP32, "
+        "what": "gpucnn.engines.cuda_ops kernels vs cuDNN/cuBLAS/PyTorch through PyTorch, seed-model layers, FP32, "
                 "GPU time per call (CUDA events over back-to-back calls, median of groups)",
         "quick": QUICK, "targets": {"ratio_at_batch_64": 1.0, "ratio_at_batch_1024": 1.25},
         "torch_settings": {"cudnn.benchmark": True, "cudnn.allow_tf32": False, "cuda.matmul.allow_tf32": False},

@@ -92,7 +92,7 @@ def openblas_kernels():
     """The kernel set ("Haswell", "SkylakeX", ...) of the OpenBLAS loaded in this process, or None."""
     import ctypes
 
-    from gpucnn.parallel import openblas_function
+    from gpucnn.models.parallel import openblas_function
     corename = openblas_function("get_corename", ctypes.c_char_p)
     return None if corename is None else corename().decode()
 

@@ -5,7 +5,7 @@ with one short notice), ``gpu`` (the GPU or a clear error keeping CuPy's own rea
 ``set_engine()`` does the same from code. Importing gpucnn never touches CuPy; the decision is made the
 first time an engine is needed.
 
-Everything else asks this module for ``ops()`` (the op module of the engine: ``ops_numpy`` or
+Everything else asks this module for ``ops()`` (the op module of the engine: ``numpy_ops`` or
 ``ops_cuda``, mirrored function for function) and for ``xp`` (``numpy`` or ``cupy``).
 """
 import os
@@ -74,12 +74,12 @@ def engine():
 
 
 def ops():
-    """The op module of the active engine (``gpucnn.ops_numpy`` or ``gpucnn.ops_cuda``)."""
+    """The op module of the active engine (``gpucnn.engines.numpy_ops`` or ``gpucnn.engines.cuda_ops``)."""
     if _state["ops"] is None:
         if engine() == "cuda":
-            from . import ops_cuda as module
+            from .engines import cuda_ops as module
         else:
-            from . import ops_numpy as module
+            from .engines import numpy_ops as module
         _state["ops"] = module
     return _state["ops"]
 

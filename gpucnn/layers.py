@@ -10,7 +10,7 @@ import re
 import numpy as np
 
 from . import backend
-from .ops_numpy import MAX_POOL_TAPS
+from .engines.numpy_ops import MAX_POOL_TAPS
 from .utils import next_name, rng
 
 ACTIVATIONS = (None, "relu", "softmax", "linear")

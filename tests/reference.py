@@ -1,7 +1,7 @@
 """The test oracle: every op of gpucnn written as plain float64 loops.
 
 Slow on purpose and meant to be read: each function follows the definition of its op, one output (or one
-window tap) at a time. It shares nothing with ``gpucnn/ops_numpy.py`` except the names and the order of the
+window tap) at a time. It shares nothing with ``gpucnn/engines/numpy_ops.py`` except the names and the order of the
 arguments (without ``ctx`` and ``out``); the NumPy engine and the CUDA kernels are both checked against it,
 and ``tests/test_reference.py`` checks its backward passes by central differences.
 

@@ -66,7 +66,7 @@ def test_a_built_wheel_ships_the_kernels(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                     str(wheel)], check=True, timeout=300)
     found = subprocess.run(
-        [sys.executable, "-c", "import gpucnn, gpucnn.cuda as c; print(gpucnn.__file__); "
+        [sys.executable, "-c", "import gpucnn, gpucnn.engines.cuda_loader as c; print(gpucnn.__file__); "
                                "print(sorted(p.name for p in c.kernel_dir().iterdir()))"],
         capture_output=True, text=True, check=True, cwd=tmp_path, env={"PYTHONPATH": str(site)}).stdout
     package_file, listing = found.splitlines()

@@ -1,4 +1,4 @@
-"""The fast GPU training path (gpucnn/fastpath.py): which models it takes (CPU tests, run everywhere), and on
+"""The fast GPU training path (gpucnn/models/fastpath.py): which models it takes (CPU tests, run everywhere), and on
 a GPU (marked ``gpu``, skipped with the backend's reason elsewhere) that it trains as the plain CUDA path and
 the NumPy engine do, repeats bit for bit from a seed, allocates nothing while replaying its graphs, handles
 the smaller last batch, reports divergence, and falls back with one notice.
@@ -6,7 +6,8 @@ the smaller last batch, reports divergence, and falls back with one notice.
 import numpy as np
 import pytest
 
-from gpucnn import backend, fastpath, layers, models, optimizers
+from gpucnn import backend, layers, models, optimizers
+from gpucnn.models import fastpath
 from gpucnn.utils import set_random_seed, to_categorical
 
 _usable, _reason = backend.gpu_status()
@@ -423,7 +424,7 @@ def _mix64(z):
 
 
 def _kernel_stand_ins():
-    from gpucnn import ops_numpy as on
+    from gpucnn.engines import numpy_ops as on
 
     def permutation_keys(keys, n, seed):
         with np.errstate(over="ignore"):
@@ -469,7 +470,7 @@ def _kernel_stand_ins():
 def _fake_modules():
     import types
 
-    from gpucnn import cuda, ops_cuda, ops_numpy
+    from gpucnn.engines import cuda_loader as cuda, cuda_ops as ops_cuda, numpy_ops as ops_numpy
 
     kernels = _kernel_stand_ins()
 
@@ -504,7 +505,7 @@ class _CpuTrainer(fastpath.Trainer):
 @pytest.fixture
 def cpu_fast_path(cpu_engine, monkeypatch):
     """``fit`` on the NumPy engine going through the fast path's trainer with NumPy stand-ins."""
-    pytest.importorskip("cupy", reason="the grid helpers come from gpucnn.ops_cuda, which imports CuPy")
+    pytest.importorskip("cupy", reason="the grid helpers come from gpucnn.engines.cuda_ops, which imports CuPy")
     modules = _fake_modules()
     trainers = []
 

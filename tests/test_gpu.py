@@ -1,4 +1,4 @@
-"""The CUDA engine (gpucnn/ops_cuda.py and kernels/*.cu) against the float64 oracle (tests/reference.py).
+"""The CUDA engine (gpucnn/engines/cuda_ops.py and kernels/*.cu) against the float64 oracle (tests/reference.py).
 
 Marked ``gpu``, and skipped as a whole, with the backend's reason, where CuPy or a CUDA device is not usable.
 Test plan rows 4-9 (the shape grid, pooling, ties and NaN, even kernels, big grids, non-contiguous inputs),
@@ -29,8 +29,8 @@ if not _usable:
 
 import cupy  # noqa: E402
 
-from gpucnn import cuda, ops_numpy  # noqa: E402
-from gpucnn import ops_cuda as ops  # noqa: E402
+from gpucnn.engines import cuda_loader as cuda, numpy_ops as ops_numpy  # noqa: E402
+from gpucnn.engines import cuda_ops as ops  # noqa: E402
 
 RTOL, ATOL_SCALE = 1e-4, 1e-4
 
@@ -733,7 +733,7 @@ def test_out_of_memory_without_the_memory_pool_is_reported_the_same_way():
 
 
 # ===================================================================================== fast-path kernels
-# kernels/conv_pool.cu and kernels/train_step.cu, launched one by one exactly as gpucnn/fastpath.py launches
+# kernels/conv_pool.cu and kernels/train_step.cu, launched one by one exactly as gpucnn/models/fastpath.py launches
 # them inside its captured step (same grids, blocks, shared memory and arguments), against the oracle.
 # Outputs start filled with a sentinel, so an element a kernel should not write stays visible.
 _TRAIN = cuda.kernel_constants("train_step.cu")

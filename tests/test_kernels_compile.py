@@ -1,5 +1,5 @@
 """The CUDA kernels checked without a GPU: every ``kernels/*.cu`` file compiled with NVRTC for sm_80 and
-sm_90, exactly as gpucnn/cuda.py compiles it (``kernel_source`` and ``COMPILE_OPTIONS``), then ptxas'
+sm_90, exactly as gpucnn/engines/cuda_loader.py compiles it (``kernel_source`` and ``COMPILE_OPTIONS``), then ptxas'
 report read: no spills and no local memory in any kernel. Also checked statically: the launcher's view of
 the kernels (signatures, launched names, constants) and that ops_cuda.py mirrors ops_numpy.py.
 
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from conftest import skip_kernel_check
-from gpucnn import cuda, ops_numpy
+from gpucnn.engines import cuda_loader as cuda, numpy_ops as ops_numpy
 
 ARCHS = ("sm_80", "sm_90")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -184,7 +184,7 @@ def test_epsilon_agrees_with_the_numpy_engine():
     assert float(value) == ops_numpy.EPSILON
 
 
-def _launched_kernels(module="ops_cuda.py"):
+def _launched_kernels(module="engines/cuda_ops.py"):
     """Kernel names that gpucnn/<module> passes to cuda.launch (directly, or through _loss_kernel): calls of
     ``cuda.launch``, ``self.cuda.launch`` or a local alias named ``launch`` (not a CUDA graph's launch)."""
     tree = ast.parse((ROOT / "gpucnn" / module).read_text(encoding="utf-8"))
@@ -211,9 +211,9 @@ def _launched_kernels(module="ops_cuda.py"):
 
 
 def test_every_kernel_is_launched_and_only_existing_ones():
-    # ops_cuda.py launches the engine's kernels (conv_pool.cu's too: ops.conv2d_maxpool_*); gpucnn/fastpath.py
+    # ops_cuda.py launches the engine's kernels (conv_pool.cu's too: ops.conv2d_maxpool_*); gpucnn/models/fastpath.py
     # those of train_step.cu, which only the captured training step uses
-    by_ops, by_fastpath = _launched_kernels(), _launched_kernels("fastpath.py")
+    by_ops, by_fastpath = _launched_kernels(), _launched_kernels("models/fastpath.py")
     assert by_ops | by_fastpath == set(cuda._kernel_table())
     step_files = {"train_step.cu"}
     assert {n for n, (f, _) in cuda._kernel_table().items() if f in step_files} == by_fastpath - by_ops
@@ -236,7 +236,7 @@ def test_scalar_arguments_are_converted_and_range_checked():
 
 
 def test_importing_the_loader_needs_no_cupy():
-    code = ("import sys; sys.modules['cupy'] = None; import gpucnn.cuda as c; "
+    code = ("import sys; sys.modules['cupy'] = None; import gpucnn.engines.cuda_loader as c; "
             "print(len(c.kernel_files()), c.COMPILE_OPTIONS)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -255,19 +255,19 @@ def _functions_by_ast(path):
             params += [(x.arg, "keyword") for x in a.kwonlyargs]
             defaults = [ast.unparse(d) for d in a.defaults] + [ast.unparse(d) for d in a.kw_defaults if d]
             defined.append((node.name, params, defaults, a.vararg is None and a.kwarg is None))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("ops_numpy"):
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("numpy_ops"):
             imported |= {alias.name for alias in node.names}
     return defined, imported
 
 
 def test_ops_cuda_mirrors_ops_numpy():
-    numpy_funcs, _ = _functions_by_ast(ROOT / "gpucnn" / "ops_numpy.py")
-    cuda_funcs, shared = _functions_by_ast(ROOT / "gpucnn" / "ops_cuda.py")
+    numpy_funcs, _ = _functions_by_ast(ROOT / "gpucnn" / "engines" / "numpy_ops.py")
+    cuda_funcs, shared = _functions_by_ast(ROOT / "gpucnn" / "engines" / "cuda_ops.py")
     expected = [f for f in numpy_funcs if f[0] not in shared]
     assert [f[0] for f in cuda_funcs] == [f[0] for f in expected]  # same names, same order
     for got, want in zip(cuda_funcs, expected):
         assert got == want, f"{got[0]}: parameters differ"
-    tree = ast.parse((ROOT / "gpucnn" / "ops_cuda.py").read_text(encoding="utf-8"))
+    tree = ast.parse((ROOT / "gpucnn" / "engines" / "cuda_ops.py").read_text(encoding="utf-8"))
     assigned = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
                 if isinstance(t, ast.Name)}
     assert {"xp", "DTYPE", "EPSILON"} <= assigned
@@ -276,7 +276,7 @@ def test_ops_cuda_mirrors_ops_numpy():
 def test_ops_cuda_signatures_at_runtime():
     cupy = pytest.importorskip("cupy", reason="CuPy is not installed: checked through ast above")
     del cupy
-    from gpucnn import ops_cuda
+    from gpucnn.engines import cuda_ops as ops_cuda
 
     def public(module):
         return [n for n, f in vars(module).items()

@@ -105,8 +105,9 @@ if INNER:
     import cupy  # the fake one: fake_cupy is loaded as a pytest plugin first
     import test_gpu as T
 
-    from gpucnn import backend, cuda, layers, models
-    from gpucnn import ops_cuda as ops
+    from gpucnn import backend, layers, models
+    from gpucnn.engines import cuda_loader as cuda
+    from gpucnn.engines import cuda_ops as ops
     from gpucnn.utils import set_random_seed
 
     assert cupy is fake_cupy.cupy
@@ -195,7 +196,7 @@ if INNER:
 
     def _fast_fit(fast, build, x, y, batch_size, monkeypatch, callbacks=()):
         """(history, weights, per-batch logs) of a 2-epoch fit of ``build()`` on the CUDA engine."""
-        from gpucnn import fastpath
+        from gpucnn.models import fastpath
         from gpucnn.callbacks import Callback
 
         monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
@@ -219,7 +220,7 @@ if INNER:
     def test_the_fast_path_reads_metrics_as_it_goes(monkeypatch):
         """Every READ_EVERY steps an asynchronous copy of the step slots, read once its event is done: the
         running logs it shows are the plain path's of the step the copy covered."""
-        from gpucnn import fastpath
+        from gpucnn.models import fastpath
 
         monkeypatch.setattr(fastpath, "READ_EVERY", 2)
         monkeypatch.setattr(models.Sequential, "READ_EVERY", 1)  # the plain path: running logs at every step
@@ -380,7 +381,7 @@ if INNER:
     def test_a_short_fit_matches_the_numpy_engine(loss, optimizer, fast, monkeypatch):
         """The plain CUDA path, and the fast path (its step captured as a graph and replayed by the
         emulator; the first Conv2D and its 2x2 max-pool fused, a 7x7 convolution output pooled to 3x3)."""
-        from gpucnn import fastpath
+        from gpucnn.models import fastpath
 
         monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
         if fast:

@@ -540,7 +540,7 @@ def test_relu_then_max_pool_gradient_shortcut_equals_the_plain_chain(pool, separ
     """_backward applies a ReLU's mask to the pooled gradient when a max-pool follows it: the gradients
     must be exactly those of the layer-by-layer chain. (Training runs a Conv2D and a 2x2 max-pool as one op,
     tested below; here the pair stays two layers.)"""
-    monkeypatch.setattr(models, "fusable_pool", lambda conv, pool: False)
+    monkeypatch.setattr(models.model, "fusable_pool", lambda conv, pool: False)
     convs = ([layers.Conv2D(3, 3, input_shape=(9, 9, 2)), layers.Activation("relu")] if separate_activation
              else [layers.Conv2D(3, 3, activation="relu", input_shape=(9, 9, 2))])
     m = models.Sequential(convs + [pool, layers.Flatten(), layers.Dense(4, activation="softmax")])
@@ -586,13 +586,13 @@ def test_training_runs_conv_and_pool_as_one_op_with_the_unfused_gradients(activa
     assert kinds == ["ConvPool", "Conv2D", "MaxPooling2D", "ConvPool", "Flatten", "Dense"]
 
     def step():
-        from gpucnn import ops_numpy as ops
+        from gpucnn.engines import numpy_ops as ops
         p = m._forward(x, training=True)
         m._backward(ops.softmax_crossentropy_backward(p, y, False), through_last_activation=False)
         return p.copy(), m._grads.copy()
 
     p_fused, g_fused = step()
-    monkeypatch.setattr(models, "fusable_pool", lambda conv, pool: False)
+    monkeypatch.setattr(models.model, "fusable_pool", lambda conv, pool: False)
     m._steps_key = None  # the steps are planned again
     assert all(isinstance(s, layers.Layer) for s in m._training_steps())
     p_plain, g_plain = step()

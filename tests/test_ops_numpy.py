@@ -1,4 +1,4 @@
-"""The NumPy engine (gpucnn/ops_numpy.py) against the float64 oracle (tests/reference.py).
+"""The NumPy engine (gpucnn/engines/numpy_ops.py) against the float64 oracle (tests/reference.py).
 
 Inputs are drawn in float64, rounded to float32 once, and the same rounded values go to both: the engine
 computes in float32, the oracle in float64, so what is left is the engine's float32 rounding (test plan
@@ -14,7 +14,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
 from helpers import CONV_POOL_GRID, conv_pool_id, window_taps
-from gpucnn import ops_numpy as ops
+from gpucnn.engines import numpy_ops as ops
 
 
 def assert_close(got, want, rtol=1e-5, atol_scale=1e-5):

@@ -1,4 +1,4 @@
-"""The NumPy engine's training step split over two processes (gpucnn/parallel.py): the same loss, accuracy and
+"""The NumPy engine's training step split over two processes (gpucnn/models/parallel.py): the same loss, accuracy and
 gradients as the one-process step (up to float32 summation order), the same bits from run to run, OpenBLAS's
 thread count restored, the one-process step wherever the split does not apply, and training that goes on in
 one process, with a warning, when the worker process fails."""
@@ -10,7 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from gpucnn import layers, models, parallel, utils
+from gpucnn import layers, models, utils
+from gpucnn.models import parallel
 
 pytestmark = pytest.mark.usefixtures("numpy_engine", "worker_state")
 

@@ -11,7 +11,7 @@ import statistics
 import cupy
 import numpy as np
 
-from gpucnn import cuda, ops_cuda, ops_numpy
+from gpucnn.engines import cuda_loader as cuda, cuda_ops as ops_cuda, numpy_ops as ops_numpy
 
 HERE = pathlib.Path(__file__).resolve().parent
 KERNELS = HERE.parent.parent / "kernels"

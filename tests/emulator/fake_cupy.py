@@ -5,12 +5,12 @@ Importing this module (directly, or as the pytest plugin ``-p fake_cupy``) insta
   * a fake ``cupy`` (and ``cupy_backends``) module: arrays are a NumPy subclass ``cupy.ndarray``, so
     host arrays are still told apart from device ones; every device allocation has guard zones on both
     sides and starts poisoned (all bits set: NaN floats, -1 integers);
-  * ``gpucnn.cuda.function`` replaced by kernels compiled for the host: each ``kernels/*.cu`` file, as
-    ``gpucnn.cuda.kernel_source`` gives it, built with ``g++ -include emu.h`` plus one C wrapper per kernel
-    that ``gpucnn.cuda._kernel_table()`` lists. Shared objects are cached by a hash of their source under
+  * ``gpucnn.engines.cuda_loader.function`` replaced by kernels compiled for the host: each ``kernels/*.cu`` file, as
+    ``gpucnn.engines.cuda_loader.kernel_source`` gives it, built with ``g++ -include emu.h`` plus one C wrapper per kernel
+    that ``gpucnn.engines.cuda_loader._kernel_table()`` lists. Shared objects are cached by a hash of their source under
     ``$GPUCNN_EMU_CACHE`` (default: ``<system temp>/gpucnn-emu-<uid>``), never in the repository.
 
-Streams and graphs (the fast path, gpucnn/fastpath.py): every emulated operation runs at once, in issue
+Streams and graphs (the fast path, gpucnn/models/fastpath.py): every emulated operation runs at once, in issue
 order, so streams, events and asynchronous copies are synchronous. ``Stream.begin_capture()`` switches the
 stream to recording: kernel launches and the few array operations a capture can hold (``a[...] = b``,
 ``fill``, ``cupy.copyto``, ``set``, ``get(out=..., blocking=False)``) are recorded, NOT run, and
@@ -448,7 +448,7 @@ if any(k in sys.modules and sys.modules[k] is not v for k, v in _FAKE_MODULES.it
     raise RuntimeError("fake_cupy must be imported before cupy (and in a process of its own)")
 sys.modules.update(_FAKE_MODULES)
 
-from gpucnn import cuda  # noqa: E402  (after the fake cupy is in place)
+from gpucnn.engines import cuda_loader as cuda  # noqa: E402  (after the fake cupy is in place)
 
 # ===================================================================================== building
 def _c_type(dtype):

@@ -9,11 +9,12 @@ import sys
 
 import numpy as np
 
-from . import backend, losses as losses_mod, optimizers as optimizers_mod, parallel
-from .callbacks import CallbackList, History
-from .layers import ConvPool, InputLayer, Layer, MaxPooling2D, fusable_pool
-from .progress import Progbar
-from .utils import next_name, rng
+from .. import backend, losses as losses_mod, optimizers as optimizers_mod
+from . import parallel
+from ..callbacks import CallbackList, History
+from ..layers import ConvPool, InputLayer, Layer, MaxPooling2D, fusable_pool
+from ..progress import Progbar
+from ..utils import next_name, rng
 
 _ALIGN = 64  # each weight starts on a 256-byte boundary of the flat buffer
 
@@ -305,7 +306,7 @@ class Sequential:
     def _forward_backward(self, xb, yb, scale=None):
         """Forward, loss and backward of a batch, its weight gradients left in ``_grads``; returns (loss sum,
         correct count). On NumPy with two or more cores the batch runs as two halves in two processes
-        (gpucnn/parallel.py). ``scale`` multiplies the loss gradient: a half's share of its batch."""
+        (gpucnn/models/parallel.py). ``scale`` multiplies the loss gradient: a half's share of its batch."""
         if scale is None and parallel.split_reason(self, len(xb)) is None:
             return parallel.split_step(self, xb, yb)
         ops = backend.ops()
@@ -364,7 +365,7 @@ class Sequential:
 
         xp = backend.ops().xp
         trainer = None
-        if backend.engine() == "cuda":  # the fast path (gpucnn/fastpath.py): a CUDA graph per step
+        if backend.engine() == "cuda":  # the fast path (gpucnn/models/fastpath.py): a CUDA graph per step
             from . import fastpath
             trainer = fastpath.plan(self, batch_size, x, y)
             if isinstance(trainer, str):
@@ -521,17 +522,17 @@ class Sequential:
     # ================================================================================= saving
     def save(self, path):
         """Save architecture, weights and optimizer state to one file (see ``gpucnn.saving``)."""
-        from .saving import save_model
+        from ..saving import save_model
         save_model(self, path)
 
     def save_weights(self, path):
         """Save the weights alone (an ``.npz`` of float32 arrays, Keras's order)."""
-        from .saving import save_weights
+        from ..saving import save_weights
         save_weights(self, path)
 
     def load_weights(self, path):
         """Load weights saved by ``save_weights`` (or ``save``) into this model."""
-        from .saving import load_weights
+        from ..saving import load_weights
         load_weights(self, path)
 
     def __call__(self, x, training=False):
@@ -547,7 +548,7 @@ class Sequential:
 
 def load_model(path):
     """Rebuild a model saved by ``model.save(path)``: architecture, weights, optimizer state."""
-    from .saving import load_model as _load
+    from ..saving import load_model as _load
     return _load(path)
 
 

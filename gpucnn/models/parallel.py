@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend
+from .. import backend
 
 MIN_BATCH = 32  # each half at least 16 samples: below that the exchange costs more than the half saves
 START_SECONDS = 120  # how long the worker may take to start (importing NumPy on a cold disk can be slow)
@@ -110,7 +110,7 @@ def blas_threads(n):
 
 def split_reason(model, batch):
     """Why a training step of ``batch`` samples of ``model`` runs in one process (None: it is split)."""
-    from .layers import Dropout
+    from ..layers import Dropout
 
     if backend.engine() != "numpy":
         return "not the NumPy engine"
@@ -165,12 +165,12 @@ class _Worker:
 
     def __init__(self):
         ours, theirs = socket.socketpair()
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.parallel import serve; "
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.models.parallel import serve; "
                 "serve(int(sys.argv[2]))")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", GPUCNN_DEVICE="cpu")
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", code, str(Path(__file__).resolve().parent.parent), str(theirs.fileno())],
+                [sys.executable, "-c", code, str(Path(__file__).resolve().parents[2]), str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
@@ -297,7 +297,7 @@ def serve(fd):
 
 def _replica(config, loss, path, layout):
     """The model rebuilt from its config, its weights and gradients views into the shared file."""
-    from .saving import _build_from_config
+    from ..saving import _build_from_config
 
     with open(path, "r+b") as f:
         mapped = mmap.mmap(f.fileno(), 0)

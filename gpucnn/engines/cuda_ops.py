@@ -1,7 +1,7 @@
 """The CUDA engine: every op of gpucnn, launching the hand-written kernels of ``kernels/*.cu``.
 
 The same functions as ``ops_numpy.py``, with the same names, arguments, order and return conventions: read
-the two side by side. Each op checks shapes, picks a grid and calls ``gpucnn.cuda.launch``, which checks
+the two side by side. Each op checks shapes, picks a grid and calls ``gpucnn.engines.cuda_loader.launch``, which checks
 every argument against the kernel's C signature. The kernel files say what each kernel computes and how.
 
 Beyond ops_numpy's conventions:
@@ -19,8 +19,8 @@ Beyond ops_numpy's conventions:
 import cupy
 import numpy as np
 
-from . import cuda
-from .ops_numpy import MAX_POOL_TAPS, geometry, out_size  # noqa: F401  (shape rules shared by both engines)
+from . import cuda_loader as cuda
+from .numpy_ops import MAX_POOL_TAPS, geometry, out_size  # noqa: F401  (shape rules shared by both engines)
 
 xp = cupy
 DTYPE = np.float32

@@ -41,9 +41,9 @@ import weakref
 
 import numpy as np
 
-from . import layers as L
-from . import losses as losses_mod
-from . import optimizers as optimizers_mod
+from .. import layers as L
+from .. import losses as losses_mod
+from .. import optimizers as optimizers_mod
 
 READ_EVERY = 50  # steps between asynchronous copies of the per-step loss and accuracy to the host
 
@@ -84,7 +84,7 @@ def unsupported_reason(model):
 def plan(model, batch_size, x, y):
     """A ``Trainer`` for ``model`` on (x, y) — checked float32 NumPy inputs and labels as ``fit`` has
     them — or a string saying why the fast path is not used."""
-    from . import backend
+    from .. import backend
 
     if backend.engine() != "cuda":
         return "the active engine is not the GPU"
@@ -96,7 +96,7 @@ def plan(model, batch_size, x, y):
         return reason
     if len(x) >= 2**31 - 1 - batch_size:
         return f"{len(x):,} samples are more than the fast path's 32-bit indices cover"
-    from . import cuda
+    from ..engines import cuda_loader as cuda
 
     try:
         return Trainer(model, batch_size, x, y)
@@ -134,10 +134,10 @@ class Trainer:
         if _modules is None:
             import cupy
 
-            from . import cuda, ops_cuda
+            from ..engines import cuda_loader as cuda, cuda_ops as ops_cuda
 
             _modules = (cupy, cuda, ops_cuda)
-        # (cupy, gpucnn.cuda, gpucnn.ops_cuda); tests/test_fastpath.py passes NumPy stand-ins to check the
+        # (cupy, gpucnn.cuda, gpucnn.engines.cuda_ops); tests/test_fastpath.py passes NumPy stand-ins to check the
         # step's wiring on the CPU
         cupy, cuda, _ = _modules
         self.cupy, self.cuda, self.ops = _modules
@@ -450,7 +450,7 @@ class Trainer:
     def begin_epoch(self, shuffle):
         """Outside the graph: the epoch's order, the step counter back to 0, the dropout seeds and Adam's
         step sizes for all its steps (drawn and computed as the plain path does over a whole epoch)."""
-        from .utils import rng
+        from ..utils import rng
 
         cupy, opt = self.cupy, self.model.optimizer
         # Between epochs, callbacks (on_train_begin, on_epoch_end/begin) and validation run on the default

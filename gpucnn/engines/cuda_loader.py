@@ -54,7 +54,7 @@ def kernel_dir():
             return folder
     except ModuleNotFoundError:  # a source checkout: there is no gpucnn.kernels package
         pass
-    folder = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    folder = pathlib.Path(__file__).resolve().parents[2] / "kernels"
     if folder.joinpath(HEADER).is_file():
         return folder
     raise FileNotFoundError(
