@@ -203,11 +203,10 @@ class ModelCheckpoint(Callback):
         self._save(path)
 
     def _save(self, path):
-        from . import saving
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        (saving.save_weights if self.save_weights_only else saving.save_model)(self.model, path)
+        (self.model.save_weights if self.save_weights_only else self.model.save)(path)
 
 
 class TerminateOnNaN(Callback):

@@ -1,7 +1,10 @@
 """Optimizers with Keras's update rules: RMSprop, SGD (momentum, Nesterov), Adam.
 
 An optimizer updates one flat float32 parameter buffer from one flat gradient buffer of the same length
-(the model keeps every weight as a view into them), so each step is one engine call per rule.
+(the model keeps every trainable weight as a view into them), so each step is one engine call per rule.
+The update reads its rate (the learning rate; Adam's step size) from a per-step table on the engine,
+``rates[step[0]]``: one row written before an eager step, or a whole epoch's rows before a captured one
+(``rates_for``), so a captured CUDA graph never freezes a rate.
 """
 import numpy as np
 
@@ -29,12 +32,28 @@ class Optimizer:
         xp = backend.ops().xp
         self.state = {slot: xp.zeros(n, dtype=np.float32) for slot in self._slots}
 
+    def rates_for(self, first_step, count):
+        """The float32 rates of the ``count`` steps from step ``first_step`` (1-based, as ``iterations`` + 1)."""
+        return np.array([self._rate(t) for t in range(first_step, first_step + count)], np.float32)
+
+    def _rate(self, t):
+        return np.float32(self.learning_rate)
+
     def apply(self, params, grads):
         """One step over the flat ``params`` from the flat ``grads`` (both engine arrays)."""
         if self.state is None:
             self.build(params.shape[0])
+        xp = backend.ops().xp
+        if getattr(self, "_eager", None) is None or not isinstance(self._eager[0], xp.ndarray):
+            self._eager = (xp.zeros(1, np.float32), xp.zeros(1, np.int32))  # a one-row table, counter 0
+        rates, counter = self._eager
+        rates[...] = xp.asarray(self.rates_for(self.iterations + 1, 1))
+        self.update(params, grads, rates, counter)
         self.iterations += 1
-        self._update(backend.ops(), params, grads)
+
+    def update(self, params, grads, rates, counter):
+        """The update kernel/op over the flat buffers, reading the rate at ``rates[counter[0]]``."""
+        self._update(backend.ops(), params, grads, rates, counter)
 
     def get_config(self):
         return {k: getattr(self, k) for k in ("name", "learning_rate", *self._config)}
@@ -51,9 +70,8 @@ class SGD(Optimizer):
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self._slots = ("momentum",) if self.momentum else ()
 
-    def _update(self, ops, w, g):
-        ops.sgd_update(w, g, self.state.get("momentum"), self.learning_rate, self.momentum,
-                       self.nesterov)
+    def _update(self, ops, w, g, rates, step):
+        ops.sgd_update(w, g, self.state.get("momentum"), rates, step, self.momentum, self.nesterov)
 
 
 class RMSprop(Optimizer):
@@ -70,10 +88,10 @@ class RMSprop(Optimizer):
         self._slots = ("velocity",) + (("momentum",) if self.momentum else ()) + (
             ("average_gradient",) if self.centered else ())
 
-    def _update(self, ops, w, g):
+    def _update(self, ops, w, g, rates, step):
         s = self.state
-        ops.rmsprop_update(w, g, s["velocity"], s.get("momentum"), s.get("average_gradient"),
-                           self.learning_rate, self.rho, self.epsilon, self.momentum, self.centered)
+        ops.rmsprop_update(w, g, s["velocity"], s.get("momentum"), s.get("average_gradient"), rates, step,
+                           self.rho, self.epsilon, self.momentum, self.centered)
 
 
 class Adam(Optimizer):
@@ -87,9 +105,12 @@ class Adam(Optimizer):
         _check_unit("beta_2", beta_2)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
 
-    def _update(self, ops, w, g):
-        ops.adam_update(w, g, self.state["m"], self.state["v"], self.learning_rate, self.beta_1,
-                        self.beta_2, self.epsilon, self.iterations)
+    def _rate(self, t):
+        return backend.ops().adam_step_size(self.learning_rate, self.beta_1, self.beta_2, t)
+
+    def _update(self, ops, w, g, rates, step):
+        ops.adam_update(w, g, self.state["m"], self.state["v"], rates, step, self.beta_1, self.beta_2,
+                        self.epsilon)
 
 
 def _check_unit(name, value):

@@ -10,7 +10,8 @@ A model file is a zip archive holding:
 
 Nothing in a file is ever executed: arrays are read with ``np.load(..., allow_pickle=False)``, layers are
 constructed only from ``gpucnn.layers.LAYER_CLASSES``, and a file that is truncated, altered or names
-anything unknown is refused with ``InvalidModelFile``. Every write goes to a temporary file in the same
+anything unknown is refused with ``InvalidModelFile``. (The model itself is built from the config by
+``gpucnn.models.load_model``; this module reads and writes the file.) Every write goes to a temporary file in the same
 directory, is flushed to disk, then replaces the target in one step: a crash leaves the old file intact.
 """
 import hashlib
@@ -21,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from . import backend, layers as layers_mod, losses as losses_mod, optimizers as optimizers_mod
+from . import backend, losses as losses_mod, optimizers as optimizers_mod
 from .utils import atomic_write, rng
 
 FORMAT = "gpucnn.model"
@@ -35,8 +36,9 @@ class InvalidModelFile(ValueError):
 
 
 # ===================================================================================== public API
-def save_model(model, path):
-    """Write ``model`` (architecture, weights, compile config, optimizer state, RNG state) to ``path``."""
+def save_model(model, path, model_config=None, overwrite=True):
+    """Write ``model`` (architecture, weights, compile config, optimizer state, RNG state) to ``path``.
+    ``model_config``: the architecture as ``{"class_name", "config"}`` (``gpucnn.models.serialization``)."""
     model._require_built("save")
     weights = _npz_bytes(_weight_arrays(model))
     members = {_WEIGHTS: weights}
@@ -48,7 +50,7 @@ def save_model(model, path):
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "gpucnn_version": __version__,
-        "model_config": model.get_config(),
+        "model_config": model.get_config() if model_config is None else model_config,
         "compile_config": None if opt is None else {
             "optimizer": {"name": opt.name, "config": opt.get_config()},
             "loss": model.loss.name,
@@ -63,20 +65,20 @@ def save_model(model, path):
             zf.writestr(name, data)
 
 
-def load_model(path, restore_rng=True):
-    """Rebuild a model saved by ``save_model``: same layers, weights, compile config, optimizer state.
+def read_model_file(path):
+    """``(header, {member: bytes})`` of a model file, verified (checksums, format); InvalidModelFile on any defect.
+    ``gpucnn.models.load_model`` builds the model from ``header["model_config"]``, then ``restore_model_state``."""
+    return _read_model_file(path)
 
-    With ``restore_rng`` (the default) gpucnn's random generator is set back to its state at saving time,
-    so ``fit(..., initial_epoch=k)`` continues exactly as the interrupted run would have.
-    """
-    header, members = _read_model_file(path)
-    model = _build_from_config(header.get("model_config"), path)
+
+def restore_model_state(model, header, members, path, restore_rng=True):
+    """Set a model rebuilt from a file's config to the file's weights, compile config and optimizer state (and,
+    with ``restore_rng``, gpucnn's random state at saving time)."""
     _set_weights_from_npz(model, members[_WEIGHTS], path)
     if header.get("compile_config") is not None:
         _compile_from_config(model, header, members.get(_OPTIMIZER), path)
     if restore_rng:
         _restore_rng(header.get("rng_state"), path)
-    return model
 
 
 def save_weights(model, path):
@@ -113,7 +115,7 @@ def _npz_bytes(arrays):
 def _weight_arrays(model):
     """{``00_conv2d_kernel``: array, ...}: every weight, numbered in Keras's order."""
     out, i = {}, 0
-    for layer in model.layers:
+    for layer in model._all_layers():
         for name, value in zip(layer.weight_names, layer.get_weights()):
             out[f"{i:02d}_{layer.name}_{name}"] = value
             i += 1
@@ -180,7 +182,7 @@ def _load_npz(data, path, what):
 
 def _set_weights_from_npz(model, data, path):
     arrays = _load_npz(data, path, "weights")
-    expected = [(layer, name, tuple(w.shape)) for layer in model.layers
+    expected = [(layer, name, tuple(w.shape)) for layer in model._all_layers()
                 for name, w in zip(layer.weight_names, layer.weights)]
     ordered = []
     for key in arrays:
@@ -199,30 +201,6 @@ def _set_weights_from_npz(model, data, path):
         if not np.all(np.isfinite(value)):
             raise InvalidModelFile(f"{path}: weight {i} ({rest}) contains NaN or infinity")
     model.set_weights([t[2] for t in ordered])
-
-
-def _build_from_config(config, path):
-    """A built Sequential from ``get_config()`` output; only classes in LAYER_CLASSES are constructed."""
-    from .models import Sequential
-    try:
-        specs = config["layers"]
-        model = Sequential(name=str(config["name"]))
-        for spec in specs:
-            class_name = spec["class_name"]
-            cls = layers_mod.LAYER_CLASSES.get(class_name) if isinstance(class_name, str) else None
-            if cls is None:
-                raise InvalidModelFile(f"{path}: unknown layer class {class_name!r}; gpucnn builds only "
-                                       f"{sorted(layers_mod.LAYER_CLASSES)}")
-            kwargs = spec["config"]
-            if not isinstance(kwargs, dict):
-                raise InvalidModelFile(f"{path}: the config of a {class_name} layer is not a mapping")
-            model.add(cls(**kwargs))
-        model.build((None,) + tuple(int(d) for d in config["input_shape"]))
-    except InvalidModelFile:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InvalidModelFile(f"{path}: invalid model config ({type(exc).__name__}: {exc})") from None
-    return model
 
 
 def _compile_from_config(model, header, optimizer_data, path):

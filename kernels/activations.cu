@@ -1,4 +1,4 @@
-// activations.cu — relu, softmax and dropout, forward and backward (gpucnn.ops_cuda.activation_*,
+// activations.cu — relu, softmax and dropout, forward and backward (gpucnn.engines.cuda_ops.activation_*,
 // dropout_*).
 //
 //   x is (n,)            a flat float32 buffer (any shape, C order); y, dy, dx and mask are the same
@@ -14,6 +14,9 @@
 //   dropout_forward   keep element i when uniform01(seed, i) >= rate: mask = keep ? scale : 0 with
 //                     scale = 1 / (1 - rate) computed by the caller in float32, y = x * mask. The random
 //                     numbers are a pure function of (seed, i): deterministic, independent of the launch.
+//                     seed = seeds[step[0] * slots + slot]: seeds is a (steps, slots) uint64 table (a step's
+//                     seed per dropout layer) and step a (1,) int32 device counter, so a captured CUDA graph
+//                     draws a new mask at each replay (the host fills the table, the step advances the counter).
 //   dropout_backward  dx = dy * mask
 #include "common.cuh"
 
@@ -55,7 +58,8 @@ softmax_backward(const float* dy, const float* y, float* dx, long long rows, int
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 dropout_forward(const float* x, float* y, float* mask, long long n, float rate, float scale,
-                unsigned long long seed) {
+                const unsigned long long* __restrict__ seeds, const int* __restrict__ step, int slot, int slots) {
+    const unsigned long long seed = seeds[(long long)step[0] * slots + slot];
     GRID_STRIDE_LOOP(i, n) {
         const float m = uniform01(seed, (unsigned long long)i) >= rate ? scale : 0.0f;
         mask[i] = m;

@@ -20,7 +20,7 @@
 //   first_argmax()               the index of a row's first maximum by that rule (count_correct)
 //   clip_probability()           Keras's clip of a probability to [epsilon, 1 - epsilon] (the losses)
 //   block_sum()                  a fixed-order shared-memory reduction (deterministic), float or long long
-//   adam_update_element()        Adam's update of one parameter (adam_update, adam_update_scheduled)
+//   adam_update_element()        Adam's update of one parameter (optimizers.cu's adam_update)
 //   uniform01()                  counter-based random numbers: a pure function of (seed, counter)
 #ifndef GPUCNN_COMMON_CUH
 #define GPUCNN_COMMON_CUH

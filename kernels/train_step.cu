@@ -1,6 +1,7 @@
 // train_step.cu — the kernels of the captured training step that read step-varying values from device memory
-// (gpucnn.fastpath): batch gather, device shuffling, the step counter, the fused softmax cross-entropy,
-// dropout and Adam with per-step tables.
+// (gpucnn.models.fastpath): batch gather, device shuffling, the step counter and the fused softmax
+// cross-entropy with its per-step metric slots. (Dropout and the optimizers read per-step tables too; their
+// kernels live with their families, activations.cu and optimizers.cu.)
 //
 //   x_u8     is (n_total, per_image)   the training images as uint8 (x = x_u8 / 255 exactly), or
 //   x_f32    is (n_total, per_image)   the training images as float32 (exactly one of the two is given)
@@ -13,9 +14,6 @@
 //   logits   is (N, K)                 the model's last pre-softmax values; dz (N, K) their gradient
 //   loss_steps is (steps,)             float32: the sum over the batch of the per-sample loss, per step
 //   correct_steps is (steps,)          int32: how many rows of the batch were classified right, per step
-//   seeds    is (steps, slots)         uint64 dropout seeds: one per step and dropout layer (slot)
-//   alphas   is (steps,)               float32 Adam step sizes lr*sqrt(1 - beta_2^t)/(1 - beta_1^t), per step
-//   w, g, m, v are (n,)                the flat parameters, gradients and Adam state
 //
 // Step-varying values never appear as kernel arguments (they would be frozen into the CUDA graph): the
 // kernels read the counter `step` and index the per-epoch tables with it; step_advance, the step's last
@@ -35,8 +33,6 @@
 //                             clip), dz = (p - y) / N as softmax_crossentropy_backward, the first arg-max of
 //                             p against the label as count_correct; then fixed-order block sums of the loss
 //                             and the count, written to loss_steps[step] and correct_steps[step]. No atomics.
-//   dropout_forward_scheduled dropout_forward with seed = seeds[step*slots + slot]
-//   adam_update_scheduled     adam_update with alpha = alphas[step]
 #include "common.cuh"
 
 #ifndef EPSILON
@@ -155,26 +151,4 @@ softmax_crossentropy_step_sparse(const float* __restrict__ logits, const int* __
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
                                  int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K) {
     softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K);
-}
-
-// ------------------------------------------------------------------------------------ dropout, Adam
-extern "C" __global__ void __launch_bounds__(THREADS)
-dropout_forward_scheduled(const float* x, float* y, float* __restrict__ mask, long long n, float rate,
-                          float scale, const unsigned long long* __restrict__ seeds,
-                          const int* __restrict__ step, int slot, int slots) {
-    const unsigned long long seed = seeds[(long long)step[0] * slots + slot];
-    GRID_STRIDE_LOOP(i, n) {
-        const float m = uniform01(seed, (unsigned long long)i) >= rate ? scale : 0.0f;
-        mask[i] = m;
-        y[i] = x[i] * m;
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-adam_update_scheduled(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                      float* __restrict__ v, long long n, const float* __restrict__ alphas,
-                      const int* __restrict__ step, float one_minus_beta_1, float one_minus_beta_2,
-                      float epsilon) {
-    const float alpha = alphas[step[0]];
-    GRID_STRIDE_LOOP(i, n) adam_update_element(w, g, m, v, i, alpha, one_minus_beta_1, one_minus_beta_2, epsilon);
 }

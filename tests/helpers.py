@@ -123,3 +123,19 @@ def pool_args(hw, p, s, pad):
     p = (p, p) if isinstance(p, int) else p
     s = (s, s) if isinstance(s, int) else s
     return p, s, padding_for(pad, hw[0], hw[1], p, s)
+
+
+# Merging ops (ops.add / concat / split): (shapes of the parts, axis of the whole array) — channels, rows,
+# columns, flat vectors, parts of size 1 and a batch of one.
+CONCAT_GRID = [
+    ([(2, 5, 5, 3), (2, 5, 5, 4)], 3),
+    ([(7, 3, 5, 2), (7, 1, 5, 2), (7, 4, 5, 2)], 1),
+    ([(1, 4, 2, 8), (1, 4, 3, 8)], 2),
+    ([(3, 6), (3, 1)], 1),
+    ([(2, 28, 28, 1), (2, 28, 28, 1)], 3),
+]
+
+
+def concat_id(case):
+    shapes, axis = case
+    return "+".join("x".join(map(str, s)) for s in shapes) + f"-axis{axis}"

@@ -316,6 +316,48 @@ def dense_backward_weights(dy, x):
     return dw, db
 
 
+# ===================================================================================== merging
+def add(a, b):
+    """a + b, element by element."""
+    a, b = _f64(a), _f64(b)
+    y = np.zeros(a.shape)
+    for i in np.ndindex(a.shape):
+        y[i] = a[i] + b[i]
+    return y
+
+
+def concat(xs, axis):
+    """The arrays joined along ``axis``: element (..., k, ...) of the result is element k - (sizes before) of the
+    array whose slab holds k."""
+    xs = [_f64(x) for x in xs]
+    shape = list(xs[0].shape)
+    shape[axis] = sum(x.shape[axis] for x in xs)
+    y = np.zeros(shape)
+    for i in np.ndindex(*shape):
+        k = i[axis]
+        for x in xs:
+            if k < x.shape[axis]:
+                y[i] = x[i[:axis] + (k,) + i[axis + 1:]]
+                break
+            k -= x.shape[axis]
+    return y
+
+
+def split(dy, sizes, axis):
+    """concat's backward: the gradient of each part is its slab of ``dy``."""
+    dy = _f64(dy)
+    parts, start = [], 0
+    for size in sizes:
+        shape = list(dy.shape)
+        shape[axis] = size
+        part = np.zeros(shape)
+        for i in np.ndindex(*shape):
+            part[i] = dy[i[:axis] + (start + i[axis],) + i[axis + 1:]]
+        parts.append(part)
+        start += size
+    return parts
+
+
 # ===================================================================================== dropout
 def dropout_backward(dy, mask):
     dy, mask = _f64(dy), _f64(mask)

@@ -418,22 +418,50 @@ def test_dense_matches_reference(n, n_in, units, bias, activation):
     assert_close(db, db_ref)
 
 
+# ===================================================================================== merging
+@pytest.mark.parametrize("case", helpers.CONCAT_GRID, ids=helpers.concat_id)
+def test_add_concat_and_split_match_reference(case):
+    shapes, axis = case
+    rng = np.random.default_rng(len(shapes) + axis)
+    xs = [normal(rng, s) for s in shapes]
+    b = xs[0][::-1].copy()
+    assert_exact(ops.add(dev(xs[0]), dev(b)), ref.add(xs[0], b))
+    a = dev(xs[0])
+    assert ops.add(a, dev(b), out=a) is a  # in place, as Add sums its inputs
+    assert_exact(a, ref.add(xs[0], b))
+    y = ops.concat([dev(x) for x in xs], axis)
+    assert_exact(y, ref.concat(xs, axis))
+    dy = normal(rng, y.shape)
+    sizes = [sh[axis] for sh in shapes]
+    for got, want in zip(ops.split(dev(dy), sizes, axis), ref.split(dy, sizes, axis)):
+        assert_exact(got, want)
+    with pytest.raises(ValueError, match="do not join"):
+        ops.concat([dev(xs[0]), dev(normal(rng, (1, 2)))], axis)
+    with pytest.raises(ValueError, match="do not add up"):
+        ops.split(dev(dy), [1], axis)
+
+
 # ===================================================================================== dropout
+def seed_table(*seeds):
+    """A one-row seed table (one slot per seed) and a step counter at row 0, as an eager step has them."""
+    return dev(np.array([seeds], np.uint64)), dev(np.zeros(1, np.int32))
+
+
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.8])
 def test_dropout_mask(rate):
     rng = np.random.default_rng(27)
     x = dev(normal(rng, (100, 40, 50)))
-    y, mask = ops.dropout_forward(x, rate, 1234)
+    y, mask = ops.dropout_forward(x, rate, *seed_table(1234), 0)
     assert y.shape == mask.shape == x.shape and mask.dtype == F32
     m = host(mask)
     kept = m != 0
     np.testing.assert_array_equal(m[kept], F32(1) / F32(1 - rate))
     assert abs(kept.mean() - (1 - rate)) < 0.005  # 200,000 draws: the standard error is < 0.0012
     np.testing.assert_array_equal(host(y), host(x) * m)
-    y2, mask2 = ops.dropout_forward(x, rate, 1234)  # the same seed: the same bits
+    y2, mask2 = ops.dropout_forward(x, rate, *seed_table(1235, 1234), 1)  # the same seed: the same bits
     np.testing.assert_array_equal(host(mask2), m)
     np.testing.assert_array_equal(host(y2), host(y))
-    _, mask3 = ops.dropout_forward(x, rate, 1235)
+    _, mask3 = ops.dropout_forward(x, rate, *seed_table(1235), 0)
     assert (host(mask3) != m).any()
     dy = normal(rng, x.shape)
     assert_exact(ops.dropout_backward(dev(dy), mask), ref.dropout_backward(dy, m))
@@ -441,7 +469,7 @@ def test_dropout_mask(rate):
 
 def test_dropout_rate_zero_keeps_everything():
     x = dev(normal(np.random.default_rng(28), (4, 6)))
-    y, mask = ops.dropout_forward(x, 0.0, 7)
+    y, mask = ops.dropout_forward(x, 0.0, *seed_table(7), 0)
     np.testing.assert_array_equal(host(mask), 1.0)
     np.testing.assert_array_equal(host(y), host(x))
 
@@ -518,16 +546,23 @@ def _assert_state(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
 
 
+def _rates(lr):
+    """A table of a different rate per step (the updates must read their step's row)."""
+    return np.array([lr * (1 + 0.25 * k) for k in range(STEPS)], F32)
+
+
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
 def test_sgd_update_matches_reference(momentum, nesterov):
     rng = np.random.default_rng(30)
     w = dev(normal(rng, (1000,)))
     m = cupy.zeros_like(w)
     w_ref, m_ref = host(w).astype(np.float64), host(m).astype(np.float64)
-    for _ in range(STEPS):
+    rates = _rates(0.01)
+    for k in range(STEPS):
         g = normal(rng, w.shape)
-        assert ops.sgd_update(w, dev(g), m, 0.01, momentum, nesterov) is None  # in place
-        w_ref, m_ref = ref.sgd_update(w_ref, g, m_ref, 0.01, momentum, nesterov)
+        step = dev(np.array([k], np.int32))
+        assert ops.sgd_update(w, dev(g), m, dev(rates), step, momentum, nesterov) is None  # in place
+        w_ref, m_ref = ref.sgd_update(w_ref, g, m_ref, float(rates[k]), momentum, nesterov)
         _assert_state(w, w_ref)
         _assert_state(m, m_ref)
 
@@ -544,11 +579,13 @@ def test_rmsprop_update_matches_reference(lr, rho, eps, momentum, centered):
     w = dev(normal(rng, (1000,)))
     v, mom, avg = cupy.zeros_like(w), cupy.zeros_like(w), cupy.zeros_like(w)
     w_ref, v_ref, mom_ref, avg_ref = (host(a).astype(np.float64) for a in (w, v, mom, avg))
-    for _ in range(STEPS):
+    rates = _rates(lr)
+    for k in range(STEPS):
         g = normal(rng, w.shape)
-        ops.rmsprop_update(w, dev(g), v, mom, avg, lr, rho, eps, momentum, centered)
-        w_ref, v_ref, mom_ref, avg_ref = ref.rmsprop_update(w_ref, g, v_ref, mom_ref, avg_ref, lr, rho, eps,
-                                                             momentum, centered)
+        ops.rmsprop_update(w, dev(g), v, mom, avg, dev(rates), dev(np.array([k], np.int32)), rho, eps, momentum,
+                           centered)
+        w_ref, v_ref, mom_ref, avg_ref = ref.rmsprop_update(w_ref, g, v_ref, mom_ref, avg_ref, float(rates[k]), rho,
+                                                             eps, momentum, centered)
         for got, want in ((w, w_ref), (v, v_ref), (mom, mom_ref), (avg, avg_ref)):
             _assert_state(got, want)
 
@@ -559,18 +596,23 @@ def test_adam_update_matches_reference(lr, b1, b2, eps):
     w = dev(normal(rng, (1000,)))
     m, v = cupy.zeros_like(w), cupy.zeros_like(w)
     w_ref, m_ref, v_ref = (host(a).astype(np.float64) for a in (w, m, v))
+    alphas = dev(np.array([ops.adam_step_size(lr, b1, b2, t) for t in range(1, STEPS + 1)], F32))
+    step = dev(np.array([0], np.int32))
     for t in range(1, STEPS + 1):
         g = normal(rng, w.shape)
-        ops.adam_update(w, dev(g), m, v, lr, b1, b2, eps, t)
+        ops.adam_update(w, dev(g), m, v, alphas, step, b1, b2, eps)
+        cuda.launch("step_advance", 1, 1, (step,))  # the counter picks the next step's size, as in a graph
         w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, b1, b2, eps, t)
         for got, want in ((w, w_ref), (m, m_ref), (v, v_ref)):
             _assert_state(got, want)
+    assert host(step).tolist() == [STEPS]
 
 
 def test_optimizer_state_must_be_contiguous():
     w = cupy.zeros((10, 4), F32)
     with pytest.raises(ValueError, match="C-contiguous"):
-        ops.sgd_update(w.T, cupy.zeros((4, 10), F32), cupy.zeros((4, 10), F32), 0.1, 0.9, False)
+        ops.sgd_update(w.T, cupy.zeros((4, 10), F32), cupy.zeros((4, 10), F32), dev(np.array([0.1], F32)),
+                       dev(np.zeros(1, np.int32)), 0.9, False)
 
 
 # ===================================================================================== determinism (row 15)
@@ -627,7 +669,7 @@ def _preallocated_step(bufs, ctx):
     ops.activation_backward(b["dy"], b["y"], "relu", out=b["dz"])
     ops.conv2d_backward_filter(b["dz"], b["x"], b["w"].shape, (1, 1), VALID, ctx, out_w=b["dw"], out_b=b["db"])
     ops.conv2d_backward_data(b["dz"], b["w"], b["x"].shape, (1, 1), VALID, ctx, out=b["dx"])
-    ops.rmsprop_update(b["w"], b["dw"], b["v"], None, None, 0.001, 0.9, 1e-7, 0.0, False)
+    ops.rmsprop_update(b["w"], b["dw"], b["v"], None, None, b["rates"], b["counter"], 0.9, 1e-7, 0.0, False)
 
 
 def _step_buffers(rng):
@@ -639,6 +681,7 @@ def _step_buffers(rng):
     bufs = {k: dev(normal(rng, s, 0.3)) for k, s in shapes.items()}
     bufs["v"][...] = 0
     bufs["labels"] = dev(rng.integers(0, 10, size=n).astype(np.int32))
+    bufs["rates"], bufs["counter"] = dev(np.array([0.001], F32)), dev(np.zeros(1, np.int32))
     return bufs
 
 
@@ -989,47 +1032,23 @@ def test_softmax_crossentropy_step_sparse_out_of_range_label_is_nan():
 
 
 @pytest.mark.parametrize("rate", [0.25, 0.5])
-def test_dropout_forward_scheduled_uses_the_steps_seed(rate):
+def test_dropout_reads_the_seed_of_its_step_and_slot(rate):
+    """The seed table as a captured step reads it: row step[0], column slot (grid-stride loops included)."""
     rng = np.random.default_rng(41)
     x = dev(normal(rng, (64, 1000)))
     steps, slots = 3, 2
-    seeds = rng.integers(0, 2**63, size=steps * slots, dtype=np.uint64)
+    seeds = rng.integers(0, 2**63, size=(steps, slots), dtype=np.uint64)
     scale = F32(1) / F32(1 - rate)
     for step, slot, grid in ((0, 0, None), (2, 1, None), (1, 0, 3)):  # grid 3: a grid-stride loop
         y, mask = cupy.full(x.shape, SENTINEL, F32), cupy.full(x.shape, SENTINEL, F32)
-        cuda.launch("dropout_forward_scheduled", grid or ops._blocks(x.size), ops._THREADS,
+        cuda.launch("dropout_forward", grid or ops._blocks(x.size), ops._THREADS,
                     (x, y, mask, x.size, F32(rate), scale, dev(seeds), dev(np.array([step], np.int32)), slot,
                      slots))
-        # the plain kernel with that seed: the same mask and output, bit for bit
-        y_plain, mask_plain = ops.dropout_forward(x, rate, int(seeds[step * slots + slot]))
-        np.testing.assert_array_equal(host(mask), host(mask_plain))
-        np.testing.assert_array_equal(host(y), host(y_plain))
+        # a one-row table holding that seed: the same mask and output, bit for bit
+        y_one, mask_one = ops.dropout_forward(x, rate, *seed_table(int(seeds[step, slot])), 0)
+        np.testing.assert_array_equal(host(mask), host(mask_one))
+        np.testing.assert_array_equal(host(y), host(y_one))
         m = host(mask)
         assert set(np.unique(m).tolist()) <= {0.0, float(scale)}
         assert abs((m != 0).mean() - (1 - rate)) < 0.01  # 64,000 draws
         np.testing.assert_array_equal(host(y), host(x) * m)
-
-
-@pytest.mark.parametrize("lr, b1, b2, eps", [(0.001, 0.9, 0.999, 1e-7), (0.01, 0.8, 0.99, 1e-3)])
-def test_adam_update_scheduled_matches_reference(lr, b1, b2, eps):
-    """Adam with its step sizes in a per-step table indexed by the device step counter, as the fast path
-    runs it (the counter advanced by step_advance, the table computed as Trainer.begin_epoch does)."""
-    rng = np.random.default_rng(42)
-    w = dev(normal(rng, (1000,)))
-    m, v = cupy.zeros_like(w), cupy.zeros_like(w)
-    w_plain, m_plain, v_plain = w.copy(), m.copy(), v.copy()
-    w_ref, m_ref, v_ref = (host(a).astype(np.float64) for a in (w, m, v))
-    alphas = dev(np.asarray([F32(lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)) for t in range(1, STEPS + 1)], F32))
-    step = dev(np.array([0], np.int32))
-    for t in range(1, STEPS + 1):
-        g = normal(rng, w.shape)
-        cuda.launch("adam_update_scheduled", ops._blocks(w.size) if t != 3 else 1, ops._THREADS,
-                    (w, dev(g), m, v, w.size, alphas, step, F32(1 - b1), F32(1 - b2), F32(eps)))
-        cuda.launch("step_advance", 1, 1, (step,))
-        ops.adam_update(w_plain, dev(g), m_plain, v_plain, lr, b1, b2, eps, t)
-        w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, b1, b2, eps, t)
-        for got, want in ((w, w_ref), (m, m_ref), (v, v_ref)):
-            _assert_state(got, want)
-        for got, plain in ((w, w_plain), (m, m_plain), (v, v_plain)):  # the plain kernel's bits
-            np.testing.assert_array_equal(host(got), host(plain))
-    assert host(step).tolist() == [STEPS]

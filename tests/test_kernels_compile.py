@@ -229,7 +229,8 @@ def test_scalar_arguments_are_converted_and_range_checked():
         cuda._convert("k", params["S"], 1.5)
     rate = {p.name: p for p in cuda.signature("dropout_forward")}
     assert cuda._convert("k", rate["rate"], 0.25).dtype.name == "float32"
-    assert cuda._convert("k", rate["seed"], 2**64 - 1).dtype.name == "uint64"
+    seed = {p.name: p for p in cuda.signature("permutation_keys")}["seed"]
+    assert cuda._convert("k", seed, 2**64 - 1).dtype.name == "uint64"
     with pytest.raises(TypeError, match="None"):
         cuda._convert("k", rate["x"], None)
     assert cuda._convert("k", {p.name: p for p in cuda.signature("dense_forward")}["b_or_null"], None) == 0

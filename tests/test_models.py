@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from gpucnn import backend, callbacks, layers, models, optimizers, utils
+from gpucnn import callbacks, layers, models, optimizers, utils
 from gpucnn.cli import seed_model
 
 
@@ -447,9 +447,22 @@ def test_nan_in_one_hot_labels_is_named():
         model.fit(x, y, verbose=0)
 
 
-def test_freezing_is_refused_rather_than_ignored():
-    with pytest.raises(NotImplementedError, match="trainable=False"):
-        layers.Dense(2).trainable = False
+def test_a_frozen_layer_keeps_its_weights_and_counts_as_non_trainable():
+    """Keras: trainable=False takes effect at the next compile; the weights stay, counted as non-trainable."""
+    m = tiny_model()
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    conv = m.layers[0]
+    conv.trainable = False
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    before = conv.get_weights()
+    dense_before = m.layers[-1].get_weights()
+    m.fit(*tiny_data(8), epochs=1, verbose=0)
+    for a, b in zip(before, conv.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(dense_before[0], m.layers[-1].get_weights()[0])
+    lines = summary_text(m)
+    assert lines[-2] == f" Trainable params: {m.layers[-1].count_params():,} ({lines[-2].split('(')[1]}"
+    assert lines[-1].startswith(f" Non-trainable params: {conv.count_params():,} ")
 
 
 def test_a_seeded_dropout_draws_a_new_mask_each_step_and_repeats_across_runs():
@@ -533,35 +546,6 @@ def test_a_failed_build_with_a_shape_leaves_the_model_usable():
         m.build((None, 9, 9, 1))
 
 
-@pytest.mark.parametrize("pool", [layers.MaxPooling2D(2), layers.MaxPooling2D(3, strides=1, padding="same"),
-                                  layers.MaxPooling2D((2, 3), strides=(2, 1))])
-@pytest.mark.parametrize("separate_activation", [False, True])
-def test_relu_then_max_pool_gradient_shortcut_equals_the_plain_chain(pool, separate_activation, monkeypatch):
-    """_backward applies a ReLU's mask to the pooled gradient when a max-pool follows it: the gradients
-    must be exactly those of the layer-by-layer chain. (Training runs a Conv2D and a 2x2 max-pool as one op,
-    tested below; here the pair stays two layers.)"""
-    monkeypatch.setattr(models.model, "fusable_pool", lambda conv, pool: False)
-    convs = ([layers.Conv2D(3, 3, input_shape=(9, 9, 2)), layers.Activation("relu")] if separate_activation
-             else [layers.Conv2D(3, 3, activation="relu", input_shape=(9, 9, 2))])
-    m = models.Sequential(convs + [pool, layers.Flatten(), layers.Dense(4, activation="softmax")])
-    m.compile("sgd", "sparse_categorical_crossentropy")
-    m.build()
-    r = np.random.default_rng(5)
-    x = r.standard_normal((3, 9, 9, 2)).astype(np.float32)
-    p = m._forward(x, training=True)
-    dy = backend.ops().softmax_crossentropy_backward(p, np.array([0, 1, 3], np.int32), True)
-    m._backward(dy.copy(), through_last_activation=False)
-    shortcut = m._grads.copy()
-    m._grads[...] = 0
-    d = m.layers[-1].backward(dy.copy(), through_activation=False)  # the plain chain, layer by layer
-    for layer in m.layers[-2::-1]:
-        d = layer.backward(d, True) if hasattr(layer, "activation") else layer.backward(d)
-        if d is None:
-            break
-    np.testing.assert_array_equal(shortcut, m._grads)
-    assert np.abs(shortcut).sum() > 0
-
-
 # ===================================================================================== the fused training step
 @pytest.mark.parametrize("activation", ["relu", None])
 def test_training_runs_conv_and_pool_as_one_op_with_the_unfused_gradients(activation, monkeypatch):
@@ -582,21 +566,23 @@ def test_training_runs_conv_and_pool_as_one_op_with_the_unfused_gradients(activa
     x = rng.standard_normal((6, 17, 17, 2)).astype(np.float32)
     y = utils.to_categorical(rng.integers(0, 3, 6), 3)
     m.build()
-    kinds = [type(s).__name__ for s in m._training_steps()]
-    assert kinds == ["ConvPool", "Conv2D", "MaxPooling2D", "ConvPool", "Flatten", "Dense"]
+    m._pack_weights()
+    kinds = [tuple(type(n.layer).__name__ for n in step) for step in m.graph.steps(True)]
+    assert kinds == [("Conv2D", "MaxPooling2D"), ("Conv2D",), ("MaxPooling2D",), ("Conv2D", "MaxPooling2D"),
+                     ("Flatten",), ("Dense",)]
+    assert all(len(step) == 1 for step in m.graph.steps(False))  # inference runs the layers one by one
 
     def step():
-        from gpucnn.engines import numpy_ops as ops
-        p = m._forward(x, training=True)
-        m._backward(ops.softmax_crossentropy_backward(p, y, False), through_last_activation=False)
-        return p.copy(), m._grads.copy()
+        m._grads[...] = 0
+        loss, _ = m._forward_backward(x, y, 1.0)
+        return float(loss), m._grads.copy()
 
-    p_fused, g_fused = step()
-    monkeypatch.setattr(models.model, "fusable_pool", lambda conv, pool: False)
-    m._steps_key = None  # the steps are planned again
-    assert all(isinstance(s, layers.Layer) for s in m._training_steps())
-    p_plain, g_plain = step()
-    np.testing.assert_allclose(p_fused, p_plain, rtol=1e-5, atol=1e-7)
+    loss_fused, g_fused = step()
+    monkeypatch.setattr(models.graph, "fusable_pool", lambda conv, pool: False)
+    m.graph._plans.clear()
+    m._contexts_cache.clear()
+    assert all(len(s) == 1 for s in m.graph.steps(True))
+    loss_plain, g_plain = step()
+    np.testing.assert_allclose(loss_fused, loss_plain, rtol=1e-5)
     assert np.abs(g_plain).max() > 0
     np.testing.assert_allclose(g_fused, g_plain, rtol=1e-4, atol=1e-6 * np.abs(g_plain).max())
-    assert m.layers[0].y is not None  # the plain step keeps the convolution's output, for layer_outputs

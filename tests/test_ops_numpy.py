@@ -536,29 +536,55 @@ def test_dense_matches_reference(n, n_in, units, bias, activation):
     assert_close(db, db_ref)
 
 
+# ===================================================================================== merging
+@pytest.mark.parametrize("case", helpers.CONCAT_GRID, ids=helpers.concat_id)
+def test_add_concat_and_split_match_reference(case):
+    shapes, axis = case
+    rng = np.random.default_rng(len(shapes) + axis)
+    xs = [normal(rng, s) for s in shapes]
+    assert_exact(ops.add(xs[0], xs[0][::-1].copy()), ref.add(xs[0], xs[0][::-1]))
+    y = ops.concat(xs, axis)
+    assert_exact(y, ref.concat(xs, axis))
+    dy = normal(rng, y.shape)
+    sizes = [s[axis] for s in shapes]
+    for got, want in zip(ops.split(dy, sizes, axis), ref.split(dy, sizes, axis)):
+        assert_exact(np.ascontiguousarray(got), want)
+    outs = [np.full(s, np.nan, F32) for s in shapes]  # into kept buffers, as the CUDA engine's layers pass them
+    assert ops.split(dy, sizes, axis, outs=outs) is outs
+    for got, want in zip(outs, ref.split(dy, sizes, axis)):
+        assert_exact(got, want)
+
+
 # ===================================================================================== dropout
+def seed_table(*seeds):
+    """A one-row seed table (one slot per seed) and a step counter at row 0, as an eager step has them."""
+    return np.array([seeds], np.uint64), np.zeros(1, np.int32)
+
+
 @pytest.mark.parametrize("rate", [0.25, 0.5, 0.8])
 def test_dropout_mask(rate):
     rng = np.random.default_rng(27)
     x = normal(rng, (100, 40, 50))
-    y, mask = ops.dropout_forward(x, rate, 1234)
+    y, mask = ops.dropout_forward(x, rate, *seed_table(1234), 0)
     assert y.shape == mask.shape == x.shape and mask.dtype == F32
     kept = mask != 0
     np.testing.assert_allclose(mask[kept], 1 / (1 - rate), rtol=1e-6)
     assert abs(kept.mean() - (1 - rate)) < 0.005  # 200,000 draws: the standard error is < 0.0012
     np.testing.assert_array_equal(y, x * mask)
-    y2, mask2 = ops.dropout_forward(x, rate, 1234)
+    y2, mask2 = ops.dropout_forward(x, rate, *seed_table(1235, 1234), 1)  # slot 1 holds the same seed
     np.testing.assert_array_equal(mask2, mask)
     np.testing.assert_array_equal(y2, y)
-    _, mask3 = ops.dropout_forward(x, rate, 1235)
+    _, mask3 = ops.dropout_forward(x, rate, *seed_table(1235), 0)
     assert (mask3 != mask).any()
+    table = np.array([[1235], [1234]], np.uint64)  # the step counter picks the row
+    np.testing.assert_array_equal(ops.dropout_forward(x, rate, table, np.ones(1, np.int32), 0)[1], mask)
     dy = normal(rng, x.shape)
     assert_exact(ops.dropout_backward(dy, mask), ref.dropout_backward(dy, mask))
 
 
 def test_dropout_rate_zero_keeps_everything():
     x = normal(np.random.default_rng(28), (4, 6))
-    y, mask = ops.dropout_forward(x, 0.0, 7)
+    y, mask = ops.dropout_forward(x, 0.0, *seed_table(7), 0)
     np.testing.assert_array_equal(mask, 1.0)
     np.testing.assert_array_equal(y, x)
 
@@ -624,15 +650,22 @@ def _assert_state(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
 
 
+def _rates(lr):
+    """A table of a different rate per step (the updates must read their step's row) and the counter."""
+    return (np.array([lr * (1 + 0.25 * k) for k in range(STEPS)], np.float32), np.zeros(1, np.int32))
+
+
 @pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True), (0.5, True)])
 def test_sgd_update_matches_reference(momentum, nesterov):
     rng, w = _opt_start()
     m = np.zeros_like(w)
     w_ref, m_ref = w.astype(np.float64), m.astype(np.float64)
-    for _ in range(STEPS):
+    rates, step = _rates(0.01)
+    for k in range(STEPS):
         g = normal(rng, w.shape)
-        assert ops.sgd_update(w, g, m, 0.01, momentum, nesterov) is None  # in place
-        w_ref, m_ref = ref.sgd_update(w_ref, g, m_ref, 0.01, momentum, nesterov)
+        step[0] = k
+        assert ops.sgd_update(w, g, m, rates, step, momentum, nesterov) is None  # in place
+        w_ref, m_ref = ref.sgd_update(w_ref, g, m_ref, float(rates[k]), momentum, nesterov)
         _assert_state(w, w_ref)
         _assert_state(m, m_ref)
 
@@ -649,11 +682,13 @@ def test_rmsprop_update_matches_reference(lr, rho, eps, momentum, centered):
     rng, w = _opt_start()
     v, mom, avg = np.zeros_like(w), np.zeros_like(w), np.zeros_like(w)
     w_ref, v_ref, mom_ref, avg_ref = (a.astype(np.float64) for a in (w, v, mom, avg))
-    for _ in range(STEPS):
+    rates, step = _rates(lr)
+    for k in range(STEPS):
         g = normal(rng, w.shape)
-        ops.rmsprop_update(w, g, v, mom, avg, lr, rho, eps, momentum, centered)
-        w_ref, v_ref, mom_ref, avg_ref = ref.rmsprop_update(w_ref, g, v_ref, mom_ref, avg_ref, lr, rho, eps,
-                                                             momentum, centered)
+        step[0] = k
+        ops.rmsprop_update(w, g, v, mom, avg, rates, step, rho, eps, momentum, centered)
+        w_ref, v_ref, mom_ref, avg_ref = ref.rmsprop_update(w_ref, g, v_ref, mom_ref, avg_ref, float(rates[k]), rho,
+                                                             eps, momentum, centered)
         for got, want in ((w, w_ref), (v, v_ref), (mom, mom_ref), (avg, avg_ref)):
             _assert_state(got, want)
 
@@ -662,7 +697,7 @@ def test_rmsprop_epsilon_inside_the_root_in_the_engine():
     # gradients of 1e-4 make g² comparable to epsilon: a sqrt(v) + eps placement would step ~10x further
     w, g = np.ones(3, F32), np.full(3, 1e-4, F32)
     v = np.zeros(3, F32)
-    ops.rmsprop_update(w, g, v, None, None, 0.01, 0.9, 1e-7, 0.0, False)
+    ops.rmsprop_update(w, g, v, None, None, np.array([0.01], F32), np.zeros(1, np.int32), 0.9, 1e-7, 0.0, False)
     inside = 1 - 0.01 * 1e-4 / np.sqrt(0.1 * 1e-8 + 1e-7)
     np.testing.assert_allclose(w, inside, rtol=1e-6)
 
@@ -672,9 +707,12 @@ def test_adam_update_matches_reference(lr, b1, b2, eps):
     rng, w = _opt_start()
     m, v = np.zeros_like(w), np.zeros_like(w)
     w_ref, m_ref, v_ref = (a.astype(np.float64) for a in (w, m, v))
+    alphas = np.array([ops.adam_step_size(lr, b1, b2, t) for t in range(1, STEPS + 1)], F32)
+    step = np.zeros(1, np.int32)
     for t in range(1, STEPS + 1):
         g = normal(rng, w.shape)
-        ops.adam_update(w, g, m, v, lr, b1, b2, eps, t)
+        step[0] = t - 1  # the counter picks step t's size from the table
+        ops.adam_update(w, g, m, v, alphas, step, b1, b2, eps)
         w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, b1, b2, eps, t)
         for got, want in ((w, w_ref), (m, m_ref), (v, v_ref)):
             _assert_state(got, want)

@@ -246,7 +246,7 @@ def test_a_worker_that_cannot_build_the_model_means_one_process(monkeypatch):
     m.compile("rmsprop", "categorical_crossentropy")
     m.build()
     x, y = data(32, False)
-    monkeypatch.setattr(m, "get_config", lambda: {"name": "bad", "layers": [{"class_name": "Lambda"}]})
+    monkeypatch.setattr(m, "get_config", lambda: {"name": "bad", "layers": [{"class_name": "Lambda", "config": {}}]})
     want_loss = one_thread_step(m, x, y, monkeypatch)[0]
     with pytest.warns(RuntimeWarning, match="unknown layer class 'Lambda'"):
         loss, _ = parallel.split_step(m, x, y)

@@ -241,6 +241,34 @@ def test_activation_forward_values():
         ref.activation_forward(x, "tanh")
 
 
+# ===================================================================================== merging
+@pytest.mark.parametrize("shapes, axis", [([(2, 3, 4, 2), (2, 3, 4, 5)], 3), ([(2, 3, 1), (2, 2, 1), (2, 4, 1)], 1),
+                                          ([(3, 2, 2, 1), (3, 2, 2, 1)], 2)])
+def test_concat_and_split_are_each_others_gradient(shapes, axis):
+    """d/dxᵢ Σ concat(xs) · c = the slab of c over xᵢ = split(c)ᵢ, by finite differences."""
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(size=s) for s in shapes]
+    y = ref.concat(xs, axis)
+    c = rng.normal(size=y.shape)
+    grads = ref.split(c, [s[axis] for s in shapes], axis)
+    for i in range(len(xs)):
+        def f(xi, i=i):
+            return float((ref.concat(xs[:i] + [xi] + xs[i + 1:], axis) * c).sum())
+        assert_grad(grads[i], f, xs[i])
+    np.testing.assert_array_equal(ref.concat(grads, axis), c)
+
+
+def test_add_and_concat_by_hand():
+    a, b = np.array([[1.0, 2.0]]), np.array([[10.0, 20.0]])
+    np.testing.assert_array_equal(ref.add(a, b), [[11.0, 22.0]])
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
+    c = rng.normal(size=(2, 3))
+    assert_grad(c, lambda x: float((ref.add(x, b) * c).sum()), a)  # each input gets the whole gradient
+    np.testing.assert_array_equal(ref.concat([a[:, :1], a[:, 1:]], 1), a)
+    np.testing.assert_array_equal(ref.concat([a, b], 0)[2:], b)
+
+
 # ===================================================================================== losses
 def _labels(rng, n, k, sparse):
     ints = rng.integers(0, k, size=n)

@@ -20,11 +20,12 @@ import cupy
 import numpy as np
 
 from . import cuda_loader as cuda
-from .numpy_ops import MAX_POOL_TAPS, geometry, out_size  # noqa: F401  (shape rules shared by both engines)
+from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401  (shared by both engines)
 
 xp = cupy
 DTYPE = np.float32
 READS_WAIT = True  # reading a result on the host waits for the device: do it rarely
+OUT_BUFFERS = True  # the layers keep out= buffers, so a training step allocates nothing (and can be captured)
 
 _CONV = cuda.kernel_constants("conv2d.cu")
 _GEMM_TILE = cuda.kernel_constants("dense.cu")["GEMM_TILE"]
@@ -424,21 +425,78 @@ def dense_backward_weights(dy, x, out_w=None, out_b=None):
     return dw, db
 
 
+# ===================================================================================== merging
+def add(a, b, out=None):
+    """y = a + b (same shapes; ``out`` may be ``a``)."""
+    if a.shape != b.shape:
+        raise ValueError(f"add: shapes {a.shape} and {b.shape} differ")
+    a, b = _c(a), _c(b)
+    y = _out(out, a.shape)
+    if y.size:
+        cuda.launch("add_forward", _blocks(y.size), _THREADS, (a, b, y, y.size))
+    return y
+
+
+def _columns(shape, axis):
+    """(outer, inner) of an array seen as rows of everything from ``axis`` on."""
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    return outer, int(np.prod(shape[axis:], dtype=np.int64))
+
+
+def concat(xs, axis, out=None):
+    """The arrays ``xs`` joined along ``axis`` (an axis of the whole array, batch included)."""
+    first = xs[0].shape
+    if not 0 <= axis < len(first) or any(x.ndim != len(first) or x.shape[:axis] + x.shape[axis + 1:]
+                                         != first[:axis] + first[axis + 1:] for x in xs):
+        raise ValueError(f"concat: arrays {[x.shape for x in xs]} do not join along axis {axis}")
+    shape = first[:axis] + (sum(x.shape[axis] for x in xs),) + first[axis + 1:]
+    y = _out(out, shape)
+    outer, whole = _columns(shape, axis)
+    offset = 0
+    for x in xs:
+        x = _c(x)
+        inner = _columns(x.shape, axis)[1]
+        if x.size:
+            cuda.launch("copy_into_columns", _blocks(x.size), _THREADS, (x, y, outer, inner, whole, offset))
+        offset += inner
+    return y
+
+
+def split(dy, sizes, axis, outs=None):
+    """concat's backward: ``dy`` cut along ``axis`` into pieces of ``sizes`` (a list of arrays)."""
+    if not 0 <= axis < dy.ndim or sum(sizes) != dy.shape[axis]:
+        raise ValueError(f"split: sizes {list(sizes)} do not add up to axis {axis} of {dy.shape}")
+    dy = _c(dy)
+    outer, whole = _columns(dy.shape, axis)
+    pieces, offset = [], 0
+    for i, size in enumerate(sizes):
+        shape = dy.shape[:axis] + (size,) + dy.shape[axis + 1:]
+        part = _out(None if outs is None else outs[i], shape, name=f"outs[{i}]")
+        inner = _columns(shape, axis)[1]
+        if part.size:
+            cuda.launch("copy_from_columns", _blocks(part.size), _THREADS, (dy, part, outer, inner, whole, offset))
+        pieces.append(part)
+        offset += inner
+    return pieces
+
+
 # ===================================================================================== dropout
-def dropout_forward(x, rate, seed, out=None):
-    """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate). The random
-    numbers come from a counter-based hash of (seed, element index): deterministic for a given seed (a
-    different stream from the NumPy engine's)."""
-    if seed is None:
-        seed = int(np.random.default_rng().integers(2**63))
-    if int(seed) < 0:
-        raise ValueError(f"dropout_forward: the seed must be non-negative, got {seed}")
+def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None):
+    """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate). The mask's seed
+    is ``seeds[step[0], slot]``: ``seeds`` a (steps, slots) uint64 table of per-step seeds, ``step`` a (1,)
+    int32 counter (device arrays, so a captured step reads a new seed at every replay). The random numbers
+    come from a counter-based hash of (seed, element index): deterministic for a given seed (a different
+    stream from the NumPy engine's)."""
+    if seeds.ndim != 2 or not 0 <= slot < seeds.shape[1] or step.shape != (1,):
+        raise ValueError(f"dropout_forward: seeds must be (steps, slots) with slot {slot} < slots, and step (1,); "
+                         f"got {seeds.shape} and {step.shape}")
     x = _c(x)
     y = _out(out, x.shape)
-    mask = cuda.empty(x.shape, DTYPE)
+    mask = _out(out_mask, x.shape, name="out_mask")
     scale = DTYPE(1.0) / DTYPE(1.0 - rate)
-    cuda.launch("dropout_forward", _blocks(x.size), _THREADS,
-                (x, y, mask, x.size, DTYPE(rate), scale, int(seed) % 2**64))
+    if x.size:
+        cuda.launch("dropout_forward", _blocks(x.size), _THREADS,
+                    (x, y, mask, x.size, DTYPE(rate), scale, seeds, step, int(slot), seeds.shape[1]))
     return y, mask
 
 
@@ -447,7 +505,8 @@ def dropout_backward(dy, mask, out=None):
         raise ValueError(f"dropout_backward: dy {dy.shape} and mask {mask.shape} differ")
     dy, mask = _c(dy), _c(mask)
     dx = _out(out, dy.shape)
-    cuda.launch("dropout_backward", _blocks(dy.size), _THREADS, (dy, mask, dx, dy.size))
+    if dx.size:
+        cuda.launch("dropout_backward", _blocks(dy.size), _THREADS, (dy, mask, dx, dy.size))
     return dx
 
 
@@ -510,32 +569,43 @@ def _state(what, w, *arrays):
             raise ValueError(f"{what}: arrays of {w.size} and {a.size} elements")
 
 
-def sgd_update(w, g, m, lr, momentum, nesterov):
+def _rates(rates, step, what):
+    if rates.dtype != DTYPE or rates.ndim != 1 or step.shape != (1,):
+        raise ValueError(f"{what}: rates must be a float32 (steps,) table and step a (1,) counter, got "
+                         f"{rates.dtype} {rates.shape} and {step.shape}")
+
+
+def sgd_update(w, g, m, rates, step, momentum, nesterov):
     """Keras SGD, in place: m = momentum·m − lr·g; w += m (Nesterov: w += momentum·m − lr·g)."""
     _state("sgd_update", w, g, m)
+    _rates(rates, step, "sgd_update")
     if momentum != 0 and m is None:
         raise ValueError("sgd_update: momentum needs the state array m")
-    cuda.launch("sgd_update", _blocks(w.size), _THREADS,
-                (w, _c(g), m, w.size, DTYPE(lr), DTYPE(momentum), int(bool(nesterov))))
+    if w.size:
+        cuda.launch("sgd_update", _blocks(w.size), _THREADS,
+                    (w, _c(g), m, w.size, rates, step, DTYPE(momentum), int(bool(nesterov))))
 
 
-def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
+def rmsprop_update(w, g, v, mom, avg, rates, step, rho, epsilon, momentum, centered):
     """Keras RMSprop, in place: v = rho·v + (1 − rho)·g²; w −= lr·g / sqrt(v + epsilon) — epsilon
     inside the square root. centered subtracts avg², the running mean of g, squared; momentum > 0 keeps
-    mom = momentum·mom + step and applies mom."""
+    mom = momentum·mom + delta and applies mom."""
     _state("rmsprop_update", w, g, v, mom, avg)
+    _rates(rates, step, "rmsprop_update")
     if (momentum > 0 and mom is None) or (centered and avg is None):
         raise ValueError("rmsprop_update: momentum needs mom, centered needs avg")
     rho = DTYPE(rho)
-    cuda.launch("rmsprop_update", _blocks(w.size), _THREADS,
-                (w, _c(g), v, mom if momentum > 0 else None, avg if centered else None, w.size, DTYPE(lr),
-                 rho, DTYPE(1) - rho, DTYPE(epsilon), DTYPE(momentum), int(bool(centered))))
+    if w.size:
+        cuda.launch("rmsprop_update", _blocks(w.size), _THREADS,
+                    (w, _c(g), v, mom if momentum > 0 else None, avg if centered else None, w.size, rates, step,
+                     rho, DTYPE(1) - rho, DTYPE(epsilon), DTYPE(momentum), int(bool(centered))))
 
 
-def adam_update(w, g, m, v, lr, beta_1, beta_2, epsilon, t):
-    """Keras Adam step t (1-based), in place: m += (g − m)(1 − β1); v += (g² − v)(1 − β2);
-    w −= lr·sqrt(1 − β2^t)/(1 − β1^t) · m / (sqrt(v) + epsilon)."""
+def adam_update(w, g, m, v, rates, step, beta_1, beta_2, epsilon):
+    """Keras Adam, in place: m += (g − m)(1 − β1); v += (g² − v)(1 − β2); w −= alpha · m / (sqrt(v) + epsilon),
+    alpha = rates[step[0]] = lr·sqrt(1 − β2^t)/(1 − β1^t) for step t (``adam_step_size``)."""
     _state("adam_update", w, g, m, v)
-    alpha = DTYPE(lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t))
-    cuda.launch("adam_update", _blocks(w.size), _THREADS,
-                (w, _c(g), m, v, w.size, alpha, DTYPE(1 - beta_1), DTYPE(1 - beta_2), DTYPE(epsilon)))
+    _rates(rates, step, "adam_update")
+    if w.size:
+        cuda.launch("adam_update", _blocks(w.size), _THREADS,
+                    (w, _c(g), m, v, w.size, rates, step, DTYPE(1 - beta_1), DTYPE(1 - beta_2), DTYPE(epsilon)))

@@ -22,6 +22,7 @@ from numpy.lib.stride_tricks import as_strided
 xp = np
 DTYPE = np.float32
 READS_WAIT = False  # reading a result on the host costs nothing (on the GPU it waits for the device)
+OUT_BUFFERS = False  # the layers keep out= buffers for the engines that want them (CUDA: a step allocates nothing)
 MAX_POOL_TAPS = 128  # max-pooling's argmax index is int8 (taps 0..127)
 
 
@@ -556,12 +557,36 @@ def dense_backward_weights(dy, x, out_w=None, out_b=None):
     return _finish(x.T @ dy, out_w), _finish(_column_sums(dy), out_b)
 
 
+# ===================================================================================== merging
+def add(a, b, out=None):
+    """y = a + b (same shapes; ``out`` may be ``a``)."""
+    return np.add(a, b, out=out)
+
+
+def concat(xs, axis, out=None):
+    """The arrays ``xs`` joined along ``axis`` (an axis of the whole array, batch included)."""
+    return np.concatenate(xs, axis=axis, out=out)
+
+
+def split(dy, sizes, axis, outs=None):
+    """concat's backward: ``dy`` cut along ``axis`` into pieces of ``sizes`` (a list of arrays)."""
+    pieces = np.split(dy, np.cumsum(sizes)[:-1], axis=axis)
+    if outs is None:
+        return pieces
+    for out, piece in zip(outs, pieces):
+        out[...] = piece
+    return outs
+
+
 # ===================================================================================== dropout
-def dropout_forward(x, rate, seed, out=None):
-    """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate)."""
+def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None):
+    """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate). The mask's seed
+    is ``seeds[step[0], slot]``: ``seeds`` a (steps, slots) uint64 table of per-step seeds, ``step`` a (1,)
+    int32 counter (engine arrays, so a captured step reads a new seed at every replay)."""
+    seed = int(seeds.reshape(-1)[int(step[0]) * seeds.shape[-1] + slot])
     keep = np.random.default_rng(seed).random(x.shape, dtype=DTYPE) >= rate
-    mask = keep.astype(DTYPE) / DTYPE(1.0 - rate)
-    return _finish(x * mask, out), mask
+    mask = _finish(keep.astype(DTYPE) / DTYPE(1.0 - rate), out_mask)
+    return np.multiply(x, mask, out=out), mask
 
 
 def dropout_backward(dy, mask, out=None):
@@ -612,24 +637,27 @@ def count_correct(p, labels, sparse):
 
 
 # ===================================================================================== optimizers
-def sgd_update(w, g, m, lr, momentum, nesterov):
+# Each update reads its rate from a per-step table, ``rates[step[0]]`` (engine arrays): the learning rate, or
+# Adam's step size. The host fills the table (one row for an eager step, a whole epoch for a captured one).
+def sgd_update(w, g, m, rates, step, momentum, nesterov):
     """Keras SGD, in place: m = momentum·m − lr·g; w += m (Nesterov: w += momentum·m − lr·g)."""
+    lr = rates[int(step[0])]
     if momentum == 0:
-        w -= DTYPE(lr) * g
+        w -= lr * g
         return
     m *= DTYPE(momentum)
-    m -= DTYPE(lr) * g
+    m -= lr * g
     if nesterov:
-        w += DTYPE(momentum) * m - DTYPE(lr) * g
+        w += DTYPE(momentum) * m - lr * g
     else:
         w += m
 
 
-def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
+def rmsprop_update(w, g, v, mom, avg, rates, step, rho, epsilon, momentum, centered):
     """Keras RMSprop, in place: v = rho·v + (1 − rho)·g²; w −= lr·g / sqrt(v + epsilon) — epsilon
     inside the square root. centered subtracts avg², the running mean of g, squared; momentum > 0 keeps
-    mom = momentum·mom + step and applies mom."""
-    rho, lr, epsilon = DTYPE(rho), DTYPE(lr), DTYPE(epsilon)
+    mom = momentum·mom + delta and applies mom."""
+    rho, lr, epsilon = DTYPE(rho), rates[int(step[0])], DTYPE(epsilon)
     v *= rho
     v += (1 - rho) * g * g
     denom = v + epsilon
@@ -637,18 +665,23 @@ def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
         avg *= rho
         avg += (1 - rho) * g
         denom -= avg * avg
-    step = lr * g / np.sqrt(denom)
+    delta = lr * g / np.sqrt(denom)
     if momentum > 0:
         mom *= DTYPE(momentum)
-        mom += step
-        step = mom
-    w -= step
+        mom += delta
+        delta = mom
+    w -= delta
 
 
-def adam_update(w, g, m, v, lr, beta_1, beta_2, epsilon, t):
-    """Keras Adam step t (1-based), in place: m += (g − m)(1 − β1); v += (g² − v)(1 − β2);
-    w −= lr·sqrt(1 − β2^t)/(1 − β1^t) · m / (sqrt(v) + epsilon)."""
-    alpha = DTYPE(lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t))
+def adam_update(w, g, m, v, rates, step, beta_1, beta_2, epsilon):
+    """Keras Adam, in place: m += (g − m)(1 − β1); v += (g² − v)(1 − β2); w −= alpha · m / (sqrt(v) + epsilon),
+    alpha = rates[step[0]] = lr·sqrt(1 − β2^t)/(1 − β1^t) for step t (``adam_step_size``)."""
+    alpha = rates[int(step[0])]
     m += (g - m) * DTYPE(1 - beta_1)
     v += (g * g - v) * DTYPE(1 - beta_2)
     w -= alpha * m / (np.sqrt(v) + DTYPE(epsilon))
+
+
+def adam_step_size(lr, beta_1, beta_2, t):
+    """Adam's step size for step t (1-based) in float32: lr·sqrt(1 − β2^t)/(1 − β1^t)."""
+    return DTYPE(lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t))

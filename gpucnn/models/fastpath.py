@@ -1,37 +1,36 @@
 """The fast GPU training path: ``fit`` on the CUDA engine with the data on the device and the training step
 captured once as a CUDA graph and replayed.
 
-At batch 64 a step of the seed model holds about 16 µs of arithmetic, so launches and host synchronisation
-decide the time. Here:
+The step is the model's own: the graph's forward (``gpucnn.models.graph``, every layer's ``forward`` with the
+engine's ops into kept buffers), the loss, the graph's backward, the optimizer's update — the very code the plain
+engines run. This module only changes *how* it is launched. At batch 64 a step of the seed model holds about
+16 µs of arithmetic, so launches and host synchronisation decide the time. Here:
 
   * the whole training set lives on the device, as uint8 when ``x`` is exactly ``uint8 / 255`` (checked
     once on the host), else as float32; labels too (one-hot float32 or int32);
   * each epoch's order is made on the device (``permutation_keys`` + ``cupy.argsort``, from a seed drawn
     from ``gpucnn.utils.rng()`` so ``set_random_seed`` repeats runs), outside the captured step;
-  * the step (gather → forward → fused softmax cross-entropy → backward → optimizer → step counter + 1) is
-    captured once per batch size as a CUDA graph (a second graph for a smaller last batch) and replayed.
-    Every buffer is allocated before the capture, and any allocation during the capture is refused.
-    Values that change from step to step live in device memory: the step counter (reset before each epoch),
-    which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds and Adam's step
-    sizes (tables uploaded before each epoch, drawn/computed as the plain path does for a whole epoch: an
-    epoch stopped early has drawn its remaining dropout seeds all the same);
+  * the step (gather → the graph's forward → fused softmax cross-entropy → the graph's backward → optimizer →
+    step counter + 1) is captured once per batch size as a CUDA graph (a second graph for a smaller last batch)
+    and replayed. It first runs once eagerly, which compiles the kernels and allocates every buffer the layers
+    keep (its effect on the weights and the optimizer state is undone); any allocation during the capture is
+    refused. Values that change from step to step live in device memory: the step counter (reset before each
+    epoch), which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds and the
+    optimizer's rates (tables filled before each epoch, drawn/computed as the plain path does for a whole
+    epoch: an epoch stopped early has drawn its remaining dropout seeds all the same);
   * the per-step loss sums and correct counts are copied to pinned host memory about every ``READ_EVERY``
     steps and read when the copy has finished, so the progress bar moves without stalling the GPU; a
-    non-finite loss found there raises ``TrainingDivergedError`` (through ``Sequential._end_batch``);
-  * Conv2D followed by MaxPooling2D((2, 2)) runs as one kernel (``kernels/conv_pool.cu``, through
-    ``ops.conv2d_maxpool_forward`` as in the plain loop), and its backward goes from the pooled gradient to
-    the convolution's pre-activation gradient in one gather.
+    non-finite loss found there raises ``TrainingDivergedError`` (through the trainer's ``_end_batch``).
 
 ``unsupported_reason(model)`` says, without CuPy, why a model cannot take this path (None when it can);
 ``plan(model, batch_size, x, y)`` returns a ``Trainer`` or that reason; ``Trainer.run_epoch`` trains one
-epoch. ``GPUCNN_FASTPATH=0`` turns the path off. ``Sequential.fit`` uses it automatically on the GPU and
-prints one notice per model when it falls back to the plain engine. ``evaluate`` and ``predict`` keep the
-plain path.
+epoch. ``GPUCNN_FASTPATH=0`` turns the path off. ``fit`` uses it automatically on the GPU and prints one notice
+per model when it falls back to the plain engine. ``evaluate`` and ``predict`` keep the plain path.
 
 Differences from the plain CUDA path, all documented: the shuffled order comes from a different generator
 (the same seed still gives the same order); the running loss is summed in float64 on the host from per-step
-float32 sums; an optimizer hyper-parameter changed by a callback is picked up at the next epoch (the graph
-is captured again), not in the middle of one.
+float32 sums; an optimizer hyper-parameter other than the learning rate changed by a callback is picked up at
+the next epoch (the graph is captured again), not in the middle of one.
 """
 import gc
 import math
@@ -44,11 +43,11 @@ import numpy as np
 from .. import layers as L
 from .. import losses as losses_mod
 from .. import optimizers as optimizers_mod
+from ..layers import LAYER_CLASSES
+from .graph import Contexts, StepValues
 
 READ_EVERY = 50  # steps between asynchronous copies of the per-step loss and accuracy to the host
 
-_LAYERS = (L.Conv2D, L.MaxPooling2D, L.AveragePooling2D, L.GlobalAveragePooling2D, L.Flatten, L.Dense,
-           L.Dropout, L.Activation)
 _OPTIMIZERS = (optimizers_mod.SGD, optimizers_mod.RMSprop, optimizers_mod.Adam)
 _LOSSES = (losses_mod.CategoricalCrossentropy, losses_mod.SparseCategoricalCrossentropy)
 _OFF = ("0", "off", "false", "no")
@@ -60,24 +59,25 @@ _noticed = weakref.WeakSet()  # models whose fallback notice was printed
 def unsupported_reason(model):
     """Why ``model`` (compiled) cannot train on the fast path, or None when it can. Pure Python: needs
     neither CuPy nor a GPU."""
-    if not model.layers:
+    if not model.built or not model._all_layers():
         return "the model has no layers"
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
                 "(SGD, RMSprop, Adam)")
     if type(model.loss) not in _LOSSES:
         return f"its loss {type(model.loss).__name__} is not a categorical cross-entropy"
-    for layer in model.layers:
-        if type(layer) not in _LAYERS:
-            return f"layer {layer.name!r} ({type(layer).__name__}) is not supported by the fast path"
-        if isinstance(layer, L.Conv2D) and layer.activation == "softmax":
-            return f"layer {layer.name!r}: a Conv2D with a softmax activation is not supported"
-    last = model.layers[-1]
+    if len(model.outputs) != 1:
+        return f"it has {len(model.outputs)} outputs"
+    for layer in model._all_layers():
+        if LAYER_CLASSES.get(type(layer).__name__) is not type(layer):
+            return (f"layer {layer.name!r} is of the class {type(layer).__name__}, not one of gpucnn's own layers, "
+                    "whose steps are known to allocate nothing")
+    last = model.outputs[0].node.layer
     if not (isinstance(last, (L.Dense, L.Activation)) and last.activation == "softmax"):
         return ("its output layer is not a softmax (Dense(..., activation='softmax') or "
                 "Activation('softmax')), which the fused softmax cross-entropy needs")
-    if last.output_shape is not None and len(last.output_shape) != 1:
-        return f"its output has per-sample shape {tuple(last.output_shape)}, not (classes,)"
+    if len(model.outputs[0].sample_shape) != 1:
+        return f"its output has per-sample shape {model.outputs[0].sample_shape}, not (classes,)"
     return None
 
 
@@ -137,13 +137,12 @@ class Trainer:
             from ..engines import cuda_loader as cuda, cuda_ops as ops_cuda
 
             _modules = (cupy, cuda, ops_cuda)
-        # (cupy, gpucnn.cuda, gpucnn.engines.cuda_ops); tests/test_fastpath.py passes NumPy stand-ins to check the
-        # step's wiring on the CPU
+        # (cupy, gpucnn.engines.cuda_loader, gpucnn.engines.cuda_ops): tests/test_fastpath.py passes NumPy
+        # stand-ins to check the step's wiring on the CPU
         cupy, cuda, _ = _modules
         self.cupy, self.cuda, self.ops = _modules
-        # fit builds the model before planning, but plan() may be called directly (tests/test_fastpath.py
-        # does): the flat parameter buffer model._params only exists once the model is built
         model._require_built("fastpath.plan")
+        model._adopt_weights()  # fit does this before planning; plan() may be called directly (the tests do)
         self.model = model
         self.n = n = len(x)
         self.batch = int(batch_size)
@@ -151,14 +150,13 @@ class Trainer:
         self.full_rows = min(self.batch, n)
         self.last_rows = n - (self.steps - 1) * self.batch
         self.sparse = model.loss.sparse
-        self.classes = int(model.layers[-1].output_shape[-1])
+        self.classes = int(model.outputs[0].sample_shape[-1])
         self.input_shape = tuple(x.shape[1:])
         self.per_image = int(np.prod(self.input_shape))
         self.stream = cupy.cuda.Stream(non_blocking=True)
         opt = model.optimizer
         if opt.state is None:
             opt.build(model._params.shape[0])
-        self.dropouts = [l for l in model.layers if isinstance(l, L.Dropout) and l.rate > 0]
         # The weights and optimizer state were written on the default stream, which a non-blocking
         # stream does not wait for: let that work finish before this stream reads them.
         cupy.cuda.Device().synchronize()
@@ -169,74 +167,31 @@ class Trainer:
             self.x_u8 = None if u8 is None else cupy.asarray(u8.reshape(n, -1))
             self.x_f32 = cupy.asarray(x.reshape(n, -1)) if u8 is None else None
             self.y_dev = cupy.asarray(y.astype(np.int32 if self.sparse else np.float32))
-            # ---- step state: the counter, the epoch's order and tables, the metric slots
-            self.step = cupy.zeros(1, np.int32)
+            # ---- step state: the counter and tables the step reads (StepValues), the epoch's order, metric slots
+            self.values = StepValues(model._random_layers(), rows=self.steps, xp=cupy)
+            self.step = self.values.counter
+            self.rates = cupy.zeros(self.steps, np.float32)
             self.perm = cupy.arange(n, dtype=np.int32)
             self.keys = cuda.empty((n,), np.uint64)
             self.loss_steps = cupy.zeros(self.steps, np.float32)
             self.correct_steps = cupy.zeros(self.steps, np.int32)
-            self.seeds = cupy.zeros(max(1, self.steps * len(self.dropouts)), np.uint64)
-            self.alphas = cupy.zeros(self.steps, np.float32)
             self._loss_host = _pinned(cupy, self.steps, np.float32)
             self._correct_host = _pinned(cupy, self.steps, np.int32)
-            # ---- the batch and every activation, gradient and workspace, at the full batch size
+            # ---- the batch and the logits' gradient, at the full batch size (the layers keep their own buffers)
             self.xb = cuda.empty((self.full_rows,) + self.input_shape, np.float32)
             self.yb = cuda.empty((self.full_rows,) if self.sparse else (self.full_rows, self.classes),
                                  np.int32 if self.sparse else np.float32)
-            self._buffers = {}
-            self._plan_layers()
+            self.dlogits = cuda.empty((self.full_rows, self.classes), np.float32)
             self.stream.synchronize()
-        self._graphs, self._captured_config = {}, None
-
-    # --------------------------------------------------------------------------------- buffers
-    def _buffer(self, key, shape, dtype=np.float32):
-        """A preallocated (full_rows, *shape) array; ``rows`` of it are taken as a view when used."""
-        if key not in self._buffers:
-            self._buffers[key] = self.cuda.empty((self.full_rows,) + tuple(shape), dtype)
-        return self._buffers[key]
-
-    def _plan_layers(self):
-        """Group the layers into stages (a Conv2D and the 2x2 max-pool after it make one) and allocate
-        their buffers."""
-        layers, stages, i = self.model.layers, [], 0
-        while i < len(layers):
-            layer = layers[i]
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if L.fusable_pool(layer, nxt):
-                stages.append(("conv_pool", layer, nxt))
-                i += 2
-            else:
-                stages.append((type(layer).__name__, layer, None))
-                i += 1
-        self.stages = stages
-        self._buffer(("dlogits",), (self.classes,))  # the gradient of the logits, from the fused loss
-        for k, (kind, layer, pool) in enumerate(stages):
-            if _is_view(kind, layer, k == len(stages) - 1):
-                continue
-            out_shape = (pool or layer).output_shape
-            self._buffer(("y", k), out_shape)
-            self._buffer(("dx", k), layer.input_shape)
-            if kind == "conv_pool":
-                self._buffer(("idx", k), out_shape, np.int8)
-            elif kind in ("Conv2D", "Dense"):
-                self._buffer(("dz", k), layer.output_shape)
-            elif kind == "MaxPooling2D":
-                self._buffer(("idx", k), out_shape, np.int8)
-            elif kind == "Dropout":
-                self._buffer(("mask", k), out_shape)
-            if kind in ("conv_pool", "Conv2D", "Dense") and not layer.use_bias:
-                self._buffers[("db", k)] = self.cuda.empty((layer.filters if kind != "Dense" else layer.units,))
+        self._graphs, self._captured_key = {}, None
 
     # --------------------------------------------------------------------------------- the step
-    def _program(self, rows, ctxs):
+    def _program(self, rows, contexts):
         """The launches of one step over ``rows`` samples, as a list of callables (run eagerly once, then
-        captured). ``ctxs``: conv workspaces for this batch size."""
-        ops, launch = self.ops, self.cuda.launch
+        captured): the batch gathered, the model's own forward, loss, backward and update, the counter + 1."""
+        ops, launch, model = self.ops, self.cuda.launch, self.model
         T = ops._THREADS
-        buf = lambda key: self._buffers[key][:rows]  # noqa: E731  (a C-contiguous view)
-        last = len(self.stages) - 1
-        prog, backward = [], []
-        xb, yb = self.xb[:rows], self.yb[:rows]
+        xb, yb, dz = self.xb[:rows], self.yb[:rows], self.dlogits[:rows]
 
         def gather():
             launch("gather_batch", (ops._blocks(self.per_image), min(rows, 65535)), T,
@@ -244,155 +199,20 @@ class Trainer:
                     self.y_dev if self.sparse else None, self.perm, self.step, xb,
                     None if self.sparse else yb, yb if self.sparse else None,
                     self.n, self.batch, rows, self.per_image, self.classes))
-        prog.append(gather)
 
-        h = xb
-        for k, (kind, layer, pool) in enumerate(self.stages):
-            if _is_view(kind, layer, k == last):  # Flatten, identities, the softmax the loss applies
-                x_shape = h.shape
-                h = h.reshape((rows,) + tuple(layer.output_shape))
-                backward.append(lambda dy, s=x_shape: dy.reshape(s))
-                continue
-            y = buf(("y", k))
-            fwd, bwd = getattr(self, f"_stage_{kind}")(k, layer, pool, h, y, rows, ctxs, buf, k == last)
-            prog.append(fwd)
-            backward.append(bwd)
-            h = y
-
-        # the fused softmax cross-entropy: loss and accuracy slots of this step, and dz of the logits
-        dz, logits = buf(("dlogits",)), h
-
-        def loss():
+        def forward_loss_backward():
+            logits = model.graph.forward([xb], True, contexts)[0]  # the output layer leaves the softmax to the loss
             args = (logits, yb, dz, self.loss_steps, self.correct_steps, self.step, rows, self.classes)
             if self.sparse:
                 launch("softmax_crossentropy_step_sparse", 1, T, args)
             else:
                 launch("softmax_crossentropy_step_onehot", 1, T, args)
-        prog.append(loss)
+            model.graph.backward([dz], contexts)
 
-        def run_backward():
-            dy = dz
-            for bwd in reversed(backward):
-                if dy is None:
-                    break
-                dy = bwd(dy)
-        prog.append(run_backward)
-        prog.append(self._optimizer_launch())
-        prog.append(lambda: launch("step_advance", 1, 1, (self.step,)))
-        return prog
+        def update():
+            model.optimizer.update(model._params, model._grads, self.rates, self.step)
 
-    def _grads_b(self, k, layer):
-        return layer.grads[1] if layer.use_bias else self._buffers[("db", k)]
-
-    def _conv_backward(self, k, layer, x, dz, ctx, rows, buf):
-        ops = self.ops
-        ops.conv2d_backward_filter(dz, x, layer.weights[0].shape, layer.strides, layer.pads, ctx=ctx,
-                                   out_w=layer.grads[0], out_b=self._grads_b(k, layer))
-        if not layer.needs_input_grad:
-            return None
-        return ops.conv2d_backward_data(dz, layer.weights[0], x.shape, layer.strides, layer.pads, ctx=ctx,
-                                        out=buf(("dx", k)))
-
-    def _stage_conv_pool(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops = self.ops
-        bias = layer.weights[1] if layer.use_bias else None
-        idx = buf(("idx", k))
-        ctx = ctxs.setdefault(k, {})  # keeps dz and the backward-filter workspace for this batch size
-
-        def fwd():
-            ops.conv2d_maxpool_forward(x, layer.weights[0], bias, layer.strides, layer.pads, layer.activation,
-                                       ctx=ctx, out=y, out_idx=idx)
-
-        def bwd(dy):
-            return ops.conv2d_maxpool_backward(dy, y, idx, x, layer.weights[0], layer.strides, layer.pads,
-                                               layer.activation, ctx=ctx, out_w=layer.grads[0],
-                                               out_b=self._grads_b(k, layer), need_dx=layer.needs_input_grad,
-                                               out=buf(("dx", k)))
-        return fwd, bwd
-
-    def _stage_Conv2D(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops = self.ops
-        bias = layer.weights[1] if layer.use_bias else None
-        ctx = ctxs.setdefault(k, {})
-        dz_buf = buf(("dz", k))
-
-        def fwd():
-            ops.conv2d_forward(x, layer.weights[0], bias, layer.strides, layer.pads, layer.activation, ctx=ctx,
-                               out=y)
-
-        def bwd(dy):
-            dz = dy if layer.activation is None else ops.activation_backward(dy, y, layer.activation, out=dz_buf)
-            return self._conv_backward(k, layer, x, dz, ctx, rows, buf)
-        return fwd, bwd
-
-    def _stage_Dense(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops = self.ops
-        bias = layer.weights[1] if layer.use_bias else None
-        dz_buf, dx_buf = buf(("dz", k)), buf(("dx", k))
-        # the output layer yields logits: the fused loss kernel applies the softmax and its gradient
-        act = None if is_last else layer.activation
-
-        def fwd():
-            ops.dense_forward(x, layer.weights[0], bias, act, out=y)
-
-        def bwd(dy):
-            dz = dy if act is None else ops.activation_backward(dy, y, act, out=dz_buf)
-            ops.dense_backward_weights(dz, x, out_w=layer.grads[0], out_b=self._grads_b(k, layer))
-            if not layer.needs_input_grad:
-                return None
-            return ops.dense_backward_data(dz, layer.weights[0], out=dx_buf)
-        return fwd, bwd
-
-    def _stage_MaxPooling2D(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops, idx, dx = self.ops, buf(("idx", k)), buf(("dx", k))
-
-        def fwd():
-            ops.maxpool2d_forward(x, layer.pool_size, layer.strides, layer.pads, out=y, out_idx=idx)
-        return fwd, lambda dy: ops.maxpool2d_backward(dy, idx, x.shape, layer.pool_size, layer.strides,
-                                                      layer.pads, out=dx)
-
-    def _stage_AveragePooling2D(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops, dx = self.ops, buf(("dx", k))
-
-        def fwd():
-            ops.avgpool2d_forward(x, layer.pool_size, layer.strides, layer.pads, out=y)
-        return fwd, lambda dy: ops.avgpool2d_backward(dy, x.shape, layer.pool_size, layer.strides,
-                                                      layer.pads, out=dx)
-
-    def _stage_GlobalAveragePooling2D(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops, dx = self.ops, buf(("dx", k))
-        return (lambda: ops.global_avgpool2d_forward(x, out=y),
-                lambda dy: ops.global_avgpool2d_backward(dy, x.shape, out=dx))
-
-    def _stage_Activation(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops, dx, act = self.ops, buf(("dx", k)), layer.activation
-        return (lambda: ops.activation_forward(x, act, out=y),
-                lambda dy: ops.activation_backward(dy, y, act, out=dx))
-
-    def _stage_Dropout(self, k, layer, pool, x, y, rows, ctxs, buf, is_last):
-        ops, cuda = self.ops, self.cuda
-        mask, dx = buf(("mask", k)), buf(("dx", k))
-        slot = self.dropouts.index(layer)
-        scale = np.float32(1.0) / np.float32(1.0 - layer.rate)
-
-        def fwd():
-            cuda.launch("dropout_forward_scheduled", ops._blocks(x.size), ops._THREADS,
-                        (x, y, mask, x.size, np.float32(layer.rate), scale, self.seeds, self.step, slot,
-                         len(self.dropouts)))
-        return fwd, lambda dy: ops.dropout_backward(dy, mask, out=dx)
-
-    def _optimizer_launch(self):
-        ops, cuda, model = self.ops, self.cuda, self.model
-        opt, w, g = model.optimizer, model._params, model._grads
-        s = opt.state
-        if isinstance(opt, optimizers_mod.Adam):
-            def update():
-                cuda.launch("adam_update_scheduled", ops._blocks(w.size), ops._THREADS,
-                            (w, g, s["m"], s["v"], w.size, self.alphas, self.step, np.float32(1 - opt.beta_1),
-                             np.float32(1 - opt.beta_2), np.float32(opt.epsilon)))
-            return update
-        # SGD and RMSprop hold no step-varying values: their launches are captured as they are
-        return lambda: opt._update(ops, w, g)
+        return [gather, forward_loss_backward, update, lambda: launch("step_advance", 1, 1, (self.step,))]
 
     # --------------------------------------------------------------------------------- capture
     def _state_arrays(self):
@@ -400,11 +220,12 @@ class Trainer:
         return [self.model._params] + [opt.state[k] for k in sorted(opt.state)]
 
     def _capture(self, rows):
-        """Run the step for ``rows`` once eagerly (compiles the kernels, fills the conv workspaces; its
-        effect on the weights and optimizer state is undone), then capture it as a graph."""
+        """Run the step for ``rows`` once eagerly (compiles the kernels, allocates every buffer the layers keep;
+        its effect on the weights and optimizer state is undone), then capture it as a graph. Returns (graph,
+        contexts): the contexts hold the buffers the graph reads and writes, so they live as long as it."""
         cupy = self.cupy
-        ctxs = {}
-        program = self._program(rows, ctxs)
+        contexts = Contexts(self.model.graph, step=self.values, skip_output_activation=True)
+        program = self._program(rows, contexts)
         with self.stream:
             self.step.fill(0)  # the eager run reads the counter: keep its slots in range
             saved = [a.copy() for a in self._state_arrays()]
@@ -430,16 +251,25 @@ class Trainer:
                 cupy.cuda.set_allocator(previous)
                 if collecting:
                     gc.enable()
-        return graph, ctxs
+        return graph, contexts
+
+    def _graph_key(self):
+        """What the captured graphs depend on: the identity of every array they read or write outside their own
+        buffers (parameters, gradients, optimizer state, each layer's weights) and the optimizer's settings other
+        than the learning rate (which the graphs read from the rates table)."""
+        model, opt = self.model, self.model.optimizer
+        config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
+        arrays = self._state_arrays() + [model._grads] + [w for layer in model._all_layers() for w in layer.weights]
+        return tuple(sorted(config.items())), tuple(id(a) for a in arrays)
 
     def _ensure_graphs(self):
-        config = self.model.optimizer.get_config()
-        if self._graphs and config == self._captured_config:
+        key = self._graph_key()
+        if self._graphs and key == self._captured_key:
             return
         self._graphs = {}
         for rows in {self.full_rows, self.last_rows}:
             self._graphs[rows] = self._capture(rows)
-        self._captured_config = config
+        self._captured_key = key
 
     def graph_for(self, step):
         """The captured graph that runs step ``step`` of an epoch."""
@@ -448,8 +278,8 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- epochs
     def begin_epoch(self, shuffle):
-        """Outside the graph: the epoch's order, the step counter back to 0, the dropout seeds and Adam's
-        step sizes for all its steps (drawn and computed as the plain path does over a whole epoch)."""
+        """Outside the graph: the epoch's order, the step counter back to 0, the dropout seeds and the optimizer's
+        rates for all its steps (drawn and computed as the plain path does over a whole epoch)."""
         from ..utils import rng
 
         cupy, opt = self.cupy, self.model.optimizer
@@ -467,17 +297,9 @@ class Trainer:
             else:
                 self.perm[...] = cupy.arange(self.n, dtype=np.int32)
             self.step.fill(0)
-            if self.dropouts:
-                table = np.empty((self.steps, len(self.dropouts)), np.uint64)
-                for s in range(self.steps):
-                    for d, layer in enumerate(self.dropouts):
-                        table[s, d] = layer.next_seed()
-                self.seeds.set(table.reshape(-1))
-            if isinstance(opt, optimizers_mod.Adam):
-                t = opt.iterations + 1 + np.arange(self.steps)
-                alphas = [np.float32(opt.learning_rate * np.sqrt(1 - opt.beta_2 ** int(i)) /
-                                     (1 - opt.beta_1 ** int(i))) for i in t]
-                self.alphas.set(np.asarray(alphas, np.float32))
+            if self.values.layers:
+                self.values.seeds.set(self.values.draw(self.steps))
+            self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
 
     def seen_after(self, step):
         return min((step + 1) * self.batch, self.n)
@@ -540,16 +362,6 @@ class Trainer:
         loss_total = float(np.sum(self._loss_host[:step + 1], dtype=np.float64))
         correct_total = int(np.sum(self._correct_host[:step + 1], dtype=np.int64))
         return self.model._read_logs(loss_total, correct_total, seen)
-
-
-def _is_view(kind, layer, is_last):
-    """Whether a stage computes nothing: its output is a reshaped view of its input (Flatten, a linear
-    Activation, Dropout(0), or the output Activation('softmax'), which the fused loss kernel applies)."""
-    if kind == "Flatten":
-        return True
-    if kind == "Activation":
-        return layer.activation is None or (is_last and layer.activation == "softmax")
-    return kind == "Dropout" and layer.rate == 0
 
 
 def _pinned(cupy, count, dtype):

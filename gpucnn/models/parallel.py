@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
+from ..layers import serialize
 
 MIN_BATCH = 32  # each half at least 16 samples: below that the exchange costs more than the half saves
 START_SECONDS = 120  # how long the worker may take to start (importing NumPy on a cold disk can be slow)
@@ -120,7 +121,7 @@ def split_reason(model, batch):
         return "one CPU core"
     if batch < MIN_BATCH:
         return f"a batch under {MIN_BATCH} samples"
-    if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model.layers):
+    if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model._all_layers()):
         return "Dropout draws a new mask each step"
     if os.name != "posix" or not sys.executable:
         return "the worker process needs a POSIX system and a Python executable"
@@ -206,7 +207,7 @@ class _Worker:
             os.ftruncate(fd, max(offset, 1))
             mapped = mmap.mmap(fd, max(offset, 1))
             self.key = None
-            self.conn.send(("setup", model.get_config(), model.loss.name, path, layout))
+            self.conn.send(("setup", serialize(model), model.loss.name, path, layout))
             self._expect("ok", START_SECONDS)
         finally:
             os.close(fd)
@@ -297,12 +298,12 @@ def serve(fd):
 
 def _replica(config, loss, path, layout):
     """The model rebuilt from its config, its weights and gradients views into the shared file."""
-    from ..saving import _build_from_config
+    from .serialization import model_from_config  # (the worker process's side only)
 
     with open(path, "r+b") as f:
         mapped = mmap.mmap(f.fileno(), 0)
     shared = _arrays(mapped, layout)
-    model = _build_from_config(config, "the model sent to the worker process")
+    model = model_from_config(config, where="the model sent to the worker process")
     model.compile("sgd", loss)
     if model._params.shape != shared["params"].shape:
         raise ValueError(f"the worker's model has {model._params.size} weights, the file "

@@ -1,0 +1,48 @@
+"""Keras-style layers, channels-last: ``from gpucnn import layers`` as ``from keras import layers``.
+
+One module per family: ``core`` (Input, Dense, Activation, Dropout, Flatten), ``convolutional`` (Conv2D),
+``pooling``, ``merging`` (Add, Concatenate); ``base`` holds the Layer class every layer derives from, and
+``tensor`` the symbolic tensors that calling a layer on ``Input`` creates. A layer's maths is the active
+engine's ops (``gpucnn.backend.ops()``).
+"""
+import warnings
+
+from .base import Layer, window_geometry
+from .convolutional import Conv2D, ConvPool, fusable_pool
+from .core import Activation, Dense, Dropout, Flatten, Input, InputLayer
+from .merging import Add, Concatenate
+from .pooling import AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D
+from .tensor import KerasTensor, Node
+
+MaxPool2D, AvgPool2D = MaxPooling2D, AveragePooling2D  # Keras's aliases
+
+# Layer classes by name: what a saved model may name (nothing else is ever constructed from a file).
+LAYER_CLASSES = {cls.__name__: cls for cls in (
+    InputLayer, Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, Flatten, Dense,
+    Activation, Dropout, Add, Concatenate)}
+
+__all__ = sorted(LAYER_CLASSES) + ["Input", "Layer", "MaxPool2D", "AvgPool2D"]
+
+
+def serialize(obj):
+    """``{"class_name", "config"}`` of a layer or a model (models: ``Sequential`` or ``Functional``). A layer of a
+    user's class is marked ``custom`` (loading it needs ``custom_objects=``), with a warning saying so."""
+    model_kind = getattr(obj, "config_class_name", None)
+    if model_kind is not None:
+        return {"class_name": model_kind, "config": obj.get_config()}
+    spec = {"class_name": type(obj).__name__, "config": obj.get_config()}
+    if LAYER_CLASSES.get(type(obj).__name__) is not type(obj):
+        spec["custom"] = True
+        warnings.warn(
+            f"layer {obj.name!r} is of class {type(obj).__module__}.{type(obj).__qualname__}, which is not one of "
+            f"gpucnn's own layers: the file records its name and config only, and loading it needs the class: "
+            f"load_model(path, custom_objects={{{type(obj).__name__!r}: {type(obj).__name__}}})",
+            UserWarning, stacklevel=4)
+    return spec
+
+
+def __getattr__(name):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.layers has no {name!r}: gpucnn does not have that Keras layer (yet). "
+                         f"It has: {', '.join(__all__)}")

@@ -1,0 +1,364 @@
+"""The base class of every layer, and the helpers the layers share (argument checks, window geometry, weight
+initializers).
+
+A layer knows its configuration, builds its weights once it knows its input shape, and computes with the active
+engine's ops (``backend.ops()``):
+
+  * ``forward(x, training, ctx)`` returns the output for a batch and keeps in ``ctx`` what ``backward`` needs;
+  * ``backward(dy, ctx)`` returns the input gradient and writes the weight gradients (``weight_grad``).
+
+``ctx`` is a dict that belongs to one *call site* of the layer (one node of a model's graph, at one batch size),
+so a layer called twice keeps two contexts, and the engine's work arrays and outputs kept there are reused from
+one step to the next. On the CUDA engine every output and gradient lives in such a kept buffer
+(``buffer``): a step then allocates nothing, which is what lets the fast path capture the very same step as a
+CUDA graph. Merging layers (``Add``, ``Concatenate``) take a list of inputs and return a list of gradients.
+
+Calling a layer (``layer(x)``) on a symbolic tensor (``keras.Input``) builds it and returns a symbolic tensor;
+on an array it runs the layer forward in inference mode.
+"""
+import math
+import re
+
+import numpy as np
+
+from .. import backend
+from ..utils import next_name, rng
+from .tensor import KerasTensor, Node, is_symbolic
+
+ACTIVATIONS = (None, "relu", "softmax", "linear")
+
+
+# ===================================================================================== helpers
+def _pair(value, what):
+    """An int or a pair of ints → a pair of positive ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an int or a pair of ints, got {value!r}") from None
+    if a < 1 or b < 1:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return a, b
+
+
+def _padding_mode(padding):
+    mode = str(padding).lower()
+    if mode not in ("valid", "same"):
+        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+    return mode
+
+
+def _activation(name):
+    if callable(name) and not isinstance(name, str):
+        raise ValueError("activations are given by name: 'relu', 'softmax' or None")
+    key = None if name is None else str(name).lower()
+    if key not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; gpucnn knows 'relu', 'softmax', 'linear' and None")
+    return None if key == "linear" else key
+
+
+def _positive_int(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def window_geometry(size, k, stride, mode):
+    """Keras's output length and (lo, hi) padding for a window k at stride over size.
+
+    "valid": floor((size - k) / stride) + 1, no padding. "same": ceil(size / stride), padded so the
+    windows cover it; an odd total pad puts the extra row/column at the bottom/right (as Keras/TF).
+    """
+    if mode == "valid":
+        return (size - k) // stride + 1, (0, 0)
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return out, (total // 2, total - total // 2)
+
+
+def _initializer(name):
+    key = str(name).lower()
+    if key not in INITIALIZERS:
+        raise ValueError(f"unknown initializer {name!r}; known: {sorted(INITIALIZERS)}")
+    return INITIALIZERS[key]
+
+
+def _fans(shape):
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    receptive = int(np.prod(shape[:-2]))
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+INITIALIZERS = {
+    "glorot_uniform": lambda s: rng().uniform(-1, 1, s) * math.sqrt(6.0 / sum(_fans(s))),
+    "glorot_normal": lambda s: rng().normal(0, math.sqrt(2.0 / sum(_fans(s))), s),
+    "he_uniform": lambda s: rng().uniform(-1, 1, s) * math.sqrt(6.0 / _fans(s)[0]),
+    "he_normal": lambda s: rng().normal(0, math.sqrt(2.0 / _fans(s)[0]), s),
+    "zeros": np.zeros,
+    "ones": np.ones,
+}
+
+
+def _snake(class_name):
+    """Keras's default-name rule: ``MaxPooling2D`` → ``max_pooling2d``, ``Conv2D`` → ``conv2d``."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", class_name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _check_image_input(layer, input_shape):
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"{type(layer).__name__} {layer.name!r} expects images of shape (height, width, channels), "
+            f"got per-sample shape {tuple(input_shape)}"
+            + (". Grayscale images need a channel axis: reshape to (height, width, 1)."
+               if len(input_shape) == 2 else ""))
+
+
+def _shape_tuple(shape, what):
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a tuple of ints, got {shape!r}") from None
+
+
+# ===================================================================================== base class
+class Layer:
+    """Base class: name, build, weights (``get_weights``/``set_weights``), forward/backward, calls."""
+
+    multi_input = False  # merging layers take a list of inputs
+
+    def __init__(self, name=None, input_shape=None, trainable=True, dtype=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) "
+                            f"{', '.join(map(repr, kwargs))}")
+        if dtype not in (None, "float32", np.float32):
+            raise ValueError(f"{type(self).__name__}: gpucnn computes in float32 only, got dtype={dtype!r}")
+        self.name = str(name) if name else next_name(_snake(type(self).__name__))
+        self.input_shape = None  # per-sample shape (a list of them for merging layers), set by build
+        self.output_shape = None
+        self._declared_input = tuple(input_shape) if input_shape is not None else None
+        self.built = False
+        self.weights = []  # engine arrays, in Keras's order (kernel, bias)
+        self.grads = []  # same shapes; written by backward
+        self.weight_names = []
+        self._weight_trainable = []  # per weight: updated by the optimizer (BatchNormalization's moving stats are not)
+        self._trainable = bool(trainable)
+        self._inbound_nodes = []  # every symbolic call of this layer, in order
+
+    # ---- building
+    def build(self, input_shape):
+        """Check the per-sample input shape, compute the output shape and create the weights (once: a
+        built layer keeps its weights, and refuses an input of another shape)."""
+        if self.multi_input:
+            shape = [_shape_tuple(s, "input shape") for s in input_shape]
+        else:
+            shape = _shape_tuple(input_shape, "input shape")
+        if self.built:
+            if shape != self.input_shape:
+                raise ValueError(f"layer {self.name!r} was built for inputs {self.input_shape} and cannot "
+                                 f"take {shape}; create a new layer for the new shape")
+            return self.output_shape
+        output_shape = self._build(shape)
+        self.input_shape, self.output_shape, self.built = shape, output_shape, True
+        return output_shape
+
+    def _build(self, input_shape):
+        return input_shape
+
+    def _unbuild(self):
+        """Forget a build (the model's build failed further down and will be retried)."""
+        self.input_shape = self.output_shape = None
+        self.weights, self.grads, self.weight_names, self._weight_trainable = [], [], [], []
+        self.built = False
+
+    def _kernel_options(self, activation, use_bias, kernel_initializer, bias_initializer):
+        """The options every layer with a kernel and a bias shares (Conv2D, Dense), checked."""
+        self.activation = _activation(activation)
+        self.use_bias = bool(use_bias)
+        _initializer(kernel_initializer), _initializer(bias_initializer)  # unknown names fail here
+        self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+
+    def _add_weight(self, name, shape, initializer, trainable=True):
+        xp = backend.ops().xp
+        value = np.asarray(_initializer(initializer)(shape), dtype=np.float32)
+        self.weight_names.append(name)
+        self.weights.append(xp.asarray(value))
+        self.grads.append(xp.zeros(shape, dtype=np.float32))
+        self._weight_trainable.append(bool(trainable))
+
+    # ---- trainability (Keras: a frozen layer's weights are not updated; the change applies at the next compile)
+    @property
+    def trainable(self):
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        self._trainable = bool(value)
+
+    @property
+    def trainable_weights(self):
+        return [w for w, t in zip(self.weights, self._weight_trainable) if t and self.trainable]
+
+    @property
+    def non_trainable_weights(self):
+        return [w for w, t in zip(self.weights, self._weight_trainable) if not (t and self.trainable)]
+
+    def count_params(self):
+        return int(sum(int(np.prod(w.shape)) for w in self.weights))
+
+    # ---- weights in and out, in Keras's layouts and order
+    def get_weights(self):
+        """Copies of the weights as NumPy float32 arrays (kernel first, then bias)."""
+        return [np.array(backend.to_numpy(w), dtype=np.float32) for w in self.weights]
+
+    def set_weights(self, weights):
+        """Set the weights from arrays of exactly the shapes ``get_weights`` returns."""
+        weights = list(weights)
+        if len(weights) != len(self.weights):
+            raise ValueError(f"layer {self.name!r} has {len(self.weights)} weight arrays "
+                             f"({', '.join(self.weight_names) or 'none'}), got {len(weights)}")
+        checked = []
+        for current, name, new in zip(self.weights, self.weight_names, weights):
+            new = np.asarray(backend.to_numpy(new))
+            if new.shape != tuple(current.shape):
+                raise ValueError(f"layer {self.name!r}: {name} must have shape {tuple(current.shape)}, "
+                                 f"got {new.shape}")
+            if new.dtype.kind not in "biuf" or not np.all(np.isfinite(new)):
+                raise ValueError(f"layer {self.name!r}: {name} must be finite numbers")
+            checked.append(new.astype(np.float32))
+        for current, new in zip(self.weights, checked):
+            current[...] = backend.ops().xp.asarray(new)  # in place: views stay valid
+
+    # ---- calling
+    def __call__(self, inputs, training=False):
+        """On symbolic tensors: build the layer, record the call (a graph node) and return symbolic output(s).
+        On arrays: run the layer forward (inference unless ``training``) and return an engine array."""
+        if is_symbolic(inputs):
+            return self._call_symbolic(inputs)
+        if self.multi_input:
+            if not isinstance(inputs, (list, tuple)):
+                raise TypeError(f"{type(self).__name__} {self.name!r} takes a list of arrays, got "
+                                f"{type(inputs).__name__}")
+            xs = [self._as_engine_array(x) for x in inputs]
+            if not self.built:
+                self.build([x.shape[1:] for x in xs])
+            self._check_call_shapes([x.shape[1:] for x in xs])
+            return self.forward(xs, training, {})
+        x = self._as_engine_array(inputs)
+        if not self.built:
+            self.build(x.shape[1:])
+        self._check_call_shapes(x.shape[1:])
+        return self.forward(x, training, {})
+
+    def _as_engine_array(self, x):
+        if backend.is_engine_array(x) or isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):
+            xp = backend.ops().xp
+            try:
+                return xp.asarray(x, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"layer {self.name!r} ({type(self).__name__}) cannot take {type(x).__name__} "
+                                f"input: {exc}") from None
+        raise TypeError(f"layer {self.name!r} ({type(self).__name__}) was called on a "
+                        f"{type(x).__module__}.{type(x).__name__}; call it on an array (a batch, e.g. NumPy "
+                        "(N, 28, 28, 1)) or on a symbolic tensor from keras.Input(shape=...)")
+
+    def _check_call_shapes(self, shapes):
+        want = self.input_shape
+        got = [tuple(s) for s in shapes] if self.multi_input else tuple(shapes)
+        if got != want:
+            raise ValueError(f"layer {self.name!r} ({type(self).__name__}) was built for inputs {want} and cannot "
+                             f"take {got} (per-sample shapes): a layer keeps the input shape of its first call; "
+                             "create a new layer for another shape")
+
+    def _call_symbolic(self, inputs):
+        single = not isinstance(inputs, (list, tuple))
+        tensors = [inputs] if single else list(inputs)
+        bad = [t for t in tensors if not isinstance(t, KerasTensor)]
+        if bad:
+            raise TypeError(f"layer {self.name!r} ({type(self).__name__}) was called on a mix of symbolic tensors "
+                            f"and {type(bad[0]).__name__}; pass only tensors from keras.Input or from other layers")
+        if self.multi_input and single:
+            raise TypeError(f"{type(self).__name__} {self.name!r} merges several tensors: call it on a list, "
+                            f"e.g. {type(self).__name__}()([x, y])")
+        if not self.multi_input and not single:
+            if len(tensors) != 1:
+                raise TypeError(f"layer {self.name!r} ({type(self).__name__}) takes one tensor, got a list of "
+                                f"{len(tensors)}")
+            single = True
+        shapes = [t.sample_shape for t in tensors]
+        outputs = [KerasTensor(self._symbolic_output_shape(shapes if self.multi_input else shapes[0]))]
+        node = Node(self, tensors, outputs, single=single)
+        self._inbound_nodes.append(node)
+        return outputs[0]
+
+    def _symbolic_output_shape(self, in_shape):
+        """The per-sample output shape of a call on inputs of per-sample shape ``in_shape`` (building the layer
+        on its first call)."""
+        if self.built:
+            self._check_call_shapes(in_shape)
+            return self.output_shape
+        return self.build(in_shape)
+
+    # ---- the graph view (Keras: the tensors of the layer's first call)
+    def _first_node(self, what):
+        if not self._inbound_nodes:
+            raise AttributeError(f"layer {self.name!r} has no {what} yet: it has not been called on a symbolic "
+                                 "tensor (build a model with keras.Input(...) or give input_shape=... to the "
+                                 "first layer of a Sequential)")
+        return self._inbound_nodes[0]
+
+    @property
+    def input(self):
+        node = self._first_node("input")
+        return node.inputs[0] if node.single else list(node.inputs)
+
+    @property
+    def output(self):
+        return self._first_node("output").outputs[0]
+
+    # ---- computing
+    def forward(self, x, training, ctx):
+        """Outputs for a batch; keeps in ``ctx`` what ``backward`` needs."""
+        raise NotImplementedError
+
+    def backward(self, dy, ctx):
+        """The input gradient for output gradient ``dy``; the weight gradients go to ``weight_grad(i, ctx)``.
+        ``ctx["need_dx"]`` False: no input gradient is needed (return None). The returned array may be a work
+        array of the engine, valid until this call site's next backward."""
+        raise NotImplementedError
+
+    # ---- helpers for forward/backward
+    @staticmethod
+    def buffer(ctx, key, shape, dtype=np.float32):
+        """An output array kept in ``ctx`` for this call site (on engines that want ``out=`` buffers: CUDA),
+        else None (the NumPy op allocates its result)."""
+        ops = backend.ops()
+        if not ops.OUT_BUFFERS:
+            return None
+        shape = tuple(int(d) for d in shape)
+        kept = ctx.get(("buffer", key))
+        if kept is None or kept.shape != shape or kept.dtype != dtype:
+            kept = ctx[("buffer", key)] = ops.xp.empty(shape, dtype)
+        return kept
+
+    def weight_grad(self, i, ctx):
+        """Where this call's gradient of weight ``i`` goes: the layer's gradient array, or, when the step adds
+        several calls' gradients (a layer called twice), this call's own buffer (``ctx["accumulate"]``)."""
+        if not ctx.get("accumulate"):
+            return self.grads[i]
+        key = ("grad", i)
+        kept = ctx.get(key)
+        if kept is None or kept.shape != self.grads[i].shape:
+            kept = ctx[key] = backend.ops().xp.zeros(self.grads[i].shape, np.float32)
+        return kept
+
+    def get_config(self):
+        config = {"name": self.name}
+        if not self.trainable:
+            config["trainable"] = False
+        return config
+
+    def __repr__(self):
+        return f"<{type(self).__name__} name={self.name!r}>"

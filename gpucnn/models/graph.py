@@ -1,0 +1,221 @@
+"""The graph of a model: the nodes between its input and output tensors, in an order that computes every tensor
+before it is used, and the one forward and backward that every engine — and the CUDA graph capture — runs.
+
+A node is one call of a layer (``gpucnn.layers.tensor.Node``). ``Graph(inputs, outputs)`` walks back from the
+outputs to the inputs, keeps the nodes on the way, orders them as they were created (a layer is always called
+after the layers that made its inputs), and refuses graphs whose outputs do not come from its inputs.
+
+``forward`` and ``backward`` run the nodes with one context dict per node (``Contexts``): what a layer keeps
+between its forward and backward, and the engine's buffers for that call site. In training, a Conv2D whose
+output goes only into a 2x2 max-pooling runs with it as one op (``layers.ConvPool``). A tensor read by several
+nodes gets the sum of their gradients; a layer called several times gets the sum of its calls' weight gradients.
+"""
+import numpy as np
+
+from .. import backend
+from ..layers import ConvPool, InputLayer, KerasTensor, fusable_pool
+
+
+class Graph:
+    """The nodes from ``inputs`` to ``outputs`` (lists of KerasTensors) and how to run them."""
+
+    def __init__(self, inputs, outputs, owner="the model"):
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        for t in self.inputs:
+            if not isinstance(t, KerasTensor) or t.node is None or not isinstance(t.node.layer, InputLayer):
+                raise ValueError(f"{owner}: every input must be a tensor made by keras.Input(...), got {t!r}")
+        for t in self.outputs:
+            if not isinstance(t, KerasTensor):
+                raise ValueError(f"{owner}: every output must be a symbolic tensor (what calling a layer on "
+                                 f"keras.Input returns), got {type(t).__name__}")
+        if len({t.id for t in self.inputs}) != len(self.inputs):
+            raise ValueError(f"{owner}: the same input tensor is listed twice")
+        input_ids = {t.id for t in self.inputs}
+        nodes, seen, stack = [], set(), list(self.outputs)
+        while stack:  # every node an output depends on
+            t = stack.pop()
+            node = t.node
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)
+            if isinstance(node.layer, InputLayer) and t.id not in input_ids:
+                raise ValueError(
+                    f"{owner}: its outputs depend on the input {node.layer.name!r} (shape {t.shape}), which is not "
+                    "among its inputs; pass it in inputs=[...], or build the outputs from the given inputs")
+            stack.extend(node.inputs)
+        self.nodes = sorted(nodes, key=lambda n: n.order)
+        used = {id(n) for n in self.nodes}
+        unused = [t for t in self.inputs if id(t.node) not in used]
+        if unused:
+            raise ValueError(f"{owner}: the outputs do not depend on the input {unused[0].node.layer.name!r}; every "
+                             "input must lead to an output")
+        self.layers = []
+        for node in self.nodes:
+            if node.layer not in self.layers:
+                self.layers.append(node.layer)
+        self.consumers = {}  # tensor id -> the nodes of this graph that read it
+        for node in self.nodes:
+            for t in node.inputs:
+                self.consumers.setdefault(t.id, []).append(node)
+        self._plans = {}
+
+    # --------------------------------------------------------------------------------- planning
+    def is_chain(self):
+        """Whether the graph is one line of single-input layers, each called once (Keras's "sequential-like"):
+        then ``summary`` has no "Connected to" column."""
+        compute = [n for n in self.nodes if not isinstance(n.layer, InputLayer)]
+        if len(self.inputs) != 1 or len(self.outputs) != 1 or len(compute) != len(self.layers) - 1:
+            return False
+        previous = self.inputs[0]
+        for node in compute:
+            if len(node.inputs) != 1 or node.inputs[0] is not previous:
+                return False
+            previous = node.outputs[0]
+        return previous is self.outputs[0]
+
+    def steps(self, training):
+        """The nodes as a forward pass runs them: tuples ``(node,)``, or ``(conv_node, pool_node)`` for a Conv2D
+        and the 2x2 max-pooling that alone reads it, in training."""
+        if training not in self._plans:
+            output_ids = {t.id for t in self.outputs}
+            compute = [n for n in self.nodes if not isinstance(n.layer, InputLayer)]
+            steps, skip = [], set()
+            for node in compute:
+                if id(node) in skip:
+                    continue
+                readers = self.consumers.get(node.outputs[0].id, [])
+                if (training and len(readers) == 1 and node.outputs[0].id not in output_ids
+                        and fusable_pool(node.layer, readers[0].layer)):
+                    steps.append((node, readers[0]))
+                    skip.add(id(readers[0]))
+                else:
+                    steps.append((node,))
+            self._plans[training] = steps
+        return self._plans[training]
+
+    def needs_gradient(self, inputs_need=False):
+        """{tensor id: whether its gradient is needed}: tensors that depend on a trainable weight (or on the
+        inputs, when ``inputs_need``: a model nested in another that needs its input gradient)."""
+        needs = {t.id: bool(inputs_need) for t in self.inputs}
+        for node in self.nodes:
+            if isinstance(node.layer, InputLayer):
+                continue
+            flag = len(node.layer.trainable_weights) > 0 or any(needs.get(t.id, False) for t in node.inputs)
+            for t in node.outputs:
+                needs[t.id] = flag
+        return needs
+
+    # --------------------------------------------------------------------------------- running
+    def forward(self, xs, training, contexts):
+        """The outputs (a list) for inputs ``xs`` (a list of engine arrays, one per input)."""
+        values = {t.id: x for t, x in zip(self.inputs, xs)}
+        for step in self.steps(training):
+            if len(step) == 2:
+                conv, pool = step
+                values[pool.outputs[0].id] = ConvPool(conv.layer, pool.layer).forward(
+                    values[conv.inputs[0].id], training, contexts[conv], contexts[pool])
+                continue
+            node = step[0]
+            args = [values[t.id] for t in node.inputs]
+            values[node.outputs[0].id] = node.layer.forward(args[0] if node.single else args, training,
+                                                            contexts[node])
+        return [values[t.id] for t in self.outputs]
+
+    def backward(self, douts, contexts):
+        """Backward from the output gradients ``douts`` (a list; None where an output has no loss) to the weight
+        gradients; returns the gradients of the inputs (None where not needed)."""
+        ops = backend.ops()
+        grads = {}
+        for t, d in zip(self.outputs, douts):
+            if d is not None:
+                self._add_gradient(grads, t, d, contexts, ops)
+        for step in reversed(self.steps(True)):
+            last = step[-1]
+            dy = grads.pop(last.outputs[0].id, None)
+            if dy is None:
+                continue
+            first = step[0]
+            if len(step) == 2:
+                dxs = [ConvPool(first.layer, last.layer).backward(dy, contexts[first], contexts[last])]
+            else:
+                dx = first.layer.backward(dy, contexts[first])
+                dxs = dx if first.layer.multi_input else [dx]
+            for node in step:
+                self._add_weight_grads(node, contexts[node], ops)
+            for t, dx in zip(first.inputs, dxs):
+                if dx is not None and contexts.needs[t.id]:
+                    self._add_gradient(grads, t, dx, contexts, ops)
+        return [grads.get(t.id) for t in self.inputs]
+
+    @staticmethod
+    def _add_gradient(grads, t, d, contexts, ops):
+        if t.id not in grads:
+            grads[t.id] = d
+            return
+        kept = contexts.buffer(("sum", t.id), d.shape) if ops.OUT_BUFFERS else None
+        grads[t.id] = ops.add(grads[t.id], d, out=kept)
+
+    @staticmethod
+    def _add_weight_grads(node, ctx, ops):
+        if ctx.get("accumulate"):
+            for i, g in enumerate(node.layer.grads):
+                ops.add(g, ctx[("grad", i)], out=g)
+
+
+class Contexts(dict):
+    """The context dicts of a graph's nodes at one batch size: ``contexts[node]``. Set up once per (graph, batch
+    size): whether each node needs its input gradient, which calls of a shared layer add their weight gradients to
+    another's, and the step values (``step``: Dropout's seed table and the step counter)."""
+
+    def __init__(self, graph, step=None, skip_output_activation=False, inputs_need=False):
+        super().__init__()
+        self.step = step
+        self.needs = graph.needs_gradient(inputs_need)
+        output_nodes = {id(t.node) for t in graph.outputs}
+        written = set()  # layers whose gradient a later node (earlier in backward) already writes
+        for step_nodes in reversed(graph.steps(True)):
+            for node in reversed(step_nodes):
+                self._context(node, step, written, skip_output_activation and id(node) in output_nodes)
+        for node in graph.nodes:  # nodes only inference runs (none today), and the inputs
+            if node not in self:
+                self._context(node, step, written, False)
+
+    def _context(self, node, step, written, skip_activation):
+        ctx = {"need_dx": any(self.needs.get(t.id, False) for t in node.inputs), "step": step}
+        if skip_activation:
+            ctx["skip_activation"] = True
+        if id(node.layer) in written:
+            ctx["accumulate"] = True
+        written.add(id(node.layer))
+        self[node] = ctx
+
+    def buffer(self, key, shape, dtype=np.float32):
+        kept = self.get(key)
+        if kept is None or kept.shape != tuple(shape):
+            kept = self[key] = backend.ops().xp.empty(tuple(shape), dtype)
+        return kept
+
+
+class StepValues:
+    """The values a training step reads from engine memory rather than from its arguments (so a captured CUDA
+    graph reads new ones at every replay): ``counter`` ((1,) int32, the step's row), and ``seeds`` ((rows,
+    slots) uint64: one seed per step and random layer, e.g. Dropout). An eager step uses one row, counter 0."""
+
+    def __init__(self, random_layers, rows=1, xp=None):
+        xp = xp or backend.ops().xp
+        self.layers = list(random_layers)
+        self._slots = {id(layer): i for i, layer in enumerate(self.layers)}
+        self.seeds = xp.zeros((rows, max(1, len(self.layers))), np.uint64)
+        self.counter = xp.zeros(1, np.int32)
+
+    def slot(self, layer):
+        return self._slots[id(layer)]
+
+    def draw(self, rows=1):
+        """The next ``rows`` steps' seeds, drawn on the host in order (step by step, layer by layer)."""
+        table = np.zeros((rows, max(1, len(self.layers))), np.uint64)
+        for r in range(rows):
+            for i, layer in enumerate(self.layers):
+                table[r, i] = layer.next_seed()
+        return table

@@ -1,0 +1,139 @@
+"""``model.summary()``: Keras 3's table, character for character.
+
+Keras draws it with the ``rich`` library at a width of at most 88 characters for a chain of layers (columns
+Layer (type), Output Shape, Param #) and 108 when the graph branches (a fourth column, Connected to), capped by
+the terminal's width less 4. The column widths come from fixed fractions of that width; each cell has one space
+of padding each side, so the table is narrowed by taking the excess evenly from the columns (rich's
+``ratio_reduce``). Cell text wraps at spaces; a word too long for its cell is cut with "…".
+"""
+import shutil
+
+import numpy as np
+
+
+
+def print_summary(model, print_fn, line_length=None):
+    chain = model.graph.is_chain()
+    if chain:
+        width, positions = 88, (0.45, 0.80, 1.0)
+        header = ("Layer (type)", "Output Shape", "Param #")
+    else:
+        width, positions = 108, (0.3, 0.56, 0.74, 1.0)
+        header = ("Layer (type)", "Output Shape", "Param #", "Connected to")
+    width = line_length or min(width, shutil.get_terminal_size().columns - 4)
+    widths = _column_widths(width, positions)
+    right = {2}
+    rows = [_fields(model, layer, chain) for layer in model.layers]
+
+    def rule(left, mid, end, ch):
+        return left + mid.join(ch * w for w in widths) + end
+
+    lines = [f'Model: "{model.name}"', rule("┏", "┳", "┓", "━")]
+    lines += _row_lines(header, widths, right, "┃")
+    lines.append(rule("┡", "╇", "┩", "━"))
+    for i, row in enumerate(rows):
+        lines += _row_lines(row, widths, right, "│")
+        lines.append(rule("├", "┼", "┤", "─") if i < len(rows) - 1 else rule("└", "┴", "┘", "─"))
+    if not rows:
+        lines.append(rule("└", "┴", "┘", "─"))
+    trainable = _count(model.trainable_weights)
+    non_trainable = _count(model.non_trainable_weights)
+    for label, n in (("Total", trainable + non_trainable), ("Trainable", trainable),
+                     ("Non-trainable", non_trainable)):
+        lines.append(f" {label} params: {n:,} ({readable_size(n * 4)})")
+    for line in lines:
+        print_fn(line)
+
+
+def _count(weights):
+    return int(sum(int(np.prod(w.shape)) for w in weights))
+
+
+def _fields(model, layer, chain):
+    node = next((n for n in model.graph.nodes if n.layer is layer), None)
+    shapes = [t.shape for t in node.outputs] if node is not None else []
+    shape = _shape_text(shapes[0]) if len(shapes) == 1 else str([_shape_text(s) for s in shapes]).replace("'", "")
+    fields = [f"{layer.name} ({type(layer).__name__})", shape, f"{layer.count_params():,}"]
+    if not chain:
+        fields.append(_connections(model, layer))
+    return fields
+
+
+def _shape_text(shape):
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _connections(model, layer):
+    """Keras's "Connected to": ``layer[node index][tensor index]`` for every input of the layer's calls here."""
+    parts = []
+    for node in model.graph.nodes:
+        if node.layer is not layer:
+            continue
+        for t in node.inputs:
+            source = t.node.layer
+            parts.append(f"{source.name}[{source._inbound_nodes.index(t.node)}][{t.index}]")
+    return ", ".join(parts) if parts else "-"
+
+
+def _column_widths(width, positions):
+    widths, current = [], 0
+    for pos in positions:
+        w = int(pos * width) - current
+        if w < 4:
+            raise ValueError("Insufficient console width to print summary.")
+        widths.append(w)
+        current += w
+    cells = [w + 2 for w in widths]  # each cell's padding
+    available = width - (len(cells) + 1)  # the borders
+    excess = sum(cells) - available
+    if excess > 0:
+        cells = _ratio_reduce(excess, cells)
+    return cells
+
+
+def _ratio_reduce(total, values):
+    """Take ``total`` from ``values`` evenly, in order, rounding each share half to even."""
+    result, remaining, ratio = [], total, len(values)
+    for value in values:
+        share = min(value, round(remaining / ratio))
+        result.append(value - share)
+        remaining -= share
+        ratio -= 1
+    return result
+
+
+def _wrap(text, width):
+    """Lines of at most ``width`` characters, broken at spaces; an over-long word cut with "…"."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        if not line:
+            line = word
+        elif len(line) + 1 + len(word) <= width:
+            line += " " + word
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    return [ln if len(ln) <= width else ln[:width - 1] + "…" for ln in lines]
+
+
+def _row_lines(cells, widths, right, border):
+    wrapped = [_wrap(str(c), w - 2) for c, w in zip(cells, widths)]
+    height = max(len(w) for w in wrapped)
+    out = []
+    for k in range(height):
+        parts = []
+        for i, (lines, w) in enumerate(zip(wrapped, widths)):
+            text = lines[k] if k < len(lines) else ""
+            parts.append(" " + (text.rjust(w - 2) if i in right else text.ljust(w - 2)) + " ")
+        out.append(border + border.join(parts) + border)
+    return out
+
+
+def readable_size(nbytes):
+    size = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024:
+            return f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} PB"
