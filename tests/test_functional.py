@@ -1,0 +1,323 @@
+"""Keras's functional API on gpucnn (NumPy engine): ``import gpucnn as keras`` names, symbolic tensors, the
+layer graph, merging layers, shared layers, nested models, the summary, saving, and clear errors."""
+import numpy as np
+import pytest
+
+import gpucnn as keras
+from gpucnn import layers, models, utils
+
+pytestmark = pytest.mark.usefixtures("numpy_engine")
+
+
+def book_convnet():
+    """The book's 2nd/3rd-edition MNIST convnet, functional (104,202 parameters)."""
+    inputs = keras.Input(shape=(28, 28, 1))
+    x = layers.Conv2D(filters=32, kernel_size=3, activation="relu")(inputs)
+    x = layers.MaxPooling2D(pool_size=2)(x)
+    x = layers.Conv2D(filters=64, kernel_size=3, activation="relu")(x)
+    x = layers.MaxPooling2D(pool_size=2)(x)
+    x = layers.Conv2D(filters=128, kernel_size=3, activation="relu")(x)
+    x = layers.Flatten()(x)
+    outputs = layers.Dense(10, activation="softmax")(x)
+    return keras.Model(inputs=inputs, outputs=outputs)
+
+
+def residual_model(seed=0):
+    """A residual Add, a Concatenate and a layer called twice."""
+    utils.set_random_seed(seed)
+    inputs = keras.Input(shape=(8, 8, 3))
+    a = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    b = layers.Conv2D(3, 1)(a)
+    c = layers.Add()([inputs, b])
+    shared = layers.Conv2D(4, 1, activation="relu")
+    d = layers.Concatenate()([shared(c), shared(inputs), a])
+    e = layers.MaxPooling2D(2)(layers.Conv2D(5, 3, activation="relu")(d))
+    outputs = layers.Dense(3, activation="softmax")(layers.Flatten()(e))
+    return keras.Model(inputs, outputs)
+
+
+def data(n=32, shape=(8, 8, 3), classes=3, seed=1):
+    r = np.random.default_rng(seed)
+    return r.standard_normal((n,) + shape).astype(np.float32), r.integers(0, classes, n)
+
+
+def summary_lines(model):
+    lines = []
+    model.summary(print_fn=lines.append)
+    return lines
+
+
+# ===================================================================================== the namespace
+def test_import_gpucnn_as_keras_is_enough():
+    assert keras.Sequential is models.Sequential and keras.Model is models.Model and keras.Input is layers.Input
+    for name in ("layers", "models", "optimizers", "losses", "metrics", "callbacks", "datasets", "utils"):
+        assert hasattr(keras, name), name
+    assert keras.models.load_model and keras.datasets.mnist.load_data and keras.utils.to_categorical
+    assert keras.utils.set_random_seed and keras.callbacks.EarlyStopping and keras.optimizers.RMSprop
+    assert keras.metrics.SparseCategoricalAccuracy().name == "sparse_categorical_accuracy"
+
+
+@pytest.mark.parametrize("where, name", [(keras, "ops"), (layers, "Bidirectional"), (keras.metrics, "AUC")])
+def test_a_missing_keras_name_says_so_and_lists_what_exists(where, name):
+    with pytest.raises(AttributeError, match=f"no '{name}'.*It has|no '{name}'.*offers") as info:
+        getattr(where, name)
+    assert "Conv2D" in str(info.value) or "Sequential" in str(info.value) or "Accuracy" in str(info.value)
+
+
+# ===================================================================================== symbolic tensors, the graph
+def test_input_and_layer_calls_give_symbolic_tensors():
+    inputs = keras.Input(shape=(28, 28, 1))
+    assert inputs.shape == (None, 28, 28, 1) and inputs.dtype == "float32"
+    conv = layers.Conv2D(32, 3, activation="relu")
+    x = conv(inputs)
+    assert x.shape == (None, 26, 26, 32) and conv.built and conv.count_params() == 320
+    assert conv.input is inputs and conv.output is x
+    with pytest.raises(TypeError, match="symbolic"):
+        np.asarray(x)
+
+
+def test_the_book_convnet_has_keras_summary_and_graph():
+    model = book_convnet()
+    assert model.count_params() == 104_202
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "InputLayer", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense"]
+    assert model.inputs[0].shape == (None, 28, 28, 1) and model.output.shape == (None, 10)
+    assert model.input is model.inputs[0] and model.get_layer("flatten") is model.layers[6]
+    lines = summary_lines(model)
+    assert lines[0] == 'Model: "functional"'
+    rows = [tuple(c.strip() for c in line.strip("│").split("│")) for line in lines if line.startswith("│")]
+    assert rows[0] == ("input_layer (InputLayer)", "(None, 28, 28, 1)", "0")
+    assert rows[5] == ("conv2d_2 (Conv2D)", "(None, 3, 3, 128)", "73,856")
+    assert lines[-3] == " Total params: 104,202 (407.04 KB)"
+
+
+# Keras 3.15's own output for this graph (the same names given), on an 80-column console
+KERAS_RESIDUAL_SUMMARY = """\
+Model: "functional_1"
+┏━━━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━┳━━━━━━━━━━━━┳━━━━━━━━━━━━━━━━━━━┓
+┃ Layer (type)        ┃ Output Shape      ┃    Param # ┃ Connected to      ┃
+┡━━━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━╇━━━━━━━━━━━━╇━━━━━━━━━━━━━━━━━━━┩
+│ input_layer_1       │ (None, 8, 8, 3)   │          0 │ -                 │
+│ (InputLayer)        │                   │            │                   │
+├─────────────────────┼───────────────────┼────────────┼───────────────────┤
+│ conv2d_3 (Conv2D)   │ (None, 8, 8, 4)   │        112 │ input_layer_1[0]… │
+├─────────────────────┼───────────────────┼────────────┼───────────────────┤
+│ conv2d_4 (Conv2D)   │ (None, 8, 8, 3)   │         15 │ conv2d_3[0][0]    │
+├─────────────────────┼───────────────────┼────────────┼───────────────────┤
+│ add (Add)           │ (None, 8, 8, 3)   │          0 │ input_layer_1[0]… │
+│                     │                   │            │ conv2d_4[0][0]    │
+├─────────────────────┼───────────────────┼────────────┼───────────────────┤
+│ concatenate         │ (None, 8, 8, 7)   │          0 │ add[0][0],        │
+│ (Concatenate)       │                   │            │ conv2d_3[0][0]    │
+├─────────────────────┼───────────────────┼────────────┼───────────────────┤
+│ global_average_poo… │ (None, 7)         │          0 │ concatenate[0][0] │
+│ (GlobalAveragePool… │                   │            │                   │
+├─────────────────────┼───────────────────┼────────────┼───────────────────┤
+│ dense_1 (Dense)     │ (None, 2)         │         16 │ global_average_p… │
+└─────────────────────┴───────────────────┴────────────┴───────────────────┘
+ Total params: 143 (572.00 B)
+ Trainable params: 143 (572.00 B)
+ Non-trainable params: 0 (0.00 B)"""
+
+
+def test_a_branching_graph_has_keras_connected_to_column(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    i = keras.Input(shape=(8, 8, 3), name="input_layer_1")
+    a = layers.Conv2D(4, 3, padding="same", activation="relu", name="conv2d_3")(i)
+    b = layers.Conv2D(3, 1, name="conv2d_4")(a)
+    c = layers.Add()([i, b])
+    d = layers.Concatenate()([c, a])
+    e = layers.GlobalAveragePooling2D()(d)
+    m = keras.Model(i, [layers.Dense(2, activation="softmax", name="dense_1")(e), e], name="functional_1")
+    assert "\n".join(summary_lines(m)) == KERAS_RESIDUAL_SUMMARY
+
+
+def test_a_wide_terminal_widens_the_table_as_keras_does(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    lines = summary_lines(book_convnet())
+    assert len(lines[1]) == 88  # min(88, columns - 4) for a chain
+    assert len(set(len(line) for line in lines if line[0] in "┏┃┡│├└")) == 1
+
+
+def test_a_nested_sequential_is_one_row_and_trains_inside():
+    aug = keras.Sequential([layers.Flatten()], name="data_augmentation")
+    inputs = keras.Input((4, 4, 1))
+    outputs = layers.Dense(3, activation="softmax")(layers.Dense(5, activation="relu")(aug(inputs)))
+    m = keras.Model(inputs, outputs)
+    rows = [line for line in summary_lines(m) if line.startswith("│")]
+    assert "data_augmentation (Sequential)" in rows[1] and "(None, 16)" in rows[1]
+    block = keras.Sequential([layers.Dense(4, activation="relu", input_shape=(16,))], name="block")
+    m2 = keras.Model(inputs, layers.Dense(3, activation="softmax")(block(layers.Flatten()(inputs))))
+    m2.compile("sgd", "sparse_categorical_crossentropy")
+    before = block.get_weights()[0].copy()
+    x, y = data(16, (4, 4, 1))
+    m2.fit(x, y, epochs=1, verbose=0)
+    assert not np.array_equal(before, block.get_weights()[0])  # the nested model's layer trained
+
+
+def test_the_feature_map_idiom_of_the_book():
+    model = book_convnet()
+    x, _ = data(3, (28, 28, 1))
+    features = keras.Model(inputs=model.inputs, outputs=[layer.output for layer in model.layers[1:8]])
+    maps = features.predict(x, verbose=0)
+    assert [m.shape for m in maps] == [(3, 26, 26, 32), (3, 13, 13, 32), (3, 11, 11, 64), (3, 5, 5, 64),
+                                       (3, 3, 3, 128), (3, 1152), (3, 10)]
+    np.testing.assert_array_equal(maps[-1], model.predict(x, verbose=0))
+    assert features.layers[1] is model.layers[1]  # views of the same weights
+
+
+def test_a_model_called_on_an_array_runs_it():
+    model = book_convnet()
+    x, _ = data(2, (28, 28, 1))
+    np.testing.assert_allclose(np.asarray(model(x)), model.predict(x, verbose=0), rtol=1e-6)
+
+
+# ===================================================================================== training
+def test_functional_and_sequential_train_bit_for_bit_alike():
+    """The same layers written both ways: equal outputs, losses and weights after two epochs (two processes)."""
+    def stack():
+        return [layers.Conv2D(8, 3, activation="relu"), layers.MaxPooling2D(2), layers.Conv2D(8, 3, activation="relu"),
+                layers.Flatten(), layers.Dense(16, activation="relu"), layers.Dense(3, activation="softmax")]
+    seq = keras.Sequential([keras.Input((12, 12, 1))] + stack())
+    inputs = keras.Input((12, 12, 1))
+    x = inputs
+    for layer in stack():
+        x = layer(x)
+    fun = keras.Model(inputs, x)
+    fun.set_weights(seq.get_weights())
+    xs, ys = data(96, (12, 12, 1))
+    histories = []
+    for m in (seq, fun):
+        m.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+        histories.append(m.fit(xs, ys, batch_size=48, epochs=2, shuffle=False, verbose=0).history)
+    assert histories[0] == histories[1]
+    for a, b in zip(seq.get_weights(), fun.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_layer_called_twice_gets_the_sum_of_both_calls_gradients():
+    """One Dense on two branches trains as two separate Dense layers would if their gradients were added."""
+    utils.set_random_seed(3)
+    inputs = keras.Input((6,))
+    shared = layers.Dense(4, activation="relu")
+    merged = layers.Concatenate()([shared(inputs), shared(layers.Dense(6)(inputs))])
+    m = keras.Model(inputs, layers.Dense(2, activation="softmax")(merged))
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = data(8, (6,), classes=2)
+    m._pack_weights()
+    m._grads[...] = 0
+    m._forward_backward(x, y, 1.0)
+    got = [g.copy() for g in shared.grads]
+    # the same graph with the shared layer's two calls made by two copies of it
+    first, second = layers.Dense(4, activation="relu"), layers.Dense(4, activation="relu")
+    first.build((6,)), second.build((6,))
+    first.set_weights(shared.get_weights())
+    second.set_weights(shared.get_weights())
+    inner = m.get_layer(m.layers[2].name) if isinstance(m.layers[2], layers.Dense) and m.layers[2] is not shared \
+        else next(l for l in m.layers if isinstance(l, layers.Dense) and l.input_shape == (6,) and l.units == 6)
+    twin_merged = layers.Concatenate()([first(inputs), second(inner(inputs))])
+    twin = keras.Model(inputs, m.layers[-1](twin_merged))
+    twin.compile("sgd", "sparse_categorical_crossentropy")
+    twin._pack_weights()
+    twin._grads[...] = 0
+    twin._forward_backward(x, y, 1.0)
+    for g, a, b in zip(got, first.grads, second.grads):
+        assert np.abs(g).max() > 0
+        np.testing.assert_allclose(g, a + b, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_layers_train_in_every_model_that_holds_them():
+    model = keras.Sequential([layers.Conv2D(4, 3, activation="relu", input_shape=(8, 8, 1)), layers.Flatten(),
+                              layers.Dense(3, activation="softmax")])
+    model.compile("rmsprop", "sparse_categorical_crossentropy")
+    x, y = data(32, (8, 8, 1))
+    model.fit(x, y, epochs=1, verbose=0)
+    sub = keras.Sequential(model.layers[:2])  # shares the convolution
+    sub_out = sub.predict(x[:4], verbose=0)
+    kernel = model.layers[0].get_weights()[0]
+    model.fit(x, y, epochs=1, verbose=0)
+    assert np.abs(model.layers[0].get_weights()[0] - kernel).max() > 0  # it still trains in the original
+    assert not np.array_equal(sub.predict(x[:4], verbose=0), sub_out)  # and the sub-model sees it at once
+    head = keras.Sequential([model.layers[2]])
+    head.build((None, 144))
+    head.compile("sgd", "sparse_categorical_crossentropy")
+    feats = sub.predict(x, verbose=0)
+    dense = model.layers[2].get_weights()[0]
+    head.fit(feats, y, epochs=1, verbose=0)  # trained through another model ...
+    trained = model.layers[2].get_weights()[0]
+    assert np.abs(trained - dense).max() > 0  # ... the original sees it
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, verbose=0)  # and the original trains on from those values
+    assert np.abs(model.layers[2].get_weights()[0] - trained).max() > 0
+    np.testing.assert_array_equal(model.layers[2].get_weights()[0], head.layers[0].get_weights()[0])
+
+
+def test_multiple_outputs_predict_and_refuse_fit_clearly():
+    inputs = keras.Input((5,))
+    h = layers.Dense(4, activation="relu")(inputs)
+    m = keras.Model(inputs, [layers.Dense(2, activation="softmax")(h), h])
+    out = m.predict(np.ones((3, 5), np.float32), verbose=0)
+    assert [o.shape for o in out] == [(3, 2), (3, 4)]
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.raises(NotImplementedError, match="2 outputs"):
+        m.fit(np.ones((3, 5), np.float32), np.zeros(3), verbose=0)
+
+
+# ===================================================================================== saving
+def test_a_functional_model_with_a_shared_layer_saves_and_resumes_bit_for_bit(tmp_path):
+    x, y = data(48)
+    model = residual_model()
+    model.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model.save(tmp_path / "m.gpucnn")
+    model.fit(x, y, batch_size=16, epochs=2, initial_epoch=1, verbose=0)
+    loaded = keras.models.load_model(tmp_path / "m.gpucnn")
+    assert [type(layer).__name__ for layer in loaded.layers] == [type(layer).__name__ for layer in model.layers]
+    assert summary_lines(loaded)[1:] == summary_lines(model)[1:]
+    shared = [layer for layer in loaded.layers if len(layer._inbound_nodes) == 2]
+    assert len(shared) == 1 and shared[0].count_params() == 16  # one layer, two calls, one set of weights
+    loaded.fit(x, y, batch_size=16, epochs=2, initial_epoch=1, verbose=0)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    again = keras.Model.from_config(model.get_config())
+    assert again.count_params() == model.count_params() and len(again.layers) == len(model.layers)
+
+
+# ===================================================================================== bad input
+def test_bad_input_gets_clear_errors():
+    inputs = keras.Input((8, 8, 3))
+    with pytest.raises(TypeError, match="called on a builtins.str"):
+        layers.Dense(2)("hello")
+    with pytest.raises(ValueError, match=r"Add 'add.*same shape.*\(None, 8, 8, 3\), \(None, 6, 6, 2\)"):
+        layers.Add()([inputs, layers.Conv2D(2, 3)(inputs)])
+    with pytest.raises(ValueError, match="Concatenate.*axis 1.*match in every other dimension"):
+        layers.Concatenate(axis=1)([inputs, layers.Conv2D(2, 3, padding="same")(inputs)])
+    with pytest.raises(ValueError, match="axis=0 is not a non-batch axis"):
+        layers.Concatenate(axis=0)([inputs, inputs])
+    other = keras.Input((8, 8, 3))
+    with pytest.raises(ValueError, match="depend on the input 'input_layer_1'.*not among its inputs"):
+        keras.Model(inputs, layers.Add()([inputs, other]))
+    with pytest.raises(ValueError, match="depend on the input 'input_layer_1'.*not among its inputs"):
+        keras.Model(inputs, layers.Flatten()(other))  # outputs that do not come from the model's input
+    with pytest.raises(ValueError, match="made by keras.Input"):
+        keras.Model(layers.Flatten()(inputs), layers.Dense(2)(layers.Flatten()(inputs)))
+    conv = layers.Conv2D(2, 3)
+    conv(inputs)
+    with pytest.raises(ValueError, match=r"built for inputs \(8, 8, 3\) and cannot take \(9, 9, 3\)"):
+        conv(keras.Input((9, 9, 3)))
+    with pytest.raises(ValueError, match=r"shape must be a tuple, e.g. shape=\(784,\)"):
+        keras.Input(shape=784)
+    with pytest.raises(ValueError, match="variable sizes"):
+        keras.Input((None, None, 3))
+    with pytest.raises(TypeError, match="merges several tensors: call it on a list"):
+        layers.Add()(inputs)
+    with pytest.raises(TypeError, match="Model needs inputs= and outputs="):
+        keras.Model()
+
+
+def test_build_without_the_batch_dimension_says_so():
+    m = keras.Sequential([layers.Conv2D(2, 3), layers.Flatten(), layers.Dense(2)])
+    with pytest.raises(ValueError, match=r"batch dimension first.*model.build\(\(None,\) \+ \(28, 28, 1\)\)"):
+        m.build((28, 28, 1))
+    m.build((None, 28, 28, 1))
+    assert m.output_shape == (None, 2)

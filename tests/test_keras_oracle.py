@@ -1,0 +1,63 @@
+"""Keras 3 as the oracle for the functional API: the same graph built in both, Keras's weights moved into gpucnn,
+then the same predictions, loss and weights after two RMSprop steps. Runs only where Keras is installed (a scratch
+environment: ``pip install keras torch`` and ``KERAS_BACKEND=torch``); Keras is never a dependency of gpucnn."""
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+keras_ref = pytest.importorskip("keras")
+
+import gpucnn  # noqa: E402
+from gpucnn import layers  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("numpy_engine")
+
+
+def build(lib):
+    """A residual Add and a Concatenate, in ``lib``'s API (keras or gpucnn: the same code)."""
+    L = lib.layers
+    inputs = lib.Input(shape=(9, 9, 2))
+    a = L.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    b = L.Conv2D(4, 3, padding="same")(a)
+    c = L.Add()([a, b])
+    d = L.Concatenate()([c, L.Conv2D(3, 1, activation="relu")(inputs)])
+    e = L.MaxPooling2D(2)(L.Conv2D(6, 3, activation="relu")(d))
+    x = L.Dense(16, activation="relu")(L.Flatten()(e))
+    return lib.Model(inputs, L.Dense(5, activation="softmax")(x))
+
+
+def test_a_residual_and_concatenating_model_matches_keras():
+    keras_ref.utils.set_random_seed(0)
+    ref = build(keras_ref)
+    ours = build(gpucnn)
+    assert ours.count_params() == ref.count_params()
+    ours.set_weights(ref.get_weights())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 9, 9, 2)).astype(np.float32)
+    y = rng.integers(0, 5, 12)
+    np.testing.assert_allclose(ours.predict(x, verbose=0), np.asarray(ref.predict(x, verbose=0)), rtol=1e-4,
+                               atol=1e-6)
+    for m in (ref, ours):
+        m.compile(optimizer=(keras_ref if m is ref else gpucnn).optimizers.RMSprop(learning_rate=0.01),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    loss_ref = float(ref.evaluate(x, y, verbose=0)[0])
+    loss_ours = ours.evaluate(x, y, verbose=0)[0]
+    np.testing.assert_allclose(loss_ours, loss_ref, rtol=1e-5)
+    for m in (ref, ours):  # two steps of 6 samples, in order
+        m.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(ours.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(ours.evaluate(x, y, verbose=0)[0], float(ref.evaluate(x, y, verbose=0)[0]), rtol=1e-4)
+
+
+def test_the_summary_is_keras_summary(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    keras_ref.utils.clear_session()
+    gpucnn.utils.clear_session()
+    ref, ours = build(keras_ref), build(gpucnn)
+    lines_ref, lines_ours = [], []
+    ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")))
+    ours.summary(print_fn=lines_ours.append)
+    assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]
