@@ -346,3 +346,14 @@ def test_image_dataset_through_the_adapter(tmp_path):
         break  # an epoch left early
     assert _gpucnn_threads() == []
     assert sum(len(xb) for xb, _ in _epoch(a, 1)) == 10
+
+
+def test_an_unbatched_image_dataset_is_refused(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (5, 5)).save(tmp_path / cls / "0.png")
+    from gpucnn.data import image_dataset_from_directory
+    ds = image_dataset_from_directory(tmp_path, batch_size=None, image_size=(4, 4), verbose=False)
+    with pytest.raises(ValueError, match="single images"):
+        adapt(ds)

@@ -336,3 +336,17 @@ def test_an_error_while_decoding_reaches_the_consumer(folder, monkeypatch):
 def test_dataset_is_an_image_dataset(folder):
     ds = _quiet(folder, image_size=(8, 8))
     assert isinstance(ds, ImageDataset) and "12 files" in repr(ds)
+
+
+def test_explicit_labels_and_follow_links(rgba_folder, tmp_path):
+    ds = image_dataset_from_directory(rgba_folder, labels=[1, 0, 1, 0], image_size=(4, 4), shuffle=False,
+                                      verbose=False)
+    assert ds.class_names == ["0", "1"]
+    np.testing.assert_array_equal(np.concatenate([y for _, y in ds]), [1, 0, 1, 0])  # sorted path order
+    for cls in ("a", "b"):
+        (tmp_path / "root" / cls).mkdir(parents=True)
+        _draw("squares", (6, 6), 0).save(tmp_path / "root" / cls / "own.png")
+    (tmp_path / "root" / "a" / "linked").symlink_to(rgba_folder / "a", target_is_directory=True)
+    assert len(image_dataset_from_directory(tmp_path / "root", verbose=False).file_paths) == 2
+    followed = image_dataset_from_directory(tmp_path / "root", follow_links=True, verbose=False)
+    assert len(followed.file_paths) == 4

@@ -53,6 +53,7 @@ import numpy as np
 from .. import backend
 from ..utils import rng
 from ._prefetch import ordered_map, prefetched
+from .images import ImageDataset
 from .py_dataset import PyDataset
 
 __all__ = ["OUT_OF_DATA_WARNING", "Adapter", "adapt"]
@@ -326,6 +327,9 @@ class _DatasetAdapter(Adapter):
 
     def __init__(self, x, steps, shuffle, what):
         super().__init__(x, steps, what)
+        if isinstance(x, ImageDataset) and x.batch_size is None:
+            raise ValueError(f"{what} yields single images (made with batch_size=None); give "
+                             "image_dataset_from_directory a batch_size to train or predict on it")
         self.num_batches = steps or (len(x) if hasattr(x, "__len__") else None)
 
     def _open_pass(self):
