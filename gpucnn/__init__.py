@@ -11,13 +11,17 @@
 ``GPUCNN_DEVICE=auto|gpu|cpu`` (or ``gpucnn.set_engine``) chooses the engine; see ``gpucnn.backend``.
 Importing gpucnn never touches the GPU.
 """
-from . import callbacks, datasets, layers, losses, metrics, models, optimizers, saving, utils, viz
+from . import callbacks, data, datasets, layers, losses, metrics, models, optimizers, saving, utils, viz
 from .backend import engine, set_engine
 from .layers import Input
 from .models import Model, Sequential
 
+# keras.utils also holds the data pipelines (gpucnn.data, which itself builds on gpucnn.utils)
+utils.image_dataset_from_directory = data.image_dataset_from_directory
+utils.PyDataset = data.PyDataset
+
 __version__ = "0.1.0"
-__all__ = ["Input", "Model", "Sequential", "callbacks", "datasets", "layers", "losses", "metrics", "models",
+__all__ = ["Input", "Model", "Sequential", "callbacks", "data", "datasets", "layers", "losses", "metrics", "models",
            "optimizers", "saving", "utils", "viz", "engine", "set_engine", "__version__"]
 
 

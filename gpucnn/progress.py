@@ -47,6 +47,7 @@ class Progbar:
         self.first_step_done = None  # the first step (compilation, warm-up) is left out of per-step time
         self.last_draw = 0.0
         self.width = 0
+        self.seen = 0  # the last step reported
 
     def _per_step(self, step, now):
         if self.first_step_done is None or step <= 1:
@@ -54,6 +55,8 @@ class Progbar:
         return (now - self.first_step_done[1]) / (step - self.first_step_done[0])
 
     def _bar(self, step):
+        if self.target is None:  # a dataset of unknown length: Keras's "12/Unknown"
+            return f"{step}/Unknown"
         digits = len(str(self.target))
         done = int(BAR_WIDTH * step / self.target) if self.target else BAR_WIDTH
         if self.dynamic:
@@ -65,29 +68,30 @@ class Progbar:
     def update(self, step, metrics):
         """Redraw (terminal, verbose=1 only) after ``step`` steps, at most every ``interval`` s."""
         now = time.perf_counter()
+        self.seen = step
         if self.first_step_done is None and step >= 1:
             self.first_step_done = (step, now)
-        if self.verbose != 1 or not self.dynamic or step >= self.target:
+        if self.verbose != 1 or not self.dynamic or (self.target is not None and step >= self.target):
             return
         if now - self.last_draw < self.interval:
             return
         self.last_draw = now
         per_step = self._per_step(step, now)
-        eta = per_step * (self.target - step)
-        self._write("\r" + self._bar(step) + f" {format_duration(eta)} {format_per_step(per_step)}"
-                    + format_metrics(metrics), end="")
+        eta = "" if self.target is None else f" {format_duration(per_step * (self.target - step))}"
+        self._write("\r" + self._bar(step) + f"{eta} {format_per_step(per_step)}" + format_metrics(metrics), end="")
 
     def finish(self, metrics):
         """The epoch's final line (the only one when not on a terminal)."""
         if self.verbose == 0:
             return
+        steps = self.seen if self.target is None else self.target  # (an unknown length: the steps that ran)
         now = time.perf_counter()
-        elapsed, per_step = now - self.start, self._per_step(self.target, now)
+        elapsed, per_step = now - self.start, self._per_step(steps, now)
         if self.verbose == 2:
-            line = (f"{self.target}/{self.target} - {format_duration(elapsed)} - "
+            line = (f"{steps}/{self.target or 'Unknown'} - {format_duration(elapsed)} - "
                     f"{format_per_step(per_step)}{format_metrics(metrics)}")
         else:
-            line = (self._bar(self.target) + f" {format_duration(elapsed)} {format_per_step(per_step)}"
+            line = (self._bar(steps) + f" {format_duration(elapsed)} {format_per_step(per_step)}"
                     + format_metrics(metrics))
         self._write(("\r" if self.dynamic else "") + line, end="\n")
 

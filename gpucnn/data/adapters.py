@@ -75,7 +75,7 @@ def adapt(x, y=None, batch_size=None, steps=None, shuffle=False, what="x"):
     if isinstance(x, collections.abc.Mapping):
         raise TypeError(f"{what} is a dict: gpucnn models take one input array (or a dataset of (x, y) "
                         "batches), not named inputs")
-    if _is_arrays(x, y):
+    if is_arrays(x, y):
         return _ArrayAdapter(x, y, batch_size, steps, shuffle, what)
     if isinstance(x, PyDataset) or _is_sequence(x):
         kind = "PyDataset" if isinstance(x, PyDataset) else "sequence of batches"
@@ -93,7 +93,7 @@ def adapt(x, y=None, batch_size=None, steps=None, shuffle=False, what="x"):
     return adapter(x, steps, shuffle, what)
 
 
-def _is_arrays(x, y):
+def is_arrays(x, y):
     if isinstance(x, np.ndarray) or backend.is_engine_array(x):
         return True
     if isinstance(x, (list, tuple)):  # a list of (x, y) tuples is a sequence of batches; else an array

@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import backend, losses as losses_mod, metrics as metrics_mod, optimizers as optimizers_mod
 from ..callbacks import CallbackList, History
+from ..data import adapters
 from ..progress import Progbar
 from ..utils import rng
 from . import fastpath, parallel
@@ -154,95 +155,162 @@ class Trainer:
         return self.graph.forward([xb], False, self._contexts(len(xb), False))
 
     # ================================================================================= fit
-    def fit(self, x=None, y=None, batch_size=32, epochs=1, verbose=1, callbacks=None,
-            validation_split=0.0, validation_data=None, shuffle=True, initial_epoch=0):
-        """Train; returns a ``History`` whose ``.history`` has ``loss``, ``accuracy``, ``val_*``."""
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callbacks=None, validation_split=0.0,
+            validation_data=None, shuffle=True, class_weight=None, sample_weight=None, initial_epoch=0,
+            steps_per_epoch=None, validation_steps=None, validation_batch_size=None, validation_freq=1):
+        """Train; returns a ``History`` whose ``.history`` has ``loss``, the metrics and ``val_*``.
+
+        ``x``: arrays with labels ``y`` (kept whole on the engine, shuffled each epoch), or a dataset
+        (``image_dataset_from_directory``'s), a generator or iterable of ``(x, y)`` batches, or a ``PyDataset``
+        (``gpucnn.data.adapt``); ``steps_per_epoch`` and ``validation_steps`` as Keras uses them."""
         self._require_compiled("fit")
-        batch_size = _positive_int(batch_size, "batch_size")
+        if class_weight is not None or sample_weight is not None:
+            raise NotImplementedError("fit(class_weight=..., sample_weight=...) is not supported by gpucnn yet")
+        if validation_freq != 1:
+            raise NotImplementedError("fit(validation_freq=...) is not supported by gpucnn yet; validation runs "
+                                      "after every epoch")
+        verbose = _verbose(verbose)
+        batch_size = 32 if batch_size is None else _positive_int(batch_size, "batch_size")
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         callbacks = _callback_list(callbacks)
-        x = self._check_x(x)
-        self._require_one_output("fit")
-        y = self._check_y(y, len(x))
-        if validation_data is None and validation_split:
-            if not 0 < validation_split < 1:
-                raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
-            split = int(math.floor(len(x) * (1 - validation_split)))
-            if split == 0 or split == len(x):
-                raise ValueError(f"validation_split={validation_split} leaves no training or no "
-                                 f"validation samples out of {len(x)}")
-            x, y, validation_data = x[:split], y[:split], (x[split:], y[split:])
-        elif validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError("validation_data must be a tuple (x_val, y_val)")
-            xv = self._check_x(validation_data[0], "validation_data[0]")
-            validation_data = (xv, self._check_y(validation_data[1], len(xv), "validation_data[1]"))
+        train = None if steps_per_epoch is None and adapters.is_arrays(x, y) else \
+            adapters.adapt(x, y, batch_size, steps_per_epoch, shuffle, "x")
+        try:
+            if train is None:
+                x = self._check_x(x)
+                self._require_one_output("fit")
+                y = self._check_y(y, len(x))
+                if validation_data is None and validation_split:
+                    if not 0 < validation_split < 1:
+                        raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
+                    split = int(math.floor(len(x) * (1 - validation_split)))
+                    if split == 0 or split == len(x):
+                        raise ValueError(f"validation_split={validation_split} leaves no training or no "
+                                         f"validation samples out of {len(x)}")
+                    x, y, validation_data = x[:split], y[:split], (x[split:], y[split:])
+            else:
+                if validation_split:
+                    raise ValueError("validation_split is only supported for arrays: give the validation set as "
+                                     "validation_data (e.g. image_dataset_from_directory(..., subset='validation'))")
+                first = train.peek()
+                if first is None:
+                    raise ValueError("x yields no batches: there is nothing to train on")
+                self._check_x(first[0])
+                self._require_one_output("fit")
+                if first[1] is None:
+                    raise ValueError("the batches of x hold no labels: fit needs (x, y) batches")
+            validation = self._validation_source(validation_data, validation_batch_size or batch_size,
+                                                 validation_steps)
+            return self._fit(x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle,
+                             initial_epoch)
+        finally:
+            if train is not None:
+                train.close()
 
+    def _validation_source(self, validation_data, batch_size, steps):
+        """Validation data as evaluate takes it: checked arrays (x, y), an adapter, or None."""
+        if validation_data is None:
+            return None
+        if isinstance(validation_data, (tuple, list)) and adapters.is_arrays(*validation_data[:2]) \
+                and steps is None:
+            if len(validation_data) != 2:
+                raise ValueError("validation_data must be a tuple (x_val, y_val) or a dataset")
+            xv = self._check_x(validation_data[0], "validation_data[0]")
+            return xv, self._check_y(validation_data[1], len(xv), "validation_data[1]")
+        if isinstance(validation_data, tuple) and len(validation_data) == 2 and validation_data[1] is not None \
+                and not adapters.is_arrays(*validation_data):
+            raise ValueError("validation_data must be a tuple (x_val, y_val) of arrays, or a dataset of (x, y) "
+                             "batches")
+        return adapters.adapt(validation_data, None, batch_size, steps, False, "validation_data")
+
+    def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch):
         self._adopt_weights()
         xp = backend.ops().xp
         trainer = None
-        if backend.engine() == "cuda":  # the fast path: the step captured as a CUDA graph
+        if train is None and backend.engine() == "cuda":  # the fast path: the step captured as a CUDA graph
             trainer = fastpath.plan(self, batch_size, x, y)
             if isinstance(trainer, str):
                 fastpath.notice(self, trainer)
                 trainer = None
-        # the whole set goes to the engine once (the fast path's trainer holds its own device copy)
-        x_dev, y_dev = (x, y) if trainer is not None else (xp.asarray(x), xp.asarray(y))
+        if train is None:
+            # the whole set goes to the engine once (the fast path's trainer holds its own device copy)
+            x_dev, y_dev = (x, y) if trainer is not None else (xp.asarray(x), xp.asarray(y))
+            steps = math.ceil(len(x) / batch_size)
+        else:
+            steps = train.num_batches
         history = History()
-        params = {"verbose": verbose, "epochs": epochs, "steps": math.ceil(len(x) / batch_size)}
+        params = {"verbose": verbose, "epochs": epochs, "steps": steps}
         cbs = CallbackList(callbacks + [history], self, params)
         self.stop_training = False
         self.history = history
+        self._last_logs = {}
         cbs.on_train_begin()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _end_batch
-            self._epochs(x_dev, y_dev, batch_size, epochs, initial_epoch, shuffle, verbose,
-                         validation_data, cbs, trainer)
+            for epoch in range(initial_epoch, epochs):
+                if train is not None and train.exhausted:
+                    train.warn_exhausted()
+                    break
+                cbs.on_epoch_begin(epoch)
+                if verbose and epochs > 1:
+                    print(f"Epoch {epoch + 1}/{epochs}")
+                    sys.stdout.flush()
+                bar = Progbar(steps, verbose)
+                if trainer is not None:  # the fast path: its own device order, graphs and metric reads
+                    logs = trainer.run_epoch(epoch, shuffle, cbs, bar)
+                elif train is None:
+                    order = rng().permutation(len(x_dev)) if shuffle else np.arange(len(x_dev))
+                    order_dev = xp.asarray(order)
+                    batches = ((x_dev[idx], y_dev[idx]) for idx in
+                               (order_dev[k * batch_size:(k + 1) * batch_size] for k in range(steps)))
+                    logs = self._train_epoch(batches, cbs, bar, epoch)
+                else:
+                    logs = self._train_epoch(self._checked_batches(train, epoch), cbs, bar, epoch)
+                logs = dict(logs)
+                if validation is not None:
+                    val = self.evaluate(validation, batch_size=batch_size, verbose=0, return_dict=True,
+                                        callbacks=cbs, _checked=True)
+                    logs.update({f"val_{k}": v for k, v in val.items()})
+                bar.finish(logs)
+                cbs.on_epoch_end(epoch, logs)
+                self._last_logs = logs
+                if self.stop_training:
+                    break
         cbs.on_train_end(self._last_logs)
         return history
 
-    def _epochs(self, x_dev, y_dev, batch_size, epochs, initial_epoch, shuffle, verbose,
-                validation_data, cbs, trainer=None):
+    def _checked_batches(self, source, epoch, labels=True):
+        """The batches of an adapter as engine arrays, each checked as fit checks arrays."""
         xp = backend.ops().xp
-        n = len(x_dev)
-        steps = math.ceil(n / batch_size)
+        for k, (xb, yb) in enumerate(source.batches(epoch)):
+            xb = self._check_x(xb, f"batch {k} of x")
+            if not labels:
+                yield xp.asarray(xb), None
+                continue
+            if yb is None:
+                raise ValueError(f"batch {k} of x holds no labels: (x, y) batches are needed here")
+            yield xp.asarray(xb), xp.asarray(self._check_y(yb, len(xb), f"the labels of batch {k}"))
+
+    def _train_epoch(self, batches, cbs, bar, epoch):
+        """One epoch of the plain loop over (x, y) engine batches; returns its logs."""
         # The NumPy engine reads its loss every step; on the GPU a read waits for the device, so the
         # running loss is read (and checked for divergence) only every READ_EVERY steps.
         read_every = self.READ_EVERY if backend.ops().READS_WAIT else 1
-        self._last_logs = {}
-        for epoch in range(initial_epoch, epochs):
-            cbs.on_epoch_begin(epoch)
-            if verbose and epochs > 1:
-                print(f"Epoch {epoch + 1}/{epochs}")
-                sys.stdout.flush()
-            bar = Progbar(steps, verbose)
-            if trainer is not None:  # the fast path: its own device order, graphs and metric reads
-                logs = trainer.run_epoch(epoch, shuffle, cbs, bar)
-            else:
-                order = rng().permutation(n) if shuffle else np.arange(n)
-                order_dev = xp.asarray(order)
-                loss_total, correct_total, seen, logs = 0.0, 0, 0, {}
-                for step in range(steps):
-                    cbs.on_train_batch_begin(step)
-                    idx = order_dev[step * batch_size:(step + 1) * batch_size]
-                    loss_sum, correct = self._train_step(x_dev[idx], y_dev[idx])
-                    seen += len(idx)
-                    loss_total = loss_total + loss_sum
-                    correct_total = correct_total + correct
-                    if step % read_every == read_every - 1 or step == steps - 1:
-                        logs = self._read_logs(loss_total, correct_total, seen)
-                    if self._end_batch(cbs, bar, epoch, step, logs):
-                        break
-            logs = dict(logs)
-            if validation_data is not None:
-                val = self.evaluate(*validation_data, batch_size=batch_size, verbose=0,
-                                    return_dict=True, callbacks=cbs, _checked=True)
-                logs.update({f"val_{k}": v for k, v in val.items()})
-            bar.finish(logs)
-            cbs.on_epoch_end(epoch, logs)
-            self._last_logs = logs
-            if self.stop_training:
-                break
+        loss_total, correct_total, seen, logs, step = 0.0, 0, 0, {}, -1
+        for step, (xb, yb) in enumerate(batches):
+            cbs.on_train_batch_begin(step)
+            loss_sum, correct = self._train_step(xb, yb)
+            seen += len(xb)
+            loss_total = loss_total + loss_sum
+            correct_total = correct_total + correct
+            last = bar.target is not None and step == bar.target - 1
+            if step % read_every == read_every - 1 or last:
+                logs = self._read_logs(loss_total, correct_total, seen)
+            if self._end_batch(cbs, bar, epoch, step, logs):
+                return logs
+        if seen and (step % read_every != read_every - 1):
+            logs = self._read_logs(loss_total, correct_total, seen)
+        return logs
 
     def _read_logs(self, loss_total, correct_total, seen):
         """Running means of the epoch so far (engine scalars are read here)."""
@@ -268,60 +336,100 @@ class Trainer:
         return False
 
     # ================================================================================= evaluate, predict
-    def evaluate(self, x=None, y=None, batch_size=32, verbose=1, return_dict=False, callbacks=None,
-                 _checked=False):
-        """``[loss, accuracy]`` over the data (the loss alone when compiled without metrics)."""
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None, return_dict=False,
+                 callbacks=None, _checked=False):
+        """``[loss, metrics...]`` over the data (the loss alone when compiled without metrics); ``x`` as fit
+        takes it (arrays with ``y``, or a dataset of (x, y) batches, with ``steps``)."""
         self._require_compiled("evaluate")
-        batch_size = _positive_int(batch_size, "batch_size")
-        if not _checked:
-            x = self._check_x(x)
-            self._require_one_output("evaluate")
-            y = self._check_y(y, len(x))
+        verbose = _verbose(verbose)
+        batch_size = 32 if batch_size is None else _positive_int(batch_size, "batch_size")
+        ops = backend.ops()
+        source = None
+        if isinstance(x, adapters.Adapter) or not (steps is None and adapters.is_arrays(x, y)):
+            source = x if isinstance(x, adapters.Adapter) else adapters.adapt(x, y, batch_size, steps, False, "x")
+            total = source.num_batches
+            batches = self._checked_batches(source, 0)
+        else:
+            if isinstance(x, tuple) and _checked:
+                x, y = x
+            if not _checked:
+                x = self._check_x(x)
+                self._require_one_output("evaluate")
+                y = self._check_y(y, len(x))
+            x_dev, y_dev = ops.xp.asarray(x), ops.xp.asarray(y)
+            total = math.ceil(len(x) / batch_size)
+            batches = ((x_dev[k * batch_size:(k + 1) * batch_size], y_dev[k * batch_size:(k + 1) * batch_size])
+                       for k in range(total))
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(_callback_list(callbacks), self, {})
         cbs.on_test_begin()
-        ops = backend.ops()
-        x_dev, y_dev = ops.xp.asarray(x), ops.xp.asarray(y)
-        steps = math.ceil(len(x) / batch_size)
-        bar = Progbar(steps, verbose)
-        loss_total, correct_total = 0.0, 0
-        for step in range(steps):
-            cbs.on_test_batch_begin(step)
-            sl = slice(step * batch_size, (step + 1) * batch_size)
-            p = self._predict_batch(x_dev[sl])[0]
-            loss_total = loss_total + ops.crossentropy_forward(p, y_dev[sl], self.loss.sparse).sum()
-            correct_total = correct_total + ops.count_correct(p, y_dev[sl], self.loss.sparse)
-            cbs.on_test_batch_end(step, {})
-            bar.update(step + 1, {})
-        logs = {"loss": float(loss_total) / len(x)}
+        bar = Progbar(total, verbose)
+        loss_total, correct_total, seen = 0.0, 0, 0
+        try:
+            for step, (xb, yb) in enumerate(batches):
+                cbs.on_test_batch_begin(step)
+                p = self._predict_batch(xb)[0]
+                loss_total = loss_total + ops.crossentropy_forward(p, yb, self.loss.sparse).sum()
+                correct_total = correct_total + ops.count_correct(p, yb, self.loss.sparse)
+                seen += len(xb)
+                cbs.on_test_batch_end(step, {})
+                bar.update(step + 1, {})
+        finally:
+            if source is not None and source is not x:
+                source.close()
+        if not seen:
+            raise ValueError("evaluate: the data yields no samples")
+        logs = {"loss": float(loss_total) / seen}
         for name in self.metrics:
-            logs[name] = int(correct_total) / len(x)
+            logs[name] = int(correct_total) / seen
         cbs.on_test_end(logs)
         bar.finish(logs)
         if return_dict:
             return logs
         return [logs["loss"]] + [logs[name] for name in self.metrics] if self.metrics else logs["loss"]
 
-    def predict(self, x, batch_size=32, verbose=1, callbacks=None):
-        """The model's outputs for ``x`` as a NumPy array (N, ...), or a list of them for several outputs."""
-        batch_size = _positive_int(batch_size, "batch_size")
-        x = self._check_x(x)
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """The model's outputs for ``x`` (arrays, or a dataset / generator of batches, with ``steps``) as a
+        NumPy array (N, ...), or a list of them for several outputs."""
+        verbose = _verbose(verbose)
+        batch_size = 32 if batch_size is None else _positive_int(batch_size, "batch_size")
+        xp = backend.ops().xp
+        source = None
+        if not (steps is None and adapters.is_arrays(x, None)):
+            source = adapters.adapt(x, None, batch_size, steps, False, "x")
+            total = source.num_batches
+            batches = (xb for xb, _ in self._checked_batches(source, 0, labels=False))
+        else:
+            x_dev = xp.asarray(self._check_x(x))
+            total = math.ceil(len(x_dev) / batch_size)
+            batches = (x_dev[k * batch_size:(k + 1) * batch_size] for k in range(total))
         cbs = CallbackList(_callback_list(callbacks), self, {})
         cbs.on_predict_begin()
-        xp = backend.ops().xp
-        x_dev = xp.asarray(x)
-        steps = math.ceil(len(x) / batch_size)
-        bar = Progbar(steps, verbose)
+        bar = Progbar(total, verbose)
         outs = [[] for _ in self.outputs]
-        for step in range(steps):
-            cbs.on_predict_batch_begin(step)
-            for i, out in enumerate(self._predict_batch(x_dev[step * batch_size:(step + 1) * batch_size])):
-                outs[i].append(backend.to_numpy(out).copy())
-            cbs.on_predict_batch_end(step, {})
-            bar.update(step + 1, {})
+        try:
+            for step, xb in enumerate(batches):
+                cbs.on_predict_batch_begin(step)
+                for i, out in enumerate(self._predict_batch(xb)):
+                    outs[i].append(backend.to_numpy(out).copy())
+                cbs.on_predict_batch_end(step, {})
+                bar.update(step + 1, {})
+        finally:
+            if source is not None:
+                source.close()
         cbs.on_predict_end()
         bar.finish({})
+        if not outs[0]:
+            raise ValueError("predict: the data yields no samples")
         results = [np.concatenate(o) for o in outs]
         return results[0] if len(results) == 1 else results
+
+
+def _verbose(verbose):
+    if verbose == "auto":
+        return 1
+    if isinstance(verbose, bool) or verbose not in (0, 1, 2):
+        raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+    return int(verbose)
 
 
 def _callback_list(callbacks):
