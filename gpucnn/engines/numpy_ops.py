@@ -353,15 +353,23 @@ def global_maxpool2d_backward(dy, idx, x_shape, out=None):
 
 
 # ===================================================================================== zero padding
-def _check_padding(padding, what):
+def _padded_shape(x_shape, padding, dy_shape, what):
+    """The shape of x (N, H, W, C) padded by ``padding``, after checking the padding (and dy, if given)."""
     if len(padding) != 4 or any(int(p) != p or p < 0 for p in padding):
         raise ValueError(f"{what}: padding must be four non-negative ints (top, bottom, left, right), "
                          f"got {tuple(padding)}")
+    n, h, wd, c = x_shape
+    top, bottom, left, right = padding
+    shape = (n, top + h + bottom, left + wd + right, c)
+    if dy_shape is not None and tuple(dy_shape) != shape:
+        raise ValueError(f"{what}: dy must be {shape} for x {tuple(x_shape)} padded by {tuple(padding)}, "
+                         f"got {tuple(dy_shape)}")
+    return shape
 
 
 def zero_padding2d_forward(x, padding, out=None):
     """y (N, top+H+bottom, left+W+right, C): x surrounded by zeros (Keras's ZeroPadding2D)."""
-    _check_padding(padding, "zero_padding2d_forward")
+    _padded_shape(x.shape, padding, None, "zero_padding2d_forward")
     if out is None:
         return np.ascontiguousarray(_pad(x, padding))
     top, bottom, left, right = padding
@@ -372,12 +380,8 @@ def zero_padding2d_forward(x, padding, out=None):
 
 def zero_padding2d_backward(dy, x_shape, padding, out=None):
     """dx (N,H,W,C): the gradient of the cells that hold x."""
-    _check_padding(padding, "zero_padding2d_backward")
-    dx = _crop(dy, padding)
-    if dx.shape != tuple(x_shape):
-        raise ValueError(f"zero_padding2d_backward: dy {dy.shape} less the padding {tuple(padding)} is "
-                         f"{dx.shape}, not x's {tuple(x_shape)}")
-    return _finish(np.ascontiguousarray(dx), out)
+    _padded_shape(x_shape, padding, dy.shape, "zero_padding2d_backward")
+    return _finish(np.ascontiguousarray(_crop(dy, padding)), out)
 
 
 # ===================================================================================== batch normalization
@@ -468,7 +472,9 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
 # Keras's DepthwiseConv2D: w is (KH, KW, C, DM) and output channel c·DM + m is input channel c convolved with
 # w[:, :, c, m] (SeparableConv2D is this, then a 1x1 conv2d). The same padding, stride and activation rules
 # as conv2d.
-def _depthwise_geometry(x_shape, w_shape, stride, padding, what):
+def _depthwise_geometry(x_shape, w_shape, stride, padding, what, b=None, dy=None):
+    """(N, H, W, C, DM, P, Q) after checking that x, the kernel w, the bias b (None or (C·DM,)) and the
+    output gradient dy (None or (N, P, Q, C·DM)) fit together and that the window fits the padded input."""
     kh, kw, c, dm = w_shape
     n, h, wd, xc, p, q = geometry(x_shape, (kh, kw), stride, padding)
     if xc != c:
@@ -476,13 +482,17 @@ def _depthwise_geometry(x_shape, w_shape, stride, padding, what):
     if p < 1 or q < 1:
         raise ValueError(f"{what}: a {kh}x{kw} window does not fit the {h}x{wd} input padded by "
                          f"{tuple(padding)}")
+    if b is not None and b.shape != (c * dm,):
+        raise ValueError(f"{what}: the bias must be ({c * dm},) for the kernel {tuple(w_shape)}, got {b.shape}")
+    if dy is not None and dy.shape != (n, p, q, c * dm):
+        raise ValueError(f"{what}: dy must be {(n, p, q, c * dm)}, got {dy.shape}")
     return n, h, wd, c, dm, p, q
 
 
 def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     """y = act(depthwise(x, w) + b): x (N,H,W,C), w (KH,KW,C,DM), b (C·DM,) or None → y (N,P,Q,C·DM), one
     multiply-add of a whole (N, P, Q, C, DM) block per kernel tap."""
-    n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w.shape, stride, padding, "depthwise_conv2d_forward")
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w.shape, stride, padding, "depthwise_conv2d_forward", b)
     xpad = _pad(x, padding)
     y = np.zeros((n, p, q, c, dm), DTYPE)
     for i in range(w.shape[0]):
@@ -497,7 +507,8 @@ def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out
 def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     """dx (N,H,W,C) from dy (N,P,Q,C·DM): each tap's dy·w[i, j], summed over the multipliers, added back
     where that tap read."""
-    n, h, wd, c, dm, p, q = _depthwise_geometry(x_shape, w.shape, stride, padding, "depthwise_conv2d_backward_data")
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x_shape, w.shape, stride, padding, "depthwise_conv2d_backward_data",
+                                                dy=dy)
     dy5 = dy.reshape(n, p, q, c, dm)
     dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
     for i in range(w.shape[0]):
@@ -511,7 +522,7 @@ def depthwise_conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, 
     """(dw (KH,KW,C,DM), db (C·DM,)) from dy (N,P,Q,C·DM) and the layer's input x: for each tap, the sum
     over the batch and the output pixels of the tap's input times dy."""
     n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w_shape, stride, padding,
-                                                "depthwise_conv2d_backward_filter")
+                                                "depthwise_conv2d_backward_filter", dy=dy)
     dy5 = dy.reshape(n, p, q, c, dm)
     xpad = _pad(x, padding)
     dw = np.empty(w_shape, DTYPE) if out_w is None else out_w
