@@ -409,13 +409,14 @@ def _bn_rows(x, what, training, **vectors):
     return x.reshape(m, c), m, c
 
 
-def _bn_apply(x2, mean, inv_std, gamma, beta, out):
+def _bn_apply(x2, mean, inv_std, gamma, beta, x_shape, out):
+    """y (x_shape, or ``out``) = (x − mean)·(inv_std·gamma) + beta from the rows x2 (M, C)."""
     scale = inv_std if gamma is None else inv_std * gamma
     y = np.subtract(x2, mean, out=None if out is None else out.reshape(x2.shape))
     y *= scale
     if beta is not None:
         y += beta
-    return y
+    return y.reshape(x_shape) if out is None else out
 
 
 def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
@@ -432,8 +433,7 @@ def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum
     moving_mean += mean * DTYPE(1 - momentum)
     moving_var *= DTYPE(momentum)
     moving_var += var * DTYPE(1 - momentum)
-    y = _bn_apply(x2, mean, inv_std, gamma, beta, out)
-    return y.reshape(x.shape), mean, inv_std
+    return _bn_apply(x2, mean, inv_std, gamma, beta, x.shape, out), mean, inv_std
 
 
 def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon, out=None, out_inv_std=None):
@@ -442,7 +442,7 @@ def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon
     x2, m, c = _bn_rows(x, "batchnorm_forward_inference", False, gamma=gamma, beta=beta,
                           moving_mean=moving_mean, moving_var=moving_var)
     inv_std = _finish(DTYPE(1) / np.sqrt(moving_var + DTYPE(epsilon)), out_inv_std)
-    return _bn_apply(x2, moving_mean, inv_std, gamma, beta, out).reshape(x.shape), inv_std
+    return _bn_apply(x2, moving_mean, inv_std, gamma, beta, x.shape, out), inv_std
 
 
 def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None):
@@ -465,7 +465,7 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
         dx *= scale
     else:
         dx = np.multiply(dy2, scale, out=None if out is None else out.reshape(x2.shape))
-    return dx.reshape(x.shape), dgamma, dbeta
+    return (dx.reshape(x.shape) if out is None else out), dgamma, dbeta
 
 
 # ===================================================================================== depthwise conv2d
