@@ -28,6 +28,14 @@ def _number(value, what, who):
     return float(value)
 
 
+def _decay_start(initial_learning_rate, decay_steps, who):
+    """(initial_learning_rate as a float, decay_steps as given) after checking them: a finite rate, and
+    decay_steps > 0."""
+    if _number(decay_steps, "decay_steps", who) <= 0:
+        raise ValueError(f"{who}: decay_steps must be > 0, got {decay_steps!r}")
+    return _number(initial_learning_rate, "initial_learning_rate", who), decay_steps
+
+
 def _step(step, who):
     """A step count as a float: a real number >= 0 (an int, as a rule)."""
     if isinstance(step, bool) or not isinstance(step, numbers.Real) or not step >= 0 or not math.isfinite(step):
@@ -64,10 +72,7 @@ class ExponentialDecay(LearningRateSchedule):
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name="ExponentialDecay"):
         who = "ExponentialDecay"
-        self.initial_learning_rate = _number(initial_learning_rate, "initial_learning_rate", who)
-        self.decay_steps = decay_steps
-        if _number(decay_steps, "decay_steps", who) <= 0:
-            raise ValueError(f"{who}: decay_steps must be > 0, got {decay_steps!r}")
+        self.initial_learning_rate, self.decay_steps = _decay_start(initial_learning_rate, decay_steps, who)
         self.decay_rate = decay_rate
         if _number(decay_rate, "decay_rate", who) <= 0:
             raise ValueError(f"{who}: decay_rate must be > 0 (the factor the rate is multiplied by every "
@@ -126,10 +131,7 @@ class CosineDecay(LearningRateSchedule):
     def __init__(self, initial_learning_rate, decay_steps, alpha=0.0, name="CosineDecay", warmup_target=None,
                  warmup_steps=0):
         who = "CosineDecay"
-        self.initial_learning_rate = _number(initial_learning_rate, "initial_learning_rate", who)
-        self.decay_steps = decay_steps
-        if _number(decay_steps, "decay_steps", who) <= 0:
-            raise ValueError(f"{who}: decay_steps must be > 0, got {decay_steps!r}")
+        self.initial_learning_rate, self.decay_steps = _decay_start(initial_learning_rate, decay_steps, who)
         self.alpha = alpha
         if not 0 <= _number(alpha, "alpha", who) <= 1:
             raise ValueError(f"{who}: alpha (the final rate as a fraction of the decay's start) must be in "
