@@ -3,9 +3,16 @@
 
 A callback may set ``self.model.stop_training = True`` to end training after the current epoch.
 """
+import collections.abc
+import csv
+import inspect
 import math
 import os
 import warnings
+
+import numpy as np
+
+from . import schedules
 
 
 class Callback:
@@ -223,3 +230,200 @@ class TerminateOnNaN(Callback):
         if loss is not None and not math.isfinite(loss):
             print(f"Batch {batch}: Invalid loss, terminating training")
             self.model.stop_training = True
+
+
+# ===================================================================================== learning rate, logging
+def _optimizer(model, who):
+    """The model's optimizer, whose ``learning_rate`` these callbacks read and set (a float)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not hasattr(optimizer, "learning_rate"):
+        raise ValueError(f"{who} needs a compiled model whose optimizer has a learning_rate; call "
+                         "model.compile(optimizer=...) first")
+    return optimizer
+
+
+class LearningRateScheduler(Callback):
+    """At the start of every epoch, set the optimizer's learning rate to ``schedule(epoch, lr)`` (epoch from
+    0, lr the current rate) or, for a function of one argument, ``schedule(epoch)``. The schedule must return
+    a float (as Keras requires), finite and >= 0. Each epoch's logs get ``learning_rate``."""
+
+    def __init__(self, schedule, verbose=0):
+        super().__init__()
+        if not callable(schedule):
+            raise TypeError(f"LearningRateScheduler takes a function schedule(epoch, lr) -> float, got "
+                            f"{type(schedule).__name__}")
+        self.schedule, self.verbose = schedule, verbose
+
+    def _takes_the_rate(self):
+        try:
+            inspect.signature(self.schedule).bind(0, 0.0)
+            return True
+        except TypeError:
+            return False
+        except ValueError:  # no signature to read (some builtins): Keras's rule, two arguments first
+            return True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        optimizer = _optimizer(self.model, "LearningRateScheduler")
+        if self._takes_the_rate():
+            lr = self.schedule(epoch, float(optimizer.learning_rate))
+        else:
+            lr = self.schedule(epoch)
+        if isinstance(lr, bool) or not isinstance(lr, (float, np.floating)):
+            raise ValueError(f"LearningRateScheduler: the schedule must return a float, got {type(lr).__name__} "
+                             f"{lr!r} for epoch {epoch}")
+        optimizer.learning_rate = schedules.check_rate(lr, f"the learning rate the schedule returned for epoch "
+                                                           f"{epoch}")
+        if self.verbose > 0:
+            print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to {optimizer.learning_rate}.")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(_optimizer(self.model, "LearningRateScheduler").learning_rate)
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved by more than ``min_delta``
+    for ``patience`` epochs, never below ``min_lr``; then wait ``cooldown`` epochs before counting again.
+    Each epoch's logs get ``learning_rate`` (the rate that epoch trained with)."""
+
+    def __init__(self, monitor="val_loss", factor=0.1, patience=10, verbose=0, mode="auto", min_delta=1e-4,
+                 cooldown=0, min_lr=0.0):
+        super().__init__()
+        if not 0 <= factor < 1:
+            raise ValueError(f"ReduceLROnPlateau: factor must be in [0, 1) (the rate is multiplied by it), got "
+                             f"{factor!r}")
+        if not (math.isfinite(min_lr) and min_lr >= 0):
+            raise ValueError(f"ReduceLROnPlateau: min_lr must be a finite number >= 0, got {min_lr!r}")
+        self.monitor, self.factor, self.patience, self.verbose = monitor, float(factor), int(patience), verbose
+        self.cooldown, self.min_lr = int(cooldown), float(min_lr)
+        self._better, sign = _monitor_op(monitor, mode, "ReduceLROnPlateau")
+        self.min_delta = sign * abs(min_delta)  # an improvement must beat best by |min_delta|
+        self.best, self.wait, self.cooldown_counter = None, 0, 0
+
+    def on_train_begin(self, logs=None):
+        self.best, self.wait, self.cooldown_counter = None, 0, 0
+
+    def in_cooldown(self):
+        return self.cooldown_counter > 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        optimizer = _optimizer(self.model, "ReduceLROnPlateau")
+        logs["learning_rate"] = float(optimizer.learning_rate)
+        current = logs.get(self.monitor)
+        if current is None:
+            warnings.warn(f"ReduceLROnPlateau is conditioned on {self.monitor!r}, which is not in the logs; "
+                          f"available: {sorted(logs)}", stacklevel=2)
+            return
+        if self.in_cooldown():
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if self.best is None or self._better(current - self.min_delta, self.best):
+            self.best, self.wait = current, 0
+        elif not self.in_cooldown():
+            self.wait += 1
+            if self.wait >= self.patience and self._reduce(optimizer, epoch):
+                self.cooldown_counter, self.wait = self.cooldown, 0
+
+    def _reduce(self, optimizer, epoch):
+        """Lower the rate unless it is at min_lr already (compared in float32, as Keras); whether it did."""
+        old = float(optimizer.learning_rate)
+        if not old > np.float32(self.min_lr):
+            return False
+        optimizer.learning_rate = max(old * self.factor, self.min_lr)
+        if self.verbose > 0:
+            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {optimizer.learning_rate}.")
+        return True
+
+
+class CSVLogger(Callback):
+    """Write each epoch's logs as a row of a CSV file: ``epoch`` (from 0), then the log keys in sorted order
+    (with their ``val_`` twins even when there is no validation: "NA" there), as Keras does. ``append``: add
+    to an existing file (its header is kept) instead of starting it again."""
+
+    def __init__(self, filename, separator=",", append=False):
+        super().__init__()
+        self.filename, self.sep, self.append = os.fspath(filename), separator, append
+        self.csv_file = self.writer = self.keys = None
+        self.append_header = True
+
+    def on_train_begin(self, logs=None):
+        self.append_header = True
+        if self.append and os.path.exists(self.filename):
+            with open(self.filename, encoding="utf-8") as f:
+                self.append_header = not f.readline()
+        if self.csv_file is not None and not self.csv_file.closed:
+            self.csv_file.close()
+        self.csv_file = open(self.filename, "a" if self.append else "w", newline="", encoding="utf-8")
+        self.writer = self.keys = None
+
+    @staticmethod
+    def _cell(value):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, collections.abc.Iterable) and not (isinstance(value, np.ndarray) and value.ndim == 0):
+            return f'"[{", ".join(map(str, value))}]"'
+        return value
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.keys is None:
+            self.keys = sorted(logs)
+            if self.keys and not any(key.startswith("val_") for key in self.keys):
+                self.keys += [f"val_{key}" for key in self.keys]
+        if self.writer is None:
+            dialect = type("CSVLoggerDialect", (csv.excel,), {"delimiter": self.sep})
+            self.writer = csv.DictWriter(self.csv_file, fieldnames=["epoch"] + self.keys, dialect=dialect)
+            if self.append_header:
+                self.writer.writeheader()
+        row = {"epoch": epoch}
+        row.update((key, self._cell(logs.get(key, "NA"))) for key in self.keys)
+        self.writer.writerow(row)
+        self.csv_file.flush()
+
+    def on_train_end(self, logs=None):
+        if self.csv_file is not None and not self.csv_file.closed:
+            self.csv_file.close()
+        self.writer = None
+
+
+class LambdaCallback(Callback):
+    """A callback made of plain functions, called as Keras calls them: ``on_epoch_begin(epoch, logs)``,
+    ``on_epoch_end(epoch, logs)``, ``on_train_begin(logs)``, ``on_train_end(logs)``,
+    ``on_train_batch_begin(batch, logs)``, ``on_train_batch_end(batch, logs)``; any other hook of Callback by
+    its name (e.g. ``on_test_end=f``), and Keras 2's ``on_batch_begin`` / ``on_batch_end`` for the train-batch
+    hooks."""
+
+    _ALIASES = {"on_batch_begin": "on_train_batch_begin", "on_batch_end": "on_train_batch_end"}
+
+    def __init__(self, on_epoch_begin=None, on_epoch_end=None, on_train_begin=None, on_train_end=None,
+                 on_train_batch_begin=None, on_train_batch_end=None, **kwargs):
+        super().__init__()
+        hooks = dict(on_epoch_begin=on_epoch_begin, on_epoch_end=on_epoch_end, on_train_begin=on_train_begin,
+                     on_train_end=on_train_end, on_train_batch_begin=on_train_batch_begin,
+                     on_train_batch_end=on_train_batch_end)
+        known = sorted(name for name in vars(Callback) if name.startswith("on_"))
+        for name, function in kwargs.items():
+            hook = self._ALIASES.get(name, name)
+            if hook not in known:
+                raise TypeError(f"LambdaCallback: unknown hook {name!r}; the hooks are {known}")
+            hooks[hook] = function
+        for name, function in hooks.items():
+            if function is None:
+                continue
+            if not callable(function):
+                raise TypeError(f"LambdaCallback: {name} must be a function, got {type(function).__name__}")
+            setattr(self, name, _with_logs(function, takes_index="epoch" in name or "batch" in name))
+
+
+def _with_logs(function, takes_index):
+    """A hook that calls ``function(index, logs)`` or ``function(logs)``, logs passed positionally as Keras
+    passes them (fit may call a hook without logs: they are None then)."""
+    if takes_index:
+        def hook(index, logs=None):
+            return function(index, logs)
+    else:
+        def hook(logs=None):
+            return function(logs)
+    return hook

@@ -4,7 +4,8 @@
 //   x   is (N, H, W, C)      the layer's input; dx has the same layout
 //   y   is (N, P, Q, C)      the pooled output; dy has the same layout
 //   idx is (N, P, Q, C)      int8: the scan-order tap i*PW + j of the window's first maximum (or first NaN)
-//   global pooling: y and dy are (N, C)
+//   global pooling: y and dy are (N, C); global max-pooling's idx is (N, C) int32, the cell h*W + w of the
+//   channel's first maximum (or first NaN) in row-major scan order
 //
 // Geometry: tap (i, j) of window (p, q) reads input row p*sh + i - pad_top and column q*sw + j - pad_left;
 // cells outside the input are padding (-inf for max, not counted for average). Windows of PH x PW.
@@ -20,6 +21,8 @@
 //   avgpool2d_backward         gather: dx sums dy / count over the windows that cover this cell
 //   global_avgpool2d_forward   y[n, c] = (sum over H and W) / (H*W); grid (C-blocks, images)
 //   global_avgpool2d_backward  dx[n, h, w, c] = dy[n, c] / (H*W)
+//   global_maxpool2d_forward   y and idx: thread (n, c) scans the H*W cells in order with max_replaces
+//   global_maxpool2d_backward  dx[n, h, w, c] = dy[n, c] where idx[n, c] names the cell, else 0
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -141,5 +144,41 @@ global_avgpool2d_backward(const float* __restrict__ dy, float* __restrict__ dx, 
     IMAGE_LOOP(n, N) {
         float* dx_image = dx + (long long)n * HW * C;
         ELEMENT_LOOP(e, HW * C) dx_image[e] = dy[(long long)n * C + e % C] / hw;
+    }
+}
+
+// grid (ceil(C / THREADS) capped, images); block THREADS. Thread (n, c) scans its channel's HW cells in
+// row-major order: the first maximum wins, a NaN beats everything and the first NaN stays (max_replaces).
+extern "C" __global__ void __launch_bounds__(THREADS)
+global_maxpool2d_forward(const float* __restrict__ x, float* __restrict__ y, int* __restrict__ idx, int N, int HW,
+                         int C) {
+    IMAGE_LOOP(n, N) {
+        const float* x_image = x + (long long)n * HW * C;
+        ELEMENT_LOOP(c, C) {
+            float best = x_image[c];
+            int best_cell = 0;
+            for (int s = 1; s < HW; ++s) {
+                const float v = x_image[(long long)s * C + c];
+                if (max_replaces(v, best)) {
+                    best = v;
+                    best_cell = s;
+                }
+            }
+            y[(long long)n * C + c] = best;
+            idx[(long long)n * C + c] = best_cell;
+        }
+    }
+}
+
+// grid (elements of one image, images), both grid-stride; block THREADS
+extern "C" __global__ void __launch_bounds__(THREADS)
+global_maxpool2d_backward(const float* __restrict__ dy, const int* __restrict__ idx, float* __restrict__ dx, int N,
+                          int HW, int C) {
+    IMAGE_LOOP(n, N) {
+        float* dx_image = dx + (long long)n * HW * C;
+        ELEMENT_LOOP(e, HW * C) {
+            const long long o = (long long)n * C + e % C;
+            dx_image[e] = idx[o] == e / C ? dy[o] : 0.0f;
+        }
     }
 }

@@ -139,3 +139,47 @@ CONCAT_GRID = [
 def concat_id(case):
     shapes, axis = case
     return "+".join("x".join(map(str, s)) for s in shapes) + f"-axis{axis}"
+
+
+# ===================================================================================== depthwise conv2d, batch norm
+def depth_multiplier(k, s):
+    """The depth multiplier of a grid case, from its kernel and stride: each kernel size and each stride of
+    the conv grid meets several of 1, 2 and 3."""
+    first = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731
+    return 1 + (first(k) + first(s)) % 3
+
+
+# The conv grid (test plan row 3), each case with a depth multiplier: (n, c, hw, k, s, pad, dm).
+DEPTHWISE_GRID = [case + (depth_multiplier(case[3], case[4]),) for case in CONV_GRID + EXTRA_CONV]
+
+
+def depthwise_case(n, c, hw, k, s, pad, dm, bias=True):
+    """(x, w (KH, KW, C, DM), b (C·DM,) or None, stride, padding, rng) of a depthwise grid case."""
+    h, w = hw
+    k = (k, k) if isinstance(k, int) else k
+    s = (s, s) if isinstance(s, int) else s
+    rng = np.random.default_rng([n, c, h, w, k[0], k[1], s[0], s[1], pad == "same", dm, 7])
+    x = normal(rng, (n, h, w, c))
+    wt = normal(rng, k + (c, dm), 0.5)
+    b = normal(rng, (c * dm,)) if bias else None
+    return x, wt, b, s, padding_for(pad, h, w, k, s), rng
+
+
+def depthwise_id(case):
+    return conv_id(case[:6]) + f"-dm{case[6]}"
+
+
+# Batch normalization: images over batch × channels × size of test plan row 3, and Dense outputs (N, C).
+BN_GRID = [(n, hw[0], hw[1], c) for hw in ((5, 5), (7, 5), (28, 28)) for n in (1, 2, 7) for c in (1, 3, 8)]
+BN_GRID += [(1, 3), (2, 8), (7, 1), (64, 10), (3, 4, 5)]
+
+
+def bn_case(shape, scale=True, center=True):
+    """(x, gamma or None, beta or None, moving_mean, moving_var, rng): channels with their own offsets and
+    spreads, moving statistics away from the batch's."""
+    rng = np.random.default_rng(list(shape) + [scale, center])
+    c = shape[-1]
+    x = f32(rng.normal(size=shape) * rng.uniform(0.5, 3.0, size=c) + rng.normal(size=c) * 2)
+    gamma = f32(rng.uniform(0.5, 1.5, size=c)) if scale else None
+    beta = normal(rng, (c,)) if center else None
+    return x, gamma, beta, normal(rng, (c,)), f32(rng.uniform(0.5, 2.0, size=c)), rng

@@ -45,6 +45,19 @@ def _cell(o, tap, s, lo, size):
     return i if 0 <= i < size else None
 
 
+def _reads(p, q, k, stride, padding, h, wd):
+    """(oi, oj, i, j, r, col) for every output (oi, oj) of a P x Q window op and every tap (i, j) of its
+    window that reads a real input cell (r, col), not the padding; outputs and taps in scan order."""
+    for oi in range(p):
+        for oj in range(q):
+            for i in range(k[0]):
+                r = _cell(oi, i, stride[0], padding[0], h)
+                for j in range(k[1]):
+                    col = _cell(oj, j, stride[1], padding[2], wd)
+                    if r is not None and col is not None:
+                        yield oi, oj, i, j, r, col
+
+
 # ===================================================================================== activations
 def activation_forward(x, activation):
     """relu / softmax over the last axis / identity (None)."""
@@ -98,14 +111,8 @@ def conv2d_forward(x, w, b, stride, padding, activation):
     (sh, sw), (top, bottom, left, right) = stride, padding
     p, q = _out_len(h, kh, sh, top, bottom), _out_len(wd, kw, sw, left, right)
     y = np.zeros((n, p, q, f))
-    for oi in range(p):
-        for oj in range(q):
-            for i in range(kh):
-                r = _cell(oi, i, sh, top, h)
-                for j in range(kw):
-                    col = _cell(oj, j, sw, left, wd)
-                    if r is not None and col is not None:
-                        y[:, oi, oj, :] += x[:, r, col, :] @ w[i, j]
+    for oi, oj, i, j, r, col in _reads(p, q, (kh, kw), stride, padding, h, wd):
+        y[:, oi, oj, :] += x[:, r, col, :] @ w[i, j]
     if b is not None:
         y += _f64(b)
     return activation_forward(y, activation)
@@ -116,17 +123,10 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding):
     dy, w = _f64(dy), _f64(w)
     n, h, wd, c = x_shape
     kh, kw, _, f = w.shape
-    (sh, sw), (top, _, left, _) = stride, padding
     _, p, q, _ = dy.shape
     dx = np.zeros((n, h, wd, c))
-    for oi in range(p):
-        for oj in range(q):
-            for i in range(kh):
-                r = _cell(oi, i, sh, top, h)
-                for j in range(kw):
-                    col = _cell(oj, j, sw, left, wd)
-                    if r is not None and col is not None:
-                        dx[:, r, col, :] += dy[:, oi, oj, :] @ w[i, j].T
+    for oi, oj, i, j, r, col in _reads(p, q, (kh, kw), stride, padding, h, wd):
+        dx[:, r, col, :] += dy[:, oi, oj, :] @ w[i, j].T
     return dx
 
 
@@ -136,17 +136,10 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding):
     dy, x = _f64(dy), _f64(x)
     n, h, wd, c = x.shape
     kh, kw, _, f = w_shape
-    (sh, sw), (top, _, left, _) = stride, padding
     _, p, q, _ = dy.shape
     dw = np.zeros(w_shape)
-    for oi in range(p):
-        for oj in range(q):
-            for i in range(kh):
-                r = _cell(oi, i, sh, top, h)
-                for j in range(kw):
-                    col = _cell(oj, j, sw, left, wd)
-                    if r is not None and col is not None:
-                        dw[i, j] += x[:, r, col, :].T @ dy[:, oi, oj, :]
+    for oi, oj, i, j, r, col in _reads(p, q, (kh, kw), stride, padding, h, wd):
+        dw[i, j] += x[:, r, col, :].T @ dy[:, oi, oj, :]
     db = np.zeros(f)
     for k in range(f):
         db[k] = math.fsum(dy[..., k].ravel())
@@ -282,6 +275,168 @@ def global_avgpool2d_backward(dy, x_shape):
     for nn, r, col, ch in np.ndindex(x_shape):
         dx[nn, r, col, ch] = dy[nn, ch] / (h * wd)
     return dx
+
+
+# ===================================================================================== global max-pooling
+def global_maxpool2d_forward(x):
+    """(y (N, C), idx (N, C)): idx[n, c] = row·W + col of the channel's first maximum in row-major scan order
+    (of its first NaN, if any); y the value there."""
+    x = _f64(x)
+    n, h, wd, c = x.shape
+    y = np.zeros((n, c))
+    idx = np.zeros((n, c), dtype=np.int64)
+    for nn, ch in np.ndindex(n, c):
+        values = [x[nn, r, col, ch] for r in range(h) for col in range(wd)]
+        k = _first_max(values)
+        y[nn, ch], idx[nn, ch] = values[k], k
+    return y, idx
+
+
+def global_maxpool2d_backward(dy, idx, x_shape):
+    """dx: each channel's dy goes to the cell idx names."""
+    dy = _f64(dy)
+    dx = np.zeros(x_shape)
+    for nn, ch in np.ndindex(dy.shape):
+        r, col = divmod(int(idx[nn, ch]), x_shape[2])
+        dx[nn, r, col, ch] += dy[nn, ch]
+    return dx
+
+
+# ===================================================================================== zero padding
+def zero_padding2d_forward(x, padding):
+    """y (N, top + H + bottom, left + W + right, C): x surrounded by zeros."""
+    x = _f64(x)
+    n, h, wd, c = x.shape
+    top, bottom, left, right = padding
+    y = np.zeros((n, top + h + bottom, left + wd + right, c))
+    for nn, r, col, ch in np.ndindex(x.shape):
+        y[nn, top + r, left + col, ch] = x[nn, r, col, ch]
+    return y
+
+
+def zero_padding2d_backward(dy, x_shape, padding):
+    """dx: the gradient of the cells that hold x (the padding's is dropped)."""
+    dy = _f64(dy)
+    top, _, left, _ = padding
+    dx = np.zeros(x_shape)
+    for nn, r, col, ch in np.ndindex(x_shape):
+        dx[nn, r, col, ch] = dy[nn, top + r, left + col, ch]
+    return dx
+
+
+# ===================================================================================== batch normalization
+# Over the last axis of x (N, ..., C), as Keras 3's BatchNormalization(axis=-1): each channel's statistics are
+# taken over the M = x.size / C values of every other axis. gamma None means 1 (scale=False), beta None 0
+# (center=False).
+def _channels(x):
+    """x (N, ..., C) as float64 rows (M, C)."""
+    x = _f64(x)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _normalize(x2, mean, inv_std, gamma, beta):
+    c = x2.shape[1]
+    gamma = np.ones(c) if gamma is None else _f64(gamma)
+    beta = np.zeros(c) if beta is None else _f64(beta)
+    y = np.zeros_like(x2)
+    for m, ch in np.ndindex(x2.shape):
+        y[m, ch] = (x2[m, ch] - mean[ch]) * inv_std[ch] * gamma[ch] + beta[ch]
+    return y
+
+
+def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon):
+    """(y, mean, inv_std, moving_mean, moving_var) with the batch's statistics, per channel c:
+        mean = (1/M) Σ x,   var = (1/M) Σ (x − mean)²  (the biased variance),   inv_std = 1 / sqrt(var + epsilon)
+        y = (x − mean) · inv_std · gamma + beta
+        moving_mean = moving_mean · momentum + mean · (1 − momentum)   (moving_var likewise with var)."""
+    x2 = _channels(x)
+    m, c = x2.shape
+    mean, var = np.zeros(c), np.zeros(c)
+    for ch in range(c):
+        mean[ch] = math.fsum(x2[:, ch]) / m
+        var[ch] = math.fsum((v - mean[ch]) ** 2 for v in x2[:, ch]) / m
+    inv_std = np.array([1 / math.sqrt(v + epsilon) for v in var])
+    y = _normalize(x2, mean, inv_std, gamma, beta).reshape(np.shape(x))
+    new_mean = _f64(moving_mean) * momentum + mean * (1 - momentum)
+    new_var = _f64(moving_var) * momentum + var * (1 - momentum)
+    return y, mean, inv_std, new_mean, new_var
+
+
+def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon):
+    """(y, inv_std): y = (x − moving_mean) · inv_std · gamma + beta, inv_std = 1 / sqrt(moving_var + epsilon)."""
+    x2 = _channels(x)
+    inv_std = np.array([1 / math.sqrt(v + epsilon) for v in _f64(moving_var)])
+    return _normalize(x2, _f64(moving_mean), inv_std, gamma, beta).reshape(np.shape(x)), inv_std
+
+
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training):
+    """(dx, dgamma, dbeta) of y = x̂ · gamma + beta, x̂ = (x − mean) · inv_std, per channel over the M rows:
+        dbeta = Σ dy,   dgamma = Σ dy · x̂
+        training (mean and inv_std are the batch's, functions of x):
+            dx = gamma · inv_std · (dy − dbeta / M − x̂ · dgamma / M)
+        else (the moving statistics, constants): dx = gamma · inv_std · dy."""
+    dy2, x2 = _channels(dy), _channels(x)
+    m, c = x2.shape
+    gamma = np.ones(c) if gamma is None else _f64(gamma)
+    xhat = np.zeros_like(x2)
+    for r, ch in np.ndindex(x2.shape):
+        xhat[r, ch] = (x2[r, ch] - mean[ch]) * inv_std[ch]
+    dbeta = np.array([math.fsum(dy2[:, ch]) for ch in range(c)])
+    dgamma = np.array([math.fsum(dy2[:, ch] * xhat[:, ch]) for ch in range(c)])
+    dx = np.zeros_like(x2)
+    for r, ch in np.ndindex(x2.shape):
+        g = dy2[r, ch] - (dbeta[ch] / m + xhat[r, ch] * dgamma[ch] / m if training else 0.0)
+        dx[r, ch] = gamma[ch] * inv_std[ch] * g
+    return dx.reshape(np.shape(x)), dgamma, dbeta
+
+
+# ===================================================================================== depthwise conv2d
+# Keras's DepthwiseConv2D: w is (KH, KW, C, DM); input channel c, multiplier m gives output channel c·DM + m.
+def depthwise_conv2d_forward(x, w, b, stride, padding, activation):
+    """y[n, p, q, c·DM + m] = act(b[c·DM + m] + sum over taps (i, j) of x[n, p*sh+i-top, q*sw+j-left, c]
+    * w[i, j, c, m]), the cells in the padding reading zero."""
+    x, w = _f64(x), _f64(w)
+    n, h, wd, c = x.shape
+    kh, kw, wc, dm = w.shape
+    assert wc == c, (x.shape, w.shape)
+    (sh, sw), (top, bottom, left, right) = stride, padding
+    p, q = _out_len(h, kh, sh, top, bottom), _out_len(wd, kw, sw, left, right)
+    y = np.zeros((n, p, q, c, dm))
+    for oi, oj, i, j, r, col in _reads(p, q, (kh, kw), stride, padding, h, wd):
+        y[:, oi, oj] += x[:, r, col, :, None] * w[i, j]
+    y = y.reshape(n, p, q, c * dm)
+    if b is not None:
+        y += _f64(b)
+    return activation_forward(y, activation)
+
+
+def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding):
+    """dx[n, h, w, c]: the sum of dy[n, p, q, c·DM + m] * w[i, j, c, m] over the (output, tap) pairs that read
+    the cell and the multipliers m."""
+    dy, w = _f64(dy), _f64(w)
+    n, h, wd, c = x_shape
+    kh, kw, _, dm = w.shape
+    _, p, q, _ = dy.shape
+    dy = dy.reshape(n, p, q, c, dm)
+    dx = np.zeros(x_shape)
+    for oi, oj, i, j, r, col in _reads(p, q, (kh, kw), stride, padding, h, wd):
+        dx[:, r, col, :] += (dy[:, oi, oj] * w[i, j]).sum(axis=-1)
+    return dx
+
+
+def depthwise_conv2d_backward_filter(dy, x, w_shape, stride, padding):
+    """(dw, db): dw[i, j, c, m] = sum over n, p, q of x[n, cell read by tap (i, j), c] * dy[n, p, q, c·DM + m];
+    db[k] = sum of dy[..., k]."""
+    dy, x = _f64(dy), _f64(x)
+    n, h, wd, c = x.shape
+    kh, kw, _, dm = w_shape
+    _, p, q, k = dy.shape
+    dy5 = dy.reshape(n, p, q, c, dm)
+    dw = np.zeros(w_shape)
+    for oi, oj, i, j, r, col in _reads(p, q, (kh, kw), stride, padding, h, wd):
+        dw[i, j] += (x[:, r, col, :, None] * dy5[:, oi, oj]).sum(axis=0)
+    db = np.array([math.fsum(dy[..., kk].ravel()) for kk in range(k)])
+    return dw, db
 
 
 # ===================================================================================== dense

@@ -215,3 +215,208 @@ def test_which_callbacks_make_the_fast_path_wait_after_each_step():
     waits = lambda *cbs: CallbackList(list(cbs), model, {}).batch_hooks_use_model()  # noqa: E731
     assert not waits(Plain(), TerminateOnNaN(), callbacks.History())
     assert waits(Looks()) and waits(lambda_style)
+
+
+# ===================================================================================== learning rate
+class FakeOptimizer:
+    def __init__(self, learning_rate):
+        self.learning_rate = learning_rate
+
+
+def drive_lr(cb, values, lr=1.0, key="val_loss"):
+    """Feed ``values`` epoch by epoch to a learning-rate callback; the rate each epoch trained with."""
+    model = FakeModel()
+    model.optimizer = FakeOptimizer(lr)
+    cb.set_model(model)
+    cb.on_train_begin()
+    rates = []
+    for epoch, value in enumerate(values):
+        cb.on_epoch_begin(epoch)
+        logs = {key: value}
+        cb.on_epoch_end(epoch, logs)
+        rates.append(logs["learning_rate"])
+    return rates, model.optimizer.learning_rate
+
+
+def sgd_model(lr, seed=5):
+    from gpucnn import utils
+    utils.set_random_seed(seed)
+    model = models.Sequential([layers.Conv2D(2, 3, activation="relu", input_shape=(6, 6, 1)),
+                               layers.Flatten(), layers.Dense(3, activation="softmax")])
+    model.compile(optimizers.SGD(learning_rate=lr), "sparse_categorical_crossentropy", ["accuracy"])
+    return model
+
+
+def test_learning_rate_scheduler_sets_the_rate_each_epoch_and_logs_it():
+    model = sgd_model(0.1)
+    seen = []
+    history = model.fit(*tiny_data(), batch_size=4, epochs=3, verbose=0, callbacks=[
+        callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5),
+        callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append(model.optimizer.learning_rate))])
+    assert seen == history.history["learning_rate"] == [0.05, 0.025, 0.0125]
+    assert model.optimizer.learning_rate == 0.0125
+
+
+def test_learning_rate_scheduler_rate_is_the_one_the_optimizer_uses():
+    x, y = tiny_data()
+    scheduled = sgd_model(0.1)
+    scheduled.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[callbacks.LearningRateScheduler(lambda epoch: 0.03)])  # one argument: the epoch
+    plain = sgd_model(0.03)
+    plain.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    other = sgd_model(0.1)
+    other.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    for a, b, c in zip(scheduled.get_weights(), plain.get_weights(), other.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, c) for a, c in zip(scheduled.get_weights(), other.get_weights()))
+
+
+def test_learning_rate_scheduler_verbose_and_bad_rates(capsys):
+    rates, lr = drive_lr(callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 / (epoch + 1), verbose=1),
+                         [0.0, 0.0])
+    assert rates == [0.1, 0.05] and lr == 0.05
+    assert "Epoch 2: LearningRateScheduler setting learning rate to 0.05." in capsys.readouterr().out
+    for schedule, error, match in [(lambda epoch, lr: 1, ValueError, "must return a float, got int 1"),
+                                   (lambda epoch, lr: float("nan"), ValueError, "for epoch 0 is nan"),
+                                   (lambda epoch, lr: -0.1, ValueError, "finite number >= 0"),
+                                   (lambda epoch, lr: np.float32(np.inf), ValueError, "is inf")]:
+        with pytest.raises(error, match=match):
+            drive_lr(callbacks.LearningRateScheduler(schedule), [0.0])
+    with pytest.raises(TypeError, match="takes a function"):
+        callbacks.LearningRateScheduler(0.1)
+    with pytest.raises(ValueError, match="needs a compiled model"):
+        cb = callbacks.LearningRateScheduler(lambda epoch: 0.1)
+        cb.set_model(FakeModel())
+        cb.on_epoch_begin(0)
+
+
+def test_reduce_lr_on_plateau_patience_cooldown_and_min_lr():
+    # patience 2: two epochs without improvement, then the rate is cut (after the epoch's logs); min_delta
+    # 1e-4 by default, so 0.84995 after 0.85 is no improvement
+    values = [1.0, 0.9, 0.95, 0.91, 0.85, 0.84995, 0.86]
+    rates, lr = drive_lr(callbacks.ReduceLROnPlateau(factor=0.5, patience=2), values)
+    assert rates == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5] and lr == 0.25
+    assert drive_lr(callbacks.ReduceLROnPlateau(factor=0.5, patience=2, min_delta=0.0), values)[1] == 0.5
+    # cooldown: counted down from the epoch after a cut (Keras's rule), the wait does not grow meanwhile; with
+    # patience 1 a cut every epoch, with cooldown 2 every second epoch
+    rates, _ = drive_lr(callbacks.ReduceLROnPlateau(factor=0.5, patience=1), [1.0] * 6)
+    assert rates == [1.0, 1.0, 0.5, 0.25, 0.125, 0.0625]
+    rates, _ = drive_lr(callbacks.ReduceLROnPlateau(factor=0.5, patience=1, cooldown=2), [1.0] * 6)
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    # min_lr: never below it, and no cut once there
+    rates, lr = drive_lr(callbacks.ReduceLROnPlateau(factor=0.1, patience=1, min_lr=0.05), [1.0] * 5)
+    assert rates == [1.0, 1.0, 0.1, 0.05, 0.05] and lr == 0.05
+    # accuracy should rise: mode auto picks "max"; min_delta
+    rates, _ = drive_lr(callbacks.ReduceLROnPlateau("val_accuracy", factor=0.5, patience=1, min_delta=0.05),
+                        [0.5, 0.52, 0.6, 0.7, 0.72], key="val_accuracy")
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.5]
+
+
+def test_reduce_lr_on_plateau_in_fit(capsys):
+    model = sgd_model(0.2)
+    script = Script(loss=[1.0, 1.0, 1.0, 0.5, 0.5])
+    history = model.fit(*tiny_data(), batch_size=4, epochs=5, verbose=0, callbacks=[
+        script, callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=1, verbose=1)])
+    assert history.history["learning_rate"] == [0.2, 0.2, 0.1, 0.05, 0.05]
+    assert model.optimizer.learning_rate == 0.025
+    out = capsys.readouterr().out
+    assert "Epoch 2: ReduceLROnPlateau reducing learning rate to 0.1." in out
+    assert "Epoch 5: ReduceLROnPlateau reducing learning rate to 0.025." in out
+
+
+def test_reduce_lr_on_plateau_refuses_bad_arguments_and_warns_without_its_monitor():
+    with pytest.raises(ValueError, match=r"factor must be in \[0, 1\)"):
+        callbacks.ReduceLROnPlateau(factor=1.0)
+    with pytest.raises(ValueError, match="min_lr must be"):
+        callbacks.ReduceLROnPlateau(min_lr=-1)
+    with pytest.raises(ValueError, match="pass mode='min' or mode='max'"):
+        callbacks.ReduceLROnPlateau(monitor="val_f1")
+    missing = r"'val_loss', which is not in the logs; available: \['learning_rate', 'loss'\]"
+    with pytest.warns(UserWarning, match=missing):
+        rates, _ = drive_lr(callbacks.ReduceLROnPlateau(patience=0), [1.0, 2.0], key="loss")
+    assert rates == [1.0, 1.0]
+
+
+def test_reduce_lr_on_plateau_matches_keras():
+    keras = pytest.importorskip("keras", reason="Keras 3 is the oracle where it is installed (not a dependency)")
+    values = [1.0, 0.9, 0.95, 0.91, 0.85, 0.89999, 0.86, 0.87, 0.8, 0.8, 0.8, 0.8, 0.7, 0.7]
+    for kwargs in [dict(factor=0.5, patience=2), dict(factor=0.5, patience=1, cooldown=2),
+                   dict(factor=0.1, patience=1, min_lr=0.05), dict(factor=0.3, patience=0, min_delta=0.02)]:
+        (ours, our_lr), (theirs, their_lr) = (drive_lr(module.ReduceLROnPlateau(**kwargs), values)
+                                              for module in (callbacks, keras.callbacks))
+        assert ours == pytest.approx(theirs, rel=1e-12) and our_lr == pytest.approx(their_lr, rel=1e-12), kwargs
+
+
+# ===================================================================================== CSVLogger
+def read_csv(path, sep=","):
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.reader(f, delimiter=sep))
+
+
+def test_csv_logger_writes_each_epochs_logs(tmp_path):
+    path = tmp_path / "log.csv"
+    model = tiny_model()
+    history = model.fit(*tiny_data(), batch_size=4, epochs=2, verbose=0, validation_data=tiny_data(8),
+                        callbacks=[callbacks.CSVLogger(path)])
+    rows = read_csv(path)
+    assert rows[0] == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
+    assert [int(r[0]) for r in rows[1:]] == [0, 1]
+    for i, key in enumerate(rows[0][1:], start=1):
+        assert [float(r[i]) for r in rows[1:]] == history.history[key]
+    assert path.read_bytes().count(b"\r\n") == 3  # the csv module's excel dialect, as Keras writes
+
+
+def test_csv_logger_append_separator_and_missing_validation(tmp_path):
+    path = tmp_path / "log.tsv"
+    model = tiny_model()
+    for _ in range(2):
+        model.fit(*tiny_data(), batch_size=4, epochs=2, verbose=0,
+                  callbacks=[callbacks.CSVLogger(str(path), separator="\t", append=True)])
+    rows = read_csv(path, "\t")
+    assert rows[0] == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]  # val_ columns anyway
+    assert len(rows) == 5 and [r[0] for r in rows[1:]] == ["0", "1", "0", "1"]  # one header
+    assert all(r[3:] == ["NA", "NA"] for r in rows[1:])
+    model.fit(*tiny_data(), batch_size=4, epochs=1, verbose=0, callbacks=[callbacks.CSVLogger(path)])
+    assert len(read_csv(path, "\t")) == 2  # append=False starts the file again
+
+
+def test_csv_logger_matches_keras(tmp_path):
+    keras = pytest.importorskip("keras", reason="Keras 3 is the oracle where it is installed (not a dependency)")
+    epochs = [{"loss": 0.5, "accuracy": 0.25, "note": "x", "lr_list": [1, 2]}, {"loss": 0.25, "accuracy": 0.5}]
+    texts = []
+    for module, name in ((callbacks, "ours.csv"), (keras.callbacks, "keras.csv")):
+        cb = module.CSVLogger(str(tmp_path / name), separator=";")
+        cb.on_train_begin()
+        for epoch, logs in enumerate(epochs):
+            cb.on_epoch_end(epoch, dict(logs))
+        cb.on_train_end()
+        texts.append((tmp_path / name).read_bytes())
+    assert texts[0] == texts[1]
+
+
+# ===================================================================================== LambdaCallback
+def test_lambda_callback_calls_the_functions_as_keras_does():
+    calls = []
+    cb = callbacks.LambdaCallback(
+        on_train_begin=lambda logs: calls.append(("train_begin", logs)),
+        on_epoch_begin=lambda epoch, logs: calls.append(("epoch_begin", epoch)),
+        on_epoch_end=lambda epoch, logs: calls.append(("epoch_end", epoch, sorted(logs))),
+        on_batch_end=lambda batch, logs: calls.append(("batch_end", batch)),  # Keras 2's name
+        on_train_end=lambda logs: calls.append(("train_end", sorted(logs))),
+        on_test_end=lambda logs: calls.append(("test_end",)))
+    tiny_model().fit(*tiny_data(8), batch_size=4, epochs=2, verbose=0, callbacks=[cb],
+                     validation_data=tiny_data(4))
+    epoch_logs = ["accuracy", "loss", "val_accuracy", "val_loss"]
+    epoch = lambda e: [("epoch_begin", e), ("batch_end", 0), ("batch_end", 1), ("test_end",),  # noqa: E731
+                       ("epoch_end", e, epoch_logs)]
+    assert calls == [("train_begin", None)] + epoch(0) + epoch(1) + [("train_end", epoch_logs)]
+
+
+def test_lambda_callback_refuses_unknown_hooks_and_non_functions():
+    with pytest.raises(TypeError, match="unknown hook 'on_epoch_ends'"):
+        callbacks.LambdaCallback(on_epoch_ends=print)
+    with pytest.raises(TypeError, match="on_epoch_end must be a function"):
+        callbacks.LambdaCallback(on_epoch_end=3)
+    cb = callbacks.LambdaCallback()
+    cb.on_epoch_end(0, {})  # no function: the base hook, which does nothing

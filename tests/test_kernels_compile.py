@@ -91,7 +91,7 @@ def _problems(log):
 # ===================================================================================== compiling
 def test_there_are_kernel_files():
     assert {"activations.cu", "conv2d.cu", "dense.cu", "loss.cu", "optimizers.cu", "pool2d.cu", "train_step.cu",
-            "conv_pool.cu"} <= set(FILES)
+            "conv_pool.cu", "batchnorm.cu", "depthwise_conv2d.cu", "zero_padding.cu"} <= set(FILES)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

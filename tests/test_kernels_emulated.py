@@ -1,8 +1,8 @@
 """The real CUDA kernels run on the CPU by an EMULATOR (tests/emulator/, see its README) against the float64
-oracle: tests/test_gpu.py and tests/test_fastpath.py (all but the tests listed in EXCLUDE) plus the checks
-below, in a subprocess whose fake ``cupy`` never reaches this process. The fast path's CUDA graphs are
-recorded and replayed by the fake ``cupy`` (operations recorded at capture, run in order at each replay), so
-its kernels and its Python orchestration both run here.
+oracle: tests/test_gpu.py, tests/test_gpu_normalization_depthwise.py and tests/test_fastpath.py (all but the
+tests listed in EXCLUDE) plus the checks below, in a subprocess whose fake ``cupy`` never reaches this
+process. The fast path's CUDA graphs are recorded and replayed by the fake ``cupy`` (operations recorded at
+capture, run in order at each replay), so its kernels and its Python orchestration both run here.
 
 EMULATION, not a GPU: it checks indexing, bounds (guard zones around every array), reduction order and
 barrier placement (every thread of a block at the same ``__syncthreads``; threads of a block run in both
@@ -38,7 +38,7 @@ EXCLUDE = {
     "test_seed_model_one_epoch_on_an_mnist_subset_matches_numpy":
         "tests/test_fastpath.py: 4,096 MNIST images take minutes here; the small models cover the same path",
 }
-MIN_PASSED = 680  # the emulated run must have run (and passed) at least this many tests
+MIN_PASSED = 1180  # the emulated run must have run (and passed) at least this many tests
 
 # The kernels when this test was written: each must be launched by the emulated run. Kernels added later
 # are reported (a warning) until a test launches them and they are added here.
@@ -54,6 +54,10 @@ global_avgpool2d_forward global_avgpool2d_backward
 conv2d_relu_maxpool_forward maxpool2d_relu_backward permutation_keys gather_batch step_advance
 softmax_crossentropy_step_onehot softmax_crossentropy_step_sparse
 add_forward copy_into_columns copy_from_columns
+global_maxpool2d_forward global_maxpool2d_backward zero_padding2d_forward zero_padding2d_backward
+batchnorm_partial_sums batchnorm_mean batchnorm_variance_update batchnorm_inverse_std batchnorm_normalize
+batchnorm_backward_partial_sums batchnorm_backward_reduce batchnorm_backward_data
+depthwise_conv2d_forward depthwise_conv2d_backward_data depthwise_conv2d_backward_filter
 """.split())
 # Known kernels that no emulated test launches yet: reported, not failed. (Empty since the emulator records
 # and replays CUDA graphs, which the fast path's kernels run in.)
@@ -73,7 +77,8 @@ if not INNER:
         env.pop("GPUCNN_NO_POOL", None)  # a sanitizer setting for real CuPy (tests/conftest.py)
         env.pop("GPUCNN_FASTPATH", None)  # the fast path on by default; tests that compare paths set it
         command = [sys.executable, "-m", "pytest", "-p", "fake_cupy", "-p", "no:cacheprovider", "-q", "-o",
-                   "addopts=-ra", "tests/test_gpu.py", "tests/test_fastpath.py", "tests/test_kernels_emulated.py"]
+                   "addopts=-ra", "tests/test_gpu.py", "tests/test_gpu_normalization_depthwise.py",
+                   "tests/test_fastpath.py", "tests/test_kernels_emulated.py"]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - start

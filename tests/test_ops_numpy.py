@@ -14,6 +14,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
 from helpers import CONV_POOL_GRID, conv_pool_id, window_taps
+from helpers import BN_GRID, DEPTHWISE_GRID, bn_case, depthwise_case, depthwise_id
 from gpucnn.engines import numpy_ops as ops
 
 
@@ -188,6 +189,262 @@ def test_global_avgpool2d_matches_reference():
         dy = normal(rng, y.shape)
         assert_close(ops.global_avgpool2d_backward(dy, shape), ref.global_avgpool2d_backward(dy, shape),
                      rtol=1e-6, atol_scale=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 5, 1), (7, 7, 5, 3), (2, 28, 28, 8), (3, 1, 1, 2)])
+def test_global_maxpool2d_exact(shape):
+    rng = np.random.default_rng(list(shape))
+    x = normal(rng, shape)
+    y, idx = ops.global_maxpool2d_forward(x)
+    y_ref, idx_ref = ref.global_maxpool2d_forward(x)
+    assert_exact(y, y_ref)
+    assert idx.dtype == np.int32
+    np.testing.assert_array_equal(idx, idx_ref)
+    dy = normal(rng, y.shape)
+    assert_exact(ops.global_maxpool2d_backward(dy, idx, shape), ref.global_maxpool2d_backward(dy, idx_ref, shape))
+    out, out_idx = np.empty_like(y), np.empty_like(idx)
+    assert ops.global_maxpool2d_forward(x, out=out, out_idx=out_idx)[0] is out
+    np.testing.assert_array_equal(out_idx, idx)
+
+
+def test_global_maxpool2d_ties_and_nan_go_to_the_first():
+    x = f32(np.random.default_rng(26).integers(0, 3, size=(2, 5, 4, 3)))  # many ties
+    x[1, 2, 1, 2], x[1, 3, 0, 2], x[0, 4, 3, 0] = np.nan, np.nan, np.nan  # two NaNs in one channel
+    y, idx = ops.global_maxpool2d_forward(x)
+    y_ref, idx_ref = ref.global_maxpool2d_forward(x)
+    assert np.isnan(y_ref).sum() == 2
+    assert_exact(y, y_ref)
+    np.testing.assert_array_equal(idx, idx_ref)
+    dy = f32(np.arange(1, 7).reshape(2, 3))
+    dx = ops.global_maxpool2d_backward(dy, idx, x.shape)
+    assert_exact(dx, ref.global_maxpool2d_backward(dy, idx_ref, x.shape))
+    assert dx.sum() == dy.sum()  # each channel's gradient on one cell
+    with pytest.raises(ValueError, match="no maximum"):
+        ops.global_maxpool2d_forward(np.zeros((2, 0, 3, 1), F32))
+
+
+@pytest.mark.parametrize("padding", [(1, 1, 1, 1), (0, 2, 3, 0), (0, 0, 0, 0), (3, 1, 0, 2)])
+def test_zero_padding2d_exact(padding):
+    rng = np.random.default_rng(sum(padding))
+    x = normal(rng, (2, 5, 4, 3))
+    y = ops.zero_padding2d_forward(x, padding)
+    assert_exact(y, ref.zero_padding2d_forward(x, padding))
+    dy = normal(rng, y.shape)
+    assert_exact(ops.zero_padding2d_backward(dy, x.shape, padding), ref.zero_padding2d_backward(dy, x.shape, padding))
+    out = np.full(y.shape, np.nan, F32)
+    assert ops.zero_padding2d_forward(x, padding, out=out) is out
+    assert_exact(out, y)
+    out = np.full(x.shape, np.nan, F32)
+    assert ops.zero_padding2d_backward(dy, x.shape, padding, out=out) is out
+    assert_exact(out, ref.zero_padding2d_backward(dy, x.shape, padding))
+
+
+def test_zero_padding2d_bad_padding():
+    x = np.zeros((1, 3, 3, 1), F32)
+    for bad in [(1, 1, 1), (1, -1, 0, 0), (0.5, 0, 0, 0)]:
+        with pytest.raises(ValueError, match="non-negative ints"):
+            ops.zero_padding2d_forward(x, bad)
+    with pytest.raises(ValueError, match="dy must be"):
+        ops.zero_padding2d_backward(np.zeros((1, 5, 5, 1), F32), (1, 3, 4, 1), (1, 1, 1, 1))
+
+
+# ===================================================================================== batch normalization
+def _bn_id(shape):
+    return "x".join(map(str, shape))
+
+
+def _check_bn(shape, scale=True, center=True, rtol=1e-5, atol_scale=1e-5):
+    """Both modes of the NumPy engine's batch normalization, forward and backward, against the oracle."""
+    x, gamma, beta, mm, mv, rng = bn_case(shape, scale, center)
+    saved = x.copy()
+    moving_mean, moving_var = mm.copy(), mv.copy()
+    ctx = {}
+    y, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, 0.99, 1e-3, ctx)
+    y_ref, mean_ref, inv_ref, mm_ref, mv_ref = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.99, 1e-3)
+    assert y.shape == x.shape
+    assert_close(y, y_ref, rtol, atol_scale)
+    assert_close(mean, mean_ref, rtol, atol_scale)
+    assert_close(inv_std, inv_ref, rtol, atol_scale)
+    assert_close(moving_mean, mm_ref, rtol, atol_scale)  # updated in place
+    assert_close(moving_var, mv_ref, rtol, atol_scale)
+    dy = normal(rng, shape)
+    dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True, ctx)
+    dx_ref, dgamma_ref, dbeta_ref = ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True)
+    assert_close(dx, dx_ref, rtol, 10 * atol_scale)  # dy less its channel mean and its part along x̂: cancels
+    assert_close(dgamma, dgamma_ref, rtol, atol_scale)
+    assert_close(dbeta, dbeta_ref, rtol, atol_scale)
+
+    y, inv_std = ops.batchnorm_forward_inference(x, gamma, beta, mm, mv, 1e-3)
+    y_ref, inv_ref = ref.batchnorm_forward_inference(x, gamma, beta, mm, mv, 1e-3)
+    assert_close(y, y_ref, rtol, atol_scale)
+    assert_close(inv_std, inv_ref, rtol, atol_scale)
+    dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, gamma, mm, inv_std, False, ctx)
+    for got, want in zip((dx, dgamma, dbeta), ref.batchnorm_backward(dy, x, gamma, mm, inv_ref, False)):
+        assert_close(got, want, rtol, atol_scale)
+    np.testing.assert_array_equal(x, saved)  # the input is not written to
+
+
+@pytest.mark.parametrize("shape", BN_GRID, ids=map(_bn_id, BN_GRID))
+def test_batchnorm_matches_reference(shape):
+    _check_bn(shape)
+
+
+@pytest.mark.parametrize("scale, center", [(False, True), (True, False), (False, False)])
+def test_batchnorm_without_scale_or_center(scale, center):
+    _check_bn((2, 7, 5, 3), scale, center)
+    _check_bn((7, 8), scale, center)
+
+
+def test_batchnorm_out_buffers_and_a_kept_ctx():
+    ctx = {}
+    for shape in [(2, 5, 5, 3), (7, 5, 5, 3), (2, 5, 5, 3)]:  # the work arrays in ctx follow the batch size
+        x, gamma, beta, mm, mv, rng = bn_case(shape)
+        y_ref, mean_ref, inv_ref, _, _ = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3)
+        out, out_mean, out_inv = np.empty_like(x), np.empty(3, F32), np.empty(3, F32)
+        y, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3, ctx, out=out,
+                                                          out_mean=out_mean, out_inv_std=out_inv)
+        assert y is out and mean is out_mean and inv_std is out_inv
+        assert_close(out, y_ref)
+        dy = normal(rng, shape)
+        bufs = np.empty_like(x), np.empty(3, F32), np.empty(3, F32)
+        got = ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True, ctx, *bufs)
+        for g, b, want in zip(got, bufs, ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True)):
+            assert g is b
+            assert_close(b, want, atol_scale=1e-4)
+
+
+def test_batchnorm_of_a_single_row_gives_beta_and_no_nan():
+    """Keras's behaviour for a batch of one (N, C) in training: variance 0, y = beta, no gradient to x."""
+    x, gamma, beta, mm, mv, _ = bn_case((1, 5))
+    y, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.99, 1e-3)
+    np.testing.assert_array_equal(y, beta[None])
+    np.testing.assert_array_equal(mean, x[0])
+    dx, dgamma, dbeta = ops.batchnorm_backward(np.ones((1, 5), F32), x, gamma, mean, inv_std, True)
+    np.testing.assert_array_equal(dx, 0)
+    np.testing.assert_array_equal(dgamma, 0)
+    assert np.isfinite(mm).all() and np.isfinite(mv).all()
+
+
+def test_batchnorm_bad_inputs():
+    x, gamma, beta, mm, mv, _ = bn_case((2, 3, 3, 4))
+    with pytest.raises(ValueError, match="gamma must be"):
+        ops.batchnorm_forward_training(x, gamma[:3], beta, mm, mv, 0.99, 1e-3)
+    with pytest.raises(ValueError, match="moving_var must be"):
+        ops.batchnorm_forward_inference(x, gamma, beta, mm, mv[:2], 1e-3)
+    with pytest.raises(ValueError, match="at least one row"):
+        ops.batchnorm_forward_training(np.zeros((0, 4), F32), gamma, beta, mm, mv, 0.99, 1e-3)
+    with pytest.raises(ValueError, match="C >= 1"):
+        ops.batchnorm_forward_inference(np.zeros(4, F32), gamma, beta, mm, mv, 1e-3)
+    with pytest.raises(ValueError, match="dy"):
+        ops.batchnorm_backward(np.zeros((2, 3, 3, 3), F32), x, gamma, mm, mv, True)
+    y, _ = ops.batchnorm_forward_inference(np.zeros((0, 4), F32), gamma, beta, mm, mv, 1e-3)  # empty batch
+    assert y.shape == (0, 4)
+
+
+# ===================================================================================== depthwise conv2d
+def _check_depthwise(n, c, hw, k, s, pad, dm, bias=True, activation=None):
+    x, wt, b, s, padding, rng = depthwise_case(n, c, hw, k, s, pad, dm, bias)
+    saved = (x.copy(), wt.copy())
+    y = ops.depthwise_conv2d_forward(x, wt, b, s, padding, activation, {})
+    y_ref = ref.depthwise_conv2d_forward(x, wt, b, s, padding, activation)
+    assert y.shape == (n,) + expected_hw(pad, hw[0], hw[1], wt.shape[:2], s) + (c * dm,)
+    assert_close(y, y_ref)
+    dy = normal(rng, y.shape)
+    if activation is not None:
+        dy = f32(ref.activation_backward(dy, y_ref, activation))
+    assert_close(ops.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding, {}),
+                 ref.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding))
+    dw, db = ops.depthwise_conv2d_backward_filter(dy, x, wt.shape, s, padding, {})
+    dw_ref, db_ref = ref.depthwise_conv2d_backward_filter(dy, x, wt.shape, s, padding)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
+    np.testing.assert_array_equal(x, saved[0])
+    np.testing.assert_array_equal(wt, saved[1])
+
+
+@pytest.mark.parametrize("n, c, hw, k, s, pad, dm", DEPTHWISE_GRID, ids=map(depthwise_id, DEPTHWISE_GRID))
+def test_depthwise_conv2d_matches_reference(n, c, hw, k, s, pad, dm):
+    _check_depthwise(n, c, hw, k, s, pad, dm)
+
+
+@pytest.mark.parametrize("bias, activation", [(False, None), (True, "relu"), (False, "relu"), (True, "softmax")])
+def test_depthwise_conv2d_bias_and_activation(bias, activation):
+    _check_depthwise(2, 3, (7, 5), 3, 1, "same", 2, bias, activation)
+    _check_depthwise(2, 8, (6, 6), 2, 2, "same", 1, bias, activation)
+
+
+def test_depthwise_conv2d_out_buffers():
+    x, wt, b, s, padding, rng = depthwise_case(2, 3, (7, 5), 3, 2, "same", 2)
+    y_ref = ref.depthwise_conv2d_forward(x, wt, b, s, padding, "relu")
+    out = np.full(y_ref.shape, np.nan, F32)
+    assert ops.depthwise_conv2d_forward(x, wt, b, s, padding, "relu", {}, out=out) is out
+    assert_close(out, y_ref)
+    dy = normal(rng, y_ref.shape)
+    dx = np.full(x.shape, np.nan, F32)
+    assert ops.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding, {}, out=dx) is dx
+    assert_close(dx, ref.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding))
+    dw, db = np.full(wt.shape, np.nan, F32), np.full(b.shape, np.nan, F32)
+    got = ops.depthwise_conv2d_backward_filter(dy, x, wt.shape, s, padding, {}, out_w=dw, out_b=db)
+    assert got[0] is dw and got[1] is db
+    for g, want in zip(got, ref.depthwise_conv2d_backward_filter(dy, x, wt.shape, s, padding)):
+        assert_close(g, want)
+
+
+def test_depthwise_conv2d_window_larger_than_the_input():
+    x, wt = np.zeros((1, 3, 3, 2), F32), np.zeros((5, 5, 2, 1), F32)
+    with pytest.raises(ValueError, match="does not fit the 3x3 input"):
+        ops.depthwise_conv2d_forward(x, wt, None, (1, 1), VALID, None)
+    with pytest.raises(ValueError, match="expects 3"):
+        ops.depthwise_conv2d_forward(x, np.zeros((1, 1, 3, 1), F32), None, (1, 1), VALID, None)
+
+
+def test_separable_conv2d_is_depthwise_then_a_1x1_conv2d():
+    """SeparableConv2D's two parts on the NumPy engine, forward and backward, against the oracle's."""
+    rng = np.random.default_rng(27)
+    x, wd, wp, b = normal(rng, (2, 9, 8, 3)), normal(rng, (3, 3, 3, 2)), normal(rng, (1, 1, 6, 5)), normal(rng, (5,))
+    stride, pad = (2, 2), padding_for("same", 9, 8, (3, 3), (2, 2))
+    ctx_d, ctx_p = {}, {}
+    mid = ops.depthwise_conv2d_forward(x, wd, None, stride, pad, None, ctx_d)
+    y = ops.conv2d_forward(mid, wp, b, (1, 1), VALID, "relu", ctx_p)
+    mid_ref = ref.depthwise_conv2d_forward(x, wd, None, stride, pad, None)
+    y_ref = ref.conv2d_forward(mid_ref, wp, b, (1, 1), VALID, "relu")
+    assert_close(y, y_ref)
+    dy = f32(ref.activation_backward(normal(rng, y.shape), y_ref, "relu"))
+    dmid = ops.conv2d_backward_data(dy, wp, mid.shape, (1, 1), VALID, ctx_p)
+    dmid_ref = ref.conv2d_backward_data(dy, wp, mid.shape, (1, 1), VALID)
+    assert_close(dmid, dmid_ref)
+    for got, want in zip(ops.conv2d_backward_filter(dy, mid, wp.shape, (1, 1), VALID, ctx_p),
+                         ref.conv2d_backward_filter(dy, mid_ref, wp.shape, (1, 1), VALID)):
+        assert_close(got, want)
+    dmid = f32(dmid_ref)
+    assert_close(ops.depthwise_conv2d_backward_data(dmid, wd, x.shape, stride, pad, ctx_d),
+                 ref.depthwise_conv2d_backward_data(dmid, wd, x.shape, stride, pad))
+    assert_close(ops.depthwise_conv2d_backward_filter(dmid, x, wd.shape, stride, pad, ctx_d)[0],
+                 ref.depthwise_conv2d_backward_filter(dmid, x, wd.shape, stride, pad)[0])
+
+
+@pytest.mark.parametrize("layout", ["slice", "transpose", "fortran", "reversed"])
+def test_non_contiguous_inputs_to_the_new_ops(layout):
+    rng = np.random.default_rng(28)
+    x, wt, b = normal(rng, (2, 7, 5, 3)), normal(rng, (3, 2, 3, 2)), normal(rng, (6,))
+    padding = padding_for("same", 7, 5, (3, 2), (1, 2))
+    y = ops.depthwise_conv2d_forward(x, wt, b, (1, 2), padding, "relu", {})
+    dy = normal(rng, y.shape)
+    _same_in_layout(layout, lambda *a: ops.depthwise_conv2d_forward(*a, (1, 2), padding, "relu", {}), x, wt, b)
+    _same_in_layout(layout, lambda *a: ops.depthwise_conv2d_backward_data(*a, x.shape, (1, 2), padding, {}), dy, wt)
+    _same_in_layout(layout, lambda *a: ops.depthwise_conv2d_backward_filter(*a, wt.shape, (1, 2), padding, {}),
+                    dy, x, exact=False)
+    _same_in_layout(layout, ops.global_maxpool2d_forward, x)
+    _same_in_layout(layout, lambda a: ops.zero_padding2d_forward(a, (1, 2, 0, 3)), x)
+    _same_in_layout(layout, lambda a: ops.zero_padding2d_backward(a, (2, 4, 2, 3), (1, 2, 0, 3)), x)
+    xb, gamma, beta, mm, mv, _ = bn_case((2, 7, 5, 3))
+    _same_in_layout(layout, lambda *a: ops.batchnorm_forward_inference(*a, 1e-3), xb, gamma, beta, mm, mv,
+                    exact=False)
+    _same_in_layout(layout, lambda *a: ops.batchnorm_forward_training(*a, 0.99, 1e-3)[:2], xb, gamma, beta,
+                    mm.copy(), mv.copy(), exact=False)
+    y, mean, inv_std = ops.batchnorm_forward_training(xb, gamma, beta, mm.copy(), mv.copy(), 0.99, 1e-3)
+    _same_in_layout(layout, lambda *a: ops.batchnorm_backward(*a, True), normal(rng, xb.shape), xb, gamma, mean,
+                    inv_std, exact=False)
 
 
 # ===================================================================================== repeated calls

@@ -188,6 +188,200 @@ def test_global_avgpool2d_backward_matches_finite_differences(x_shape):
     assert_grad(dx, lambda v: np.sum(g * ref.global_avgpool2d_forward(v)), x)
 
 
+# ===================================================================================== global max-pooling, padding
+@pytest.mark.parametrize("x_shape", [(2, 5, 5, 3), (1, 7, 5, 1), (3, 1, 1, 2)])
+def test_global_maxpool2d_backward_matches_finite_differences(x_shape):
+    rng = np.random.default_rng(40)
+    x = shuffled_arange(rng, x_shape)
+    y, idx = ref.global_maxpool2d_forward(x)
+    np.testing.assert_array_equal(y, x.max(axis=(1, 2)))
+    g = rng.normal(size=y.shape)
+    dx = ref.global_maxpool2d_backward(g, idx, x.shape)
+    assert_grad(dx, lambda v: np.sum(g * ref.global_maxpool2d_forward(v)[0]), x)
+
+
+def test_global_maxpool2d_ties_and_nan_by_hand():
+    x = np.array([[1.0, 3.0, 3.0], [0.0, 3.0, -1.0]]).reshape(1, 2, 3, 1)
+    y, idx = ref.global_maxpool2d_forward(x)
+    assert y[0, 0] == 3.0 and idx[0, 0] == 1  # the first of three maxima in row-major order
+    dx = ref.global_maxpool2d_backward(np.array([[2.0]]), idx, x.shape)
+    np.testing.assert_array_equal(dx[0, :, :, 0], [[0, 2, 0], [0, 0, 0]])
+    x[0, 1, 0, 0], x[0, 1, 2, 0] = np.nan, np.nan
+    y, idx = ref.global_maxpool2d_forward(x)
+    assert math.isnan(y[0, 0]) and idx[0, 0] == 3  # the first NaN wins
+
+
+@pytest.mark.parametrize("padding", [(1, 1, 1, 1), (0, 2, 3, 0), (2, 0, 0, 1)])
+def test_zero_padding2d_by_hand_and_backward(padding):
+    rng = np.random.default_rng(41)
+    x = rng.normal(size=(2, 3, 4, 2))
+    top, bottom, left, right = padding
+    y = ref.zero_padding2d_forward(x, padding)
+    assert y.shape == (2, 3 + top + bottom, 4 + left + right, 2)
+    np.testing.assert_array_equal(y[:, top:top + 3, left:left + 4], x)
+    assert np.count_nonzero(y) == np.count_nonzero(x) == x.size  # zeros everywhere else
+    g = rng.normal(size=y.shape)
+    dx = ref.zero_padding2d_backward(g, x.shape, padding)
+    assert_grad(dx, lambda v: np.sum(g * ref.zero_padding2d_forward(v, padding)), x)
+
+
+# ===================================================================================== batch normalization
+BN_CASES = [  # x shape, scale (gamma), center (beta)
+    ((2, 3, 4, 3), True, True),
+    ((5, 4), True, True),       # Dense outputs (N, C)
+    ((1, 3, 3, 2), True, False),  # one image: statistics over its H x W cells
+    ((3, 2, 5), False, True),
+    ((4, 2, 2, 1), False, False),
+]
+
+
+def _bn_inputs(x_shape, scale, center, seed):
+    rng = np.random.default_rng(seed)
+    c = x_shape[-1]
+    x = rng.normal(size=x_shape) * rng.uniform(0.5, 2.0, size=c) + rng.normal(size=c)
+    gamma = rng.uniform(0.5, 1.5, size=c) if scale else None
+    beta = rng.normal(size=c) if center else None
+    return x, gamma, beta, rng
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("x_shape, scale, center", BN_CASES)
+def test_batchnorm_backward_matches_finite_differences(x_shape, scale, center, training):
+    """Training: y of x through the batch's statistics; inference: through the moving ones (constants)."""
+    x, gamma, beta, rng = _bn_inputs(x_shape, scale, center, 42)
+    c = x_shape[-1]
+    moving = (rng.normal(size=c), rng.uniform(0.5, 2, size=c))
+
+    def forward(x_, gamma_=gamma, beta_=beta):
+        if training:
+            return ref.batchnorm_forward_training(x_, gamma_, beta_, *moving, 0.99, 1e-3)[0]
+        return ref.batchnorm_forward_inference(x_, gamma_, beta_, *moving, 1e-3)[0]
+
+    if training:
+        y, mean, inv_std, _, _ = ref.batchnorm_forward_training(x, gamma, beta, *moving, 0.99, 1e-3)
+    else:
+        (y, inv_std), mean = ref.batchnorm_forward_inference(x, gamma, beta, *moving, 1e-3), moving[0]
+    g = rng.normal(size=y.shape)
+    dx, dgamma, dbeta = ref.batchnorm_backward(g, x, gamma, mean, inv_std, training)
+    assert_grad(dx, lambda v: np.sum(g * forward(v)), x)
+    if scale:
+        assert_grad(dgamma, lambda v: np.sum(g * forward(x, v)), gamma)
+    if center:
+        assert_grad(dbeta, lambda v: np.sum(g * forward(x, gamma, v)), beta)
+
+
+def test_batchnorm_statistics_and_moving_update_by_hand():
+    rng = np.random.default_rng(44)
+    x = rng.normal(size=(3, 4, 5, 2)) * [1.0, 3.0] + [0.5, -2.0]
+    gamma, beta = np.array([2.0, 0.5]), np.array([1.0, -1.0])
+    mm, mv = np.array([0.1, 0.2]), np.array([1.5, 0.7])
+    y, mean, inv_std, new_mm, new_mv = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3)
+    flat = x.reshape(-1, 2)
+    np.testing.assert_allclose(mean, flat.mean(axis=0), rtol=1e-12)
+    var = flat.var(axis=0)  # NumPy's default ddof=0: the biased variance, as Keras uses
+    np.testing.assert_allclose(inv_std, 1 / np.sqrt(var + 1e-3), rtol=1e-12)  # epsilon inside the root
+    np.testing.assert_allclose(new_mm, 0.9 * mm + 0.1 * flat.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(new_mv, 0.9 * mv + 0.1 * var, rtol=1e-12)
+    out = y.reshape(-1, 2)
+    np.testing.assert_allclose(out.mean(axis=0), beta, atol=1e-12)  # per channel: mean beta ...
+    np.testing.assert_allclose(out.std(axis=0), gamma * np.sqrt(var / (var + 1e-3)), rtol=1e-12)  # ... std ~gamma
+    y_inf, inv_inf = ref.batchnorm_forward_inference(x, gamma, beta, mm, mv, 1e-3)
+    np.testing.assert_allclose(y_inf, (x - mm) / np.sqrt(mv + 1e-3) * gamma + beta, rtol=1e-12)
+    np.testing.assert_allclose(inv_inf, 1 / np.sqrt(mv + 1e-3), rtol=1e-12)
+
+
+def test_batchnorm_of_a_single_row_gives_beta_and_no_nan():
+    # Keras's behaviour for a batch of one (N, C) in training: variance 0, y = beta, gradient 0 to x
+    x, gamma, beta = np.array([[3.0, -1.0]]), np.array([2.0, 0.5]), np.array([0.25, -4.0])
+    y, mean, inv_std, new_mm, new_mv = ref.batchnorm_forward_training(x, gamma, beta, np.zeros(2), np.ones(2),
+                                                                     0.99, 1e-3)
+    np.testing.assert_array_equal(y, beta[None])
+    np.testing.assert_allclose(inv_std, 1 / math.sqrt(1e-3), rtol=1e-12)
+    np.testing.assert_allclose(new_mv, 0.99 * np.ones(2), rtol=1e-12)
+    dx, dgamma, dbeta = ref.batchnorm_backward(np.array([[1.0, 2.0]]), x, gamma, mean, inv_std, True)
+    np.testing.assert_array_equal(dx, 0)
+    np.testing.assert_array_equal(dgamma, 0)
+    np.testing.assert_array_equal(dbeta, [1.0, 2.0])
+
+
+# ===================================================================================== depthwise conv2d
+DEPTHWISE_CASES = [  # x shape, kernel (kh, kw), depth multiplier, stride, padding
+    ((2, 5, 5, 3), (3, 3), 1, (1, 1), "valid"),
+    ((2, 5, 5, 2), (3, 3), 2, (1, 1), "same"),
+    ((1, 7, 5, 2), (2, 2), 3, (2, 2), "same"),
+    ((2, 6, 7, 3), (3, 2), 1, (2, 1), "same"),
+    ((1, 6, 6, 1), (4, 4), 2, (2, 2), "same"),
+    ((2, 5, 6, 2), (3, 3), 2, (2, 3), (0, 2, 1, 0)),
+]
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("x_shape, k, dm, stride, padding", DEPTHWISE_CASES)
+def test_depthwise_conv2d_backward_matches_finite_differences(x_shape, k, dm, stride, padding, activation):
+    c = x_shape[3]
+    for attempt in range(200):  # for relu, every pre-activation at least 1e-2 from the kink
+        rng = np.random.default_rng(45 + 1000 * attempt)
+        x, w, b = rng.normal(size=x_shape), rng.normal(size=k + (c, dm)), rng.normal(size=c * dm)
+        pad = padding_for(padding, x_shape[1], x_shape[2], k, stride)
+        z = ref.depthwise_conv2d_forward(x, w, b, stride, pad, None)
+        if activation != "relu" or np.abs(z).min() > 1e-2:
+            break
+    y = ref.depthwise_conv2d_forward(x, w, b, stride, pad, activation)
+    g = rng.normal(size=y.shape)
+    dz = ref.activation_backward(g, y, activation)
+    dx = ref.depthwise_conv2d_backward_data(dz, w, x.shape, stride, pad)
+    dw, db = ref.depthwise_conv2d_backward_filter(dz, x, w.shape, stride, pad)
+    assert_grad(dx, lambda v: np.sum(g * ref.depthwise_conv2d_forward(v, w, b, stride, pad, activation)), x)
+    assert_grad(dw, lambda v: np.sum(g * ref.depthwise_conv2d_forward(x, v, b, stride, pad, activation)), w)
+    assert_grad(db, lambda v: np.sum(g * ref.depthwise_conv2d_forward(x, w, v, stride, pad, activation)), b)
+
+
+@pytest.mark.parametrize("x_shape, k, dm, stride, padding", DEPTHWISE_CASES)
+def test_depthwise_conv2d_is_a_conv2d_with_a_block_diagonal_kernel(x_shape, k, dm, stride, padding):
+    """Input channel c, multiplier m feeds output channel c·DM + m (Keras's order): the convolution whose
+    kernel W[i, j, c, c·DM + m] = w[i, j, c, m] and zero elsewhere gives the same outputs and gradients."""
+    rng = np.random.default_rng(46)
+    c = x_shape[3]
+    x, w, b = rng.normal(size=x_shape), rng.normal(size=k + (c, dm)), rng.normal(size=c * dm)
+    full = np.zeros(k + (c, c * dm))
+    for ch in range(c):
+        full[:, :, ch, ch * dm:(ch + 1) * dm] = w[:, :, ch, :]
+    pad = padding_for(padding, x_shape[1], x_shape[2], k, stride)
+    y = ref.depthwise_conv2d_forward(x, w, b, stride, pad, None)
+    np.testing.assert_allclose(y, ref.conv2d_forward(x, full, b, stride, pad, None), rtol=1e-12, atol=1e-12)
+    g = rng.normal(size=y.shape)
+    np.testing.assert_allclose(ref.depthwise_conv2d_backward_data(g, w, x.shape, stride, pad),
+                               ref.conv2d_backward_data(g, full, x.shape, stride, pad), rtol=1e-12, atol=1e-12)
+    dw, db = ref.depthwise_conv2d_backward_filter(g, x, w.shape, stride, pad)
+    dfull, dbfull = ref.conv2d_backward_filter(g, x, full.shape, stride, pad)
+    np.testing.assert_allclose(dw, np.stack([dfull[:, :, ch, ch * dm:(ch + 1) * dm] for ch in range(c)], axis=2),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, dbfull, rtol=1e-12)
+
+
+def test_separable_conv2d_backward_through_both_parts_matches_finite_differences():
+    """SeparableConv2D = depthwise (stride, padding, no bias) then a 1x1 conv2d (bias, activation): the two
+    backward passes chained give the gradient of the composition."""
+    rng = np.random.default_rng(47)
+    x, wd, wp, b = (rng.normal(size=(2, 6, 5, 3)), rng.normal(size=(3, 3, 3, 2)), rng.normal(size=(1, 1, 6, 4)),
+                    rng.normal(size=4))
+    stride, pad = (2, 1), padding_for("same", 6, 5, (3, 3), (2, 1))
+
+    def forward(x_, wd_=wd, wp_=wp):
+        mid = ref.depthwise_conv2d_forward(x_, wd_, None, stride, pad, None)
+        return ref.conv2d_forward(mid, wp_, b, (1, 1), (0, 0, 0, 0), None)
+
+    mid = ref.depthwise_conv2d_forward(x, wd, None, stride, pad, None)
+    g = rng.normal(size=forward(x).shape)
+    dwp, _ = ref.conv2d_backward_filter(g, mid, wp.shape, (1, 1), (0, 0, 0, 0))
+    dmid = ref.conv2d_backward_data(g, wp, mid.shape, (1, 1), (0, 0, 0, 0))
+    dx = ref.depthwise_conv2d_backward_data(dmid, wd, x.shape, stride, pad)
+    dwd, _ = ref.depthwise_conv2d_backward_filter(dmid, x, wd.shape, stride, pad)
+    assert_grad(dx, lambda v: np.sum(g * forward(v)), x)
+    assert_grad(dwd, lambda v: np.sum(g * forward(x, v)), wd)
+    assert_grad(dwp, lambda v: np.sum(g * forward(x, wd, v)), wp)
+
+
 # ===================================================================================== dense, activations
 @pytest.mark.parametrize("activation", [None, "relu", "softmax"])
 @pytest.mark.parametrize("use_bias", [True, False])

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import cuda_loader as cuda
 from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401  (shared by both engines)
+from .numpy_ops import _bn_rows, _depthwise_geometry, _padded_shape  # (and their checks)
 
 xp = cupy
 DTYPE = np.float32
@@ -326,6 +327,187 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
     cuda.launch("global_avgpool2d_backward", _image_grid(h * wd * c, n), _THREADS,
                 (dy, dx, n, h * wd, c, DTYPE(h * wd)))
     return dx
+
+
+def global_maxpool2d_forward(x, out=None, out_idx=None):
+    """(y (N,C), idx (int32, N,C)): each channel's maximum over H and W; idx is h·W + w of its first maximum
+    in row-major scan order (a NaN wins: the first NaN), as maxpool2d_forward's rule."""
+    n, h, wd, c = x.shape
+    if h * wd == 0:
+        raise ValueError(f"global_maxpool2d_forward: an image of {h}x{wd} cells has no maximum")
+    x = _c(x)
+    y = _out(out, (n, c))
+    idx = _out(out_idx, (n, c), np.int32, name="out_idx")
+    _, images = _image_grid(h * wd * c, n)  # checks the image size
+    cuda.launch("global_maxpool2d_forward", (_blocks(c), images), _THREADS, (x, y, idx, n, h * wd, c))
+    return y, idx
+
+
+def global_maxpool2d_backward(dy, idx, x_shape, out=None):
+    """dx (N,H,W,C): each channel's gradient goes to its first maximum only (a gather)."""
+    n, h, wd, c = x_shape
+    if dy.shape != (n, c) or idx.shape != (n, c):
+        raise ValueError(f"global_maxpool2d_backward: dy {dy.shape} and idx {idx.shape} must be {(n, c)}")
+    dy, idx = _c(dy), _c(idx)
+    dx = _out(out, (n, h, wd, c))
+    cuda.launch("global_maxpool2d_backward", _image_grid(h * wd * c, n), _THREADS, (dy, idx, dx, n, h * wd, c))
+    return dx
+
+
+# ===================================================================================== zero padding
+def zero_padding2d_forward(x, padding, out=None):
+    """y (N, top+H+bottom, left+W+right, C): x surrounded by zeros (Keras's ZeroPadding2D)."""
+    n, p, q, c = _padded_shape(x.shape, padding, None, "zero_padding2d_forward")
+    _, h, wd, _ = x.shape
+    x = _c(x)
+    y = _out(out, (n, p, q, c))
+    cuda.launch("zero_padding2d_forward", _image_grid(p * q * c, n), _THREADS,
+                (x, y, n, h, wd, c, p, q, padding[0], padding[2]))
+    return y
+
+
+def zero_padding2d_backward(dy, x_shape, padding, out=None):
+    """dx (N,H,W,C): the gradient of the cells that hold x."""
+    n, p, q, c = _padded_shape(x_shape, padding, dy.shape, "zero_padding2d_backward")
+    _, h, wd, _ = x_shape
+    dy = _c(dy)
+    dx = _out(out, x_shape)
+    _image_grid(p * q * c, n)  # checks dy's image size
+    cuda.launch("zero_padding2d_backward", _image_grid(h * wd * c, n), _THREADS,
+                (dy, dx, n, h, wd, c, p, q, padding[0], padding[2]))
+    return dx
+
+
+# ===================================================================================== batch normalization
+# ops_numpy says what each op computes (Keras 3's BatchNormalization over the last axis); kernels/batchnorm.cu
+# how: every sum over the M rows is a fixed-order two-pass reduction (per-slice partial sums, then the slices
+# in order), with the slices of conv2d_backward_filter's rule, so results are the same bits on every run.
+_BN = cuda.kernel_constants("batchnorm.cu")
+_BN_BLOCK = (_BN["BN_TILE_C"], _BN["BN_ROW_LANES"])
+
+
+def _bn_launch_shape(x2, what):
+    """(grid, slices, rows per slice) of the first-pass kernels over x2 (M, C)."""
+    m, c = x2.shape
+    if m > _INT_MAX - _CONV["BWF_TILE_M"]:
+        raise ValueError(f"{what}: {m:,} rows are too many for one call (at most about 2^31); use a smaller batch")
+    tiles = _cdiv(c, _BN["BN_TILE_C"])
+    slices, rows = _filter_slices(m, tiles)
+    return (tiles, slices), slices, rows
+
+
+def _vector(v):
+    return None if v is None else _c(v)
+
+
+def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
+                               out_mean=None, out_inv_std=None):
+    """(y, mean, inv_std) with the batch's statistics (mean, inv_std: (C,), kept for batchnorm_backward);
+    moving_mean and moving_var (C,) are updated in place (C-contiguous float32 device arrays). The partial
+    sums' workspace is kept in ``ctx["bn_work"]``."""
+    x2, m, c = _bn_rows(x, "batchnorm_forward_training", True, gamma=gamma, beta=beta, moving_mean=moving_mean,
+                        moving_var=moving_var)
+    x2, gamma, beta = _c(x2), _vector(gamma), _vector(beta)
+    grid, slices, rows = _bn_launch_shape(x2, "batchnorm_forward_training")
+    y = _out(out, x.shape)
+    mean = _out(out_mean, (c,), name="out_mean")
+    inv_std = _out(out_inv_std, (c,), name="out_inv_std")
+    work = _work(ctx, "bn_work", (slices, c))
+    cuda.launch("batchnorm_partial_sums", grid, _BN_BLOCK, (x2, None, work, m, c, rows))
+    cuda.launch("batchnorm_mean", _blocks(c), _THREADS, (work, mean, slices, c, DTYPE(m)))
+    cuda.launch("batchnorm_partial_sums", grid, _BN_BLOCK, (x2, mean, work, m, c, rows))
+    cuda.launch("batchnorm_variance_update", _blocks(c), _THREADS,
+                (work, mean, inv_std, moving_mean, moving_var, slices, c, DTYPE(m), DTYPE(momentum),
+                 DTYPE(1 - momentum), DTYPE(epsilon)))
+    cuda.launch("batchnorm_normalize", _blocks(x2.size), _THREADS, (x2, mean, inv_std, gamma, beta, y, x2.size, c))
+    return y, mean, inv_std
+
+
+def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon, out=None, out_inv_std=None):
+    """(y, inv_std) with the moving statistics; inv_std (C,) is what batchnorm_backward needs (with
+    moving_mean as the mean) when the layer trains in inference mode."""
+    x2, m, c = _bn_rows(x, "batchnorm_forward_inference", False, gamma=gamma, beta=beta, moving_mean=moving_mean,
+                        moving_var=moving_var)
+    x2, gamma, beta = _c(x2), _vector(gamma), _vector(beta)
+    y = _out(out, x.shape)
+    inv_std = _out(out_inv_std, (c,), name="out_inv_std")
+    cuda.launch("batchnorm_inverse_std", _blocks(c), _THREADS, (_c(moving_var), inv_std, c, DTYPE(epsilon)))
+    cuda.launch("batchnorm_normalize", _blocks(x2.size), _THREADS,
+                (x2, _c(moving_mean), inv_std, gamma, beta, y, x2.size, c))
+    return y, inv_std
+
+
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None):
+    """(dx, dgamma, dbeta) from dy and the forward's x, mean and inv_std, per channel with x̂ = (x − mean)·inv_std:
+    dbeta = Σ dy, dgamma = Σ dy·x̂; ``training`` (batch statistics, functions of x):
+    dx = gamma·inv_std·(dy − dbeta/M − x̂·dgamma/M); else (moving statistics) dx = gamma·inv_std·dy. The
+    partial sums' workspace is kept in ``ctx["bn_work_backward"]``."""
+    x2, m, c = _bn_rows(x, "batchnorm_backward", False, gamma=gamma, mean=mean, inv_std=inv_std)
+    if dy.shape != x.shape:
+        raise ValueError(f"batchnorm_backward: dy {dy.shape} and x {x.shape} differ")
+    dy, x2, gamma, mean, inv_std = _c(dy), _c(x2), _vector(gamma), _c(mean), _c(inv_std)
+    grid, slices, rows = _bn_launch_shape(x2, "batchnorm_backward")
+    dx = _out(out, x.shape)
+    dgamma = _out(out_gamma, (c,), name="out_gamma")
+    dbeta = _out(out_beta, (c,), name="out_beta")
+    work = _work(ctx, "bn_work_backward", (slices, 2 * c))
+    cuda.launch("batchnorm_backward_partial_sums", grid, _BN_BLOCK, (dy, x2, mean, inv_std, work, m, c, rows))
+    cuda.launch("batchnorm_backward_reduce", _blocks(c), _THREADS, (work, dgamma, dbeta, slices, c))
+    cuda.launch("batchnorm_backward_data", _blocks(x2.size), _THREADS,
+                (dy, x2, mean, inv_std, gamma, dgamma, dbeta, dx, x2.size, c, DTYPE(m), int(bool(training))))
+    return dx, dgamma, dbeta
+
+
+# ===================================================================================== depthwise conv2d
+# Keras's DepthwiseConv2D (kernels/depthwise_conv2d.cu): output channel c·DM + m is input channel c convolved
+# with w[:, :, c, m].
+def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
+    """y = act(depthwise(x, w) + b): x (N,H,W,C), w (KH,KW,C,DM), b (C·DM,) or None → y (N,P,Q,C·DM)."""
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w.shape, stride, padding, "depthwise_conv2d_forward", b)
+    act = _fused(activation)
+    x, w, b = _c(x), _c(w), _vector(b)
+    y = _out(out, (n, p, q, c * dm))
+    _image_grid(h * wd * c, n)  # checks the input image's size
+    cuda.launch("depthwise_conv2d_forward", _image_grid(p * q * c * dm, n), _THREADS,
+                (x, w, b, y, n, h, wd, c, w.shape[0], w.shape[1], dm, p, q, stride[0], stride[1], padding[0],
+                 padding[2], act))
+    if activation == "softmax":
+        activation_forward(y, "softmax", out=y)
+    return y
+
+
+def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
+    """dx (N,H,W,C) from dy (N,P,Q,C·DM): each input element gathers the taps and multipliers that read it."""
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x_shape, w.shape, stride, padding, "depthwise_conv2d_backward_data",
+                                                dy=dy)
+    dy, w = _c(dy), _c(w)
+    dx = _out(out, x_shape)
+    _image_grid(p * q * c * dm, n)  # checks dy's image size
+    cuda.launch("depthwise_conv2d_backward_data", _image_grid(h * wd * c, n), _THREADS,
+                (dy, w, dx, n, h, wd, c, w.shape[0], w.shape[1], dm, p, q, stride[0], stride[1], padding[0],
+                 padding[2]))
+    return dx
+
+
+def depthwise_conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
+    """(dw (KH,KW,C,DM), db (C·DM,)) from dy (N,P,Q,C·DM) and the layer's input x: per-slice partial sums into
+    a workspace (kept in ``ctx["depthwise_work"]``), then conv2d's fixed-order sum of the slices."""
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w_shape, stride, padding,
+                                                "depthwise_conv2d_backward_filter", dy=dy)
+    kh, kw, k = w_shape[0], w_shape[1], c * dm
+    if n * p * q > _INT_MAX - _CONV["BWF_TILE_M"]:
+        raise ValueError(f"depthwise_conv2d_backward_filter: {n * p * q:,} output pixels are too many for one "
+                         "call (at most about 2^31); use a smaller batch")
+    dy, x = _c(dy), _c(x)
+    row = (kh * kw + 1) * k  # one slice's partial sums: dw, then db
+    slices, slice_len = _filter_slices(n * p * q, _cdiv(row, _THREADS))
+    work = _work(ctx, "depthwise_work", (slices, row))
+    dw = _out(out_w, w_shape, name="out_w")
+    db = _out(out_b, (k,), name="out_b")
+    cuda.launch("depthwise_conv2d_backward_filter", (_cdiv(row, _THREADS), slices), _THREADS,
+                (dy, x, work, n, h, wd, c, kh, kw, dm, p, q, stride[0], stride[1], padding[0], padding[2], slice_len))
+    cuda.launch("conv2d_backward_filter_reduce", _blocks(row), _THREADS, (work, dw, db, kh * kw * k, k, slices))
+    return dw, db
 
 
 # ===================================================================================== conv2d + max-pool

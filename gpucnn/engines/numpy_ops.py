@@ -333,6 +333,207 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
     return _finish(np.ascontiguousarray(dx), out)
 
 
+def global_maxpool2d_forward(x, out=None, out_idx=None):
+    """(y (N,C), idx (int32, N,C)): each channel's maximum over H and W; idx is h·W + w of its first maximum
+    in row-major scan order (a NaN wins: the first NaN), as maxpool2d_forward's rule."""
+    n, h, wd, c = x.shape
+    if h * wd == 0:
+        raise ValueError(f"global_maxpool2d_forward: an image of {h}x{wd} cells has no maximum")
+    flat = x.reshape(n, h * wd, c)
+    idx = np.argmax(flat, axis=1)  # the first maximum; NumPy's argmax takes the first NaN as the maximum
+    y = np.take_along_axis(flat, idx[:, None, :], axis=1)[:, 0, :]
+    return _finish(y, out), _finish(idx.astype(np.int32), out_idx)
+
+
+def global_maxpool2d_backward(dy, idx, x_shape, out=None):
+    """dx (N,H,W,C): each channel's gradient goes to its first maximum only."""
+    n, h, wd, c = x_shape
+    dx = np.zeros((n, h * wd, c), DTYPE)
+    np.put_along_axis(dx, np.asarray(idx, np.int64)[:, None, :], dy[:, None, :], axis=1)
+    return _finish(dx.reshape(x_shape), out)
+
+
+# ===================================================================================== zero padding
+def _padded_shape(x_shape, padding, dy_shape, what):
+    """The shape of x (N, H, W, C) padded by ``padding``, after checking the padding (and dy, if given)."""
+    if len(padding) != 4 or any(int(p) != p or p < 0 for p in padding):
+        raise ValueError(f"{what}: padding must be four non-negative ints (top, bottom, left, right), "
+                         f"got {tuple(padding)}")
+    n, h, wd, c = x_shape
+    top, bottom, left, right = padding
+    shape = (n, top + h + bottom, left + wd + right, c)
+    if dy_shape is not None and tuple(dy_shape) != shape:
+        raise ValueError(f"{what}: dy must be {shape} for x {tuple(x_shape)} padded by {tuple(padding)}, "
+                         f"got {tuple(dy_shape)}")
+    return shape
+
+
+def zero_padding2d_forward(x, padding, out=None):
+    """y (N, top+H+bottom, left+W+right, C): x surrounded by zeros (Keras's ZeroPadding2D)."""
+    _padded_shape(x.shape, padding, None, "zero_padding2d_forward")
+    if out is None:
+        return np.ascontiguousarray(_pad(x, padding))
+    top, bottom, left, right = padding
+    out.fill(0)
+    out[:, top:out.shape[1] - bottom, left:out.shape[2] - right, :] = x
+    return out
+
+
+def zero_padding2d_backward(dy, x_shape, padding, out=None):
+    """dx (N,H,W,C): the gradient of the cells that hold x."""
+    _padded_shape(x_shape, padding, dy.shape, "zero_padding2d_backward")
+    return _finish(np.ascontiguousarray(_crop(dy, padding)), out)
+
+
+# ===================================================================================== batch normalization
+# Over the last axis of x (N, ..., C), as Keras 3's BatchNormalization(axis=-1): each channel's statistics
+# over the M = x.size / C values of the other axes, seen here as the rows of an (M, C) matrix. gamma None
+# means scale=False (1), beta None center=False (0). The same for both engines:
+#   training   mean = Σ x / M, var = Σ (x − mean)² / M (biased, two passes), inv_std = 1 / sqrt(var + epsilon);
+#              moving_mean = moving_mean·momentum + mean·(1 − momentum), moving_var likewise with var (in
+#              place, Keras's rule); a single row (M = 1) has var 0, so y = beta and dx = 0 (no NaN: Keras too)
+#   inference  mean = moving_mean, inv_std = 1 / sqrt(moving_var + epsilon)
+#   both       y = (x − mean)·(inv_std·gamma) + beta
+# Keras's torch backend takes var as E[x²] − E[x]² (one pass); the two-pass variance here is the same number
+# without its cancellation.
+def _bn_rows(x, what, training, **vectors):
+    """(x as (M, C), M, C) after checking that the per-channel ``vectors`` (None or arrays) are (C,)."""
+    if x.ndim < 2 or x.shape[-1] < 1:
+        raise ValueError(f"{what}: x must be (N, ..., C) with C >= 1 channels, got {x.shape}")
+    c = x.shape[-1]
+    for name, v in vectors.items():
+        if v is not None and v.shape != (c,):
+            raise ValueError(f"{what}: {name} must be ({c},) for x {x.shape}, got {v.shape}")
+    m = x.size // c
+    if training and m == 0:
+        raise ValueError(f"{what}: batch statistics need at least one row, x is {x.shape}")
+    return x.reshape(m, c), m, c
+
+
+def _bn_apply(x2, mean, inv_std, gamma, beta, x_shape, out):
+    """y (x_shape, or ``out``) = (x − mean)·(inv_std·gamma) + beta from the rows x2 (M, C)."""
+    scale = inv_std if gamma is None else inv_std * gamma
+    y = np.subtract(x2, mean, out=None if out is None else out.reshape(x2.shape))
+    y *= scale
+    if beta is not None:
+        y += beta
+    return y.reshape(x_shape) if out is None else out
+
+
+def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
+                               out_mean=None, out_inv_std=None):
+    """(y, mean, inv_std) with the batch's statistics (mean, inv_std: (C,), kept for batchnorm_backward);
+    moving_mean and moving_var (C,) are updated in place."""
+    x2, m, c = _bn_rows(x, "batchnorm_forward_training", True, gamma=gamma, beta=beta,
+                          moving_mean=moving_mean, moving_var=moving_var)
+    mean = _finish(_column_sums(x2) / DTYPE(m), out_mean)
+    centered = np.subtract(x2, mean, out=_scratch(ctx, "bn_centered", x2.shape))
+    var = _column_sums(np.square(centered, out=_scratch(ctx, "bn_square", x2.shape))) / DTYPE(m)
+    inv_std = _finish(DTYPE(1) / np.sqrt(var + DTYPE(epsilon)), out_inv_std)
+    moving_mean *= DTYPE(momentum)
+    moving_mean += mean * DTYPE(1 - momentum)
+    moving_var *= DTYPE(momentum)
+    moving_var += var * DTYPE(1 - momentum)
+    return _bn_apply(x2, mean, inv_std, gamma, beta, x.shape, out), mean, inv_std
+
+
+def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon, out=None, out_inv_std=None):
+    """(y, inv_std) with the moving statistics; inv_std (C,) is what batchnorm_backward needs (with
+    moving_mean as the mean) when the layer trains in inference mode."""
+    x2, m, c = _bn_rows(x, "batchnorm_forward_inference", False, gamma=gamma, beta=beta,
+                          moving_mean=moving_mean, moving_var=moving_var)
+    inv_std = _finish(DTYPE(1) / np.sqrt(moving_var + DTYPE(epsilon)), out_inv_std)
+    return _bn_apply(x2, moving_mean, inv_std, gamma, beta, x.shape, out), inv_std
+
+
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None):
+    """(dx, dgamma, dbeta) from dy and the forward's x, mean and inv_std, per channel with x̂ = (x − mean)·inv_std:
+    dbeta = Σ dy, dgamma = Σ dy·x̂; ``training`` (batch statistics, functions of x):
+    dx = gamma·inv_std·(dy − dbeta/M − x̂·dgamma/M); else (moving statistics) dx = gamma·inv_std·dy."""
+    x2, m, c = _bn_rows(x, "batchnorm_backward", False, gamma=gamma, mean=mean, inv_std=inv_std)
+    if dy.shape != x.shape:
+        raise ValueError(f"batchnorm_backward: dy {dy.shape} and x {x.shape} differ")
+    dy2 = dy.reshape(m, c)
+    xhat = np.subtract(x2, mean, out=_scratch(ctx, "bn_centered", x2.shape))
+    xhat *= inv_std
+    dbeta = _finish(_column_sums(dy2), out_beta)
+    dgamma = _finish(_column_sums(np.multiply(dy2, xhat, out=_scratch(ctx, "bn_square", x2.shape))), out_gamma)
+    scale = inv_std if gamma is None else inv_std * gamma
+    if training:
+        xhat *= dgamma / DTYPE(m)
+        dx = np.subtract(dy2, dbeta / DTYPE(m), out=None if out is None else out.reshape(x2.shape))
+        dx -= xhat
+        dx *= scale
+    else:
+        dx = np.multiply(dy2, scale, out=None if out is None else out.reshape(x2.shape))
+    return (dx.reshape(x.shape) if out is None else out), dgamma, dbeta
+
+
+# ===================================================================================== depthwise conv2d
+# Keras's DepthwiseConv2D: w is (KH, KW, C, DM) and output channel c·DM + m is input channel c convolved with
+# w[:, :, c, m] (SeparableConv2D is this, then a 1x1 conv2d). The same padding, stride and activation rules
+# as conv2d.
+def _depthwise_geometry(x_shape, w_shape, stride, padding, what, b=None, dy=None):
+    """(N, H, W, C, DM, P, Q) after checking that x, the kernel w, the bias b (None or (C·DM,)) and the
+    output gradient dy (None or (N, P, Q, C·DM)) fit together and that the window fits the padded input."""
+    kh, kw, c, dm = w_shape
+    n, h, wd, xc, p, q = geometry(x_shape, (kh, kw), stride, padding)
+    if xc != c:
+        raise ValueError(f"{what}: x has {xc} channels, the depthwise kernel {tuple(w_shape)} expects {c}")
+    if p < 1 or q < 1:
+        raise ValueError(f"{what}: a {kh}x{kw} window does not fit the {h}x{wd} input padded by "
+                         f"{tuple(padding)}")
+    if b is not None and b.shape != (c * dm,):
+        raise ValueError(f"{what}: the bias must be ({c * dm},) for the kernel {tuple(w_shape)}, got {b.shape}")
+    if dy is not None and dy.shape != (n, p, q, c * dm):
+        raise ValueError(f"{what}: dy must be {(n, p, q, c * dm)}, got {dy.shape}")
+    return n, h, wd, c, dm, p, q
+
+
+def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
+    """y = act(depthwise(x, w) + b): x (N,H,W,C), w (KH,KW,C,DM), b (C·DM,) or None → y (N,P,Q,C·DM), one
+    multiply-add of a whole (N, P, Q, C, DM) block per kernel tap."""
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w.shape, stride, padding, "depthwise_conv2d_forward", b)
+    xpad = _pad(x, padding)
+    y = np.zeros((n, p, q, c, dm), DTYPE)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            y += _tap(xpad, i, j, stride, p, q)[..., None] * w[i, j]
+    y = y.reshape(n, p, q, c * dm)
+    if b is not None:
+        y += b
+    return activation_forward(y, activation, out=y if out is None else out)
+
+
+def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
+    """dx (N,H,W,C) from dy (N,P,Q,C·DM): each tap's dy·w[i, j], summed over the multipliers, added back
+    where that tap read."""
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x_shape, w.shape, stride, padding, "depthwise_conv2d_backward_data",
+                                                dy=dy)
+    dy5 = dy.reshape(n, p, q, c, dm)
+    dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
+    for i in range(w.shape[0]):
+        for j in range(w.shape[1]):
+            _tap(dxp, i, j, stride, p, q)[...] += dy5[..., 0] * w[i, j, :, 0] if dm == 1 else \
+                (dy5 * w[i, j]).sum(axis=-1)
+    return _finish(_crop(dxp, padding), out)
+
+
+def depthwise_conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
+    """(dw (KH,KW,C,DM), db (C·DM,)) from dy (N,P,Q,C·DM) and the layer's input x: for each tap, the sum
+    over the batch and the output pixels of the tap's input times dy."""
+    n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w_shape, stride, padding,
+                                                "depthwise_conv2d_backward_filter", dy=dy)
+    dy5 = dy.reshape(n, p, q, c, dm)
+    xpad = _pad(x, padding)
+    dw = np.empty(w_shape, DTYPE) if out_w is None else out_w
+    for i in range(w_shape[0]):
+        for j in range(w_shape[1]):
+            prod = _tap(xpad, i, j, stride, p, q)[..., None] * dy5
+            dw[i, j] = _column_sums(prod.reshape(n * p * q, c * dm)).reshape(c, dm)
+    return dw, _finish(_column_sums(dy.reshape(n * p * q, c * dm)), out_b)
+
+
 # ===================================================================================== conv2d + max-pool
 # Training runs a Conv2D and the MaxPooling2D((2, 2)) after it (strides 2, "valid", the conv's activation
 # relu or none) as one op, so the convolution's full output is never written, pooled, masked and read
