@@ -217,16 +217,40 @@ def test_dense_forward_matches_matmul():
     np.testing.assert_allclose(ref.dense_forward(x, w, b, None), x @ w + b, rtol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["relu", "softmax"])
+ACTIVATIONS = ["relu", "softmax", "sigmoid", "tanh", "elu", ("elu", 0.5), "selu", "leaky_relu",
+               ("leaky_relu", 0.3), "softplus", "silu", "swish", "gelu", ("gelu", True)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 def test_activation_backward_matches_finite_differences(activation):
     rng = np.random.default_rng(8)
-    x = rng.normal(size=(4, 5))
-    if activation == "relu":
-        x = np.sign(x) * (np.abs(x) + 2e-2)  # |x| > 1e-2: away from the kink
+    x = rng.normal(size=(4, 5)) * 3
+    x = np.sign(x) * (np.abs(x) + 2e-2)  # |x| > 1e-2: away from the kinks at 0 (relu, elu, selu, leaky_relu)
     y = ref.activation_forward(x, activation)
     g = rng.normal(size=y.shape)
-    dx = ref.activation_backward(g, y, activation)
+    dx = ref.activation_backward(g, y, activation, x=x)
     assert_grad(dx, lambda v: np.sum(g * ref.activation_forward(v, activation)), x)
+
+
+def test_elementwise_activation_values_by_hand():
+    e = math.e
+    cases = {  # activation: (inputs, outputs) from the definitions in keras.activations
+        "sigmoid": ([0.0, 2.0, -1000.0, 1000.0], [0.5, 1 / (1 + e ** -2), 0.0, 1.0]),
+        "tanh": ([0.0, 1.0], [0.0, (e - 1 / e) / (e + 1 / e)]),
+        "elu": ([-1.0, 2.0], [1 / e - 1, 2.0]),
+        ("elu", 0.5): ([-1.0, 2.0], [0.5 * (1 / e - 1), 2.0]),
+        "selu": ([-1.0, 2.0], [1.0507009873554805 * 1.6732632423543772 * (1 / e - 1), 2 * 1.0507009873554805]),
+        "leaky_relu": ([-1.0, 3.0], [-0.2, 3.0]),  # keras.activations.leaky_relu: negative_slope 0.2
+        ("leaky_relu", 0.3): ([-1.0, 3.0], [-0.3, 3.0]),  # what the LeakyReLU layer's default gives
+        "softplus": ([0.0, 1000.0, -1000.0], [math.log(2), 1000.0, 0.0]),
+        "silu": ([1.0, -1000.0], [1 / (1 + 1 / e), 0.0]),
+        "swish": ([1.0], [1 / (1 + 1 / e)]),
+        "gelu": ([1.0, -1.0], [0.8413447460685429, -0.15865525393145707]),  # x Phi(x)
+        ("gelu", True): ([1.0], [0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * 1.044715))]),
+    }
+    for activation, (x, want) in cases.items():
+        np.testing.assert_allclose(ref.activation_forward(np.array([x]), activation)[0], want, rtol=1e-12,
+                                   atol=1e-300, err_msg=str(activation))
 
 
 def test_activation_forward_values():
@@ -238,7 +262,7 @@ def test_activation_forward_values():
     np.testing.assert_allclose(s.sum(axis=1), 1.0, rtol=1e-12)
     np.testing.assert_array_equal(ref.activation_forward(x, None), x)
     with pytest.raises(ValueError):
-        ref.activation_forward(x, "tanh")
+        ref.activation_forward(x, "mish")
 
 
 # ===================================================================================== losses
@@ -295,12 +319,87 @@ def test_crossentropy_backward_is_zero_where_the_true_class_is_clipped():
     assert np.abs(dp[1]).min() > 0
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_crossentropy_from_logits_is_the_loss_of_the_softmax_and_its_gradient(sparse):
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(5, 4)) * 3
+    labels = _labels(rng, 5, 4, sparse)
+    np.testing.assert_allclose(ref.crossentropy_forward(z, labels, sparse, from_logits=True),
+                               ref.crossentropy_forward(ref.activation_forward(z, "softmax"), labels, sparse),
+                               rtol=1e-10)  # no probability here is near the clip
+    dz = ref.crossentropy_backward(z, labels, sparse, from_logits=True)
+    assert_grad(dz, lambda v: ref.crossentropy_forward(v, labels, sparse, from_logits=True).mean(), z)
+    np.testing.assert_allclose(dz, ref.softmax_crossentropy_backward(ref.activation_forward(z, "softmax"), labels,
+                                                                     sparse), rtol=1e-10, atol=1e-15)
+
+
+def test_crossentropy_from_logits_with_targets_that_do_not_sum_to_one():
+    rng = np.random.default_rng(13)
+    z, t = rng.normal(size=(3, 4)), rng.random((3, 4))
+    dz = ref.crossentropy_backward(z, t, False, from_logits=True)
+    assert_grad(dz, lambda v: ref.crossentropy_forward(v, t, False, from_logits=True).mean(), z)
+    big = np.array([[1000.0, 0.0, -1000.0]])  # no overflow: the log-softmax form
+    np.testing.assert_allclose(ref.crossentropy_forward(big, np.array([2]), True, from_logits=True), [2000.0])
+
+
 def test_count_correct_by_hand():
     p = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.3, 0.3, 0.4], [0.2, 0.4, 0.4]])
     assert ref.count_correct(p, np.array([1, 0, 0, 1]), True) == 3  # ties: the first maximum counts
     assert ref.count_correct(p, np.array([1, 1, 2, 2]), True) == 2
     assert ref.count_correct(p, np.eye(3)[[1, 1, 2, 1]], False) == 3
     assert isinstance(ref.count_correct(p, np.array([1, 0, 0, 1]), True), int)
+
+
+# ------------------------------------------------------------------------------------- binary cross-entropy
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_binary_crossentropy_backward_is_gradient_of_mean_loss(from_logits, smoothing):
+    rng = np.random.default_rng(14)
+    p = rng.normal(size=(4, 3)) * 3 if from_logits else rng.uniform(0.05, 0.95, size=(4, 3))
+    labels = rng.integers(0, 2, size=(4, 3)).astype(float)
+    labels[0] = rng.random(3)  # soft labels too
+    dp = ref.binary_crossentropy_backward(p, labels, from_logits, smoothing)
+    assert_grad(dp, lambda v: ref.binary_crossentropy_forward(v, labels, from_logits, smoothing).mean(), p)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_sigmoid_binary_crossentropy_backward_is_gradient_wrt_the_logits(smoothing):
+    rng = np.random.default_rng(15)
+    z = rng.normal(size=(5, 2)) * 3  # |z| < 16: no sigmoid output reaches the clip
+    labels = rng.integers(0, 2, size=(5, 2)).astype(float)
+    dz = ref.sigmoid_binary_crossentropy_backward(ref.activation_forward(z, "sigmoid"), labels, smoothing)
+    assert_grad(dz, lambda v: ref.binary_crossentropy_forward(ref.activation_forward(v, "sigmoid"), labels, False,
+                                                              smoothing).mean(), z)
+    np.testing.assert_allclose(ref.binary_crossentropy_backward(z, labels, True, smoothing), dz, rtol=1e-12)
+    np.testing.assert_allclose(ref.binary_crossentropy_forward(z, labels, True, smoothing),
+                               ref.binary_crossentropy_forward(ref.activation_forward(z, "sigmoid"), labels, False,
+                                                               smoothing), rtol=1e-9)
+
+
+def test_binary_crossentropy_values_by_hand():
+    # keras.losses.binary_crossentropy's documented example
+    np.testing.assert_allclose(ref.binary_crossentropy_forward(np.array([[0.6, 0.4], [0.4, 0.6]]),
+                                                               np.array([[0, 1], [0, 0]]), False),
+                               [0.916, 0.714], atol=5e-4)
+    # the clip: float32's 1e-7 and 1 - 1e-7 (= 1 - 2^-23 + ...: 0.99999988), as Keras clips float32 outputs
+    low, high = float(np.float32(1e-7)), float(np.float32(1 - 1e-7))
+    got = ref.binary_crossentropy_forward(np.array([[0.0], [1.0], [1.0]]), np.array([[1], [0], [1]]), False)
+    np.testing.assert_allclose(got, [-math.log(low), -math.log(1 - high), -math.log(high)], rtol=1e-12)
+    np.testing.assert_array_equal(ref.binary_crossentropy_backward(np.array([[0.0, 1.0]]), np.array([[1, 0]]),
+                                                                   False), [[0.0, 0.0]])
+    # logits: log 2 at 0, no overflow far out; smoothing 0.2 turns the targets into 0.1 and 0.9
+    got = ref.binary_crossentropy_forward(np.array([[0.0, 1000.0, -1000.0]]), np.array([[1, 1, 1]]), True)
+    np.testing.assert_allclose(got, [(math.log(2) + 0 + 1000) / 3], rtol=1e-12)
+    got = ref.binary_crossentropy_forward(np.array([[0.25]]), np.array([[1]]), False, label_smoothing=0.2)
+    np.testing.assert_allclose(got, [-(0.9 * math.log(0.25) + 0.1 * math.log(0.75))], rtol=1e-12)
+
+
+def test_count_binary_correct_by_hand():
+    p = np.array([[0.9, 0.5], [0.2, 0.51]])
+    assert ref.count_binary_correct(p, np.array([[1, 0], [0, 1]])) == 4  # 0.5 is not > 0.5: predicted 0
+    assert ref.count_binary_correct(p, np.array([[1, 1], [1, 1]])) == 2
+    assert ref.count_binary_correct(p, np.array([[1, 1], [1, 1]]), threshold=0.1) == 4
+    assert ref.count_binary_correct(p, np.array([[0.7, 0], [0, 1]])) == 3  # a soft label never matches
 
 
 def test_dropout_backward():

@@ -20,13 +20,16 @@ import cupy
 import numpy as np
 
 from . import cuda_loader as cuda
-from .numpy_ops import MAX_POOL_TAPS, geometry, out_size  # noqa: F401  (shape rules shared by both engines)
+# shared with the NumPy engine: shape rules, how an activation is named
+from .numpy_ops import MAX_POOL_TAPS, geometry, out_size  # noqa: F401
+from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
 
 xp = cupy
 DTYPE = np.float32
 READS_WAIT = True  # reading a result on the host waits for the device: do it rarely
 
 _CONV = cuda.kernel_constants("conv2d.cu")
+_ACT = cuda.kernel_constants("activations.cu")
 _GEMM_TILE = cuda.kernel_constants("dense.cu")["GEMM_TILE"]
 _THREADS = _CONV["THREADS"]          # block of the 1-D kernels (kernels/common.cuh)
 _MAX_BLOCKS = 65535                  # grid-stride grids: keeps gridDim.x * THREADS below 2^31
@@ -84,12 +87,16 @@ def _finish(y, out):
 
 
 def _fused(activation):
-    """The activation code a conv/dense kernel applies itself (softmax runs afterwards)."""
-    if activation == "relu":
-        return _CONV["ACT_RELU"]
-    if activation is None or activation == "softmax":
-        return _CONV["ACT_NONE"]
-    raise ValueError(f"unknown activation {activation!r}")
+    """The activation code a conv/dense kernel applies itself: relu. The others (checked here) run afterwards,
+    as activation_forward on the output (_activate_after)."""
+    name, _ = split_activation(activation)
+    return _CONV["ACT_RELU"] if name == "relu" else _CONV["ACT_NONE"]
+
+
+def _activate_after(y, activation):
+    """Applies in place the activation a conv/dense kernel did not fuse (all but None and relu)."""
+    if activation is not None and activation != "relu":
+        activation_forward(y, activation, out=y)
 
 
 def _window_geometry(x_shape, k, stride, padding, what):
@@ -141,39 +148,68 @@ def _rows(p, what):
 
 
 # ===================================================================================== activations
+_ACT_CODES = {"sigmoid": "ACT_SIGMOID", "tanh": "ACT_TANH", "elu": "ACT_ELU", "selu": "ACT_SELU",
+              "leaky_relu": "ACT_LEAKY_RELU", "softplus": "ACT_SOFTPLUS", "silu": "ACT_SILU", "gelu": "ACT_GELU"}
+
+
+def _elementwise(name, param):
+    """(code, float parameter) of an elementwise activation for kernels/activations.cu."""
+    if name == "gelu" and param:
+        return _ACT["ACT_GELU_TANH"], 0.0
+    return _ACT[_ACT_CODES[name]], float(param or 0.0)
+
+
+def _row_shape(a):
+    """(rows, cols) of the softmax kernels: rows over the last axis."""
+    cols = a.shape[-1] if a.ndim else 1
+    return (a.size // cols if cols else 0), cols
+
+
 def activation_forward(x, activation, out=None):
-    """relu / softmax (over the last axis) / None of ``x``."""
-    if activation is None:
+    """The activation of ``x`` (softmax over the last axis, the others elementwise; numpy_ops lists their
+    formulas); ``activation`` as split_activation reads it. ``out`` may be ``x``."""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(x, out)
-    if activation not in ("relu", "softmax"):
-        raise ValueError(f"unknown activation {activation!r}")
     x = _c(x)
     y = _out(out, x.shape)
-    if activation == "relu":
+    if name == "relu":
         cuda.launch("relu_forward", _blocks(x.size), _THREADS, (x, y, x.size))
-    else:
-        cols = x.shape[-1] if x.ndim else 1
-        rows = x.size // cols if cols else 0
+    elif name == "softmax":
+        rows, cols = _row_shape(x)
         cuda.launch("softmax_forward", _blocks(rows), _THREADS, (x, y, rows, cols))
+    else:
+        code, value = _elementwise(name, param)
+        cuda.launch("elementwise_activation_forward", _blocks(x.size), _THREADS, (x, y, x.size, code, value))
     return y
 
 
-def activation_backward(dy, y, activation, out=None):
-    """Gradient through an activation, from its output ``y``."""
-    if activation is None:
+def activation_backward(dy, y, activation, out=None, x=None):
+    """Gradient through an activation, from its output ``y``; silu/swish and gelu need its input ``x``
+    instead (activation_needs_input), a ValueError without it."""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(dy, out)
-    if activation not in ("relu", "softmax"):
-        raise ValueError(f"unknown activation {activation!r}")
-    dy, y = _c(dy), _c(y)
-    if dy.shape != y.shape:
-        raise ValueError(f"activation_backward: dy {dy.shape} and y {y.shape} differ")
+    from_input = name in ("silu", "gelu")
+    given = x if from_input else y
+    if given is None:
+        raise ValueError(f"activation_backward: {name}'s gradient needs the activation's "
+                         + ("input: pass x=" if from_input else "output y, got None"))
+    dy, given = _c(dy), _c(given)
+    if dy.shape != given.shape:
+        raise ValueError(f"activation_backward: dy {dy.shape} and {'x' if from_input else 'y'} {given.shape} "
+                         "differ")
     dx = _out(out, dy.shape)
-    if activation == "relu":
-        cuda.launch("relu_backward", _blocks(dy.size), _THREADS, (dy, y, dx, dy.size))
+    if name == "relu":
+        cuda.launch("relu_backward", _blocks(dy.size), _THREADS, (dy, given, dx, dy.size))
+    elif name == "softmax":
+        rows, cols = _row_shape(dy)
+        cuda.launch("softmax_backward", _blocks(rows), _THREADS, (dy, given, dx, rows, cols))
     else:
-        cols = dy.shape[-1] if dy.ndim else 1
-        rows = dy.size // cols if cols else 0
-        cuda.launch("softmax_backward", _blocks(rows), _THREADS, (dy, y, dx, rows, cols))
+        code, value = _elementwise(name, param)
+        y_or_null, x_or_null = (None, given) if from_input else (given, None)
+        cuda.launch("elementwise_activation_backward", _blocks(dy.size), _THREADS,
+                    (dy, y_or_null, x_or_null, dx, dy.size, code, value))
     return dx
 
 
@@ -194,8 +230,7 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     cuda.launch("conv2d_forward", grid, (tf, tq),
                 (x, w, b, y, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2],
                  act, cc), shared_mem=patch * cc)
-    if activation == "softmax":
-        activation_forward(y, "softmax", out=y)
+    _activate_after(y, activation)
     return y
 
 
@@ -395,8 +430,7 @@ def dense_forward(x, w, b, activation, out=None):
     n, units = x.shape[0], w.shape[1]
     y = _out(out, (n, units))
     cuda.launch("dense_forward", _gemm_grid(n, units), _GEMM_BLOCK, (x, w, b, y, n, w.shape[0], units, act))
-    if activation == "softmax":
-        activation_forward(y, "softmax", out=y)
+    _activate_after(y, activation)
     return y
 
 
@@ -459,15 +493,16 @@ def _loss_kernel(name, sparse):
     return f"{name}_{'sparse' if sparse else 'onehot'}"
 
 
-def crossentropy_forward(p, labels, sparse):
+def crossentropy_forward(p, labels, sparse, from_logits=False):
     """Per-sample cross-entropy (N,) of probabilities p (N,K), as Keras computes it: rows renormalised
     to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,).
+    from_logits: p holds logits z, loss = -sum(y * log_softmax(z)) (no clip).
     A sparse label outside [0, K) gives a NaN loss (nothing is checked on the host)."""
     n, k = _rows(p, "crossentropy_forward")
     p = _c(p)
     loss = cuda.empty((n,), DTYPE)
     cuda.launch(_loss_kernel("crossentropy_forward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), loss, n, k))
+                (p, _labels(labels, p, sparse), loss, n, k, bool(from_logits)))
     return loss
 
 
@@ -481,14 +516,15 @@ def softmax_crossentropy_backward(p, labels, sparse, out=None):
     return dp
 
 
-def crossentropy_backward(p, labels, sparse, out=None):
+def crossentropy_backward(p, labels, sparse, from_logits=False, out=None):
     """Gradient of the mean cross-entropy w.r.t. probabilities p (used when the output layer is not a
-    softmax): through the renormalisation and the clip (zero where clipping is active)."""
+    softmax): through the renormalisation and the clip (zero where clipping is active). from_logits: w.r.t.
+    the logits p, (softmax(p) * sum(y) - y) / N."""
     n, k = _rows(p, "crossentropy_backward")
     p = _c(p)
     dp = _out(out, (n, k))
     cuda.launch(_loss_kernel("crossentropy_backward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), dp, n, k))
+                (p, _labels(labels, p, sparse), dp, n, k, bool(from_logits)))
     return dp
 
 
@@ -499,6 +535,63 @@ def count_correct(p, labels, sparse):
     p = _c(p)
     count = cuda.empty((), np.int64)
     cuda.launch(_loss_kernel("count_correct", sparse), 1, _THREADS, (p, _labels(labels, p, sparse), count, n, k))
+    return count
+
+
+def _binary(p, labels, label_smoothing, what):
+    """(p, float32 labels, 1 - s, s / 2) of the binary cross-entropy kernels, after checking them."""
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"{what}: predictions must be (N, units) with units >= 1, got {p.shape}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"{what}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    labels = labels if labels.dtype == DTYPE else labels.astype(DTYPE)
+    if labels.shape != p.shape:
+        raise ValueError(f"{what}: labels {labels.shape} must have the predictions' shape {p.shape}")
+    return _c(p), _c(labels), DTYPE(1 - label_smoothing), DTYPE(0.5 * label_smoothing)
+
+
+def binary_crossentropy_forward(p, labels, from_logits, label_smoothing=0.0):
+    """Per-sample binary cross-entropy (N,) of probabilities p (N, U), or of logits when from_logits: the
+    mean over the U units, as Keras computes it (numpy_ops gives the formulas)."""
+    p, labels, keep, half = _binary(p, labels, label_smoothing, "binary_crossentropy_forward")
+    n, units = p.shape
+    loss = cuda.empty((n,), DTYPE)
+    cuda.launch("binary_crossentropy_forward", _blocks(n), _THREADS,
+                (p, labels, loss, n, units, bool(from_logits), keep, half))
+    return loss
+
+
+def binary_crossentropy_backward(p, labels, from_logits, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the model's output: probabilities p through the clip,
+    (-y / p + (1 - y) / (1 - p)) / (N·U), zero where the clip is active; logits (from_logits), as
+    sigmoid_binary_crossentropy_backward."""
+    p, labels, keep, half = _binary(p, labels, label_smoothing, "binary_crossentropy_backward")
+    dp = _out(out, p.shape)
+    if from_logits:
+        cuda.launch("sigmoid_binary_crossentropy_backward", _blocks(p.size), _THREADS,
+                    (p, labels, dp, p.size, 1, keep, half, DTYPE(p.size)))
+    else:
+        cuda.launch("binary_crossentropy_backward", _blocks(p.size), _THREADS,
+                    (p, labels, dp, p.size, keep, half, DTYPE(p.size)))
+    return dp
+
+
+def sigmoid_binary_crossentropy_backward(p, labels, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the logits of a sigmoid output p: (p - y) / (N·U),
+    the logits form (numpy_ops says why, and where it differs from differentiating through Keras's clip)."""
+    p, labels, keep, half = _binary(p, labels, label_smoothing, "sigmoid_binary_crossentropy_backward")
+    dz = _out(out, p.shape)
+    cuda.launch("sigmoid_binary_crossentropy_backward", _blocks(p.size), _THREADS,
+                (p, labels, dz, p.size, 0, keep, half, DTYPE(p.size)))
+    return dz
+
+
+def count_binary_correct(p, labels, threshold=0.5):
+    """How many of the N·U predictions are right, as Keras's binary accuracy counts them ((p > threshold)
+    equal to the label), as a 0-d int64 device array."""
+    p, labels, _, _ = _binary(p, labels, 0.0, "count_binary_correct")
+    count = cuda.empty((), np.int64)
+    cuda.launch("count_binary_correct", 1, _THREADS, (p, labels, count, p.size, DTYPE(threshold)))
     return count
 
 

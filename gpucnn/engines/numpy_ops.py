@@ -9,7 +9,8 @@ Conventions (both engines):
     a dense kernel is (IN, UNITS);
   * ``padding`` is an explicit ``(top, bottom, left, right)`` tuple (the layers turn Keras's
     "valid"/"same" into it), ``stride`` and ``pool`` are ``(sh, sw)`` / ``(ph, pw)`` tuples;
-  * ``activation`` is ``None``, ``"relu"`` or ``"softmax"`` and is fused into the op that precedes it;
+  * ``activation`` is ``None``, a name or a ``(name, parameter)`` pair (``split_activation``); a conv or
+    dense op applies it to its output (the CUDA kernels fuse relu, the others run as a second launch);
   * ``ctx`` is a dict a layer keeps for its whole life and hands to its forward and backward ops: a
     forward op may leave there what its backward needs (the NumPy engine's im2col matrix) and ops keep
     their work arrays there between steps. A gradient an op returns may live in ``ctx``: it is valid
@@ -91,29 +92,166 @@ def _finish(y, out):
 
 
 # ===================================================================================== activations
-def activation_forward(x, activation, out=None):
-    """relu / softmax (over the last axis) / None of ``x``."""
+# An activation is None, a name, or a (name, parameter) pair for the three that take one: ("leaky_relu",
+# negative_slope), ("elu", alpha), ("gelu", approximate). A bare name takes Keras's default for the function
+# keras.activations.<name> (leaky_relu 0.2, elu 1.0, gelu exact); a layer with another default passes its own
+# (LeakyReLU: ("leaky_relu", 0.3)). "swish" is "silu". split_activation reads all three forms.
+ACTIVATIONS = ("relu", "softmax", "sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus", "silu", "swish",
+               "gelu")
+ACTIVATION_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False}
+SELU_ALPHA = 1.6732632423543772848170429916717  # Keras's constants (keras.activations.selu)
+SELU_SCALE = 1.0507009873554804934193349852946
+_GELU_TANH = (np.sqrt(2 / np.pi), 0.044715)  # gelu(approximate=True): 0.5 x (1 + tanh(c (x + k x^3)))
+
+
+def split_activation(activation):
+    """``(name, parameter)`` of an activation given as None, a name or a ``(name, parameter)`` pair: the
+    parameter is the name's default when not given, None for activations without one; "swish" reads as
+    "silu". A ValueError names the known activations, or says what is wrong with the parameter."""
     if activation is None:
+        return None, None
+    if isinstance(activation, tuple) and len(activation) == 2 and isinstance(activation[0], str):
+        name, param = activation
+        given = True
+    elif isinstance(activation, str):
+        name, param, given = activation, ACTIVATION_DEFAULTS.get(activation), False
+    else:
+        raise ValueError(f"an activation is None, a name or a (name, parameter) pair, got {activation!r}")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)} (or None)")
+    name = "silu" if name == "swish" else name
+    if given and name not in ACTIVATION_DEFAULTS:
+        raise ValueError(f"activation {name!r} takes no parameter, got {activation!r}")
+    if name == "gelu":
+        if not isinstance(param, (bool, np.bool_)):
+            raise ValueError(f"gelu's parameter is approximate, True or False, got {param!r}")
+        return name, bool(param)
+    if name in ACTIVATION_DEFAULTS:
+        what = "negative_slope" if name == "leaky_relu" else "alpha"
+        if isinstance(param, (bool, np.bool_)) or not isinstance(param, (int, float, np.integer, np.floating)) \
+                or not 0 <= param < np.inf:
+            raise ValueError(f"{name}'s {what} must be a finite number >= 0, got {param!r}")
+        return name, float(param)
+    return name, None
+
+
+def activation_needs_input(activation):
+    """Whether activation_backward needs the activation's input ``x`` (silu/swish, gelu): the others take
+    their gradient from the output ``y`` alone. A layer with such an activation keeps its pre-activation
+    (its conv/dense op run with activation=None, then activation_forward)."""
+    return split_activation(activation)[0] in ("silu", "gelu")
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow: exp(-|x|) is at most 1."""
+    e = np.exp(-np.abs(x))
+    r = DTYPE(1) / (DTYPE(1) + e)
+    return np.where(x >= 0, r, e * r)
+
+
+def _erfc(z):
+    """erfc in float64, relative error below 1.2e-7 everywhere (a Chebyshev fit of erfc; NumPy has none)."""
+    a = np.abs(z)
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = 0.17087277
+    for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196,
+              1.00002368, -1.26551223):
+        poly = c + t * poly
+    r = t * np.exp(-a * a + poly)
+    return np.where(z >= 0, r, 2.0 - r)
+
+
+def _normal_cdf(x):
+    """Phi(x) = erfc(-x / sqrt(2)) / 2, in float64 (accurate in the lower tail too)."""
+    return 0.5 * _erfc(-np.asarray(x, np.float64) / np.sqrt(2.0))
+
+
+def _gelu_tanh_parts(x):
+    """(t, du/dx) of gelu's tanh approximation: t = tanh(u), u = c (x + k x^3)."""
+    c, k = DTYPE(_GELU_TANH[0]), DTYPE(_GELU_TANH[1])
+    return np.tanh(c * (x + k * x * x * x)), c * (DTYPE(1) + DTYPE(3) * k * x * x)
+
+
+def _forward(name, param, x):
+    """A new float32 array: the elementwise activation ``name`` of x."""
+    if name == "sigmoid":
+        return _sigmoid(x)
+    if name == "tanh":
+        return np.tanh(x)
+    if name in ("elu", "selu"):
+        alpha, scale = (DTYPE(param), None) if name == "elu" else (DTYPE(SELU_ALPHA), DTYPE(SELU_SCALE))
+        y = np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+        return y if scale is None else scale * y
+    if name == "leaky_relu":
+        return np.where(x > 0, x, DTYPE(param) * x)
+    if name == "softplus":
+        return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+    if name == "silu":
+        return x * _sigmoid(x)
+    if param:  # gelu, tanh approximation
+        return DTYPE(0.5) * x * (DTYPE(1) + _gelu_tanh_parts(x)[0])
+    return (x * _normal_cdf(x)).astype(DTYPE)
+
+
+def _slope(name, param, y, x):
+    """The activation's derivative at each element: from the output y, or (silu, gelu) from the input x."""
+    if name == "sigmoid":
+        return y * (DTYPE(1) - y)
+    if name == "tanh":
+        return DTYPE(1) - y * y
+    if name == "elu":  # x > 0 exactly where y > 0 (alpha >= 0); below, dy/dx = alpha e^x = y + alpha
+        return np.where(y > 0, DTYPE(1), y + DTYPE(param))
+    if name == "selu":
+        return np.where(y > 0, DTYPE(SELU_SCALE), y + DTYPE(SELU_SCALE * SELU_ALPHA))
+    if name == "leaky_relu":
+        return np.where(y > 0, DTYPE(1), DTYPE(param))
+    if name == "softplus":  # sigmoid(x) = 1 - exp(-y)
+        return -np.expm1(-y)
+    if name == "silu":
+        s = _sigmoid(x)
+        return s * (DTYPE(1) + x * (DTYPE(1) - s))
+    if param:  # gelu, tanh approximation
+        t, du = _gelu_tanh_parts(x)
+        return DTYPE(0.5) * (DTYPE(1) + t) + DTYPE(0.5) * x * (DTYPE(1) - t * t) * du
+    x64 = np.asarray(x, np.float64)
+    return (_normal_cdf(x64) + x64 * np.exp(-0.5 * x64 * x64) / np.sqrt(2 * np.pi)).astype(DTYPE)
+
+
+def activation_forward(x, activation, out=None):
+    """The activation of ``x`` (softmax over the last axis, the others elementwise); ``activation`` as
+    split_activation reads it. ``out`` may be ``x``.
+        sigmoid 1 / (1 + e^-x) (no overflow)    tanh                    softplus max(x, 0) + log1p(e^-|x|)
+        elu     x > 0 ? x : alpha (e^x - 1)      selu scale * elu(x, alpha) with Keras's constants
+        leaky_relu x > 0 ? x : negative_slope x  silu/swish x sigmoid(x)
+        gelu    x Phi(x) (exact, Keras's default) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(x, out)
-    if activation == "relu":
+    if name == "relu":
         return np.maximum(x, 0, out=out if out is not None else None)
-    if activation == "softmax":
+    if name == "softmax":
         z = x - x.max(axis=-1, keepdims=True)
         e = np.exp(z, out=z)
         e /= e.sum(axis=-1, keepdims=True)
         return _finish(e, out)
-    raise ValueError(f"unknown activation {activation!r}")
+    return _finish(_forward(name, param, x), out)
 
 
-def activation_backward(dy, y, activation, out=None):
-    """Gradient through an activation, from its output ``y``."""
-    if activation is None:
+def activation_backward(dy, y, activation, out=None, x=None):
+    """Gradient through an activation, from its output ``y``; silu/swish and gelu need its input ``x``
+    instead (activation_needs_input), a ValueError without it."""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(dy, out)
-    if activation == "relu":
+    if name == "relu":
         return np.multiply(dy, y > 0, out=out)
-    if activation == "softmax":
+    if name == "softmax":
         return _finish(y * (dy - (dy * y).sum(axis=-1, keepdims=True)), out)
-    raise ValueError(f"unknown activation {activation!r}")
+    if name in ("silu", "gelu") and x is None:
+        raise ValueError(f"activation_backward: {name}'s gradient needs the activation's input: pass x=")
+    if name not in ("silu", "gelu") and y is None:
+        raise ValueError(f"activation_backward: {name}'s gradient is read from its output y, got None")
+    return np.multiply(dy, _slope(name, param, y, x), out=out)
 
 
 # ===================================================================================== conv2d
@@ -579,10 +717,19 @@ def _onehot(labels, units):
     return y
 
 
-def crossentropy_forward(p, labels, sparse):
+def _log_softmax(z):
+    """log(softmax(z)) over the last axis: (z - max) - log(sum(exp(z - max)))."""
+    shifted = z - z.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def crossentropy_forward(p, labels, sparse, from_logits=False):
     """Per-sample cross-entropy (N,) of probabilities p (N,K), as Keras computes it: rows renormalised
-    to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,)."""
+    to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,).
+    from_logits: p holds logits z, loss = -sum(y * log_softmax(z)) (no clip)."""
     y = _onehot(labels, p.shape[1]) if sparse else labels
+    if from_logits:
+        return -(y * _log_softmax(p)).sum(axis=-1)
     q = np.clip(p / p.sum(axis=-1, keepdims=True), EPSILON, 1 - EPSILON)
     return -(y * np.log(q)).sum(axis=-1)
 
@@ -593,10 +740,14 @@ def softmax_crossentropy_backward(p, labels, sparse, out=None):
     return _finish((p - y) / DTYPE(p.shape[0]), out)
 
 
-def crossentropy_backward(p, labels, sparse, out=None):
+def crossentropy_backward(p, labels, sparse, from_logits=False, out=None):
     """Gradient of the mean cross-entropy w.r.t. probabilities p (used when the output layer is not a
-    softmax): through the renormalisation and the clip (zero where clipping is active)."""
+    softmax): through the renormalisation and the clip (zero where clipping is active). from_logits: w.r.t.
+    the logits p, (softmax(p) * sum(y) - y) / N."""
     y = _onehot(labels, p.shape[1]) if sparse else labels
+    if from_logits:
+        s = np.exp(_log_softmax(p))
+        return _finish(((s * y.sum(axis=-1, keepdims=True) - y) / DTYPE(p.shape[0])).astype(DTYPE), out)
     s = p.sum(axis=-1, keepdims=True)
     q = p / s
     inside = (q >= EPSILON) & (q <= 1 - EPSILON)
@@ -609,6 +760,66 @@ def count_correct(p, labels, sparse):
     """How many rows of p have their arg-max at the true class (first maximum wins ties)."""
     truth = labels if sparse else labels.argmax(axis=-1)
     return (p.argmax(axis=-1) == truth).sum()  # a NumPy integer: the CUDA engine returns a 0-d array
+
+
+# Binary cross-entropy, Keras's binary_crossentropy: p and labels are (N, U), U independent sigmoid units;
+# labels smoothed towards 0.5, y = labels (1 - s) + s / 2; the per-sample loss is the mean over the units of
+#     -(y log q + (1 - y) log(1 - q)),  q = p clipped to [1e-7, 1 - 1e-7]
+# or, from logits z, max(z, 0) - z y + log1p(exp(-|z|)) (no clip). The training loss is the mean over the
+# batch, so each gradient is d(mean over all N·U terms).
+def _binary_targets(p, labels, label_smoothing, what):
+    """The smoothed float32 targets, after checking shapes and the smoothing."""
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"{what}: predictions must be (N, units) with units >= 1, got {p.shape}")
+    y = np.asarray(labels, dtype=DTYPE)
+    if y.shape != p.shape:
+        raise ValueError(f"{what}: labels {y.shape} must have the predictions' shape {p.shape}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"{what}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if label_smoothing:
+        y = y * DTYPE(1 - label_smoothing) + DTYPE(0.5 * label_smoothing)
+    return y
+
+
+def binary_crossentropy_forward(p, labels, from_logits, label_smoothing=0.0):
+    """Per-sample binary cross-entropy (N,) of probabilities p (N, U), or of logits when from_logits: the
+    mean over the U units, as Keras computes it (above)."""
+    y = _binary_targets(p, labels, label_smoothing, "binary_crossentropy_forward")
+    if from_logits:
+        terms = np.maximum(p, 0) - p * y + np.log1p(np.exp(-np.abs(p)))
+    else:
+        q = np.clip(p, EPSILON, 1 - EPSILON)
+        terms = -(y * np.log(q) + (DTYPE(1) - y) * np.log(DTYPE(1) - q))
+    return terms.mean(axis=-1)
+
+
+def binary_crossentropy_backward(p, labels, from_logits, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the model's output: probabilities p through the clip,
+    (-y / p + (1 - y) / (1 - p)) / (N·U), zero where the clip is active; logits (from_logits), as
+    sigmoid_binary_crossentropy_backward."""
+    if from_logits:
+        return sigmoid_binary_crossentropy_backward(_sigmoid(p), labels, label_smoothing, out)
+    y = _binary_targets(p, labels, label_smoothing, "binary_crossentropy_backward")
+    inside = (p >= DTYPE(EPSILON)) & (p <= DTYPE(1 - EPSILON))
+    with np.errstate(divide="ignore", invalid="ignore"):  # 1/0 where p is 0 or 1: outside the clip
+        g = (-y / p + (DTYPE(1) - y) / (DTYPE(1) - p)) / DTYPE(p.size)
+    return _finish(np.where(inside, g, DTYPE(0)), out)
+
+
+def sigmoid_binary_crossentropy_backward(p, labels, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the logits of a sigmoid output p: (p - y) / (N·U).
+    This is the derivative of the logits form, which Keras's TensorFlow backend uses for a sigmoid output;
+    where Keras's clip of p is active it differs from differentiating through the clip (that gives zero
+    there, and a unit stuck at 0 or 1 could never learn back), as softmax_crossentropy_backward does."""
+    y = _binary_targets(p, labels, label_smoothing, "sigmoid_binary_crossentropy_backward")
+    return _finish((p - y) / DTYPE(p.size), out)
+
+
+def count_binary_correct(p, labels, threshold=0.5):
+    """How many of the N·U predictions are right, as Keras's binary accuracy counts them: (p > threshold)
+    as 1 or 0, equal to the label (a label other than 0 or 1 never matches). Accuracy = count / p.size."""
+    y = _binary_targets(p, labels, 0.0, "count_binary_correct")
+    return ((p > DTYPE(threshold)).astype(DTYPE) == y).sum()
 
 
 # ===================================================================================== optimizers
