@@ -561,6 +561,120 @@ def count_binary_correct(p, labels, threshold=0.5):
     return int(sum((1.0 if p[i] > threshold else 0.0) == y[i] for i in np.ndindex(p.shape)))
 
 
+# ===================================================================================== image transforms
+# Keras's image preprocessing, one output element at a time. A transform [a0, a1, a2, b0, b1, b2, c0, c1] maps
+# output pixel (x = column, y = row) to input point ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k),
+# k = c0 x + c1 y + 1; pixel centres are at integer coordinates. An index outside the image is brought back
+# by the fill mode (reflect: d c b a | a b c d, mirror: d c b | a b c d, wrap, nearest), or reads
+# fill_value (constant). k = 0 or a non-finite coordinate gives fill_value; coordinates are clamped to
+# +-2^24 first (as the engines do).
+def rescale(x, scale, offset):
+    x = _f64(x)
+    y = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        y[i] = x[i] * scale + offset
+    return y
+
+
+def flip(x, horizontal_flags, vertical_flags):
+    x = _f64(x)
+    n, h, w, _ = x.shape
+    y = np.zeros_like(x)
+    for nn, r, col, ch in np.ndindex(x.shape):
+        rr = h - 1 - r if vertical_flags is not None and vertical_flags[nn] else r
+        cc = w - 1 - col if horizontal_flags is not None and horizontal_flags[nn] else col
+        y[nn, r, col, ch] = x[nn, rr, cc, ch]
+    return y
+
+
+def rotation_transforms(angles, height, width):
+    """[cos, -sin, cx - cx cos + cy sin, sin, cos, cy - cx sin - cy cos, 0, 0] about the centre
+    cx = (width - 1) / 2, cy = (height - 1) / 2 (Keras's _compute_affine_matrix with a rotation only)."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    rows = []
+    for a in angles:
+        c, s = math.cos(a), math.sin(a)
+        rows.append([c, -s, cx - cx * c + cy * s, s, c, cy - cx * s - cy * c, 0.0, 0.0])
+    return np.array(rows).reshape(-1, 8)
+
+
+def zoom_transforms(height_zooms, width_zooms, height, width):
+    """[zx, 0, (width - 1)/2 (1 - zx), 0, zy, (height - 1)/2 (1 - zy), 0, 0] (Keras's _get_zoom_matrix)."""
+    rows = [[zx, 0.0, (width - 1) / 2 * (1 - zx), 0.0, zy, (height - 1) / 2 * (1 - zy), 0.0, 0.0]
+            for zy, zx in zip(height_zooms, width_zooms)]
+    return np.array(rows).reshape(-1, 8)
+
+
+def translation_transforms(dx, dy):
+    """[1, 0, -dx, 0, 1, -dy, 0, 0] (Keras's _get_translation_matrix)."""
+    return np.array([[1.0, 0.0, -tx, 0.0, 1.0, -ty, 0.0, 0.0] for tx, ty in zip(dx, dy)]).reshape(-1, 8)
+
+
+def fill_index(i, size, fill_mode):
+    """Input index i brought into [0, size) by the fill mode, or None (constant, outside)."""
+    if 0 <= i < size:
+        return i
+    if fill_mode == "constant":
+        return None
+    if fill_mode == "nearest":
+        return min(max(i, 0), size - 1)
+    if fill_mode == "wrap":
+        return i % size
+    if fill_mode == "mirror":  # period 2 (size - 1): 0 1 2 3 2 1 0 1 ...
+        if size == 1:
+            return 0
+        i %= 2 * (size - 1)
+        return i if i < size else 2 * (size - 1) - i
+    i %= 2 * size  # reflect, period 2 size: 0 1 2 3 3 2 1 0 0 1 ...
+    return i if i < size else 2 * size - 1 - i
+
+
+def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect", fill_value=0.0):
+    x, t = _f64(x), _f64(transforms)
+    n, h, w, c = x.shape
+    y = np.zeros_like(x)
+    limit = 2.0 ** 24
+
+    def read(nn, r, col, ch):
+        rr, cc = fill_index(r, h, fill_mode), fill_index(col, w, fill_mode)
+        return fill_value if rr is None or cc is None else x[nn, rr, cc, ch]
+
+    for nn, r, col, ch in np.ndindex(x.shape):
+        a0, a1, a2, b0, b1, b2, c0, c1 = t[nn]
+        k = c0 * col + c1 * r + 1
+        if k == 0:
+            y[nn, r, col, ch] = fill_value
+            continue
+        xs, ys = (a0 * col + a1 * r + a2) / k, (b0 * col + b1 * r + b2) / k
+        if not (math.isfinite(xs) and math.isfinite(ys)):
+            y[nn, r, col, ch] = fill_value
+            continue
+        xs, ys = min(max(xs, -limit), limit), min(max(ys, -limit), limit)
+        if interpolation == "nearest":  # round() takes halves to even, as the engines and Keras do
+            y[nn, r, col, ch] = read(nn, round(ys), round(xs), ch)
+            continue
+        r0, c0i = math.floor(ys), math.floor(xs)
+        fy, fx = ys - r0, xs - c0i
+        y[nn, r, col, ch] = ((1 - fy) * (1 - fx) * read(nn, r0, c0i, ch) + (1 - fy) * fx * read(nn, r0, c0i + 1, ch)
+                             + fy * (1 - fx) * read(nn, r0 + 1, c0i, ch) + fy * fx * read(nn, r0 + 1, c0i + 1, ch))
+    return y
+
+
+def adjust_contrast(x, factors, value_range=(0, 255)):
+    """(x - m) * factor + m per image and channel, m the channel's mean over the image; then clipped."""
+    x = _f64(x)
+    n, h, w, c = x.shape
+    y = np.zeros_like(x)
+    for nn, ch in np.ndindex(n, c):
+        m = math.fsum(x[nn, :, :, ch].ravel()) / (h * w)
+        for r, col in np.ndindex(h, w):
+            v = (x[nn, r, col, ch] - m) * factors[nn] + m
+            if value_range is not None:
+                v = min(max(v, value_range[0]), value_range[1])
+            y[nn, r, col, ch] = v
+    return y
+
+
 # ===================================================================================== optimizers
 def sgd_update(w, g, m, lr, momentum, nesterov):
     """Keras SGD → (w, m). Without momentum w -= lr·g (m unchanged); with it m = momentum·m − lr·g and

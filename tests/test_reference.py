@@ -408,6 +408,100 @@ def test_dropout_backward():
     np.testing.assert_array_equal(ref.dropout_backward(dy, mask), [[0, 0, 4], [0, 0, 10]])
 
 
+# ===================================================================================== image transforms
+def _row_image(values):
+    """A (1, 1, W, 1) image holding one row of values."""
+    return np.array(values, dtype=float).reshape(1, 1, -1, 1)
+
+
+@pytest.mark.parametrize("fill_mode, expected", [
+    # the input a b c d (0 1 2 3) read at indices -5 .. 8, Keras's documented rules
+    ("reflect", [3, 3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0, 0]),   # d c b a | a b c d | d c b a
+    ("mirror", [1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2]),    # d c b | a b c d | c b a
+    ("wrap", [3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0]),      # a b c d | a b c d | a b c d
+    ("nearest", [0, 0, 0, 0, 0, 0, 1, 2, 3, 3, 3, 3, 3, 3]),   # a a a a | a b c d | d d d d
+])
+def test_fill_modes_by_hand(fill_mode, expected):
+    assert [ref.fill_index(i, 4, fill_mode) for i in range(-5, 9)] == expected
+    assert ref.fill_index(-1, 4, "constant") is None and ref.fill_index(4, 4, "constant") is None
+    assert ref.fill_index(3, 1, fill_mode) == 0 and ref.fill_index(-2, 1, fill_mode) == 0  # a one-pixel axis
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+@pytest.mark.parametrize("fill_mode", ["reflect", "mirror", "wrap", "nearest", "constant"])
+def test_affine_identity_and_integer_shifts_by_hand(interpolation, fill_mode):
+    x = _row_image([10, 20, 30, 40])
+    identity = ref.translation_transforms([0.0], [0.0])
+    np.testing.assert_array_equal(ref.affine_transform(x, identity, interpolation, fill_mode), x)
+    # moved right by 2: output column j reads input column j - 2; the first two come from the fill mode
+    left = {"reflect": [20, 10], "mirror": [30, 20], "wrap": [30, 40], "nearest": [10, 10], "constant": [-1, -1]}
+    got = ref.affine_transform(x, ref.translation_transforms([2.0], [0.0]), interpolation, fill_mode, -1.0)
+    np.testing.assert_array_equal(got.ravel(), left[fill_mode] + [10, 20])
+    # moved down by one row of a one-row image: every output row reads row -1
+    down = ref.affine_transform(x, ref.translation_transforms([0.0], [1.0]), interpolation, fill_mode, -1.0)
+    np.testing.assert_array_equal(down.ravel(), [-1] * 4 if fill_mode == "constant" else [10, 20, 30, 40])
+
+
+def test_bilinear_weights_and_nearest_rounding_by_hand():
+    x = _row_image([10, 20, 30, 40])
+    half = ref.translation_transforms([0.5], [0.0])  # output column j reads input column j - 0.5
+    np.testing.assert_allclose(ref.affine_transform(x, half, "bilinear", "nearest").ravel(), [10, 15, 25, 35])
+    # constant: each of the two taps outside reads fill_value on its own
+    np.testing.assert_allclose(ref.affine_transform(x, half, "bilinear", "constant", 100.0).ravel(),
+                               [55, 15, 25, 35])
+    # nearest rounds halves to even: -0.5 -> 0, 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    np.testing.assert_array_equal(ref.affine_transform(x, half, "nearest", "constant", 100.0).ravel(),
+                                  [10, 10, 30, 30])
+    quarter = ref.translation_transforms([0.0], [-0.25])  # rows read 0.25 below: the 2-row image's blend
+    x2 = np.array([[0.0, 4.0], [8.0, 12.0]]).reshape(1, 2, 2, 1)
+    np.testing.assert_allclose(ref.affine_transform(x2, quarter, "bilinear", "constant", 0.0)[0, :, :, 0],
+                               [[2.0, 6.0], [6.0, 9.0]])  # row 1 reads 1.25: 0.75 * row 1 + 0.25 * fill 0
+
+
+def test_rotation_zoom_translation_transforms_by_hand():
+    x = np.arange(2 * 3 * 3 * 2, dtype=float).reshape(2, 3, 3, 2)
+    half_turn = ref.rotation_transforms([math.pi, -math.pi], 3, 3)
+    np.testing.assert_allclose(ref.affine_transform(x, half_turn, "bilinear", "constant"), x[:, ::-1, ::-1],
+                               atol=1e-12)
+    # a quarter turn counter-clockwise as displayed (row 0 at the top): the right column becomes the top row
+    quarter = ref.affine_transform(x, ref.rotation_transforms([math.pi / 2] * 2, 3, 3), "nearest", "constant")
+    np.testing.assert_array_equal(quarter, np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(quarter[0, 0, :, 0], x[0, :, 2, 0])
+    # zoom 0.5 about the centre of 5 rows: rows read 1, 1.5, 2, 2.5, 3
+    col = np.array([0.0, 10.0, 20.0, 30.0, 40.0]).reshape(1, 5, 1, 1)
+    zoomed = ref.affine_transform(col, ref.zoom_transforms([0.5], [1.0], 5, 1), "bilinear", "constant")
+    np.testing.assert_allclose(zoomed.ravel(), [10, 15, 20, 25, 30])
+    np.testing.assert_array_equal(ref.zoom_transforms([2.0], [0.5], 5, 3), [[0.5, 0, 0.5, 0, 2.0, -2.0, 0, 0]])
+    np.testing.assert_array_equal(ref.translation_transforms([2.0], [-1.0]), [[1, 0, -2.0, 0, 1, 1.0, 0, 0]])
+
+
+def test_projective_transform_and_degenerate_points_by_hand():
+    x = _row_image([10, 20, 30, 40])
+    # c0 = 1: column j reads (j + 0) / (j + 1): 0, 0.5, 2/3, 3/4
+    t = np.array([[1.0, 0, 0, 0, 1, 0, 1.0, 0]])
+    np.testing.assert_allclose(ref.affine_transform(x, t, "bilinear", "nearest").ravel(),
+                               [10, 15, 10 + 20 / 3, 17.5])
+    # k = 0 at column 1 (c0 = -1), and a non-finite transform: fill_value, whatever the mode
+    t = np.array([[1.0, 0, 0, 0, 1, 0, -1.0, 0]])
+    assert ref.affine_transform(x, t, "bilinear", "reflect", 7.0)[0, 0, 1, 0] == 7.0
+    t = np.array([[np.nan, 0, 0, 0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(ref.affine_transform(x, t, "nearest", "wrap", 7.0).ravel(), [7.0] * 4)
+
+
+def test_flip_rescale_contrast_by_hand():
+    x = np.arange(2 * 2 * 3 * 1, dtype=float).reshape(2, 2, 3, 1)
+    got = ref.flip(x, [True, False], [False, True])
+    np.testing.assert_array_equal(got[0], x[0, :, ::-1])
+    np.testing.assert_array_equal(got[1], x[1, ::-1, :])
+    np.testing.assert_array_equal(ref.flip(x, None, None), x)
+    np.testing.assert_allclose(ref.rescale(np.array([0.0, 255.0, 51.0]), 1 / 255, -0.5), [-0.5, 0.5, -0.3])
+    img = np.array([[10.0, 20.0], [30.0, 40.0]]).reshape(1, 2, 2, 1)  # mean 25
+    np.testing.assert_allclose(ref.adjust_contrast(img, [2.0]).ravel(), [0.0, 15.0, 35.0, 55.0])  # -5 clipped
+    np.testing.assert_allclose(ref.adjust_contrast(img, [2.0], None).ravel(), [-5.0, 15.0, 35.0, 55.0])
+    np.testing.assert_allclose(ref.adjust_contrast(img, [0.0]).ravel(), [25.0] * 4)
+    np.testing.assert_allclose(ref.adjust_contrast(img, [1.0], (15.0, 35.0)).ravel(), [15.0, 20.0, 30.0, 35.0])
+
+
 # ===================================================================================== optimizers
 def test_sgd_steps_by_hand():
     w, m = np.array([1.0, -2.0]), np.zeros(2)

@@ -1,9 +1,9 @@
 """The oracle (tests/reference.py) against Keras 3 itself, for the activations, the binary and from-logits
-cross-entropies: Keras is the behavioural reference, the oracle its readable
+cross-entropies and the image preprocessing ops: Keras is the behavioural reference, the oracle its readable
 float64 restatement, and the engines are checked against the oracle.
 
 Skipped where Keras is not importable (it is not a dependency of gpucnn). With ``KERAS_BACKEND`` unset this
-file asks for the torch backend.
+file asks for the torch backend, whose image ops are the pure index rules (the NumPy backend's call SciPy).
 Keras computes in float32 here: the tolerances are float32's. Gradients are Keras's own, by the torch
 backend's autograd (skipped on other backends).
 """
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import reference as ref
+from checks_image import random_transforms
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
@@ -117,8 +118,78 @@ def test_crossentropy_from_logits_is_kerass(sparse):
     ints = rng.integers(0, 5, size=7)
     labels = ints if sparse else F32(np.eye(5)[ints])
     loss = keras.losses.sparse_categorical_crossentropy if sparse else keras.losses.categorical_crossentropy
-    np.testing.assert_allclose(np_(loss(labels, z, from_logits=True)), ref.crossentropy_forward(z, labels, sparse, True),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np_(loss(labels, z, from_logits=True)),
+                               ref.crossentropy_forward(z, labels, sparse, True), rtol=1e-5, atol=1e-6)
     grad = keras_grad(lambda v: keras.ops.mean(loss(keras.ops.convert_to_tensor(labels), v, from_logits=True)), z)
     want = ref.crossentropy_backward(z, labels, sparse, from_logits=True)
     np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+# ===================================================================================== image transforms
+def _images(rng, shape=(3, 7, 9, 2)):
+    return F32(rng.normal(size=shape) * 50 + 100)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+@pytest.mark.parametrize("fill_mode", ["reflect", "mirror", "wrap", "nearest", "constant"])
+def test_affine_transform_is_kerass(interpolation, fill_mode):
+    rng = np.random.default_rng([5, len(fill_mode), len(interpolation)])
+    x = _images(rng)
+    t = random_transforms(rng, 3, 7, 9, interpolation == "nearest")
+    got = np_(keras.ops.image.affine_transform(x, t, interpolation=interpolation, fill_mode=fill_mode,
+                                               fill_value=-3.0))
+    np.testing.assert_allclose(got, ref.affine_transform(x, t, interpolation, fill_mode, -3.0), rtol=1e-4, atol=2e-3)
+
+
+def _seeded_transformation(layer, x):
+    return layer.get_random_transformation(x, training=True, seed=keras.random.SeedGenerator(11))
+
+
+@pytest.mark.parametrize("fill_mode", ["reflect", "constant"])
+def test_random_rotation_zoom_translation_are_their_transforms(fill_mode):
+    rng = np.random.default_rng(6)
+    x = _images(rng, (4, 8, 11, 3))
+    n, h, w = 4, 8, 11
+    cases = []
+    layer = keras.layers.RandomRotation(0.3, fill_mode=fill_mode, fill_value=-1.0)
+    tr = _seeded_transformation(layer, x)
+    angles = np.float64(np_(tr["angle"])) * math.pi / 180  # Keras draws degrees: factor * 360
+    cases.append((layer, tr, np_(tr["rotation_matrix"]), ref.rotation_transforms(angles, h, w)))
+    layer = keras.layers.RandomZoom(0.3, (-0.2, 0.4), fill_mode=fill_mode, fill_value=-1.0)
+    tr = _seeded_transformation(layer, x)
+    zy, zx = np_(tr["height_zoom"]).ravel(), np_(tr["width_zoom"]).ravel()
+    zooms = keras.ops.convert_to_tensor(F32(np.stack([zx, zy], 1)))
+    cases.append((layer, tr, np_(layer._get_zoom_matrix(zooms, h, w)), ref.zoom_transforms(zy, zx, h, w)))
+    layer = keras.layers.RandomTranslation(0.3, 0.2, fill_mode=fill_mode, fill_value=-1.0)
+    tr = _seeded_transformation(layer, x)
+    dx, dy = np_(tr["translations"]).T
+    cases.append((layer, tr, np_(layer._get_translation_matrix(tr["translations"])),
+                  ref.translation_transforms(dx, dy)))
+    for layer, transformation, matrix, ours in cases:
+        name = type(layer).__name__
+        assert ours.shape == (n, 8)
+        np.testing.assert_allclose(matrix, ours, rtol=1e-5, atol=1e-5, err_msg=name)
+        got = np_(layer.transform_images(t32(x), transformation, training=True))
+        np.testing.assert_allclose(got, ref.affine_transform(x, ours, "bilinear", fill_mode, -1.0), rtol=1e-4,
+                                   atol=2e-3, err_msg=name)
+
+
+def test_random_flip_contrast_and_rescaling_are_ours():
+    rng = np.random.default_rng(7)
+    x = F32(rng.uniform(0, 255, size=(6, 5, 4, 3)))
+    for mode in ("horizontal", "vertical", "horizontal_and_vertical"):
+        layer = keras.layers.RandomFlip(mode)
+        tr = _seeded_transformation(layer, x)
+        flags = np_(tr["flips"]).reshape(-1)
+        assert 0 < flags.sum() < 6, "the seed should flip some images and not others"
+        horizontal = flags if mode != "vertical" else None
+        vertical = flags if mode != "horizontal" else None
+        np.testing.assert_array_equal(np_(layer.transform_images(t32(x), tr, training=True)),
+                                      ref.flip(x, horizontal, vertical))
+    layer = keras.layers.RandomContrast(0.5)
+    tr = _seeded_transformation(layer, x)
+    factors = np_(tr["contrast_factor"]).reshape(-1)
+    np.testing.assert_allclose(np_(layer.transform_images(t32(x), tr, training=True)), ref.adjust_contrast(x, factors),
+                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(np_(keras.layers.Rescaling(1 / 255, offset=-0.5)(x)), ref.rescale(x, 1 / 255, -0.5),
+                               rtol=1e-6, atol=1e-7)

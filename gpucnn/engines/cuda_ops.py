@@ -20,9 +20,11 @@ import cupy
 import numpy as np
 
 from . import cuda_loader as cuda
-# shared with the NumPy engine: shape rules, how an activation is named
+# shared with the NumPy engine: shape rules, how an activation is named, the host-side transform builders
 from .numpy_ops import MAX_POOL_TAPS, geometry, out_size  # noqa: F401
 from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
+from .numpy_ops import (FILL_MODES, INTERPOLATIONS, check_transform_options, rotation_transforms,  # noqa: F401
+                        translation_transforms, zoom_transforms)
 
 xp = cupy
 DTYPE = np.float32
@@ -30,6 +32,7 @@ READS_WAIT = True  # reading a result on the host waits for the device: do it ra
 
 _CONV = cuda.kernel_constants("conv2d.cu")
 _ACT = cuda.kernel_constants("activations.cu")
+_IMAGE = cuda.kernel_constants("image.cu")
 _GEMM_TILE = cuda.kernel_constants("dense.cu")["GEMM_TILE"]
 _THREADS = _CONV["THREADS"]          # block of the 1-D kernels (kernels/common.cuh)
 _MAX_BLOCKS = 65535                  # grid-stride grids: keeps gridDim.x * THREADS below 2^31
@@ -593,6 +596,89 @@ def count_binary_correct(p, labels, threshold=0.5):
     count = cuda.empty((), np.int64)
     cuda.launch("count_binary_correct", 1, _THREADS, (p, labels, count, p.size, DTYPE(threshold)))
     return count
+
+
+# ===================================================================================== image transforms
+# Keras's image preprocessing and augmentation (numpy_ops states the rules); kernels/image.cu. No backward:
+# these run on a model's inputs. Per-image values (flags, transforms, factors) are device arrays, so a
+# captured step can refill them between replays.
+def _images(x, what):
+    if x.ndim != 4:
+        raise ValueError(f"{what}: images must be (N, H, W, C), got shape {x.shape}")
+    _image_grid(int(np.prod(x.shape[1:])), x.shape[0])  # checks the image size
+    return x.shape
+
+
+def _not_aliased(out, x, what):
+    if out is not None and cupy.may_share_memory(out, x):
+        raise ValueError(f"{what}: out must not be x (each output reads other pixels of the input)")
+
+
+def _per_image(values, n, what, dtype=DTYPE):
+    """One value per image as a contiguous device (N,) array (from any shape of N values, as Keras's
+    (N, 1, 1, 1)), or None; flags (dtype uint8: non-zero is set) from booleans (a view) or other numbers."""
+    if values is None:
+        return None
+    if dtype == np.uint8 and values.dtype != np.uint8:
+        values = values.view(np.uint8) if values.dtype == np.bool_ else (values != 0).view(np.uint8)
+    elif values.dtype != dtype:
+        values = values.astype(dtype)
+    if values.size != n:
+        raise ValueError(f"{what}: expected one value per image ({n},), got shape {values.shape}")
+    return _c(values.reshape(n))
+
+
+def rescale(x, scale, offset, out=None):
+    """y = x * scale + offset (Keras's Rescaling, in float32; other input dtypes are cast). No backward."""
+    x = _c(x if x.dtype == DTYPE else x.astype(DTYPE))
+    y = _out(out, x.shape)
+    cuda.launch("rescale", _blocks(x.size), _THREADS, (x, y, x.size, DTYPE(scale), DTYPE(offset)))
+    return y
+
+
+def flip(x, horizontal_flags, vertical_flags, out=None):
+    """Each image n reversed left-right where horizontal_flags[n], upside down where vertical_flags[n]
+    ((N,) device booleans, or None: no flip on that axis). out must not be x. No backward."""
+    n, h, w, c = _images(x, "flip")
+    _not_aliased(out, x, "flip")
+    horizontal = _per_image(horizontal_flags, n, "flip", np.uint8)
+    vertical = _per_image(vertical_flags, n, "flip", np.uint8)
+    x = _c(x)
+    y = _out(out, x.shape)
+    cuda.launch("flip_images", _image_grid(h * w * c, n), _THREADS, (x, horizontal, vertical, y, n, h, w, c))
+    return y
+
+
+def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect", fill_value=0.0, out=None):
+    """Each image resampled through its projective transform ((N, 8) device array), as
+    keras.ops.image.affine_transform (numpy_ops states the rules). out must not be x. No backward."""
+    n, h, w, c = _images(x, "affine_transform")
+    check_transform_options(interpolation, fill_mode)
+    _not_aliased(out, x, "affine_transform")
+    if transforms.shape != (n, 8):
+        raise ValueError(f"affine_transform: transforms must be ({n}, 8), one row per image, got "
+                         f"{transforms.shape}")
+    transforms = _c(transforms if transforms.dtype == DTYPE else transforms.astype(DTYPE))
+    x = _c(x)
+    y = _out(out, x.shape)
+    cuda.launch("affine_transform", _image_grid(h * w * c, n), _THREADS,
+                (x, transforms, y, n, h, w, c, _IMAGE["INTERP_" + interpolation.upper()],
+                 _IMAGE["FILL_" + fill_mode.upper()], DTYPE(fill_value)))
+    return y
+
+
+def adjust_contrast(x, factors, value_range=(0, 255), out=None):
+    """Keras RandomContrast's adjustment, y = (x - m) * factors[n] + m with m the mean of image n's channel,
+    clipped to value_range (None: not clipped); factors an (N,) device array. out may be x. No backward."""
+    n, h, w, c = _images(x, "adjust_contrast")
+    factors = _per_image(factors, n, "adjust_contrast")
+    x = _c(x)
+    y = _out(out, x.shape)
+    low, high = (0.0, 0.0) if value_range is None else value_range
+    grid = (max(1, min(c, _MAX_BLOCKS)), _image_grid(h * w * c, n)[1])  # (channels, images), both strided
+    cuda.launch("adjust_contrast", grid, _THREADS,
+                (x, factors, y, n, h * w, c, value_range is not None, DTYPE(low), DTYPE(high)))
+    return y
 
 
 # ===================================================================================== optimizers

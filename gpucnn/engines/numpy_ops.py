@@ -822,6 +822,189 @@ def count_binary_correct(p, labels, threshold=0.5):
     return ((p > DTYPE(threshold)).astype(DTYPE) == y).sum()
 
 
+# ===================================================================================== image transforms
+# Preprocessing and augmentation of (N, H, W, C) images, as Keras's Rescaling, RandomFlip, RandomRotation,
+# RandomZoom, RandomTranslation and RandomContrast compute them. They run on a model's inputs: none has a
+# backward. The per-image random draws are the caller's; these ops apply them.
+#
+# affine_transform follows keras.ops.image.affine_transform: each image's transform [a0, a1, a2, b0, b1, b2,
+# c0, c1] maps an OUTPUT pixel (x = column, y = row; pixel centres at integer coordinates) to the INPUT point
+#     x' = (a0 x + a1 y + a2) / k,  y' = (b0 x + b1 y + b2) / k,  k = c0 x + c1 y + 1
+# (Keras's non-TensorFlow backends ignore c0 and c1; zero, as every transform built below has them, k = 1).
+# The input is sampled there: "nearest" takes the pixel at the rounded coordinates (halves to even);
+# "bilinear" weighs the four pixels around it, (1 - fy)(1 - fx), (1 - fy) fx, fy (1 - fx), fy fx, added in
+# that order. A pixel index outside [0, size) is read through the fill mode, along each axis on its own:
+#     reflect  (d c b a | a b c d | d c b a)   about the edge of the last pixel (half-sample symmetric)
+#     mirror   (d c b | a b c d | c b a)       about the centre of the last pixel (whole-sample symmetric)
+#     wrap     (a b c d | a b c d | a b c d)
+#     nearest  (a a a a | a b c d | d d d d)
+#     constant (k k k k | a b c d | k k k k)   every tap outside the image reads fill_value
+# An output whose k is 0, or whose coordinates are not finite, is fill_value; coordinates are clamped to
+# +-2^24 (beyond, float32 cannot tell neighbouring pixels apart).
+INTERPOLATIONS = ("nearest", "bilinear")
+FILL_MODES = ("reflect", "mirror", "wrap", "nearest", "constant")
+_COORDINATE_LIMIT = 2.0 ** 24
+
+
+def _images(x, what):
+    if x.ndim != 4:
+        raise ValueError(f"{what}: images must be (N, H, W, C), got shape {x.shape}")
+    return x.shape
+
+
+def _not_aliased(out, x, what):
+    if out is not None and np.may_share_memory(out, x):
+        raise ValueError(f"{what}: out must not be x (each output reads other pixels of the input)")
+
+
+def _per_image(values, n, what, dtype=DTYPE):
+    """One value per image as a host (N,) array (from any shape of N values, as Keras's (N, 1, 1, 1)), or None."""
+    if values is None:
+        return None
+    a = np.asarray(values, dtype=dtype)
+    if a.size != n:
+        raise ValueError(f"{what}: expected one value per image ({n},), got shape {a.shape}")
+    return a.reshape(n)
+
+
+def check_transform_options(interpolation, fill_mode, what="affine_transform"):
+    """Checks ``interpolation`` and ``fill_mode``, with an error listing the choices."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{what}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"{what}: fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
+
+
+def rescale(x, scale, offset, out=None):
+    """y = x * scale + offset (Keras's Rescaling, in float32). No backward: it runs on inputs."""
+    y = np.multiply(x, DTYPE(scale), out=out, dtype=DTYPE)
+    y += DTYPE(offset)
+    return y
+
+
+def flip(x, horizontal_flags, vertical_flags, out=None):
+    """Each image n reversed left-right where horizontal_flags[n], upside down where vertical_flags[n] (either
+    may be None: no flip on that axis); flags are (N,) booleans. Keras's RandomFlip (its
+    "horizontal_and_vertical" passes the same flags twice). No backward: it runs on inputs."""
+    n = _images(x, "flip")[0]
+    _not_aliased(out, x, "flip")
+    y = np.array(x, dtype=DTYPE, copy=True)
+    for flags, axis in ((horizontal_flags, 2), (vertical_flags, 1)):
+        chosen = _per_image(flags, n, "flip", bool)
+        if chosen is not None and chosen.any():
+            y[chosen] = np.flip(y[chosen], axis=axis)
+    return _finish(y, out)
+
+
+def _transforms(rows):
+    """(N, 8) float32 transforms from rows [a0, a1, a2, b0, b1, b2] in float64."""
+    rows = np.asarray(rows, np.float64)
+    return np.concatenate([rows, np.zeros((rows.shape[0], 2))], axis=1).astype(DTYPE)
+
+
+def rotation_transforms(angles, height, width):
+    """Keras RandomRotation's transforms: each image turned by angles[n] radians (counter-clockwise as
+    displayed, for positive angles) about its centre ((width - 1) / 2, (height - 1) / 2). RandomRotation(factor)
+    draws angle = 2 pi * uniform(lower, upper)."""
+    a = np.asarray(angles, np.float64).reshape(-1)
+    cx, cy = 0.5 * (width - 1), 0.5 * (height - 1)
+    cos, sin = np.cos(a), np.sin(a)
+    return _transforms(np.stack([cos, -sin, cx - cx * cos + cy * sin, sin, cos, cy - cx * sin - cy * cos], 1))
+
+
+def zoom_transforms(height_zooms, width_zooms, height, width):
+    """Keras RandomZoom's transforms: the output samples an area height_zooms[n] x width_zooms[n] times the
+    image's about its centre (> 1 zooms out, < 1 in). RandomZoom draws zoom = 1 + uniform(lower, upper)."""
+    zy = np.asarray(height_zooms, np.float64).reshape(-1)
+    zx = np.asarray(width_zooms, np.float64).reshape(-1)
+    zero = np.zeros_like(zx)
+    return _transforms(np.stack([zx, zero, 0.5 * (width - 1) * (1 - zx), zero, zy,
+                                 0.5 * (height - 1) * (1 - zy)], 1))
+
+
+def translation_transforms(dx, dy):
+    """Keras RandomTranslation's transforms: each image moved right by dx[n] and down by dy[n] pixels.
+    RandomTranslation draws dx = width * uniform(lower, upper), dy likewise with the height."""
+    tx = np.asarray(dx, np.float64).reshape(-1)
+    ty = np.asarray(dy, np.float64).reshape(-1)
+    one, zero = np.ones_like(tx), np.zeros_like(tx)
+    return _transforms(np.stack([one, zero, -tx, zero, one, -ty], 1))
+
+
+def _fix_index(i, size, fill_mode):
+    """Integer indices i (any) into [0, size) by the fill mode (constant: clamped; the caller masks)."""
+    if fill_mode in ("nearest", "constant"):
+        return np.clip(i, 0, size - 1)
+    if fill_mode == "wrap":
+        return i % size
+    if fill_mode == "mirror":
+        if size == 1:
+            return np.zeros_like(i)
+        return np.abs((i + size - 1) % (2 * size - 2) - (size - 1))
+    return (np.abs((2 * i + 1 + 2 * size) % (4 * size) - 2 * size) - 1) // 2  # reflect
+
+
+def _sample(flat, img, r, c, h, w, fill_mode, fill_value):
+    """x[img, r, c, :] of the images flattened to (N*H*W, C), indices read through the fill mode."""
+    v = flat[(img * h + _fix_index(r, h, fill_mode)) * w + _fix_index(c, w, fill_mode)]
+    if fill_mode == "constant":
+        outside = (r < 0) | (r >= h) | (c < 0) | (c >= w)
+        v[outside] = fill_value
+    return v
+
+
+def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect", fill_value=0.0, out=None):
+    """Each image resampled through its projective transform (N, 8), as keras.ops.image.affine_transform
+    (the rules above). The fill_mode default is the Keras layers' "reflect" (the op's is "constant"). out must
+    not be x. No backward: it runs on inputs."""
+    n, h, w, c = _images(x, "affine_transform")
+    check_transform_options(interpolation, fill_mode)
+    _not_aliased(out, x, "affine_transform")
+    t = np.asarray(transforms, DTYPE)
+    if t.shape != (n, 8):
+        raise ValueError(f"affine_transform: transforms must be ({n}, 8), one row per image, got {t.shape}")
+    fill = DTYPE(fill_value)
+    a0, a1, a2, b0, b1, b2, c0, c1 = (t[:, k, None, None] for k in range(8))
+    rows = np.arange(h, dtype=DTYPE)[None, :, None]
+    cols = np.arange(w, dtype=DTYPE)[None, None, :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k = c0 * cols + c1 * rows + DTYPE(1)
+        xs = (a0 * cols + a1 * rows + a2) / k
+        ys = (b0 * cols + b1 * rows + b2) / k
+    bad = (k == 0) | ~np.isfinite(xs) | ~np.isfinite(ys)
+    xs = np.clip(np.where(bad, 0, xs), -_COORDINATE_LIMIT, _COORDINATE_LIMIT).astype(DTYPE)
+    ys = np.clip(np.where(bad, 0, ys), -_COORDINATE_LIMIT, _COORDINATE_LIMIT).astype(DTYPE)
+    flat = np.ascontiguousarray(x, dtype=DTYPE).reshape(n * h * w, c)
+    img = np.arange(n)[:, None, None]
+    if interpolation == "nearest":
+        y = _sample(flat, img, np.rint(ys).astype(np.int64), np.rint(xs).astype(np.int64), h, w, fill_mode, fill)
+    else:
+        fy, fx = np.floor(ys), np.floor(xs)
+        wy1, wx1 = (ys - fy)[..., None], (xs - fx)[..., None]
+        wy0, wx0 = DTYPE(1) - wy1, DTYPE(1) - wx1
+        r0, c0i = fy.astype(np.int64), fx.astype(np.int64)
+        y = (wy0 * wx0) * _sample(flat, img, r0, c0i, h, w, fill_mode, fill)
+        y += (wy0 * wx1) * _sample(flat, img, r0, c0i + 1, h, w, fill_mode, fill)
+        y += (wy1 * wx0) * _sample(flat, img, r0 + 1, c0i, h, w, fill_mode, fill)
+        y += (wy1 * wx1) * _sample(flat, img, r0 + 1, c0i + 1, h, w, fill_mode, fill)
+    y = y.reshape(n, h, w, c)
+    y[bad] = fill
+    return _finish(y, out)
+
+
+def adjust_contrast(x, factors, value_range=(0, 255), out=None):
+    """Keras RandomContrast's adjustment: with m the mean of image n's channel over H and W,
+    y = (x - m) * factors[n] + m, then clipped to value_range (None: not clipped). out may be x. No backward:
+    it runs on inputs. RandomContrast(factor) draws factors = uniform(1 - lower, 1 + upper)."""
+    n = _images(x, "adjust_contrast")[0]
+    f = _per_image(factors, n, "adjust_contrast")[:, None, None, None]
+    mean = np.asarray(x, DTYPE).mean(axis=(1, 2), keepdims=True, dtype=DTYPE)
+    y = (x - mean) * f + mean
+    if value_range is not None:
+        np.clip(y, DTYPE(value_range[0]), DTYPE(value_range[1]), out=y)
+    return _finish(y, out)
+
+
 # ===================================================================================== optimizers
 def sgd_update(w, g, m, lr, momentum, nesterov):
     """Keras SGD, in place: m = momentum·m − lr·g; w += m (Nesterov: w += momentum·m − lr·g)."""
