@@ -15,6 +15,7 @@
 //   maxpool_backward_gather()    max-pooling's gradient at one input element: the sum of dy over the windows
 //                                whose idx names it (maxpool2d_backward, maxpool2d_relu_backward)
 //   ACT_NONE / ACT_RELU, relu()  the activations fused into conv2d and dense (softmax is a kernel of its own)
+//   sigmoid(), softplus()        overflow-free forms (activations.cu, the binary cross-entropy of loss.cu)
 //   max_replaces()               the "first maximum wins, a NaN beats everything, the first NaN stays" rule
 //                                of max-pooling and arg-max, as in the NumPy engine
 //   first_argmax()               the index of a row's first maximum by that rule (count_correct)
@@ -71,6 +72,18 @@ __device__ __forceinline__ float relu(float v) { return v < 0.0f ? 0.0f : v; }
 
 __device__ __forceinline__ float apply_activation(float v, int act) {
     return act == ACT_RELU ? relu(v) : v;
+}
+
+// 1 / (1 + e^-v) without overflow: e^-|v| <= 1, and e^v / (1 + e^v) below zero. A NaN stays a NaN.
+__device__ __forceinline__ float sigmoid(float v) {
+    const float e = expf(-fabsf(v));
+    const float r = 1.0f / (1.0f + e);
+    return v >= 0.0f ? r : e * r;
+}
+
+// log(1 + e^v) = max(v, 0) + log1p(e^-|v|) without overflow. A NaN stays a NaN (through log1pf).
+__device__ __forceinline__ float softplus(float v) {
+    return (v > 0.0f ? v : 0.0f) + log1pf(expf(-fabsf(v)));
 }
 
 __device__ __forceinline__ float negative_infinity() { return -__int_as_float(0x7f800000); }

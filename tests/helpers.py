@@ -1,5 +1,6 @@
 """Shapes, inputs and comparisons shared by the engine tests (test_ops_numpy.py, test_gpu.py)."""
 import numpy as np
+import pytest
 
 import reference as ref
 
@@ -183,3 +184,45 @@ def bn_case(shape, scale=True, center=True):
     gamma = f32(rng.uniform(0.5, 1.5, size=c)) if scale else None
     beta = normal(rng, (c,)) if center else None
     return x, gamma, beta, normal(rng, (c,)), f32(rng.uniform(0.5, 2.0, size=c)), rng
+
+
+# ===================================================================================== engines
+class Engine:
+    """How a shared check reaches one engine: its ops module, how a host array becomes an input (``dev``: a
+    copy, as a device upload is) and how a result is read back (``host``)."""
+
+    def __init__(self, ops, dev, host):
+        self.ops, self.dev, self.host = ops, dev, host
+
+    def close(self, got, want, rtol, atol_scale):
+        assert_close(self.host(got), want, rtol, atol_scale)
+
+    def exact(self, got, want):
+        assert_exact(self.host(got), want)
+
+
+def numpy_engine():
+    from gpucnn.engines import numpy_ops
+
+    return Engine(numpy_ops, dev=np.array, host=np.asarray)
+
+
+def skip_module_without_gpu():
+    """Skips the calling test module, with the backend's reason, where CuPy or a CUDA device is not usable."""
+    from gpucnn import backend
+
+    usable, reason = backend.gpu_status()
+    if not usable:
+        pytest.skip(f"no usable GPU: {reason}", allow_module_level=True)
+
+
+def cuda_engine():
+    """The CUDA engine (call skip_module_without_gpu first)."""
+    import cupy
+    from gpucnn.engines import cuda_ops
+
+    def host(a):
+        assert isinstance(a, cupy.ndarray), type(a)
+        return cupy.asnumpy(a)
+
+    return Engine(cuda_ops, dev=cupy.asarray, host=host)

@@ -59,43 +59,131 @@ def _reads(p, q, k, stride, padding, h, wd):
 
 
 # ===================================================================================== activations
+# An activation: None, a name, or (name, parameter) for leaky_relu (negative_slope, default 0.2), elu (alpha,
+# default 1.0) and gelu (approximate, default False), as keras.activations defines them.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False}
+_ELEMENTWISE = ("sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus", "silu", "swish", "gelu")
+
+
+def _name_and_parameter(activation):
+    if isinstance(activation, tuple):
+        return activation
+    return activation, _DEFAULTS.get(activation)
+
+
+def _sigmoid(v):
+    return 1.0 / (1.0 + math.exp(-v)) if v >= 0 else math.exp(v) / (1.0 + math.exp(v))
+
+
+def _phi(v):
+    """The standard normal density and distribution function at v: (pdf, cdf)."""
+    return math.exp(-v * v / 2) / math.sqrt(2 * math.pi), math.erfc(-v / math.sqrt(2)) / 2
+
+
+_TANH_C, _TANH_K = math.sqrt(2 / math.pi), 0.044715  # gelu(approximate=True)
+
+
+def _activate(name, param, v):
+    """One element of an elementwise activation, from its definition."""
+    if name == "sigmoid":
+        return _sigmoid(v)
+    if name == "tanh":
+        return math.tanh(v)
+    if name == "elu":
+        return v if v > 0 else param * (math.exp(v) - 1)
+    if name == "selu":
+        return SELU_SCALE * (v if v > 0 else SELU_ALPHA * (math.exp(v) - 1))
+    if name == "leaky_relu":
+        return v if v > 0 else param * v
+    if name == "softplus":  # log(1 + e^v), written so that it does not overflow
+        return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
+    if name in ("silu", "swish"):
+        return v * _sigmoid(v)
+    if param:  # gelu, tanh approximation
+        return 0.5 * v * (1 + math.tanh(_TANH_C * (v + _TANH_K * v ** 3)))
+    return v * _phi(v)[1]
+
+
+def _derivative(name, param, out, v):
+    """d activation / d input at one element: from its output ``out`` where the activation allows it (the
+    engines' convention), else from its input ``v``."""
+    if name == "sigmoid":
+        return out * (1 - out)
+    if name == "tanh":
+        return 1 - out * out
+    if name == "elu":  # below zero out = alpha (e^v - 1), so alpha e^v = out + alpha
+        return 1.0 if out > 0 else out + param
+    if name == "selu":
+        return SELU_SCALE if out > 0 else out + SELU_SCALE * SELU_ALPHA
+    if name == "leaky_relu":
+        return 1.0 if out > 0 else param
+    if name == "softplus":  # sigmoid(v) = 1 - e^-out
+        return 1 - math.exp(-out)
+    if name in ("silu", "swish"):
+        s = _sigmoid(v)
+        return s + v * s * (1 - s)
+    if param:  # gelu, tanh approximation
+        t = math.tanh(_TANH_C * (v + _TANH_K * v ** 3))
+        return 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * _TANH_C * (1 + 3 * _TANH_K * v * v)
+    pdf, cdf = _phi(v)
+    return cdf + v * pdf
+
+
 def activation_forward(x, activation):
-    """relu / softmax over the last axis / identity (None)."""
+    """relu / softmax over the last axis / identity (None) / the elementwise activations above."""
     x = _f64(x)
-    if activation is None:
+    name, param = _name_and_parameter(activation)
+    if name is None:
         return x
     y = np.zeros_like(x)
-    if activation == "relu":
+    if name == "relu":
         for i in np.ndindex(x.shape):
             y[i] = x[i] if x[i] > 0 else 0.0
         return y
-    if activation == "softmax":
+    if name == "softmax":
         for row in np.ndindex(x.shape[:-1]):
             top = max(x[row])
             e = [math.exp(v - top) for v in x[row]]
             total = math.fsum(e)
             y[row] = [v / total for v in e]
         return y
+    if name in _ELEMENTWISE:
+        for i in np.ndindex(x.shape):
+            y[i] = _activate(name, param, float(x[i]))
+        return y
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def activation_backward(dy, y, activation):
-    """dx from dy and the activation's output y."""
-    dy, y = _f64(dy), _f64(y)
-    if activation is None:
+def activation_backward(dy, y, activation, x=None):
+    """dx from dy and the activation's output y (silu/swish and gelu: from its input x)."""
+    dy = _f64(dy)
+    name, param = _name_and_parameter(activation)
+    if name is None:
         return dy
     dx = np.zeros_like(dy)
-    if activation == "relu":
+    if name in ("silu", "swish", "gelu"):
+        x = _f64(x)
+        for i in np.ndindex(dy.shape):
+            dx[i] = dy[i] * _derivative(name, param, None, float(x[i]))
+        return dx
+    y = _f64(y)
+    if name == "relu":
         for i in np.ndindex(dy.shape):
             dx[i] = dy[i] if y[i] > 0 else 0.0
         return dx
-    if activation == "softmax":
+    if name == "softmax":
         k = y.shape[-1]
         for row in np.ndindex(y.shape[:-1]):
             s = y[row]
             # d s_j / d x_i = s_j (delta_ij - s_i)
             for i in range(k):
                 dx[row + (i,)] = math.fsum(dy[row + (j,)] * s[j] * ((i == j) - s[i]) for j in range(k))
+        return dx
+    if name in _ELEMENTWISE:
+        for i in np.ndindex(dy.shape):
+            dx[i] = dy[i] * _derivative(name, param, float(y[i]), None)
         return dx
     raise ValueError(f"unknown activation {activation!r}")
 
@@ -534,18 +622,25 @@ def _targets(labels, k, sparse):
     return y
 
 
-def crossentropy_forward(p, labels, sparse):
-    """Per-sample loss (N,): -sum_k y_k log(clip(p_k / sum(p), EPSILON, 1 - EPSILON))."""
+def _log_softmax_row(z):
+    top = max(z)
+    log_total = math.log(math.fsum(math.exp(v - top) for v in z))
+    return [v - top - log_total for v in z]
+
+
+def crossentropy_forward(p, labels, sparse, from_logits=False):
+    """Per-sample loss (N,): -sum_k y_k log(clip(p_k / sum(p), EPSILON, 1 - EPSILON)); from logits,
+    -sum_k y_k log softmax(p)_k (no clip)."""
     p = _f64(p)
     y = _targets(labels, p.shape[1], sparse)
     loss = np.zeros(p.shape[0])
     for nn in range(p.shape[0]):
-        total = math.fsum(p[nn])
-        terms = []
-        for k in range(p.shape[1]):
-            q = min(max(p[nn, k] / total, EPSILON), 1 - EPSILON)
-            terms.append(-y[nn, k] * math.log(q))
-        loss[nn] = math.fsum(terms)
+        if from_logits:
+            logq = _log_softmax_row(p[nn])
+        else:
+            total = math.fsum(p[nn])
+            logq = [math.log(min(max(p[nn, k] / total, EPSILON), 1 - EPSILON)) for k in range(p.shape[1])]
+        loss[nn] = math.fsum(-y[nn, k] * logq[k] for k in range(p.shape[1]))
     return loss
 
 
@@ -560,14 +655,20 @@ def softmax_crossentropy_backward(p, labels, sparse):
     return dz
 
 
-def crossentropy_backward(p, labels, sparse):
+def crossentropy_backward(p, labels, sparse, from_logits=False):
     """d mean_n CE(p) / dp through the renormalisation q = p / sum(p) and the clip (a clipped q_k passes
-    no gradient): dp_j = 1/N sum_k dL/dq_k * (delta_jk - q_k) / sum(p)."""
+    no gradient): dp_j = 1/N sum_k dL/dq_k * (delta_jk - q_k) / sum(p). From logits z = p:
+    dz_j = 1/N sum_k -y_k (delta_jk - softmax_j)."""
     p = _f64(p)
     y = _targets(labels, p.shape[1], sparse)
     n, kk = p.shape
     dp = np.zeros_like(p)
     for nn in range(n):
+        if from_logits:
+            s = [math.exp(v) for v in _log_softmax_row(p[nn])]
+            for j in range(kk):
+                dp[nn, j] = math.fsum(-y[nn, k] * ((j == k) - s[j]) for k in range(kk)) / n
+            continue
         total = math.fsum(p[nn])
         q = [p[nn, k] / total for k in range(kk)]
         dq = [-y[nn, k] / q[k] if EPSILON <= q[k] <= 1 - EPSILON else 0.0 for k in range(kk)]
@@ -592,6 +693,183 @@ def count_correct(p, labels, sparse):
         truth = int(labels[nn]) if sparse else first_argmax(_f64(labels[nn]))
         correct += first_argmax(p[nn]) == truth
     return int(correct)
+
+
+# Binary cross-entropy (Keras's binary_crossentropy) over (N, U) predictions: targets smoothed to
+# y (1 - s) + s / 2; per-sample loss = mean over the U units of -(y log q + (1 - y) log(1 - q)) with q = p
+# clipped, or from logits z: -(y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))). The clip bounds are the
+# float32 values Keras clips float32 predictions to: 1e-7 and 1 - 1e-7 rounded to float32 (0.99999988).
+BINARY_CLIP = (float(np.float32(EPSILON)), float(np.float32(1 - EPSILON)))
+
+
+def _smoothed(labels, label_smoothing):
+    return _f64(labels) * (1 - label_smoothing) + 0.5 * label_smoothing
+
+
+def _log_sigmoid(v):
+    """log(sigmoid(v)) = -log(1 + e^-v), without overflow."""
+    return -(max(-v, 0.0) + math.log1p(math.exp(-abs(v))))
+
+
+def binary_crossentropy_forward(p, labels, from_logits, label_smoothing=0.0):
+    p, y = _f64(p), _smoothed(labels, label_smoothing)
+    n, units = p.shape
+    loss = np.zeros(n)
+    for nn in range(n):
+        terms = []
+        for u in range(units):
+            v, t = p[nn, u], y[nn, u]
+            if from_logits:
+                terms.append(-(t * _log_sigmoid(v) + (1 - t) * _log_sigmoid(-v)))
+            else:
+                q = min(max(v, BINARY_CLIP[0]), BINARY_CLIP[1])
+                terms.append(-(t * math.log(q) + (1 - t) * math.log(1 - q)))
+        loss[nn] = math.fsum(terms) / units
+    return loss
+
+
+def binary_crossentropy_backward(p, labels, from_logits, label_smoothing=0.0):
+    """d mean(all N·U terms) / d p: (-y / p + (1 - y) / (1 - p)) / (N·U) inside the clip, 0 where it is active;
+    from logits: (sigmoid(z) - y) / (N·U)."""
+    p, y = _f64(p), _smoothed(labels, label_smoothing)
+    dp = np.zeros_like(p)
+    for i in np.ndindex(p.shape):
+        v, t = p[i], y[i]
+        if from_logits:
+            dp[i] = (_sigmoid(v) - t) / p.size
+        elif BINARY_CLIP[0] <= v <= BINARY_CLIP[1]:
+            dp[i] = (-t / v + (1 - t) / (1 - v)) / p.size
+    return dp
+
+
+def sigmoid_binary_crossentropy_backward(p, labels, label_smoothing=0.0):
+    """d mean(all N·U terms) / dz for p = sigmoid(z), the logits form: (p - y) / (N·U)."""
+    p, y = _f64(p), _smoothed(labels, label_smoothing)
+    dz = np.zeros_like(p)
+    for i in np.ndindex(p.shape):
+        dz[i] = (p[i] - y[i]) / p.size
+    return dz
+
+
+def count_binary_correct(p, labels, threshold=0.5):
+    """Predictions (p > threshold: 1, else 0) equal to their label (Keras's binary accuracy, counted). Keras
+    compares float32 predictions with the threshold rounded to float32 (0.3 is 0.30000001)."""
+    p, y, threshold = _f64(p), _f64(labels), float(np.float32(threshold))
+    return int(sum((1.0 if p[i] > threshold else 0.0) == y[i] for i in np.ndindex(p.shape)))
+
+
+# ===================================================================================== image transforms
+# Keras's image preprocessing, one output element at a time. A transform [a0, a1, a2, b0, b1, b2, c0, c1] maps
+# output pixel (x = column, y = row) to input point ((a0 x + a1 y + a2) / k, (b0 x + b1 y + b2) / k),
+# k = c0 x + c1 y + 1; pixel centres are at integer coordinates. An index outside the image is brought back
+# by the fill mode (reflect: d c b a | a b c d, mirror: d c b | a b c d, wrap, nearest), or reads
+# fill_value (constant). k = 0 or a non-finite coordinate gives fill_value; coordinates are clamped to
+# +-2^24 first (as the engines do).
+def rescale(x, scale, offset):
+    x = _f64(x)
+    y = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        y[i] = x[i] * scale + offset
+    return y
+
+
+def flip(x, horizontal_flags, vertical_flags):
+    x = _f64(x)
+    n, h, w, _ = x.shape
+    y = np.zeros_like(x)
+    for nn, r, col, ch in np.ndindex(x.shape):
+        rr = h - 1 - r if vertical_flags is not None and vertical_flags[nn] else r
+        cc = w - 1 - col if horizontal_flags is not None and horizontal_flags[nn] else col
+        y[nn, r, col, ch] = x[nn, rr, cc, ch]
+    return y
+
+
+def rotation_transforms(angles, height, width):
+    """[cos, -sin, cx - cx cos + cy sin, sin, cos, cy - cx sin - cy cos, 0, 0] about the centre
+    cx = (width - 1) / 2, cy = (height - 1) / 2 (Keras's _compute_affine_matrix with a rotation only)."""
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    rows = []
+    for a in angles:
+        c, s = math.cos(a), math.sin(a)
+        rows.append([c, -s, cx - cx * c + cy * s, s, c, cy - cx * s - cy * c, 0.0, 0.0])
+    return np.array(rows).reshape(-1, 8)
+
+
+def zoom_transforms(height_zooms, width_zooms, height, width):
+    """[zx, 0, (width - 1)/2 (1 - zx), 0, zy, (height - 1)/2 (1 - zy), 0, 0] (Keras's _get_zoom_matrix)."""
+    rows = [[zx, 0.0, (width - 1) / 2 * (1 - zx), 0.0, zy, (height - 1) / 2 * (1 - zy), 0.0, 0.0]
+            for zy, zx in zip(height_zooms, width_zooms)]
+    return np.array(rows).reshape(-1, 8)
+
+
+def translation_transforms(dx, dy):
+    """[1, 0, -dx, 0, 1, -dy, 0, 0] (Keras's _get_translation_matrix)."""
+    return np.array([[1.0, 0.0, -tx, 0.0, 1.0, -ty, 0.0, 0.0] for tx, ty in zip(dx, dy)]).reshape(-1, 8)
+
+
+def fill_index(i, size, fill_mode):
+    """Input index i brought into [0, size) by the fill mode, or None (constant, outside)."""
+    if 0 <= i < size:
+        return i
+    if fill_mode == "constant":
+        return None
+    if fill_mode == "nearest":
+        return min(max(i, 0), size - 1)
+    if fill_mode == "wrap":
+        return i % size
+    if fill_mode == "mirror":  # period 2 (size - 1): 0 1 2 3 2 1 0 1 ...
+        if size == 1:
+            return 0
+        i %= 2 * (size - 1)
+        return i if i < size else 2 * (size - 1) - i
+    i %= 2 * size  # reflect, period 2 size: 0 1 2 3 3 2 1 0 0 1 ...
+    return i if i < size else 2 * size - 1 - i
+
+
+def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect", fill_value=0.0):
+    x, t = _f64(x), _f64(transforms)
+    n, h, w, c = x.shape
+    y = np.zeros_like(x)
+    limit = 2.0 ** 24
+
+    def read(nn, r, col, ch):
+        rr, cc = fill_index(r, h, fill_mode), fill_index(col, w, fill_mode)
+        return fill_value if rr is None or cc is None else x[nn, rr, cc, ch]
+
+    for nn, r, col, ch in np.ndindex(x.shape):
+        a0, a1, a2, b0, b1, b2, c0, c1 = t[nn]
+        k = c0 * col + c1 * r + 1
+        if k == 0:
+            y[nn, r, col, ch] = fill_value
+            continue
+        xs, ys = (a0 * col + a1 * r + a2) / k, (b0 * col + b1 * r + b2) / k
+        if not (math.isfinite(xs) and math.isfinite(ys)):
+            y[nn, r, col, ch] = fill_value
+            continue
+        xs, ys = min(max(xs, -limit), limit), min(max(ys, -limit), limit)
+        if interpolation == "nearest":  # round() takes halves to even, as the engines and Keras do
+            y[nn, r, col, ch] = read(nn, round(ys), round(xs), ch)
+            continue
+        r0, c0i = math.floor(ys), math.floor(xs)
+        fy, fx = ys - r0, xs - c0i
+        y[nn, r, col, ch] = ((1 - fy) * (1 - fx) * read(nn, r0, c0i, ch) + (1 - fy) * fx * read(nn, r0, c0i + 1, ch)
+                             + fy * (1 - fx) * read(nn, r0 + 1, c0i, ch) + fy * fx * read(nn, r0 + 1, c0i + 1, ch))
+    return y
+
+
+def adjust_contrast(x, factors, value_range=(0, 255)):
+    """(x - m) * factor + m per image and channel, m the channel's mean over the image; then clipped."""
+    x = _f64(x)
+    n, h, w, c = x.shape
+    y = np.zeros_like(x)
+    for nn, ch in np.ndindex(n, c):
+        m = math.fsum(x[nn, :, :, ch].ravel()) / (h * w)
+        for r, col in np.ndindex(h, w):
+            v = (x[nn, r, col, ch] - m) * factors[nn] + m
+            if value_range is not None:
+                v = min(max(v, value_range[0]), value_range[1])
+            y[nn, r, col, ch] = v
+    return y
 
 
 # ===================================================================================== optimizers

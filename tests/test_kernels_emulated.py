@@ -1,8 +1,9 @@
 """The real CUDA kernels run on the CPU by an EMULATOR (tests/emulator/, see its README) against the float64
-oracle: tests/test_gpu.py, tests/test_gpu_normalization_depthwise.py and tests/test_fastpath.py (all but the
-tests listed in EXCLUDE) plus the checks below, in a subprocess whose fake ``cupy`` never reaches this
-process. The fast path's CUDA graphs are recorded and replayed by the fake ``cupy`` (operations recorded at
-capture, run in order at each replay), so its kernels and its Python orchestration both run here.
+oracle: tests/test_gpu.py, tests/test_gpu_normalization_depthwise.py, tests/test_gpu_activations_losses.py,
+tests/test_gpu_image.py and tests/test_fastpath.py (all but the tests listed in EXCLUDE) plus the checks below,
+in a subprocess whose fake ``cupy`` never reaches this process. The fast path's CUDA graphs are recorded and
+replayed by the fake ``cupy`` (operations recorded at capture, run in order at each replay), so its kernels and
+its Python orchestration both run here.
 
 EMULATION, not a GPU: it checks indexing, bounds (guard zones around every array), reduction order and
 barrier placement (every thread of a block at the same ``__syncthreads``; threads of a block run in both
@@ -38,7 +39,7 @@ EXCLUDE = {
     "test_seed_model_one_epoch_on_an_mnist_subset_matches_numpy":
         "tests/test_fastpath.py: 4,096 MNIST images take minutes here; the small models cover the same path",
 }
-MIN_PASSED = 1180  # the emulated run must have run (and passed) at least this many tests
+MIN_PASSED = 1325  # the emulated run must have run (and passed) at least this many tests
 
 # The kernels when this test was written: each must be launched by the emulated run. Kernels added later
 # are reported (a warning) until a test launches them and they are added here.
@@ -58,6 +59,9 @@ global_maxpool2d_forward global_maxpool2d_backward zero_padding2d_forward zero_p
 batchnorm_partial_sums batchnorm_mean batchnorm_variance_update batchnorm_inverse_std batchnorm_normalize
 batchnorm_backward_partial_sums batchnorm_backward_reduce batchnorm_backward_data
 depthwise_conv2d_forward depthwise_conv2d_backward_data depthwise_conv2d_backward_filter
+elementwise_activation_forward elementwise_activation_backward binary_crossentropy_forward
+binary_crossentropy_backward sigmoid_binary_crossentropy_backward count_binary_correct rescale flip_images
+affine_transform adjust_contrast
 """.split())
 # Known kernels that no emulated test launches yet: reported, not failed. (Empty since the emulator records
 # and replays CUDA graphs, which the fast path's kernels run in.)
@@ -78,7 +82,8 @@ if not INNER:
         env.pop("GPUCNN_FASTPATH", None)  # the fast path on by default; tests that compare paths set it
         command = [sys.executable, "-m", "pytest", "-p", "fake_cupy", "-p", "no:cacheprovider", "-q", "-o",
                    "addopts=-ra", "tests/test_gpu.py", "tests/test_gpu_normalization_depthwise.py",
-                   "tests/test_fastpath.py", "tests/test_kernels_emulated.py"]
+                   "tests/test_gpu_activations_losses.py", "tests/test_gpu_image.py", "tests/test_fastpath.py",
+                   "tests/test_kernels_emulated.py"]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - start
@@ -193,6 +198,24 @@ if INNER:
         T.test_conv2d_relu_maxpool_forward_matches_reference(T.CONV_POOL_GRID[4])
         T.test_dropout_reads_the_seed_of_its_step_and_slot(rate=0.5)
         T.test_permutation_keys_give_a_seeded_permutation()
+
+    def test_activation_loss_and_image_kernels_with_few_blocks(few_blocks):
+        """kernels/activations.cu's elementwise kernels, loss.cu's binary and from-logits kernels and image.cu
+        with grids capped: 300 rows and 2,100 elements over 2 blocks, 5 images over 3 grid rows."""
+        import test_gpu_activations_losses as A
+        import test_gpu_image as I
+
+        losses, images = A.TestCudaEngine(), I.TestCudaEngine()
+        for activation in ("gelu", ("elu", 0.5), "silu"):
+            losses.test_activations_match_reference(activation=activation, shape=(3, 700))
+        for from_logits in (False, True):
+            losses.test_binary_crossentropy_matches_reference(n=300, units=2, from_logits=from_logits, smoothing=0.2)
+        losses.test_crossentropy_from_logits_matches_reference(n=300, k=3, sparse=True)
+        losses.test_count_binary_correct_matches_reference()
+        for interpolation in ("bilinear", "nearest"):
+            images.test_affine_transform_matches_reference((5, 7, 9, 3), interpolation, "wrap")
+        images.test_flip_matches_reference((5, 6, 4, 2))
+        images.test_rescale_and_contrast_match_reference((5, 6, 4, 3))
 
     def test_the_fast_path_with_few_blocks(few_blocks, monkeypatch):
         """The fast path's own grids (gather_batch, maxpool2d_relu_backward, the scheduled kernels) capped."""

@@ -411,16 +411,40 @@ def test_dense_forward_matches_matmul():
     np.testing.assert_allclose(ref.dense_forward(x, w, b, None), x @ w + b, rtol=1e-12)
 
 
-@pytest.mark.parametrize("activation", ["relu", "softmax"])
+ACTIVATIONS = ["relu", "softmax", "sigmoid", "tanh", "elu", ("elu", 0.5), "selu", "leaky_relu",
+               ("leaky_relu", 0.3), "softplus", "silu", "swish", "gelu", ("gelu", True)]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
 def test_activation_backward_matches_finite_differences(activation):
     rng = np.random.default_rng(8)
-    x = rng.normal(size=(4, 5))
-    if activation == "relu":
-        x = np.sign(x) * (np.abs(x) + 2e-2)  # |x| > 1e-2: away from the kink
+    x = rng.normal(size=(4, 5)) * 3
+    x = np.sign(x) * (np.abs(x) + 2e-2)  # |x| > 1e-2: away from the kinks at 0 (relu, elu, selu, leaky_relu)
     y = ref.activation_forward(x, activation)
     g = rng.normal(size=y.shape)
-    dx = ref.activation_backward(g, y, activation)
+    dx = ref.activation_backward(g, y, activation, x=x)
     assert_grad(dx, lambda v: np.sum(g * ref.activation_forward(v, activation)), x)
+
+
+def test_elementwise_activation_values_by_hand():
+    e = math.e
+    cases = {  # activation: (inputs, outputs) from the definitions in keras.activations
+        "sigmoid": ([0.0, 2.0, -1000.0, 1000.0], [0.5, 1 / (1 + e ** -2), 0.0, 1.0]),
+        "tanh": ([0.0, 1.0], [0.0, (e - 1 / e) / (e + 1 / e)]),
+        "elu": ([-1.0, 2.0], [1 / e - 1, 2.0]),
+        ("elu", 0.5): ([-1.0, 2.0], [0.5 * (1 / e - 1), 2.0]),
+        "selu": ([-1.0, 2.0], [1.0507009873554805 * 1.6732632423543772 * (1 / e - 1), 2 * 1.0507009873554805]),
+        "leaky_relu": ([-1.0, 3.0], [-0.2, 3.0]),  # keras.activations.leaky_relu: negative_slope 0.2
+        ("leaky_relu", 0.3): ([-1.0, 3.0], [-0.3, 3.0]),  # what the LeakyReLU layer's default gives
+        "softplus": ([0.0, 1000.0, -1000.0], [math.log(2), 1000.0, 0.0]),
+        "silu": ([1.0, -1000.0], [1 / (1 + 1 / e), 0.0]),
+        "swish": ([1.0], [1 / (1 + 1 / e)]),
+        "gelu": ([1.0, -1.0], [0.8413447460685429, -0.15865525393145707]),  # x Phi(x)
+        ("gelu", True): ([1.0], [0.5 * (1 + math.tanh(math.sqrt(2 / math.pi) * 1.044715))]),
+    }
+    for activation, (x, want) in cases.items():
+        np.testing.assert_allclose(ref.activation_forward(np.array([x]), activation)[0], want, rtol=1e-12,
+                                   atol=1e-300, err_msg=str(activation))
 
 
 def test_activation_forward_values():
@@ -432,7 +456,7 @@ def test_activation_forward_values():
     np.testing.assert_allclose(s.sum(axis=1), 1.0, rtol=1e-12)
     np.testing.assert_array_equal(ref.activation_forward(x, None), x)
     with pytest.raises(ValueError):
-        ref.activation_forward(x, "tanh")
+        ref.activation_forward(x, "mish")
 
 
 # ===================================================================================== merging
@@ -517,6 +541,29 @@ def test_crossentropy_backward_is_zero_where_the_true_class_is_clipped():
     assert np.abs(dp[1]).min() > 0
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_crossentropy_from_logits_is_the_loss_of_the_softmax_and_its_gradient(sparse):
+    rng = np.random.default_rng(12)
+    z = rng.normal(size=(5, 4)) * 3
+    labels = _labels(rng, 5, 4, sparse)
+    np.testing.assert_allclose(ref.crossentropy_forward(z, labels, sparse, from_logits=True),
+                               ref.crossentropy_forward(ref.activation_forward(z, "softmax"), labels, sparse),
+                               rtol=1e-10)  # no probability here is near the clip
+    dz = ref.crossentropy_backward(z, labels, sparse, from_logits=True)
+    assert_grad(dz, lambda v: ref.crossentropy_forward(v, labels, sparse, from_logits=True).mean(), z)
+    np.testing.assert_allclose(dz, ref.softmax_crossentropy_backward(ref.activation_forward(z, "softmax"), labels,
+                                                                     sparse), rtol=1e-10, atol=1e-15)
+
+
+def test_crossentropy_from_logits_with_targets_that_do_not_sum_to_one():
+    rng = np.random.default_rng(13)
+    z, t = rng.normal(size=(3, 4)), rng.random((3, 4))
+    dz = ref.crossentropy_backward(z, t, False, from_logits=True)
+    assert_grad(dz, lambda v: ref.crossentropy_forward(v, t, False, from_logits=True).mean(), z)
+    big = np.array([[1000.0, 0.0, -1000.0]])  # no overflow: the log-softmax form
+    np.testing.assert_allclose(ref.crossentropy_forward(big, np.array([2]), True, from_logits=True), [2000.0])
+
+
 def test_count_correct_by_hand():
     p = np.array([[0.1, 0.7, 0.2], [0.5, 0.5, 0.0], [0.3, 0.3, 0.4], [0.2, 0.4, 0.4]])
     assert ref.count_correct(p, np.array([1, 0, 0, 1]), True) == 3  # ties: the first maximum counts
@@ -525,10 +572,156 @@ def test_count_correct_by_hand():
     assert isinstance(ref.count_correct(p, np.array([1, 0, 0, 1]), True), int)
 
 
+# ------------------------------------------------------------------------------------- binary cross-entropy
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_binary_crossentropy_backward_is_gradient_of_mean_loss(from_logits, smoothing):
+    rng = np.random.default_rng(14)
+    p = rng.normal(size=(4, 3)) * 3 if from_logits else rng.uniform(0.05, 0.95, size=(4, 3))
+    labels = rng.integers(0, 2, size=(4, 3)).astype(float)
+    labels[0] = rng.random(3)  # soft labels too
+    dp = ref.binary_crossentropy_backward(p, labels, from_logits, smoothing)
+    assert_grad(dp, lambda v: ref.binary_crossentropy_forward(v, labels, from_logits, smoothing).mean(), p)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_sigmoid_binary_crossentropy_backward_is_gradient_wrt_the_logits(smoothing):
+    rng = np.random.default_rng(15)
+    z = rng.normal(size=(5, 2)) * 3  # |z| < 16: no sigmoid output reaches the clip
+    labels = rng.integers(0, 2, size=(5, 2)).astype(float)
+    dz = ref.sigmoid_binary_crossentropy_backward(ref.activation_forward(z, "sigmoid"), labels, smoothing)
+    assert_grad(dz, lambda v: ref.binary_crossentropy_forward(ref.activation_forward(v, "sigmoid"), labels, False,
+                                                              smoothing).mean(), z)
+    np.testing.assert_allclose(ref.binary_crossentropy_backward(z, labels, True, smoothing), dz, rtol=1e-12)
+    np.testing.assert_allclose(ref.binary_crossentropy_forward(z, labels, True, smoothing),
+                               ref.binary_crossentropy_forward(ref.activation_forward(z, "sigmoid"), labels, False,
+                                                               smoothing), rtol=1e-9)
+
+
+def test_binary_crossentropy_values_by_hand():
+    # keras.losses.binary_crossentropy's documented example
+    np.testing.assert_allclose(ref.binary_crossentropy_forward(np.array([[0.6, 0.4], [0.4, 0.6]]),
+                                                               np.array([[0, 1], [0, 0]]), False),
+                               [0.916, 0.714], atol=5e-4)
+    # the clip: float32's 1e-7 and 1 - 1e-7 (= 1 - 2^-23 + ...: 0.99999988), as Keras clips float32 outputs
+    low, high = float(np.float32(1e-7)), float(np.float32(1 - 1e-7))
+    got = ref.binary_crossentropy_forward(np.array([[0.0], [1.0], [1.0]]), np.array([[1], [0], [1]]), False)
+    np.testing.assert_allclose(got, [-math.log(low), -math.log(1 - high), -math.log(high)], rtol=1e-12)
+    np.testing.assert_array_equal(ref.binary_crossentropy_backward(np.array([[0.0, 1.0]]), np.array([[1, 0]]),
+                                                                   False), [[0.0, 0.0]])
+    # logits: log 2 at 0, no overflow far out; smoothing 0.2 turns the targets into 0.1 and 0.9
+    got = ref.binary_crossentropy_forward(np.array([[0.0, 1000.0, -1000.0]]), np.array([[1, 1, 1]]), True)
+    np.testing.assert_allclose(got, [(math.log(2) + 0 + 1000) / 3], rtol=1e-12)
+    got = ref.binary_crossentropy_forward(np.array([[0.25]]), np.array([[1]]), False, label_smoothing=0.2)
+    np.testing.assert_allclose(got, [-(0.9 * math.log(0.25) + 0.1 * math.log(0.75))], rtol=1e-12)
+
+
+def test_count_binary_correct_by_hand():
+    p = np.array([[0.9, 0.5], [0.2, 0.51]])
+    assert ref.count_binary_correct(p, np.array([[1, 0], [0, 1]])) == 4  # 0.5 is not > 0.5: predicted 0
+    assert ref.count_binary_correct(p, np.array([[1, 1], [1, 1]])) == 2
+    assert ref.count_binary_correct(p, np.array([[1, 1], [1, 1]]), threshold=0.1) == 4
+    assert ref.count_binary_correct(p, np.array([[0.7, 0], [0, 1]])) == 3  # a soft label never matches
+
+
 def test_dropout_backward():
     dy = np.arange(6.0).reshape(2, 3)
     mask = np.array([[2.0, 0.0, 2.0], [0.0, 0.0, 2.0]])
     np.testing.assert_array_equal(ref.dropout_backward(dy, mask), [[0, 0, 4], [0, 0, 10]])
+
+
+# ===================================================================================== image transforms
+def _row_image(values):
+    """A (1, 1, W, 1) image holding one row of values."""
+    return np.array(values, dtype=float).reshape(1, 1, -1, 1)
+
+
+@pytest.mark.parametrize("fill_mode, expected", [
+    # the input a b c d (0 1 2 3) read at indices -5 .. 8, Keras's documented rules
+    ("reflect", [3, 3, 2, 1, 0, 0, 1, 2, 3, 3, 2, 1, 0, 0]),   # d c b a | a b c d | d c b a
+    ("mirror", [1, 2, 3, 2, 1, 0, 1, 2, 3, 2, 1, 0, 1, 2]),    # d c b | a b c d | c b a
+    ("wrap", [3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0]),      # a b c d | a b c d | a b c d
+    ("nearest", [0, 0, 0, 0, 0, 0, 1, 2, 3, 3, 3, 3, 3, 3]),   # a a a a | a b c d | d d d d
+])
+def test_fill_modes_by_hand(fill_mode, expected):
+    assert [ref.fill_index(i, 4, fill_mode) for i in range(-5, 9)] == expected
+    assert ref.fill_index(-1, 4, "constant") is None and ref.fill_index(4, 4, "constant") is None
+    assert ref.fill_index(3, 1, fill_mode) == 0 and ref.fill_index(-2, 1, fill_mode) == 0  # a one-pixel axis
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
+@pytest.mark.parametrize("fill_mode", ["reflect", "mirror", "wrap", "nearest", "constant"])
+def test_affine_identity_and_integer_shifts_by_hand(interpolation, fill_mode):
+    x = _row_image([10, 20, 30, 40])
+    identity = ref.translation_transforms([0.0], [0.0])
+    np.testing.assert_array_equal(ref.affine_transform(x, identity, interpolation, fill_mode), x)
+    # moved right by 2: output column j reads input column j - 2; the first two come from the fill mode
+    left = {"reflect": [20, 10], "mirror": [30, 20], "wrap": [30, 40], "nearest": [10, 10], "constant": [-1, -1]}
+    got = ref.affine_transform(x, ref.translation_transforms([2.0], [0.0]), interpolation, fill_mode, -1.0)
+    np.testing.assert_array_equal(got.ravel(), left[fill_mode] + [10, 20])
+    # moved down by one row of a one-row image: every output row reads row -1
+    down = ref.affine_transform(x, ref.translation_transforms([0.0], [1.0]), interpolation, fill_mode, -1.0)
+    np.testing.assert_array_equal(down.ravel(), [-1] * 4 if fill_mode == "constant" else [10, 20, 30, 40])
+
+
+def test_bilinear_weights_and_nearest_rounding_by_hand():
+    x = _row_image([10, 20, 30, 40])
+    half = ref.translation_transforms([0.5], [0.0])  # output column j reads input column j - 0.5
+    np.testing.assert_allclose(ref.affine_transform(x, half, "bilinear", "nearest").ravel(), [10, 15, 25, 35])
+    # constant: each of the two taps outside reads fill_value on its own
+    np.testing.assert_allclose(ref.affine_transform(x, half, "bilinear", "constant", 100.0).ravel(),
+                               [55, 15, 25, 35])
+    # nearest rounds halves to even: -0.5 -> 0, 0.5 -> 0, 1.5 -> 2, 2.5 -> 2
+    np.testing.assert_array_equal(ref.affine_transform(x, half, "nearest", "constant", 100.0).ravel(),
+                                  [10, 10, 30, 30])
+    quarter = ref.translation_transforms([0.0], [-0.25])  # rows read 0.25 below: the 2-row image's blend
+    x2 = np.array([[0.0, 4.0], [8.0, 12.0]]).reshape(1, 2, 2, 1)
+    np.testing.assert_allclose(ref.affine_transform(x2, quarter, "bilinear", "constant", 0.0)[0, :, :, 0],
+                               [[2.0, 6.0], [6.0, 9.0]])  # row 1 reads 1.25: 0.75 * row 1 + 0.25 * fill 0
+
+
+def test_rotation_zoom_translation_transforms_by_hand():
+    x = np.arange(2 * 3 * 3 * 2, dtype=float).reshape(2, 3, 3, 2)
+    half_turn = ref.rotation_transforms([math.pi, -math.pi], 3, 3)
+    np.testing.assert_allclose(ref.affine_transform(x, half_turn, "bilinear", "constant"), x[:, ::-1, ::-1],
+                               atol=1e-12)
+    # a quarter turn counter-clockwise as displayed (row 0 at the top): the right column becomes the top row
+    quarter = ref.affine_transform(x, ref.rotation_transforms([math.pi / 2] * 2, 3, 3), "nearest", "constant")
+    np.testing.assert_array_equal(quarter, np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(quarter[0, 0, :, 0], x[0, :, 2, 0])
+    # zoom 0.5 about the centre of 5 rows: rows read 1, 1.5, 2, 2.5, 3
+    col = np.array([0.0, 10.0, 20.0, 30.0, 40.0]).reshape(1, 5, 1, 1)
+    zoomed = ref.affine_transform(col, ref.zoom_transforms([0.5], [1.0], 5, 1), "bilinear", "constant")
+    np.testing.assert_allclose(zoomed.ravel(), [10, 15, 20, 25, 30])
+    np.testing.assert_array_equal(ref.zoom_transforms([2.0], [0.5], 5, 3), [[0.5, 0, 0.5, 0, 2.0, -2.0, 0, 0]])
+    np.testing.assert_array_equal(ref.translation_transforms([2.0], [-1.0]), [[1, 0, -2.0, 0, 1, 1.0, 0, 0]])
+
+
+def test_projective_transform_and_degenerate_points_by_hand():
+    x = _row_image([10, 20, 30, 40])
+    # c0 = 1: column j reads (j + 0) / (j + 1): 0, 0.5, 2/3, 3/4
+    t = np.array([[1.0, 0, 0, 0, 1, 0, 1.0, 0]])
+    np.testing.assert_allclose(ref.affine_transform(x, t, "bilinear", "nearest").ravel(),
+                               [10, 15, 10 + 20 / 3, 17.5])
+    # k = 0 at column 1 (c0 = -1), and a non-finite transform: fill_value, whatever the mode
+    t = np.array([[1.0, 0, 0, 0, 1, 0, -1.0, 0]])
+    assert ref.affine_transform(x, t, "bilinear", "reflect", 7.0)[0, 0, 1, 0] == 7.0
+    t = np.array([[np.nan, 0, 0, 0, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(ref.affine_transform(x, t, "nearest", "wrap", 7.0).ravel(), [7.0] * 4)
+
+
+def test_flip_rescale_contrast_by_hand():
+    x = np.arange(2 * 2 * 3 * 1, dtype=float).reshape(2, 2, 3, 1)
+    got = ref.flip(x, [True, False], [False, True])
+    np.testing.assert_array_equal(got[0], x[0, :, ::-1])
+    np.testing.assert_array_equal(got[1], x[1, ::-1, :])
+    np.testing.assert_array_equal(ref.flip(x, None, None), x)
+    np.testing.assert_allclose(ref.rescale(np.array([0.0, 255.0, 51.0]), 1 / 255, -0.5), [-0.5, 0.5, -0.3])
+    img = np.array([[10.0, 20.0], [30.0, 40.0]]).reshape(1, 2, 2, 1)  # mean 25
+    np.testing.assert_allclose(ref.adjust_contrast(img, [2.0]).ravel(), [0.0, 15.0, 35.0, 55.0])  # -5 clipped
+    np.testing.assert_allclose(ref.adjust_contrast(img, [2.0], None).ravel(), [-5.0, 15.0, 35.0, 55.0])
+    np.testing.assert_allclose(ref.adjust_contrast(img, [0.0]).ravel(), [25.0] * 4)
+    np.testing.assert_allclose(ref.adjust_contrast(img, [1.0], (15.0, 35.0)).ravel(), [15.0, 20.0, 30.0, 35.0])
 
 
 # ===================================================================================== optimizers

@@ -20,8 +20,12 @@ import cupy
 import numpy as np
 
 from . import cuda_loader as cuda
-from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401  (shared by both engines)
+# shared with the NumPy engine: shape rules, how an activation is named, the host-side transform builders
+from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401
 from .numpy_ops import _bn_rows, _depthwise_geometry, _padded_shape  # (and their checks)
+from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
+from .numpy_ops import (FILL_MODES, INTERPOLATIONS, check_transform_options, rotation_transforms,  # noqa: F401
+                        translation_transforms, zoom_transforms)
 
 xp = cupy
 DTYPE = np.float32
@@ -29,6 +33,8 @@ READS_WAIT = True  # reading a result on the host waits for the device: do it ra
 OUT_BUFFERS = True  # the layers keep out= buffers, so a training step allocates nothing (and can be captured)
 
 _CONV = cuda.kernel_constants("conv2d.cu")
+_ACT = cuda.kernel_constants("activations.cu")
+_IMAGE = cuda.kernel_constants("image.cu")
 _GEMM_TILE = cuda.kernel_constants("dense.cu")["GEMM_TILE"]
 _THREADS = _CONV["THREADS"]          # block of the 1-D kernels (kernels/common.cuh)
 _MAX_BLOCKS = 65535                  # grid-stride grids: keeps gridDim.x * THREADS below 2^31
@@ -86,12 +92,16 @@ def _finish(y, out):
 
 
 def _fused(activation):
-    """The activation code a conv/dense kernel applies itself (softmax runs afterwards)."""
-    if activation == "relu":
-        return _CONV["ACT_RELU"]
-    if activation is None or activation == "softmax":
-        return _CONV["ACT_NONE"]
-    raise ValueError(f"unknown activation {activation!r}")
+    """The activation code a conv/dense kernel applies itself: relu. The others (checked here) run afterwards,
+    as activation_forward on the output (_activate_after)."""
+    name, _ = split_activation(activation)
+    return _CONV["ACT_RELU"] if name == "relu" else _CONV["ACT_NONE"]
+
+
+def _activate_after(y, activation):
+    """Applies in place the activation a conv/dense kernel did not fuse (all but None and relu)."""
+    if activation is not None and activation != "relu":
+        activation_forward(y, activation, out=y)
 
 
 def _window_geometry(x_shape, k, stride, padding, what):
@@ -143,39 +153,68 @@ def _rows(p, what):
 
 
 # ===================================================================================== activations
+_ACT_CODES = {"sigmoid": "ACT_SIGMOID", "tanh": "ACT_TANH", "elu": "ACT_ELU", "selu": "ACT_SELU",
+              "leaky_relu": "ACT_LEAKY_RELU", "softplus": "ACT_SOFTPLUS", "silu": "ACT_SILU", "gelu": "ACT_GELU"}
+
+
+def _elementwise(name, param):
+    """(code, float parameter) of an elementwise activation for kernels/activations.cu."""
+    if name == "gelu" and param:
+        return _ACT["ACT_GELU_TANH"], 0.0
+    return _ACT[_ACT_CODES[name]], float(param or 0.0)
+
+
+def _row_shape(a):
+    """(rows, cols) of the softmax kernels: rows over the last axis."""
+    cols = a.shape[-1] if a.ndim else 1
+    return (a.size // cols if cols else 0), cols
+
+
 def activation_forward(x, activation, out=None):
-    """relu / softmax (over the last axis) / None of ``x``."""
-    if activation is None:
+    """The activation of ``x`` (softmax over the last axis, the others elementwise; numpy_ops lists their
+    formulas); ``activation`` as split_activation reads it. ``out`` may be ``x``."""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(x, out)
-    if activation not in ("relu", "softmax"):
-        raise ValueError(f"unknown activation {activation!r}")
     x = _c(x)
     y = _out(out, x.shape)
-    if activation == "relu":
+    if name == "relu":
         cuda.launch("relu_forward", _blocks(x.size), _THREADS, (x, y, x.size))
-    else:
-        cols = x.shape[-1] if x.ndim else 1
-        rows = x.size // cols if cols else 0
+    elif name == "softmax":
+        rows, cols = _row_shape(x)
         cuda.launch("softmax_forward", _blocks(rows), _THREADS, (x, y, rows, cols))
+    else:
+        code, value = _elementwise(name, param)
+        cuda.launch("elementwise_activation_forward", _blocks(x.size), _THREADS, (x, y, x.size, code, value))
     return y
 
 
-def activation_backward(dy, y, activation, out=None):
-    """Gradient through an activation, from its output ``y``."""
-    if activation is None:
+def activation_backward(dy, y, activation, out=None, x=None):
+    """Gradient through an activation, from its output ``y``; silu/swish and gelu need its input ``x``
+    instead (activation_needs_input), a ValueError without it."""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(dy, out)
-    if activation not in ("relu", "softmax"):
-        raise ValueError(f"unknown activation {activation!r}")
-    dy, y = _c(dy), _c(y)
-    if dy.shape != y.shape:
-        raise ValueError(f"activation_backward: dy {dy.shape} and y {y.shape} differ")
+    from_input = name in ("silu", "gelu")
+    given = x if from_input else y
+    if given is None:
+        raise ValueError(f"activation_backward: {name}'s gradient needs the activation's "
+                         + ("input: pass x=" if from_input else "output y, got None"))
+    dy, given = _c(dy), _c(given)
+    if dy.shape != given.shape:
+        raise ValueError(f"activation_backward: dy {dy.shape} and {'x' if from_input else 'y'} {given.shape} "
+                         "differ")
     dx = _out(out, dy.shape)
-    if activation == "relu":
-        cuda.launch("relu_backward", _blocks(dy.size), _THREADS, (dy, y, dx, dy.size))
+    if name == "relu":
+        cuda.launch("relu_backward", _blocks(dy.size), _THREADS, (dy, given, dx, dy.size))
+    elif name == "softmax":
+        rows, cols = _row_shape(dy)
+        cuda.launch("softmax_backward", _blocks(rows), _THREADS, (dy, given, dx, rows, cols))
     else:
-        cols = dy.shape[-1] if dy.ndim else 1
-        rows = dy.size // cols if cols else 0
-        cuda.launch("softmax_backward", _blocks(rows), _THREADS, (dy, y, dx, rows, cols))
+        code, value = _elementwise(name, param)
+        y_or_null, x_or_null = (None, given) if from_input else (given, None)
+        cuda.launch("elementwise_activation_backward", _blocks(dy.size), _THREADS,
+                    (dy, y_or_null, x_or_null, dx, dy.size, code, value))
     return dx
 
 
@@ -196,8 +235,7 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     cuda.launch("conv2d_forward", grid, (tf, tq),
                 (x, w, b, y, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2],
                  act, cc), shared_mem=patch * cc)
-    if activation == "softmax":
-        activation_forward(y, "softmax", out=y)
+    _activate_after(y, activation)
     return y
 
 
@@ -578,8 +616,7 @@ def dense_forward(x, w, b, activation, out=None):
     n, units = x.shape[0], w.shape[1]
     y = _out(out, (n, units))
     cuda.launch("dense_forward", _gemm_grid(n, units), _GEMM_BLOCK, (x, w, b, y, n, w.shape[0], units, act))
-    if activation == "softmax":
-        activation_forward(y, "softmax", out=y)
+    _activate_after(y, activation)
     return y
 
 
@@ -700,15 +737,16 @@ def _loss_kernel(name, sparse):
     return f"{name}_{'sparse' if sparse else 'onehot'}"
 
 
-def crossentropy_forward(p, labels, sparse):
+def crossentropy_forward(p, labels, sparse, from_logits=False):
     """Per-sample cross-entropy (N,) of probabilities p (N,K), as Keras computes it: rows renormalised
     to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,).
+    from_logits: p holds logits z, loss = -sum(y * log_softmax(z)) (no clip).
     A sparse label outside [0, K) gives a NaN loss (nothing is checked on the host)."""
     n, k = _rows(p, "crossentropy_forward")
     p = _c(p)
     loss = cuda.empty((n,), DTYPE)
     cuda.launch(_loss_kernel("crossentropy_forward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), loss, n, k))
+                (p, _labels(labels, p, sparse), loss, n, k, bool(from_logits)))
     return loss
 
 
@@ -722,14 +760,15 @@ def softmax_crossentropy_backward(p, labels, sparse, out=None):
     return dp
 
 
-def crossentropy_backward(p, labels, sparse, out=None):
+def crossentropy_backward(p, labels, sparse, from_logits=False, out=None):
     """Gradient of the mean cross-entropy w.r.t. probabilities p (used when the output layer is not a
-    softmax): through the renormalisation and the clip (zero where clipping is active)."""
+    softmax): through the renormalisation and the clip (zero where clipping is active). from_logits: w.r.t.
+    the logits p, (softmax(p) * sum(y) - y) / N."""
     n, k = _rows(p, "crossentropy_backward")
     p = _c(p)
     dp = _out(out, (n, k))
     cuda.launch(_loss_kernel("crossentropy_backward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), dp, n, k))
+                (p, _labels(labels, p, sparse), dp, n, k, bool(from_logits)))
     return dp
 
 
@@ -741,6 +780,146 @@ def count_correct(p, labels, sparse):
     count = cuda.empty((), np.int64)
     cuda.launch(_loss_kernel("count_correct", sparse), 1, _THREADS, (p, _labels(labels, p, sparse), count, n, k))
     return count
+
+
+def _binary(p, labels, label_smoothing, what):
+    """(p, float32 labels, 1 - s, s / 2) of the binary cross-entropy kernels, after checking them."""
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"{what}: predictions must be (N, units) with units >= 1, got {p.shape}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"{what}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    labels = labels if labels.dtype == DTYPE else labels.astype(DTYPE)
+    if labels.shape != p.shape:
+        raise ValueError(f"{what}: labels {labels.shape} must have the predictions' shape {p.shape}")
+    return _c(p), _c(labels), DTYPE(1 - label_smoothing), DTYPE(0.5 * label_smoothing)
+
+
+def binary_crossentropy_forward(p, labels, from_logits, label_smoothing=0.0):
+    """Per-sample binary cross-entropy (N,) of probabilities p (N, U), or of logits when from_logits: the
+    mean over the U units, as Keras computes it (numpy_ops gives the formulas)."""
+    p, labels, keep, half = _binary(p, labels, label_smoothing, "binary_crossentropy_forward")
+    n, units = p.shape
+    loss = cuda.empty((n,), DTYPE)
+    cuda.launch("binary_crossentropy_forward", _blocks(n), _THREADS,
+                (p, labels, loss, n, units, bool(from_logits), keep, half))
+    return loss
+
+
+def binary_crossentropy_backward(p, labels, from_logits, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the model's output: probabilities p through the clip,
+    (-y / p + (1 - y) / (1 - p)) / (N·U), zero where the clip is active; logits (from_logits), as
+    sigmoid_binary_crossentropy_backward."""
+    p, labels, keep, half = _binary(p, labels, label_smoothing, "binary_crossentropy_backward")
+    dp = _out(out, p.shape)
+    if from_logits:
+        cuda.launch("sigmoid_binary_crossentropy_backward", _blocks(p.size), _THREADS,
+                    (p, labels, dp, p.size, 1, keep, half, DTYPE(p.size)))
+    else:
+        cuda.launch("binary_crossentropy_backward", _blocks(p.size), _THREADS,
+                    (p, labels, dp, p.size, keep, half, DTYPE(p.size)))
+    return dp
+
+
+def sigmoid_binary_crossentropy_backward(p, labels, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the logits of a sigmoid output p: (p - y) / (N·U),
+    the logits form (numpy_ops says why, and where it differs from differentiating through Keras's clip)."""
+    p, labels, keep, half = _binary(p, labels, label_smoothing, "sigmoid_binary_crossentropy_backward")
+    dz = _out(out, p.shape)
+    cuda.launch("sigmoid_binary_crossentropy_backward", _blocks(p.size), _THREADS,
+                (p, labels, dz, p.size, 0, keep, half, DTYPE(p.size)))
+    return dz
+
+
+def count_binary_correct(p, labels, threshold=0.5):
+    """How many of the N·U predictions are right, as Keras's binary accuracy counts them ((p > threshold)
+    equal to the label), as a 0-d int64 device array."""
+    p, labels, _, _ = _binary(p, labels, 0.0, "count_binary_correct")
+    count = cuda.empty((), np.int64)
+    cuda.launch("count_binary_correct", 1, _THREADS, (p, labels, count, p.size, DTYPE(threshold)))
+    return count
+
+
+# ===================================================================================== image transforms
+# Keras's image preprocessing and augmentation (numpy_ops states the rules); kernels/image.cu. No backward:
+# these run on a model's inputs. Per-image values (flags, transforms, factors) are device arrays, so a
+# captured step can refill them between replays.
+def _images(x, what):
+    if x.ndim != 4:
+        raise ValueError(f"{what}: images must be (N, H, W, C), got shape {x.shape}")
+    _image_grid(int(np.prod(x.shape[1:])), x.shape[0])  # checks the image size
+    return x.shape
+
+
+def _not_aliased(out, x, what):
+    if out is not None and cupy.may_share_memory(out, x):
+        raise ValueError(f"{what}: out must not be x (each output reads other pixels of the input)")
+
+
+def _per_image(values, n, what, dtype=DTYPE):
+    """One value per image as a contiguous device (N,) array (from any shape of N values, as Keras's
+    (N, 1, 1, 1)), or None; flags (dtype uint8: non-zero is set) from booleans (a view) or other numbers."""
+    if values is None:
+        return None
+    if dtype == np.uint8 and values.dtype != np.uint8:
+        values = values.view(np.uint8) if values.dtype == np.bool_ else (values != 0).view(np.uint8)
+    elif values.dtype != dtype:
+        values = values.astype(dtype)
+    if values.size != n:
+        raise ValueError(f"{what}: expected one value per image ({n},), got shape {values.shape}")
+    return _c(values.reshape(n))
+
+
+def rescale(x, scale, offset, out=None):
+    """y = x * scale + offset (Keras's Rescaling, in float32; other input dtypes are cast). No backward."""
+    x = _c(x if x.dtype == DTYPE else x.astype(DTYPE))
+    y = _out(out, x.shape)
+    cuda.launch("rescale", _blocks(x.size), _THREADS, (x, y, x.size, DTYPE(scale), DTYPE(offset)))
+    return y
+
+
+def flip(x, horizontal_flags, vertical_flags, out=None):
+    """Each image n reversed left-right where horizontal_flags[n], upside down where vertical_flags[n]
+    ((N,) device booleans, or None: no flip on that axis). out must not be x. No backward."""
+    n, h, w, c = _images(x, "flip")
+    _not_aliased(out, x, "flip")
+    horizontal = _per_image(horizontal_flags, n, "flip", np.uint8)
+    vertical = _per_image(vertical_flags, n, "flip", np.uint8)
+    x = _c(x)
+    y = _out(out, x.shape)
+    cuda.launch("flip_images", _image_grid(h * w * c, n), _THREADS, (x, horizontal, vertical, y, n, h, w, c))
+    return y
+
+
+def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect", fill_value=0.0, out=None):
+    """Each image resampled through its projective transform ((N, 8) device array), as
+    keras.ops.image.affine_transform (numpy_ops states the rules). out must not be x. No backward."""
+    n, h, w, c = _images(x, "affine_transform")
+    check_transform_options(interpolation, fill_mode)
+    _not_aliased(out, x, "affine_transform")
+    if transforms.shape != (n, 8):
+        raise ValueError(f"affine_transform: transforms must be ({n}, 8), one row per image, got "
+                         f"{transforms.shape}")
+    transforms = _c(transforms if transforms.dtype == DTYPE else transforms.astype(DTYPE))
+    x = _c(x)
+    y = _out(out, x.shape)
+    cuda.launch("affine_transform", _image_grid(h * w * c, n), _THREADS,
+                (x, transforms, y, n, h, w, c, _IMAGE["INTERP_" + interpolation.upper()],
+                 _IMAGE["FILL_" + fill_mode.upper()], DTYPE(fill_value)))
+    return y
+
+
+def adjust_contrast(x, factors, value_range=(0, 255), out=None):
+    """Keras RandomContrast's adjustment, y = (x - m) * factors[n] + m with m the mean of image n's channel,
+    clipped to value_range (None: not clipped); factors an (N,) device array. out may be x. No backward."""
+    n, h, w, c = _images(x, "adjust_contrast")
+    factors = _per_image(factors, n, "adjust_contrast")
+    x = _c(x)
+    y = _out(out, x.shape)
+    low, high = (0.0, 0.0) if value_range is None else value_range
+    grid = (max(1, min(c, _MAX_BLOCKS)), _image_grid(h * w * c, n)[1])  # (channels, images), both strided
+    cuda.launch("adjust_contrast", grid, _THREADS,
+                (x, factors, y, n, h * w, c, value_range is not None, DTYPE(low), DTYPE(high)))
+    return y
 
 
 # ===================================================================================== optimizers

@@ -9,7 +9,8 @@ Conventions (both engines):
     a dense kernel is (IN, UNITS);
   * ``padding`` is an explicit ``(top, bottom, left, right)`` tuple (the layers turn Keras's
     "valid"/"same" into it), ``stride`` and ``pool`` are ``(sh, sw)`` / ``(ph, pw)`` tuples;
-  * ``activation`` is ``None``, ``"relu"`` or ``"softmax"`` and is fused into the op that precedes it;
+  * ``activation`` is ``None``, a name or a ``(name, parameter)`` pair (``split_activation``); a conv or
+    dense op applies it to its output (the CUDA kernels fuse relu, the others run as a second launch);
   * ``ctx`` is a dict a layer keeps for its whole life and hands to its forward and backward ops: a
     forward op may leave there what its backward needs (the NumPy engine's im2col matrix) and ops keep
     their work arrays there between steps. A gradient an op returns may live in ``ctx``: it is valid
@@ -92,29 +93,166 @@ def _finish(y, out):
 
 
 # ===================================================================================== activations
-def activation_forward(x, activation, out=None):
-    """relu / softmax (over the last axis) / None of ``x``."""
+# An activation is None, a name, or a (name, parameter) pair for the three that take one: ("leaky_relu",
+# negative_slope), ("elu", alpha), ("gelu", approximate). A bare name takes Keras's default for the function
+# keras.activations.<name> (leaky_relu 0.2, elu 1.0, gelu exact); a layer with another default passes its own
+# (LeakyReLU: ("leaky_relu", 0.3)). "swish" is "silu". split_activation reads all three forms.
+ACTIVATIONS = ("relu", "softmax", "sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus", "silu", "swish",
+               "gelu")
+ACTIVATION_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False}
+SELU_ALPHA = 1.6732632423543772848170429916717  # Keras's constants (keras.activations.selu)
+SELU_SCALE = 1.0507009873554804934193349852946
+_GELU_TANH = (np.sqrt(2 / np.pi), 0.044715)  # gelu(approximate=True): 0.5 x (1 + tanh(c (x + k x^3)))
+
+
+def split_activation(activation):
+    """``(name, parameter)`` of an activation given as None, a name or a ``(name, parameter)`` pair: the
+    parameter is the name's default when not given, None for activations without one; "swish" reads as
+    "silu". A ValueError names the known activations, or says what is wrong with the parameter."""
     if activation is None:
+        return None, None
+    if isinstance(activation, tuple) and len(activation) == 2 and isinstance(activation[0], str):
+        name, param = activation
+        given = True
+    elif isinstance(activation, str):
+        name, param, given = activation, ACTIVATION_DEFAULTS.get(activation), False
+    else:
+        raise ValueError(f"an activation is None, a name or a (name, parameter) pair, got {activation!r}")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)} (or None)")
+    name = "silu" if name == "swish" else name
+    if given and name not in ACTIVATION_DEFAULTS:
+        raise ValueError(f"activation {name!r} takes no parameter, got {activation!r}")
+    if name == "gelu":
+        if not isinstance(param, (bool, np.bool_)):
+            raise ValueError(f"gelu's parameter is approximate, True or False, got {param!r}")
+        return name, bool(param)
+    if name in ACTIVATION_DEFAULTS:
+        what = "negative_slope" if name == "leaky_relu" else "alpha"
+        if isinstance(param, (bool, np.bool_)) or not isinstance(param, (int, float, np.integer, np.floating)) \
+                or not 0 <= param < np.inf:
+            raise ValueError(f"{name}'s {what} must be a finite number >= 0, got {param!r}")
+        return name, float(param)
+    return name, None
+
+
+def activation_needs_input(activation):
+    """Whether activation_backward needs the activation's input ``x`` (silu/swish, gelu): the others take
+    their gradient from the output ``y`` alone. A layer with such an activation keeps its pre-activation
+    (its conv/dense op run with activation=None, then activation_forward)."""
+    return split_activation(activation)[0] in ("silu", "gelu")
+
+
+def _sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow: exp(-|x|) is at most 1."""
+    e = np.exp(-np.abs(x))
+    r = DTYPE(1) / (DTYPE(1) + e)
+    return np.where(x >= 0, r, e * r)
+
+
+def _erfc(z):
+    """erfc in float64, relative error below 1.2e-7 everywhere (a Chebyshev fit of erfc; NumPy has none)."""
+    a = np.abs(z)
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = 0.17087277
+    for c in (-0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806, 0.09678418, 0.37409196,
+              1.00002368, -1.26551223):
+        poly = c + t * poly
+    r = t * np.exp(-a * a + poly)
+    return np.where(z >= 0, r, 2.0 - r)
+
+
+def _normal_cdf(x):
+    """Phi(x) = erfc(-x / sqrt(2)) / 2, in float64 (accurate in the lower tail too)."""
+    return 0.5 * _erfc(-np.asarray(x, np.float64) / np.sqrt(2.0))
+
+
+def _gelu_tanh_parts(x):
+    """(t, du/dx) of gelu's tanh approximation: t = tanh(u), u = c (x + k x^3)."""
+    c, k = DTYPE(_GELU_TANH[0]), DTYPE(_GELU_TANH[1])
+    return np.tanh(c * (x + k * x * x * x)), c * (DTYPE(1) + DTYPE(3) * k * x * x)
+
+
+def _forward(name, param, x):
+    """A new float32 array: the elementwise activation ``name`` of x."""
+    if name == "sigmoid":
+        return _sigmoid(x)
+    if name == "tanh":
+        return np.tanh(x)
+    if name in ("elu", "selu"):
+        alpha, scale = (DTYPE(param), None) if name == "elu" else (DTYPE(SELU_ALPHA), DTYPE(SELU_SCALE))
+        y = np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+        return y if scale is None else scale * y
+    if name == "leaky_relu":
+        return np.where(x > 0, x, DTYPE(param) * x)
+    if name == "softplus":
+        return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
+    if name == "silu":
+        return x * _sigmoid(x)
+    if param:  # gelu, tanh approximation
+        return DTYPE(0.5) * x * (DTYPE(1) + _gelu_tanh_parts(x)[0])
+    return (x * _normal_cdf(x)).astype(DTYPE)
+
+
+def _slope(name, param, y, x):
+    """The activation's derivative at each element: from the output y, or (silu, gelu) from the input x."""
+    if name == "sigmoid":
+        return y * (DTYPE(1) - y)
+    if name == "tanh":
+        return DTYPE(1) - y * y
+    if name == "elu":  # x > 0 exactly where y > 0 (alpha >= 0); below, dy/dx = alpha e^x = y + alpha
+        return np.where(y > 0, DTYPE(1), y + DTYPE(param))
+    if name == "selu":
+        return np.where(y > 0, DTYPE(SELU_SCALE), y + DTYPE(SELU_SCALE * SELU_ALPHA))
+    if name == "leaky_relu":
+        return np.where(y > 0, DTYPE(1), DTYPE(param))
+    if name == "softplus":  # sigmoid(x) = 1 - exp(-y)
+        return -np.expm1(-y)
+    if name == "silu":
+        s = _sigmoid(x)
+        return s * (DTYPE(1) + x * (DTYPE(1) - s))
+    if param:  # gelu, tanh approximation
+        t, du = _gelu_tanh_parts(x)
+        return DTYPE(0.5) * (DTYPE(1) + t) + DTYPE(0.5) * x * (DTYPE(1) - t * t) * du
+    x64 = np.asarray(x, np.float64)
+    return (_normal_cdf(x64) + x64 * np.exp(-0.5 * x64 * x64) / np.sqrt(2 * np.pi)).astype(DTYPE)
+
+
+def activation_forward(x, activation, out=None):
+    """The activation of ``x`` (softmax over the last axis, the others elementwise); ``activation`` as
+    split_activation reads it. ``out`` may be ``x``.
+        sigmoid 1 / (1 + e^-x) (no overflow)    tanh                    softplus max(x, 0) + log1p(e^-|x|)
+        elu     x > 0 ? x : alpha (e^x - 1)      selu scale * elu(x, alpha) with Keras's constants
+        leaky_relu x > 0 ? x : negative_slope x  silu/swish x sigmoid(x)
+        gelu    x Phi(x) (exact, Keras's default) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(x, out)
-    if activation == "relu":
+    if name == "relu":
         return np.maximum(x, 0, out=out if out is not None else None)
-    if activation == "softmax":
+    if name == "softmax":
         z = x - x.max(axis=-1, keepdims=True)
         e = np.exp(z, out=z)
         e /= e.sum(axis=-1, keepdims=True)
         return _finish(e, out)
-    raise ValueError(f"unknown activation {activation!r}")
+    return _finish(_forward(name, param, x), out)
 
 
-def activation_backward(dy, y, activation, out=None):
-    """Gradient through an activation, from its output ``y``."""
-    if activation is None:
+def activation_backward(dy, y, activation, out=None, x=None):
+    """Gradient through an activation, from its output ``y``; silu/swish and gelu need its input ``x``
+    instead (activation_needs_input), a ValueError without it."""
+    name, param = split_activation(activation)
+    if name is None:
         return _finish(dy, out)
-    if activation == "relu":
+    if name == "relu":
         return np.multiply(dy, y > 0, out=out)
-    if activation == "softmax":
+    if name == "softmax":
         return _finish(y * (dy - (dy * y).sum(axis=-1, keepdims=True)), out)
-    raise ValueError(f"unknown activation {activation!r}")
+    if name in ("silu", "gelu") and x is None:
+        raise ValueError(f"activation_backward: {name}'s gradient needs the activation's input: pass x=")
+    if name not in ("silu", "gelu") and y is None:
+        raise ValueError(f"activation_backward: {name}'s gradient is read from its output y, got None")
+    return np.multiply(dy, _slope(name, param, y, x), out=out)
 
 
 # ===================================================================================== conv2d
@@ -805,10 +943,19 @@ def _onehot(labels, units):
     return y
 
 
-def crossentropy_forward(p, labels, sparse):
+def _log_softmax(z):
+    """log(softmax(z)) over the last axis: (z - max) - log(sum(exp(z - max)))."""
+    shifted = z - z.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def crossentropy_forward(p, labels, sparse, from_logits=False):
     """Per-sample cross-entropy (N,) of probabilities p (N,K), as Keras computes it: rows renormalised
-    to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,)."""
+    to sum to 1 and clipped to [1e-7, 1 - 1e-7]. labels: one-hot (N,K) or, when sparse, integers (N,).
+    from_logits: p holds logits z, loss = -sum(y * log_softmax(z)) (no clip)."""
     y = _onehot(labels, p.shape[1]) if sparse else labels
+    if from_logits:
+        return -(y * _log_softmax(p)).sum(axis=-1)
     q = np.clip(p / p.sum(axis=-1, keepdims=True), EPSILON, 1 - EPSILON)
     return -(y * np.log(q)).sum(axis=-1)
 
@@ -819,10 +966,14 @@ def softmax_crossentropy_backward(p, labels, sparse, out=None):
     return _finish((p - y) / DTYPE(p.shape[0]), out)
 
 
-def crossentropy_backward(p, labels, sparse, out=None):
+def crossentropy_backward(p, labels, sparse, from_logits=False, out=None):
     """Gradient of the mean cross-entropy w.r.t. probabilities p (used when the output layer is not a
-    softmax): through the renormalisation and the clip (zero where clipping is active)."""
+    softmax): through the renormalisation and the clip (zero where clipping is active). from_logits: w.r.t.
+    the logits p, (softmax(p) * sum(y) - y) / N."""
     y = _onehot(labels, p.shape[1]) if sparse else labels
+    if from_logits:
+        s = np.exp(_log_softmax(p))
+        return _finish(((s * y.sum(axis=-1, keepdims=True) - y) / DTYPE(p.shape[0])).astype(DTYPE), out)
     s = p.sum(axis=-1, keepdims=True)
     q = p / s
     inside = (q >= EPSILON) & (q <= 1 - EPSILON)
@@ -835,6 +986,249 @@ def count_correct(p, labels, sparse):
     """How many rows of p have their arg-max at the true class (first maximum wins ties)."""
     truth = labels if sparse else labels.argmax(axis=-1)
     return (p.argmax(axis=-1) == truth).sum()  # a NumPy integer: the CUDA engine returns a 0-d array
+
+
+# Binary cross-entropy, Keras's binary_crossentropy: p and labels are (N, U), U independent sigmoid units;
+# labels smoothed towards 0.5, y = labels (1 - s) + s / 2; the per-sample loss is the mean over the units of
+#     -(y log q + (1 - y) log(1 - q)),  q = p clipped to [1e-7, 1 - 1e-7]
+# or, from logits z, max(z, 0) - z y + log1p(exp(-|z|)) (no clip). The training loss is the mean over the
+# batch, so each gradient is d(mean over all N·U terms).
+def _binary_targets(p, labels, label_smoothing, what):
+    """The smoothed float32 targets, after checking shapes and the smoothing."""
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"{what}: predictions must be (N, units) with units >= 1, got {p.shape}")
+    y = np.asarray(labels, dtype=DTYPE)
+    if y.shape != p.shape:
+        raise ValueError(f"{what}: labels {y.shape} must have the predictions' shape {p.shape}")
+    if not 0 <= label_smoothing <= 1:
+        raise ValueError(f"{what}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if label_smoothing:
+        y = y * DTYPE(1 - label_smoothing) + DTYPE(0.5 * label_smoothing)
+    return y
+
+
+def binary_crossentropy_forward(p, labels, from_logits, label_smoothing=0.0):
+    """Per-sample binary cross-entropy (N,) of probabilities p (N, U), or of logits when from_logits: the
+    mean over the U units, as Keras computes it (above)."""
+    y = _binary_targets(p, labels, label_smoothing, "binary_crossentropy_forward")
+    if from_logits:
+        terms = np.maximum(p, 0) - p * y + np.log1p(np.exp(-np.abs(p)))
+    else:
+        q = np.clip(p, EPSILON, 1 - EPSILON)
+        terms = -(y * np.log(q) + (DTYPE(1) - y) * np.log(DTYPE(1) - q))
+    return terms.mean(axis=-1)
+
+
+def binary_crossentropy_backward(p, labels, from_logits, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the model's output: probabilities p through the clip,
+    (-y / p + (1 - y) / (1 - p)) / (N·U), zero where the clip is active; logits (from_logits), as
+    sigmoid_binary_crossentropy_backward."""
+    if from_logits:
+        return sigmoid_binary_crossentropy_backward(_sigmoid(p), labels, label_smoothing, out)
+    y = _binary_targets(p, labels, label_smoothing, "binary_crossentropy_backward")
+    inside = (p >= DTYPE(EPSILON)) & (p <= DTYPE(1 - EPSILON))
+    with np.errstate(divide="ignore", invalid="ignore"):  # 1/0 where p is 0 or 1: outside the clip
+        g = (-y / p + (DTYPE(1) - y) / (DTYPE(1) - p)) / DTYPE(p.size)
+    return _finish(np.where(inside, g, DTYPE(0)), out)
+
+
+def sigmoid_binary_crossentropy_backward(p, labels, label_smoothing=0.0, out=None):
+    """Gradient of the mean binary cross-entropy w.r.t. the logits of a sigmoid output p: (p - y) / (N·U).
+    This is the derivative of the logits form, which Keras's TensorFlow backend uses for a sigmoid output;
+    where Keras's clip of p is active it differs from differentiating through the clip (that gives zero
+    there, and a unit stuck at 0 or 1 could never learn back), as softmax_crossentropy_backward does."""
+    y = _binary_targets(p, labels, label_smoothing, "sigmoid_binary_crossentropy_backward")
+    return _finish((p - y) / DTYPE(p.size), out)
+
+
+def count_binary_correct(p, labels, threshold=0.5):
+    """How many of the N·U predictions are right, as Keras's binary accuracy counts them: (p > threshold)
+    as 1 or 0, equal to the label (a label other than 0 or 1 never matches). Accuracy = count / p.size."""
+    y = _binary_targets(p, labels, 0.0, "count_binary_correct")
+    return ((p > DTYPE(threshold)).astype(DTYPE) == y).sum()
+
+
+# ===================================================================================== image transforms
+# Preprocessing and augmentation of (N, H, W, C) images, as Keras's Rescaling, RandomFlip, RandomRotation,
+# RandomZoom, RandomTranslation and RandomContrast compute them. They run on a model's inputs: none has a
+# backward. The per-image random draws are the caller's; these ops apply them.
+#
+# affine_transform follows keras.ops.image.affine_transform: each image's transform [a0, a1, a2, b0, b1, b2,
+# c0, c1] maps an OUTPUT pixel (x = column, y = row; pixel centres at integer coordinates) to the INPUT point
+#     x' = (a0 x + a1 y + a2) / k,  y' = (b0 x + b1 y + b2) / k,  k = c0 x + c1 y + 1
+# (Keras's non-TensorFlow backends ignore c0 and c1; zero, as every transform built below has them, k = 1).
+# The input is sampled there: "nearest" takes the pixel at the rounded coordinates (halves to even);
+# "bilinear" weighs the four pixels around it, (1 - fy)(1 - fx), (1 - fy) fx, fy (1 - fx), fy fx, added in
+# that order. A pixel index outside [0, size) is read through the fill mode, along each axis on its own:
+#     reflect  (d c b a | a b c d | d c b a)   about the edge of the last pixel (half-sample symmetric)
+#     mirror   (d c b | a b c d | c b a)       about the centre of the last pixel (whole-sample symmetric)
+#     wrap     (a b c d | a b c d | a b c d)
+#     nearest  (a a a a | a b c d | d d d d)
+#     constant (k k k k | a b c d | k k k k)   every tap outside the image reads fill_value
+# An output whose k is 0, or whose coordinates are not finite, is fill_value; coordinates are clamped to
+# +-2^24 (beyond, float32 cannot tell neighbouring pixels apart).
+INTERPOLATIONS = ("nearest", "bilinear")
+FILL_MODES = ("reflect", "mirror", "wrap", "nearest", "constant")
+_COORDINATE_LIMIT = 2.0 ** 24
+
+
+def _images(x, what):
+    if x.ndim != 4:
+        raise ValueError(f"{what}: images must be (N, H, W, C), got shape {x.shape}")
+    return x.shape
+
+
+def _not_aliased(out, x, what):
+    if out is not None and np.may_share_memory(out, x):
+        raise ValueError(f"{what}: out must not be x (each output reads other pixels of the input)")
+
+
+def _per_image(values, n, what, dtype=DTYPE):
+    """One value per image as a host (N,) array (from any shape of N values, as Keras's (N, 1, 1, 1)), or None."""
+    if values is None:
+        return None
+    a = np.asarray(values, dtype=dtype)
+    if a.size != n:
+        raise ValueError(f"{what}: expected one value per image ({n},), got shape {a.shape}")
+    return a.reshape(n)
+
+
+def check_transform_options(interpolation, fill_mode, what="affine_transform"):
+    """Checks ``interpolation`` and ``fill_mode``, with an error listing the choices."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{what}: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if fill_mode not in FILL_MODES:
+        raise ValueError(f"{what}: fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
+
+
+def rescale(x, scale, offset, out=None):
+    """y = x * scale + offset (Keras's Rescaling, in float32). No backward: it runs on inputs."""
+    y = np.multiply(x, DTYPE(scale), out=out, dtype=DTYPE)
+    y += DTYPE(offset)
+    return y
+
+
+def flip(x, horizontal_flags, vertical_flags, out=None):
+    """Each image n reversed left-right where horizontal_flags[n], upside down where vertical_flags[n] (either
+    may be None: no flip on that axis); flags are (N,) booleans. Keras's RandomFlip (its
+    "horizontal_and_vertical" passes the same flags twice). No backward: it runs on inputs."""
+    n = _images(x, "flip")[0]
+    _not_aliased(out, x, "flip")
+    y = np.array(x, dtype=DTYPE, copy=True)
+    for flags, axis in ((horizontal_flags, 2), (vertical_flags, 1)):
+        chosen = _per_image(flags, n, "flip", bool)
+        if chosen is not None and chosen.any():
+            y[chosen] = np.flip(y[chosen], axis=axis)
+    return _finish(y, out)
+
+
+def _transforms(rows):
+    """(N, 8) float32 transforms from rows [a0, a1, a2, b0, b1, b2] in float64."""
+    rows = np.asarray(rows, np.float64)
+    return np.concatenate([rows, np.zeros((rows.shape[0], 2))], axis=1).astype(DTYPE)
+
+
+def rotation_transforms(angles, height, width):
+    """Keras RandomRotation's transforms: each image turned by angles[n] radians (counter-clockwise as
+    displayed, for positive angles) about its centre ((width - 1) / 2, (height - 1) / 2). RandomRotation(factor)
+    draws angle = 2 pi * uniform(lower, upper)."""
+    a = np.asarray(angles, np.float64).reshape(-1)
+    cx, cy = 0.5 * (width - 1), 0.5 * (height - 1)
+    cos, sin = np.cos(a), np.sin(a)
+    return _transforms(np.stack([cos, -sin, cx - cx * cos + cy * sin, sin, cos, cy - cx * sin - cy * cos], 1))
+
+
+def zoom_transforms(height_zooms, width_zooms, height, width):
+    """Keras RandomZoom's transforms: the output samples an area height_zooms[n] x width_zooms[n] times the
+    image's about its centre (> 1 zooms out, < 1 in). RandomZoom draws zoom = 1 + uniform(lower, upper)."""
+    zy = np.asarray(height_zooms, np.float64).reshape(-1)
+    zx = np.asarray(width_zooms, np.float64).reshape(-1)
+    zero = np.zeros_like(zx)
+    return _transforms(np.stack([zx, zero, 0.5 * (width - 1) * (1 - zx), zero, zy,
+                                 0.5 * (height - 1) * (1 - zy)], 1))
+
+
+def translation_transforms(dx, dy):
+    """Keras RandomTranslation's transforms: each image moved right by dx[n] and down by dy[n] pixels.
+    RandomTranslation draws dx = width * uniform(lower, upper), dy likewise with the height."""
+    tx = np.asarray(dx, np.float64).reshape(-1)
+    ty = np.asarray(dy, np.float64).reshape(-1)
+    one, zero = np.ones_like(tx), np.zeros_like(tx)
+    return _transforms(np.stack([one, zero, -tx, zero, one, -ty], 1))
+
+
+def _fix_index(i, size, fill_mode):
+    """Integer indices i (any) into [0, size) by the fill mode (constant: clamped; the caller masks)."""
+    if fill_mode in ("nearest", "constant"):
+        return np.clip(i, 0, size - 1)
+    if fill_mode == "wrap":
+        return i % size
+    if fill_mode == "mirror":
+        if size == 1:
+            return np.zeros_like(i)
+        return np.abs((i + size - 1) % (2 * size - 2) - (size - 1))
+    return (np.abs((2 * i + 1 + 2 * size) % (4 * size) - 2 * size) - 1) // 2  # reflect
+
+
+def _sample(flat, img, r, c, h, w, fill_mode, fill_value):
+    """x[img, r, c, :] of the images flattened to (N*H*W, C), indices read through the fill mode."""
+    v = flat[(img * h + _fix_index(r, h, fill_mode)) * w + _fix_index(c, w, fill_mode)]
+    if fill_mode == "constant":
+        outside = (r < 0) | (r >= h) | (c < 0) | (c >= w)
+        v[outside] = fill_value
+    return v
+
+
+def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect", fill_value=0.0, out=None):
+    """Each image resampled through its projective transform (N, 8), as keras.ops.image.affine_transform
+    (the rules above). The fill_mode default is the Keras layers' "reflect" (the op's is "constant"). out must
+    not be x. No backward: it runs on inputs."""
+    n, h, w, c = _images(x, "affine_transform")
+    check_transform_options(interpolation, fill_mode)
+    _not_aliased(out, x, "affine_transform")
+    t = np.asarray(transforms, DTYPE)
+    if t.shape != (n, 8):
+        raise ValueError(f"affine_transform: transforms must be ({n}, 8), one row per image, got {t.shape}")
+    fill = DTYPE(fill_value)
+    a0, a1, a2, b0, b1, b2, c0, c1 = (t[:, k, None, None] for k in range(8))
+    rows = np.arange(h, dtype=DTYPE)[None, :, None]
+    cols = np.arange(w, dtype=DTYPE)[None, None, :]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        k = c0 * cols + c1 * rows + DTYPE(1)
+        xs = (a0 * cols + a1 * rows + a2) / k
+        ys = (b0 * cols + b1 * rows + b2) / k
+    bad = (k == 0) | ~np.isfinite(xs) | ~np.isfinite(ys)
+    xs = np.clip(np.where(bad, 0, xs), -_COORDINATE_LIMIT, _COORDINATE_LIMIT).astype(DTYPE)
+    ys = np.clip(np.where(bad, 0, ys), -_COORDINATE_LIMIT, _COORDINATE_LIMIT).astype(DTYPE)
+    flat = np.ascontiguousarray(x, dtype=DTYPE).reshape(n * h * w, c)
+    img = np.arange(n)[:, None, None]
+    if interpolation == "nearest":
+        y = _sample(flat, img, np.rint(ys).astype(np.int64), np.rint(xs).astype(np.int64), h, w, fill_mode, fill)
+    else:
+        fy, fx = np.floor(ys), np.floor(xs)
+        wy1, wx1 = (ys - fy)[..., None], (xs - fx)[..., None]
+        wy0, wx0 = DTYPE(1) - wy1, DTYPE(1) - wx1
+        r0, c0i = fy.astype(np.int64), fx.astype(np.int64)
+        y = (wy0 * wx0) * _sample(flat, img, r0, c0i, h, w, fill_mode, fill)
+        y += (wy0 * wx1) * _sample(flat, img, r0, c0i + 1, h, w, fill_mode, fill)
+        y += (wy1 * wx0) * _sample(flat, img, r0 + 1, c0i, h, w, fill_mode, fill)
+        y += (wy1 * wx1) * _sample(flat, img, r0 + 1, c0i + 1, h, w, fill_mode, fill)
+    y = y.reshape(n, h, w, c)
+    y[bad] = fill
+    return _finish(y, out)
+
+
+def adjust_contrast(x, factors, value_range=(0, 255), out=None):
+    """Keras RandomContrast's adjustment: with m the mean of image n's channel over H and W,
+    y = (x - m) * factors[n] + m, then clipped to value_range (None: not clipped). out may be x. No backward:
+    it runs on inputs. RandomContrast(factor) draws factors = uniform(1 - lower, 1 + upper)."""
+    n = _images(x, "adjust_contrast")[0]
+    f = _per_image(factors, n, "adjust_contrast")[:, None, None, None]
+    mean = np.asarray(x, DTYPE).mean(axis=(1, 2), keepdims=True, dtype=DTYPE)
+    y = (x - mean) * f + mean
+    if value_range is not None:
+        np.clip(y, DTYPE(value_range[0]), DTYPE(value_range[1]), out=y)
+    return _finish(y, out)
 
 
 # ===================================================================================== optimizers

@@ -38,6 +38,7 @@ static dim3 threadIdx, blockIdx, blockDim, gridDim;
 // (EMU_SHARED); `extern __shared__ T a[];` to a pointer into emu::dynamic_shared.
 
 // ------------------------------------------------------------------------------ device functions
+using std::isfinite;
 using std::isinf;
 using std::isnan;
 template <class A, class B>
