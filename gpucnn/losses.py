@@ -1,7 +1,11 @@
-"""Losses: categorical and sparse categorical cross-entropy, as Keras computes them.
+"""Losses as Keras computes them: categorical, sparse categorical and binary cross-entropy (``from_logits`` too).
 
-The maths is the engine's (``crossentropy_forward`` and its gradients in ``ops_*.py``); this module names
-the losses, checks the labels a user passes, and picks the fused softmax gradient when it applies.
+The maths is the engine's (``crossentropy_*`` and ``binary_crossentropy_*`` in the op modules); a loss here
+names it, checks the labels a user passes, and says which output activation it folds into its gradient: a
+softmax output under a categorical cross-entropy and a sigmoid output under a binary one train with the
+gradient taken straight at the logits (``fused_activation``, ``fused_gradient``), as Keras's backends do.
+Each loss also counts what ``"accuracy"`` means for it (Keras's rule: binary accuracy for a binary
+cross-entropy, categorical for one-hot labels, sparse categorical for integer labels).
 """
 import numpy as np
 
@@ -9,6 +13,22 @@ import numpy as np
 class Loss:
     name = None
     sparse = False
+    fused_activation = None  # the output activation whose gradient the loss takes at the logits
+
+    def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", name=None,
+                 axis=-1, dtype=None):
+        if reduction not in ("sum_over_batch_size", "auto", None):
+            raise ValueError(f"{type(self).__name__}: gpucnn reduces the loss as the mean over the batch "
+                             f"(reduction='sum_over_batch_size'), got reduction={reduction!r}")
+        if axis != -1:
+            raise ValueError(f"{type(self).__name__}: gpucnn computes the loss over the last axis only (axis=-1)")
+        if not isinstance(from_logits, (bool, np.bool_)):
+            raise ValueError(f"{type(self).__name__}: from_logits must be True or False, got {from_logits!r}")
+        self.from_logits = bool(from_logits)
+        self.label_smoothing = float(label_smoothing)
+        if not 0 <= self.label_smoothing <= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        self.display_name = name or self.name
 
     def check_labels(self, y, units, what="y"):
         """Validate labels for a model with ``units`` outputs; return them as float32 / int32."""
@@ -20,11 +40,46 @@ class Loss:
             raise ValueError(f"{what} contains NaN or infinity (first at sample {bad})")
         return self._check(y, units, what)
 
+    def fuses(self, activation):
+        """Whether this loss takes its gradient at the logits of an output with ``activation``."""
+        return not self.from_logits and activation is not None and activation == self.fused_activation
+
     def get_config(self):
-        return {"name": self.name}
+        config = {"name": self.name}
+        if self.from_logits:
+            config["from_logits"] = True
+        if self.label_smoothing:
+            config["label_smoothing"] = self.label_smoothing
+        return config
 
 
-class CategoricalCrossentropy(Loss):
+class _Categorical(Loss):
+    fused_activation = "softmax"
+
+    def __init__(self, from_logits=False, label_smoothing=0.0, **kwargs):
+        super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
+        if self.label_smoothing:
+            raise NotImplementedError(f"{type(self).__name__}(label_smoothing=...) is not supported by gpucnn "
+                                      "yet")
+
+    def per_sample(self, ops, p, y):
+        return ops.crossentropy_forward(p, y, self.sparse, self.from_logits)
+
+    def gradient(self, ops, p, y):
+        return ops.crossentropy_backward(p, y, self.sparse, self.from_logits)
+
+    def fused_gradient(self, ops, p, y):
+        return ops.softmax_crossentropy_backward(p, y, self.sparse)
+
+    def count_correct(self, ops, p, y):
+        return ops.count_correct(p, y, self.sparse)
+
+    @staticmethod
+    def predictions(p):
+        return p.shape[0]
+
+
+class CategoricalCrossentropy(_Categorical):
     """Cross-entropy against one-hot labels of shape (N, classes)."""
     name = "categorical_crossentropy"
 
@@ -39,7 +94,7 @@ class CategoricalCrossentropy(Loss):
         return y.astype(np.float32)
 
 
-class SparseCategoricalCrossentropy(Loss):
+class SparseCategoricalCrossentropy(_Categorical):
     """Cross-entropy against integer class labels of shape (N,) (or (N, 1))."""
     name = "sparse_categorical_crossentropy"
     sparse = True
@@ -63,7 +118,41 @@ class SparseCategoricalCrossentropy(Loss):
         return y.astype(np.int32)
 
 
-LOSSES = {cls.name: cls for cls in (CategoricalCrossentropy, SparseCategoricalCrossentropy)}
+class BinaryCrossentropy(Loss):
+    """Binary cross-entropy of independent sigmoid outputs (N, units) against 0/1 labels of the same shape
+    ((N,) labels for one unit are taken as (N, 1), as Keras does)."""
+    name = "binary_crossentropy"
+    fused_activation = "sigmoid"
+
+    def _check(self, y, units, what):
+        if y.ndim == 1 and units == 1:
+            y = y[:, None]
+        if y.ndim != 2 or y.shape[1] != units:
+            raise ValueError(f"binary_crossentropy needs {what} of shape (N, {units}) (or (N,) for one output), "
+                             f"got shape {y.shape}")
+        if y.size and (y.min() < 0 or y.max() > 1):
+            raise ValueError(f"binary_crossentropy needs {what} in [0, 1], found values from {y.min()} to "
+                             f"{y.max()}")
+        return y.astype(np.float32)
+
+    def per_sample(self, ops, p, y):
+        return ops.binary_crossentropy_forward(p, y, self.from_logits, self.label_smoothing)
+
+    def gradient(self, ops, p, y):
+        return ops.binary_crossentropy_backward(p, y, self.from_logits, self.label_smoothing)
+
+    def fused_gradient(self, ops, p, y):
+        return ops.sigmoid_binary_crossentropy_backward(p, y, self.label_smoothing)
+
+    def count_correct(self, ops, p, y):
+        return ops.count_binary_correct(p, y, 0.5)
+
+    @staticmethod
+    def predictions(p):
+        return p.size
+
+
+LOSSES = {cls.name: cls for cls in (CategoricalCrossentropy, SparseCategoricalCrossentropy, BinaryCrossentropy)}
 
 
 def get(loss):
@@ -72,4 +161,14 @@ def get(loss):
         return loss
     if isinstance(loss, str) and loss.lower() in LOSSES:
         return LOSSES[loss.lower()]()
+    if callable(loss):
+        raise ValueError(f"gpucnn takes losses by name or as gpucnn.losses objects, not functions ({loss!r}); "
+                         f"use one of {sorted(LOSSES)}")
     raise ValueError(f"unknown loss {loss!r}; gpucnn knows {sorted(LOSSES)}")
+
+
+def __getattr__(name):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.losses has no {name!r}: gpucnn does not have that Keras loss (yet). It has: "
+                         "CategoricalCrossentropy, SparseCategoricalCrossentropy, BinaryCrossentropy")

@@ -64,8 +64,9 @@ def unsupported_reason(model):
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
                 "(SGD, RMSprop, Adam)")
-    if type(model.loss) not in _LOSSES:
-        return f"its loss {type(model.loss).__name__} is not a categorical cross-entropy"
+    if type(model.loss) not in _LOSSES or model.loss.from_logits:
+        return (f"its loss {type(model.loss).__name__} is not a categorical cross-entropy of probabilities, which "
+                "the captured step's fused softmax cross-entropy computes")
     if len(model.outputs) != 1:
         return f"it has {len(model.outputs)} outputs"
     for layer in model._all_layers():

@@ -104,7 +104,8 @@ class Trainer:
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
             step = self._step_values() if training else None
-            cache[key] = Contexts(self.graph, step=step, skip_output_activation=training and self._fused_softmax())
+            cache[key] = Contexts(self.graph, step=step,
+                                  skip_output_activation=training and self._fused_activation() is not None)
         return cache[key]
 
     def _step_values(self):
@@ -116,10 +117,14 @@ class Trainer:
     def _random_layers(self):
         return [layer for layer in self._all_layers() if getattr(layer, "draws_randomness", False)]
 
-    def _fused_softmax(self):
-        """Whether the loss takes the logits of the output layer's softmax (its gradient goes to them directly)."""
+    def _fused_activation(self):
+        """The output activation whose gradient the loss takes at the logits (a softmax under a categorical
+        cross-entropy, a sigmoid under a binary one), or None: then the output layer runs it in training."""
         last = self.outputs[0].node.layer
-        return getattr(last, "activation", None) == "softmax" and not isinstance(last, Trainer)
+        if isinstance(last, Trainer):
+            return None
+        activation = getattr(last, "activation", None)
+        return activation if self.loss.fuses(activation) else None
 
     def _train_step(self, xb, yb):
         """Forward, loss, backward, update. Returns engine scalars (loss sum, correct count)."""
@@ -140,12 +145,12 @@ class Trainer:
         contexts = self._contexts(len(xb), True)
         if contexts.step.layers:
             contexts.step.seeds[...] = ops.xp.asarray(contexts.step.draw())
-        sparse, fused = self.loss.sparse, self._fused_softmax()
+        loss, fused = self.loss, self._fused_activation()
         out = self.graph.forward([xb], True, contexts)[0]
-        p = ops.activation_forward(out, "softmax") if fused else out  # the loss's softmax of the logits
-        loss_sum = ops.crossentropy_forward(p, yb, sparse).sum()
-        correct = ops.count_correct(p, yb, sparse)
-        dy = (ops.softmax_crossentropy_backward if fused else ops.crossentropy_backward)(p, yb, sparse)
+        p = ops.activation_forward(out, fused) if fused else out  # the loss's softmax / sigmoid of the logits
+        loss_sum = loss.per_sample(ops, p, yb).sum()
+        correct = loss.count_correct(ops, p, yb)
+        dy = loss.fused_gradient(ops, p, yb) if fused else loss.gradient(ops, p, yb)
         if scale is not None:
             dy *= np.float32(scale)
         self.graph.backward([dy], contexts)
@@ -316,8 +321,13 @@ class Trainer:
         """Running means of the epoch so far (engine scalars are read here)."""
         logs = {"loss": float(loss_total) / seen}
         for name in self.metrics:
-            logs[name] = int(correct_total) / seen
+            logs[name] = int(correct_total) / (seen * self._accuracy_units())
         return logs
+
+    def _accuracy_units(self):
+        """Predictions per sample that accuracy counts: every unit for a binary cross-entropy, else one row."""
+        return int(np.prod(self.outputs[0].sample_shape)) if isinstance(self.loss, losses_mod.BinaryCrossentropy) \
+            else 1
 
     def _end_batch(self, cbs, bar, epoch, step, logs):
         """Batch-end rules shared by the plain loop and the GPU fast path: callbacks, progress, then stop
@@ -368,8 +378,8 @@ class Trainer:
             for step, (xb, yb) in enumerate(batches):
                 cbs.on_test_batch_begin(step)
                 p = self._predict_batch(xb)[0]
-                loss_total = loss_total + ops.crossentropy_forward(p, yb, self.loss.sparse).sum()
-                correct_total = correct_total + ops.count_correct(p, yb, self.loss.sparse)
+                loss_total = loss_total + self.loss.per_sample(ops, p, yb).sum()
+                correct_total = correct_total + self.loss.count_correct(ops, p, yb)
                 seen += len(xb)
                 cbs.on_test_batch_end(step, {})
                 bar.update(step + 1, {})
@@ -378,9 +388,7 @@ class Trainer:
                 source.close()
         if not seen:
             raise ValueError("evaluate: the data yields no samples")
-        logs = {"loss": float(loss_total) / seen}
-        for name in self.metrics:
-            logs[name] = int(correct_total) / seen
+        logs = self._read_logs(loss_total, correct_total, seen)
         cbs.on_test_end(logs)
         bar.finish(logs)
         if return_dict:
