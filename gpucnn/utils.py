@@ -2,7 +2,9 @@
 import contextlib
 import os
 import random
+import signal
 import tempfile
+import threading
 
 import numpy as np
 
@@ -95,3 +97,24 @@ def _file_mode(path):
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold back Ctrl-C (SIGINT) for the duration of the block, then deliver it to the handler that was in
+    place (by default: raise KeyboardInterrupt) as soon as the block ends. Only the main thread receives
+    signals; elsewhere, or when the handler was not set from Python, the block runs as is."""
+    pending = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)
