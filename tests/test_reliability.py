@@ -197,3 +197,63 @@ def test_ctrl_c_inside_an_optimizer_step_takes_effect_after_it(optimizer, monkey
     for slot in plain.state:
         np.testing.assert_array_equal(optimizer.state[slot], plain.state[slot])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ===================================================================================== resuming, user classes
+def test_a_layers_random_state_is_validated_like_the_global_one():
+    layer = layers.Dropout(0.5, seed=3)
+    state = layer.random_state()
+    layer.next_seed()
+    layer.set_random_state(state)
+    assert layer.random_state() == state
+    for bad in ({**state, "bit_generator": "MT19937"}, {**state, "has_uint32": 1.5},
+                {**state, "state": {"state": -1, "inc": 1}}, {**state, "state": {"state": 2**200, "inc": 1}},
+                None, "PCG64"):
+        with pytest.raises(ValueError):
+            layer.set_random_state(bad)
+        assert layer.random_state() == state  # untouched
+    with pytest.raises(ValueError, match="has no seed"):
+        layers.Dropout(0.5).set_random_state(state)
+    assert layers.Dropout(0.5).random_state() is None
+
+
+class Dense(layers.Dense):
+    """A user's Dense named like the built-in, with maths of its own: outputs doubled."""
+
+    def forward(self, x, training):
+        return 2 * super().forward(x, training)
+
+
+class DoubledDense(Dense):
+    pass
+
+
+def test_a_user_class_named_like_a_built_in_is_refused_at_save_time(tmp_path):
+    model = models.Sequential([layers.Flatten(input_shape=(2, 2, 1)), Dense(3)])
+    model.build()
+    with pytest.raises(ValueError, match=r"test_reliability.Dense has the name of gpucnn's built-in Dense.*"
+                                         r"custom_objects=.*register_layer_class"):
+        model.save(tmp_path / "m.gpucnn")
+    assert not os.listdir(tmp_path)
+
+
+def test_custom_objects_load_a_users_layer_class(tmp_path):
+    x = np.random.default_rng(0).random((4, 2, 2, 1), dtype=np.float32)
+    model = models.Sequential([layers.Flatten(input_shape=(2, 2, 1)), DoubledDense(3)])
+    model.build()
+    model.save(tmp_path / "m.gpucnn")
+    with pytest.raises(saving.InvalidModelFile, match="unknown layer class 'DoubledDense'.*custom_objects"):
+        saving.load_model(tmp_path / "m.gpucnn")
+    loaded = saving.load_model(tmp_path / "m.gpucnn", custom_objects={"DoubledDense": DoubledDense})
+    assert type(loaded.layers[1]) is DoubledDense
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    for bad in ({"DoubledDense": object}, {"DoubledDense": print}, [DoubledDense]):
+        with pytest.raises(TypeError, match="custom"):
+            saving.load_model(tmp_path / "m.gpucnn", custom_objects=bad)
+    with pytest.raises(ValueError, match="name of gpucnn's built-in Dense"):
+        saving.register_layer_class(Dense)
+    try:
+        assert saving.register_layer_class(DoubledDense) is DoubledDense
+        assert type(saving.load_model(tmp_path / "m.gpucnn").layers[1]) is DoubledDense
+    finally:
+        saving._registered.clear()
