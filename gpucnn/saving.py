@@ -212,11 +212,9 @@ def _read_bytes(path):
 def _checked_size(info, path, limit=None):
     """Refuse a zip member whose declared size is impossible for what the archive holds, or above
     ``limit`` bytes, before a byte of it is decompressed."""
-    if info.compress_type == zipfile.ZIP_STORED:
-        possible = info.compress_size
-    else:
-        possible = _DEFLATE_MAX_RATIO * info.compress_size + 64
-    if info.file_size > possible:
+    possible = {zipfile.ZIP_STORED: info.compress_size,
+                zipfile.ZIP_DEFLATED: _DEFLATE_MAX_RATIO * info.compress_size + 64}.get(info.compress_type)
+    if possible is not None and info.file_size > possible:
         raise InvalidModelFile(f"{path}: member {info.filename} declares {info.file_size:,} bytes, more than "
                                f"its {info.compress_size:,} stored bytes can hold")
     if limit is not None and info.file_size > limit:
@@ -307,7 +305,8 @@ def _npz_array(zf, entry, path, what, key):
     with zf.open(info) as f:
         f.read(offset)
         data = f.read(info.file_size - offset)
-    value = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").astype(np.float32)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused just below
+        value = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").astype(np.float32)
     if not np.isfinite(value).all():
         raise InvalidModelFile(f"{path}: {what} {key} contains NaN or infinity (as float32)")
     return value
