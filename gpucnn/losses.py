@@ -7,8 +7,21 @@ import numpy as np
 
 
 class Loss:
+    """Keras's constructor: ``from_logits`` (only False for now), ``reduction`` (only Keras's default, the
+    mean over the batch) and ``name`` (accepted; the loss is known by its kind, as ``self.name``)."""
     name = None
     sparse = False
+
+    def __init__(self, from_logits=False, reduction="sum_over_batch_size", name=None):
+        if from_logits:
+            raise ValueError(f"{type(self).__name__}(from_logits=True) is not supported by gpucnn yet: end "
+                             "the model with a softmax (e.g. Dense(10, activation='softmax')) and leave "
+                             "from_logits=False")
+        if reduction not in ("sum_over_batch_size", "auto"):
+            raise ValueError(f"{type(self).__name__}: reduction={reduction!r} is not supported; gpucnn's "
+                             "losses are the mean over the batch (reduction='sum_over_batch_size')")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{type(self).__name__}: name must be a string, got {name!r}")
 
     def check_labels(self, y, units, what="y"):
         """Validate labels for a model with ``units`` outputs; return them as float32 / int32."""
