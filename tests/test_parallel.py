@@ -351,3 +351,30 @@ def test_the_worker_prints_nothing_on_ctrl_c_or_a_closed_pipe():
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "failed: None"
     assert run.stderr == ""
+
+
+DIVERGING = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from gpucnn import backend, layers, models, optimizers, utils
+backend.set_engine("cpu")
+utils.set_random_seed(0)
+m = models.Sequential([layers.Conv2D(8, 3, activation="relu", input_shape=(12, 12, 1)), layers.Flatten(),
+                       layers.Dense(4, activation="softmax")])
+m.compile(optimizers.SGD(1e20), "categorical_crossentropy")
+x = np.random.default_rng(0).random((640, 12, 12, 1), dtype=np.float32) * 100
+y = np.eye(4, dtype=np.float32)[np.arange(640) % 4]
+try:
+    m.fit(x, y, batch_size=64, epochs=5, verbose=0)
+except models.TrainingDivergedError:
+    print("diverged")
+"""
+
+
+def test_a_diverging_run_says_so_once_without_warnings_from_the_worker():
+    needs_split()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", DIVERGING, root], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "diverged"
+    assert run.stderr == ""
