@@ -1,7 +1,8 @@
 """The one place that decides which engine runs: NumPy or CUDA.
 
 ``GPUCNN_DEVICE`` chooses: ``auto`` (default: the GPU when CuPy imports and a device answers, else NumPy
-with one short notice), ``gpu`` (the GPU or a clear error keeping CuPy's own reason) or ``cpu`` (NumPy).
+with one short notice), ``gpu`` (the GPU or a clear error keeping CuPy's own reason) or ``cpu`` (NumPy);
+``cuda`` and ``numpy``, the names ``engine()`` returns, mean ``gpu`` and ``cpu``.
 ``set_engine()`` does the same from code. Importing gpucnn never touches CuPy; the decision is made the
 first time an engine is needed.
 
@@ -12,6 +13,7 @@ import os
 import sys
 
 _CHOICES = ("auto", "gpu", "cpu")
+_ALIASES = {"cuda": "gpu", "numpy": "cpu"}  # the engines' names, as engine() returns them
 _state = {"engine": None, "ops": None}
 _gpu_probe = {}
 
@@ -38,8 +40,10 @@ def gpu_status():
 
 def _resolve(choice):
     choice = (choice or "auto").strip().lower()
+    choice = _ALIASES.get(choice, choice)
     if choice not in _CHOICES:
-        raise ValueError(f"GPUCNN_DEVICE / engine must be one of {_CHOICES}, got {choice!r}")
+        raise ValueError(f"GPUCNN_DEVICE / engine must be one of 'auto', 'gpu' (or 'cuda'), 'cpu' (or "
+                         f"'numpy'); got {choice!r}")
     if choice == "cpu":
         return "numpy"
     usable, reason = gpu_status()
@@ -47,9 +51,9 @@ def _resolve(choice):
         return "cuda"
     if choice == "gpu":
         raise GPUUnavailableError(
-            f"the GPU engine was requested but is not usable ({reason}). Install CuPy for your CUDA "
-            "version (pip install 'gpucnn[cuda12]' or 'gpucnn[cuda13]') on a machine with an NVIDIA "
-            "driver, or use GPUCNN_DEVICE=cpu."
+            f"the GPU engine was requested but is not usable ({reason}). On a machine with an NVIDIA "
+            "driver, install CuPy for its CUDA version (pip install cupy-cuda12x, or cupy-cuda13x); else "
+            "use the NumPy engine (GPUCNN_DEVICE=cpu, or gpucnn train --engine cpu)."
         ) from _gpu_probe.get("error")
     print(f"gpucnn: no usable GPU ({reason.splitlines()[0][:120]}); using the NumPy engine.",
           file=sys.stderr)
@@ -57,7 +61,8 @@ def _resolve(choice):
 
 
 def set_engine(choice):
-    """Choose the engine from code: ``"auto"``, ``"gpu"`` or ``"cpu"`` (as ``GPUCNN_DEVICE``).
+    """Choose the engine from code: ``"auto"``, ``"gpu"`` or ``"cpu"`` (as ``GPUCNN_DEVICE``; ``"cuda"`` and
+    ``"numpy"`` too). Returns the engine's name, as ``engine()`` does: ``set_engine(engine())`` keeps it.
 
     Build models after choosing: a model's weights live on the engine that was active when it was built.
     """

@@ -71,7 +71,7 @@ class CallbackList:
     """Calls a hook on every callback, in order."""
 
     def __init__(self, callbacks, model, params):
-        self.callbacks = list(callbacks or [])
+        self.callbacks = as_list(callbacks)
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be gpucnn.callbacks.Callback instances, got {cb!r}")
@@ -95,6 +95,20 @@ class CallbackList:
             for cb in self.callbacks:
                 getattr(cb, hook)(*args, **kwargs)
         return call
+
+
+def as_list(callbacks):
+    """``callbacks`` (None, one callback, or a list or tuple of them, as Keras takes them) as a new list."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if isinstance(callbacks, CallbackList):
+        return list(callbacks.callbacks)
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of gpucnn.callbacks.Callback instances (or one of them), "
+                        f"got {callbacks!r}")
+    return list(callbacks)
 
 
 # ===================================================================================== Keras's callbacks

@@ -11,6 +11,9 @@ import numpy as np
 
 
 class Loss:
+    """Keras's constructor: ``from_logits`` (the model outputs logits: the loss applies the softmax/sigmoid),
+    ``label_smoothing`` (binary cross-entropy), ``reduction`` (only Keras's default, the mean over the batch)
+    and ``name`` (accepted; the loss is known by its kind, as ``self.name``)."""
     name = None
     sparse = False
     fused_activation = None  # the output activation whose gradient the loss takes at the logits
@@ -28,6 +31,8 @@ class Loss:
         self.label_smoothing = float(label_smoothing)
         if not 0 <= self.label_smoothing <= 1:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"{type(self).__name__}: name must be a string, got {name!r}")
         self.display_name = name or self.name
 
     def check_labels(self, y, units, what="y"):

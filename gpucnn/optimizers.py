@@ -5,10 +5,16 @@ An optimizer updates one flat float32 parameter buffer from one flat gradient bu
 The update reads its rate (the learning rate; Adam's step size) from a per-step table on the engine,
 ``rates[step[0]]``: one row written before an eager step, or a whole epoch's rows before a captured one
 (``rates_for``), so a captured CUDA graph never freezes a rate.
+
+A step is all or nothing for Ctrl-C: a ``KeyboardInterrupt`` that arrives during it takes effect right after
+it, so the weights, the state buffers and ``iterations`` are never left half-updated.
 """
+import math
+
 import numpy as np
 
 from . import backend
+from .utils import sigint_deferred
 
 
 class Optimizer:
@@ -17,9 +23,13 @@ class Optimizer:
     _config = ()  # constructor arguments reported by get_config
 
     def __init__(self, learning_rate):
-        if not float(learning_rate) > 0:
+        if callable(learning_rate):
+            raise TypeError(f"learning_rate must be a number, got {learning_rate!r}: learning-rate schedules "
+                            "are not supported by gpucnn yet; to change the rate between epochs, set "
+                            "model.optimizer.learning_rate from a callback's on_epoch_begin")
+        self.learning_rate = _number("learning_rate", learning_rate)
+        if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-        self.learning_rate = float(learning_rate)
         self.iterations = 0
         self.state = None
 
@@ -40,16 +50,18 @@ class Optimizer:
         return np.float32(self.learning_rate)
 
     def apply(self, params, grads):
-        """One step over the flat ``params`` from the flat ``grads`` (both engine arrays)."""
-        if self.state is None:
-            self.build(params.shape[0])
+        """One step over the flat ``params`` from the flat ``grads`` (both engine arrays); a Ctrl-C during
+        it is raised once it is complete."""
         xp = backend.ops().xp
         if getattr(self, "_eager", None) is None or not isinstance(self._eager[0], xp.ndarray):
             self._eager = (xp.zeros(1, np.float32), xp.zeros(1, np.int32))  # a one-row table, counter 0
         rates, counter = self._eager
-        rates[...] = xp.asarray(self.rates_for(self.iterations + 1, 1))
-        self.update(params, grads, rates, counter)
-        self.iterations += 1
+        with sigint_deferred():
+            if self.state is None:
+                self.build(params.shape[0])
+            rates[...] = xp.asarray(self.rates_for(self.iterations + 1, 1))
+            self.update(params, grads, rates, counter)
+            self.iterations += 1
 
     def update(self, params, grads, rates, counter):
         """The update kernel/op over the flat buffers, reading the rate at ``rates[counter[0]]``."""
@@ -65,7 +77,7 @@ class SGD(Optimizer):
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
         super().__init__(learning_rate)
-        if not 0 <= float(momentum) <= 1:
+        if not 0 <= _number("momentum", momentum) <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         self._slots = ("momentum",) if self.momentum else ()
@@ -84,7 +96,7 @@ class RMSprop(Optimizer):
         _check_unit("rho", rho)
         _check_unit("momentum", momentum)
         self.rho, self.momentum = float(rho), float(momentum)
-        self.epsilon, self.centered = float(epsilon), bool(centered)
+        self.epsilon, self.centered = _epsilon(epsilon), bool(centered)
         self._slots = ("velocity",) + (("momentum",) if self.momentum else ()) + (
             ("average_gradient",) if self.centered else ())
 
@@ -103,7 +115,7 @@ class Adam(Optimizer):
         super().__init__(learning_rate)
         _check_unit("beta_1", beta_1)
         _check_unit("beta_2", beta_2)
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), _epsilon(epsilon)
 
     def _rate(self, t):
         return backend.ops().adam_step_size(self.learning_rate, self.beta_1, self.beta_2, t)
@@ -113,9 +125,27 @@ class Adam(Optimizer):
                         self.epsilon)
 
 
+def _number(name, value):
+    """``value`` as a finite float, or a ValueError naming ``name``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if isinstance(value, (str, bytes)) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
 def _check_unit(name, value):
-    if not 0 <= float(value) < 1:
+    if not 0 <= _number(name, value) < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def _epsilon(value):
+    epsilon = _number("epsilon", value)
+    if epsilon < 0:
+        raise ValueError(f"epsilon must be a small non-negative number (Keras: 1e-7), got {value!r}")
+    return epsilon
 
 
 OPTIMIZERS = {cls.name: cls for cls in (SGD, RMSprop, Adam)}

@@ -3,32 +3,53 @@
 A model file is a zip archive holding:
 
 - ``model.json``: format version, ``model.get_config()``, the compile config (optimizer name and
-  ``get_config()``, loss name, metrics), the optimizer's ``iterations``, gpucnn's random-generator state
-  (so a resumed run draws the same shuffles as an uninterrupted one) and the sha256 of every other member;
+  ``get_config()``, loss name, metrics), the optimizer's ``iterations``, gpucnn's random-generator state and
+  that of every layer with a generator of its own (``Dropout(seed=...)``), so a resumed run draws the same
+  shuffles and masks as an uninterrupted one, and the sha256 of every other member;
 - ``weights.npz``: the weights, as ``save_weights`` writes them;
 - ``optimizer.npz``: the optimizer's flat state buffers (absent until the first training step).
 
-Nothing in a file is ever executed: arrays are read with ``np.load(..., allow_pickle=False)``, layers are
-constructed only from ``gpucnn.layers.LAYER_CLASSES``, and a file that is truncated, altered or names
-anything unknown is refused with ``InvalidModelFile``. (The model itself is built from the config by
-``gpucnn.models.load_model``; this module reads and writes the file.) Every write goes to a temporary file in the same
-directory, is flushed to disk, then replaces the target in one step: a crash leaves the old file intact.
+The model is built from the file's architecture by ``gpucnn.models.load_model`` (this module reads and writes
+files, and never imports the models). Nothing in a file is ever executed: arrays are read from their ``.npy``
+headers and bytes (never unpickled),
+layers are constructed only from ``gpucnn.layers.LAYER_CLASSES`` (and the classes the caller passes as
+``custom_objects`` or registered with ``register_layer_class``). A file that is truncated, altered, names
+anything unknown or holds values that make no sense (NaN weights, a negative learning rate) is refused with
+``InvalidModelFile``. Sizes a file declares (zip members, array shapes, the parameters its architecture
+implies) are checked against what it holds before anything is allocated or decompressed, so a small file
+cannot make loading take much memory or time. Loading draws nothing from gpucnn's random generator; a
+refused load leaves it as it was.
+
+Every write goes to a temporary file in the same directory, is flushed to disk, then replaces the target in
+one step (``gpucnn.utils.atomic_write``): a crash leaves the old file intact.
 """
+import contextlib
 import hashlib
 import io
 import json
+import math
+import struct
+import tokenize
 import zipfile
 import zlib
 
 import numpy as np
 
-from . import backend, losses as losses_mod, optimizers as optimizers_mod
-from .utils import atomic_write, rng
+from . import backend, layers as layers_mod, losses as losses_mod, optimizers as optimizers_mod
+from .utils import atomic_write, generator_in_use, remove_stale_temporaries, rng, set_generator_state
 
 FORMAT = "gpucnn.model"
 FORMAT_VERSION = 1
 _JSON, _WEIGHTS, _OPTIMIZER = "model.json", "weights.npz", "optimizer.npz"
 _MAX_JSON_BYTES = 16 * 2**20
+_DEFLATE_MAX_RATIO = 1032  # no deflate stream expands more: a zip member declaring more is not genuine
+_NPY_SLACK = 4096  # bytes an .npz spends per array besides the data: .npy header, zip entry (at most)
+_MAX_ITERATIONS = 2**62
+# What parsing the bytes of a damaged or hostile file can raise (JSONDecodeError is a ValueError).
+_FILE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, IndexError, UnicodeDecodeError, ValueError,
+                TypeError, AttributeError, NotImplementedError, RecursionError, OverflowError, MemoryError,
+                OSError, struct.error, tokenize.TokenError, SyntaxError)
+_registered = {}
 
 
 class InvalidModelFile(ValueError):
@@ -37,9 +58,13 @@ class InvalidModelFile(ValueError):
 
 # ===================================================================================== public API
 def save_model(model, path, model_config=None, overwrite=True):
-    """Write ``model`` (architecture, weights, compile config, optimizer state, RNG state) to ``path``.
-    ``model_config``: the architecture as ``{"class_name", "config"}`` (``gpucnn.models.serialization``)."""
+    """Write ``model`` (architecture, weights, compile config, optimizer state, random states) to ``path``.
+    ``model_config``: the architecture as ``{"class_name", "config"}`` (``gpucnn.layers.serialize``).
+
+    ``overwrite=False`` refuses to replace an existing file (Keras asks; gpucnn raises FileExistsError).
+    A layer class gpucnn could not rebuild from the file is refused here, not when loading."""
     model._require_built("save")
+    _check_layer_classes(model)
     weights = _npz_bytes(_weight_arrays(model))
     members = {_WEIGHTS: weights}
     opt = model.optimizer
@@ -57,35 +82,55 @@ def save_model(model, path, model_config=None, overwrite=True):
             "metrics": list(model.metrics)},
         "optimizer_iterations": None if opt is None else int(opt.iterations),
         "rng_state": rng().bit_generator.state,
+        "layer_rng_states": _layer_random_states(model),
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
     }
-    with atomic_write(path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+    with atomic_write(path, overwrite) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr(_JSON, json.dumps(header, indent=1))
         for name, data in members.items():
             zf.writestr(name, data)
 
 
-def read_model_file(path):
-    """``(header, {member: bytes})`` of a model file, verified (checksums, format); InvalidModelFile on any defect.
-    ``gpucnn.models.load_model`` builds the model from ``header["model_config"]``, then ``restore_model_state``."""
-    return _read_model_file(path)
+def load_model(path, build, restore_rng=True, custom_objects=None):
+    """Rebuild a model saved by ``save_model``: same layers, weights, compile config, optimizer state.
+    ``build(config, classes, where)`` makes the (built) model from the file's architecture, constructing only
+    the layer ``classes`` it is given (``gpucnn.models.load_model`` passes its builder; this module never
+    imports the models).
 
-
-def restore_model_state(model, header, members, path, restore_rng=True):
-    """Set a model rebuilt from a file's config to the file's weights, compile config and optimizer state (and,
-    with ``restore_rng``, gpucnn's random state at saving time)."""
-    _set_weights_from_npz(model, members[_WEIGHTS], path)
-    if header.get("compile_config") is not None:
-        _compile_from_config(model, header, members.get(_OPTIMIZER), path)
+    With ``restore_rng`` (the default) gpucnn's random generator is set back to its state at saving time,
+    so ``fit(..., initial_epoch=k)`` continues exactly as the interrupted run would have; without it the
+    generator is left as it is (loading draws nothing from it). Layers with a generator of their own
+    (``Dropout(seed=...)``) always get theirs back. ``custom_objects``: ``{"MyLayer": MyLayer}``, your own
+    layer classes (subclasses of ``gpucnn.layers.Layer``) by the names the file gives them.
+    """
+    classes = layer_classes(custom_objects)
+    raw = _read_bytes(path)
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            header = _header(zf, path)
+            declared = _member_info(zf, _WEIGHTS, path).file_size
+            model = _build_within(build, header.get("model_config"), path, classes,
+                                  max_params=declared // 2)  # 2 bytes a value at the least (float16)
+            _set_weights_from_npz(model, _weights_member(zf, header, model, path), path)
+            if header.get("compile_config") is not None:
+                _compile_from_config(model, header, zf, path)
+            _restore_layer_random_states(model, header.get("layer_rng_states"), path)
+            global_state = _checked_rng_state(header.get("rng_state"), path)
+    except InvalidModelFile:
+        raise
+    except _FILE_ERRORS as exc:
+        raise InvalidModelFile(
+            f"{path}: not a valid gpucnn model file ({type(exc).__name__}: {exc})") from None
     if restore_rng:
-        _restore_rng(header.get("rng_state"), path)
+        rng().bit_generator.state = global_state  # the last step: a refused file leaves it as it was
+    return model
 
 
-def save_weights(model, path):
+def save_weights(model, path, overwrite=True):
     """Write the weights to an ``.npz`` (float32 arrays keyed ``00_conv2d_kernel``, ... in Keras's order)."""
     model._require_built("save_weights")
     data = _npz_bytes(_weight_arrays(model))
-    with atomic_write(path) as f:
+    with atomic_write(path, overwrite) as f:
         f.write(data)
 
 
@@ -98,11 +143,27 @@ def load_weights(model, path):
     raw = _read_bytes(path)
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-            is_model_file = _JSON in zf.namelist()
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise InvalidModelFile(f"{path}: not a gpucnn weights file ({exc})") from None
-    data = _read_model_file(path, raw)[1][_WEIGHTS] if is_model_file else raw
-    _set_weights_from_npz(model, data, path)
+            if _JSON not in zf.namelist():
+                data = raw
+            else:
+                data = _weights_member(zf, _header(zf, path), model, path)
+            _set_weights_from_npz(model, data, path)
+    except InvalidModelFile:
+        raise
+    except _FILE_ERRORS as exc:
+        raise InvalidModelFile(f"{path}: not a gpucnn weights file ({type(exc).__name__}: {exc})") from None
+
+
+def register_layer_class(cls):
+    """Make your layer class ``cls`` (a subclass of ``gpucnn.layers.Layer``, with a name of its own) known
+    to ``load_model`` under its class name, as ``custom_objects`` would for one call. Usable as a class
+    decorator; returns ``cls``."""
+    name = _custom_class(cls.__name__ if isinstance(cls, type) else None, cls)
+    if name in layers_mod.LAYER_CLASSES:
+        raise ValueError(f"{cls.__module__}.{cls.__qualname__} has the name of gpucnn's built-in {name}; "
+                         "give your class a name of its own to register it")
+    _registered[name] = cls
+    return cls
 
 
 # ===================================================================================== writing
@@ -122,88 +183,228 @@ def _weight_arrays(model):
     return out
 
 
-# ===================================================================================== reading
+def _check_layer_classes(model):
+    """Refuse a layer whose class the file could not name: a class of the user's named like a built-in
+    (the file would load gpucnn's class of that name, silently other maths)."""
+    for layer in model._all_layers():
+        cls = type(layer)
+        builtin = layers_mod.LAYER_CLASSES.get(cls.__name__)
+        if builtin is not None and builtin is not cls:
+            raise ValueError(
+                f"cannot save layer {layer.name!r}: its class {cls.__module__}.{cls.__qualname__} has the name "
+                f"of gpucnn's built-in {cls.__name__}, so the file would load as the built-in. Give your class "
+                f"a name of its own (class My{cls.__name__}(layers.{cls.__name__}): ...), then load the file "
+                f"with load_model(path, custom_objects={{'My{cls.__name__}': My{cls.__name__}}}) or after "
+                "gpucnn.saving.register_layer_class(...)")
+
+
+def _layer_random_states(model):
+    """{layer name: its own generator's state} for the layers that have one."""
+    states = {}
+    for layer in model._all_layers():
+        state = layer.random_state() if hasattr(layer, "random_state") else None
+        if state is not None:
+            states[layer.name] = state
+    return states
+
+
+# ===================================================================================== reading the archive
 def _read_bytes(path):
+    remove_stale_temporaries(path)
     with open(path, "rb") as f:  # a missing file is FileNotFoundError, not InvalidModelFile
         return f.read()
 
 
-def _read_model_file(path, raw=None):
-    """Open, verify and return ``(header, {member: bytes})``; raise InvalidModelFile on any defect."""
-    raw = _read_bytes(path) if raw is None else raw
-    try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-            info = zf.getinfo(_JSON)
-            if info.file_size > _MAX_JSON_BYTES:
-                raise InvalidModelFile(f"{path}: {_JSON} is implausibly large ({info.file_size} bytes)")
-            header = json.loads(zf.read(_JSON).decode("utf-8"))
-            if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise InvalidModelFile(f"{path}: not a gpucnn model file")
-            if header.get("format_version") != FORMAT_VERSION:
-                raise InvalidModelFile(f"{path}: format version {header.get('format_version')!r} is not "
-                                       f"supported (this gpucnn reads version {FORMAT_VERSION})")
-            sums = header.get("sha256")
-            if not isinstance(sums, dict) or _WEIGHTS not in sums:
-                raise InvalidModelFile(f"{path}: the header lists no checksums")
-            members = {}
-            for name, expected in sums.items():
-                if name not in (_WEIGHTS, _OPTIMIZER):
-                    raise InvalidModelFile(f"{path}: unexpected member {name!r}")
-                data = zf.read(name)
-                if hashlib.sha256(data).hexdigest() != expected:
-                    raise InvalidModelFile(f"{path}: checksum mismatch in {name}: the file is corrupt")
-                members[name] = data
-    except InvalidModelFile:
-        raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, UnicodeDecodeError, ValueError,
-            NotImplementedError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        raise InvalidModelFile(
-            f"{path}: not a valid gpucnn model file ({type(exc).__name__}: {exc})") from None
-    return header, members
+def _checked_size(info, path, limit=None):
+    """Refuse a zip member whose declared size is impossible for what the archive holds, or above
+    ``limit`` bytes, before a byte of it is decompressed."""
+    possible = {zipfile.ZIP_STORED: info.compress_size,
+                zipfile.ZIP_DEFLATED: _DEFLATE_MAX_RATIO * info.compress_size + 64}.get(info.compress_type)
+    if possible is not None and info.file_size > possible:
+        raise InvalidModelFile(f"{path}: member {info.filename} declares {info.file_size:,} bytes, more than "
+                               f"its {info.compress_size:,} stored bytes can hold")
+    if limit is not None and info.file_size > limit:
+        raise InvalidModelFile(f"{path}: member {info.filename} declares {info.file_size:,} bytes; what it "
+                               f"should hold takes at most {limit:,}")
 
 
-def _load_npz(data, path, what):
-    """{key: array} from npz bytes, refusing pickles and object arrays (nothing in them is run)."""
-    try:
-        npz = np.load(io.BytesIO(data), allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise InvalidModelFile(f"{path}: {what} is not an .npz archive")
-        with npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except InvalidModelFile:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
-        raise InvalidModelFile(f"{path}: unreadable {what} ({type(exc).__name__}: {exc})") from None
-    for key, value in arrays.items():
-        if value.dtype.kind != "f":
-            raise InvalidModelFile(f"{path}: {what} array {key!r} has dtype {value.dtype}, not float")
-    return arrays
+def _header(zf, path):
+    """The verified ``model.json`` of an open model file."""
+    names = zf.namelist()
+    if len(set(names)) != len(names):
+        raise InvalidModelFile(f"{path}: the archive names a member twice")
+    info = zf.getinfo(_JSON)
+    _checked_size(info, path, _MAX_JSON_BYTES)
+    header = json.loads(zf.read(info).decode("utf-8"))
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise InvalidModelFile(f"{path}: not a gpucnn model file")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise InvalidModelFile(f"{path}: format version {header.get('format_version')!r} is not "
+                               f"supported (this gpucnn reads version {FORMAT_VERSION})")
+    sums = header.get("sha256")
+    if not isinstance(sums, dict) or _WEIGHTS not in sums:
+        raise InvalidModelFile(f"{path}: the header lists no checksums")
+    for name in sums:
+        if name not in (_WEIGHTS, _OPTIMIZER):
+            raise InvalidModelFile(f"{path}: unexpected member {name!r}")
+    return header
+
+
+def _member_info(zf, name, path):
+    info = zf.getinfo(name)
+    _checked_size(info, path)
+    return info
+
+
+def _member(zf, header, name, path, limit):
+    """A member's bytes, once its declared size is checked against ``limit`` and its checksum verified."""
+    info = zf.getinfo(name)
+    _checked_size(info, path, limit)
+    data = zf.read(info)
+    if hashlib.sha256(data).hexdigest() != header["sha256"][info.filename]:
+        raise InvalidModelFile(f"{path}: checksum mismatch in {info.filename}: the file is corrupt")
+    return data
+
+
+def _npz_size_bound(shapes):
+    """The most bytes an .npz of float arrays of these shapes takes (float64, the widest float accepted)."""
+    return sum(8 * math.prod(shape) + _NPY_SLACK for shape in shapes) + _NPY_SLACK
+
+
+def _weights_member(zf, header, model, path):
+    shapes = [tuple(w.shape) for layer in model._all_layers() for w in layer.weights]
+    return _member(zf, header, _WEIGHTS, path, _npz_size_bound(shapes))
+
+
+# ===================================================================================== reading arrays
+def _npz_headers(zf, path, what):
+    """{key: (zip member, shape, dtype, Fortran order, data offset)} from the ``.npy`` headers of an open
+    ``.npz`` alone: no array data is read, nothing is unpickled."""
+    headers = {}
+    for info in zf.infolist():
+        key = info.filename[:-4] if info.filename.endswith(".npy") else None
+        if key is None or key in headers:
+            raise InvalidModelFile(f"{path}: {what} holds {info.filename!r}, not one .npy array per key")
+        _checked_size(info, path)
+        with zf.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise InvalidModelFile(f"{path}: {what} array {key!r} has .npy format version {version}")
+            offset = f.tell()
+        if dtype.kind != "f":
+            raise InvalidModelFile(f"{path}: {what} array {key!r} has dtype {dtype}, not float")
+        if offset + math.prod(shape) * dtype.itemsize != info.file_size:
+            raise InvalidModelFile(f"{path}: {what} array {key!r} declares shape {shape} of {dtype}, which is "
+                                   f"not what its {info.file_size:,} bytes hold")
+        headers[key] = (info, shape, dtype, fortran, offset)
+    return headers
+
+
+def _npz_array(zf, entry, path, what, key):
+    """One array of an .npz (its header already checked by ``_npz_headers``) as float32, refused if any
+    value is not finite once float32."""
+    info, shape, dtype, fortran, offset = entry
+    with zf.open(info) as f:
+        f.read(offset)
+        data = f.read(info.file_size - offset)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf, refused just below
+        value = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").astype(np.float32)
+    if not np.isfinite(value).all():
+        raise InvalidModelFile(f"{path}: {what} {key} contains NaN or infinity (as float32)")
+    return value
 
 
 def _set_weights_from_npz(model, data, path):
-    arrays = _load_npz(data, path, "weights")
     expected = [(layer, name, tuple(w.shape)) for layer in model._all_layers()
                 for name, w in zip(layer.weight_names, layer.weights)]
-    ordered = []
-    for key in arrays:
-        index, _, rest = key.partition("_")
-        if not index.isdigit() or not rest:
-            raise InvalidModelFile(f"{path}: unexpected weights key {key!r} (expected like 00_conv2d_kernel)")
-        ordered.append((int(index), rest, arrays[key]))
-    ordered.sort(key=lambda t: t[0])
-    if [t[0] for t in ordered] != list(range(len(expected))):
-        raise InvalidModelFile(f"{path}: the file holds {len(ordered)} weight arrays, the model has "
-                               f"{len(expected)}")
-    for (i, rest, value), (layer, name, shape) in zip(ordered, expected):
-        if rest.rsplit("_", 1)[-1] != name or value.shape != shape:
-            raise InvalidModelFile(f"{path}: weight {i} ({rest}, shape {value.shape}) does not fit "
-                                   f"layer {layer.name!r}'s {name} of shape {shape}")
-        if not np.all(np.isfinite(value)):
-            raise InvalidModelFile(f"{path}: weight {i} ({rest}) contains NaN or infinity")
-    model.set_weights([t[2] for t in ordered])
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        headers = _npz_headers(zf, path, "weights")
+        ordered = []
+        for key in headers:
+            index, _, rest = key.partition("_")
+            if not index.isdigit() or not rest:
+                raise InvalidModelFile(f"{path}: unexpected weights key {key!r} (expected like 00_conv2d_kernel)")
+            ordered.append((int(index), rest, key))
+        ordered.sort(key=lambda t: t[0])
+        if [t[0] for t in ordered] != list(range(len(expected))):
+            raise InvalidModelFile(f"{path}: the file holds {len(ordered)} weight arrays, the model has "
+                                   f"{len(expected)}")
+        for (i, rest, key), (layer, name, shape) in zip(ordered, expected):
+            if rest.rsplit("_", 1)[-1] != name or headers[key][1] != shape:
+                raise InvalidModelFile(f"{path}: weight {i} ({rest}, shape {headers[key][1]}) does not fit "
+                                       f"layer {layer.name!r}'s {name} of shape {shape}")
+        values = [_npz_array(zf, headers[key], path, "weight", f"{i} ({rest})") for i, rest, key in ordered]
+    model.set_weights(values)
 
 
-def _compile_from_config(model, header, optimizer_data, path):
+# ===================================================================================== the architecture
+def layer_classes(custom_objects=None):
+    """Layer classes by the names a file may give: the built-ins, the registered, then ``custom_objects``."""
+    classes = dict(layers_mod.LAYER_CLASSES)
+    classes.update(_registered)
+    if custom_objects is None:
+        return classes
+    if not isinstance(custom_objects, dict):
+        raise TypeError(f"custom_objects must be a dict of class names to layer classes, e.g. "
+                        f"{{'MyLayer': MyLayer}}; got {type(custom_objects).__name__}")
+    for name, cls in custom_objects.items():
+        classes[_custom_class(name, cls)] = cls
+    return classes
+
+
+def _custom_class(name, cls):
+    if not isinstance(name, str) or not (isinstance(cls, type) and issubclass(cls, layers_mod.Layer)):
+        raise TypeError(f"a custom layer class must be a subclass of gpucnn.layers.Layer under its name; got "
+                        f"{name!r}: {cls!r}")
+    return name
+
+
+class _Budget:
+    """Stands in for gpucnn's random generator while a model is built from a file. Initial weights are drawn
+    from a scratch generator (loading draws nothing from the user's), and a draw that would take the weights
+    past ``limit`` values (what the file can hold) is refused before anything is allocated."""
+
+    def __init__(self, limit, path):
+        self._generator, self._left, self._path = np.random.default_rng(0), limit, path
+
+    def __getattr__(self, name):
+        method = getattr(self._generator, name)
+        if not callable(method):
+            return method
+
+        def draw(*args, **kwargs):
+            shapes = [a for a in (*args, kwargs.get("size")) if isinstance(a, (tuple, list))]
+            if shapes and all(isinstance(d, (int, np.integer)) for d in shapes[-1]):
+                self._left -= math.prod(int(d) for d in shapes[-1])
+                if self._left < 0:
+                    raise InvalidModelFile(f"{self._path}: the architecture has more weights than the file "
+                                           f"holds (a weight of shape {tuple(shapes[-1])})")
+            return method(*args, **kwargs)
+        return draw
+
+
+def _build_within(build, config, path, classes, max_params):
+    """``build(config, classes, path)`` with gpucnn's random generator replaced by a budget of ``max_params``
+    weights (the most the file can hold): no larger weight is ever allocated, nothing is drawn from the user's
+    generator. Any error becomes InvalidModelFile."""
+    try:
+        with generator_in_use(_Budget(max_params, path)):
+            model = build(config, classes, path)
+    except InvalidModelFile:
+        raise
+    except _FILE_ERRORS as exc:
+        raise InvalidModelFile(f"{path}: invalid model config ({type(exc).__name__}: {exc})") from None
+    if model.count_params() > max_params:
+        raise InvalidModelFile(f"{path}: the architecture has {model.count_params():,} weights, more than the "
+                               "file holds")
+    return model
+
+
+def _compile_from_config(model, header, zf, path):
     try:
         cc = header["compile_config"]
         opt_name = cc["optimizer"]["name"]
@@ -215,30 +416,58 @@ def _compile_from_config(model, header, optimizer_data, path):
             raise InvalidModelFile(f"{path}: unknown loss {cc['loss']!r}")
         model.compile(optimizer=optimizer, loss=cc["loss"], metrics=list(cc["metrics"]))
         iterations = header["optimizer_iterations"]
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        if (isinstance(iterations, bool) or not isinstance(iterations, int)
+                or not 0 <= iterations < _MAX_ITERATIONS):
             raise InvalidModelFile(f"{path}: invalid optimizer iterations {iterations!r}")
     except InvalidModelFile:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except _FILE_ERRORS as exc:
         raise InvalidModelFile(f"{path}: invalid compile config ({type(exc).__name__}: {exc})") from None
     optimizer.iterations = iterations
-    if optimizer_data is None:
+    if _OPTIMIZER not in header["sha256"]:
         return
-    state = _load_npz(optimizer_data, path, "optimizer state")
     n = int(model._params.shape[0])
-    if set(state) != set(optimizer._slots) or any(v.shape != (n,) for v in state.values()):
-        raise InvalidModelFile(f"{path}: optimizer state {sorted(state)} does not fit a {opt_name} "
-                               f"optimizer over {n} parameters")
+    slots = optimizer._slots
+    data = _member(zf, header, _OPTIMIZER, path, _npz_size_bound([(n,)] * len(slots)))
+    with zipfile.ZipFile(io.BytesIO(data)) as npz:
+        headers = _npz_headers(npz, path, "optimizer state")
+        if set(headers) != set(slots) or any(h[1] != (n,) for h in headers.values()):
+            raise InvalidModelFile(f"{path}: optimizer state {sorted(headers)} does not fit a {opt_name} "
+                                   f"optimizer over {n} parameters")
+        state = {slot: _npz_array(npz, headers[slot], path, "optimizer state", slot) for slot in slots}
+    for slot in ("velocity", "v"):  # running means of squared gradients
+        if slot in state and state[slot].min(initial=0) < 0:
+            raise InvalidModelFile(f"{path}: optimizer state {slot} has negative values (it is a mean of "
+                                   "squares)")
     optimizer.build(n)
     for slot, value in state.items():
-        optimizer.state[slot][...] = backend.ops().xp.asarray(value.astype(np.float32))
+        optimizer.state[slot][...] = backend.ops().xp.asarray(value)
 
 
-def _restore_rng(state, path):
-    generator = rng().bit_generator
-    if not isinstance(state, dict) or state.get("bit_generator") != type(generator).__name__:
-        raise InvalidModelFile(f"{path}: invalid random-generator state")
+def _restore_layer_random_states(model, states, path):
+    """Give every layer with a generator of its own the state the file holds for it."""
+    if states is None:  # a file from before layers' states were saved
+        return
+    if not isinstance(states, dict):
+        raise InvalidModelFile(f"{path}: invalid layer random states")
+    names = {layer.name for layer in model._all_layers() if hasattr(layer, "set_random_state")}
+    unknown = sorted(set(states) - names)
+    if unknown:
+        raise InvalidModelFile(f"{path}: a random state for {unknown[0]!r}, which is not a layer with a "
+                               "generator of its own")
+    for layer in model._all_layers():
+        if layer.name in names:
+            try:
+                layer.set_random_state(states.get(layer.name))
+            except ValueError as exc:
+                raise InvalidModelFile(f"{path}: invalid random state of layer {layer.name!r} ({exc})") from None
+
+
+def _checked_rng_state(state, path):
+    """``state`` once it is known to fit gpucnn's generator (which is not changed here)."""
+    scratch = np.random.Generator(type(rng().bit_generator)())
     try:
-        generator.state = state
-    except (TypeError, ValueError, KeyError) as exc:
+        set_generator_state(scratch, state)
+    except ValueError as exc:
         raise InvalidModelFile(f"{path}: invalid random-generator state ({exc})") from None
+    return scratch.bit_generator.state

@@ -1,8 +1,18 @@
 """Small utilities a Keras user expects: ``to_categorical``, ``set_random_seed``, ``clear_session``."""
 import contextlib
+import errno
 import os
 import random
+import re
+import signal
+import stat
 import tempfile
+import threading
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, no cleaning of temporaries left by killed writers
+    fcntl = None
 
 import numpy as np
 
@@ -63,21 +73,34 @@ def to_categorical(y, num_classes=None):
 
 
 @contextlib.contextmanager
-def atomic_write(path):
-    """Yield a binary file that replaces ``path`` only once completely written and synced to disk."""
+def atomic_write(path, overwrite=True):
+    """Yield a binary file that replaces ``path`` only once completely written and synced to disk.
+
+    The file is written next to the one ``path`` names, through any symbolic link (the link keeps pointing to
+    the new file). A directory, FIFO or device is refused, so is a read-only file, and with
+    ``overwrite=False`` any existing one. Errors name ``path``, never the temporary file; a temporary left by
+    a process killed mid-write is removed by the next write (or ``remove_stale_temporaries``) of that path.
+    """
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    target = os.path.realpath(path)
+    _check_target(path, target, overwrite)
+    directory = os.path.dirname(target)
+    remove_stale_temporaries(target)
+    tmp = None
     try:
+        fd, tmp = _locked_temporary(target)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600 files; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        os.chmod(tmp, _file_mode(target))  # mkstemp makes 0600 files; keep the usual permissions
+        os.replace(tmp, target)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, path) from exc  # the target's name, not the temporary's
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -95,3 +118,116 @@ def _file_mode(path):
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def _check_target(path, target, overwrite):
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory; give the path of a file inside it", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "is not a regular file (a FIFO, device or socket); gpucnn writes only "
+                                    "regular files", path)
+    if not overwrite:
+        raise FileExistsError(errno.EEXIST, "exists; pass overwrite=True to replace it", path)
+    if not os.access(target, os.W_OK) or not st.st_mode & 0o222:
+        raise PermissionError(errno.EACCES, "is read-only, so gpucnn does not replace it; make it writable "
+                                            "(chmod u+w) or remove it first", path)
+
+
+def _temporary_pattern(target):
+    directory, base = os.path.split(target)
+    return directory, base, re.compile(r"\." + re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")  # mkstemp's names
+
+
+def _locked_temporary(target):
+    """A new temporary file next to ``target``, locked while this process writes it: ``(fd, path)``."""
+    directory, base, _ = _temporary_pattern(target)
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + base + ".", suffix=".tmp")
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:  # not taken for stale (and removed) between its creation and the lock
+            return fd, tmp
+        os.close(fd)
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporary files that ``atomic_write`` left next to ``path`` in a process that was killed
+    while writing (those of a write still going on are locked, and kept). POSIX only; errors are ignored."""
+    if fcntl is None:
+        return
+    directory, _, pattern = _temporary_pattern(os.path.realpath(os.fspath(path)))
+    with contextlib.suppress(OSError):
+        names = [name for name in os.listdir(directory or ".") if pattern.fullmatch(name)]
+        for name in names:
+            stale = os.path.join(directory, name)
+            with contextlib.suppress(OSError):
+                fd = os.open(stale, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its writer lives
+                    os.unlink(stale)
+                finally:
+                    os.close(fd)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Hold back Ctrl-C (SIGINT) for the duration of the block, then deliver it to the handler that was in
+    place (by default: raise KeyboardInterrupt) as soon as the block ends. Only the main thread receives
+    signals; elsewhere, or when the handler was not set from Python, the block runs as is."""
+    pending = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            signal.raise_signal(signal.SIGINT)
+
+
+def set_generator_state(generator, state):
+    """Set NumPy ``generator``'s state to ``state``, a dict as its ``bit_generator.state`` gives (e.g. read
+    back from a file). ValueError, with the generator untouched, unless ``state`` has exactly that form
+    (same keys, integers where integers are, in range)."""
+    bits = generator.bit_generator
+    kind = type(bits).__name__
+    if not _same_form(state, bits.state):
+        raise ValueError(f"not a {kind} random-generator state: {str(state)[:200]}")
+    scratch = type(bits)()
+    try:
+        scratch.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise ValueError(f"invalid {kind} random-generator state ({exc})") from None
+    if scratch.state != state:
+        raise ValueError(f"invalid {kind} random-generator state: {str(state)[:200]}")
+    bits.state = state
+
+
+def _same_form(value, template):
+    if isinstance(template, dict):
+        return (isinstance(value, dict) and value.keys() == template.keys()
+                and all(_same_form(value[k], template[k]) for k in template))
+    if isinstance(template, int):
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return type(value) is type(template) and (not isinstance(template, str) or value == template)
+
+
+@contextlib.contextmanager
+def generator_in_use(generator):
+    """gpucnn's generator (``rng()``) is ``generator`` inside the block; the usual one is back after it,
+    untouched."""
+    usual, _state["rng"] = _state["rng"], generator
+    try:
+        yield
+    finally:
+        _state["rng"] = usual

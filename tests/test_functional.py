@@ -317,7 +317,7 @@ def test_bad_input_gets_clear_errors():
 
 def test_build_without_the_batch_dimension_says_so():
     m = keras.Sequential([layers.Conv2D(2, 3), layers.Flatten(), layers.Dense(2)])
-    with pytest.raises(ValueError, match=r"batch dimension first.*model.build\(\(None,\) \+ \(28, 28, 1\)\)"):
+    with pytest.raises(ValueError, match=r"batch dimension first.*model.build\(\(None, 28, 28, 1\)\)"):
         m.build((28, 28, 1))
     m.build((None, 28, 28, 1))
     assert m.output_shape == (None, 2)

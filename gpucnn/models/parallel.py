@@ -18,11 +18,19 @@ which does not):
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
   * only layers without per-step random state (no Dropout with a non-zero rate);
-  * the worker has not failed in this session. If it fails (it died, or could not start), gpucnn warns once
-    and trains on in one process; the step that failed is computed again there.
+  * only gpucnn's own model and layer classes: the worker rebuilds the model from its config, by class
+    name, so a model with a user's layer class (a subclass of ``Dense``, say) trains in one process, with
+    one notice;
+  * the worker has not failed in this session. If it fails (it died, could not start, or gave no answer
+    within ``STEP_SECONDS``), gpucnn warns once, stops it and trains on in one process; the step that failed
+    is computed again there.
 
 The worker starts on the first split step (about half a second: a fresh Python importing NumPy and gpucnn)
-and serves every later step of every model in this process; it exits when this process does.
+and serves every later step of every model in this process; it exits when this process does. It runs in
+its own session and ignores Ctrl-C: an interrupt is this process's to handle. An interrupted step (Ctrl-C,
+or any error in this process's half) still reads the worker's reply before the exception goes on, so the
+next step never reads a stale one; a worker that does not answer then is stopped, and the next split step
+starts a fresh one.
 """
 import atexit
 import contextlib
@@ -31,11 +39,13 @@ import functools
 import mmap
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import warnings
 from multiprocessing.connection import Connection
@@ -45,11 +55,15 @@ import numpy as np
 
 from .. import backend
 from ..layers import serialize
+from ..utils import sigint_deferred
 
 MIN_BATCH = 32  # each half at least 16 samples: below that the exchange costs more than the half saves
 START_SECONDS = 120  # how long the worker may take to start (importing NumPy on a cold disk can be slow)
+# How long the worker may take for its half once this process has done its own: ten times as long, and at
+# least STEP_SECONDS (the halves are the same work; a worker slower than that has stalled).
+STEP_SECONDS = 30
 _blas = {}
-_state = {"worker": None, "failed": None}
+_state = {"worker": None, "failed": None, "half_seconds": None, "noticed": set()}
 _lock = threading.Lock()  # one split step at a time in this process
 
 
@@ -123,12 +137,35 @@ def split_reason(model, batch):
         return f"a batch under {MIN_BATCH} samples"
     if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model._all_layers()):
         return "Dropout draws a new mask each step"
+    foreign = _foreign_class(model)
+    if foreign is not None:
+        return foreign
     if os.name != "posix" or not sys.executable:
         return "the worker process needs a POSIX system and a Python executable"
     if _openblas_threads() is None:
         return "NumPy's OpenBLAS not found (its thread count cannot be set)"
     if _state["failed"] is not None:
         return f"the worker process failed earlier ({_state['failed']})"
+    return None
+
+
+def _foreign_class(model):
+    """Why the worker cannot rebuild ``model`` exactly (a class of the user's where it would construct
+    gpucnn's own of that name), or None. Said once per class in a notice."""
+    from ..layers import LAYER_CLASSES
+
+    classes = [type(model)] + [type(layer) for layer in model._all_layers()]
+    for cls in classes:
+        own = (cls.__module__.startswith("gpucnn.") if cls is type(model)
+               else LAYER_CLASSES.get(cls.__name__) is cls)
+        if not own:
+            reason = (f"the model uses {cls.__module__}.{cls.__qualname__}, a class of its own, which the "
+                      "worker process cannot rebuild")
+            if cls not in _state["noticed"]:
+                _state["noticed"].add(cls)
+                warnings.warn(f"gpucnn: {reason}; this model trains in one process", RuntimeWarning,
+                              stacklevel=5)
+            return reason
     return None
 
 
@@ -142,23 +179,42 @@ def split_step(model, xb, yb):
         try:
             worker = _worker()
             shared = worker.prepare(model, xb[h:], yb[h:])
-            worker.conn.send(("step", n - h, (n - h) / n))
+            worker.send(("step", n - h, (n - h) / n))
         except Exception as exc:  # noqa: BLE001  (the worker could not take its half: one process goes on)
             _give_up(exc)
             return model._forward_backward(xb, yb, 1.0)
+        except BaseException:  # interrupted while talking to the worker: what it holds is unknown
+            _stop()
+            raise
+        start = time.perf_counter()
         try:
             with blas_threads(1):
                 loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n)
         except BaseException:
-            _stop()  # its reply is still on the way: a fresh worker serves the next step
+            _discard_reply(worker)
             raise
+        seconds = time.perf_counter() - start
+        _state["half_seconds"] = seconds
         try:
-            loss_b, correct_b = worker.result()
+            loss_b, correct_b = worker.result(max(STEP_SECONDS, 10 * seconds))
         except Exception as exc:  # noqa: BLE001
             _give_up(exc)
             return model._forward_backward(xb, yb, 1.0)
+        except BaseException:  # interrupted while waiting: the reply is still to come
+            _discard_reply(worker)
+            raise
         model._grads += shared["grads"]
     return loss_a + np.float32(loss_b), correct_a + correct_b
+
+
+def _discard_reply(worker):
+    """Read and drop the reply to the step in flight, so that the next step reads its own; a worker that does
+    not answer soon (or a second interrupt meanwhile) is stopped instead: the next split step starts anew."""
+    half = _state["half_seconds"]
+    try:
+        worker.result(5.0 if half is None else 10 * half + 1.0)
+    except BaseException:  # noqa: BLE001  (the exception being handled is the one that goes on)
+        _stop()
 
 
 class _Worker:
@@ -166,26 +222,32 @@ class _Worker:
 
     def __init__(self):
         ours, theirs = socket.socketpair()
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); from gpucnn.models.parallel import serve; "
+        # Ctrl-C is ignored from the first line on; its own session keeps a terminal's Ctrl-C away as well
+        code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
+                "sys.path.insert(0, sys.argv[1]); from gpucnn.models.parallel import serve; "
                 "serve(int(sys.argv[2]))")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", GPUCNN_DEVICE="cpu")
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", code, str(Path(__file__).resolve().parents[2]), str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         finally:
             theirs.close()
         self.pid = os.getpid()  # the process that started it (a fork of this one must start its own)
         self.conn = Connection(ours.detach())
         self.key = self.shared = None
-        self._expect("ready", START_SECONDS)
+        try:
+            self._expect("ready", START_SECONDS)
+        except BaseException:
+            self.close()
+            raise
 
     def prepare(self, model, xh, yh):
         """Make the worker hold ``model`` and the file hold this step's weights and half batch; returns the
         file's arrays."""
         capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
-        key = (id(model), tuple(map(id, model.layers)), id(model._params), model.loss.name,
-               xh.shape[1:], yh.shape[1:], yh.dtype.str)
+        key = (id(model), tuple(map(id, model.layers)), id(model._params), model._params.shape,
+               model.loss.name, xh.shape[1:], yh.shape[1:], yh.dtype.str)
         if key != self.key or len(xh) > len(self.shared["x"]):
             self._setup(model, key, capacity, xh, yh)
         shared = self.shared
@@ -207,21 +269,26 @@ class _Worker:
             os.ftruncate(fd, max(offset, 1))
             mapped = mmap.mmap(fd, max(offset, 1))
             self.key = None
-            self.conn.send(("setup", serialize(model), model.loss.name, path, layout))
+            self.send(("setup", serialize(model), model.loss.name, path, layout))
             self._expect("ok", START_SECONDS)
         finally:
             os.close(fd)
             os.unlink(path)  # both processes have it mapped; nothing is left behind
         self.shared, self.key = _arrays(mapped, layout), key  # the arrays keep the mapping open
 
-    def result(self):
-        reply = self._expect("done")
+    def result(self, timeout):
+        reply = self._expect("done", timeout)
         return reply[1], reply[2]
 
-    def _expect(self, what, timeout=None):
-        if timeout is not None and not self.conn.poll(timeout):
-            raise RuntimeError(f"no answer within {timeout} s")
-        reply = self.conn.recv()  # EOFError when the worker has died
+    def send(self, message):
+        with sigint_deferred():  # a message is sent whole or not at all
+            self.conn.send(message)
+
+    def _expect(self, what, timeout):
+        if not self.conn.poll(timeout):  # Ctrl-C can interrupt the wait ...
+            raise RuntimeError(f"it gave no answer within {timeout:.3g} s")
+        with sigint_deferred():  # ... but not the reading of a reply that has come
+            reply = self.conn.recv()  # EOFError when the worker has died
         if reply[0] == "error":
             raise RuntimeError(f"the worker failed:\n{reply[1]}")
         if reply[0] != what:
@@ -232,8 +299,8 @@ class _Worker:
         with contextlib.suppress(OSError):
             self.conn.close()  # the worker reads the end of the pipe and exits
         try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
+            self.process.wait(timeout=1)
+        except subprocess.TimeoutExpired:  # busy with a step, or stalled: it has nothing left to do
             self.process.kill()
             self.process.wait()
 
@@ -274,26 +341,34 @@ def _arrays(mapped, layout):
 def serve(fd):
     """The worker's loop (``python -c ...`` started by ``_Worker``): set up models, run half-steps, until the
     pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the other process handles Ctrl-C and stops this one
     conn = Connection(fd)
     backend.set_engine("cpu")
-    conn.send(("ready",))
-    model = shared = None
-    while True:
-        try:
+    replica = None  # (model, shared arrays)
+    try:
+        conn.send(("ready",))
+        while True:
             message = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            if message[0] == "setup":
-                model = shared = None
-                model, shared = _replica(*message[1:])
-                conn.send(("ok",))
-            elif message[0] == "step":
-                _, n, scale = message
-                loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale)
-                conn.send(("done", float(loss), int(correct)))
-        except Exception:  # noqa: BLE001  (told to the other side, which gives up on the worker)
-            conn.send(("error", traceback.format_exc()))
+            try:
+                if message[0] == "setup":
+                    replica = None
+                    replica = _replica(*message[1:])
+                    reply = ("ok",)
+                else:
+                    reply = _half_step(replica, *message[1:])
+            except Exception:  # noqa: BLE001  (told to the other side, which gives up on the worker)
+                reply = ("error", traceback.format_exc())
+            conn.send(reply)
+    except (EOFError, OSError):  # the other side closed the pipe, or went away: nothing more to do
+        return
+
+
+def _half_step(replica, n, scale):
+    model, shared = replica
+    # as in fit: a diverging run's overflow is reported once, as TrainingDivergedError, by the other side
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale)
+    return ("done", float(loss), int(correct))
 
 
 def _replica(config, loss, path, layout):

@@ -127,7 +127,7 @@ class Sequential(Model):
             self._layers, self._input, self._output, self.graph, self.built = layers, None, None, None, False
             if given is not None and given[0] is not None:
                 raise type(exc)(f"{exc}. (build() takes the batch dimension first: for samples of shape "
-                                f"{tuple(given)} write model.build((None,) + {tuple(given)}))") from exc
+                                f"{tuple(given)} write model.build({(None,) + tuple(given)}))") from exc
             raise
 
     def _require_built(self, what):

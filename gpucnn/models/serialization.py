@@ -23,11 +23,13 @@ class _Invalid(ValueError):
     pass
 
 
-def model_from_config(config, custom_objects=None, where="config"):
+def model_from_config(config, custom_objects=None, where="config", classes=None):
     """A model from ``{"class_name", "config"}`` (or a bare Sequential config, as gpucnn's first files hold).
-    Any defect raises ``saving.InvalidModelFile`` naming ``where``."""
+    ``classes``: the layer classes by name it may construct (default: gpucnn's, the registered ones and
+    ``custom_objects``). Any defect raises ``saving.InvalidModelFile`` naming ``where``."""
+    classes = saving.layer_classes(custom_objects) if classes is None else classes
     try:
-        return _from_spec(_wrapped(config), custom_objects or {})
+        return _from_spec(_wrapped(config), classes)
     except saving.InvalidModelFile:
         raise
     except (_Invalid, KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError,
@@ -41,54 +43,52 @@ def _wrapped(config):
     return config
 
 
-def _from_spec(spec, custom_objects):
+def _from_spec(spec, classes):
     if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
         raise _Invalid("a layer entry must be a mapping with a 'config' mapping")
     name = spec.get("class_name")
     if name == "Sequential":
-        return _sequential(spec["config"], custom_objects)
+        return _sequential(spec["config"], classes)
     if name == "Functional":
-        return _functional(spec["config"], custom_objects)
-    return _layer(spec, custom_objects)
+        return _functional(spec["config"], classes)
+    return _layer(spec, classes)
 
 
-def _layer(spec, custom_objects):
+def _layer(spec, classes):
     name = spec["class_name"]
     if not isinstance(name, str):
         raise _Invalid(f"layer class name {name!r} is not a string")
-    cls = custom_objects.get(name)
-    if cls is not None:
-        if not (isinstance(cls, type) and issubclass(cls, Layer)):
-            raise TypeError(f"custom_objects[{name!r}] must be a subclass of gpucnn.layers.Layer, got {cls!r}")
-    elif spec.get("custom"):
+    cls = classes.get(name)
+    if cls is None:
+        raise saving.InvalidModelFile(
+            f"unknown layer class {name!r}; gpucnn builds only {sorted(classes)}. For a layer class of your own, "
+            "pass load_model(path, custom_objects={name: class})")
+    if spec.get("custom") and cls is LAYER_CLASSES.get(name):
         raise saving.InvalidModelFile(
             f"the file holds a layer of a user's class {name!r} (not gpucnn's own {name!r}); pass the class: "
             f"load_model(path, custom_objects={{{name!r}: {name}}})")
-    else:
-        cls = LAYER_CLASSES.get(name)
-        if cls is None:
-            raise saving.InvalidModelFile(f"unknown layer class {name!r}; gpucnn builds only "
-                                          f"{sorted(LAYER_CLASSES)} (and classes given in custom_objects=)")
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"layer class {name!r} must be a subclass of gpucnn.layers.Layer, got {cls!r}")
     return cls(**spec["config"])
 
 
-def _sequential(config, custom_objects):
+def _sequential(config, classes):
     model = Sequential(name=str(config["name"]))
     if config.get("input_shape"):
         model.add(InputLayer(shape=tuple(config["input_shape"])))
     for spec in config["layers"]:
-        model.add(_from_spec(spec, custom_objects))
+        model.add(_from_spec(spec, classes))
     if not model.built and config.get("input_shape"):
         model.build((None,) + tuple(config["input_shape"]))
     return model
 
 
-def _functional(config, custom_objects):
+def _functional(config, classes):
     specs = config["layers"]
     layers, outputs_of = {}, {}  # name -> layer; (name, local node index) -> output tensors
     pending = []
     for spec in specs:
-        layer = _from_spec(spec, custom_objects)
+        layer = _from_spec(spec, classes)
         name = str(spec["name"])
         if name in layers:
             raise _Invalid(f"two layers are named {name!r}")
@@ -125,10 +125,9 @@ def load_model(path, restore_rng=True, custom_objects=None):
     With ``restore_rng`` (the default) gpucnn's random generators are set back to their state at saving time,
     so ``fit(..., initial_epoch=k)`` continues exactly as the interrupted run would have. ``custom_objects``:
     ``{"ClassName": cls}`` for layers of your own classes (subclasses of ``gpucnn.layers.Layer``)."""
-    header, members = saving.read_model_file(path)
-    model = model_from_config(header.get("model_config"), custom_objects, where=str(path))
-    saving.restore_model_state(model, header, members, path, restore_rng=restore_rng)
-    return model
+    def build(config, classes, where):
+        return model_from_config(config, where=str(where), classes=classes)
+    return saving.load_model(path, build, restore_rng=restore_rng, custom_objects=custom_objects)
 
 
 Model._from_config = staticmethod(model_from_config)  # Model.from_config builds through this module

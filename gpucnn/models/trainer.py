@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from .. import backend, losses as losses_mod, metrics as metrics_mod, optimizers as optimizers_mod
+from .. import callbacks as callbacks_mod
 from ..callbacks import CallbackList, History
 from ..data import adapters
 from ..progress import Progbar
@@ -441,20 +442,10 @@ def _verbose(verbose):
 
 
 def _callback_list(callbacks):
-    from ..callbacks import Callback
-    if callbacks is None:
-        return []
-    if isinstance(callbacks, Callback):
-        raise TypeError(f"callbacks must be a list of callbacks, got one {type(callbacks).__name__}: write "
-                        f"callbacks=[{type(callbacks).__name__}(...)]")
-    if isinstance(callbacks, CallbackList):
-        return list(callbacks.callbacks)
-    try:
-        callbacks = list(callbacks)
-    except TypeError:
-        raise TypeError(f"callbacks must be a list of callbacks, got {type(callbacks).__name__}") from None
+    """Keras's forms (None, one callback, a list or tuple) as a list of callbacks, each checked."""
+    callbacks = callbacks_mod.as_list(callbacks)
     for cb in callbacks:
-        if not isinstance(cb, Callback):
+        if not isinstance(cb, callbacks_mod.Callback):
             raise TypeError(f"callbacks must hold gpucnn.callbacks.Callback objects, got {type(cb).__name__}")
     return callbacks
 
