@@ -11,7 +11,7 @@
 ``GPUCNN_DEVICE=auto|gpu|cpu`` (or ``gpucnn.set_engine``) chooses the engine; see ``gpucnn.backend``.
 Importing gpucnn never touches the GPU.
 """
-from . import callbacks, data, datasets, layers, losses, metrics, models, optimizers, saving, utils, viz
+from . import activations, callbacks, data, datasets, layers, losses, metrics, models, optimizers, saving, utils, viz
 from .backend import engine, set_engine
 from .layers import Input
 from .models import Model, Sequential
@@ -21,7 +21,7 @@ utils.image_dataset_from_directory = data.image_dataset_from_directory
 utils.PyDataset = data.PyDataset
 
 __version__ = "0.1.0"
-__all__ = ["Input", "Model", "Sequential", "callbacks", "data", "datasets", "layers", "losses", "metrics", "models",
+__all__ = ["Input", "Model", "Sequential", "activations", "callbacks", "data", "datasets", "layers", "losses", "metrics", "models",
            "optimizers", "saving", "utils", "viz", "engine", "set_engine", "__version__"]
 
 

@@ -61,3 +61,28 @@ def test_the_summary_is_keras_summary(monkeypatch):
     ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")))
     ours.summary(print_fn=lines_ours.append)
     assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]
+
+
+def test_a_sigmoid_model_with_binary_crossentropy_matches_keras():
+    """Predictions with Keras's weights, the binary cross-entropy, and the weights after two RMSprop steps."""
+    def head(lib):
+        inputs = lib.Input(shape=(6,))
+        x = lib.layers.Dense(5, activation="tanh")(inputs)
+        x = lib.layers.Dense(4, activation="gelu")(x)
+        return lib.Model(inputs, lib.layers.Dense(1, activation="sigmoid")(x))
+    keras_ref.utils.set_random_seed(1)
+    ref, ours = head(keras_ref), head(gpucnn)
+    ours.set_weights(ref.get_weights())
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((10, 6)).astype(np.float32)
+    y = (rng.random(10) > 0.5).astype(np.float32)
+    np.testing.assert_allclose(ours.predict(x, verbose=0), np.asarray(ref.predict(x, verbose=0)), rtol=1e-5,
+                               atol=1e-6)
+    for m, lib in ((ref, keras_ref), (ours, gpucnn)):
+        m.compile(optimizer=lib.optimizers.RMSprop(learning_rate=0.01), loss="binary_crossentropy",
+                  metrics=["accuracy"])
+    np.testing.assert_allclose(ours.evaluate(x, y, verbose=0), ref.evaluate(x, y, verbose=0), rtol=1e-5)
+    for m in (ref, ours):
+        m.fit(x, y, batch_size=5, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(ours.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(got, np.asarray(want), rtol=1e-3, atol=1e-5)

@@ -22,10 +22,11 @@ import re
 import numpy as np
 
 from .. import backend
+from ..engines import numpy_ops
 from ..utils import next_name, rng
 from .tensor import KerasTensor, Node, is_symbolic
 
-ACTIVATIONS = (None, "relu", "softmax", "linear")
+ACTIVATIONS = (None, "linear") + numpy_ops.ACTIVATIONS  # the names a layer's activation= takes
 
 
 # ===================================================================================== helpers
@@ -49,13 +50,25 @@ def _padding_mode(padding):
     return mode
 
 
-def _activation(name):
-    if callable(name) and not isinstance(name, str):
-        raise ValueError("activations are given by name: 'relu', 'softmax' or None")
-    key = None if name is None else str(name).lower()
-    if key not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; gpucnn knows 'relu', 'softmax', 'linear' and None")
-    return None if key == "linear" else key
+def _activation(spec):
+    """An activation as the ops take it: None, a name, or a (name, parameter) pair (e.g. ("leaky_relu", 0.3));
+    given as None, a name, such a pair (a list, as a saved config holds it), or a function of
+    ``gpucnn.activations``. "linear" is None."""
+    spec = getattr(spec, "activation_name", spec)  # gpucnn.activations.relu etc.
+    if callable(spec) and not isinstance(spec, str):
+        raise ValueError(f"activations are given by name (e.g. 'relu', 'sigmoid') or as gpucnn.activations "
+                         f"functions, not {spec!r}; gpucnn knows {', '.join(str(a) for a in ACTIVATIONS[1:])}")
+    if isinstance(spec, list):
+        spec = tuple(spec)
+    if spec is None or (isinstance(spec, str) and spec.lower() == "linear"):
+        return None
+    if isinstance(spec, str):
+        spec = spec.lower()
+    try:
+        name, param = numpy_ops.split_activation(spec)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or 'linear')") from None
+    return name if not isinstance(spec, tuple) else (name, param)
 
 
 def _positive_int(value, what):
@@ -345,6 +358,30 @@ class Layer:
         if kept is None or kept.shape != shape or kept.dtype != dtype:
             kept = ctx[("buffer", key)] = ops.xp.empty(shape, dtype)
         return kept
+
+    def _forward_activation(self, ctx):
+        """(activation the op fuses, activation this layer applies after it) for a call: the output layer under a
+        loss that takes the logits applies none (``ctx["skip_activation"]``); an activation whose gradient needs
+        its input (silu, gelu) is applied after the op, which then keeps that input, ``ctx["z"]``."""
+        act = None if ctx.get("skip_activation") else self.activation
+        if act is not None and numpy_ops.activation_needs_input(act):
+            return None, act
+        return act, None
+
+    def _activate(self, z, after, ctx):
+        """The layer's output from the op's output ``z`` (``after``: the activation applied here, or None)."""
+        if after is None:
+            return z
+        ctx["z"] = z
+        return backend.ops().activation_forward(z, after, out=self.buffer(ctx, "y_act", z.shape))
+
+    def _activation_grad(self, dy, ctx):
+        """The gradient at the op's output from the gradient ``dy`` at the layer's output."""
+        act = None if ctx.get("skip_activation") else self.activation
+        if act is None:
+            return dy
+        return backend.ops().activation_backward(dy, ctx["y"], act, out=self.buffer(ctx, "dz", dy.shape),
+                                                 x=ctx.get("z"))
 
     def weight_grad(self, i, ctx):
         """Where this call's gradient of weight ``i`` goes: the layer's gradient array, or, when the step adds

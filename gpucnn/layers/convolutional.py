@@ -41,17 +41,17 @@ class Conv2D(Layer):
         return self.weight_grad(1, ctx) if self.use_bias else self.buffer(ctx, "db", (self.filters,))
 
     def forward(self, x, training, ctx):
-        act = None if ctx.get("skip_activation") else self.activation
-        y = backend.ops().conv2d_forward(x, self.weights[0], self.weights[1] if self.use_bias else None, self.strides,
-                                         self.pads, act, ctx=ctx.setdefault("ops", {}),
+        fused, after = self._forward_activation(ctx)
+        z = backend.ops().conv2d_forward(x, self.weights[0], self.weights[1] if self.use_bias else None, self.strides,
+                                         self.pads, fused, ctx=ctx.setdefault("ops", {}),
                                          out=self.buffer(ctx, "y", (x.shape[0],) + self.output_shape))
+        y = self._activate(z, after, ctx)
         ctx["x"], ctx["y"] = x, y
         return y
 
     def backward(self, dy, ctx):
-        ops, x, y = backend.ops(), ctx["x"], ctx["y"]
-        act = None if ctx.get("skip_activation") else self.activation
-        dz = dy if act is None else ops.activation_backward(dy, y, act, out=self.buffer(ctx, "dz", y.shape))
+        ops, x = backend.ops(), ctx["x"]
+        dz = self._activation_grad(dy, ctx)
         ops_ctx = ctx.setdefault("ops", {})
         ops.conv2d_backward_filter(dz, x, self.weights[0].shape, self.strides, self.pads, ctx=ops_ctx,
                                    out_w=self.weight_grad(0, ctx), out_b=self._bias_grad(ctx))

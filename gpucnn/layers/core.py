@@ -78,16 +78,16 @@ class Dense(Layer):
         return (self.units,)
 
     def forward(self, x, training, ctx):
-        act = None if ctx.get("skip_activation") else self.activation
-        y = backend.ops().dense_forward(x, self.weights[0], self.weights[1] if self.use_bias else None, act,
+        fused, after = self._forward_activation(ctx)
+        z = backend.ops().dense_forward(x, self.weights[0], self.weights[1] if self.use_bias else None, fused,
                                         out=self.buffer(ctx, "y", (x.shape[0], self.units)))
+        y = self._activate(z, after, ctx)
         ctx["x"], ctx["y"] = x, y
         return y
 
     def backward(self, dy, ctx):
-        ops, x, y = backend.ops(), ctx["x"], ctx["y"]
-        act = None if ctx.get("skip_activation") else self.activation
-        dz = dy if act is None else ops.activation_backward(dy, y, act, out=self.buffer(ctx, "dz", y.shape))
+        ops, x = backend.ops(), ctx["x"]
+        dz = self._activation_grad(dy, ctx)
         ops.dense_backward_weights(dz, x, out_w=self.weight_grad(0, ctx),  # (no bias: a kept scratch db)
                                    out_b=self.weight_grad(1, ctx) if self.use_bias else
                                    self.buffer(ctx, "db", (self.units,)))
@@ -101,7 +101,7 @@ class Dense(Layer):
 
 
 class Activation(Layer):
-    """Applies an activation by name ('relu', 'softmax', 'linear')."""
+    """Applies an activation by name ('relu', 'softmax', 'sigmoid', 'tanh', 'gelu', ... or 'linear')."""
 
     def __init__(self, activation, **kwargs):
         super().__init__(**kwargs)
@@ -112,14 +112,14 @@ class Activation(Layer):
             ctx["y"] = x
             return x
         y = backend.ops().activation_forward(x, self.activation, out=self.buffer(ctx, "y", x.shape))
-        ctx["y"] = y
+        ctx["x"], ctx["y"] = x, y
         return y
 
     def backward(self, dy, ctx):
         if ctx.get("skip_activation") or self.activation is None:
             return dy
         return backend.ops().activation_backward(dy, ctx["y"], self.activation,
-                                                 out=self.buffer(ctx, "dx", dy.shape))
+                                                 out=self.buffer(ctx, "dx", dy.shape), x=ctx["x"])
 
     def get_config(self):
         return {**super().get_config(), "activation": self.activation}
