@@ -33,6 +33,9 @@
 //                             clip), dz = (p - y) / N as softmax_crossentropy_backward, the first arg-max of
 //                             p against the label as count_correct; then fixed-order block sums of the loss
 //                             and the count, written to loss_steps[step] and correct_steps[step]. No atomics.
+//   sigmoid_binary_crossentropy_step
+//                             the same for a sigmoid output under a binary cross-entropy (labels (N, U) float
+//                             0/1): the loss, its gradient at the logits and the binary accuracy count.
 #include "common.cuh"
 
 #ifndef EPSILON
@@ -151,4 +154,38 @@ softmax_crossentropy_step_sparse(const float* __restrict__ logits, const int* __
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
                                  int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K) {
     softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K);
+}
+
+// grid 1, block THREADS: the binary cross-entropy of a sigmoid output, as the plain step computes it: p =
+// sigmoid(z) (activations.cu's sigmoid), the loss as binary_crossentropy_forward on p (clip, the U terms in
+// order, / U), dz = (p - y) / (N·U) as sigmoid_binary_crossentropy_backward, the correct count as
+// count_binary_correct ((p > 0.5) == y); fixed-order block sums into the step's slots.
+extern "C" __global__ void __launch_bounds__(THREADS)
+sigmoid_binary_crossentropy_step(const float* __restrict__ logits, const float* __restrict__ labels,
+                                 float* __restrict__ dz, float* __restrict__ loss_steps,
+                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int U) {
+    __shared__ float loss_scratch[THREADS];
+    __shared__ long long count_scratch[THREADS];
+    float my_loss = 0.0f;
+    long long my_correct = 0;
+    const float total = (float)N * (float)U;
+    for (int r = threadIdx.x; r < N; r += blockDim.x) {
+        float row = 0.0f;
+        for (int u = 0; u < U; ++u) {
+            const long long i = (long long)r * U + u;
+            const float p = sigmoid(logits[i]);
+            const float y = labels[i];
+            const float q = clip_probability(p, EPSILON);
+            row += -(y * logf(q) + (1.0f - y) * logf(1.0f - q));
+            dz[i] = (p - y) / total;
+            my_correct += (p > 0.5f ? 1.0f : 0.0f) == y;
+        }
+        my_loss += row / (float)U;
+    }
+    const float loss_sum = block_sum(my_loss, loss_scratch);
+    const long long correct = block_sum(my_correct, count_scratch);
+    if (threadIdx.x == 0) {
+        loss_steps[step[0]] = loss_sum;
+        correct_steps[step[0]] = (int)correct;
+    }
 }

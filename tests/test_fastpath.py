@@ -237,6 +237,36 @@ def test_fast_path_trains_a_functional_residual_model_as_the_plain_cuda_path(dro
         np.testing.assert_allclose(results["fast"][1]["loss"], results[name][1]["loss"], rtol=1e-5)
 
 
+def binary_model():
+    """Two classes with a sigmoid output and a binary cross-entropy (the book's cats-vs-dogs head)."""
+    m = models.Sequential([layers.Conv2D(4, 3, activation="relu", input_shape=(10, 10, 1)), layers.MaxPooling2D(2),
+                           layers.Flatten(), layers.Dense(6, activation="tanh"), layers.Dense(1, activation="sigmoid")])
+    m.compile(optimizer="rmsprop", loss="binary_crossentropy", metrics=["accuracy"])
+    return m
+
+
+@_gpu
+def test_fast_path_trains_a_sigmoid_binary_model_as_the_plain_cuda_path(monkeypatch, gpu_engine):
+    x, labels = small_data(40, sparse=True)
+    y = (labels % 2).astype(np.float32)
+    backend.set_engine("cpu")
+    start = binary_model().get_weights()
+    results = {}
+    for name, engine, fast in (("numpy", "cpu", False), ("plain", "gpu", False), ("fast", "gpu", True)):
+        backend.set_engine(engine)
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        m = binary_model()
+        m.set_weights(start)
+        if fast:
+            assert isinstance(fastpath.plan(m, 16, x, y[:, None]), fastpath.Trainer)
+        results[name] = (m.get_weights(), m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history)
+    for name in ("plain", "numpy"):
+        for got, want in zip(results["fast"][0], results[name][0]):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(results["fast"][1]["loss"], results[name][1]["loss"], rtol=1e-5)
+        assert results["fast"][1]["accuracy"] == results[name][1]["accuracy"]
+
+
 @_gpu
 def test_the_fast_path_is_used_and_has_a_last_batch_graph(gpu_engine):
     m = small_model()
@@ -500,6 +530,12 @@ def _kernel_stand_ins():
     def step_advance(step):
         step[0] += 1
 
+    def binary_step(logits, y, dz, loss_steps, correct_steps, step, n, k):
+        p = on.activation_forward(logits, "sigmoid")
+        loss_steps[step[0]] = on.binary_crossentropy_forward(p, y, False).sum()
+        correct_steps[step[0]] = on.count_binary_correct(p, y)
+        dz[...] = on.sigmoid_binary_crossentropy_backward(p, y)
+
     def loss_step(sparse):
         def run(logits, y, dz, loss_steps, correct_steps, step, n, k):
             p = on.activation_forward(logits, "softmax")
@@ -510,7 +546,8 @@ def _kernel_stand_ins():
 
     return {"permutation_keys": permutation_keys, "gather_batch": gather_batch, "step_advance": step_advance,
             "softmax_crossentropy_step_onehot": loss_step(False),
-            "softmax_crossentropy_step_sparse": loss_step(True)}
+            "softmax_crossentropy_step_sparse": loss_step(True),
+            "sigmoid_binary_crossentropy_step": binary_step}
 
 
 def _fake_modules():

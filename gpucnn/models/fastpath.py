@@ -10,8 +10,8 @@ engines run. This module only changes *how* it is launched. At batch 64 a step o
     once on the host), else as float32; labels too (one-hot float32 or int32);
   * each epoch's order is made on the device (``permutation_keys`` + ``cupy.argsort``, from a seed drawn
     from ``gpucnn.utils.rng()`` so ``set_random_seed`` repeats runs), outside the captured step;
-  * the step (gather → the graph's forward → fused softmax cross-entropy → the graph's backward → optimizer →
-    step counter + 1) is captured once per batch size as a CUDA graph (a second graph for a smaller last batch)
+  * the step (gather → the graph's forward → fused softmax (or sigmoid) cross-entropy → the graph's backward →
+    optimizer → step counter + 1) is captured once per batch size as a CUDA graph (a second graph for a smaller last batch)
     and replayed. It first runs once eagerly, which compiles the kernels and allocates every buffer the layers
     keep (its effect on the weights and the optimizer state is undone); any allocation during the capture is
     refused. Values that change from step to step live in device memory: the step counter (reset before each
@@ -49,7 +49,8 @@ from .graph import Contexts, StepValues
 READ_EVERY = 50  # steps between asynchronous copies of the per-step loss and accuracy to the host
 
 _OPTIMIZERS = (optimizers_mod.SGD, optimizers_mod.RMSprop, optimizers_mod.Adam)
-_LOSSES = (losses_mod.CategoricalCrossentropy, losses_mod.SparseCategoricalCrossentropy)
+_LOSSES = (losses_mod.CategoricalCrossentropy, losses_mod.SparseCategoricalCrossentropy,
+           losses_mod.BinaryCrossentropy)
 _OFF = ("0", "off", "false", "no")
 
 _noticed = weakref.WeakSet()  # models whose fallback notice was printed
@@ -64,9 +65,9 @@ def unsupported_reason(model):
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
                 "(SGD, RMSprop, Adam)")
-    if type(model.loss) not in _LOSSES or model.loss.from_logits:
-        return (f"its loss {type(model.loss).__name__} is not a categorical cross-entropy of probabilities, which "
-                "the captured step's fused softmax cross-entropy computes")
+    if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
+        return (f"its loss {type(model.loss).__name__}{' (from_logits)' if model.loss.from_logits else ''} is not "
+                "one the captured step fuses with its output activation (a cross-entropy of probabilities)")
     if len(model.outputs) != 1:
         return f"it has {len(model.outputs)} outputs"
     for layer in model._all_layers():
@@ -74,9 +75,10 @@ def unsupported_reason(model):
             return (f"layer {layer.name!r} is of the class {type(layer).__name__}, not one of gpucnn's own layers, "
                     "whose steps are known to allocate nothing")
     last = model.outputs[0].node.layer
-    if not (isinstance(last, (L.Dense, L.Activation)) and last.activation == "softmax"):
-        return ("its output layer is not a softmax (Dense(..., activation='softmax') or "
-                "Activation('softmax')), which the fused softmax cross-entropy needs")
+    wanted = model.loss.fused_activation
+    if not (isinstance(last, (L.Dense, L.Activation)) and last.activation == wanted):
+        return (f"its output layer is not a {wanted} (Dense(..., activation='{wanted}') or "
+                f"Activation('{wanted}')), which the fused {wanted} cross-entropy of the captured step needs")
     if len(model.outputs[0].sample_shape) != 1:
         return f"its output has per-sample shape {model.outputs[0].sample_shape}, not (classes,)"
     return None
@@ -151,6 +153,7 @@ class Trainer:
         self.full_rows = min(self.batch, n)
         self.last_rows = n - (self.steps - 1) * self.batch
         self.sparse = model.loss.sparse
+        self.binary = isinstance(model.loss, losses_mod.BinaryCrossentropy)  # labels (N, units) float, as one-hot
         self.classes = int(model.outputs[0].sample_shape[-1])
         self.input_shape = tuple(x.shape[1:])
         self.per_image = int(np.prod(self.input_shape))
@@ -204,7 +207,9 @@ class Trainer:
         def forward_loss_backward():
             logits = model.graph.forward([xb], True, contexts)[0]  # the output layer leaves the softmax to the loss
             args = (logits, yb, dz, self.loss_steps, self.correct_steps, self.step, rows, self.classes)
-            if self.sparse:
+            if self.binary:
+                launch("sigmoid_binary_crossentropy_step", 1, T, args)
+            elif self.sparse:
                 launch("softmax_crossentropy_step_sparse", 1, T, args)
             else:
                 launch("softmax_crossentropy_step_onehot", 1, T, args)
