@@ -268,6 +268,38 @@ def test_fast_path_trains_a_sigmoid_binary_model_as_the_plain_cuda_path(monkeypa
 
 
 @_gpu
+def test_fast_path_trains_from_dataset_batches_as_the_plain_cuda_path(monkeypatch, gpu_engine):
+    from gpucnn.data import PyDataset
+
+    class Batches(PyDataset):
+        def __init__(self, x, y):
+            super().__init__()
+            self.x, self.y = x, y
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return self.x[i * 16:(i + 1) * 16], self.y[i * 16:(i + 1) * 16]
+
+    x, y = small_data(40)
+    backend.set_engine("cpu")
+    start = small_model(dropout=0.25).get_weights()
+    results = {}
+    for name, fast in (("plain", False), ("fast", True)):
+        backend.set_engine("gpu")
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        set_random_seed(4)
+        m = small_model(dropout=0.25)
+        m.set_weights(start)
+        history = m.fit(Batches(x, y), epochs=2, shuffle=False, verbose=0).history
+        results[name] = (history, m.get_weights())
+    for got, want in zip(results["fast"][1], results["plain"][1]):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(results["fast"][0]["loss"], results["plain"][0]["loss"], rtol=1e-5)
+
+
+@_gpu
 def test_the_fast_path_is_used_and_has_a_last_batch_graph(gpu_engine):
     m = small_model()
     x, y = small_data(40)
@@ -586,6 +618,10 @@ class _CpuTrainer(fastpath.Trainer):
         return _Replay(self._program(rows, contexts)), contexts
 
 
+class _CpuStreamTrainer(fastpath.StreamTrainer):
+    _capture = _CpuTrainer._capture
+
+
 @pytest.fixture
 def cpu_fast_path(cpu_engine, monkeypatch):
     """``fit`` on the NumPy engine going through the fast path's trainer with NumPy stand-ins."""
@@ -598,8 +634,15 @@ def cpu_fast_path(cpu_engine, monkeypatch):
         trainers.append(_CpuTrainer(model, batch_size, x, y, _modules=modules))
         return trainers[-1]
 
+    def plan_stream(model, batch_size, first):
+        assert fastpath.unsupported_reason(model) is None
+        trainers.append(_CpuStreamTrainer(model, max(batch_size, len(first[0])), first[0].shape[1:],
+                                          _modules=modules))
+        return trainers[-1]
+
     backend.ops()  # the NumPy ops stay chosen while fit is told the engine is CUDA
     monkeypatch.setattr(fastpath, "plan", plan)
+    monkeypatch.setattr(fastpath, "plan_stream", plan_stream)
     monkeypatch.setattr(backend, "engine", lambda: "cuda")
     return trainers
 
@@ -655,6 +698,42 @@ def test_the_cpu_fast_path_trains_a_functional_residual_model_as_the_numpy_engin
     for a, b in zip(results[0][0], results[1][0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+
+
+class _Batches:
+    """A sequence of (x, y) batches, as a PyDataset is."""
+
+    def __init__(self, x, y, size):
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return -(-len(self.x) // self.size)
+
+    def __getitem__(self, i):
+        return self.x[i * self.size:(i + 1) * self.size], self.y[i * self.size:(i + 1) * self.size]
+
+
+def test_the_cpu_fast_path_trains_from_host_batches_as_the_numpy_engine(cpu_fast_path, monkeypatch):
+    """Batches of a dataset copied into the captured step's buffers, windows of READ_EVERY steps (a window cut in
+    the middle of an epoch, a smaller last batch captured in the middle of a window), dropout seeds and Adam's
+    rates refilled per window: the same weights and logs as the NumPy engine's plain step."""
+    monkeypatch.setattr(fastpath, "READ_EVERY", 2)
+    x, y = small_data(40)
+    results = []
+    for engine in ("numpy", "cuda"):
+        monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
+        set_random_seed(5)
+        m = small_model(optimizer="adam", dropout=0.3)
+        h = m.fit(_Batches(x, y, 16), epochs=2, shuffle=False, verbose=0)
+        results.append((m.get_weights(), h.history, m.optimizer.iterations))
+    assert isinstance(cpu_fast_path[-1], fastpath.StreamTrainer)
+    assert sorted(cpu_fast_path[-1]._graphs) == [8, 16]
+    (w_plain, h_plain, it_plain), (w_fast, h_fast, it_fast) = results
+    assert it_plain == it_fast == 6
+    for a, b in zip(w_fast, w_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+    assert h_fast["accuracy"] == h_plain["accuracy"]
 
 
 def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(cpu_fast_path, monkeypatch):

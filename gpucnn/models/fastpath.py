@@ -84,9 +84,8 @@ def unsupported_reason(model):
     return None
 
 
-def plan(model, batch_size, x, y):
-    """A ``Trainer`` for ``model`` on (x, y) — checked float32 NumPy inputs and labels as ``fit`` has
-    them — or a string saying why the fast path is not used."""
+def _refusal(model):
+    """Why this model or setting does not take the fast path (None when it does)."""
     from .. import backend
 
     if backend.engine() != "cuda":
@@ -94,17 +93,38 @@ def plan(model, batch_size, x, y):
     setting = os.environ.get("GPUCNN_FASTPATH", "1").strip().lower()
     if setting in _OFF:
         return f"turned off by GPUCNN_FASTPATH={setting}"
-    reason = unsupported_reason(model)
+    return unsupported_reason(model)
+
+
+def _make(build, what):
+    """``build()`` (a trainer), or the reason it does not fit in GPU memory."""
+    from ..engines import cuda_loader as cuda
+
+    try:
+        return build()
+    except cuda.DeviceOutOfMemoryError as exc:
+        return f"{what} do not fit in GPU memory ({exc})"
+
+
+def plan(model, batch_size, x, y):
+    """A ``Trainer`` for ``model`` on (x, y) — checked float32 NumPy inputs and labels as ``fit`` has
+    them — or a string saying why the fast path is not used."""
+    reason = _refusal(model)
     if reason:
         return reason
     if len(x) >= 2**31 - 1 - batch_size:
         return f"{len(x):,} samples are more than the fast path's 32-bit indices cover"
-    from ..engines import cuda_loader as cuda
+    return _make(lambda: Trainer(model, batch_size, x, y), "the training set and the step's buffers")
 
-    try:
-        return Trainer(model, batch_size, x, y)
-    except cuda.DeviceOutOfMemoryError as exc:
-        return f"the training set and the step's buffers do not fit in GPU memory ({exc})"
+
+def plan_stream(model, batch_size, first_batch):
+    """A ``StreamTrainer`` for ``model`` on batches from the host (``first_batch``: the first (x, y), checked), or
+    a string saying why the fast path is not used."""
+    reason = _refusal(model)
+    if reason:
+        return reason
+    rows = max(int(batch_size), len(first_batch[0]))
+    return _make(lambda: StreamTrainer(model, rows, first_batch[0].shape[1:]), "the step's buffers")
 
 
 def notice(model, reason):
@@ -134,28 +154,38 @@ class Trainer:
     """Device-resident data, the captured step graphs and the epoch loop of one ``fit`` call."""
 
     def __init__(self, model, batch_size, x, y, _modules=None):
-        if _modules is None:
-            import cupy
-
-            from ..engines import cuda_loader as cuda, cuda_ops as ops_cuda
-
-            _modules = (cupy, cuda, ops_cuda)
-        # (cupy, gpucnn.engines.cuda_loader, gpucnn.engines.cuda_ops): tests/test_fastpath.py passes NumPy
-        # stand-ins to check the step's wiring on the CPU
+        # _modules: (cupy, gpucnn.engines.cuda_loader, gpucnn.engines.cuda_ops); tests/test_fastpath.py passes
+        # NumPy stand-ins to check the step's wiring on the CPU
+        _modules = _modules or _default_modules()
         cupy, cuda, _ = _modules
-        self.cupy, self.cuda, self.ops = _modules
+        self._setup(model, batch_size, x.shape[1:], _modules, n=len(x))
+        n = self.n
+        with self.stream:  # the data, once, and the epoch's order
+            u8 = as_uint8(x)
+            self.x_u8 = None if u8 is None else cupy.asarray(u8.reshape(n, -1))
+            self.x_f32 = cupy.asarray(x.reshape(n, -1)) if u8 is None else None
+            self.y_dev = cupy.asarray(y.astype(np.int32 if self.sparse else np.float32))
+            self.perm = cupy.arange(n, dtype=np.int32)
+            self.keys = cuda.empty((n,), np.uint64)
+            self.stream.synchronize()
+
+    def _setup(self, model, batch_size, input_shape, modules, n=None, rows=None):
+        """What every captured step needs: the model, its batch buffers, the counter and the per-step tables
+        (``rows`` of them: the epoch's steps, or a window of streamed steps)."""
+        cupy, cuda, _ = modules
+        self.cupy, self.cuda, self.ops = modules
         model._require_built("fastpath.plan")
         model._adopt_weights()  # fit does this before planning; plan() may be called directly (the tests do)
         self.model = model
-        self.n = n = len(x)
+        self.n = n
         self.batch = int(batch_size)
-        self.steps = math.ceil(n / self.batch)
-        self.full_rows = min(self.batch, n)
-        self.last_rows = n - (self.steps - 1) * self.batch
+        self.steps = math.ceil(n / self.batch) if rows is None else rows
+        self.full_rows = self.batch if n is None else min(self.batch, n)
+        self.last_rows = self.full_rows if n is None else n - (self.steps - 1) * self.batch
         self.sparse = model.loss.sparse
         self.binary = isinstance(model.loss, losses_mod.BinaryCrossentropy)  # labels (N, units) float, as one-hot
         self.classes = int(model.outputs[0].sample_shape[-1])
-        self.input_shape = tuple(x.shape[1:])
+        self.input_shape = tuple(input_shape)
         self.per_image = int(np.prod(self.input_shape))
         self.stream = cupy.cuda.Stream(non_blocking=True)
         opt = model.optimizer
@@ -164,24 +194,16 @@ class Trainer:
         # The weights and optimizer state were written on the default stream, which a non-blocking
         # stream does not wait for: let that work finish before this stream reads them.
         cupy.cuda.Device().synchronize()
-
         with self.stream:
-            # ---- the data, once
-            u8 = as_uint8(x)
-            self.x_u8 = None if u8 is None else cupy.asarray(u8.reshape(n, -1))
-            self.x_f32 = cupy.asarray(x.reshape(n, -1)) if u8 is None else None
-            self.y_dev = cupy.asarray(y.astype(np.int32 if self.sparse else np.float32))
-            # ---- step state: the counter and tables the step reads (StepValues), the epoch's order, metric slots
+            # the counter and tables the step reads (StepValues, the optimizer's rates), the metric slots
             self.values = StepValues(model._random_layers(), rows=self.steps, xp=cupy)
             self.step = self.values.counter
             self.rates = cupy.zeros(self.steps, np.float32)
-            self.perm = cupy.arange(n, dtype=np.int32)
-            self.keys = cuda.empty((n,), np.uint64)
             self.loss_steps = cupy.zeros(self.steps, np.float32)
             self.correct_steps = cupy.zeros(self.steps, np.int32)
             self._loss_host = _pinned(cupy, self.steps, np.float32)
             self._correct_host = _pinned(cupy, self.steps, np.int32)
-            # ---- the batch and the logits' gradient, at the full batch size (the layers keep their own buffers)
+            # the batch and the logits' gradient, at the full batch size (the layers keep their own buffers)
             self.xb = cuda.empty((self.full_rows,) + self.input_shape, np.float32)
             self.yb = cuda.empty((self.full_rows,) if self.sparse else (self.full_rows, self.classes),
                                  np.int32 if self.sparse else np.float32)
@@ -222,8 +244,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- capture
     def _state_arrays(self):
-        opt = self.model.optimizer
-        return [self.model._params] + [opt.state[k] for k in sorted(opt.state)]
+        """What a step updates besides its own buffers: the weights (and the layers' own state, such as moving
+        statistics, which are weights that do not train) and the optimizer's state."""
+        opt, model = self.model.optimizer, self.model
+        return [model._params] + [opt.state[k] for k in sorted(opt.state)] + list(model.non_trainable_weights)
 
     def _capture(self, rows):
         """Run the step for ``rows`` once eagerly (compiles the kernels, allocates every buffer the layers keep;
@@ -233,11 +257,14 @@ class Trainer:
         contexts = Contexts(self.model.graph, step=self.values, skip_output_activation=True)
         program = self._program(rows, contexts)
         with self.stream:
-            self.step.fill(0)  # the eager run reads the counter: keep its slots in range
-            saved = [a.copy() for a in self._state_arrays()]
+            # the eager run reads the counter (keep its slots in range) and writes the weights, the optimizer's
+            # state, the layers' own state and a metric slot: all put back as they were
+            kept = self._state_arrays() + [self.step, self.loss_steps, self.correct_steps]
+            saved = [a.copy() for a in kept]
+            self.step.fill(0)
             for run in program:
                 run()
-            for a, s in zip(self._state_arrays(), saved):
+            for a, s in zip(kept, saved):
                 cupy.copyto(a, s)
             self.stream.synchronize()
             del saved
@@ -368,6 +395,102 @@ class Trainer:
         loss_total = float(np.sum(self._loss_host[:step + 1], dtype=np.float64))
         correct_total = int(np.sum(self._correct_host[:step + 1], dtype=np.int64))
         return self.model._read_logs(loss_total, correct_total, seen)
+
+
+class StreamTrainer(Trainer):
+    """The captured step for batches that come from the host (a dataset, a generator, a PyDataset): each batch is
+    copied into the step's input buffers, then the step's graph for that batch size (captured the first time it
+    is seen) is replayed. The per-step tables hold a window of ``READ_EVERY`` steps: before each window the host
+    puts the counter back to 0 and fills the window's dropout seeds and rates; after it, the window's metric slots
+    are read (one wait per window, as the device-resident path reads every ``READ_EVERY`` steps)."""
+
+    def __init__(self, model, batch_size, input_shape, _modules=None):
+        self._setup(model, batch_size, input_shape, _modules or _default_modules(), rows=READ_EVERY)
+
+    def _program(self, rows, contexts):
+        return super()._program(rows, contexts)[1:]  # no gather: the host copies each batch in
+
+    def _graph(self, rows, position):
+        """The graph for ``rows`` samples (captured now if new; all captured again when what they depend on
+        changed), with the counter left at ``position`` of the window."""
+        key = self._graph_key()
+        if key != self._captured_key:
+            self._graphs, self._captured_key = {}, key
+        if rows not in self._graphs:
+            self._graphs[rows] = self._capture(rows)
+        return self._graphs[rows][0]
+
+    def _open_window(self, steps):
+        """Before the next ``steps`` steps (at most a window; fewer when the epoch ends sooner, so the dropout
+        seeds drawn are exactly those of the steps that run, as the plain path draws them)."""
+        opt = self.model.optimizer
+        self.cupy.cuda.Device().synchronize()  # writes of callbacks or validation on the default stream first
+        with self.stream:
+            self.step.fill(0)
+            if self.values.layers:
+                table = np.zeros(self.values.seeds.shape, np.uint64)
+                table[:steps] = self.values.draw(steps)
+                self.values.seeds.set(table)
+            self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
+
+    def _close_window(self, rows, totals):
+        """Read the window's slots (waiting for its steps) into the epoch's running totals; returns the logs."""
+        self._copy_metrics(len(rows) - 1)
+        self.stream.synchronize()
+        totals[0] += float(np.sum(self._loss_host[:len(rows)], dtype=np.float64))
+        totals[1] += int(np.sum(self._correct_host[:len(rows)], dtype=np.int64))
+        totals[2] += sum(rows)
+        rows.clear()
+        return self.model._read_logs(*totals)
+
+    def run_epoch(self, batches, epoch, cbs, bar):
+        """Train on ``batches`` (host (x, y) NumPy batches, checked) as one epoch (of ``bar.target`` steps when
+        known); returns its logs."""
+        opt, lockstep = self.model.optimizer, cbs.batch_hooks_use_model()
+        totals, window, logs = [0.0, 0, 0], [], {}
+        try:
+            for step, (xb, yb) in enumerate(batches):
+                if step % self.steps == 0:
+                    if window:
+                        logs = self._close_window(window, totals)
+                    left = self.steps if bar.target is None else min(self.steps, bar.target - step)
+                    self._open_window(max(left, 1))
+                cbs.on_train_batch_begin(step)
+                rows = len(xb)
+                if rows > self.full_rows:
+                    raise ValueError(f"batch {step} has {rows} samples, more than the {self.full_rows} the GPU fast "
+                                     "path sized its buffers for (the first batch, or batch_size); give batches of "
+                                     "at most that size, or set GPUCNN_FASTPATH=0")
+                if lockstep:
+                    self.cupy.cuda.Device().synchronize()
+                graph = self._graph(rows, step % self.steps)
+                with self.stream:
+                    self.xb[:rows].set(np.ascontiguousarray(xb, np.float32))
+                    self.yb[:rows].set(np.ascontiguousarray(yb, self.yb.dtype))
+                graph.launch(self.stream)
+                opt.iterations += 1
+                window.append(rows)
+                if lockstep:
+                    self.stream.synchronize()
+                if self.model._end_batch(cbs, bar, epoch, step, logs):
+                    break
+            if window:
+                logs = self._close_window(window, totals)
+        except BaseException:
+            try:  # steps in flight finish before the caller reads the weights or frees these buffers
+                self.stream.synchronize()
+            except Exception:
+                pass
+            raise
+        return logs
+
+
+def _default_modules():
+    import cupy
+
+    from ..engines import cuda_loader as cuda, cuda_ops as ops_cuda
+
+    return cupy, cuda, ops_cuda
 
 
 def _pinned(cupy, count, dtype):

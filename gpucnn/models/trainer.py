@@ -234,8 +234,12 @@ class Trainer:
         self._adopt_weights()
         xp = backend.ops().xp
         trainer = None
-        if train is None and backend.engine() == "cuda":  # the fast path: the step captured as a CUDA graph
-            trainer = fastpath.plan(self, batch_size, x, y)
+        if backend.engine() == "cuda":  # the fast path: the step captured as a CUDA graph
+            if train is None:
+                trainer = fastpath.plan(self, batch_size, x, y)
+            else:
+                first = next(self._checked_batches(train, None, on_engine=False))
+                trainer = fastpath.plan_stream(self, train.batch_size or len(first[0]), first)
             if isinstance(trainer, str):
                 fastpath.notice(self, trainer)
                 trainer = None
@@ -262,7 +266,9 @@ class Trainer:
                     print(f"Epoch {epoch + 1}/{epochs}")
                     sys.stdout.flush()
                 bar = Progbar(steps, verbose)
-                if trainer is not None:  # the fast path: its own device order, graphs and metric reads
+                if trainer is not None and train is not None:  # the fast path, batches copied in from the host
+                    logs = trainer.run_epoch(self._checked_batches(train, epoch, on_engine=False), epoch, cbs, bar)
+                elif trainer is not None:  # the fast path: its own device order, graphs and metric reads
                     logs = trainer.run_epoch(epoch, shuffle, cbs, bar)
                 elif train is None:
                     order = rng().permutation(len(x_dev)) if shuffle else np.arange(len(x_dev))
@@ -285,10 +291,12 @@ class Trainer:
         cbs.on_train_end(self._last_logs)
         return history
 
-    def _checked_batches(self, source, epoch, labels=True):
-        """The batches of an adapter as engine arrays, each checked as fit checks arrays."""
-        xp = backend.ops().xp
-        for k, (xb, yb) in enumerate(source.batches(epoch)):
+    def _checked_batches(self, source, epoch, labels=True, on_engine=True):
+        """The batches of an adapter, each checked as fit checks arrays: engine arrays (or NumPy arrays, not
+        ``on_engine``). ``epoch`` None: the first batch only, not consumed (``peek``)."""
+        xp = backend.ops().xp if on_engine else np
+        batches = [source.peek()] if epoch is None else source.batches(epoch)
+        for k, (xb, yb) in enumerate(batches):
             xb = self._check_x(xb, f"batch {k} of x")
             if not labels:
                 yield xp.asarray(xb), None
