@@ -1,5 +1,6 @@
 """One epoch of the seed model at batch 64 on the CPU: gpucnn's NumPy engine vs PyTorch's CPU build,
-measured in the same run on the same machine. Target: gpucnn's epoch no slower than PyTorch's.
+measured in the same run on the same machine. Target: gpucnn's epoch no slower than PyTorch's, whether the
+model is written as a Sequential or with the functional API (and the functional one within 2 % of the other).
 
     make bench                      (installs the CPU build of PyTorch when it can)
     pytest benchmarks/test_numpy_vs_torch_cpu.py --benchmark-only
@@ -39,13 +40,13 @@ def _mnist():
     return x, y
 
 
-def gpucnn_epoch():
+def gpucnn_epoch(functional=False):
     from gpucnn import backend, utils
-    from gpucnn.cli import seed_model
+    from gpucnn.examples import seed_model, seed_model_functional
     x, y = _mnist()
     backend.set_engine("cpu")
     utils.set_random_seed(0)
-    model = seed_model()
+    model = seed_model_functional() if functional else seed_model()
     model.compile("rmsprop", "categorical_crossentropy", ["accuracy"])
     model.fit(x[:BATCH * 4], y[:BATCH * 4], batch_size=BATCH, verbose=0)  # warm-up
     start = time.perf_counter()
@@ -98,7 +99,9 @@ def openblas_kernels():
 
 
 def child(who):
-    seconds, accuracy = (gpucnn_epoch if who == "gpucnn" else torch_epoch)()
+    run = {"gpucnn": gpucnn_epoch, "gpucnn_functional": lambda: gpucnn_epoch(functional=True),
+           "torch": torch_epoch}[who]
+    seconds, accuracy = run()
     print(json.dumps({"epoch_seconds": seconds, "train_accuracy": accuracy, "openblas": openblas_kernels(),
                       "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}))
 
@@ -108,7 +111,8 @@ def configurations():
     """(name, who, environment) of each configuration measured here."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    configs = [("torch_cpu", "torch", env), ("gpucnn_numpy", "gpucnn", env)]
+    configs = [("torch_cpu", "torch", env), ("gpucnn_numpy", "gpucnn", env),
+               ("gpucnn_numpy_functional", "gpucnn_functional", env)]
     if "OPENBLAS_CORETYPE" in env:
         configs.append(("gpucnn_numpy_openblas_default", "gpucnn",
                         {k: v for k, v in env.items() if k != "OPENBLAS_CORETYPE"}))
@@ -147,11 +151,14 @@ def test_epoch(benchmark, mnist_train):  # mnist_train: the data is cached befor
         if name.startswith("gpucnn"):
             ratio = results[name]["epoch_seconds"] / torch_seconds
             results[name].update(ratio_over_torch=round(ratio, 3), target_met=ratio <= 1.0)
+    functional = results["gpucnn_numpy_functional"]["epoch_seconds"] / results["gpucnn_numpy"]["epoch_seconds"]
+    results["functional_over_sequential"] = {"ratio": round(functional, 3), "target_met": functional <= 1.02}
     benchmark.extra_info.update(results)
     write_result("numpy-vs-torch-cpu", {
         "what": f"one epoch of the seed model, 60,000 MNIST images, batch 64, RMSprop; each epoch in its own "
                 f"process, the configurations in turn; median of {ROUNDS}",
-        "target": "gpucnn NumPy epoch <= PyTorch CPU epoch (ratio_over_torch <= 1)",
+        "target": "gpucnn NumPy epoch <= PyTorch CPU epoch (ratio_over_torch <= 1), Sequential or functional; the "
+                  "functional model at most 2 % slower than the Sequential one",
         **results})
 
 

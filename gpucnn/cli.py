@@ -5,37 +5,10 @@ import os
 import sys
 import time
 
+from .examples import load_mnist, seed_model  # noqa: F401  (gpucnn.cli.seed_model, as before)
+
 DESCRIPTION = ('The gpucnn command: "gpucnn train" trains the seed convnet of "Deep Learning with Python" '
                '(5.1) on MNIST and reports its test accuracy; "gpucnn sweep" compares variants of it.')
-
-
-def seed_model(filters=(32, 64, 64), dense=64):
-    """The seed model: three 3x3 ReLU convolutions with 2x2 max-pooling between them, then Dense."""
-    from . import layers, models
-    f1, f2, f3 = filters
-    return models.Sequential([
-        layers.Conv2D(f1, (3, 3), activation="relu", input_shape=(28, 28, 1)),
-        layers.MaxPooling2D((2, 2)),
-        layers.Conv2D(f2, (3, 3), activation="relu"),
-        layers.MaxPooling2D((2, 2)),
-        layers.Conv2D(f3, (3, 3), activation="relu"),
-        layers.Flatten(),
-        layers.Dense(dense, activation="relu"),
-        layers.Dense(10, activation="softmax"),
-    ])
-
-
-def load_mnist(subset=None, test_subset=None):
-    """MNIST as the book prepares it: (N, 28, 28, 1) float32 in [0, 1] and one-hot labels."""
-    from .datasets import mnist
-    from .utils import to_categorical
-    (x_train, y_train), (x_test, y_test) = mnist.load_data()
-    if subset:
-        x_train, y_train = x_train[:subset], y_train[:subset]
-    if test_subset:
-        x_test, y_test = x_test[:test_subset], y_test[:test_subset]
-    prep = lambda x: (x.reshape((len(x), 28, 28, 1)).astype("float32") / 255)  # noqa: E731
-    return (prep(x_train), to_categorical(y_train, 10)), (prep(x_test), to_categorical(y_test, 10))
 
 
 def choose_engine(args):

@@ -60,7 +60,7 @@ def run_sweep(variants=None, train_size=6000, val_size=10000, epochs=3, batch_si
     """
     from . import utils
     if data is None:
-        from .cli import load_mnist
+        from .examples import load_mnist
         data = load_mnist()[0]
     x, y = data
     if train_size < 1 or val_size < 1:

@@ -57,7 +57,7 @@ def data(n, sparse):
 
 def grads(m):
     """Every weight gradient of the model, flat (the buffer's alignment padding left out)."""
-    return np.concatenate([g.ravel() for layer in m.layers for g in layer.grads])
+    return np.concatenate([g.ravel() for layer in m._all_layers() for g in layer.grads])
 
 
 def one_thread_step(m, xb, yb, monkeypatch):
@@ -88,6 +88,37 @@ def test_the_split_step_gives_the_one_thread_step(n, loss, monkeypatch):
     loss_3, _ = parallel.split_step(m, x, y)
     assert float(loss_3) == float(loss_2)
     np.testing.assert_array_equal(grads(m), grads_2)
+
+
+@pytest.mark.parametrize("kind", ["logits", "binary", "functional"])
+def test_the_worker_trains_the_same_loss_and_graph(kind, monkeypatch):
+    """The worker rebuilds the model's graph (a functional one too) and its loss as configured (from_logits, a
+    binary cross-entropy): its half-step is the one-process step's."""
+    needs_split()
+    from gpucnn import losses
+    utils.set_random_seed(3)
+    if kind == "functional":
+        inputs = layers.Input((12, 12, 1))
+        a = layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+        x = layers.Concatenate()([layers.Add()([a, layers.Conv2D(4, 1)(a)]), inputs])
+        m = models.Model(inputs, layers.Dense(4, activation="softmax")(layers.Flatten()(x)))
+        loss, (x_in, y_in) = "sparse_categorical_crossentropy", data(40, True)
+    else:
+        m = models.Sequential([layers.Conv2D(4, 3, input_shape=(12, 12, 1)), layers.Flatten(),
+                               layers.Dense(4 if kind == "logits" else 1,
+                                            activation=None if kind == "logits" else "sigmoid")])
+        x_in, y_in = data(40, True)
+        loss = losses.SparseCategoricalCrossentropy(from_logits=True) if kind == "logits" else "binary_crossentropy"
+        y_in = y_in if kind == "logits" else (y_in % 2).astype(np.float32)[:, None]
+    m.compile("rmsprop", loss, ["accuracy"])
+    m._pack_weights()
+    loss_1, correct_1, grads_1 = one_thread_step(m, x_in, y_in, monkeypatch)
+    m._grads[...] = np.nan
+    loss_2, correct_2 = parallel.split_step(m, x_in, y_in)
+    assert parallel._state["failed"] is None
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+    assert int(correct_2) == correct_1
+    np.testing.assert_allclose(grads(m), grads_1, rtol=1e-4, atol=1e-6 * np.abs(grads_1).max())
 
 
 def test_fit_on_two_processes_is_repeatable_and_close_to_one_process(monkeypatch):

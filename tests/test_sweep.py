@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from gpucnn import cli, layers, sweep, utils
+from gpucnn import cli, examples, layers, sweep, utils
 
 
 pytestmark = pytest.mark.usefixtures("numpy_engine")
@@ -77,7 +77,7 @@ def test_sizes_must_fit_the_data():
 
 
 def test_gpucnn_sweep_command(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_mnist", lambda *a: (fake_mnist(600), None))
+    monkeypatch.setattr(examples, "load_mnist", lambda *a: (fake_mnist(600), None))
     monkeypatch.setattr(sweep, "QUICK_VARIANTS", [{"name": "seed"}, {"name": "2 blocks",
                                                                      "filters": (8, 8)}])
     assert cli.main(["sweep", "--quick", "--train-size", "64", "--out", str(tmp_path / "out")]) == 0

@@ -39,14 +39,12 @@ import functools
 import mmap
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 import warnings
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -224,7 +222,7 @@ class _Worker:
         ours, theirs = socket.socketpair()
         # Ctrl-C is ignored from the first line on; its own session keeps a terminal's Ctrl-C away as well
         code = ("import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
-                "sys.path.insert(0, sys.argv[1]); from gpucnn.models.parallel import serve; "
+                "sys.path.insert(0, sys.argv[1]); from gpucnn.models.parallel_worker import serve; "
                 "serve(int(sys.argv[2]))")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", GPUCNN_DEVICE="cpu")
         try:
@@ -247,7 +245,7 @@ class _Worker:
         file's arrays."""
         capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
         key = (id(model), tuple(map(id, model.layers)), id(model._params), model._params.shape,
-               model.loss.name, xh.shape[1:], yh.shape[1:], yh.dtype.str)
+               tuple(sorted(model.loss.get_config().items())), xh.shape[1:], yh.shape[1:], yh.dtype.str)
         if key != self.key or len(xh) > len(self.shared["x"]):
             self._setup(model, key, capacity, xh, yh)
         shared = self.shared
@@ -269,7 +267,7 @@ class _Worker:
             os.ftruncate(fd, max(offset, 1))
             mapped = mmap.mmap(fd, max(offset, 1))
             self.key = None
-            self.send(("setup", serialize(model), model.loss.name, path, layout))
+            self.send(("setup", serialize(model), model.loss.get_config(), path, layout))
             self._expect("ok", START_SECONDS)
         finally:
             os.close(fd)
@@ -335,53 +333,3 @@ atexit.register(_stop)
 def _arrays(mapped, layout):
     return {name: np.ndarray(shape, np.dtype(dtype), buffer=mapped, offset=offset)
             for name, offset, shape, dtype in layout}
-
-
-# ===================================================================================== the worker's side
-def serve(fd):
-    """The worker's loop (``python -c ...`` started by ``_Worker``): set up models, run half-steps, until the
-    pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the other process handles Ctrl-C and stops this one
-    conn = Connection(fd)
-    backend.set_engine("cpu")
-    replica = None  # (model, shared arrays)
-    try:
-        conn.send(("ready",))
-        while True:
-            message = conn.recv()
-            try:
-                if message[0] == "setup":
-                    replica = None
-                    replica = _replica(*message[1:])
-                    reply = ("ok",)
-                else:
-                    reply = _half_step(replica, *message[1:])
-            except Exception:  # noqa: BLE001  (told to the other side, which gives up on the worker)
-                reply = ("error", traceback.format_exc())
-            conn.send(reply)
-    except (EOFError, OSError):  # the other side closed the pipe, or went away: nothing more to do
-        return
-
-
-def _half_step(replica, n, scale):
-    model, shared = replica
-    # as in fit: a diverging run's overflow is reported once, as TrainingDivergedError, by the other side
-    with np.errstate(over="ignore", invalid="ignore"):
-        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale)
-    return ("done", float(loss), int(correct))
-
-
-def _replica(config, loss, path, layout):
-    """The model rebuilt from its config, its weights and gradients views into the shared file."""
-    from .serialization import model_from_config  # (the worker process's side only)
-
-    with open(path, "r+b") as f:
-        mapped = mmap.mmap(f.fileno(), 0)
-    shared = _arrays(mapped, layout)
-    model = model_from_config(config, where="the model sent to the worker process")
-    model.compile("sgd", loss)
-    if model._params.shape != shared["params"].shape:
-        raise ValueError(f"the worker's model has {model._params.size} weights, the file "
-                         f"{shared['params'].size}")
-    model._pack_weights(shared["params"], shared["grads"])
-    return model, shared

@@ -1,0 +1,60 @@
+"""The worker process of the NumPy engine's two-process step (``gpucnn.models.parallel``): started as
+``python -c "... from gpucnn.models.parallel_worker import serve; serve(fd)"``, it rebuilds the model it is sent
+from its config, then computes half-steps into the memory-mapped file it shares with the process that trains."""
+import mmap
+import signal
+import traceback
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from .. import backend, losses
+from .parallel import _arrays
+from .serialization import model_from_config
+
+
+def serve(fd):
+    """The worker's loop (``python -c ...`` started by ``_Worker``): set up models, run half-steps, until the
+    pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the other process handles Ctrl-C and stops this one
+    conn = Connection(fd)
+    backend.set_engine("cpu")
+    replica = None  # (model, shared arrays)
+    try:
+        conn.send(("ready",))
+        while True:
+            message = conn.recv()
+            try:
+                if message[0] == "setup":
+                    replica = None
+                    replica = _replica(*message[1:])
+                    reply = ("ok",)
+                else:
+                    reply = _half_step(replica, *message[1:])
+            except Exception:  # noqa: BLE001  (told to the other side, which gives up on the worker)
+                reply = ("error", traceback.format_exc())
+            conn.send(reply)
+    except (EOFError, OSError):  # the other side closed the pipe, or went away: nothing more to do
+        return
+
+
+def _half_step(replica, n, scale):
+    model, shared = replica
+    # as in fit: a diverging run's overflow is reported once, as TrainingDivergedError, by the other side
+    with np.errstate(over="ignore", invalid="ignore"):
+        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale)
+    return ("done", float(loss), int(correct))
+
+
+def _replica(config, loss, path, layout):
+    """The model rebuilt from its config, its weights and gradients views into the shared file."""
+    with open(path, "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0)
+    shared = _arrays(mapped, layout)
+    model = model_from_config(config, where="the model sent to the worker process")
+    model.compile("sgd", losses.LOSSES[loss["name"]](**{k: v for k, v in loss.items() if k != "name"}))
+    if model._params.shape != shared["params"].shape:
+        raise ValueError(f"the worker's model has {model._params.size} weights, the file "
+                         f"{shared['params'].size}")
+    model._pack_weights(shared["params"], shared["grads"])
+    return model, shared
