@@ -2,7 +2,8 @@
 
 Every function returns a matplotlib ``Figure`` and, given ``path``, also writes it as a PNG. Figures are
 drawn with the Agg canvas (no display and no pyplot state), so they work on servers and in notebooks
-(a returned Figure displays itself in Jupyter). Needs matplotlib: ``pip install 'gpucnn[viz]'``.
+(a returned Figure displays itself in Jupyter). Needs matplotlib: ``pip install matplotlib`` (from a clone of
+gpucnn: ``pip install -e '.[viz]'``).
 """
 import math
 
@@ -17,8 +18,8 @@ def _matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError("gpucnn.viz draws with matplotlib, which is not installed: "
-                          "pip install 'gpucnn[viz]'") from exc
+        raise ImportError("gpucnn.viz draws with matplotlib, which is not installed: pip install matplotlib "
+                          "(from a clone of gpucnn: pip install -e '.[viz]')") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -218,7 +219,8 @@ def plot_most_confident_errors(model, x, y, n=16, path=None, cols=8):
     rows = max(1, math.ceil(len(wrong) / cols))
     fig = _figure(max(cols * 1.3, 6.0), rows * 1.5 + 0.5)
     if not len(wrong):
-        fig.text(0.5, 0.5, f"no errors on these {len(x)} images", ha="center", va="center")
+        fig.text(0.5, 0.5, f"no errors on {'this image' if len(x) == 1 else f'these {len(x)} images'}",
+                 ha="center", va="center")
         return _finish(fig, path)
     axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={"top": 1 - 0.5 / (rows * 1.5 + 0.5),
                                                                 "bottom": 0.02, "left": 0.02,

@@ -142,7 +142,7 @@ def test_sweep_plots_numeric_and_categorical_axes(mpl, tmp_path):
 def test_a_clear_error_without_matplotlib(monkeypatch):
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)  # makes ``import`` fail as if not installed
-    with pytest.raises(ImportError, match=r"pip install 'gpucnn\[viz\]'"):
+    with pytest.raises(ImportError, match=r"pip install matplotlib .*pip install -e '\.\[viz\]'"):
         viz.plot_history({"loss": [1.0]})
 
 
