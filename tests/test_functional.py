@@ -321,3 +321,16 @@ def test_build_without_the_batch_dimension_says_so():
         m.build((28, 28, 1))
     m.build((None, 28, 28, 1))
     assert m.output_shape == (None, 2)
+
+
+def test_a_dropout_added_after_training_trains_too():
+    m = keras.Sequential([keras.Input((6,)), layers.Dense(5, activation="relu")])
+    m.add(layers.Dense(3, activation="softmax"))
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = data(16, (6,))
+    m.fit(x, y, epochs=1, verbose=0)
+    m.pop()
+    m.add(layers.Dropout(0.5))
+    m.add(layers.Dense(3, activation="softmax"))
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    assert np.isfinite(m.fit(x, y, epochs=1, verbose=0).history["loss"][0])

@@ -67,6 +67,7 @@ class Model(Trainer, Layer):
         self.graph = graph
         self.built = True
         self._contexts_cache.clear()
+        self._eager_step = None  # the random layers may have changed
         self._layout = None
         if self.optimizer is not None:
             self.optimizer.reset()  # the weights to train changed: the optimizer starts again
