@@ -33,7 +33,6 @@ Differences from the plain CUDA path, all documented: the shuffled order comes f
 float32 sums; an optimizer hyper-parameter changed by a callback is picked up at the next epoch (the graph
 is captured again), not in the middle of one.
 """
-import gc
 import math
 import os
 import sys
@@ -44,6 +43,8 @@ import numpy as np
 from .. import layers as L
 from .. import losses as losses_mod
 from .. import optimizers as optimizers_mod
+from . import capture
+from .capture import CaptureAllocationError  # noqa: F401  (raised inside the captured step)
 
 READ_EVERY = 50  # steps between asynchronous copies of the per-step loss and accuracy to the host
 
@@ -186,7 +187,7 @@ class Trainer:
             self._buffers = {}
             self._plan_layers()
             self.stream.synchronize()
-        self._graphs, self._captured_config = {}, None
+        self._graphs, self._graph_key = {}, None
 
     # --------------------------------------------------------------------------------- buffers
     def _buffer(self, key, shape, dtype=np.float32):
@@ -414,32 +415,28 @@ class Trainer:
                 cupy.copyto(a, s)
             self.stream.synchronize()
             del saved
-            previous = cupy.cuda.get_allocator()
-            cupy.cuda.set_allocator(_refuse_allocation)
-            # No garbage collection inside the capture: without CuPy's pool (GPUCNN_NO_POOL=1, the sanitizer
-            # runs) a collected array is a cudaFree, an implicit device synchronisation, which a capture
-            # does not allow.
-            collecting = gc.isenabled()
-            gc.disable()
-            self.stream.begin_capture()
-            try:
+            with capture.capturing(cupy, self.stream) as captured:  # allocations refused, exception-safe
                 for run in program:
                     run()
-            finally:
-                graph = self.stream.end_capture()
-                cupy.cuda.set_allocator(previous)
-                if collecting:
-                    gc.enable()
-        return graph, ctxs
+        return captured.graph, ctxs
+
+    def _graph_buffers(self):
+        """Every buffer the step graphs touch but their own conv workspaces (which they keep)."""
+        model, own = self.model, (self.x_u8, self.x_f32, self.y_dev, self.step, self.perm, self.loss_steps,
+                                  self.correct_steps, self.seeds, self.alphas, self.xb, self.yb)
+        layers = [a for layer in model.layers for a in (*layer.weights, *layer.grads)]
+        return [*self._state_arrays(), model._grads, *layers, *own, *self._buffers.values()]
 
     def _ensure_graphs(self):
-        config = self.model.optimizer.get_config()
-        if self._graphs and config == self._captured_config:
+        # A graph holds raw pointers: it is replayed only over the very buffers it was captured with
+        # (a recompiled model or a rebuilt optimizer state means new buffers), and with the same config.
+        key = (self.model.optimizer.get_config(), capture.buffer_key(self._graph_buffers()))
+        if self._graphs and key == self._graph_key:
             return
-        self._graphs = {}
+        self._graphs, self._graph_key = {}, None
         for rows in {self.full_rows, self.last_rows}:
             self._graphs[rows] = self._capture(rows)
-        self._captured_config = config
+        self._graph_key = key
 
     def graph_for(self, step):
         """The captured graph that runs step ``step`` of an epoch."""
@@ -557,13 +554,3 @@ def _pinned(cupy, count, dtype):
     dtype = np.dtype(dtype)
     memory = cupy.cuda.alloc_pinned_memory(max(1, count) * dtype.itemsize)
     return np.frombuffer(memory, dtype, count)
-
-
-class CaptureAllocationError(RuntimeError):
-    """Something tried to allocate device memory inside the captured training step."""
-
-
-def _refuse_allocation(size):
-    raise CaptureAllocationError(
-        f"an allocation of {size} bytes inside the captured training step: every buffer must be allocated "
-        "before the capture (this is a gpucnn bug)")
