@@ -13,8 +13,10 @@ Beyond ops_numpy's conventions:
   * the conv ops recompute instead of keeping im2col; ``ctx["work"]`` keeps the backward-filter workspace
     (and ``ctx["dz"]`` conv2d_maxpool_backward's convolution gradient) for the next call with the same
     shapes, so with ``out=`` buffers and the same ``ctx`` a step allocates nothing in the ops that take them;
-  * an empty batch works (nothing is read out of bounds); shapes the kernels' 32-bit indices cannot
-    cover (one image of about 2^31 elements) raise ValueError, as does a window that does not fit.
+  * an output with no elements launches nothing (no kernel ever gets a zero-sized grid); an empty batch
+    gives empty outputs and zero weight gradients, reading nothing out of bounds; shapes the kernels' 32-bit
+    indices cannot cover (one image of about 2^31 elements) raise ValueError, as does a window that does
+    not fit.
 """
 import cupy
 import numpy as np
@@ -149,6 +151,8 @@ def activation_forward(x, activation, out=None):
         raise ValueError(f"unknown activation {activation!r}")
     x = _c(x)
     y = _out(out, x.shape)
+    if y.size == 0:  # nothing to compute: no launch (a zero-sized grid is no launch at all)
+        return y
     if activation == "relu":
         cuda.launch("relu_forward", _blocks(x.size), _THREADS, (x, y, x.size))
     else:
@@ -168,6 +172,8 @@ def activation_backward(dy, y, activation, out=None):
     if dy.shape != y.shape:
         raise ValueError(f"activation_backward: dy {dy.shape} and y {y.shape} differ")
     dx = _out(out, dy.shape)
+    if dx.size == 0:
+        return dx
     if activation == "relu":
         cuda.launch("relu_backward", _blocks(dy.size), _THREADS, (dy, y, dx, dy.size))
     else:
@@ -190,6 +196,8 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     tp, tq, tf = _CONV["CONV_TILE_P"], _CONV["CONV_TILE_Q"], _CONV["CONV_TILE_F"]
     patch, cc = _patch_channels(tp, tq, kh, kw, c, stride, "conv2d_forward")
     _image_grid(h * wd * c, n)  # checks the image size
+    if y.size == 0:
+        return y
     grid = (max(1, n * _cdiv(p, tp) * _cdiv(q, tq)), _cdiv(f, tf))
     cuda.launch("conv2d_forward", grid, (tf, tq),
                 (x, w, b, y, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2],
@@ -207,6 +215,8 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
         raise ValueError(f"conv2d_backward_data: dy must be {(n, p, q, f)}, got {dy.shape}")
     dy, w = _c(dy), _c(w)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("conv2d_backward_data", _image_grid(h * wd * c, n), _THREADS,
                 (dy, w, dx, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2]))
     return dx
@@ -235,13 +245,16 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
         raise ValueError(f"conv2d_backward_filter: {n * p * q:,} output pixels are too many for one call "
                          "(at most about 2^31); use a smaller batch")
     dy, x = _c(dy), _c(x)
+    dw = _out(out_w, w_shape, name="out_w")
+    db = _out(out_b, (f,), name="out_b")
+    if f == 0:  # dw and db empty
+        return dw, db
     rows = kh * kw * c
-    row_tiles, f_tiles = _cdiv(rows, _CONV["BWF_TILE_R"]), _cdiv(f, _CONV["BWF_TILE_F"])
+    # (no input channels: dw is empty, db still the sum of dy; one row tile computes it)
+    row_tiles, f_tiles = max(1, _cdiv(rows, _CONV["BWF_TILE_R"])), _cdiv(f, _CONV["BWF_TILE_F"])
     slices, slice_len = _filter_slices(n * p * q, row_tiles * f_tiles)
     work_shape = (slices, rows * f + f)
     work = _work(ctx, "work", work_shape)
-    dw = _out(out_w, w_shape, name="out_w")
-    db = _out(out_b, (f,), name="out_b")
     cuda.launch("conv2d_backward_filter", (row_tiles, f_tiles, slices),
                 (_CONV["BWF_TILE_F"], _CONV["BWF_TILE_R"] // _CONV["BWF_ROWS_PER_THREAD"]),
                 (dy, x, work, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2],
@@ -269,6 +282,8 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     x = _c(x)
     y = _out(out, (n, p, q, c))
     idx = _out(out_idx, (n, p, q, c), np.int8, name="out_idx")
+    if y.size == 0:
+        return y, idx
     cuda.launch("maxpool2d_forward", _image_grid(p * q * c, n), _THREADS, (x, y, idx) + dims)
     return y, idx
 
@@ -280,6 +295,8 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
         raise ValueError(f"maxpool2d_backward: dy {dy.shape} and idx {idx.shape} must be {(n, p, q, c)}")
     dy, idx = _c(dy), _c(idx)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("maxpool2d_backward", _image_grid(h * wd * c, n), _THREADS, (dy, idx, dx) + dims)
     return dx
 
@@ -289,6 +306,8 @@ def avgpool2d_forward(x, pool, stride, padding, out=None):
     (n, h, wd, c, p, q), dims = _pool_args(x.shape, pool, stride, padding, "avgpool2d_forward")
     x = _c(x)
     y = _out(out, (n, p, q, c))
+    if y.size == 0:
+        return y
     cuda.launch("avgpool2d_forward", _image_grid(p * q * c, n), _THREADS, (x, y) + dims)
     return y
 
@@ -300,6 +319,8 @@ def avgpool2d_backward(dy, x_shape, pool, stride, padding, out=None):
         raise ValueError(f"avgpool2d_backward: dy must be {(n, p, q, c)}, got {dy.shape}")
     dy = _c(dy)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("avgpool2d_backward", _image_grid(h * wd * c, n), _THREADS, (dy, dx) + dims)
     return dx
 
@@ -310,6 +331,8 @@ def global_avgpool2d_forward(x, out=None):
     x = _c(x)
     y = _out(out, (n, c))
     _, images = _image_grid(h * wd * c, n)  # checks the image size
+    if y.size == 0:
+        return y
     cuda.launch("global_avgpool2d_forward", (_blocks(c), images), _THREADS,
                 (x, y, n, h * wd, c, DTYPE(h * wd)))
     return y
@@ -322,6 +345,8 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
         raise ValueError(f"global_avgpool2d_backward: dy must be {(n, c)}, got {dy.shape}")
     dy = _c(dy)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("global_avgpool2d_backward", _image_grid(h * wd * c, n), _THREADS,
                 (dy, dx, n, h * wd, c, DTYPE(h * wd)))
     return dx
@@ -347,6 +372,8 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
     x, w, b = _c(x), _c(w), (None if b is None else _c(b))
     y = _out(out, (n, pp, pq, f))
     idx = _out(out_idx, (n, pp, pq, f), np.int8, name="out_idx")
+    if y.size == 0:  # (also a 1-row or 1-column convolution output: nothing to pool)
+        return y, idx
     tiles = n * _cdiv(pp, tpp) * _cdiv(pq, tpq)
     cuda.launch("conv2d_relu_maxpool_forward", (max(1, tiles), _cdiv(f, tf)), (tf, tpq),
                 (x, w, b, y, idx, n, h, wd, c, kh, kw, f, pp, pq, stride[0], stride[1], padding[0], padding[2],
@@ -369,8 +396,9 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
                          f"{(n, pp, pq, f)}")
     dz = _work(ctx, "dz", (n, p, q, f))
     dy, y, idx = _c(dy), _c(y), _c(idx)
-    cuda.launch("maxpool2d_relu_backward", _image_grid(p * q * f, n), _THREADS,
-                (dy, idx, y, dz, n, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, _fused(activation)))
+    if dz.size:
+        cuda.launch("maxpool2d_relu_backward", _image_grid(p * q * f, n), _THREADS,
+                    (dy, idx, y, dz, n, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, _fused(activation)))
     conv2d_backward_filter(dz, x, w.shape, stride, padding, ctx=ctx, out_w=out_w, out_b=out_b)
     if not need_dx:
         return None
@@ -394,6 +422,8 @@ def dense_forward(x, w, b, activation, out=None):
     x, w, b = _c(x), _c(w), (None if b is None else _c(b))
     n, units = x.shape[0], w.shape[1]
     y = _out(out, (n, units))
+    if y.size == 0:
+        return y
     cuda.launch("dense_forward", _gemm_grid(n, units), _GEMM_BLOCK, (x, w, b, y, n, w.shape[0], units, act))
     if activation == "softmax":
         activation_forward(y, "softmax", out=y)
@@ -407,6 +437,8 @@ def dense_backward_data(dy, w, out=None):
     dy, w = _c(dy), _c(w)
     n, (inputs, units) = dy.shape[0], w.shape
     dx = _out(out, (n, inputs))
+    if dx.size == 0:
+        return dx
     cuda.launch("dense_backward_data", _gemm_grid(n, inputs), _GEMM_BLOCK, (dy, w, dx, n, inputs, units))
     return dx
 
@@ -419,8 +451,10 @@ def dense_backward_weights(dy, x, out_w=None, out_b=None):
     (n, units), inputs = dy.shape, x.shape[1]
     dw = _out(out_w, (inputs, units), name="out_w")
     db = _out(out_b, (units,), name="out_b")
-    cuda.launch("dense_backward_weights", _gemm_grid(inputs, units), _GEMM_BLOCK, (dy, x, dw, n, inputs, units))
-    cuda.launch("dense_backward_bias", _blocks(units), _THREADS, (dy, db, n, units))
+    if dw.size:
+        cuda.launch("dense_backward_weights", _gemm_grid(inputs, units), _GEMM_BLOCK, (dy, x, dw, n, inputs, units))
+    if db.size:
+        cuda.launch("dense_backward_bias", _blocks(units), _THREADS, (dy, db, n, units))
     return dw, db
 
 
@@ -436,6 +470,8 @@ def dropout_forward(x, rate, seed, out=None):
     x = _c(x)
     y = _out(out, x.shape)
     mask = cuda.empty(x.shape, DTYPE)
+    if y.size == 0:
+        return y, mask
     scale = DTYPE(1.0) / DTYPE(1.0 - rate)
     cuda.launch("dropout_forward", _blocks(x.size), _THREADS,
                 (x, y, mask, x.size, DTYPE(rate), scale, int(seed) % 2**64))
@@ -447,6 +483,8 @@ def dropout_backward(dy, mask, out=None):
         raise ValueError(f"dropout_backward: dy {dy.shape} and mask {mask.shape} differ")
     dy, mask = _c(dy), _c(mask)
     dx = _out(out, dy.shape)
+    if dx.size == 0:
+        return dx
     cuda.launch("dropout_backward", _blocks(dy.size), _THREADS, (dy, mask, dx, dy.size))
     return dx
 
@@ -466,8 +504,11 @@ def crossentropy_forward(p, labels, sparse):
     n, k = _rows(p, "crossentropy_forward")
     p = _c(p)
     loss = cuda.empty((n,), DTYPE)
+    labels = _labels(labels, p, sparse)
+    if n == 0:
+        return loss
     cuda.launch(_loss_kernel("crossentropy_forward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), loss, n, k))
+                (p, labels, loss, n, k))
     return loss
 
 
@@ -476,8 +517,10 @@ def softmax_crossentropy_backward(p, labels, sparse, out=None):
     n, k = _rows(p, "softmax_crossentropy_backward")
     p = _c(p)
     dp = _out(out, (n, k))
-    cuda.launch(_loss_kernel("softmax_crossentropy_backward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), dp, n, k))
+    labels = _labels(labels, p, sparse)
+    if n == 0:
+        return dp
+    cuda.launch(_loss_kernel("softmax_crossentropy_backward", sparse), _blocks(n), _THREADS, (p, labels, dp, n, k))
     return dp
 
 
@@ -487,8 +530,10 @@ def crossentropy_backward(p, labels, sparse, out=None):
     n, k = _rows(p, "crossentropy_backward")
     p = _c(p)
     dp = _out(out, (n, k))
-    cuda.launch(_loss_kernel("crossentropy_backward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), dp, n, k))
+    labels = _labels(labels, p, sparse)
+    if n == 0:
+        return dp
+    cuda.launch(_loss_kernel("crossentropy_backward", sparse), _blocks(n), _THREADS, (p, labels, dp, n, k))
     return dp
 
 
@@ -515,6 +560,8 @@ def sgd_update(w, g, m, lr, momentum, nesterov):
     _state("sgd_update", w, g, m)
     if momentum != 0 and m is None:
         raise ValueError("sgd_update: momentum needs the state array m")
+    if w.size == 0:
+        return
     cuda.launch("sgd_update", _blocks(w.size), _THREADS,
                 (w, _c(g), m, w.size, DTYPE(lr), DTYPE(momentum), int(bool(nesterov))))
 
@@ -526,6 +573,8 @@ def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
     _state("rmsprop_update", w, g, v, mom, avg)
     if (momentum > 0 and mom is None) or (centered and avg is None):
         raise ValueError("rmsprop_update: momentum needs mom, centered needs avg")
+    if w.size == 0:
+        return
     rho = DTYPE(rho)
     cuda.launch("rmsprop_update", _blocks(w.size), _THREADS,
                 (w, _c(g), v, mom if momentum > 0 else None, avg if centered else None, w.size, DTYPE(lr),
@@ -536,6 +585,8 @@ def adam_update(w, g, m, v, lr, beta_1, beta_2, epsilon, t):
     """Keras Adam step t (1-based), in place: m += (g − m)(1 − β1); v += (g² − v)(1 − β2);
     w −= lr·sqrt(1 − β2^t)/(1 − β1^t) · m / (sqrt(v) + epsilon)."""
     _state("adam_update", w, g, m, v)
+    if w.size == 0:
+        return
     alpha = DTYPE(lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t))
     cuda.launch("adam_update", _blocks(w.size), _THREADS,
                 (w, _c(g), m, v, w.size, alpha, DTYPE(1 - beta_1), DTYPE(1 - beta_2), DTYPE(epsilon)))
