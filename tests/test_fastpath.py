@@ -291,9 +291,9 @@ def test_a_failed_capture_leaves_the_process_usable(gpu_engine, monkeypatch):
             raise Injected("the launch failed")
         return launch(name, *args, **kwargs)
 
-    def synchronising_launch(name, *args, **kwargs):  # a synchronisation: CUDA invalidates the capture
-        if name == "step_advance" and trainer.stream.is_capturing():
-            cupy.cuda.Device().synchronize()
+    def synchronising_launch(name, *args, **kwargs):  # synchronising a capturing stream: CUDA refuses it
+        if name == "step_advance" and trainer.stream.is_capturing():  # and invalidates the capture
+            trainer.stream.synchronize()
         return launch(name, *args, **kwargs)
 
     def failing_end_capture():  # e.g. the graph cannot be instantiated
