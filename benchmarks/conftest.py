@@ -14,6 +14,10 @@ _session_start = time.time()
 
 @pytest.fixture(scope="session")
 def mnist_train():
+    from bench_utils import mnist_skip_reason
+    reason = mnist_skip_reason()  # never a download (a machine without network would wait for pip first)
+    if reason:
+        pytest.skip(reason)
     from gpucnn.cli import load_mnist
     (x, y), _ = load_mnist()
     return x, y

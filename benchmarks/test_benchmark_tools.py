@@ -1,40 +1,9 @@
-"""The benchmark suite's own tools, checked on any machine (no GPU, no timing): the compute-sanitizer and
-junit parsers of gpu_check.py, summarize.py on results written here, and the GPU timing's settings.
-Not benchmarks: ``--benchmark-only`` skips them."""
+"""The benchmark suite's own tools, checked on any machine (no GPU, no timing): summarize.py on results written
+here. Not benchmarks: ``--benchmark-only`` skips them. gpu_check.py's own tests are tests/test_gpu_check.py
+(run by ``make test`` and CI)."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-import gpu_check
 import summarize
-
-HERE = Path(__file__).resolve().parent
-
-
-def test_sanitizer_summaries_are_counted():
-    memcheck = "========= COMPUTE-SANITIZER\n...\n========= ERROR SUMMARY: 3 errors\n"
-    assert gpu_check.parse_sanitizer_log(memcheck) == (3, None)
-    race = ("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n"
-            "========= ERROR SUMMARY: 1 error\n")
-    assert gpu_check.parse_sanitizer_log(race) == (1, {"hazards": 2, "errors": 1, "warnings": 1})
-    assert gpu_check.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n") == (0, None)
-    clean_race = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
-    assert gpu_check.parse_sanitizer_log(clean_race) == (0, {"hazards": 0, "errors": 0, "warnings": 0})
-    assert gpu_check.parse_sanitizer_log("Target application terminated before first instrumented API call")[0] is None
-
-
-def test_junit_counts(tmp_path):
-    xml = tmp_path / "r.xml"
-    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="2">'
-                   '<testcase classname="t" name="a"><failure/></testcase><testcase classname="t" name="b"><error/>'
-                   '</testcase><testcase classname="t" name="c"/></testsuite></testsuites>')
-    counts = gpu_check.junit_counts(xml)
-    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 1, 2)
-    assert counts["failures"] == ["t::a", "t::b"]
-    assert gpu_check.junit_counts(tmp_path / "missing.xml") is None
 
 
 def _write(folder, name, data):
@@ -63,24 +32,3 @@ def test_summary_reports_targets_and_writes_nothing_without_results(tmp_path):
     assert json.loads((tmp_path / "latest.json").read_text()) == latest
     text = (tmp_path / "summary.md").read_text()
     assert "Test GPU" in text and "| conv2 | forward | 64 |" in text and "0 of 1 met" in text
-
-
-def test_gpu_check_tests_stage_without_a_gpu(tmp_path):
-    from gpucnn import backend
-    if backend.gpu_status()[0]:
-        pytest.skip("a GPU is usable here: the stage would run the whole GPU test suite")
-    out = tmp_path / "gpu-check.json"
-    proc = subprocess.run([sys.executable, str(HERE / "gpu_check.py"), "--stage", "tests", "--out", str(out),
-                           "--logs", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(out.read_text())
-    assert report["tests"]["passed"] == 0 and report["tests"]["skipped"] > 0 and report["tests"]["failed"] == 0
-    assert report["gpu_usable"] is False and report["ok"] is True
-    assert {"device", "date", "commit"} <= set(report)
-    proc = subprocess.run([sys.executable, str(HERE / "gpu_check.py"), "--stage", "sanitizer", "--require-gpu",
-                           "--out", str(out), "--logs", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1  # on the GPU machine, no GPU is a failure
-    report = json.loads(out.read_text())
-    assert report["tests"]["skipped"] > 0  # the earlier stage's result is kept
-    assert report["sanitizer"]["status"] == "skipped" and report["ok"] is False

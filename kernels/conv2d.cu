@@ -64,6 +64,7 @@ conv2d_forward(const float* __restrict__ x, const float* __restrict__ w, const f
                int sh, int sw, int pad_top, int pad_left, int act, int cc) {
     extern __shared__ float patch[];  // (patch_h, patch_w, channels of this chunk), zeros where padded
 
+    if (P <= 0 || Q <= 0) return;  // no output (never launched so): no zero tile count to divide by below
     const int tiles_q = (Q + CONV_TILE_Q - 1) / CONV_TILE_Q;
     const int tiles_p = (P + CONV_TILE_P - 1) / CONV_TILE_P;
     const int n = blockIdx.x / (tiles_p * tiles_q);

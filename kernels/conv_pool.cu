@@ -5,7 +5,8 @@
 //
 //   x   is (N, H, W, C)        the convolution's input
 //   w   is (KH, KW, C, F)      the filters, Keras layout; b_or_null (F,) the bias
-//   y   is (N, PP, PQ, F)      the pooled output, PP = P / 2, PQ = Q / 2 (floor) for the conv output P x Q
+//   y   is (N, PP, PQ, F)      the pooled output, PP = P / 2, PQ = Q / 2 (floor) for the conv output P x Q;
+//                              PP or PQ may be 0 (nothing is written)
 //   idx is (N, PP, PQ, F)      int8: the scan-order tap i*2 + j of each window's first maximum, as
 //                              maxpool2d_forward writes it
 //   dy  is (N, PP, PQ, F)      the gradient of the pooled output
@@ -56,6 +57,9 @@ conv2d_relu_maxpool_forward(const float* __restrict__ x, const float* __restrict
                             int PP, int PQ, int sh, int sw, int pad_top, int pad_left, int act, int cc) {
     extern __shared__ float patch[];  // (patch_h, patch_w, channels of this chunk), zeros where padded
 
+    // No pooled output (a 1-row or 1-column convolution output; the launcher launches nothing then): the
+    // whole block leaves before the tile count below, which would be zero and divide.
+    if (PP <= 0 || PQ <= 0) return;
     const int tiles_q = (PQ + FUSED_TILE_PQ - 1) / FUSED_TILE_PQ;
     const int tiles_p = (PP + FUSED_TILE_PP - 1) / FUSED_TILE_PP;
     const int n = blockIdx.x / (tiles_p * tiles_q);

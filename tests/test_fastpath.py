@@ -357,6 +357,87 @@ def test_replaying_the_graphs_allocates_nothing(gpu_engine):
 
 
 @_gpu
+def test_graphs_are_replayed_only_over_the_buffers_they_were_captured_with(gpu_engine):
+    # A CUDA graph holds raw pointers: after the optimizer state or the parameter buffer is replaced, the
+    # old graphs would write freed memory. They are captured again instead.
+    import cupy
+
+    m = small_model(optimizer="adam")
+    x, y = small_data(40)
+    trainer = fastpath.plan(m, 16, x, y)
+    trainer.begin_epoch(shuffle=False)
+    first = dict(trainer._graphs)
+    trainer.begin_epoch(shuffle=False)
+    assert all(trainer._graphs[rows] is first[rows] for rows in first)  # the same buffers: reused
+    m.optimizer.build(m._params.shape[0])  # new optimizer state arrays (the config is unchanged)
+    trainer.begin_epoch(shuffle=False)
+    second = dict(trainer._graphs)
+    assert all(second[rows] is not first[rows] for rows in first)
+    m._pack_weights()  # a new flat parameter buffer, the layers' weights views into it
+    trainer.begin_epoch(shuffle=False)
+    assert all(trainer._graphs[rows] is not second[rows] for rows in second)
+    before = m._params.get(stream=trainer.stream)
+    for step in range(trainer.steps):
+        trainer.graph_for(step).launch(trainer.stream)
+    trainer.stream.synchronize()
+    after = cupy.asnumpy(m._params)
+    assert np.isfinite(after).all() and not np.array_equal(after, before)  # the live buffer was trained
+
+
+@_gpu
+def test_a_failed_capture_leaves_the_process_usable(gpu_engine, monkeypatch):
+    """Whatever fails inside a capture or at its end, the refusing allocator and the disabled garbage
+    collector do not outlive it, the stream leaves capture mode, and the next epoch captures and trains."""
+    import gc
+
+    import cupy
+
+    from gpucnn.engines import cuda_loader
+
+    m = small_model()
+    x, y = small_data(40)
+    trainer = fastpath.plan(m, 16, x, y)
+    allocator, launch, end_capture = cupy.cuda.get_allocator(), cuda_loader.launch, trainer.stream.end_capture
+
+    class Injected(RuntimeError):
+        pass
+
+    def failing_launch(name, *args, **kwargs):  # a launch that fails inside the capture only
+        if name == "step_advance" and trainer.stream.is_capturing():
+            raise Injected("the launch failed")
+        return launch(name, *args, **kwargs)
+
+    def synchronising_launch(name, *args, **kwargs):  # synchronising a capturing stream: CUDA refuses it
+        if name == "step_advance" and trainer.stream.is_capturing():  # and invalidates the capture
+            trainer.stream.synchronize()
+        return launch(name, *args, **kwargs)
+
+    def failing_end_capture():  # e.g. the graph cannot be instantiated
+        end_capture()
+        raise Injected("end_capture failed")
+
+    for what in ("launch", "synchronisation", "end_capture"):
+        with monkeypatch.context() as patch:
+            if what == "end_capture":
+                patch.setattr(trainer.stream, "end_capture", failing_end_capture)
+            else:
+                patch.setattr(cuda_loader, "launch", failing_launch if what == "launch" else synchronising_launch)
+            with pytest.raises(Exception) as info:
+                trainer.begin_epoch(shuffle=False)
+            assert isinstance(info.value, Injected) == (what != "synchronisation"), info.value
+        assert cupy.cuda.get_allocator() == allocator, what
+        assert gc.isenabled(), what
+        assert not trainer.stream.is_capturing(), what
+        assert cupy.zeros(3, np.float32).shape == (3,)  # later allocations work
+    trainer.begin_epoch(shuffle=False)  # captures again, and the graphs train
+    for step in range(trainer.steps):
+        trainer.graph_for(step).launch(trainer.stream)
+    trainer.stream.synchronize()
+    assert int(trainer.step.get(stream=trainer.stream)[0]) == trainer.steps
+    assert np.isfinite(trainer.loss_steps.get(stream=trainer.stream)).all()
+
+
+@_gpu
 def test_two_seeded_runs_are_bitwise_identical(gpu_engine):
     x, y = small_data(40)
     runs = []

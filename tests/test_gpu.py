@@ -717,6 +717,135 @@ def test_a_step_can_be_captured_in_a_cuda_graph():
         np.testing.assert_array_equal(host(captured[k]), host(eager[k]), err_msg=k)
 
 
+# ===================================================================================== empty outputs (row 10)
+def _empty(*shape, dtype=F32):
+    return cupy.zeros(shape, dtype)
+
+
+_W, _B, _V = cupy.ones((3, 3, 2, 4), F32), cupy.ones(4, F32), VALID
+_EMPTY_OUTPUTS = {  # op -> call whose output has no elements, and that output's shape (or shapes)
+    "relu": (lambda: ops.activation_forward(_empty(0, 5), "relu"), (0, 5)),
+    "softmax, no columns": (lambda: ops.activation_forward(_empty(3, 0), "softmax"), (3, 0)),
+    "relu backward": (lambda: ops.activation_backward(_empty(0, 5), _empty(0, 5), "relu"), (0, 5)),
+    "softmax backward": (lambda: ops.activation_backward(_empty(0, 5), _empty(0, 5), "softmax"), (0, 5)),
+    "conv, empty batch": (lambda: ops.conv2d_forward(_empty(0, 5, 5, 2), _W, _B, (1, 1), _V, "relu"), (0, 3, 3, 4)),
+    "conv, no filters": (lambda: ops.conv2d_forward(_empty(1, 5, 5, 2), _empty(3, 3, 2, 0), None, (1, 1), _V,
+                                                    None), (1, 3, 3, 0)),
+    "conv backward data": (lambda: ops.conv2d_backward_data(_empty(0, 3, 3, 4), _W, (0, 5, 5, 2), (1, 1), _V),
+                           (0, 5, 5, 2)),
+    "conv backward filter, no filters": (
+        lambda: ops.conv2d_backward_filter(_empty(1, 3, 3, 0), _empty(1, 5, 5, 2), (3, 3, 2, 0), (1, 1), _V),
+        ((3, 3, 2, 0), (0,))),
+    "max pool": (lambda: ops.maxpool2d_forward(_empty(0, 4, 4, 2), (2, 2), (2, 2), _V), ((0, 2, 2, 2),) * 2),
+    "max pool, no channels": (lambda: ops.maxpool2d_forward(_empty(2, 4, 4, 0), (2, 2), (2, 2), _V),
+                              ((2, 2, 2, 0),) * 2),
+    "max pool backward": (lambda: ops.maxpool2d_backward(_empty(0, 2, 2, 2), _empty(0, 2, 2, 2, dtype=np.int8),
+                                                         (0, 4, 4, 2), (2, 2), (2, 2), _V), (0, 4, 4, 2)),
+    "average pool": (lambda: ops.avgpool2d_forward(_empty(0, 4, 4, 2), (2, 2), (2, 2), _V), (0, 2, 2, 2)),
+    "average pool backward": (lambda: ops.avgpool2d_backward(_empty(0, 2, 2, 2), (0, 4, 4, 2), (2, 2), (2, 2), _V),
+                              (0, 4, 4, 2)),
+    "global average pool": (lambda: ops.global_avgpool2d_forward(_empty(0, 4, 4, 2)), (0, 2)),
+    "global average pool backward": (lambda: ops.global_avgpool2d_backward(_empty(3, 0), (3, 4, 4, 0)),
+                                     (3, 4, 4, 0)),
+    "conv + pool, one convolution row": (  # 3x6 input, 3x3 kernel: a 1x4 convolution output pools to 0x2
+        lambda: ops.conv2d_maxpool_forward(_empty(2, 3, 6, 2), _W, _B, (1, 1), _V, "relu"), ((2, 0, 2, 4),) * 2),
+    "conv + pool, empty batch": (lambda: ops.conv2d_maxpool_forward(_empty(0, 6, 6, 2), _W, _B, (1, 1), _V, None),
+                                 ((0, 2, 2, 4),) * 2),
+    "dense": (lambda: ops.dense_forward(_empty(0, 6), cupy.ones((6, 3), F32), None, "relu"), (0, 3)),
+    "dense, no units": (lambda: ops.dense_forward(_empty(2, 6), _empty(6, 0), None, None), (2, 0)),
+    "dense backward data": (lambda: ops.dense_backward_data(_empty(0, 3), cupy.ones((6, 3), F32)), (0, 6)),
+    "dense backward weights, no units": (lambda: ops.dense_backward_weights(_empty(2, 0), _empty(2, 6)),
+                                         ((6, 0), (0,))),
+    "dropout": (lambda: ops.dropout_forward(_empty(0, 4), 0.5, *seed_table(1), 0), ((0, 4),) * 2),
+    "dropout backward": (lambda: ops.dropout_backward(_empty(0, 4), _empty(0, 4)), (0, 4)),
+    "cross-entropy": (lambda: ops.crossentropy_forward(_empty(0, 3), _empty(0, dtype=np.int32), True), (0,)),
+    "softmax cross-entropy backward": (
+        lambda: ops.softmax_crossentropy_backward(_empty(0, 3), _empty(0, 3), False), (0, 3)),
+    "cross-entropy backward": (lambda: ops.crossentropy_backward(_empty(0, 3), _empty(0, dtype=np.int32), True),
+                               (0, 3)),
+    "sgd": (lambda: ops.sgd_update(_empty(0), _empty(0), _empty(0), *_rate_table(), 0.9, True), None),
+    "rmsprop": (lambda: ops.rmsprop_update(_empty(0), _empty(0), _empty(0), _empty(0), _empty(0), *_rate_table(),
+                                           0.9, 1e-7, 0.5, True), None),
+    "adam": (lambda: ops.adam_update(_empty(0), _empty(0), _empty(0), _empty(0), *_rate_table(), 0.9, 0.999, 1e-7),
+             None),
+    "add": (lambda: ops.add(_empty(0, 3), _empty(0, 3)), (0, 3)),
+    "concat": (lambda: ops.concat([_empty(0, 2), _empty(0, 3)], 1), (0, 5)),
+    "split": (lambda: ops.split(_empty(0, 5), [2, 3], 1), ((0, 2), (0, 3))),
+    "sigmoid": (lambda: ops.activation_forward(_empty(0, 5), "sigmoid"), (0, 5)),
+    "gelu backward": (lambda: ops.activation_backward(_empty(0, 5), None, "gelu", x=_empty(0, 5)), (0, 5)),
+    "binary cross-entropy": (lambda: ops.binary_crossentropy_forward(_empty(0, 1), _empty(0, 1), False), (0,)),
+    "binary cross-entropy backward": (
+        lambda: ops.binary_crossentropy_backward(_empty(0, 1), _empty(0, 1), False), (0, 1)),
+    "sigmoid binary cross-entropy backward": (
+        lambda: ops.sigmoid_binary_crossentropy_backward(_empty(0, 1), _empty(0, 1)), (0, 1)),
+    "global max pool backward": (lambda: ops.global_maxpool2d_backward(_empty(0, 2), _empty(0, 2, dtype=np.int32),
+                                                                       (0, 4, 4, 2)), (0, 4, 4, 2)),
+    "zero padding": (lambda: ops.zero_padding2d_forward(_empty(0, 4, 4, 2), (1, 1, 1, 1)), (0, 6, 6, 2)),
+    "zero padding backward": (lambda: ops.zero_padding2d_backward(_empty(0, 6, 6, 2), (0, 4, 4, 2), (1, 1, 1, 1)),
+                              (0, 4, 4, 2)),
+    "batch normalization, inference": (
+        lambda: ops.batchnorm_forward_inference(_empty(0, 3), None, None, _empty(3), cupy.ones(3, F32), 1e-3),
+        ((0, 3), (3,))),
+    "depthwise conv": (lambda: ops.depthwise_conv2d_forward(_empty(0, 5, 5, 2), cupy.ones((3, 3, 2, 1), F32), None,
+                                                            (1, 1), _V, None), (0, 3, 3, 2)),
+    "depthwise conv backward data": (
+        lambda: ops.depthwise_conv2d_backward_data(_empty(0, 3, 3, 2), cupy.ones((3, 3, 2, 1), F32), (0, 5, 5, 2),
+                                                   (1, 1), _V), (0, 5, 5, 2)),
+    "rescale": (lambda: ops.rescale(_empty(0, 4, 4, 3), 1 / 255, 0.0), (0, 4, 4, 3)),
+    "flip": (lambda: ops.flip(_empty(0, 4, 4, 3), _empty(0, dtype=bool), None), (0, 4, 4, 3)),
+    "affine transform": (lambda: ops.affine_transform(_empty(0, 4, 4, 3), _empty(0, 8)), (0, 4, 4, 3)),
+    "contrast": (lambda: ops.adjust_contrast(_empty(0, 4, 4, 3), _empty(0)), (0, 4, 4, 3)),
+}
+
+
+def _rate_table():
+    return cupy.ones(1, F32), cupy.zeros(1, np.int32)
+
+
+@pytest.mark.parametrize("op", list(_EMPTY_OUTPUTS))
+def test_an_output_without_elements_launches_nothing(op, monkeypatch):
+    """Every launcher returns an empty output without launching (its grid would have a zero-sized
+    dimension, or a kernel would divide by a zero tile count)."""
+    launched, launch = [], cuda.launch
+    monkeypatch.setattr(cuda, "launch", lambda name, *args, **kwargs: (launched.append(name),
+                                                                       launch(name, *args, **kwargs)))
+    run, shape = _EMPTY_OUTPUTS[op]
+    result = run()
+    assert launched == [], op
+    shapes = None if result is None else (result.shape if isinstance(result, cupy.ndarray)
+                                          else tuple(r.shape for r in result))
+    assert shapes == shape
+
+
+def test_empty_inputs_of_non_empty_outputs_still_write_them():
+    """Outputs with elements are written even when there is nothing to sum: zero gradients for an empty
+    batch, and the bias gradient of a convolution without input channels."""
+    rng = np.random.default_rng(41)
+    dy = normal(rng, (2, 3, 3, 4))
+    dw, db = ops.conv2d_backward_filter(dev(dy), _empty(2, 5, 5, 0), (3, 3, 0, 4), (1, 1), VALID)
+    assert dw.shape == (3, 3, 0, 4)
+    assert_close(db, dy.sum(axis=(0, 1, 2), dtype=np.float64))
+    dw, db = ops.conv2d_backward_filter(_empty(0, 3, 3, 4), _empty(0, 5, 5, 2), (3, 3, 2, 4), (1, 1), VALID)
+    assert not host(dw).any() and not host(db).any()
+    dw, db = ops.dense_backward_weights(_empty(0, 3), _empty(0, 6))
+    assert dw.shape == (6, 3) and not host(dw).any() and not host(db).any()
+    assert int(ops.count_correct(_empty(0, 3), _empty(0, dtype=np.int32), True)) == 0
+    assert int(ops.count_binary_correct(_empty(0, 1), _empty(0, 1))) == 0
+
+
+@pytest.mark.parametrize("pp, pq", [(0, 2), (2, 0)])
+def test_the_fused_kernel_launched_without_pooled_output_writes_nothing(pp, pq):
+    """kernels/conv_pool.cu launched directly with no pooled rows or columns (its launcher launches nothing
+    then): every block leaves at once, with no division by the zero tile count."""
+    f, tpq, fused = 32, ops._FUSED["FUSED_TILE_PQ"], ops._FUSED
+    x, w = cupy.ones((1, 6, 6, 2), F32), cupy.ones((3, 3, 2, f), F32)
+    y, idx = cupy.full((1, 2, 2, f), SENTINEL, F32), cupy.full((1, 2, 2, f), -1, np.int8)
+    patch = ((2 * fused["FUSED_TILE_PP"] - 1) + 3) * ((2 * tpq - 1) + 3) * 4
+    cuda.launch("conv2d_relu_maxpool_forward", (1, 1), (fused["FUSED_TILE_F"], tpq),
+                (x, w, None, y, idx, 1, 6, 6, 2, 3, 3, f, pp, pq, 1, 1, 0, 0, 1, 2), shared_mem=patch * 2)
+    assert (host(y) == SENTINEL).all() and (host(idx) == -1).all()
+
+
 # ===================================================================================== launch errors (row 18)
 def test_bad_launch_configuration_names_the_kernel():
     x = cupy.zeros(4, F32)

@@ -308,40 +308,43 @@ if INNER:
         """The harness's capture: operations are recorded, not run, and replayed in order at each launch,
         reading the arrays as they are then; what CUDA refuses inside a capture is refused."""
         x, y = cupy.zeros(4, np.float32), cupy.zeros(4, np.float32)
-        pinned = np.zeros(4, np.float32)
+        two = cupy.full(4, 2.0, np.float32)
         stream = cupy.cuda.Stream(non_blocking=True)
         with stream:
             x[...] = 1.0
             stream.begin_capture()
             cuda.launch("relu_forward", 1, 256, (x, y, 4))
             x[...] = x  # (a device-to-device copy: recorded too)
-            cupy.copyto(x, np.full(4, 2.0, np.float32))  # the host values as they were at the capture
-            y.get(stream=stream, out=pinned, blocking=False)
+            cupy.copyto(x, two)
+            y.fill(5.0)
             graph = stream.end_capture()
         assert graph.operations() == ["kernel relu_forward", "a copy into a device array", "cupy.copyto",
-                                      "ndarray.get(out=...)"]
+                                      "a memset of a device array"]
         np.testing.assert_array_equal(cupy.asnumpy(x), 1.0)  # nothing ran
         np.testing.assert_array_equal(cupy.asnumpy(y), 0.0)
         graph.launch(stream)
-        np.testing.assert_array_equal(cupy.asnumpy(y), 1.0)
+        np.testing.assert_array_equal(cupy.asnumpy(y), 5.0)
         np.testing.assert_array_equal(cupy.asnumpy(x), 2.0)
-        np.testing.assert_array_equal(pinned, 1.0)
-        graph.launch(stream)
-        np.testing.assert_array_equal(pinned, 2.0)
+        two[...] = 3.0
+        graph.launch(stream)  # the values as they are at the replay
+        np.testing.assert_array_equal(cupy.asnumpy(x), 3.0)
 
         def refuse_allocation(size):
             raise MemoryError(f"allocation of {size}")
 
-        refused = {
-            "synchronize": lambda: stream.synchronize(),
-            "get": lambda: x.get(),
-            "arithmetic": lambda: x + 1,
-            "copy": lambda: x.copy(),
-            "int": lambda: int(x[:1].reshape(())),  # (x[0] is a NumPy scalar here, read at once)
-            "other stream": lambda: cuda.launch("relu_forward", 1, 256, (x, y, 4)),
-            "allocation": lambda: cupy.empty(3, np.float32),
+        pinned = np.zeros(4, np.float32)
+        refused = {  # what -> (error, whether CUDA invalidates the capture)
+            "synchronize": (lambda: stream.synchronize(), True),
+            "get": (lambda: x.get(), False),
+            "async get": (lambda: x.get(stream=stream, out=pinned, blocking=False), False),
+            "set": (lambda: x.set(pinned), False),
+            "arithmetic": (lambda: x + 1, False),
+            "copy": (lambda: x.copy(), False),
+            "int": (lambda: int(x[:1].reshape(())), False),  # (x[0] is a NumPy scalar here, read at once)
+            "other stream": (lambda: cuda.launch("relu_forward", 1, 256, (x, y, 4)), False),
+            "allocation": (lambda: cupy.empty(3, np.float32), False),
         }
-        for what, run in refused.items():
+        for what, (run, invalidates) in refused.items():
             with stream:
                 stream.begin_capture()
                 previous = cupy.cuda.get_allocator()
@@ -356,8 +359,132 @@ if INNER:
                             run()
                 finally:
                     cupy.cuda.set_allocator(previous)
-                    assert len(stream.end_capture()) == 0, what
-        assert (x + 1).sum() == 12  # the hooks are gone after the capture
+                    if invalidates:
+                        with pytest.raises(RuntimeError, match="invalidated"):
+                            stream.is_capturing()
+                        with pytest.raises(fake_cupy.CUDARuntimeError, match="Invalidated"):
+                            stream.end_capture()
+                    else:
+                        assert len(stream.end_capture()) == 0, what
+                assert not stream.is_capturing(), what
+        assert (x + 1).sum() == 16  # the hooks are gone after the capture
+
+    # ---- the emulated cupy is as strict as CuPy 14.2 (tests/emulator/README.md): one test per rule
+    def test_strict_host_copies_are_refused_while_the_stream_captures():
+        x, pinned = cupy.zeros(4, np.float32), np.zeros(4, np.float32)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        copies = {"H2D": [lambda: x.set(pinned), lambda: x.set(pinned, stream=stream)],
+                  "D2H": [lambda: x.get(), lambda: x.get(stream=stream, out=pinned, blocking=False),
+                          lambda: cupy.asnumpy(x, stream=stream, out=pinned, blocking=False)]}
+        with stream:
+            for direction, runs in copies.items():
+                for run in runs:
+                    stream.begin_capture()
+                    try:
+                        with pytest.raises(RuntimeError, match=f"capturing, so {direction} transfers are disallowed"):
+                            run()
+                        assert stream.is_capturing()  # (a check of CuPy's: the capture is still valid)
+                    finally:
+                        assert len(stream.end_capture()) == 0
+            x.set(pinned + 1)  # outside a capture: allowed
+            x.get(stream=stream, out=pinned, blocking=False)
+        np.testing.assert_array_equal(pinned, 1.0)
+
+    def test_strict_get_and_set_take_exactly_the_shape_and_dtype():
+        x = cupy.zeros((2, 3), np.float32)
+        for bad, error in ((np.zeros(6, np.float32), ValueError), (np.zeros((3, 2), np.float32), ValueError),
+                           (np.zeros((2, 3), np.float64), TypeError), (cupy.zeros((2, 3), np.float32), TypeError),
+                           ([[0.0] * 3] * 2, TypeError)):
+            with pytest.raises(error):
+                x.set(bad)
+            if isinstance(bad, np.ndarray):
+                with pytest.raises(error):
+                    x.get(out=bad)
+        with pytest.raises(RuntimeError, match="non-contiguous"):
+            x[:, ::2].set(np.zeros((2, 2), np.float32))
+        x.set(np.ones((2, 3), np.float32))
+        out = np.zeros((2, 3), np.float32)
+        assert x.get(out=out) is out and (out == 1).all()
+
+    def test_strict_creation_defaults_to_float64_as_cupy():
+        for make in (cupy.zeros, cupy.ones, cupy.empty):
+            assert make(3).dtype == np.float64
+            assert make(3, np.float32).dtype == np.float32
+        assert cupy.full(3, 1).dtype == np.array(1).dtype and cupy.full(3, 0.5).dtype == np.float64
+        assert cupy.full(3, np.float32(0.5)).dtype == np.float32
+
+    def test_strict_numpy_conversions_of_device_arrays_raise():
+        x = cupy.arange(6, dtype=np.float32).reshape(2, 3)
+        for convert in (np.asarray, np.array, np.asanyarray, np.ascontiguousarray, np.asfortranarray,
+                        lambda a: np.testing.assert_array_equal(a, a)):
+            with pytest.raises(TypeError, match="Implicit conversion"):
+                convert(x)
+        assert np.asarray(x.get()).shape == (2, 3)  # an explicit copy
+        # NumPy functions CuPy implements still take device arrays, and give device arrays
+        assert float(np.sum(x)) == 15 and isinstance(np.pad(x, 1), cupy.ndarray)
+        assert isinstance(np.concatenate([x, x]), cupy.ndarray)
+
+    def test_strict_host_arrays_are_not_copied_to_the_device_implicitly():
+        x = cupy.zeros(3, np.float32)
+        host = np.ones(3, np.float32)
+        with pytest.raises(ValueError, match="non-scalar numpy.ndarray"):
+            x[...] = host
+        with pytest.raises(ValueError, match="non-scalar numpy.ndarray"):
+            cupy.copyto(x, host)
+        with pytest.raises(ValueError, match="non-scalar numpy.ndarray"):
+            x.fill(host)
+        for operation in (lambda: x + host, lambda: np.multiply(host, x), lambda: np.add(x, x, out=(host,))):
+            with pytest.raises(TypeError, match="Unsupported type"):
+                operation()
+        x[...] = np.float32(2)  # scalars and 0-d arrays are fine, as is an advanced index
+        cupy.copyto(x, np.array([3.0], np.float32))
+        x[np.array([0, 2])] = np.array([5.0, 6.0], np.float32)
+        np.testing.assert_array_equal(x.get(), [5, 3, 6])
+        assert bool((x > np.array(4.0)).any())  # (a 0-d host array in a comparison: CuPy takes its value)
+
+    def test_strict_a_graph_replayed_over_a_freed_buffer_fails():
+        """A CUDA graph keeps raw pointers, not the arrays: the emulated Graph keeps nothing alive either,
+        and replaying it after one of its buffers was freed fails instead of reading freed memory."""
+        import gc
+        import weakref
+
+        x = cupy.ones(4, np.float32)
+        y = cupy.zeros(8, np.float32)[2:6]  # a view: the graph keeps the buffer's address, not the view
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))
+            graph = stream.end_capture()
+        root = weakref.ref(y.base.base if y.base.base is not None else y.base)
+        graph.launch(stream)
+        np.testing.assert_array_equal(y.get(), 1.0)
+        kept = y.base  # the buffer stays alive through another array: replaying is fine
+        del y
+        gc.collect()
+        graph.launch(stream)
+        del kept
+        gc.collect()
+        assert root() is None  # the graph did not keep the buffer alive
+        with pytest.raises(fake_cupy.EmulatedCaptureError, match="freed after the capture"):
+            graph.launch(stream)
+
+    def test_strict_an_invalidated_capture_must_still_be_ended():
+        x, y = cupy.zeros(4, np.float32), cupy.zeros(4, np.float32)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            with pytest.raises(fake_cupy.EmulatedCaptureError, match="StreamCaptureUnsupported"):
+                cupy.cuda.Device().synchronize()
+            with pytest.raises(RuntimeError, match="invalidated the capture"):
+                stream.is_capturing()
+            with pytest.raises(cuda.KernelLaunchError, match="Invalidated"):
+                cuda.launch("relu_forward", 1, 256, (x, y, 4))
+            with pytest.raises(fake_cupy.CUDARuntimeError, match="Invalidated"):
+                stream.end_capture()
+            assert not stream.is_capturing()
+            stream.begin_capture()  # the stream captures again
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))
+            assert len(stream.end_capture()) == 1
 
     def test_an_empty_batch_reads_nothing():
         x, w, b = cupy.zeros((0, 5, 5, 3), np.float32), cupy.ones((3, 3, 3, 4), np.float32), cupy.ones(4, np.float32)

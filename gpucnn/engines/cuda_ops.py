@@ -13,8 +13,10 @@ Beyond ops_numpy's conventions:
   * the conv ops recompute instead of keeping im2col; ``ctx["work"]`` keeps the backward-filter workspace
     (and ``ctx["dz"]`` conv2d_maxpool_backward's convolution gradient) for the next call with the same
     shapes, so with ``out=`` buffers and the same ``ctx`` a step allocates nothing in the ops that take them;
-  * an empty batch works (nothing is read out of bounds); shapes the kernels' 32-bit indices cannot
-    cover (one image of about 2^31 elements) raise ValueError, as does a window that does not fit.
+  * an output with no elements launches nothing (no kernel ever gets a zero-sized grid); an empty batch
+    gives empty outputs and zero weight gradients, reading nothing out of bounds; shapes the kernels' 32-bit
+    indices cannot cover (one image of about 2^31 elements) raise ValueError, as does a window that does
+    not fit.
 """
 import cupy
 import numpy as np
@@ -82,6 +84,12 @@ def _out(out, shape, dtype=DTYPE, name="out"):
         raise ValueError(f"{name} must be a C-contiguous cupy {np.dtype(dtype).name} array of shape {shape}, "
                          f"got {type(out).__name__} {getattr(out, 'shape', '')} {getattr(out, 'dtype', '')}")
     return out
+
+
+def _zero(a):
+    """``a`` set to zero (a memset: no kernel)."""
+    a.fill(0)
+    return a
 
 
 def _finish(y, out):
@@ -178,6 +186,8 @@ def activation_forward(x, activation, out=None):
         return _finish(x, out)
     x = _c(x)
     y = _out(out, x.shape)
+    if y.size == 0:  # nothing to compute: no launch (a zero-sized grid is no launch at all)
+        return y
     if name == "relu":
         cuda.launch("relu_forward", _blocks(x.size), _THREADS, (x, y, x.size))
     elif name == "softmax":
@@ -205,6 +215,8 @@ def activation_backward(dy, y, activation, out=None, x=None):
         raise ValueError(f"activation_backward: dy {dy.shape} and {'x' if from_input else 'y'} {given.shape} "
                          "differ")
     dx = _out(out, dy.shape)
+    if dx.size == 0:
+        return dx
     if name == "relu":
         cuda.launch("relu_backward", _blocks(dy.size), _THREADS, (dy, given, dx, dy.size))
     elif name == "softmax":
@@ -231,6 +243,8 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     tp, tq, tf = _CONV["CONV_TILE_P"], _CONV["CONV_TILE_Q"], _CONV["CONV_TILE_F"]
     patch, cc = _patch_channels(tp, tq, kh, kw, c, stride, "conv2d_forward")
     _image_grid(h * wd * c, n)  # checks the image size
+    if y.size == 0:
+        return y
     grid = (max(1, n * _cdiv(p, tp) * _cdiv(q, tq)), _cdiv(f, tf))
     cuda.launch("conv2d_forward", grid, (tf, tq),
                 (x, w, b, y, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2],
@@ -247,6 +261,8 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
         raise ValueError(f"conv2d_backward_data: dy must be {(n, p, q, f)}, got {dy.shape}")
     dy, w = _c(dy), _c(w)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("conv2d_backward_data", _image_grid(h * wd * c, n), _THREADS,
                 (dy, w, dx, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2]))
     return dx
@@ -275,13 +291,16 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
         raise ValueError(f"conv2d_backward_filter: {n * p * q:,} output pixels are too many for one call "
                          "(at most about 2^31); use a smaller batch")
     dy, x = _c(dy), _c(x)
+    dw = _out(out_w, w_shape, name="out_w")
+    db = _out(out_b, (f,), name="out_b")
+    if f == 0:  # dw and db empty
+        return dw, db
     rows = kh * kw * c
-    row_tiles, f_tiles = _cdiv(rows, _CONV["BWF_TILE_R"]), _cdiv(f, _CONV["BWF_TILE_F"])
+    # (no input channels: dw is empty, db still the sum of dy; one row tile computes it)
+    row_tiles, f_tiles = max(1, _cdiv(rows, _CONV["BWF_TILE_R"])), _cdiv(f, _CONV["BWF_TILE_F"])
     slices, slice_len = _filter_slices(n * p * q, row_tiles * f_tiles)
     work_shape = (slices, rows * f + f)
     work = _work(ctx, "work", work_shape)
-    dw = _out(out_w, w_shape, name="out_w")
-    db = _out(out_b, (f,), name="out_b")
     cuda.launch("conv2d_backward_filter", (row_tiles, f_tiles, slices),
                 (_CONV["BWF_TILE_F"], _CONV["BWF_TILE_R"] // _CONV["BWF_ROWS_PER_THREAD"]),
                 (dy, x, work, n, h, wd, c, kh, kw, f, p, q, stride[0], stride[1], padding[0], padding[2],
@@ -309,6 +328,8 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     x = _c(x)
     y = _out(out, (n, p, q, c))
     idx = _out(out_idx, (n, p, q, c), np.int8, name="out_idx")
+    if y.size == 0:
+        return y, idx
     cuda.launch("maxpool2d_forward", _image_grid(p * q * c, n), _THREADS, (x, y, idx) + dims)
     return y, idx
 
@@ -320,6 +341,8 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
         raise ValueError(f"maxpool2d_backward: dy {dy.shape} and idx {idx.shape} must be {(n, p, q, c)}")
     dy, idx = _c(dy), _c(idx)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("maxpool2d_backward", _image_grid(h * wd * c, n), _THREADS, (dy, idx, dx) + dims)
     return dx
 
@@ -329,6 +352,8 @@ def avgpool2d_forward(x, pool, stride, padding, out=None):
     (n, h, wd, c, p, q), dims = _pool_args(x.shape, pool, stride, padding, "avgpool2d_forward")
     x = _c(x)
     y = _out(out, (n, p, q, c))
+    if y.size == 0:
+        return y
     cuda.launch("avgpool2d_forward", _image_grid(p * q * c, n), _THREADS, (x, y) + dims)
     return y
 
@@ -340,6 +365,8 @@ def avgpool2d_backward(dy, x_shape, pool, stride, padding, out=None):
         raise ValueError(f"avgpool2d_backward: dy must be {(n, p, q, c)}, got {dy.shape}")
     dy = _c(dy)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("avgpool2d_backward", _image_grid(h * wd * c, n), _THREADS, (dy, dx) + dims)
     return dx
 
@@ -350,6 +377,8 @@ def global_avgpool2d_forward(x, out=None):
     x = _c(x)
     y = _out(out, (n, c))
     _, images = _image_grid(h * wd * c, n)  # checks the image size
+    if y.size == 0:
+        return y
     cuda.launch("global_avgpool2d_forward", (_blocks(c), images), _THREADS,
                 (x, y, n, h * wd, c, DTYPE(h * wd)))
     return y
@@ -362,6 +391,8 @@ def global_avgpool2d_backward(dy, x_shape, out=None):
         raise ValueError(f"global_avgpool2d_backward: dy must be {(n, c)}, got {dy.shape}")
     dy = _c(dy)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("global_avgpool2d_backward", _image_grid(h * wd * c, n), _THREADS,
                 (dy, dx, n, h * wd, c, DTYPE(h * wd)))
     return dx
@@ -388,6 +419,8 @@ def global_maxpool2d_backward(dy, idx, x_shape, out=None):
         raise ValueError(f"global_maxpool2d_backward: dy {dy.shape} and idx {idx.shape} must be {(n, c)}")
     dy, idx = _c(dy), _c(idx)
     dx = _out(out, (n, h, wd, c))
+    if dx.size == 0:
+        return dx
     cuda.launch("global_maxpool2d_backward", _image_grid(h * wd * c, n), _THREADS, (dy, idx, dx, n, h * wd, c))
     return dx
 
@@ -399,6 +432,8 @@ def zero_padding2d_forward(x, padding, out=None):
     _, h, wd, _ = x.shape
     x = _c(x)
     y = _out(out, (n, p, q, c))
+    if y.size == 0:
+        return y
     cuda.launch("zero_padding2d_forward", _image_grid(p * q * c, n), _THREADS,
                 (x, y, n, h, wd, c, p, q, padding[0], padding[2]))
     return y
@@ -411,6 +446,8 @@ def zero_padding2d_backward(dy, x_shape, padding, out=None):
     dy = _c(dy)
     dx = _out(out, x_shape)
     _image_grid(p * q * c, n)  # checks dy's image size
+    if dx.size == 0:
+        return dx
     cuda.launch("zero_padding2d_backward", _image_grid(h * wd * c, n), _THREADS,
                 (dy, dx, n, h, wd, c, p, q, padding[0], padding[2]))
     return dx
@@ -451,6 +488,8 @@ def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum
     mean = _out(out_mean, (c,), name="out_mean")
     inv_std = _out(out_inv_std, (c,), name="out_inv_std")
     work = _work(ctx, "bn_work", (slices, c))
+    if y.size == 0:
+        return y, mean, inv_std  # (no channels: nothing to normalise)
     cuda.launch("batchnorm_partial_sums", grid, _BN_BLOCK, (x2, None, work, m, c, rows))
     cuda.launch("batchnorm_mean", _blocks(c), _THREADS, (work, mean, slices, c, DTYPE(m)))
     cuda.launch("batchnorm_partial_sums", grid, _BN_BLOCK, (x2, mean, work, m, c, rows))
@@ -469,6 +508,8 @@ def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon
     x2, gamma, beta = _c(x2), _vector(gamma), _vector(beta)
     y = _out(out, x.shape)
     inv_std = _out(out_inv_std, (c,), name="out_inv_std")
+    if y.size == 0:
+        return y, inv_std
     cuda.launch("batchnorm_inverse_std", _blocks(c), _THREADS, (_c(moving_var), inv_std, c, DTYPE(epsilon)))
     cuda.launch("batchnorm_normalize", _blocks(x2.size), _THREADS,
                 (x2, _c(moving_mean), inv_std, gamma, beta, y, x2.size, c))
@@ -506,6 +547,8 @@ def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out
     x, w, b = _c(x), _c(w), _vector(b)
     y = _out(out, (n, p, q, c * dm))
     _image_grid(h * wd * c, n)  # checks the input image's size
+    if y.size == 0:
+        return y
     cuda.launch("depthwise_conv2d_forward", _image_grid(p * q * c * dm, n), _THREADS,
                 (x, w, b, y, n, h, wd, c, w.shape[0], w.shape[1], dm, p, q, stride[0], stride[1], padding[0],
                  padding[2], act))
@@ -521,6 +564,8 @@ def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, ou
     dy, w = _c(dy), _c(w)
     dx = _out(out, x_shape)
     _image_grid(p * q * c * dm, n)  # checks dy's image size
+    if dx.size == 0:
+        return dx
     cuda.launch("depthwise_conv2d_backward_data", _image_grid(h * wd * c, n), _THREADS,
                 (dy, w, dx, n, h, wd, c, w.shape[0], w.shape[1], dm, p, q, stride[0], stride[1], padding[0],
                  padding[2]))
@@ -568,6 +613,8 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
     x, w, b = _c(x), _c(w), (None if b is None else _c(b))
     y = _out(out, (n, pp, pq, f))
     idx = _out(out_idx, (n, pp, pq, f), np.int8, name="out_idx")
+    if y.size == 0:  # (also a 1-row or 1-column convolution output: nothing to pool)
+        return y, idx
     tiles = n * _cdiv(pp, tpp) * _cdiv(pq, tpq)
     cuda.launch("conv2d_relu_maxpool_forward", (max(1, tiles), _cdiv(f, tf)), (tf, tpq),
                 (x, w, b, y, idx, n, h, wd, c, kh, kw, f, pp, pq, stride[0], stride[1], padding[0], padding[2],
@@ -590,8 +637,9 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
                          f"{(n, pp, pq, f)}")
     dz = _work(ctx, "dz", (n, p, q, f))
     dy, y, idx = _c(dy), _c(y), _c(idx)
-    cuda.launch("maxpool2d_relu_backward", _image_grid(p * q * f, n), _THREADS,
-                (dy, idx, y, dz, n, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, _fused(activation)))
+    if dz.size:
+        cuda.launch("maxpool2d_relu_backward", _image_grid(p * q * f, n), _THREADS,
+                    (dy, idx, y, dz, n, p, q, f, pp, pq, 2, 2, 2, 2, 0, 0, _fused(activation)))
     conv2d_backward_filter(dz, x, w.shape, stride, padding, ctx=ctx, out_w=out_w, out_b=out_b)
     if not need_dx:
         return None
@@ -615,6 +663,8 @@ def dense_forward(x, w, b, activation, out=None):
     x, w, b = _c(x), _c(w), (None if b is None else _c(b))
     n, units = x.shape[0], w.shape[1]
     y = _out(out, (n, units))
+    if y.size == 0:
+        return y
     cuda.launch("dense_forward", _gemm_grid(n, units), _GEMM_BLOCK, (x, w, b, y, n, w.shape[0], units, act))
     _activate_after(y, activation)
     return y
@@ -627,6 +677,8 @@ def dense_backward_data(dy, w, out=None):
     dy, w = _c(dy), _c(w)
     n, (inputs, units) = dy.shape[0], w.shape
     dx = _out(out, (n, inputs))
+    if dx.size == 0:
+        return dx
     cuda.launch("dense_backward_data", _gemm_grid(n, inputs), _GEMM_BLOCK, (dy, w, dx, n, inputs, units))
     return dx
 
@@ -639,8 +691,10 @@ def dense_backward_weights(dy, x, out_w=None, out_b=None):
     (n, units), inputs = dy.shape, x.shape[1]
     dw = _out(out_w, (inputs, units), name="out_w")
     db = _out(out_b, (units,), name="out_b")
-    cuda.launch("dense_backward_weights", _gemm_grid(inputs, units), _GEMM_BLOCK, (dy, x, dw, n, inputs, units))
-    cuda.launch("dense_backward_bias", _blocks(units), _THREADS, (dy, db, n, units))
+    if dw.size:
+        cuda.launch("dense_backward_weights", _gemm_grid(inputs, units), _GEMM_BLOCK, (dy, x, dw, n, inputs, units))
+    if db.size:
+        cuda.launch("dense_backward_bias", _blocks(units), _THREADS, (dy, db, n, units))
     return dw, db
 
 
@@ -712,10 +766,11 @@ def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None):
     x = _c(x)
     y = _out(out, x.shape)
     mask = _out(out_mask, x.shape, name="out_mask")
+    if y.size == 0:
+        return y, mask
     scale = DTYPE(1.0) / DTYPE(1.0 - rate)
-    if x.size:
-        cuda.launch("dropout_forward", _blocks(x.size), _THREADS,
-                    (x, y, mask, x.size, DTYPE(rate), scale, seeds, step, int(slot), seeds.shape[1]))
+    cuda.launch("dropout_forward", _blocks(x.size), _THREADS,
+                (x, y, mask, x.size, DTYPE(rate), scale, seeds, step, int(slot), seeds.shape[1]))
     return y, mask
 
 
@@ -724,8 +779,9 @@ def dropout_backward(dy, mask, out=None):
         raise ValueError(f"dropout_backward: dy {dy.shape} and mask {mask.shape} differ")
     dy, mask = _c(dy), _c(mask)
     dx = _out(out, dy.shape)
-    if dx.size:
-        cuda.launch("dropout_backward", _blocks(dy.size), _THREADS, (dy, mask, dx, dy.size))
+    if dx.size == 0:
+        return dx
+    cuda.launch("dropout_backward", _blocks(dy.size), _THREADS, (dy, mask, dx, dy.size))
     return dx
 
 
@@ -745,8 +801,11 @@ def crossentropy_forward(p, labels, sparse, from_logits=False):
     n, k = _rows(p, "crossentropy_forward")
     p = _c(p)
     loss = cuda.empty((n,), DTYPE)
+    labels = _labels(labels, p, sparse)
+    if n == 0:
+        return loss
     cuda.launch(_loss_kernel("crossentropy_forward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), loss, n, k, bool(from_logits)))
+                (p, labels, loss, n, k, bool(from_logits)))
     return loss
 
 
@@ -755,8 +814,10 @@ def softmax_crossentropy_backward(p, labels, sparse, out=None):
     n, k = _rows(p, "softmax_crossentropy_backward")
     p = _c(p)
     dp = _out(out, (n, k))
-    cuda.launch(_loss_kernel("softmax_crossentropy_backward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), dp, n, k))
+    labels = _labels(labels, p, sparse)
+    if n == 0:
+        return dp
+    cuda.launch(_loss_kernel("softmax_crossentropy_backward", sparse), _blocks(n), _THREADS, (p, labels, dp, n, k))
     return dp
 
 
@@ -767,8 +828,11 @@ def crossentropy_backward(p, labels, sparse, from_logits=False, out=None):
     n, k = _rows(p, "crossentropy_backward")
     p = _c(p)
     dp = _out(out, (n, k))
+    labels = _labels(labels, p, sparse)
+    if n == 0:
+        return dp
     cuda.launch(_loss_kernel("crossentropy_backward", sparse), _blocks(n), _THREADS,
-                (p, _labels(labels, p, sparse), dp, n, k, bool(from_logits)))
+                (p, labels, dp, n, k, bool(from_logits)))
     return dp
 
 
@@ -800,6 +864,8 @@ def binary_crossentropy_forward(p, labels, from_logits, label_smoothing=0.0):
     p, labels, keep, half = _binary(p, labels, label_smoothing, "binary_crossentropy_forward")
     n, units = p.shape
     loss = cuda.empty((n,), DTYPE)
+    if n == 0:
+        return loss
     cuda.launch("binary_crossentropy_forward", _blocks(n), _THREADS,
                 (p, labels, loss, n, units, bool(from_logits), keep, half))
     return loss
@@ -811,6 +877,8 @@ def binary_crossentropy_backward(p, labels, from_logits, label_smoothing=0.0, ou
     sigmoid_binary_crossentropy_backward."""
     p, labels, keep, half = _binary(p, labels, label_smoothing, "binary_crossentropy_backward")
     dp = _out(out, p.shape)
+    if dp.size == 0:
+        return dp
     if from_logits:
         cuda.launch("sigmoid_binary_crossentropy_backward", _blocks(p.size), _THREADS,
                     (p, labels, dp, p.size, 1, keep, half, DTYPE(p.size)))
@@ -825,6 +893,8 @@ def sigmoid_binary_crossentropy_backward(p, labels, label_smoothing=0.0, out=Non
     the logits form (numpy_ops says why, and where it differs from differentiating through Keras's clip)."""
     p, labels, keep, half = _binary(p, labels, label_smoothing, "sigmoid_binary_crossentropy_backward")
     dz = _out(out, p.shape)
+    if dz.size == 0:
+        return dz
     cuda.launch("sigmoid_binary_crossentropy_backward", _blocks(p.size), _THREADS,
                 (p, labels, dz, p.size, 0, keep, half, DTYPE(p.size)))
     return dz
@@ -835,6 +905,8 @@ def count_binary_correct(p, labels, threshold=0.5):
     equal to the label), as a 0-d int64 device array."""
     p, labels, _, _ = _binary(p, labels, 0.0, "count_binary_correct")
     count = cuda.empty((), np.int64)
+    if p.size == 0:
+        return _zero(count)
     cuda.launch("count_binary_correct", 1, _THREADS, (p, labels, count, p.size, DTYPE(threshold)))
     return count
 
@@ -873,6 +945,8 @@ def rescale(x, scale, offset, out=None):
     """y = x * scale + offset (Keras's Rescaling, in float32; other input dtypes are cast). No backward."""
     x = _c(x if x.dtype == DTYPE else x.astype(DTYPE))
     y = _out(out, x.shape)
+    if y.size == 0:
+        return y
     cuda.launch("rescale", _blocks(x.size), _THREADS, (x, y, x.size, DTYPE(scale), DTYPE(offset)))
     return y
 
@@ -886,6 +960,8 @@ def flip(x, horizontal_flags, vertical_flags, out=None):
     vertical = _per_image(vertical_flags, n, "flip", np.uint8)
     x = _c(x)
     y = _out(out, x.shape)
+    if y.size == 0:
+        return y
     cuda.launch("flip_images", _image_grid(h * w * c, n), _THREADS, (x, horizontal, vertical, y, n, h, w, c))
     return y
 
@@ -902,6 +978,8 @@ def affine_transform(x, transforms, interpolation="bilinear", fill_mode="reflect
     transforms = _c(transforms if transforms.dtype == DTYPE else transforms.astype(DTYPE))
     x = _c(x)
     y = _out(out, x.shape)
+    if y.size == 0:
+        return y
     cuda.launch("affine_transform", _image_grid(h * w * c, n), _THREADS,
                 (x, transforms, y, n, h, w, c, _IMAGE["INTERP_" + interpolation.upper()],
                  _IMAGE["FILL_" + fill_mode.upper()], DTYPE(fill_value)))
@@ -917,6 +995,8 @@ def adjust_contrast(x, factors, value_range=(0, 255), out=None):
     y = _out(out, x.shape)
     low, high = (0.0, 0.0) if value_range is None else value_range
     grid = (max(1, min(c, _MAX_BLOCKS)), _image_grid(h * w * c, n)[1])  # (channels, images), both strided
+    if y.size == 0:
+        return y
     cuda.launch("adjust_contrast", grid, _THREADS,
                 (x, factors, y, n, h * w, c, value_range is not None, DTYPE(low), DTYPE(high)))
     return y
@@ -942,9 +1022,10 @@ def sgd_update(w, g, m, rates, step, momentum, nesterov):
     _rates(rates, step, "sgd_update")
     if momentum != 0 and m is None:
         raise ValueError("sgd_update: momentum needs the state array m")
-    if w.size:
-        cuda.launch("sgd_update", _blocks(w.size), _THREADS,
-                    (w, _c(g), m, w.size, rates, step, DTYPE(momentum), int(bool(nesterov))))
+    if w.size == 0:
+        return
+    cuda.launch("sgd_update", _blocks(w.size), _THREADS,
+                (w, _c(g), m, w.size, rates, step, DTYPE(momentum), int(bool(nesterov))))
 
 
 def rmsprop_update(w, g, v, mom, avg, rates, step, rho, epsilon, momentum, centered):
@@ -955,11 +1036,12 @@ def rmsprop_update(w, g, v, mom, avg, rates, step, rho, epsilon, momentum, cente
     _rates(rates, step, "rmsprop_update")
     if (momentum > 0 and mom is None) or (centered and avg is None):
         raise ValueError("rmsprop_update: momentum needs mom, centered needs avg")
+    if w.size == 0:
+        return
     rho = DTYPE(rho)
-    if w.size:
-        cuda.launch("rmsprop_update", _blocks(w.size), _THREADS,
-                    (w, _c(g), v, mom if momentum > 0 else None, avg if centered else None, w.size, rates, step,
-                     rho, DTYPE(1) - rho, DTYPE(epsilon), DTYPE(momentum), int(bool(centered))))
+    cuda.launch("rmsprop_update", _blocks(w.size), _THREADS,
+                (w, _c(g), v, mom if momentum > 0 else None, avg if centered else None, w.size, rates, step,
+                 rho, DTYPE(1) - rho, DTYPE(epsilon), DTYPE(momentum), int(bool(centered))))
 
 
 def adam_update(w, g, m, v, rates, step, beta_1, beta_2, epsilon):
@@ -967,6 +1049,7 @@ def adam_update(w, g, m, v, rates, step, beta_1, beta_2, epsilon):
     alpha = rates[step[0]] = lr·sqrt(1 − β2^t)/(1 − β1^t) for step t (``adam_step_size``)."""
     _state("adam_update", w, g, m, v)
     _rates(rates, step, "adam_update")
-    if w.size:
-        cuda.launch("adam_update", _blocks(w.size), _THREADS,
-                    (w, _c(g), m, v, w.size, rates, step, DTYPE(1 - beta_1), DTYPE(1 - beta_2), DTYPE(epsilon)))
+    if w.size == 0:
+        return
+    cuda.launch("adam_update", _blocks(w.size), _THREADS,
+                (w, _c(g), m, v, w.size, rates, step, DTYPE(1 - beta_1), DTYPE(1 - beta_2), DTYPE(epsilon)))

@@ -32,7 +32,6 @@ Differences from the plain CUDA path, all documented: the shuffled order comes f
 float32 sums; an optimizer hyper-parameter other than the learning rate changed by a callback is picked up at
 the next epoch (the graph is captured again), not in the middle of one.
 """
-import gc
 import math
 import os
 import sys
@@ -44,6 +43,8 @@ from .. import layers as L
 from .. import losses as losses_mod
 from .. import optimizers as optimizers_mod
 from ..layers import LAYER_CLASSES
+from . import capture
+from .capture import CaptureAllocationError  # noqa: F401  (raised inside the captured step)
 from .graph import Contexts, StepValues
 
 READ_EVERY = 50  # steps between asynchronous copies of the per-step loss and accuracy to the host
@@ -268,38 +269,34 @@ class Trainer:
                 cupy.copyto(a, s)
             self.stream.synchronize()
             del saved
-            previous = cupy.cuda.get_allocator()
-            cupy.cuda.set_allocator(_refuse_allocation)
-            # No garbage collection inside the capture: without CuPy's pool (GPUCNN_NO_POOL=1, the sanitizer
-            # runs) a collected array is a cudaFree, an implicit device synchronisation, which a capture
-            # does not allow.
-            collecting = gc.isenabled()
-            gc.disable()
-            self.stream.begin_capture()
-            try:
+            with capture.capturing(cupy, self.stream) as captured:  # allocations refused, exception-safe
                 for run in program:
                     run()
-            finally:
-                graph = self.stream.end_capture()
-                cupy.cuda.set_allocator(previous)
-                if collecting:
-                    gc.enable()
-        return graph, contexts
+        return captured.graph, contexts
+
+    def _graph_buffers(self):
+        """Every array the step graphs read or write outside their own buffers (kept in their contexts): the
+        weights and their gradients, the optimizer's state, the layers' own state, the data, the batch
+        buffers, the counter and the per-step tables."""
+        model = self.model
+        own = (getattr(self, "x_u8", None), getattr(self, "x_f32", None), getattr(self, "y_dev", None),
+               getattr(self, "perm", None), self.step, self.values.seeds, self.rates, self.loss_steps,
+               self.correct_steps, self.xb, self.yb, self.dlogits)
+        layers = [a for layer in model._all_layers() for a in (*layer.weights, *layer.grads)]
+        return [*self._state_arrays(), model._grads, *layers, *own]
 
     def _graph_key(self):
-        """What the captured graphs depend on: the identity of every array they read or write outside their own
-        buffers (parameters, gradients, optimizer state, each layer's weights) and the optimizer's settings other
-        than the learning rate (which the graphs read from the rates table)."""
-        model, opt = self.model, self.model.optimizer
-        config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
-        arrays = self._state_arrays() + [model._grads] + [w for layer in model._all_layers() for w in layer.weights]
-        return tuple(sorted(config.items())), tuple(id(a) for a in arrays)
+        """What the captured graphs depend on: the very buffers they were captured over (a graph holds raw
+        pointers: a recompiled model or a rebuilt optimizer state means new buffers; ``capture.buffer_key``)
+        and the optimizer's settings other than the learning rate (which the graphs read from the rates table)."""
+        config = {k: v for k, v in self.model.optimizer.get_config().items() if k != "learning_rate"}
+        return tuple(sorted(config.items())), capture.buffer_key(self._graph_buffers())
 
     def _ensure_graphs(self):
         key = self._graph_key()
         if self._graphs and key == self._captured_key:
             return
-        self._graphs = {}
+        self._graphs, self._graph_key = {}, None
         for rows in {self.full_rows, self.last_rows}:
             self._graphs[rows] = self._capture(rows)
         self._captured_key = key
@@ -498,13 +495,3 @@ def _pinned(cupy, count, dtype):
     dtype = np.dtype(dtype)
     memory = cupy.cuda.alloc_pinned_memory(max(1, count) * dtype.itemsize)
     return np.frombuffer(memory, dtype, count)
-
-
-class CaptureAllocationError(RuntimeError):
-    """Something tried to allocate device memory inside the captured training step."""
-
-
-def _refuse_allocation(size):
-    raise CaptureAllocationError(
-        f"an allocation of {size} bytes inside the captured training step: every buffer must be allocated "
-        "before the capture (this is a gpucnn bug)")

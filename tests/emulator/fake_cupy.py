@@ -12,12 +12,24 @@ Importing this module (directly, or as the pytest plugin ``-p fake_cupy``) insta
 
 Streams and graphs (the fast path, gpucnn/models/fastpath.py): every emulated operation runs at once, in issue
 order, so streams, events and asynchronous copies are synchronous. ``Stream.begin_capture()`` switches the
-stream to recording: kernel launches and the few array operations a capture can hold (``a[...] = b``,
-``fill``, ``cupy.copyto``, ``set``, ``get(out=..., blocking=False)``) are recorded, NOT run, and
-``end_capture()`` returns a ``Graph`` whose ``launch()`` replays them in order, reading the arrays' contents
-at replay time. Inside a capture the harness refuses what CUDA or the emulator cannot capture: device
-allocations (through the installed allocator, as ``cupy.cuda.set_allocator`` hooks do), synchronisation,
-synchronous copies to the host, NumPy computations on device arrays, and operations on another stream.
+stream to recording: kernel launches and the device-side array operations a capture can hold
+(``a[...] = b``, ``fill``, ``cupy.copyto``) are recorded, NOT run, and ``end_capture()`` returns a ``Graph``
+whose ``launch()`` replays them in order, reading the arrays' memory at replay time. Like a CUDA graph, a
+Graph holds its buffers' addresses, not the arrays: replaying it after one of them was freed raises
+``EmulatedCaptureError`` (on a GPU, a silent use-after-free). Inside a capture the harness refuses what
+CUDA, CuPy or the emulator cannot capture: device allocations (through the installed allocator, as
+``cupy.cuda.set_allocator`` hooks do), copies between host and device (``set``, ``get``; CuPy raises "the
+current stream is capturing, so H2D/D2H transfers are disallowed"), synchronisation (which, as in CUDA,
+invalidates the capture: ``is_capturing`` then raises and ``end_capture`` fails), NumPy computations on
+device arrays, and operations on another stream.
+
+As strict as CuPy 14.2, capturing or not (tests/test_kernels_emulated.py checks each rule): ``get(out=)`` and
+``set()`` take only NumPy arrays of exactly the array's shape and dtype; ``empty``, ``zeros`` and ``ones``
+default to float64, ``full`` to its fill value's dtype; ``numpy.asarray``, ``numpy.array``,
+``numpy.asanyarray``, ``numpy.ascontiguousarray`` and ``numpy.asfortranarray`` of a device array raise
+TypeError (so do ``numpy.testing``'s assertions on one), while NumPy functions that CuPy implements still take
+device arrays; a host array is refused as the value of ``a[...] = ...`` (unless a scalar), as
+``cupy.copyto``'s source (unless of one element) and as an operand of arithmetic on device arrays.
 
 After every launch the harness checks the guard zones of each array argument (a write out of bounds) and
 the emulator's barrier checks (threads of a block at different ``__syncthreads`` or leaving while others
@@ -30,6 +42,7 @@ Never import this into a process that runs other tests: the fake ``cupy`` replac
 """
 import concurrent.futures
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -63,24 +76,119 @@ class EmulatorBuildError(RuntimeError):
 
 
 # ===================================================================================== fake cupy
+_converting = [0]  # > 0 inside a NumPy function CuPy implements (a device array may be converted there)
+_NP_CONVERSIONS = ("asarray", "array", "asanyarray", "ascontiguousarray", "asfortranarray")
+_np = {name: getattr(np, name) for name in _NP_CONVERSIONS}  # NumPy's own, for the harness itself
+
+
+def _is_host(value):
+    """A NumPy array that is not a device array."""
+    return isinstance(value, np.ndarray) and not isinstance(value, ndarray)
+
+
 class ndarray(np.ndarray):
-    """A "device" array: a NumPy array with cupy's few extra methods."""
+    """A "device" array: a NumPy array with CuPy's extra methods and CuPy's refusals of implicit copies
+    between host and device."""
 
     def get(self, stream=None, order="C", out=None, blocking=True):
+        stream = stream if stream is not None else _current_stream()
         if out is None:
+            if self.size == 0:  # (CuPy copies nothing then, and checks nothing)
+                return np.ndarray(self.shape, self.dtype)
+            _refuse_transfer(stream, "D2H")
             _refuse_in_capture("ndarray.get() (a synchronous copy to the host)")
-            return np.array(self, copy=True, order=order)
+            return _np["array"](self, copy=True, order=order)
+        if not _is_host(out):
+            raise TypeError("Only numpy.ndarray can be obtained from cupy.ndarray")
+        if self.dtype != out.dtype:
+            raise TypeError(f"{out.dtype} array cannot be obtained from {self.dtype} array")
+        if self.shape != out.shape:
+            raise ValueError(f"Shape mismatch. Expected shape: {self.shape}, actual shape: {out.shape}")
+        _refuse_transfer(stream, "D2H")
         if blocking:
             _refuse_in_capture("ndarray.get(out=..., blocking=True) (a synchronous copy to the host)")
-        _enqueue("ndarray.get(out=...)", lambda: np.copyto(out, np.asarray(self).reshape(out.shape)), stream)
+        _enqueue("ndarray.get(out=...)", lambda src: np.copyto(out, src.view(np.ndarray)), (self,), stream)
         return out
 
     def set(self, arr, stream=None):
-        value = np.array(arr, copy=True)  # the host array as it is now
-        _enqueue("ndarray.set", lambda: np.ndarray.__setitem__(self, Ellipsis, value), stream)
+        if not _is_host(arr):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if self.dtype != arr.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if self.shape != arr.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        if not (self.flags.c_contiguous or self.flags.f_contiguous):
+            raise RuntimeError("Cannot set to non-contiguous array")
+        stream = stream if stream is not None else _current_stream()
+        _refuse_transfer(stream, "H2D")
+        value = _np["array"](arr, copy=True)  # the host array as it is now
+        _enqueue("ndarray.set", lambda dst: np.ndarray.__setitem__(dst, Ellipsis, value), (self,), stream)
+
+    def __setitem__(self, key, value):
+        """CuPy: basic indexing takes a device array or a scalar (a host array raises, see CuPy gh-2079);
+        integer-array and mask indexing copy a host value to the device."""
+        advanced = any(isinstance(k, (np.ndarray, list)) for k in (key if isinstance(key, tuple) else (key,)))
+        if not (isinstance(value, ndarray) or advanced or _converting[0]) and _np["asarray"](value).shape != ():
+            raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+        _enqueue("a copy into a device array", lambda dst, v: np.ndarray.__setitem__(dst, key, v), (self, value))
+
+    def fill(self, value):
+        if not (isinstance(value, ndarray) or _converting[0]) and _np["asarray"](value).shape != ():
+            raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
+        _enqueue("a memset of a device array", lambda dst: np.ndarray.fill(dst, value), (self,))
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if _capturing[0] is not None and not _replaying[0]:
+            raise EmulatedCaptureError(f"numpy.{ufunc.__name__}.{method} on a device array inside a stream "
+                                       "capture: CuPy's elementwise kernels are not emulated in captures")
+        comparison = ufunc.__name__ in ("greater", "greater_equal", "less", "less_equal", "equal", "not_equal")
+        for x in () if _converting[0] else inputs + tuple(kwargs.get("out", ())):
+            if _is_host(x) and not (comparison and x.ndim == 0):
+                raise TypeError(f"Unsupported type {type(x)} (a host array in numpy.{ufunc.__name__} with device "
+                                "arrays: CuPy does not copy it to the device implicitly)")
+        base = lambda x: x.view(np.ndarray) if isinstance(x, ndarray) else x  # noqa: E731
+        outs = kwargs.get("out")
+        if outs:
+            kwargs["out"] = tuple(base(o) for o in outs)
+        result = getattr(ufunc, method)(*map(base, inputs), **kwargs)
+        if outs:
+            return outs[0] if len(outs) == 1 else outs
+        device = lambda r: r.view(ndarray) if type(r) is np.ndarray else r  # noqa: E731
+        return tuple(map(device, result)) if isinstance(result, tuple) else device(result)
+
+    def __array_function__(self, func, types, args, kwargs):
+        """NumPy functions on device arrays: CuPy runs its own implementation of each (here NumPy's, inside
+        which converting a device array is allowed); ``numpy.copyto`` follows ``cupy.copyto``'s rules."""
+        if func is np.copyto:
+            return _copyto(*args, **kwargs)
+        if _capturing[0] is not None and not _replaying[0] and func not in _CAPTURE_HARMLESS:
+            raise EmulatedCaptureError(f"numpy.{func.__name__} on a device array inside a stream capture: "
+                                       "not emulated")
+        _converting[0] += 1
+        try:
+            result = super().__array_function__(func, types, args, kwargs)
+        finally:
+            _converting[0] -= 1
+        return result.view(ndarray) if type(result) is np.ndarray else result  # (CuPy returns device arrays)
 
 
 ndarray.__module__ = "cupy"
+_CAPTURE_HARMLESS = {np.shape, np.ndim, np.size, np.result_type, np.may_share_memory, np.shares_memory}
+
+
+def _refusing(name):
+    """numpy.<name> that raises, as CuPy's ``__array__`` does, when given a device array."""
+    original = _np[name]
+
+    @functools.wraps(original)
+    def convert(a, *args, **kwargs):
+        if isinstance(a, ndarray) and not _converting[0]:
+            raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to "
+                            f"construct a NumPy array explicitly. (numpy.{name} of a device array)")
+        return original(a, *args, **kwargs)
+    return convert
+
+
 _allocations = weakref.WeakValueDictionary()  # address of a guarded buffer -> the uint8 buffer
 _allocator = [None]  # cupy.cuda.set_allocator's function, called with the size of each allocation
 _pool_bytes = {"used": 0, "peak": 0}  # device bytes of live allocations (not the harness's own copies)
@@ -90,7 +198,7 @@ def _release(nbytes):
     _pool_bytes["used"] -= nbytes
 
 
-def _alloc(shape, dtype=np.float32, internal=False):
+def _alloc(shape, dtype=float, internal=False):
     """A guarded, poisoned device array. ``internal``: a copy the harness makes for a launch (not counted, not
     refused: on a GPU that array would already be device memory)."""
     shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
@@ -110,11 +218,15 @@ def _alloc(shape, dtype=np.float32, internal=False):
 
 
 def _device_copy(a, dtype=None, order="C", internal=False):
-    a = np.asarray(a, dtype=dtype)
+    _converting[0] += 1  # (the harness's own conversion of a device array)
+    try:
+        a = _np["asarray"](a, dtype=dtype)
+    finally:
+        _converting[0] -= 1
     out = _alloc(a.shape, a.dtype, internal)
     if order == "F" and a.ndim > 1:  # the same values in Fortran order: a view of a guarded buffer
         out = out.reshape(a.shape[::-1]).T
-    out[...] = a
+    np.ndarray.__setitem__(out, Ellipsis, a)
     return out
 
 
@@ -145,6 +257,24 @@ def _module(name, **attrs):
     return module
 
 
+def _full(shape, value, dtype=None):
+    """cupy.full: the dtype of ``value`` unless given (CuPy: numpy.array(value).dtype)."""
+    dtype = value.dtype if dtype is None and isinstance(value, ndarray) else dtype
+    return _fill(_alloc(shape, _np["array"](value).dtype if dtype is None else dtype), value)
+
+
+def _copyto(dst, src, casting="same_kind", where=None):
+    """cupy.copyto: a host source must hold one element (CuPy copies no host array implicitly)."""
+    if _is_host(src):
+        if src.size != 1:
+            raise ValueError("non-scalar numpy.ndarray cannot be used for copyto")
+        src = src.reshape(())[()]
+    if where is not None:
+        raise NotImplementedError("cupy.copyto(where=...) is not emulated")
+    host = lambda a: a.view(np.ndarray) if isinstance(a, ndarray) else a  # noqa: E731  (no dispatch again)
+    _enqueue("cupy.copyto", lambda d, s: np.copyto(host(d), host(s), casting=casting), (dst, src))
+
+
 cupy = types.ModuleType("cupy")
 cupy.__file__ = __file__
 cupy.ndarray = ndarray
@@ -153,22 +283,23 @@ cupy.asarray = lambda a, dtype=None: (  # a device array of the right dtype is r
     a if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype) else _device_copy(a, dtype))
 cupy.array = lambda a, dtype=None, copy=True: _device_copy(a, dtype)
 cupy.asnumpy = lambda a, stream=None, order="C", out=None, blocking=True: (
-    ndarray.get(a, stream, order, out, blocking) if isinstance(a, ndarray) else np.array(a, copy=True))
+    ndarray.get(a, stream, order, out, blocking) if isinstance(a, ndarray) else _np["array"](a, copy=True))
 cupy.arange = lambda *args, **kwargs: _device_copy(np.arange(*args, **kwargs))  # guarded, as all device arrays
 cupy.ascontiguousarray = lambda a, dtype=None: (
     a if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or a.dtype == dtype)
     else _device_copy(a, dtype))
 cupy.asfortranarray = lambda a, dtype=None: _device_copy(a, dtype, order="F")
-cupy.zeros = lambda shape, dtype=np.float32: _fill(_alloc(shape, dtype), 0)
-cupy.ones = lambda shape, dtype=np.float32: _fill(_alloc(shape, dtype), 1)
-cupy.full = lambda shape, value, dtype=np.float32: _fill(_alloc(shape, dtype), value)
+cupy.zeros = lambda shape, dtype=float: _fill(_alloc(shape, dtype), 0)
+cupy.ones = lambda shape, dtype=float: _fill(_alloc(shape, dtype), 1)
+cupy.full = _full
+cupy.copyto = _copyto
 cupy.empty_like = lambda a, dtype=None: _alloc(a.shape, dtype or a.dtype)
 cupy.zeros_like = lambda a, dtype=None: _fill(_alloc(a.shape, dtype or a.dtype), 0)
 cupy.__getattr__ = _from_numpy  # dtypes, ufuncs, concatenate, ...
 
 
 def _fill(a, value):
-    a[...] = value
+    a.fill(value)
     return a
 
 
@@ -226,7 +357,8 @@ def _get_allocator():
 
 # ===================================================================================== streams, graphs
 class EmulatedCaptureError(RuntimeError):
-    """An operation inside a stream capture that CUDA refuses, or that the emulator cannot record."""
+    """An operation inside a stream capture that CUDA or CuPy refuses, or that the emulator cannot record; or
+    a graph replayed over a buffer freed since its capture."""
 
 
 _streams = []           # the `with stream:` stack; the current stream is the last one (else the null stream)
@@ -240,7 +372,8 @@ class Stream:
 
     def __init__(self, null=False, non_blocking=False, ptr=0):
         self.is_null, self.non_blocking = bool(null), bool(non_blocking)
-        self._nodes = None  # the recorded operations while capturing
+        self._nodes = None         # the recorded operations while capturing
+        self._invalidated = False  # an error CUDA returns inside a capture invalidates it
 
     def __enter__(self):
         _streams.append(self)
@@ -259,8 +392,7 @@ class Stream:
         return True
 
     def synchronize(self):
-        if _capturing[0] is not None:  # cudaErrorStreamCaptureUnsupported (and it invalidates the capture)
-            raise EmulatedCaptureError("Stream.synchronize() while a stream is being captured")
+        _refuse_in_capture("Stream.synchronize()")
 
     def record(self, event=None):
         event = event if event is not None else Event()
@@ -271,25 +403,31 @@ class Stream:
         pass
 
     def is_capturing(self):
+        if self._nodes is not None and self._invalidated:  # CuPy 14 raises for an invalidated capture
+            raise RuntimeError("the stream was capturing, but an error has invalidated the capture sequence")
         return self._nodes is not None
 
     def begin_capture(self, mode=None):
         if self.is_null:
-            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: the null stream cannot be captured")
+            raise RuntimeError("cannot capture on the default (legacy) stream")
         if self._nodes is not None:
             raise CUDARuntimeError("cudaErrorIllegalState: the stream is already capturing")
         if _capturing[0] is not None:
             raise EmulatedCaptureError("two captures at once are not emulated")
-        self._nodes = []
+        self._nodes, self._invalidated = [], False
         _capturing[0] = self
         _install_capture_hooks()
 
     def end_capture(self):
+        """Ends capture mode in every case (as cudaStreamEndCapture does); raises for an invalidated one."""
         if self._nodes is None:
             raise CUDARuntimeError("cudaErrorIllegalState: end_capture on a stream that is not capturing")
-        nodes, self._nodes = self._nodes, None
+        nodes, self._nodes, invalidated = self._nodes, None, self._invalidated
         _capturing[0] = None
         _remove_capture_hooks()
+        if invalidated:
+            raise CUDARuntimeError("cudaErrorStreamCaptureInvalidated: operation failed due to a previous error "
+                                   "during capture")
         return Graph(nodes)
 
 
@@ -299,6 +437,46 @@ Stream.null = _null_stream
 
 def _current_stream():
     return _streams[-1] if _streams else _null_stream
+
+
+class _Buffer:
+    """What a graph node keeps of a device array: its buffer's address (a weak reference to the guarded
+    allocation) and its layout, as a CUDA graph keeps a raw pointer."""
+
+    __slots__ = ("root", "offset", "shape", "strides", "dtype")
+
+    def __init__(self, a, root):
+        self.root, self.offset = weakref.ref(root), a.ctypes.data - root.ctypes.data
+        self.shape, self.strides, self.dtype = a.shape, a.strides, a.dtype
+
+    def resolve(self, what):
+        root = self.root()
+        if root is None:
+            raise EmulatedCaptureError(
+                f"graph replay: {what} uses a device buffer ({self.dtype.name} {self.shape}) freed after the "
+                "capture. A CUDA graph keeps raw pointers, not arrays: on a GPU this replay would read and write "
+                "freed memory. Keep every buffer a graph touches alive while it is replayed, or capture again.")
+        return np.ndarray(self.shape, self.dtype, buffer=root, offset=self.offset,
+                          strides=self.strides).view(ndarray)
+
+
+class _Value:
+    """A graph node's argument that is not a guarded device buffer (a scalar, None, a flag)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def resolve(self, what):
+        return self.value
+
+
+def _node_argument(value):
+    root = _guarded_root(value) if isinstance(value, ndarray) else None
+    if root is not None:
+        return _Buffer(value, root)
+    return _Value(_np["array"](value, copy=True) if _is_host(value) else value)  # host values: as they are now
 
 
 class Graph:
@@ -318,14 +496,14 @@ class Graph:
             raise EmulatedCaptureError("Graph.launch while a stream is being captured is not emulated")
         _replaying[0] += 1
         try:
-            for _, run in self._nodes:
-                run()
+            for what, run, arguments in self._nodes:
+                run(*(a.resolve(what) for a in arguments))
         finally:
             _replaying[0] -= 1
 
     def operations(self):
         """What each recorded node is (for tests of the harness)."""
-        return [what for what, _ in self._nodes]
+        return [what for what, _, _ in self._nodes]
 
 
 class Event:
@@ -345,54 +523,36 @@ class Event:
         _refuse_in_capture("Event.synchronize()")
 
 
-def _enqueue(what, run, stream=None):
-    """Run ``run`` now, or record it as ``what`` when ``stream`` (default: the current one) is capturing."""
+def _enqueue(what, run, arguments=(), stream=None):
+    """``run(*arguments)`` now, or recorded as ``what`` when ``stream`` (default: the current one) is
+    capturing: the node keeps the device arrays among ``arguments`` as buffer addresses only."""
     capture = _capturing[0]
     if capture is None or _replaying[0]:
-        run()
+        run(*arguments)
         return
     stream = stream if stream is not None else _current_stream()
     if stream is not capture:
         raise EmulatedCaptureError(f"{what} on another stream while a stream is being captured (CUDA would run it "
                                    "outside the graph; the emulator refuses it)")
-    capture._nodes.append((what, run))
+    if capture._invalidated:
+        raise CUDARuntimeError(f"{what}: cudaErrorStreamCaptureInvalidated (an earlier error invalidated the "
+                               "capture)")
+    capture._nodes.append((what, run, tuple(_node_argument(a) for a in arguments)))
 
 
 def _refuse_in_capture(what):
-    if _capturing[0] is not None and not _replaying[0]:
-        raise EmulatedCaptureError(f"{what} inside a stream capture: CUDA refuses it (a synchronisation)")
+    """A synchronisation: CUDA refuses it while a stream captures, and the error invalidates the capture."""
+    capture = _capturing[0]
+    if capture is not None and not _replaying[0]:
+        capture._invalidated = True
+        raise EmulatedCaptureError(f"{what} inside a stream capture: cudaErrorStreamCaptureUnsupported (CUDA "
+                                   "refuses a synchronisation, and the capture is invalidated)")
 
 
-def _snapshot(value):
-    """A value to write later: a device array is read when the node runs; anything else is copied now."""
-    return value if isinstance(value, ndarray) else np.array(value, copy=True)
-
-
-def _capture_setitem(self, key, value):
-    value = _snapshot(value)
-    _enqueue("a copy into a device array", lambda: np.ndarray.__setitem__(self, key, value))
-
-
-def _capture_fill(self, value):
-    _enqueue("a memset of a device array", lambda: np.ndarray.fill(self, value))
-
-
-def _capture_ufunc(self, ufunc, method, *inputs, **kwargs):
-    raise EmulatedCaptureError(f"numpy.{ufunc.__name__}.{method} on a device array inside a stream capture: "
-                               "CuPy's elementwise kernels are not emulated in captures")
-
-
-_CAPTURE_HARMLESS = {np.shape, np.ndim, np.size, np.result_type, np.may_share_memory, np.shares_memory}
-
-
-def _capture_function(self, func, types, args, kwargs):
-    if func is np.copyto:
-        dst, src, rest = args[0], _snapshot(args[1]), args[2:]
-        _enqueue("cupy.copyto", lambda: np.copyto._implementation(dst, src, *rest, **kwargs))
-        return None
-    if func in _CAPTURE_HARMLESS:
-        return func._implementation(*args, **kwargs)
-    raise EmulatedCaptureError(f"numpy.{func.__name__} on a device array inside a stream capture: not emulated")
+def _refuse_transfer(stream, direction):
+    """CuPy's check before a copy between host and device (the capture stays valid: CUDA is not called)."""
+    if stream is _capturing[0] and not _replaying[0]:
+        raise EmulatedCaptureError(f"the current stream is capturing, so {direction} transfers are disallowed")
 
 
 def _capture_finalize(self, obj):
@@ -409,8 +569,7 @@ def _capture_read(name):
     return read
 
 
-_CAPTURE_HOOKS = {"__setitem__": _capture_setitem, "fill": _capture_fill, "__array_ufunc__": _capture_ufunc,
-                  "__array_function__": _capture_function, "__array_finalize__": _capture_finalize,
+_CAPTURE_HOOKS = {"__array_finalize__": _capture_finalize,
                   **{name: _capture_read(name) for name in ("__int__", "__float__", "__bool__", "item", "tolist")}}
 
 
@@ -447,6 +606,8 @@ _FAKE_MODULES = {
 if any(k in sys.modules and sys.modules[k] is not v for k, v in _FAKE_MODULES.items()):
     raise RuntimeError("fake_cupy must be imported before cupy (and in a process of its own)")
 sys.modules.update(_FAKE_MODULES)
+for _name in _NP_CONVERSIONS:  # numpy.asarray(device array) raises, as with CuPy
+    setattr(np, _name, _refusing(_name))
 
 from gpucnn.engines import cuda_loader as cuda  # noqa: E402  (after the fake cupy is in place)
 
@@ -571,7 +732,7 @@ class EmulatedKernel:
             raise CUDADriverError(f"{where}: CUDA_ERROR_INVALID_VALUE: {shared_mem} bytes of dynamic shared "
                                   "memory (emulated limit)")
         grid, block, args = tuple(grid), tuple(block), tuple(args)
-        _enqueue(f"kernel {self.name}", lambda: self._run(where, grid, block, args, shared_mem))
+        _enqueue(f"kernel {self.name}", lambda *a: self._run(where, grid, block, a, shared_mem), args)
 
     def _run(self, where, grid, block, args, shared_mem):
         LAUNCHED[self.name] = LAUNCHED.get(self.name, 0) + 1
@@ -593,7 +754,7 @@ class EmulatedKernel:
             raise CUDADriverError(f"{where}: CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: more threads than the "
                                   "kernel's __launch_bounds__")
         for original, copy in copies:
-            original[...] = copy
+            np.ndarray.__setitem__(original, Ellipsis, copy)
         count, first = problems(self.lib)
         if count != before:
             PROBLEMS.append((self.name, first))
