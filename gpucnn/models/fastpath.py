@@ -289,14 +289,17 @@ class Trainer:
         """What the captured graphs depend on: the very buffers they were captured over (a graph holds raw
         pointers: a recompiled model or a rebuilt optimizer state means new buffers; ``capture.buffer_key``)
         and the optimizer's settings other than the learning rate (which the graphs read from the rates table)."""
-        config = {k: v for k, v in self.model.optimizer.get_config().items() if k != "learning_rate"}
+        opt = self.model.optimizer
+        if opt.state is None:  # rebuilt (the model's buffers were packed again): state for the new buffers
+            opt.build(self.model._params.shape[0])
+        config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
         return tuple(sorted(config.items())), capture.buffer_key(self._graph_buffers())
 
     def _ensure_graphs(self):
         key = self._graph_key()
         if self._graphs and key == self._captured_key:
             return
-        self._graphs, self._graph_key = {}, None
+        self._graphs = {}
         for rows in {self.full_rows, self.last_rows}:
             self._graphs[rows] = self._capture(rows)
         self._captured_key = key
