@@ -334,7 +334,7 @@ def _set_weights_from_npz(model, data, path):
             raise InvalidModelFile(f"{path}: the file holds {len(ordered)} weight arrays, the model has "
                                    f"{len(expected)}")
         for (i, rest, key), (layer, name, shape) in zip(ordered, expected):
-            if rest.rsplit("_", 1)[-1] != name or headers[key][1] != shape:
+            if not rest.endswith("_" + name) or headers[key][1] != shape:
                 raise InvalidModelFile(f"{path}: weight {i} ({rest}, shape {headers[key][1]}) does not fit "
                                        f"layer {layer.name!r}'s {name} of shape {shape}")
         values = [_npz_array(zf, headers[key], path, "weight", f"{i} ({rest})") for i, rest, key in ordered]
