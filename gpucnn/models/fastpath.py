@@ -13,8 +13,8 @@ engines run. This module only changes *how* it is launched. At batch 64 a step o
   * the step (gather → the graph's forward → fused softmax cross-entropy → the graph's backward → optimizer →
     step counter + 1) is captured once per batch size as a CUDA graph (a second graph for a smaller last batch)
     and replayed. It first runs once eagerly, which compiles the kernels and allocates every buffer the layers
-    keep (its effect on the weights and the optimizer state is undone); any allocation during the capture is
-    refused. Values that change from step to step live in device memory: the step counter (reset before each
+    keep (its effect on the weights, the optimizer state and BatchNormalization's moving statistics is undone);
+    any allocation during the capture is refused. Values that change from step to step live in device memory: the step counter (reset before each
     epoch), which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds and the
     optimizer's rates (tables filled before each epoch, drawn/computed as the plain path does for a whole
     epoch: an epoch stopped early has drawn its remaining dropout seeds all the same);
@@ -217,8 +217,10 @@ class Trainer:
 
     # --------------------------------------------------------------------------------- capture
     def _state_arrays(self):
+        """What a step changes outside its own buffers: the flat parameters, the optimizer's state and the weights
+        the optimizer does not update but a step may (BatchNormalization's moving statistics)."""
         opt = self.model.optimizer
-        return [self.model._params] + [opt.state[k] for k in sorted(opt.state)]
+        return [self.model._params] + [opt.state[k] for k in sorted(opt.state)] + self.model.non_trainable_weights
 
     def _capture(self, rows):
         """Run the step for ``rows`` once eagerly (compiles the kernels, allocates every buffer the layers keep;
@@ -257,11 +259,13 @@ class Trainer:
     def _graph_key(self):
         """What the captured graphs depend on: the identity of every array they read or write outside their own
         buffers (parameters, gradients, optimizer state, each layer's weights) and the optimizer's settings other
-        than the learning rate (which the graphs read from the rates table)."""
+        than the learning rate (which the graphs read from the rates table), and which layers are trainable (a
+        frozen BatchNormalization runs in inference mode)."""
         model, opt = self.model, self.model.optimizer
         config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
         arrays = self._state_arrays() + [model._grads] + [w for layer in model._all_layers() for w in layer.weights]
-        return tuple(sorted(config.items())), tuple(id(a) for a in arrays)
+        return (tuple(sorted(config.items())), tuple(id(a) for a in arrays),
+                tuple(layer.trainable for layer in model._all_layers()))
 
     def _ensure_graphs(self):
         key = self._graph_key()
