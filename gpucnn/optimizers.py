@@ -8,7 +8,7 @@ The update reads its rate (the learning rate; Adam's step size) from a per-step 
 
 ``learning_rate`` is a number, a ``schedules.LearningRateSchedule`` (``keras.optimizers.schedules``: called with
 the number of updates made before, 0 for the first, as Keras's ``iterations``) or a function of no arguments,
-called for each step's rate; ``optimizer.learning_rate`` reads the next update's rate as a float and takes a new
+called for each step's rate (on the GPU fast path, for all of an epoch's steps as the epoch begins); ``optimizer.learning_rate`` reads the next update's rate as a float and takes a new
 number between epochs (not while a schedule is set: TypeError, as Keras).
 
 A step is all or nothing for Ctrl-C: a ``KeyboardInterrupt`` that arrives during it takes effect right after

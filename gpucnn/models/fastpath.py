@@ -30,7 +30,9 @@ per model when it falls back to the plain engine. ``evaluate`` and ``predict`` k
 Differences from the plain CUDA path, all documented: the shuffled order comes from a different generator
 (the same seed still gives the same order); the running loss is summed in float64 on the host from per-step
 float32 sums; an optimizer hyper-parameter other than the learning rate changed by a callback is picked up at
-the next epoch (the graph is captured again), not in the middle of one.
+the next epoch (the graph is captured again), not in the middle of one; a learning rate given as a function of
+no arguments is called for all of an epoch's steps as it begins (a LearningRateSchedule gets each step's count,
+so its rates are the plain path's).
 """
 import gc
 import math
