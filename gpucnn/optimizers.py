@@ -6,14 +6,20 @@ The update reads its rate (the learning rate; Adam's step size) from a per-step 
 ``rates[step[0]]``: one row written before an eager step, or a whole epoch's rows before a captured one
 (``rates_for``), so a captured CUDA graph never freezes a rate.
 
+``learning_rate`` is a number, a ``schedules.LearningRateSchedule`` (``keras.optimizers.schedules``: called with
+the number of updates made before, 0 for the first, as Keras's ``iterations``) or a function of no arguments,
+called for each step's rate (on the GPU fast path, for all of an epoch's steps as the epoch begins); ``optimizer.learning_rate`` reads the next update's rate as a float and takes a new
+number between epochs (not while a schedule is set: TypeError, as Keras).
+
 A step is all or nothing for Ctrl-C: a ``KeyboardInterrupt`` that arrives during it takes effect right after
 it, so the weights, the state buffers and ``iterations`` are never left half-updated.
 """
+import inspect
 import math
 
 import numpy as np
 
-from . import backend
+from . import backend, schedules
 from .utils import sigint_deferred
 
 
@@ -23,15 +29,33 @@ class Optimizer:
     _config = ()  # constructor arguments reported by get_config
 
     def __init__(self, learning_rate):
-        if callable(learning_rate):
-            raise TypeError(f"learning_rate must be a number, got {learning_rate!r}: learning-rate schedules "
-                            "are not supported by gpucnn yet; to change the rate between epochs, set "
-                            "model.optimizer.learning_rate from a callback's on_epoch_begin")
-        self.learning_rate = _number("learning_rate", learning_rate)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+        self._learning_rate = _learning_rate_argument(learning_rate)
         self.iterations = 0
         self.state = None
+
+    # ---- the learning rate: a number, a LearningRateSchedule, or a callable of no arguments (Keras's forms)
+    @property
+    def learning_rate(self):
+        """The rate of the next update, as a float (a schedule's value at ``iterations``)."""
+        return schedules.resolve(self._learning_rate, self.iterations)
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        """A new rate (between epochs, e.g. from a callback): a number, or a new schedule. A number cannot replace a
+        schedule (TypeError, as Keras)."""
+        if callable(value):
+            self._learning_rate = _learning_rate_argument(value)
+            return
+        if callable(self._learning_rate):
+            raise TypeError(f"this optimizer's learning_rate is a schedule ({self._learning_rate!r}), so it cannot be set "
+                            "to a number; create the optimizer with a float learning_rate to set it, or assign a new "
+                            "schedule")
+        self._learning_rate = schedules.check_rate(value, "the learning rate")
+
+    @property
+    def schedule(self):
+        """The LearningRateSchedule or function the rates come from, or None when the rate is a number."""
+        return self._learning_rate if callable(self._learning_rate) else None
 
     def reset(self):
         """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
@@ -47,7 +71,8 @@ class Optimizer:
         return np.array([self._rate(t) for t in range(first_step, first_step + count)], np.float32)
 
     def _rate(self, t):
-        return np.float32(self.learning_rate)
+        """The float32 rate of step ``t`` (1-based; a schedule counts updates from 0, as Keras's ``iterations``)."""
+        return np.float32(schedules.resolve(self._learning_rate, t - 1))
 
     def apply(self, params, grads):
         """One step over the flat ``params`` from the flat ``grads`` (both engine arrays); a Ctrl-C during
@@ -68,7 +93,21 @@ class Optimizer:
         self._update(backend.ops(), params, grads, rates, counter)
 
     def get_config(self):
-        return {k: getattr(self, k) for k in ("name", "learning_rate", *self._config)}
+        """The constructor's arguments; a schedule as ``schedules.serialize`` gives it (a plain function as itself:
+        such an optimizer cannot be saved)."""
+        rate = self._learning_rate
+        if isinstance(rate, schedules.LearningRateSchedule):
+            rate = schedules.serialize(rate)
+        return {"name": self.name, "learning_rate": rate, **{k: getattr(self, k) for k in self._config}}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """The optimizer ``get_config`` described (a serialized schedule rebuilt; ``custom_objects`` names your own
+        schedule classes)."""
+        config = {k: v for k, v in config.items() if k != "name"}
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"], custom_objects)
+        return cls(**config)
 
 
 class SGD(Optimizer):
@@ -118,11 +157,35 @@ class Adam(Optimizer):
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), _epsilon(epsilon)
 
     def _rate(self, t):
-        return backend.ops().adam_step_size(self.learning_rate, self.beta_1, self.beta_2, t)
+        """Adam's step size for step ``t``: the learning rate of that step with the bias correction."""
+        return backend.ops().adam_step_size(schedules.resolve(self._learning_rate, t - 1), self.beta_1, self.beta_2, t)
 
     def _update(self, ops, w, g, rates, step):
         ops.adam_update(w, g, self.state["m"], self.state["v"], rates, step, self.beta_1, self.beta_2,
                         self.epsilon)
+
+
+def _learning_rate_argument(value):
+    """A constructor's learning_rate, checked: a positive finite number, a LearningRateSchedule, or a callable of no
+    arguments (Keras's forms)."""
+    if isinstance(value, schedules.LearningRateSchedule):
+        return value
+    if callable(value):
+        try:
+            inspect.signature(value).bind()
+        except TypeError:
+            raise TypeError(
+                f"learning_rate {value!r} is a function that takes arguments: a function learning rate is called with "
+                "none (Keras's rule). For a rate that depends on the step, subclass "
+                "keras.optimizers.schedules.LearningRateSchedule (its __call__(step) gets the step) or use "
+                "ExponentialDecay, PiecewiseConstantDecay or CosineDecay") from None
+        except ValueError:  # no signature to read (some builtins)
+            pass
+        return value
+    rate = _number("learning_rate", value)
+    if not rate > 0:
+        raise ValueError(f"learning_rate must be a positive number, got {value!r}")
+    return rate
 
 
 def _number(name, value):

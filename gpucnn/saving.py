@@ -65,9 +65,10 @@ def save_model(model, path, model_config=None, overwrite=True):
     A layer class gpucnn could not rebuild from the file is refused here, not when loading."""
     model._require_built("save")
     _check_layer_classes(model)
+    opt = model.optimizer
+    _check_savable_rate(opt)
     weights = _npz_bytes(_weight_arrays(model))
     members = {_WEIGHTS: weights}
-    opt = model.optimizer
     if opt is not None and opt.state is not None:
         members[_OPTIMIZER] = _npz_bytes({k: backend.to_numpy(v) for k, v in opt.state.items()})
     from . import __version__
@@ -113,7 +114,7 @@ def load_model(path, build, restore_rng=True, custom_objects=None):
                                   max_params=declared // 2)  # 2 bytes a value at the least (float16)
             _set_weights_from_npz(model, _weights_member(zf, header, model, path), path)
             if header.get("compile_config") is not None:
-                _compile_from_config(model, header, zf, path)
+                _compile_from_config(model, header, zf, path, custom_objects)
             _restore_layer_random_states(model, header.get("layer_rng_states"), path)
             global_state = _checked_rng_state(header.get("rng_state"), path)
     except InvalidModelFile:
@@ -334,7 +335,7 @@ def _set_weights_from_npz(model, data, path):
             raise InvalidModelFile(f"{path}: the file holds {len(ordered)} weight arrays, the model has "
                                    f"{len(expected)}")
         for (i, rest, key), (layer, name, shape) in zip(ordered, expected):
-            if rest.rsplit("_", 1)[-1] != name or headers[key][1] != shape:
+            if not rest.endswith("_" + name) or headers[key][1] != shape:
                 raise InvalidModelFile(f"{path}: weight {i} ({rest}, shape {headers[key][1]}) does not fit "
                                        f"layer {layer.name!r}'s {name} of shape {shape}")
         values = [_npz_array(zf, headers[key], path, "weight", f"{i} ({rest})") for i, rest, key in ordered]
@@ -352,14 +353,15 @@ def layer_classes(custom_objects=None):
         raise TypeError(f"custom_objects must be a dict of class names to layer classes, e.g. "
                         f"{{'MyLayer': MyLayer}}; got {type(custom_objects).__name__}")
     for name, cls in custom_objects.items():
-        classes[_custom_class(name, cls)] = cls
+        if name not in _schedule_classes(custom_objects):  # (learning-rate schedules are for the optimizer)
+            classes[_custom_class(name, cls)] = cls
     return classes
 
 
 def _custom_class(name, cls):
     if not isinstance(name, str) or not (isinstance(cls, type) and issubclass(cls, layers_mod.Layer)):
-        raise TypeError(f"a custom layer class must be a subclass of gpucnn.layers.Layer under its name; got "
-                        f"{name!r}: {cls!r}")
+        raise TypeError(f"a custom object must be a subclass of gpucnn.layers.Layer (or of "
+                        f"keras.optimizers.schedules.LearningRateSchedule) under its name; got {name!r}: {cls!r}")
     return name
 
 
@@ -404,14 +406,29 @@ def _build_within(build, config, path, classes, max_params):
     return model
 
 
-def _compile_from_config(model, header, zf, path):
+def _check_savable_rate(optimizer):
+    """A learning rate that a file can hold: a number or a LearningRateSchedule (whose get_config rebuilds it)."""
+    schedule = None if optimizer is None else optimizer.schedule
+    if schedule is not None and not isinstance(schedule, optimizers_mod.schedules.LearningRateSchedule):
+        raise ValueError(f"cannot save the optimizer: its learning_rate is the function {schedule!r}, which a file "
+                         "cannot hold. Use a keras.optimizers.schedules.LearningRateSchedule (a subclass with "
+                         "get_config() for your own formula), or save_weights()")
+
+
+def _schedule_classes(custom_objects):
+    """The LearningRateSchedule subclasses among ``custom_objects`` (the others are layer classes)."""
+    return {name: cls for name, cls in (custom_objects or {}).items()
+            if isinstance(cls, type) and issubclass(cls, optimizers_mod.schedules.LearningRateSchedule)}
+
+
+def _compile_from_config(model, header, zf, path, custom_objects=None):
     try:
         cc = header["compile_config"]
         opt_name = cc["optimizer"]["name"]
         if opt_name not in optimizers_mod.OPTIMIZERS:
             raise InvalidModelFile(f"{path}: unknown optimizer {opt_name!r}")
-        kwargs = {k: v for k, v in cc["optimizer"]["config"].items() if k != "name"}
-        optimizer = optimizers_mod.OPTIMIZERS[opt_name](**kwargs)
+        optimizer = optimizers_mod.OPTIMIZERS[opt_name].from_config(dict(cc["optimizer"]["config"]),
+                                                                    _schedule_classes(custom_objects))
         if cc["loss"] not in losses_mod.LOSSES:
             raise InvalidModelFile(f"{path}: unknown loss {cc['loss']!r}")
         model.compile(optimizer=optimizer, loss=cc["loss"], metrics=list(cc["metrics"]))

@@ -90,6 +90,28 @@ def residual_model(optimizer="rmsprop", loss="categorical_crossentropy", dropout
     return m
 
 
+def deeper_model(optimizer="rmsprop", frozen=()):
+    """A residual block of modern convnets: Conv2D → BatchNormalization → ReLU → SeparableConv2D →
+    BatchNormalization, added to the convolution; then ZeroPadding2D → DepthwiseConv2D → LeakyReLU, global max and
+    average pooling joined, Reshape, and a Softmax layer as the output. ``frozen``: layers made non-trainable.
+    (The SeparableConv2D's bias feeds a BatchNormalization, so its gradient is zero up to rounding, which Adam
+    would turn into full steps: RMSprop by default.)"""
+    inputs = layers.Input(shape=(10, 10, 1))
+    x = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    y = layers.ReLU()(layers.BatchNormalization(name="bn_1")(x))
+    y = layers.SeparableConv2D(4, 3, padding="same", depth_multiplier=2, name="separable")(y)
+    x = layers.Add()([x, layers.BatchNormalization(momentum=0.9, name="bn_2")(y)])
+    x = layers.ZeroPadding2D(((1, 0), (0, 1)))(x)
+    x = layers.LeakyReLU()(layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, name="depthwise")(x))
+    x = layers.Concatenate()([layers.GlobalMaxPooling2D()(x), layers.GlobalAveragePooling2D()(x)])
+    x = layers.Reshape((-1,))(layers.Reshape((4, 4))(x))
+    m = models.Model(inputs, layers.Softmax()(layers.Dense(5)(x)))
+    for name in frozen:
+        m.get_layer(name).trainable = False
+    m.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"])
+    return m
+
+
 def small_data(n=40, kind="u8", sparse=False, seed=0):
     rng = np.random.default_rng(seed)
     if kind == "u8":
@@ -116,6 +138,7 @@ def test_the_seed_model_and_the_supported_layers_are_taken(cpu_engine):
     m.compile(optimizer="sgd", loss="categorical_crossentropy")
     assert fastpath.unsupported_reason(m) is None
     assert fastpath.unsupported_reason(residual_model()) is None  # Add, Concatenate, a shared layer
+    assert fastpath.unsupported_reason(deeper_model()) is None  # BatchNormalization, separable blocks, Softmax
 
 
 def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
@@ -495,6 +518,108 @@ def test_weights_set_by_a_callback_between_epochs_are_what_the_next_epoch_trains
 
 
 @_gpu
+@pytest.mark.parametrize("frozen", [(), ("bn_1", "conv")], ids=["trainable", "frozen"])
+def test_fast_path_trains_batch_normalization_and_separable_blocks_as_the_plain_cuda_path(frozen, monkeypatch,
+                                                                                         gpu_engine):
+    """The captured step updates BatchNormalization's moving statistics in place, and its eager first run (whose
+    effect the capture undoes) leaves no trace: the same weights and moving statistics as the plain CUDA path and
+    NumPy after two epochs (two graphs: batches of 16 and a last one of 8). Frozen layers stay bit-identical."""
+    x, y = small_data(40, "normal")
+    backend.set_engine("cpu")
+    set_random_seed(2)
+    start = deeper_model().get_weights()
+    results = {}
+    for name, engine, fast in (("numpy", "cpu", False), ("plain", "gpu", False), ("fast", "gpu", True)):
+        backend.set_engine(engine)
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        m = deeper_model(frozen=frozen)
+        m.set_weights(start)
+        if fast:
+            assert isinstance(fastpath.plan(m, 16, x, y), fastpath.Trainer)
+        h = m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results[name] = ([(layer.name, layer.get_weights()) for layer in m.layers], h.history)
+    backend.set_engine("cpu")
+    fast_layers, fast_history = results["fast"]
+    for name in ("plain", "numpy"):
+        layers_of, history = results[name]
+        for (layer, got_weights), (_, want_weights) in zip(fast_layers, layers_of):
+            for got, want in zip(got_weights, want_weights):  # moving statistics included
+                np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=f"{name} {layer}")
+        np.testing.assert_allclose(fast_history["loss"], history["loss"], rtol=1e-5)
+    first = deeper_model()
+    first.set_weights(start)
+    fast_weights = dict(fast_layers)
+    for name in ("conv", "bn_1", "bn_2"):
+        moved = [not np.array_equal(a, b) for a, b in zip(fast_weights[name], first.get_layer(name).get_weights())]
+        assert not any(moved) if name in frozen else all(moved), (name, moved)
+
+
+@_gpu
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_fast_path_reads_a_schedules_rates_from_its_table(optimizer, monkeypatch, gpu_engine):
+    """The captured optimizer launch reads each step's rate from the epoch's table (no capture per step): the
+    table holds the schedule's formula, and training gives the plain CUDA path's weights."""
+    from gpucnn.optimizers import schedules
+
+    def make():
+        decay = schedules.ExponentialDecay(0.05, decay_steps=2, decay_rate=0.5)
+        return optimizers.SGD(decay, momentum=0.9) if optimizer == "sgd_momentum" else optimizers.Adam(decay)
+
+    x, y = small_data(40)
+    backend.set_engine("cpu")
+    start = small_model().get_weights()
+    results = []
+    for fast in (False, True):
+        backend.set_engine("gpu")
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        m = small_model(optimizer=make())
+        m.set_weights(start)
+        m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append(m.get_weights())
+        if fast:
+            trainer = fastpath.plan(m, 16, x, y)  # iterations 6: the table of the epoch from update 6 on
+            trainer.begin_epoch(shuffle=False)
+            want = [0.05 * 0.5 ** (step / 2) for step in (6, 7, 8)]
+            if optimizer == "adam":
+                want = [lr * np.sqrt(1 - 0.999 ** (s + 1)) / (1 - 0.9 ** (s + 1)) for lr, s in zip(want, (6, 7, 8))]
+            np.testing.assert_allclose(trainer.rates.get(), np.float32(want), rtol=1e-6)
+    backend.set_engine("cpu")
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@_gpu
+def test_the_xception_like_model_trains_on_the_fast_path_and_the_plain_cuda_path(monkeypatch, gpu_engine, capsys):
+    """The book's mini-Xception, small: with a softmax head it takes the fast path (the plain path's weights after
+    an epoch); with its sigmoid head (a binary cross-entropy, which the captured step does not compute) it falls
+    back to the plain CUDA path, with a notice, and trains there."""
+    import gpucnn
+    from book_models import xception_like
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(12, 12, 12, 3)).astype(np.float32)
+    labels = rng.integers(0, 2, 12)
+    results = []
+    for fast in (False, True):
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        set_random_seed(4)
+        m = xception_like(gpucnn, shape=(12, 12, 3), sizes=(4, 8), head="softmax")
+        m.compile("rmsprop", "sparse_categorical_crossentropy")
+        if fast:
+            assert isinstance(fastpath.plan(m, 8, x, labels), fastpath.Trainer)
+        m.fit(x, labels, batch_size=8, shuffle=False, verbose=0)
+        results.append(m.get_weights())
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    monkeypatch.setenv("GPUCNN_FASTPATH", "1")
+    m = xception_like(gpucnn, shape=(12, 12, 3), sizes=(4, 8))
+    m.compile("rmsprop", "binary_crossentropy", metrics=["accuracy"])
+    h = m.fit(x, labels.astype(np.float32), batch_size=8, epochs=2, verbose=0)
+    assert "not the fast path" in capsys.readouterr().err
+    assert all(np.isfinite(h.history["loss"]))
+
+
+@_gpu
 def test_divergence_raises(gpu_engine):
     m = small_model(optimizer=optimizers.SGD(1e30))
     x, y = small_data(40, "normal")
@@ -815,6 +940,21 @@ def test_the_cpu_fast_path_trains_from_host_batches_as_the_numpy_engine(cpu_fast
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
     assert h_fast["accuracy"] == h_plain["accuracy"]
+
+
+def test_the_cpu_fast_path_trains_batch_normalization_blocks_as_the_numpy_engine(cpu_fast_path, monkeypatch):
+    x, y = small_data(40, "normal")
+    results = []
+    for engine in ("numpy", "cuda"):
+        monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
+        set_random_seed(5)
+        m = deeper_model(frozen=("bn_2",))
+        h = m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        results.append((m.get_weights(), h.history))
+    assert len(cpu_fast_path) == 1
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
 
 
 def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(cpu_fast_path, monkeypatch):

@@ -109,8 +109,11 @@ def test_loss_objects_take_keras_arguments_and_refuse_what_they_cannot_do(cls):
         cls(reduction="sum")
 
 
-def test_a_learning_rate_schedule_is_refused_by_name():
-    with pytest.raises(TypeError, match="schedules are not supported by gpucnn yet"):
+def test_a_learning_rate_schedule_is_taken_and_a_step_function_is_refused_by_name():
+    decay = optimizers.schedules.ExponentialDecay(1e-3, decay_steps=100, decay_rate=0.5)
+    assert optimizers.RMSprop(learning_rate=decay).schedule is decay
+    # a function of the step is what a LearningRateSchedule is for (Keras calls a plain function with no argument)
+    with pytest.raises(TypeError, match="subclass keras.optimizers.schedules.LearningRateSchedule"):
         optimizers.RMSprop(learning_rate=lambda step: 1e-3)
 
 

@@ -168,6 +168,49 @@ def test_when_the_step_is_not_split(monkeypatch):
     assert "POSIX" in parallel.split_reason(m, 64)
 
 
+def frozen_model(bn_trainable=False):
+    """A model whose first convolution and BatchNormalization are frozen (their weights, and the moving
+    statistics, are not in the trained buffer), with fresh non-default values in them."""
+    utils.set_random_seed(12)
+    m = models.Sequential([layers.Conv2D(6, 3, input_shape=(12, 12, 1)), layers.BatchNormalization(),
+                           layers.Activation("relu"), layers.Conv2D(8, 3, activation="relu"), layers.Flatten(),
+                           layers.Dense(4, activation="softmax")])
+    rng = np.random.default_rng(5)
+    m.layers[1].set_weights([rng.uniform(0.5, 2, 6), rng.standard_normal(6), rng.standard_normal(6),
+                             rng.uniform(0.5, 2, 6)])
+    m.layers[0].trainable = False
+    m.layers[1].trainable = bn_trainable
+    m.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    return m
+
+
+def test_the_split_step_of_a_model_with_frozen_layers_gives_the_one_thread_step(monkeypatch):
+    """The worker rebuilds the model from its config: the weights the optimizer leaves alone (a frozen layer's,
+    the moving statistics) reach it through the file, this step's values."""
+    m = frozen_model()
+    x, y = data(40, True)
+    loss_1, correct_1, grads_1 = one_thread_step(m, x, y, monkeypatch)
+    m._grads[...] = np.nan
+    loss_2, correct_2 = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+    assert int(correct_2) == correct_1
+    assert np.isfinite(grads_1).all() and np.abs(grads_1).max() > 0
+    np.testing.assert_allclose(grads(m), grads_1, rtol=1e-4, atol=1e-6 * np.abs(grads_1).max())
+    m.layers[0].set_weights([w * 2 for w in m.layers[0].get_weights()])  # a frozen layer changed by the user
+    loss_1, _, grads_1 = one_thread_step(m, x, y, monkeypatch)
+    loss_2, _ = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+
+
+def test_a_training_batch_normalization_is_not_split(monkeypatch):
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    monkeypatch.setattr(parallel, "_openblas_threads", lambda: (lambda: 2, lambda n: None))
+    monkeypatch.delenv("GPUCNN_CPU_THREADS", raising=False)
+    assert "BatchNormalization takes its statistics over the whole batch" in parallel.split_reason(
+        frozen_model(bn_trainable=True), 64)
+    assert parallel.split_reason(frozen_model(), 64) is None  # frozen: inference mode, the moving statistics
+
+
 def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
     """This process's half runs on one OpenBLAS thread, the count restored after, also when the half fails;
     a failed half leaves no reply behind: the next step is right."""

@@ -1,27 +1,37 @@
 """Keras-style layers, channels-last: ``from gpucnn import layers`` as ``from keras import layers``.
 
 One module per family: ``core`` (Input, Dense, Activation, Dropout, Flatten), ``convolutional`` (Conv2D),
-``pooling``, ``merging`` (Add, Concatenate); ``base`` holds the Layer class every layer derives from, and
+``depthwise`` (DepthwiseConv2D, SeparableConv2D), ``pooling``, ``normalization`` (BatchNormalization),
+``reshaping`` (ZeroPadding2D, Reshape), ``activations`` (ReLU, LeakyReLU, ELU, Softmax), ``merging`` (Add,
+Concatenate, and their functions ``add``, ``concatenate``); ``base`` holds the Layer class every layer derives from, and
 ``tensor`` the symbolic tensors that calling a layer on ``Input`` creates. A layer's maths is the active
 engine's ops (``gpucnn.backend.ops()``).
 """
 import warnings
 
+from .activations import ELU, LeakyReLU, ReLU, Softmax
 from .base import Layer, window_geometry
 from .convolutional import Conv2D, ConvPool, fusable_pool
 from .core import Activation, Dense, Dropout, Flatten, Input, InputLayer
-from .merging import Add, Concatenate
-from .pooling import AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D
+from .depthwise import DepthwiseConv2D, SeparableConv2D
+from .merging import Add, Concatenate, add, concatenate
+from .normalization import BatchNormalization
+from .pooling import AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, MaxPooling2D
+from .reshaping import Reshape, ZeroPadding2D
 from .tensor import KerasTensor, Node
 
-MaxPool2D, AvgPool2D = MaxPooling2D, AveragePooling2D  # Keras's aliases
+# Keras's aliases
+MaxPool2D, AvgPool2D = MaxPooling2D, AveragePooling2D
+GlobalMaxPool2D, GlobalAvgPool2D = GlobalMaxPooling2D, GlobalAveragePooling2D
 
 # Layer classes by name: what a saved model may name (nothing else is ever constructed from a file).
 LAYER_CLASSES = {cls.__name__: cls for cls in (
-    InputLayer, Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, Flatten, Dense,
-    Activation, Dropout, Add, Concatenate)}
+    InputLayer, Conv2D, DepthwiseConv2D, SeparableConv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D,
+    GlobalMaxPooling2D, BatchNormalization, ZeroPadding2D, Reshape, Flatten, Dense, Activation, ReLU, LeakyReLU,
+    ELU, Softmax, Dropout, Add, Concatenate)}
 
-__all__ = sorted(LAYER_CLASSES) + ["Input", "Layer", "MaxPool2D", "AvgPool2D"]
+__all__ = sorted(LAYER_CLASSES) + ["Input", "Layer", "MaxPool2D", "AvgPool2D", "GlobalMaxPool2D", "GlobalAvgPool2D",
+                                   "add", "concatenate"]
 
 
 def serialize(obj):

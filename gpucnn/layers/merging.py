@@ -77,3 +77,13 @@ class Concatenate(Layer):
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis}
+
+
+def add(inputs, **kwargs):
+    """``Add(**kwargs)(inputs)``: Keras's functional form, ``layers.add([x, residual])``."""
+    return Add(**kwargs)(inputs)
+
+
+def concatenate(inputs, axis=-1, **kwargs):
+    """``Concatenate(axis, **kwargs)(inputs)``: Keras's functional form."""
+    return Concatenate(axis=axis, **kwargs)(inputs)

@@ -1,4 +1,4 @@
-"""Pooling layers: ``MaxPooling2D``, ``AveragePooling2D``, ``GlobalAveragePooling2D``."""
+"""Pooling layers: ``MaxPooling2D``, ``AveragePooling2D``, ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D``."""
 import numpy as np
 
 from .. import backend
@@ -68,17 +68,21 @@ class AveragePooling2D(_Pooling2D):
                                                 out=self.buffer(ctx, "dx", ctx["x_shape"]))
 
 
-class GlobalAveragePooling2D(Layer):
-    """(N, H, W, C) → (N, C): the mean of each channel."""
+class _GlobalPooling2D(Layer):
+    """(N, H, W, C) → (N, C), one value per channel."""
 
     def __init__(self, data_format=None, keepdims=False, **kwargs):
         super().__init__(**kwargs)
         if data_format not in (None, "channels_last") or keepdims:
-            raise ValueError("GlobalAveragePooling2D: gpucnn supports channels_last and keepdims=False only")
+            raise ValueError(f"{type(self).__name__}: gpucnn supports channels_last and keepdims=False only")
 
     def _build(self, input_shape):
         _check_image_input(self, input_shape)
         return (input_shape[2],)
+
+
+class GlobalAveragePooling2D(_GlobalPooling2D):
+    """(N, H, W, C) → (N, C): the mean of each channel."""
 
     def forward(self, x, training, ctx):
         ctx["x_shape"] = x.shape
@@ -86,4 +90,19 @@ class GlobalAveragePooling2D(Layer):
 
     def backward(self, dy, ctx):
         return backend.ops().global_avgpool2d_backward(dy, ctx["x_shape"],
+                                                       out=self.buffer(ctx, "dx", ctx["x_shape"]))
+
+
+class GlobalMaxPooling2D(_GlobalPooling2D):
+    """(N, H, W, C) → (N, C): the maximum of each channel; the gradient goes to its first maximum (scan order)."""
+
+    def forward(self, x, training, ctx):
+        shape = (x.shape[0], x.shape[3])
+        y, idx = backend.ops().global_maxpool2d_forward(x, out=self.buffer(ctx, "y", shape),
+                                                        out_idx=self.buffer(ctx, "idx", shape, np.int32))
+        ctx["x_shape"], ctx["idx"] = x.shape, idx
+        return y
+
+    def backward(self, dy, ctx):
+        return backend.ops().global_maxpool2d_backward(dy, ctx["idx"], ctx["x_shape"],
                                                        out=self.buffer(ctx, "dx", ctx["x_shape"]))

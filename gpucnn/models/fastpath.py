@@ -13,8 +13,8 @@ engines run. This module only changes *how* it is launched. At batch 64 a step o
   * the step (gather → the graph's forward → fused softmax (or sigmoid) cross-entropy → the graph's backward →
     optimizer → step counter + 1) is captured once per batch size as a CUDA graph (a second graph for a smaller last batch)
     and replayed. It first runs once eagerly, which compiles the kernels and allocates every buffer the layers
-    keep (its effect on the weights and the optimizer state is undone); any allocation during the capture is
-    refused. Values that change from step to step live in device memory: the step counter (reset before each
+    keep (its effect on the weights, the optimizer state and BatchNormalization's moving statistics is undone);
+    any allocation during the capture is refused. Values that change from step to step live in device memory: the step counter (reset before each
     epoch), which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds and the
     optimizer's rates (tables filled before each epoch, drawn/computed as the plain path does for a whole
     epoch: an epoch stopped early has drawn its remaining dropout seeds all the same);
@@ -30,7 +30,9 @@ per model when it falls back to the plain engine. ``evaluate`` and ``predict`` k
 Differences from the plain CUDA path, all documented: the shuffled order comes from a different generator
 (the same seed still gives the same order); the running loss is summed in float64 on the host from per-step
 float32 sums; an optimizer hyper-parameter other than the learning rate changed by a callback is picked up at
-the next epoch (the graph is captured again), not in the middle of one.
+the next epoch (the graph is captured again), not in the middle of one; a learning rate given as a function of
+no arguments is called for all of an epoch's steps as it begins (a LearningRateSchedule gets each step's count,
+so its rates are the plain path's).
 """
 import math
 import os
@@ -287,13 +289,15 @@ class Trainer:
 
     def _graph_key(self):
         """What the captured graphs depend on: the very buffers they were captured over (a graph holds raw
-        pointers: a recompiled model or a rebuilt optimizer state means new buffers; ``capture.buffer_key``)
-        and the optimizer's settings other than the learning rate (which the graphs read from the rates table)."""
-        opt = self.model.optimizer
+        pointers: a recompiled model or a rebuilt optimizer state means new buffers; ``capture.buffer_key``),
+        the optimizer's settings other than the learning rate (which the graphs read from the rates table), and
+        which layers are trainable (a frozen BatchNormalization runs in inference mode)."""
+        model, opt = self.model, self.model.optimizer
         if opt.state is None:  # rebuilt (the model's buffers were packed again): state for the new buffers
-            opt.build(self.model._params.shape[0])
+            opt.build(model._params.shape[0])
         config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
-        return tuple(sorted(config.items())), capture.buffer_key(self._graph_buffers())
+        return (tuple(sorted(config.items())), capture.buffer_key(self._graph_buffers()),
+                tuple(layer.trainable for layer in model._all_layers()))
 
     def _ensure_graphs(self):
         key = self._graph_key()

@@ -7,8 +7,9 @@ copy of the model — takes the second half, each with a one-thread OpenBLAS (so
 the cores). A second process, not a second thread: two threads of one Python take turns holding its global
 interpreter lock between NumPy calls, and the step has hundreds of small ones.
 
-The two processes share one memory-mapped file: the weights (written there before each step), the worker's
-half of the batch, and its gradients (added to the model's before the optimizer runs). A pipe carries the
+The two processes share one memory-mapped file: the weights (written there before each step: the trained
+ones, and those the optimizer leaves alone — frozen layers', BatchNormalization's moving statistics), the
+worker's half of the batch, and its gradients (added to the model's before the optimizer runs). A pipe carries the
 rest: the model's architecture when it changes, then one message per step each way.
 
 The result is the full batch's mean-loss gradient, summed in another order than a one-process step: equal up
@@ -18,6 +19,8 @@ which does not):
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
   * only layers without per-step random state (no Dropout with a non-zero rate);
+  * no BatchNormalization that trains (one with ``trainable = False`` runs in inference mode and may): its
+    statistics are the whole batch's, and each half would take its own;
   * only gpucnn's own model and layer classes: the worker rebuilds the model from its config, by class
     name, so a model with a user's layer class (a subclass of ``Dense``, say) trains in one process, with
     one notice;
@@ -123,7 +126,7 @@ def blas_threads(n):
 
 def split_reason(model, batch):
     """Why a training step of ``batch`` samples of ``model`` runs in one process (None: it is split)."""
-    from ..layers import Dropout
+    from ..layers import BatchNormalization, Dropout
 
     if backend.engine() != "numpy":
         return "not the NumPy engine"
@@ -135,6 +138,8 @@ def split_reason(model, batch):
         return f"a batch under {MIN_BATCH} samples"
     if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model._all_layers()):
         return "Dropout draws a new mask each step"
+    if any(isinstance(layer, BatchNormalization) and layer.trainable for layer in model._all_layers()):
+        return "BatchNormalization takes its statistics over the whole batch"
     foreign = _foreign_class(model)
     if foreign is not None:
         return foreign
@@ -245,18 +250,25 @@ class _Worker:
         file's arrays."""
         capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
         key = (id(model), tuple(map(id, model.layers)), id(model._params), model._params.shape,
+               tuple(layer.trainable for layer in model._all_layers()),
                tuple(sorted(model.loss.get_config().items())), xh.shape[1:], yh.shape[1:], yh.dtype.str)
         if key != self.key or len(xh) > len(self.shared["x"]):
             self._setup(model, key, capacity, xh, yh)
         shared = self.shared
         shared["params"][...] = model._params
+        start = 0
+        for layer, i in _fixed_slots(model):
+            w = layer.weights[i]
+            shared["fixed"][start:start + w.size] = w.reshape(-1)
+            start += w.size
         shared["x"][:len(xh)] = xh
         shared["y"][:len(yh)] = yh
         return shared
 
     def _setup(self, model, key, capacity, xh, yh):
+        fixed = sum(int(layer.weights[i].size) for layer, i in _fixed_slots(model))
         arrays = [("params", model._params.shape, "<f4"), ("grads", model._params.shape, "<f4"),
-                  ("x", (capacity,) + xh.shape[1:], "<f4"), ("y", (capacity,) + yh.shape[1:], yh.dtype.str)]
+                  ("fixed", (fixed,), "<f4"), ("x", (capacity,) + xh.shape[1:], "<f4"), ("y", (capacity,) + yh.shape[1:], yh.dtype.str)]
         layout, offset = [], 0
         for name, shape, dtype in arrays:
             layout.append((name, offset, shape, dtype))
@@ -328,6 +340,13 @@ def _give_up(exc):
 
 
 atexit.register(_stop)
+
+
+def _fixed_slots(model):
+    """(layer, index) of the weights the optimizer does not update (a frozen layer's, BatchNormalization's moving
+    statistics), in the model's order: the file carries their values to the worker, whose copy of the model
+    starts from its config alone."""
+    return [(layer, i) for layer, i in model._weight_slots() if not (layer.trainable and layer._weight_trainable[i])]
 
 
 def _arrays(mapped, layout):

@@ -9,7 +9,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .. import backend, losses
-from .parallel import _arrays
+from .parallel import _arrays, _fixed_slots
 from .serialization import model_from_config
 
 
@@ -57,4 +57,12 @@ def _replica(config, loss, path, layout):
         raise ValueError(f"the worker's model has {model._params.size} weights, the file "
                          f"{shared['params'].size}")
     model._pack_weights(shared["params"], shared["grads"])
+    start = 0
+    for layer, i in _fixed_slots(model):  # the other weights: views into the file, which the other process fills
+        shape = layer.weights[i].shape
+        size = int(np.prod(shape))
+        layer.weights[i] = shared["fixed"][start:start + size].reshape(shape)
+        start += size
+    if start != shared["fixed"].size:
+        raise ValueError(f"the worker's model has {start} weights outside training, the file {shared['fixed'].size}")
     return model, shared

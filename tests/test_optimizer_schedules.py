@@ -1,0 +1,231 @@
+"""Learning-rate schedules in the optimizers (gpucnn/optimizers.py): the rate each step of ``fit`` reads is the
+schedule's formula at Keras's step count (0 for the first update), Adam's with its bias correction;
+``optimizer.learning_rate`` reads and sets as Keras's; configs and saved models keep the schedule; a bad rate
+is a clear error. On the NumPy engine (tests/test_fastpath.py checks the fast path's rate table)."""
+import math
+
+import numpy as np
+import pytest
+
+from gpucnn import callbacks, layers, models, optimizers
+from gpucnn.optimizers import schedules
+from gpucnn.saving import InvalidModelFile
+
+pytestmark = pytest.mark.usefixtures("numpy_engine")
+
+SCHEDULES = {
+    "exponential": lambda: schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5),
+    "staircase": lambda: schedules.ExponentialDecay(0.1, decay_steps=3, decay_rate=0.5, staircase=True),
+    "piecewise": lambda: schedules.PiecewiseConstantDecay([2, 5], [0.1, 0.05, 0.01]),
+    "cosine": lambda: schedules.CosineDecay(0.1, decay_steps=7, alpha=0.1),
+    "cosine_warmup": lambda: schedules.CosineDecay(0.0, decay_steps=5, warmup_target=0.2, warmup_steps=3),
+}
+
+
+def formula(name, step):
+    """Keras's formulas written out for the schedules above, at update ``step`` (0 for the first)."""
+    if name == "exponential":
+        return 0.1 * 0.5 ** (step / 3)
+    if name == "staircase":
+        return 0.1 * 0.5 ** (step // 3)
+    if name == "piecewise":
+        return 0.1 if step <= 2 else 0.05 if step <= 5 else 0.01
+    if name == "cosine":
+        s = min(step, 7)
+        return 0.1 * (0.9 * 0.5 * (1 + math.cos(math.pi * s / 7)) + 0.1)
+    s = min(step, 8)  # cosine_warmup: linear from 0 to 0.2 over 3 steps, then cosine over 5
+    if s < 3:
+        return 0.2 * s / 3
+    return 0.2 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 5))
+
+
+def small_model(optimizer):
+    model = models.Sequential([layers.Input((4, 4, 1)), layers.Conv2D(2, 3, activation="relu"), layers.Flatten(),
+                               layers.Dense(3, activation="softmax")])
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+    return model
+
+
+def data(n=20):
+    r = np.random.default_rng(0)
+    return r.standard_normal((n, 4, 4, 1)).astype(np.float32), r.integers(0, 3, n)
+
+
+def record_rates(optimizer):
+    """The rate the update op reads at each step (``rates[counter[0]]``), appended to the returned list."""
+    seen = []
+    update = optimizer.update
+
+    def spy(params, grads, rates, counter):
+        seen.append(float(rates[int(counter[0])]))
+        update(params, grads, rates, counter)
+    optimizer.update = spy
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("kind", ["sgd", "rmsprop", "adam"])
+def test_each_step_of_fit_reads_the_schedules_rate(name, kind):
+    opt = {"sgd": optimizers.SGD, "rmsprop": optimizers.RMSprop, "adam": optimizers.Adam}[kind](SCHEDULES[name]())
+    model = small_model(opt)
+    seen = record_rates(opt)
+    x, y = data(20)
+    model.fit(x, y, batch_size=4, epochs=2, verbose=0)  # 10 steps, across the epoch boundary
+    want = []
+    for step in range(10):
+        lr = formula(name, step)
+        if kind == "adam":  # Keras's Adam: the step's rate with the bias correction of update step + 1
+            t = step + 1
+            lr = lr * math.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        want.append(np.float32(lr))
+    np.testing.assert_allclose(seen, want, rtol=1e-6, atol=1e-9)
+    assert opt.iterations == 10
+    assert opt.learning_rate == pytest.approx(formula(name, 10), rel=1e-12)
+
+
+def test_a_schedule_trains_as_its_rates_one_step_at_a_time():
+    """Two SGD steps under a schedule of 0.5 then 0.125 give the weights of one step at 0.5 followed by one at
+    0.125 (read from the weights, not from the optimizer)."""
+    x, y = data(8)
+    scheduled = small_model(optimizers.SGD(schedules.PiecewiseConstantDecay([0], [0.5, 0.125])))
+    weights = scheduled.get_weights()
+    for lr in (0.5, 0.125):
+        plain = small_model(optimizers.SGD(lr))
+        plain.set_weights(weights)
+        plain.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        weights = plain.get_weights()
+    scheduled.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    for got, want in zip(scheduled.get_weights(), weights):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_function_of_no_arguments_is_a_learning_rate():
+    calls = []
+
+    def rate():
+        calls.append(1)
+        return 0.01 * len(calls)
+    opt = optimizers.SGD(rate)
+    seen = record_rates(opt)
+    model = small_model(opt)
+    model.fit(*data(12), batch_size=4, verbose=0)
+    assert seen == pytest.approx([0.01, 0.02, 0.03], rel=1e-6)
+    with pytest.raises(TypeError, match="takes arguments: a function learning rate is called with none"):
+        optimizers.Adam(lambda step: 1e-3)
+
+
+def test_the_learning_rate_reads_and_sets_as_keras():
+    opt = optimizers.SGD(0.1)
+    assert opt.learning_rate == 0.1 and opt.schedule is None
+    opt.learning_rate = 0.05
+    assert opt.learning_rate == 0.05
+    opt.learning_rate = np.float32(0.25)
+    assert isinstance(opt.learning_rate, float) and opt.learning_rate == 0.25
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            opt.learning_rate = bad
+    with pytest.raises(TypeError, match="must be a number"):
+        opt.learning_rate = "0.1"
+    decay = schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    opt.learning_rate = decay  # a schedule may replace a number (Keras)
+    assert opt.schedule is decay and opt.learning_rate == 0.1
+    opt.iterations = 10
+    assert opt.learning_rate == pytest.approx(0.05)
+    with pytest.raises(TypeError, match="is a schedule .* cannot be set to a number"):
+        opt.learning_rate = 0.01
+
+
+def test_reduce_lr_on_plateau_refuses_a_schedule_as_keras():
+    model = small_model(optimizers.SGD(schedules.ExponentialDecay(0.1, 10, 0.5)))
+    with pytest.raises(TypeError, match="is a schedule"):
+        model.fit(*data(8), batch_size=4, epochs=3, verbose=0,
+                  callbacks=[callbacks.ReduceLROnPlateau(monitor="loss", patience=0, min_delta=10)])
+
+
+class Halving(schedules.LearningRateSchedule):
+    def __init__(self, start):
+        self.start = start
+
+    def __call__(self, step):
+        return self.start / 2 ** step
+
+    def get_config(self):
+        return {"start": self.start}
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_configs_and_saved_models_keep_the_schedule(kind, tmp_path):
+    cls = optimizers.OPTIMIZERS[kind]
+    opt = cls(schedules.CosineDecay(0.1, 50, alpha=0.2, warmup_target=0.3, warmup_steps=5))
+    config = opt.get_config()
+    assert config["learning_rate"] == {"class_name": "CosineDecay", "config": {
+        "initial_learning_rate": 0.1, "decay_steps": 50, "alpha": 0.2, "name": "CosineDecay", "warmup_target": 0.3,
+        "warmup_steps": 5}}
+    again = cls.from_config(config)
+    assert [again._rate(t) for t in range(1, 60)] == [opt._rate(t) for t in range(1, 60)]
+    model = small_model(opt)
+    x, y = data(12)
+    model.fit(x, y, batch_size=4, verbose=0)
+    model.save(tmp_path / "m.keras")
+    loaded = models.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded.optimizer.schedule, schedules.CosineDecay)
+    assert loaded.optimizer.iterations == 3 and loaded.optimizer.learning_rate == opt.learning_rate
+    for m in (loaded, model):
+        m.fit(x, y, batch_size=4, verbose=0, shuffle=False)
+    for got, want in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_schedule_of_ones_own_saves_with_custom_objects_and_a_function_does_not(tmp_path):
+    model = small_model(optimizers.SGD(Halving(0.2)))
+    model.fit(*data(8), batch_size=4, verbose=0)
+    model.save(tmp_path / "own.keras")
+    with pytest.raises(InvalidModelFile, match="unknown learning rate schedule 'Halving'"):
+        models.load_model(tmp_path / "own.keras")
+    loaded = models.load_model(tmp_path / "own.keras", custom_objects={"Halving": Halving})
+    assert isinstance(loaded.optimizer.schedule, Halving) and loaded.optimizer.learning_rate == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="learning_rate is the function .* a file cannot hold"):
+        small_model(optimizers.SGD(lambda: 0.1)).save(tmp_path / "f.keras")
+    assert not (tmp_path / "f.keras").exists()
+
+
+def test_a_saved_schedule_that_makes_no_sense_is_refused(tmp_path):
+    import json
+    import zipfile
+
+    model = small_model(optimizers.SGD(schedules.ExponentialDecay(0.1, 10, 0.5)))
+    model.save(tmp_path / "m.keras")
+    with zipfile.ZipFile(tmp_path / "m.keras") as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    header = json.loads(members["model.json"])
+    header["compile_config"]["optimizer"]["config"]["learning_rate"]["config"]["decay_steps"] = -3
+    members["model.json"] = json.dumps(header).encode()
+    with zipfile.ZipFile(tmp_path / "bad.keras", "w") as zf:
+        for name, raw in members.items():
+            zf.writestr(name, raw)
+    with pytest.raises(InvalidModelFile, match="decay_steps must be > 0"):
+        models.load_model(tmp_path / "bad.keras")
+
+
+@pytest.mark.parametrize("rate, match", [
+    (schedules.PiecewiseConstantDecay([2], [0.1, 0.1]), None),
+    (Halving(float("inf")), r"Halving\(start=inf\) gives at step 0 is inf"),
+    (lambda: float("nan"), "the learning rate that <lambda>\\(\\) returns is nan"),
+])
+def test_a_schedule_that_gives_a_non_finite_rate_stops_fit_with_a_clear_error(rate, match):
+    model = small_model(optimizers.Adam(rate))
+    if match is None:
+        model.fit(*data(8), batch_size=4, verbose=0)
+        return
+    w0 = model.get_weights()
+    with pytest.raises(ValueError, match=match):
+        model.fit(*data(8), batch_size=4, verbose=0)
+    for got, want in zip(model.get_weights(), w0):  # nothing was applied
+        np.testing.assert_array_equal(got, want)
+
+
+def test_keras_optimizers_schedules_is_there():
+    import gpucnn as keras
+
+    lr = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10000, decay_rate=0.9)
+    assert keras.optimizers.SGD(learning_rate=lr).learning_rate == pytest.approx(1e-2)
