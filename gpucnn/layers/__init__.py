@@ -1,7 +1,8 @@
 """Keras-style layers, channels-last: ``from gpucnn import layers`` as ``from keras import layers``.
 
 One module per family: ``core`` (Input, Dense, Activation, Dropout, Flatten), ``convolutional`` (Conv2D),
-``pooling``, ``merging`` (Add, Concatenate); ``base`` holds the Layer class every layer derives from, and
+``pooling``, ``merging`` (Add, Concatenate), ``preprocessing`` (Rescaling and the random image augmentations:
+RandomFlip, RandomRotation, RandomZoom, RandomTranslation, RandomContrast); ``base`` holds the Layer class every layer derives from, and
 ``tensor`` the symbolic tensors that calling a layer on ``Input`` creates. A layer's maths is the active
 engine's ops (``gpucnn.backend.ops()``).
 """
@@ -12,6 +13,8 @@ from .convolutional import Conv2D, ConvPool, fusable_pool
 from .core import Activation, Dense, Dropout, Flatten, Input, InputLayer
 from .merging import Add, Concatenate
 from .pooling import AveragePooling2D, GlobalAveragePooling2D, MaxPooling2D
+from .preprocessing import (RandomContrast, RandomFlip, RandomRotation, RandomTranslation, RandomZoom,
+                            Rescaling)
 from .tensor import KerasTensor, Node
 
 MaxPool2D, AvgPool2D = MaxPooling2D, AveragePooling2D  # Keras's aliases
@@ -19,7 +22,8 @@ MaxPool2D, AvgPool2D = MaxPooling2D, AveragePooling2D  # Keras's aliases
 # Layer classes by name: what a saved model may name (nothing else is ever constructed from a file).
 LAYER_CLASSES = {cls.__name__: cls for cls in (
     InputLayer, Conv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D, Flatten, Dense,
-    Activation, Dropout, Add, Concatenate)}
+    Activation, Dropout, Add, Concatenate, Rescaling, RandomFlip, RandomRotation, RandomZoom, RandomTranslation,
+    RandomContrast)}
 
 __all__ = sorted(LAYER_CLASSES) + ["Input", "Layer", "MaxPool2D", "AvgPool2D"]
 

@@ -17,7 +17,7 @@ which does not):
   * the NumPy engine on a POSIX system, at least two usable cores, ``GPUCNN_CPU_THREADS`` not ``1``;
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
-  * only layers without per-step random state (no Dropout with a non-zero rate);
+  * only layers without per-step random state (no Dropout with a non-zero rate, no random augmentation);
   * only gpucnn's own model and layer classes: the worker rebuilds the model from its config, by class
     name, so a model with a user's layer class (a subclass of ``Dense``, say) trains in one process, with
     one notice;
@@ -137,6 +137,8 @@ def split_reason(model, batch):
         return f"a batch under {MIN_BATCH} samples"
     if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model._all_layers()):
         return "Dropout draws a new mask each step"
+    if any(getattr(layer, "augments_on_host", False) for layer in model._all_layers()):
+        return "random augmentation layers draw each image's transform in this process"
     foreign = _foreign_class(model)
     if foreign is not None:
         return foreign
