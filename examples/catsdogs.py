@@ -4,13 +4,13 @@ Conv2D/MaxPooling2D, Dropout, one sigmoid output, binary cross-entropy, a checkp
 that checkpoint evaluated on the test folder.
 
     python examples/catsdogs.py                        # generated filled-vs-hollow shapes (no download)
-    python examples/catsdogs.py --data cats_vs_dogs_small --image-size 180 --filters 32,64,128,256,256
+    python examples/catsdogs.py --data cats_vs_dogs_small --image-size 180 --filters 32,64,128,256,256 --epochs 100
 
 With ``--data`` it reads a folder holding ``train/``, ``validation/`` and ``test/``, each with one subfolder per
 class (the book's ``cats_vs_dogs_small``, which you make from Kaggle's download as the book shows). Without it,
 it first writes such a folder of generated images: circles and squares of random size, place and colour, filled
-or hollow, the two classes (``make_shapes_folder``). It prints the summary and the test accuracy and writes the training curves
-(``--plot``, default docs/images/catsdogs_history.png; needs matplotlib).
+or hollow, the two classes (``make_shapes_folder``). It prints the summary and the test accuracy and writes the
+training curves (``--plot``, default docs/images/catsdogs_history.png; needs matplotlib).
 """
 import argparse
 import pathlib
