@@ -10,6 +10,7 @@ import pytest
 
 import gpu_check
 import summarize
+from bench_utils import take_turns
 
 HERE = Path(__file__).resolve().parent
 
@@ -24,6 +25,14 @@ def test_sanitizer_summaries_are_counted():
     clean_race = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
     assert gpu_check.parse_sanitizer_log(clean_race) == (0, {"hazards": 0, "errors": 0, "warnings": 0})
     assert gpu_check.parse_sanitizer_log("Target application terminated before first instrumented API call")[0] is None
+
+
+def test_the_cpu_configurations_take_turns_round_after_round():
+    calls = []
+    runs = take_turns([("a", "torch", {"K": "1"}), ("b", "gpucnn", {})], 2,
+                      lambda who, env: calls.append(who) or len(calls))
+    assert calls == ["torch", "gpucnn", "torch", "gpucnn"]
+    assert runs == {"a": [1, 3], "b": [2, 4]}
 
 
 def test_junit_counts(tmp_path):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_utils import QUICK, write_result
+from bench_utils import QUICK, take_turns, write_result
 from test_numpy_vs_torch_cpu import configurations, openblas_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,14 +115,8 @@ def run_child(who, env):
 def test_catsdogs_steps(benchmark):
     have_torch = importlib.util.find_spec("torch") is not None
     configs = [c for c in configurations() if have_torch or c[1] != "torch"]
-    runs = {name: [] for name, _, _ in configs}
-
-    def session():
-        for _ in range(ROUNDS):  # the configurations take turns
-            for name, who, env in configs:
-                runs[name].append(run_child(who, env))
-
-    benchmark.pedantic(session, rounds=1, iterations=1)
+    runs = {}
+    benchmark.pedantic(lambda: runs.update(take_turns(configs, ROUNDS, run_child)), rounds=1, iterations=1)
     results = {}
     for name, runs_of in runs.items():
         step_seconds = sorted(r["seconds"] / STEPS for r in runs_of)
