@@ -78,6 +78,16 @@ def write_result(name, payload, device=False):
     return data
 
 
+def take_turns(configs, rounds, run_one):
+    """{name: [the result of each round]} of the configurations ``(name, who, env)``, each run by
+    ``run_one(who, env)`` in turn, round after round, so that a slow stretch of a shared machine falls on all."""
+    runs = {name: [] for name, _, _ in configs}
+    for _ in range(rounds):
+        for name, who, env in configs:
+            runs[name].append(run_one(who, env))
+    return runs
+
+
 def read_result(name):
     """The dict of ``benchmarks/results/<name>.json``, or None."""
     try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from bench_utils import write_result
+from bench_utils import take_turns, write_result
 
 BATCH = 64
 ROUNDS = 3  # this machine's epoch times vary by ±15 % from run to run: report the median of three
@@ -129,14 +129,8 @@ def run_child(who, env):
 def test_epoch(benchmark, mnist_train):  # mnist_train: the data is cached before the children start
     pytest.importorskip("torch")
     configs = configurations()
-    runs = {name: [] for name, _, _ in configs}
-
-    def session():
-        for _ in range(ROUNDS):  # the configurations take turns
-            for name, who, env in configs:
-                runs[name].append(run_child(who, env))
-
-    benchmark.pedantic(session, rounds=1, iterations=1)
+    runs = {}
+    benchmark.pedantic(lambda: runs.update(take_turns(configs, ROUNDS, run_child)), rounds=1, iterations=1)
     results = {}
     for name, runs_of in runs.items():
         seconds = sorted(r["epoch_seconds"] for r in runs_of)

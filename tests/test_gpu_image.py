@@ -1,7 +1,7 @@
 """The CUDA engine's image transforms (kernels/image.cu: rescale, flip_images, affine_transform,
 adjust_contrast) against the float64 oracle: tests/checks_image.py's tests (shared with the NumPy engine),
 plus what the CUDA engine promises besides: per-image values on the device, and an augmentation block that a
-CUDA graph can capture.
+CUDA graph can capture. The preprocessing layers on this engine: tests/checks_preprocessing.py's tests.
 
 Marked ``gpu`` and skipped as a whole where CuPy or a CUDA device is not usable; tests/test_kernels_emulated.py
 runs this file on the kernel emulator.
@@ -12,6 +12,7 @@ import pytest
 import helpers
 import reference as ref
 from checks_image import ImageChecks
+from checks_preprocessing import PreprocessingChecks
 
 pytestmark = pytest.mark.gpu
 helpers.skip_module_without_gpu()
@@ -23,6 +24,12 @@ from gpucnn.engines import cuda_ops as ops  # noqa: E402
 
 class TestCudaEngine(ImageChecks):
     engine = helpers.cuda_engine()
+
+
+class TestCudaLayers(PreprocessingChecks):
+    """Rescaling and the random augmentation layers on the plain CUDA engine (their draws copied into device
+    buffers kept per call site)."""
+    engine = "gpu"
 
 
 ENGINE = TestCudaEngine.engine

@@ -3,7 +3,9 @@
 One module per family: ``core`` (Input, Dense, Activation, Dropout, Flatten), ``convolutional`` (Conv2D),
 ``depthwise`` (DepthwiseConv2D, SeparableConv2D), ``pooling``, ``normalization`` (BatchNormalization),
 ``reshaping`` (ZeroPadding2D, Reshape), ``activations`` (ReLU, LeakyReLU, ELU, Softmax), ``merging`` (Add,
-Concatenate, and their functions ``add``, ``concatenate``); ``base`` holds the Layer class every layer derives from, and
+Concatenate, and their functions ``add``, ``concatenate``), ``preprocessing`` (Rescaling and the random image
+augmentations: RandomFlip, RandomRotation, RandomZoom, RandomTranslation, RandomContrast); ``base`` holds the Layer
+class every layer derives from, and
 ``tensor`` the symbolic tensors that calling a layer on ``Input`` creates. A layer's maths is the active
 engine's ops (``gpucnn.backend.ops()``).
 """
@@ -17,6 +19,8 @@ from .depthwise import DepthwiseConv2D, SeparableConv2D
 from .merging import Add, Concatenate, add, concatenate
 from .normalization import BatchNormalization
 from .pooling import AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, MaxPooling2D
+from .preprocessing import (RandomContrast, RandomFlip, RandomRotation, RandomTranslation, RandomZoom,
+                            Rescaling)
 from .reshaping import Reshape, ZeroPadding2D
 from .tensor import KerasTensor, Node
 
@@ -28,7 +32,8 @@ GlobalMaxPool2D, GlobalAvgPool2D = GlobalMaxPooling2D, GlobalAveragePooling2D
 LAYER_CLASSES = {cls.__name__: cls for cls in (
     InputLayer, Conv2D, DepthwiseConv2D, SeparableConv2D, MaxPooling2D, AveragePooling2D, GlobalAveragePooling2D,
     GlobalMaxPooling2D, BatchNormalization, ZeroPadding2D, Reshape, Flatten, Dense, Activation, ReLU, LeakyReLU,
-    ELU, Softmax, Dropout, Add, Concatenate)}
+    ELU, Softmax, Dropout, Add, Concatenate, Rescaling, RandomFlip, RandomRotation, RandomZoom, RandomTranslation,
+    RandomContrast)}
 
 __all__ = sorted(LAYER_CLASSES) + ["Input", "Layer", "MaxPool2D", "AvgPool2D", "GlobalMaxPool2D", "GlobalAvgPool2D",
                                    "add", "concatenate"]

@@ -77,6 +77,9 @@ def unsupported_reason(model):
         if LAYER_CLASSES.get(type(layer).__name__) is not type(layer):
             return (f"layer {layer.name!r} is of the class {type(layer).__name__}, not one of gpucnn's own layers, "
                     "whose steps are known to allocate nothing")
+        if getattr(layer, "augments_on_host", False):
+            return (f"layer {layer.name!r} ({type(layer).__name__}): random augmentation layers draw on the host each "
+                    "step; the plain GPU engine runs them")
     last = model.outputs[0].node.layer
     wanted = model.loss.fused_activation
     if not (isinstance(last, (L.Dense, L.Activation)) and last.activation == wanted):

@@ -240,9 +240,10 @@ class Model(Trainer, Layer):
             layer.grads[i] = gview
 
     # ================================================================================= a model as a layer
-    def __call__(self, inputs, training=False):
+    def __call__(self, inputs, training=None):
         """On a symbolic tensor: nest this model in another (one row of its summary). On an array: the outputs
-        for that batch (engine arrays)."""
+        for that batch (engine arrays). ``training=None``, as Keras: each layer's own default (random
+        augmentation layers augment, Dropout passes values through)."""
         if is_symbolic(inputs):
             return self._call_symbolic(inputs)
         x = self._as_engine_array(inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs)

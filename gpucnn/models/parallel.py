@@ -18,7 +18,7 @@ which does not):
   * the NumPy engine on a POSIX system, at least two usable cores, ``GPUCNN_CPU_THREADS`` not ``1``;
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
-  * only layers without per-step random state (no Dropout with a non-zero rate);
+  * only layers without per-step random state (no Dropout with a non-zero rate, no random augmentation);
   * no BatchNormalization that trains (one with ``trainable = False`` runs in inference mode and may): its
     statistics are the whole batch's, and each half would take its own;
   * only gpucnn's own model and layer classes: the worker rebuilds the model from its config, by class
@@ -140,6 +140,8 @@ def split_reason(model, batch):
         return "Dropout draws a new mask each step"
     if any(isinstance(layer, BatchNormalization) and layer.trainable for layer in model._all_layers()):
         return "BatchNormalization takes its statistics over the whole batch"
+    if any(getattr(layer, "augments_on_host", False) for layer in model._all_layers()):
+        return "random augmentation layers draw each image's transform in this process"
     foreign = _foreign_class(model)
     if foreign is not None:
         return foreign

@@ -26,6 +26,7 @@ class Sequential(Model):
         self._layers = []
         self._input = None  # the Input tensor, once the input shape is known
         self._output = None
+        self._inputs_were_list = self._outputs_were_list = False  # one input, one output (calls return an array)
         if layers is not None and not isinstance(layers, (list, tuple)):
             raise TypeError(f"Sequential takes a list of layers, got {type(layers).__name__}")
         for layer in layers or []:
