@@ -174,6 +174,13 @@ def remove_stale_temporaries(path):
                     os.close(fd)
 
 
+try:  # the C functions that ``signal.signal``/``getsignal`` wrap, without their enum conversions: a step defers
+    import _signal as _signals  # Ctrl-C several times, and those conversions cost more than the rest of it
+except ImportError:  # pragma: no cover - another Python implementation
+    _signals = signal
+_SIGINT = int(signal.SIGINT)
+
+
 @contextlib.contextmanager
 def sigint_deferred():
     """Hold back Ctrl-C (SIGINT) for the duration of the block, then deliver it to the handler that was in
@@ -182,15 +189,15 @@ def sigint_deferred():
     pending = []
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.getsignal(signal.SIGINT)
+        previous = _signals.getsignal(_SIGINT)
     if previous is None:
         yield
         return
-    signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    _signals.signal(_SIGINT, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _signals.signal(_SIGINT, previous)
         if pending:
             signal.raise_signal(signal.SIGINT)
 

@@ -62,10 +62,12 @@ class Model(Trainer, Layer):
         self._params = self._grads = None
         self._layout = None
         self._last_logs = {}
+        self._version = 0  # counts changes of the graph and compiles: what the step's helpers may keep depends on it
 
     def _set_graph(self, graph):
         self.graph = graph
         self.built = True
+        self._version += 1
         self._contexts_cache.clear()
         self._eager_step = None  # the random layers may have changed
         self._layout = None
@@ -127,7 +129,11 @@ class Model(Trainer, Layer):
         raise ValueError(f"no layer named {name!r}; layers: {[layer.name for layer in self.layers]}")
 
     def _all_layers(self):
-        """Every layer that computes, nested models opened, each once (InputLayers left out)."""
+        """Every layer that computes, nested models opened, each once (InputLayers left out). Kept until the graph
+        changes: a training step asks for it several times."""
+        kept = getattr(self, "_all_layers_kept", None)
+        if kept is not None and kept[0] is self.graph:
+            return kept[1]
         out, seen = [], set()
 
         def walk(model):
@@ -138,6 +144,7 @@ class Model(Trainer, Layer):
                     seen.add(id(layer))
                     out.append(layer)
         walk(self)
+        self._all_layers_kept = (self.graph, out)
         return out
 
     def _require_built(self, what):

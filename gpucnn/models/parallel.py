@@ -126,8 +126,6 @@ def blas_threads(n):
 
 def split_reason(model, batch):
     """Why a training step of ``batch`` samples of ``model`` runs in one process (None: it is split)."""
-    from ..layers import BatchNormalization, Dropout
-
     if backend.engine() != "numpy":
         return "not the NumPy engine"
     if os.environ.get("GPUCNN_CPU_THREADS", "").strip() == "1":
@@ -136,15 +134,9 @@ def split_reason(model, batch):
         return "one CPU core"
     if batch < MIN_BATCH:
         return f"a batch under {MIN_BATCH} samples"
-    if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in model._all_layers()):
-        return "Dropout draws a new mask each step"
-    if any(isinstance(layer, BatchNormalization) and layer.trainable for layer in model._all_layers()):
-        return "BatchNormalization takes its statistics over the whole batch"
-    if any(getattr(layer, "augments_on_host", False) for layer in model._all_layers()):
-        return "random augmentation layers draw each image's transform in this process"
-    foreign = _foreign_class(model)
-    if foreign is not None:
-        return foreign
+    reason = _model_reason(model)
+    if reason is not None:
+        return reason
     if os.name != "posix" or not sys.executable:
         return "the worker process needs a POSIX system and a Python executable"
     if _openblas_threads() is None:
@@ -152,6 +144,27 @@ def split_reason(model, batch):
     if _state["failed"] is not None:
         return f"the worker process failed earlier ({_state['failed']})"
     return None
+
+
+def _model_reason(model):
+    """Why ``model`` itself keeps the one-process step (its layers), or None; kept until the model changes
+    (its graph, or a compile: ``_version``), as the step asks every time."""
+    from ..layers import BatchNormalization, Dropout
+
+    kept = getattr(model, "_split_reason_kept", None)
+    if kept is not None and kept[0] == model._version:
+        return kept[1]
+    layers = model._all_layers()
+    if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in layers):
+        reason = "Dropout draws a new mask each step"
+    elif any(isinstance(layer, BatchNormalization) and layer.trainable for layer in layers):
+        reason = "BatchNormalization takes its statistics over the whole batch"
+    elif any(getattr(layer, "augments_on_host", False) for layer in layers):
+        reason = "random augmentation layers draw each image's transform in this process"
+    else:
+        reason = _foreign_class(model)
+    model._split_reason_kept = (model._version, reason)
+    return reason
 
 
 def _foreign_class(model):
@@ -251,9 +264,9 @@ class _Worker:
         """Make the worker hold ``model`` and the file hold this step's weights and half batch; returns the
         file's arrays."""
         capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
-        key = (id(model), tuple(map(id, model.layers)), id(model._params), model._params.shape,
-               tuple(layer.trainable for layer in model._all_layers()),
-               tuple(sorted(model.loss.get_config().items())), xh.shape[1:], yh.shape[1:], yh.dtype.str)
+        # the model as compiled (graph, trainable weights, loss: model._version), its buffers, the data's shapes
+        key = (id(model), model._version, id(model._params), model._params.shape, xh.shape[1:], yh.shape[1:],
+               yh.dtype.str)
         if key != self.key or len(xh) > len(self.shared["x"]):
             self._setup(model, key, capacity, xh, yh)
         shared = self.shared

@@ -42,6 +42,7 @@ class Trainer:
         if self.built:
             self._pack_weights()
         self._contexts_cache.clear()
+        self._version += 1
 
     def _require_compiled(self, what):
         if self.optimizer is None or self.loss is None:
