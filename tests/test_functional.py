@@ -5,21 +5,9 @@ import pytest
 
 import gpucnn as keras
 from gpucnn import layers, models, utils
+from gpucnn.examples import book_convnet
 
 pytestmark = pytest.mark.usefixtures("numpy_engine")
-
-
-def book_convnet():
-    """The book's 2nd/3rd-edition MNIST convnet, functional (104,202 parameters)."""
-    inputs = keras.Input(shape=(28, 28, 1))
-    x = layers.Conv2D(filters=32, kernel_size=3, activation="relu")(inputs)
-    x = layers.MaxPooling2D(pool_size=2)(x)
-    x = layers.Conv2D(filters=64, kernel_size=3, activation="relu")(x)
-    x = layers.MaxPooling2D(pool_size=2)(x)
-    x = layers.Conv2D(filters=128, kernel_size=3, activation="relu")(x)
-    x = layers.Flatten()(x)
-    outputs = layers.Dense(10, activation="softmax")(x)
-    return keras.Model(inputs=inputs, outputs=outputs)
 
 
 def residual_model(seed=0):

@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import backend
 from ..engines import numpy_ops
-from ..utils import next_name, rng
+from ..utils import next_name, rng, set_generator_state
 from .tensor import KerasTensor, Node, is_symbolic
 
 ACTIVATIONS = (None, "linear") + numpy_ops.ACTIVATIONS  # the names a layer's activation= takes
@@ -139,6 +139,32 @@ def _shape_tuple(shape, what):
     return tuple(int(d) for d in dims)
 
 
+class SeededGenerator:
+    """For layers that draw randomness (Dropout, the random augmentations): ``seed=`` gives the layer its own
+    generator (``generator()``), else it draws from gpucnn's ``rng()``; its state is saved with the model
+    (``random_state``/``set_random_state``), so a resumed run draws what the uninterrupted one would."""
+
+    def _seed_generator(self, seed):
+        self.seed = seed
+        self._seed_rng = None if seed is None else np.random.default_rng(seed)
+
+    def generator(self):
+        """Where this layer's draws come from: its own generator (given a seed), else gpucnn's ``rng()``."""
+        return self._seed_rng or rng()
+
+    def random_state(self):
+        """The state of the layer's own generator (a JSON-able dict), or None when it has none (no seed)."""
+        return None if self._seed_rng is None else self._seed_rng.bit_generator.state
+
+    def set_random_state(self, state):
+        """Set the layer's own generator to a state ``random_state()`` returned (ValueError if it is not one)."""
+        if (state is None) != (self._seed_rng is None):
+            raise ValueError(f"{type(self).__name__} {self.name!r} {'has a seed' if self._seed_rng else 'has no seed'}"
+                             f"; the random state {str(state)[:100]} does not fit it")
+        if state is not None:
+            set_generator_state(self._seed_rng, state)
+
+
 # ===================================================================================== base class
 class Layer:
     """Base class: name, build, weights (``get_weights``/``set_weights``), forward/backward, calls."""
@@ -195,6 +221,20 @@ class Layer:
         self.use_bias = bool(use_bias)
         _initializer(kernel_initializer), _initializer(bias_initializer)  # unknown names fail here
         self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
+
+    def _window_output(self, input_shape, window, what, advice):
+        """(P, Q, C) of a window of ``window`` at ``self.strides`` with ``self.padding`` over (H, W, C) images, and
+        ``self.pads`` set; a "valid" window larger than the input is a clear error (``advice``: how to fix it)."""
+        _check_image_input(self, input_shape)
+        h, w, c = input_shape
+        kh, kw = window
+        if self.padding == "valid" and (kh > h or kw > w):
+            raise ValueError(f"{type(self).__name__} {self.name!r}: its {kh}x{kw} {what} is larger than its {h}x{w} "
+                             f"input. {advice}")
+        p, (top, bottom) = window_geometry(h, kh, self.strides[0], self.padding)
+        q, (left, right) = window_geometry(w, kw, self.strides[1], self.padding)
+        self.pads = (top, bottom, left, right)
+        return p, q, c
 
     def _add_weight(self, name, shape, initializer, trainable=True):
         xp = backend.ops().xp

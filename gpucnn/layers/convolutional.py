@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from .base import Layer, _check_image_input, _padding_mode, _pair, _positive_int, window_geometry
+from .base import Layer, _padding_mode, _pair, _positive_int
 from .pooling import MaxPooling2D
 
 
@@ -21,17 +21,9 @@ class Conv2D(Layer):
         self._kernel_options(activation, use_bias, kernel_initializer, bias_initializer)
 
     def _build(self, input_shape):
-        _check_image_input(self, input_shape)
-        h, w, c = input_shape
-        kh, kw = self.kernel_size
-        if self.padding == "valid" and (kh > h or kw > w):
-            raise ValueError(
-                f"Conv2D {self.name!r}: its {kh}x{kw} kernel is larger than its {h}x{w} input. "
-                "Use padding='same', a smaller kernel_size, or fewer pooling layers before it.")
-        p, (top, bottom) = window_geometry(h, kh, self.strides[0], self.padding)
-        q, (left, right) = window_geometry(w, kw, self.strides[1], self.padding)
-        self.pads = (top, bottom, left, right)
-        self._add_weight("kernel", (kh, kw, c, self.filters), self.kernel_initializer)
+        p, q, c = self._window_output(input_shape, self.kernel_size, "kernel", "Use padding='same', a smaller "
+                                      "kernel_size, or fewer pooling layers before it.")
+        self._add_weight("kernel", self.kernel_size + (c, self.filters), self.kernel_initializer)
         if self.use_bias:
             self._add_weight("bias", (self.filters,), self.bias_initializer)
         return (p, q, self.filters)

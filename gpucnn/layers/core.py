@@ -2,8 +2,8 @@
 import numpy as np
 
 from .. import backend
-from ..utils import next_name, rng, set_generator_state
-from .base import Layer, _activation, _positive_int, _shape_tuple
+from ..utils import next_name
+from .base import Layer, SeededGenerator, _activation, _positive_int, _shape_tuple
 from .tensor import KerasTensor, Node
 
 
@@ -125,7 +125,7 @@ class Activation(Layer):
         return {**super().get_config(), "activation": self.activation}
 
 
-class Dropout(Layer):
+class Dropout(SeededGenerator, Layer):
     """While training, zero each input with probability ``rate`` and scale the rest by 1/(1 - rate).
 
     Each training step draws one seed per Dropout layer (``next_seed``); the step hands the layer a table of
@@ -140,26 +140,12 @@ class Dropout(Layer):
                 or not 0 <= float(rate) < 1:
             raise ValueError(f"Dropout rate must be a number in [0, 1), got {rate!r}")
         self.rate = float(rate)
-        self.seed = seed
-        self._seed_rng = None if seed is None else np.random.default_rng(seed)
+        self._seed_generator(seed)
 
     def next_seed(self):
         """The seed of the next training step's mask: from gpucnn's generator, or, when the layer was
         given a seed, from its own generator started at that seed (a new mask each step, as Keras)."""
-        return int((self._seed_rng or rng()).integers(2**63))
-
-    def random_state(self):
-        """The state of the layer's own generator (a JSON-able dict), or None when it has none (no seed: its
-        masks come from gpucnn's generator). Saved with the model, so a resumed run draws the same masks."""
-        return None if self._seed_rng is None else self._seed_rng.bit_generator.state
-
-    def set_random_state(self, state):
-        """Set the layer's own generator to a state ``random_state()`` returned (ValueError if it is not one)."""
-        if (state is None) != (self._seed_rng is None):
-            raise ValueError(f"Dropout {self.name!r} {'has a seed' if self._seed_rng else 'has no seed'}; the "
-                             f"random state {str(state)[:100]} does not fit it")
-        if state is not None:
-            set_generator_state(self._seed_rng, state)
+        return int(self.generator().integers(2**63))
 
     @property
     def draws_randomness(self):

@@ -11,7 +11,7 @@ part runs on the engine's ``depthwise_conv2d_*`` ops, the pointwise part on ``co
 import numbers
 
 from .. import backend
-from .base import Layer, _check_image_input, _initializer, _padding_mode, _pair, _positive_int, window_geometry
+from .base import Layer, _initializer, _padding_mode, _pair, _positive_int
 
 _NO_PADDING = (0, 0, 0, 0)
 
@@ -34,17 +34,8 @@ class _DepthwiseWindow(Layer):
 
     def _window_geometry(self, input_shape):
         """(P, Q, C) of the depthwise step's output grid and the input's channels; sets ``self.pads``."""
-        _check_image_input(self, input_shape)
-        h, w, c = input_shape
-        kh, kw = self.kernel_size
-        if self.padding == "valid" and (kh > h or kw > w):
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r}: its {kh}x{kw} window is larger than its {h}x{w} input. "
-                "Use padding='same', a smaller kernel_size, or fewer layers that shrink the image before it.")
-        p, (top, bottom) = window_geometry(h, kh, self.strides[0], self.padding)
-        q, (left, right) = window_geometry(w, kw, self.strides[1], self.padding)
-        self.pads = (top, bottom, left, right)
-        return p, q, c
+        return self._window_output(input_shape, self.kernel_size, "window", "Use padding='same', a smaller "
+                                   "kernel_size, or fewer layers that shrink the image before it.")
 
     def _depthwise_forward(self, x, bias, activation, ctx, key):
         p, q, _ = self.output_shape

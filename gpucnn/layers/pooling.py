@@ -3,7 +3,7 @@ import numpy as np
 
 from .. import backend
 from ..engines.numpy_ops import MAX_POOL_TAPS
-from .base import Layer, _check_image_input, _padding_mode, _pair, window_geometry
+from .base import Layer, _check_image_input, _padding_mode, _pair
 
 
 class _Pooling2D(Layer):
@@ -16,17 +16,8 @@ class _Pooling2D(Layer):
         self.padding = _padding_mode(padding)
 
     def _build(self, input_shape):
-        _check_image_input(self, input_shape)
-        h, w, c = input_shape
-        ph, pw = self.pool_size
-        if self.padding == "valid" and (ph > h or pw > w):
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r}: its {ph}x{pw} window is larger than its {h}x{w} "
-                "input. Use a smaller pool_size, padding='same', or fewer layers that shrink the image.")
-        p, (top, bottom) = window_geometry(h, ph, self.strides[0], self.padding)
-        q, (left, right) = window_geometry(w, pw, self.strides[1], self.padding)
-        self.pads = (top, bottom, left, right)
-        return (p, q, c)
+        return self._window_output(input_shape, self.pool_size, "window", "Use a smaller pool_size, padding='same', "
+                                   "or fewer layers that shrink the image.")
 
     def get_config(self):
         return {**super().get_config(), "pool_size": list(self.pool_size), "strides": list(self.strides),

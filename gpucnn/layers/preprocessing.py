@@ -35,8 +35,7 @@ import math
 import numpy as np
 
 from .. import backend
-from ..utils import rng, set_generator_state
-from .base import Layer, _check_image_input
+from .base import Layer, SeededGenerator, _check_image_input
 
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")  # what Keras's layers take (the op also has "mirror")
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -117,7 +116,7 @@ class Rescaling(Layer):
 
 
 # ===================================================================================== random augmentation
-class RandomImageLayer(Layer):
+class RandomImageLayer(SeededGenerator, Layer):
     """What the random augmentation layers share: the seed and generator, training-only application, the
     identity outside training, no gradient. A subclass implements ``_identity()`` (its factors are all 0),
     ``_draw(generator, n, height, width)`` (the host values of a batch of n images, a dict) and
@@ -130,26 +129,7 @@ class RandomImageLayer(Layer):
         _channels_last(self, data_format)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"{type(self).__name__} seed must be None or a non-negative int, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
-        self._seed_rng = None if seed is None else np.random.default_rng(self.seed)
-
-    # ---- the generator (as Dropout's: its own with a seed, gpucnn's without)
-    def generator(self):
-        """Where this layer's draws come from: its own generator (given a seed), else gpucnn's ``rng()``."""
-        return self._seed_rng or rng()
-
-    def random_state(self):
-        """The state of the layer's own generator (a JSON-able dict), or None when it has none. Saved with the
-        model, so a resumed run draws the same augmentations."""
-        return None if self._seed_rng is None else self._seed_rng.bit_generator.state
-
-    def set_random_state(self, state):
-        """Set the layer's own generator to a state ``random_state()`` returned (ValueError if it is not one)."""
-        if (state is None) != (self._seed_rng is None):
-            raise ValueError(f"{type(self).__name__} {self.name!r} {'has a seed' if self._seed_rng else 'has no seed'}"
-                             f"; the random state {str(state)[:100]} does not fit it")
-        if state is not None:
-            set_generator_state(self._seed_rng, state)
+        self._seed_generator(None if seed is None else int(seed))
 
     # ---- computing
     def __call__(self, inputs, training=None):
