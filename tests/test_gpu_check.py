@@ -95,7 +95,8 @@ def test_a_stage_that_ends_in_time_is_counted(tmp_path):
                      "@pytest.mark.skip\ndef test_c():\n    pass\n")
     result = gpu_check.pytest_stage("mixed", [str(tests)], 60, tmp_path, dict(os.environ))
     assert (result["status"], result["passed"], result["failed"], result["skipped"]) == ("failed", 1, 1, 1)
-    assert result["failures"] == ["test_mixed::test_b"]
+    # (the class name holds the folder when pytest roots the run above it, as in a clone under /tmp)
+    assert len(result["failures"]) == 1 and result["failures"][0].endswith("test_mixed::test_b")
 
 
 def test_the_summary_is_written_after_every_stage(tmp_path, monkeypatch):
