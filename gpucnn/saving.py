@@ -64,7 +64,7 @@ def save_model(model, path, model_config=None, overwrite=True):
     ``overwrite=False`` refuses to replace an existing file (Keras asks; gpucnn raises FileExistsError).
     A layer class gpucnn could not rebuild from the file is refused here, not when loading."""
     model._require_built("save")
-    _check_layer_classes(model)
+    check_layer_classes(model)
     opt = model.optimizer
     _check_savable_rate(opt)
     weights = _npz_bytes(_weight_arrays(model))
@@ -184,7 +184,7 @@ def _weight_arrays(model):
     return out
 
 
-def _check_layer_classes(model):
+def check_layer_classes(model):
     """Refuse a layer whose class the file could not name: a class of the user's named like a built-in
     (the file would load gpucnn's class of that name, silently other maths)."""
     for layer in model._all_layers():

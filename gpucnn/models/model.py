@@ -336,6 +336,7 @@ class Model(Trainer, Layer):
     def save(self, path, overwrite=True):
         """Save architecture, weights and optimizer state to one file (see ``gpucnn.saving``)."""
         self._require_built("save")
+        saving.check_layer_classes(self)  # refused before serialize() warns about the same class
         saving.save_model(self, path, model_config=serialize(self), overwrite=overwrite)
 
     def save_weights(self, path, overwrite=True):
