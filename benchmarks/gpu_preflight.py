@@ -202,7 +202,8 @@ def every_op():
     images = f32(4, 12, 12, 3)
     flags = cupy.asarray(np.array([1, 0, 1, 0], np.bool_))
     ops.flip(ops.rescale(images, 1 / 255, 0.0), flags, flags)
-    transforms = cupy.asarray(ops.rotation_transforms(np.array([0.1, -0.2, 0.3, 0.0]), 12, 12))
+    table = cupy.asarray(ops.rotation_transforms(np.array([0.1, -0.2, 0.3, 0.0] * 2), 12, 12)).reshape(2, 4, 8)
+    transforms = ops.step_row(table, counter, 4)  # the augmentation layers' row of a step
     ops.affine_transform(images, transforms)
     ops.adjust_contrast(images, cupy.asarray(np.array([0.5, 1.0, 1.5, 2.0], np.float32)))
     wv, gv = f32(100), f32(100)

@@ -29,6 +29,11 @@
 //   adjust_contrast   one block per (channel, image): the channel's mean over H x W (each thread sums
 //                     its pixels in order, then block_sum: a fixed order), then y = (x - mean) * factor +
 //                     mean, clipped to [low, high] when clip is set
+//   step_row          the random layers' per-image values of this step: out[i] = table[step[0] * row_bytes +
+//                     i] for i < bytes (bytes <= row_bytes; a smaller last batch reads the row's first
+//                     images). Byte by byte, so one kernel serves the uint8 flags and the float32 values;
+//                     grid-stride, block THREADS. step[0] is read on the device, so a captured step reads
+//                     a new row at every replay
 #include "common.cuh"
 
 #define INTERP_NEAREST 0
@@ -44,6 +49,13 @@
 extern "C" __global__ void __launch_bounds__(THREADS)
 rescale(const float* x, float* y, long long n, float scale, float offset) {
     GRID_STRIDE_LOOP(i, n) y[i] = x[i] * scale + offset;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+step_row(const unsigned char* __restrict__ table, const int* __restrict__ step, unsigned char* __restrict__ out,
+         long long row_bytes, long long bytes) {
+    const unsigned char* row = table + (long long)step[0] * row_bytes;
+    GRID_STRIDE_LOOP(i, bytes) out[i] = row[i];
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)

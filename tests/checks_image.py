@@ -106,6 +106,36 @@ class ImageChecks:
                          None if vertical is None else eng.dev(vertical))
             eng.exact(y, ref.flip(x, horizontal, vertical))
 
+    @pytest.mark.parametrize("dtype,width", [(np.uint8, 1), (np.float32, 1), (np.float32, 8)])
+    def test_step_row_matches_reference(self, dtype, width):
+        """The random layers' values of a step: row step[0] of a (rows, images, K) table, its first n images
+        (a smaller last batch), into a new array or out=; any row, including the last."""
+        eng, ops = self.engine, self.engine.ops
+        rng = np.random.default_rng(width)
+        rows, images = 4, 5
+        table = rng.integers(0, 250, size=(rows, images, width)).astype(dtype)
+        if dtype == np.float32:
+            table += rng.random(table.shape, dtype=np.float32)
+        for step in range(rows):
+            counter = eng.dev(np.array([step], np.int32))
+            for n in (images, 2, 1):
+                want = ref.step_row(table, step, n)
+                got = eng.host(ops.step_row(eng.dev(table), counter, n))
+                assert got.dtype == dtype and got.shape == (n, width)
+                np.testing.assert_array_equal(got, want)
+                out = eng.dev(np.full((n, width), 7, dtype))
+                assert ops.step_row(eng.dev(table), counter, n, out=out) is out
+                np.testing.assert_array_equal(eng.host(out), want)
+
+    def test_step_row_refuses_what_does_not_fit(self):
+        eng, ops = self.engine, self.engine.ops
+        table, counter = eng.dev(np.zeros((3, 4, 2), np.float32)), eng.dev(np.zeros(1, np.int32))
+        with pytest.raises(ValueError, match="n = 5 <= images"):
+            ops.step_row(table, counter, 5)
+        for out in (np.zeros((2, 3), np.float32), np.zeros((2, 2), np.uint8), np.zeros((3, 2), np.float32)):
+            with pytest.raises(ValueError, match=r"out must be \(2, 2\) of float32"):
+                ops.step_row(table, counter, 2, out=eng.dev(out))
+
     @pytest.mark.parametrize("shape", IMAGE_SHAPES, ids=image_id)
     def test_rescale_and_contrast_match_reference(self, shape):
         eng, ops = self.engine, self.engine.ops

@@ -784,6 +784,15 @@ def flip(x, horizontal_flags, vertical_flags):
     return y
 
 
+def step_row(table, step, n):
+    """Element by element: out[i, k] = table[step, i, k] for the first n images."""
+    table = np.asarray(table)
+    out = np.zeros((n, *table.shape[2:]), table.dtype)
+    for index in np.ndindex(out.shape):
+        out[index] = table[(step, *index)]
+    return out
+
+
 def rotation_transforms(angles, height, width):
     """[cos, -sin, cx - cx cos + cy sin, sin, cos, cy - cx sin - cy cos, 0, 0] about the centre
     cx = (width - 1) / 2, cy = (height - 1) / 2 (Keras's _compute_affine_matrix with a rotation only)."""

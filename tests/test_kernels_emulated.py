@@ -61,7 +61,7 @@ batchnorm_backward_partial_sums batchnorm_backward_reduce batchnorm_backward_dat
 depthwise_conv2d_forward depthwise_conv2d_backward_data depthwise_conv2d_backward_filter
 elementwise_activation_forward elementwise_activation_backward binary_crossentropy_forward
 binary_crossentropy_backward sigmoid_binary_crossentropy_backward count_binary_correct rescale flip_images
-affine_transform adjust_contrast
+affine_transform adjust_contrast step_row
 """.split())
 # Known kernels that no emulated test launches yet: reported, not failed. (Empty since the emulator records
 # and replays CUDA graphs, which the fast path's kernels run in.)
@@ -216,6 +216,8 @@ if INNER:
             images.test_affine_transform_matches_reference((5, 7, 9, 3), interpolation, "wrap")
         images.test_flip_matches_reference((5, 6, 4, 2))
         images.test_rescale_and_contrast_match_reference((5, 6, 4, 3))
+        for dtype, width in ((np.uint8, 1), (np.float32, 8)):
+            images.test_step_row_matches_reference(dtype, width)
 
     def test_the_fast_path_with_few_blocks(few_blocks, monkeypatch):
         """The fast path's own grids (gather_batch, maxpool2d_relu_backward, the scheduled kernels) capped."""
@@ -303,6 +305,40 @@ if INNER:
         assert h_fast["accuracy"] == h_plain["accuracy"]
         for a, b in zip(w_fast, w_plain):
             np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+    def test_the_fast_path_captures_random_augmentation(monkeypatch):
+        """RandomFlip, RandomRotation, RandomZoom, RandomTranslation and RandomContrast (own seeds) in front
+        of a convnet with Dropout: inside the captured step their values come from the epoch's tables by the
+        device step counter (a smaller last batch included). Fast path and plain CUDA path draw the same
+        values in the same order, so their fits agree; without augmentation the weights differ."""
+        from gpucnn import optimizers
+
+        def build(augment=True):
+            front = [layers.RandomFlip(seed=1), layers.RandomRotation(0.1, seed=2),
+                     layers.RandomZoom(0.2, seed=3), layers.RandomTranslation(0.1, 0.2, seed=4),
+                     layers.RandomContrast(0.3, seed=5)] if augment else []
+            model = models.Sequential([
+                layers.Input(shape=(9, 8, 2)), *front,
+                layers.Conv2D(4, (3, 3), activation="relu"),
+                layers.MaxPooling2D((2, 2)),
+                layers.Flatten(),
+                layers.Dropout(0.25, seed=6),
+                layers.Dense(3, activation="softmax"),
+            ])
+            model.compile(optimizer=optimizers.SGD(0.1), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+            return model
+
+        rng = np.random.default_rng(11)
+        x = rng.uniform(0, 255, size=(17, 9, 8, 2)).astype(np.float32)  # 3 steps of 6, the last of 5
+        y = rng.integers(0, 3, 17)
+        (h_fast, w_fast, _), (h_plain, w_plain, _) = (_fast_fit(f, build, x, y, 6, monkeypatch)
+                                                      for f in (True, False))
+        np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+        for a, b in zip(w_fast, w_plain):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+        _, w_still, _ = _fast_fit(True, lambda: build(augment=False), x, y, 6, monkeypatch)
+        assert max(np.abs(a - b).max() for a, b in zip(w_fast, w_still)) > 1e-3
 
     def test_emulated_graphs_record_and_replay():
         """The harness's capture: operations are recorded, not run, and replayed in order at each launch,

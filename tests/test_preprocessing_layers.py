@@ -12,6 +12,7 @@ from checks_preprocessing import PreprocessingChecks, images
 from gpucnn import layers, models, utils
 from gpucnn.layers.preprocessing import RandomImageLayer
 from gpucnn.models import fastpath, parallel
+from gpucnn.models.graph import StepValues
 
 
 class TestNumpyEngine(PreprocessingChecks):
@@ -217,13 +218,57 @@ def _softmax_model(*front):
     return model
 
 
-def test_the_gpu_fast_path_refuses_random_augmentation_and_takes_rescaling(numpy_engine):
-    reason = fastpath.unsupported_reason(_softmax_model(layers.RandomFlip(name="flip"), layers.Rescaling(0.1)))
-    assert "random augmentation layers draw on the host each step; the plain GPU engine runs them" in reason
-    assert "'flip'" in reason
-    nested = keras.Sequential([layers.RandomZoom(0.1)], name="data_augmentation")
-    assert "RandomZoom" in fastpath.unsupported_reason(_softmax_model(nested))
+def test_the_gpu_fast_path_takes_random_augmentation_and_rescaling(numpy_engine):
+    """Their per-image values come from the step's tables (StepValues), which the captured step reads by
+    the device step counter; the emulated test of the fast path trains such a model."""
+    assert fastpath.unsupported_reason(_softmax_model(layers.RandomFlip(name="flip"), layers.Rescaling(0.1))) is None
+    nested = keras.Sequential([layers.RandomZoom(0.1), layers.RandomContrast(0.2)], name="data_augmentation")
+    assert fastpath.unsupported_reason(_softmax_model(nested)) is None
     assert fastpath.unsupported_reason(_softmax_model(layers.Rescaling(1 / 255))) is None
+
+
+def test_step_values_are_drawn_step_by_step_and_layer_by_layer(numpy_engine):
+    """What a training step's augmentation reads (StepValues.fill): for each step in turn, each random layer
+    in the graph's order draws from its generator: a Dropout seed, or an augmentation layer's values for
+    that step's images. Rows past the filled steps and images past a smaller batch stay zero."""
+    def pieces():
+        flip, contrast = layers.RandomFlip(seed=1), layers.RandomContrast(0.5, seed=2)
+        _softmax_model(flip, contrast)  # builds them for 8 x 8 x 3 images
+        return flip, layers.Dropout(0.5, seed=3), contrast
+
+    flip, drop, contrast = pieces()
+    twin_flip, twin_drop, twin_contrast = pieces()
+    values = StepValues([flip, drop, contrast], rows=4, batch=5)
+    assert values.table(drop) is None and values.table(flip).dtype == np.uint8
+    assert values.table(contrast).shape == (4, 5, 1)
+    values.fill([5, 5, 2])
+    for r, n in enumerate([5, 5, 2]):
+        np.testing.assert_array_equal(values.table(flip)[r, :n], twin_flip.step_values(n))
+        assert values.seeds[r, values.slot(drop)] == twin_drop.next_seed()
+        np.testing.assert_array_equal(values.table(contrast)[r, :n], twin_contrast.step_values(n))
+    assert not values.table(contrast)[2, 2:].any() and not values.table(contrast)[3].any()
+    assert not values.seeds[3].any()
+    eager = StepValues([flip], xp=np)  # an eager step's: one row, sized to its batch
+    eager.fill([3])
+    assert eager.table(flip).shape == (1, 3, 1)
+    np.testing.assert_array_equal(eager.table(flip)[0], twin_flip.step_values(3))
+    with pytest.raises(ValueError, match="2 steps do not fit 1 rows"):
+        eager.fill([3, 3])
+
+
+def test_a_training_step_applies_the_values_its_step_drew(numpy_engine):
+    """In a step the layer reads its row of the step's table (not a fresh draw): the images flipped by the
+    flags its twin (same seed) draws, and the layer's generator advanced by exactly that draw."""
+    flip, twin = layers.RandomFlip(seed=7), layers.RandomFlip(seed=7)
+    _softmax_model(flip), _softmax_model(twin)
+    images = np.random.default_rng(0).random((4, 8, 8, 3), dtype=np.float32)
+    step = StepValues([flip], xp=np)
+    step.fill([4])
+    flags = twin.step_values(4).reshape(4).astype(bool)
+    assert flags.any() and not flags.all()  # both cases
+    want = np.where(flags[:, None, None, None], images[:, ::-1, ::-1], images)
+    np.testing.assert_array_equal(flip.forward(images, True, {"step": step}), want)
+    np.testing.assert_array_equal(flip.step_values(4), twin.step_values(4))  # no draw in forward
 
 
 def test_the_two_process_numpy_step_refuses_random_augmentation(numpy_engine):

@@ -26,8 +26,8 @@ from . import cuda_loader as cuda
 from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401
 from .numpy_ops import _bn_rows, _depthwise_geometry, _padded_shape  # (and their checks)
 from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
-from .numpy_ops import (FILL_MODES, INTERPOLATIONS, check_transform_options, rotation_transforms,  # noqa: F401
-                        translation_transforms, zoom_transforms)
+from .numpy_ops import (FILL_MODES, INTERPOLATIONS, check_step_row, check_transform_options,  # noqa: F401
+                        rotation_transforms, translation_transforms, zoom_transforms)
 
 xp = cupy
 DTYPE = np.float32
@@ -949,6 +949,22 @@ def rescale(x, scale, offset, out=None):
         return y
     cuda.launch("rescale", _blocks(x.size), _THREADS, (x, y, x.size, DTYPE(scale), DTYPE(offset)))
     return y
+
+
+def step_row(table, step, n, out=None):
+    """This step's per-image values of a random layer (numpy_ops states the rules): ``table`` (rows, N_max,
+    K) a device array, ``step`` the (1,) int32 device counter. No allocation when ``out`` is given (the
+    captured step's case)."""
+    if step.shape != (1,) or step.dtype != np.int32:
+        raise ValueError(f"step_row: step must be the (1,) int32 counter, got {step.shape} {step.dtype}")
+    check_step_row(table, n, out)
+    table = _c(table)
+    out = _out(out, (n, *table.shape[2:]), table.dtype)
+    if out.size:
+        row_bytes = int(np.prod(table.shape[1:])) * table.dtype.itemsize
+        cuda.launch("step_row", _blocks(out.nbytes), _THREADS,
+                    (table.view(np.uint8), step, out.view(np.uint8), row_bytes, out.nbytes))
+    return out
 
 
 def flip(x, horizontal_flags, vertical_flags, out=None):

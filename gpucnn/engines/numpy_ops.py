@@ -1108,6 +1108,24 @@ def rescale(x, scale, offset, out=None):
     return y
 
 
+def step_row(table, step, n, out=None):
+    """This step's per-image values of a random layer: the first ``n`` images of row ``step[0]`` of ``table``
+    ((rows, N_max, K), any dtype, n <= N_max: a smaller last batch reads the row's first images), as a new
+    (n, K) array or in ``out``. ``step`` is the (1,) int32 step counter, an engine array, as for the dropout
+    seeds (so a captured step reads a new row at every replay)."""
+    check_step_row(table, n, out)
+    return _finish(np.array(table[int(step[0]), :n]), out)
+
+
+def check_step_row(table, n, out):
+    """Checks step_row's arguments (both engines)."""
+    if table.ndim < 2 or not 0 <= n <= table.shape[1]:
+        raise ValueError(f"step_row: table must be (rows, images, ...) with n = {n} <= images, got {table.shape}")
+    if out is not None and (out.dtype != table.dtype or out.shape != (n, *table.shape[2:])):
+        raise ValueError(f"step_row: out must be {(n, *table.shape[2:])} of {table.dtype}, got {out.shape} of "
+                         f"{out.dtype}")
+
+
 def flip(x, horizontal_flags, vertical_flags, out=None):
     """Each image n reversed left-right where horizontal_flags[n], upside down where vertical_flags[n] (either
     may be None: no flip on that axis); flags are (N,) booleans. Keras's RandomFlip (its

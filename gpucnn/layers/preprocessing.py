@@ -6,10 +6,14 @@ or a call with ``training=True``); ``predict`` and ``evaluate`` pass images thro
 whose factors are all 0. As in Keras 3, a layer called directly on an array without ``training=`` augments
 (``data_augmentation(images)`` shows augmented images, as the book does).
 
-Each image gets its own random values, drawn on the host at every training step from the layer's own generator
-when it was given ``seed=`` (saved with the model, so a resumed run draws the same values) or else from
-``gpucnn.utils.rng()`` (so ``set_random_seed`` repeats runs bit for bit), and handed to the engine's image ops
-(``rescale``, ``flip``, ``affine_transform``, ``adjust_contrast``; on the GPU through kept device buffers).
+Each image gets its own random values, drawn on the host from the layer's own generator when it was given
+``seed=`` (saved with the model, so a resumed run draws the same values) or else from ``gpucnn.utils.rng()``
+(so ``set_random_seed`` repeats runs bit for bit): ``step_values(n)``, the engine-ready values of n images
+(flip flags, transforms, contrast factors). In a training step they come, as Dropout's seeds do, from the
+step's tables (``gpucnn.models.graph.StepValues``, filled step by step before the step runs, or before a
+whole epoch on the GPU fast path, whose captured step reads its row by the device step counter: the
+``step_row`` op); called directly, the layer draws them then. The engine's image ops (``rescale``, ``flip``,
+``affine_transform``, ``adjust_contrast``) apply them.
 The draws follow Keras 3's layers (keras/src/layers/preprocessing/image_preprocessing), per image n:
 
   * RandomFlip: flip where u <= 0.5, u ~ U(0, 1); "horizontal_and_vertical" flips both axes or neither;
@@ -26,9 +30,8 @@ A factor is a number f (the range (-|f|, |f|)) or a pair (lower, upper) (sorted)
 rotation and translation [-1, 1], zoom (-1, 1], contrast [0, 1].
 
 The random layers augment a model's inputs: no gradient flows through them (they are the first layers, before
-any weights). Asked for one, they raise NotImplementedError. They run on the plain engines; the GPU fast path
-refuses models holding them (their draws happen on the host each step), and so does the NumPy engine's
-two-process step.
+any weights). Asked for one, they raise NotImplementedError. They run on both engines and inside the GPU fast
+path's captured step; the NumPy engine's two-process step runs models holding them in one process.
 """
 import math
 
@@ -119,10 +122,12 @@ class Rescaling(Layer):
 class RandomImageLayer(SeededGenerator, Layer):
     """What the random augmentation layers share: the seed and generator, training-only application, the
     identity outside training, no gradient. A subclass implements ``_identity()`` (its factors are all 0),
-    ``_draw(generator, n, height, width)`` (the host values of a batch of n images, a dict) and
-    ``_apply(x, draws, ctx)`` (the engine ops)."""
+    ``_draw(generator, n, height, width)`` (the host draws of a batch of n images, a dict), ``_values(draws,
+    height, width)`` (from them, the (n, K) array its ops read), ``VALUES`` ((K, dtype)) and ``_apply(x,
+    values, ctx)`` (the engine ops, on the (n, K) engine array)."""
 
-    augments_on_host = True  # draws on the host each step: the fast path and the two-process step refuse it
+    augments_on_host = True  # its values are drawn on the host: the two-process step runs it in one process
+    VALUES = (1, np.float32)
 
     def __init__(self, seed=None, data_format=None, **kwargs):
         super().__init__(**kwargs)
@@ -141,14 +146,42 @@ class RandomImageLayer(SeededGenerator, Layer):
         _check_image_input(self, input_shape)
         return input_shape
 
+    @property
+    def draws_randomness(self):
+        """A training step draws its values (``StepValues``) unless its factors are all 0."""
+        return not self._identity()
+
+    def step_value_spec(self):
+        """(K, dtype) of the per-image values ``step_values`` gives."""
+        return self.VALUES
+
+    def step_values(self, n, height=None, width=None):
+        """The next n images' values, drawn on the host from the layer's generator: an (n, K) array (for
+        images of the layer's input size unless ``height``/``width`` say otherwise)."""
+        h = self.input_shape[0] if height is None else height
+        w = self.input_shape[1] if width is None else width
+        width, dtype = self.VALUES
+        return np.asarray(self._values(self._draw(self.generator(), n, h, w), h, w), dtype).reshape(n, width)
+
     def forward(self, x, training, ctx):
         active = training is None or bool(training)  # None: a direct call, Keras's default of True
         ctx["identity"] = not active or self._identity()
         if ctx["identity"]:
             return x
         n, h, w, _ = x.shape
-        draws = self._draw(self.generator(), n, h, w)
-        return self._apply(x, draws, ctx)
+        ops = backend.ops()
+        step = ctx.get("step")
+        table = None if step is None else step.table(self)
+        width, dtype = self.VALUES
+        kept = self.buffer(ctx, "values", (n, width), dtype)
+        if table is None:  # a direct call: drawn now
+            values = self.step_values(n, h, w)
+            if kept is not None:
+                kept[...] = ops.xp.asarray(values)
+                values = kept
+        else:  # a training step: this step's row of the table
+            values = ops.step_row(table, step.counter, n, out=kept)
+        return self._apply(x, values, ctx)
 
     def backward(self, dy, ctx):
         if not ctx.get("need_dx", True):
@@ -160,22 +193,16 @@ class RandomImageLayer(SeededGenerator, Layer):
             "Put it before every layer with weights (first in the model, e.g. a data_augmentation Sequential "
             "called on keras.Input), where no gradient flows through it")
 
-    def _values(self, ctx, key, values):
-        """Host ``values`` as the engine takes them: as they are on NumPy, copied into a device array kept in
-        ``ctx`` on CUDA."""
-        kept = self.buffer(ctx, key, values.shape, values.dtype)
-        if kept is None:
-            return values
-        kept[...] = backend.ops().xp.asarray(values)
-        return kept
-
     def _identity(self):
         return False
 
     def _draw(self, generator, n, height, width):
         raise NotImplementedError
 
-    def _apply(self, x, draws, ctx):
+    def _values(self, draws, height, width):
+        raise NotImplementedError
+
+    def _apply(self, x, values, ctx):
         raise NotImplementedError
 
     def get_config(self):
@@ -190,11 +217,16 @@ class RandomFlip(RandomImageLayer):
         super().__init__(seed=seed, **kwargs)
         self.mode = _choice(mode, FLIP_MODES, "RandomFlip mode")
 
+    VALUES = (1, np.uint8)
+
     def _draw(self, generator, n, height, width):
         return {"flips": generator.uniform(0.0, 1.0, n) <= 0.5}
 
-    def _apply(self, x, draws, ctx):
-        flags = self._values(ctx, "flips", draws["flips"])
+    def _values(self, draws, height, width):
+        return draws["flips"]
+
+    def _apply(self, x, values, ctx):
+        flags = values.reshape(x.shape[0])
         horizontal = flags if self.mode in ("horizontal", "horizontal_and_vertical") else None
         vertical = flags if self.mode in ("vertical", "horizontal_and_vertical") else None
         return backend.ops().flip(x, horizontal, vertical, out=self.buffer(ctx, "y", x.shape))
@@ -212,13 +244,17 @@ class _RandomAffine(RandomImageLayer):
         self.interpolation = _choice(interpolation, INTERPOLATIONS, f"{type(self).__name__} interpolation")
         self.fill_value = _number(fill_value, f"{type(self).__name__} fill_value")
 
+    VALUES = (8, np.float32)
+
     def _transforms(self, draws, height, width):
         raise NotImplementedError
 
-    def _apply(self, x, draws, ctx):
+    def _values(self, draws, height, width):
+        return self._transforms(draws, height, width)
+
+    def _apply(self, x, values, ctx):
         ops = backend.ops()
-        transforms = self._values(ctx, "transforms", self._transforms(draws, x.shape[1], x.shape[2]))
-        return ops.affine_transform(x, transforms, self.interpolation, self.fill_mode, self.fill_value,
+        return ops.affine_transform(x, values, self.interpolation, self.fill_mode, self.fill_value,
                                     out=self.buffer(ctx, "y", x.shape))
 
     def get_config(self):
@@ -328,9 +364,11 @@ class RandomContrast(RandomImageLayer):
     def _draw(self, generator, n, height, width):
         return {"factors": generator.uniform(1.0 - self.factor[0], 1.0 + self.factor[1], n)}
 
-    def _apply(self, x, draws, ctx):
-        factors = self._values(ctx, "factors", draws["factors"].astype(np.float32))
-        return backend.ops().adjust_contrast(x, factors, self.value_range, out=self.buffer(ctx, "y", x.shape))
+    def _values(self, draws, height, width):
+        return draws["factors"]
+
+    def _apply(self, x, values, ctx):
+        return backend.ops().adjust_contrast(x, values, self.value_range, out=self.buffer(ctx, "y", x.shape))
 
     def get_config(self):
         return {**super().get_config(), "factor": list(self.factor), "value_range": list(self.value_range)}

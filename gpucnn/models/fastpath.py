@@ -15,9 +15,10 @@ engines run. This module only changes *how* it is launched. At batch 64 a step o
     and replayed. It first runs once eagerly, which compiles the kernels and allocates every buffer the layers
     keep (its effect on the weights, the optimizer state and BatchNormalization's moving statistics is undone);
     any allocation during the capture is refused. Values that change from step to step live in device memory: the step counter (reset before each
-    epoch), which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds and the
+    epoch), which indexes the epoch's order, the per-step loss/accuracy slots, the dropout seeds, the random
+    augmentation layers' per-image values (flip flags, transforms, contrast factors; ``StepValues``) and the
     optimizer's rates (tables filled before each epoch, drawn/computed as the plain path does for a whole
-    epoch: an epoch stopped early has drawn its remaining dropout seeds all the same);
+    epoch: an epoch stopped early has drawn its remaining seeds and values all the same);
   * the per-step loss sums and correct counts are copied to pinned host memory about every ``READ_EVERY``
     steps and read when the copy has finished, so the progress bar moves without stalling the GPU; a
     non-finite loss found there raises ``TrainingDivergedError`` (through the trainer's ``_end_batch``).
@@ -77,9 +78,6 @@ def unsupported_reason(model):
         if LAYER_CLASSES.get(type(layer).__name__) is not type(layer):
             return (f"layer {layer.name!r} is of the class {type(layer).__name__}, not one of gpucnn's own layers, "
                     "whose steps are known to allocate nothing")
-        if getattr(layer, "augments_on_host", False):
-            return (f"layer {layer.name!r} ({type(layer).__name__}): random augmentation layers draw on the host each "
-                    "step; the plain GPU engine runs them")
     last = model.outputs[0].node.layer
     wanted = model.loss.fused_activation
     if not (isinstance(last, (L.Dense, L.Activation)) and last.activation == wanted):
@@ -202,7 +200,7 @@ class Trainer:
         cupy.cuda.Device().synchronize()
         with self.stream:
             # the counter and tables the step reads (StepValues, the optimizer's rates), the metric slots
-            self.values = StepValues(model._random_layers(), rows=self.steps, xp=cupy)
+            self.values = StepValues(model._random_layers(), rows=self.steps, xp=cupy, batch=self.full_rows)
             self.step = self.values.counter
             self.rates = cupy.zeros(self.steps, np.float32)
             self.loss_steps = cupy.zeros(self.steps, np.float32)
@@ -285,7 +283,8 @@ class Trainer:
         buffers, the counter and the per-step tables."""
         model = self.model
         own = (getattr(self, "x_u8", None), getattr(self, "x_f32", None), getattr(self, "y_dev", None),
-               getattr(self, "perm", None), self.step, self.values.seeds, self.rates, self.loss_steps,
+               getattr(self, "perm", None), self.step, self.values.seeds, *self.values.tables.values(), self.rates,
+               self.loss_steps,
                self.correct_steps, self.xb, self.yb, self.dlogits)
         layers = [a for layer in model._all_layers() for a in (*layer.weights, *layer.grads)]
         return [*self._state_arrays(), model._grads, *layers, *own]
@@ -338,7 +337,7 @@ class Trainer:
                 self.perm[...] = cupy.arange(self.n, dtype=np.int32)
             self.step.fill(0)
             if self.values.layers:
-                self.values.seeds.set(self.values.draw(self.steps))
+                self.values.fill([self.full_rows] * (self.steps - 1) + [self.last_rows])
             self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
 
     def seen_after(self, step):
@@ -434,10 +433,8 @@ class StreamTrainer(Trainer):
         self.cupy.cuda.Device().synchronize()  # writes of callbacks or validation on the default stream first
         with self.stream:
             self.step.fill(0)
-            if self.values.layers:
-                table = np.zeros(self.values.seeds.shape, np.uint64)
-                table[:steps] = self.values.draw(steps)
-                self.values.seeds.set(table)
+            if self.values.layers:  # a streamed window's batch sizes are not known yet: full ones are drawn
+                self.values.fill([self.full_rows] * steps)
             self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
 
     def _close_window(self, rows, totals):

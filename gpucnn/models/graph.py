@@ -199,23 +199,58 @@ class Contexts(dict):
 
 class StepValues:
     """The values a training step reads from engine memory rather than from its arguments (so a captured CUDA
-    graph reads new ones at every replay): ``counter`` ((1,) int32, the step's row), and ``seeds`` ((rows,
-    slots) uint64: one seed per step and random layer, e.g. Dropout). An eager step uses one row, counter 0."""
+    graph reads new ones at every replay): ``counter`` ((1,) int32, the step's row), ``seeds`` ((rows, slots)
+    uint64: one seed per step and random layer, e.g. Dropout), and for each random augmentation layer a table
+    (rows, images, K) of its per-image values (``table(layer)``: flip flags, transforms, contrast factors).
+    All are drawn on the host, step by step and layer by layer in the graph's order (``fill``). An eager step
+    uses one row, counter 0, its tables sized to each batch; the fast path's are sized once (``batch``), as its
+    captured graphs read them by address."""
 
-    def __init__(self, random_layers, rows=1, xp=None):
-        xp = xp or backend.ops().xp
+    def __init__(self, random_layers, rows=1, xp=None, batch=None):
+        self.xp = xp or backend.ops().xp
         self.layers = list(random_layers)
+        self.rows, self.batch = rows, batch
         self._slots = {id(layer): i for i, layer in enumerate(self.layers)}
-        self.seeds = xp.zeros((rows, max(1, len(self.layers))), np.uint64)
-        self.counter = xp.zeros(1, np.int32)
+        self.seeds = self.xp.zeros((rows, max(1, len(self.layers))), np.uint64)
+        self.counter = self.xp.zeros(1, np.int32)
+        self.tables = {}
+        if batch is not None:
+            for layer in self._augmenting():
+                self._table(layer, batch)
 
     def slot(self, layer):
         return self._slots[id(layer)]
 
-    def draw(self, rows=1):
-        """The next ``rows`` steps' seeds, drawn on the host in order (step by step, layer by layer)."""
-        table = np.zeros((rows, max(1, len(self.layers))), np.uint64)
-        for r in range(rows):
-            for i, layer in enumerate(self.layers):
-                table[r, i] = layer.next_seed()
+    def table(self, layer):
+        """The (rows, images, K) engine table of an augmentation layer's per-image values, or None."""
+        return self.tables.get(id(layer))
+
+    def _augmenting(self):
+        return [layer for layer in self.layers if hasattr(layer, "step_values")]
+
+    def _table(self, layer, images):
+        width, dtype = layer.step_value_spec()
+        table = self.tables.get(id(layer))
+        if table is None or table.shape[1] != images:
+            table = self.tables[id(layer)] = self.xp.zeros((self.rows, images, width), dtype)
         return table
+
+    def fill(self, sizes):
+        """Draw the next ``len(sizes)`` steps' values on the host (step by step, layer by layer: each layer's
+        seed, or its values for ``sizes[r]`` images) into rows 0.. of the engine arrays; the rows after them
+        are zero."""
+        if len(sizes) > self.rows:
+            raise ValueError(f"StepValues.fill: {len(sizes)} steps do not fit {self.rows} rows")
+        images = max(sizes) if self.batch is None else self.batch
+        seeds = np.zeros(self.seeds.shape, np.uint64)
+        values = {id(layer): np.zeros(self._table(layer, images).shape, self._table(layer, images).dtype)
+                  for layer in self._augmenting()}
+        for r, n in enumerate(sizes):
+            for i, layer in enumerate(self.layers):
+                if id(layer) in values:
+                    values[id(layer)][r, :n] = layer.step_values(n)
+                else:
+                    seeds[r, i] = layer.next_seed()
+        self.seeds[...] = self.xp.asarray(seeds)
+        for key, host in values.items():
+            self.tables[key][...] = self.xp.asarray(host)
