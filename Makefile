@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/python -m gpucnn train $(ARGS)
 
+# The tests, then the benchmarks' own tools (a pytest session of their own: each folder has a conftest.py).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks/test_benchmark_tools.py
 
 # NumPy engine vs PyTorch CPU (installs the CPU build of PyTorch into the venv).
 bench: $(STAMP)

@@ -1,24 +1,13 @@
 """The benchmark suite's own tools, checked on any machine (no GPU, no timing): summarize.py on results written
-here. Not benchmarks: ``--benchmark-only`` skips them. gpu_check.py's own tests are tests/test_gpu_check.py
-(run by ``make test`` and CI)."""
+here, the CPU comparisons' configurations. Not benchmarks: ``make test`` runs them (a pytest session of their own),
+``--benchmark-only`` skips them. gpu_check.py's own tests are tests/test_gpu_check.py."""
 import json
 
 import summarize
 from bench_utils import take_turns
+from test_catsdogs_numpy_vs_torch_cpu import STEPS_OF, child
+from test_numpy_vs_torch_cpu import configurations
 
-HERE = Path(__file__).resolve().parent
-
-
-def test_sanitizer_summaries_are_counted():
-    memcheck = "========= COMPUTE-SANITIZER\n...\n========= ERROR SUMMARY: 3 errors\n"
-    assert gpu_check.parse_sanitizer_log(memcheck) == (3, None)
-    race = ("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)\n"
-            "========= ERROR SUMMARY: 1 error\n")
-    assert gpu_check.parse_sanitizer_log(race) == (1, {"hazards": 2, "errors": 1, "warnings": 1})
-    assert gpu_check.parse_sanitizer_log("========= ERROR SUMMARY: 0 errors\n") == (0, None)
-    clean_race = "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
-    assert gpu_check.parse_sanitizer_log(clean_race) == (0, {"hazards": 0, "errors": 0, "warnings": 0})
-    assert gpu_check.parse_sanitizer_log("Target application terminated before first instrumented API call")[0] is None
 
 
 def test_the_cpu_configurations_take_turns_round_after_round():
@@ -29,15 +18,15 @@ def test_the_cpu_configurations_take_turns_round_after_round():
     assert runs == {"a": [1, 3], "b": [2, 4]}
 
 
-def test_junit_counts(tmp_path):
-    xml = tmp_path / "r.xml"
-    xml.write_text('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="2">'
-                   '<testcase classname="t" name="a"><failure/></testcase><testcase classname="t" name="b"><error/>'
-                   '</testcase><testcase classname="t" name="c"/></testsuite></testsuites>')
-    counts = gpu_check.junit_counts(xml)
-    assert (counts["passed"], counts["failed"], counts["errors"], counts["skipped"]) == (1, 1, 1, 2)
-    assert counts["failures"] == ["t::a", "t::b"]
-    assert gpu_check.junit_counts(tmp_path / "missing.xml") is None
+def test_the_catsdogs_benchmark_measures_only_what_it_names(capsys):
+    """Each of its configurations runs the steps its name says: not the seed benchmark's functional variant
+    (which once ran PyTorch's steps under gpucnn's name)."""
+    import pytest
+
+    names = [c for c in configurations() if c[1] in STEPS_OF]
+    assert {who for _, who, _ in names} == {"gpucnn", "torch"}
+    with pytest.raises(SystemExit, match="unknown configuration 'gpucnn_functional'"):
+        child("gpucnn_functional")
 
 
 def _write(folder, name, data):
