@@ -22,6 +22,8 @@
 //                     seed = seeds[step[0] * slots + slot]: seeds is a (steps, slots) uint64 table (a step's
 //                     seed per dropout layer) and step a (1,) int32 device counter, so a captured CUDA graph
 //                     draws a new mask at each replay (the host fills the table, the step advances the counter).
+//                     first: the element index of x[0] in the whole batch's mask (0, or where the second half of
+//                     a batch split in two starts), so a half batch draws its part of the whole batch's mask.
 //   dropout_backward  dx = dy * mask
 #include "common.cuh"
 
@@ -165,10 +167,11 @@ softmax_backward(const float* dy, const float* y, float* dx, long long rows, int
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 dropout_forward(const float* x, float* y, float* mask, long long n, float rate, float scale,
-                const unsigned long long* __restrict__ seeds, const int* __restrict__ step, int slot, int slots) {
+                const unsigned long long* __restrict__ seeds, const int* __restrict__ step, int slot, int slots,
+                long long first) {
     const unsigned long long seed = seeds[(long long)step[0] * slots + slot];
     GRID_STRIDE_LOOP(i, n) {
-        const float m = uniform01(seed, (unsigned long long)i) >= rate ? scale : 0.0f;
+        const float m = uniform01(seed, (unsigned long long)(first + i)) >= rate ? scale : 0.0f;
         mask[i] = m;
         y[i] = x[i] * m;
     }

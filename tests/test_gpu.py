@@ -467,6 +467,16 @@ def test_dropout_mask(rate):
     assert_exact(ops.dropout_backward(dev(dy), mask), ref.dropout_backward(dy, m))
 
 
+@pytest.mark.parametrize("first", [0, 1, 3, 7])
+def test_dropout_of_a_part_of_a_batch_is_that_part_of_the_batchs_mask(first):
+    x = dev(normal(np.random.default_rng(29), (8, 5, 3)))
+    _, whole = ops.dropout_forward(x, 0.5, *seed_table(99), 0)
+    _, tail = ops.dropout_forward(x[first:], 0.5, *seed_table(99), 0, offset=first)
+    np.testing.assert_array_equal(host(tail), host(whole)[first:])
+    _, head = ops.dropout_forward(x[:first], 0.5, *seed_table(99), 0)
+    np.testing.assert_array_equal(host(head), host(whole)[:first])
+
+
 def test_dropout_rate_zero_keeps_everything():
     x = dev(normal(np.random.default_rng(28), (4, 6)))
     y, mask = ops.dropout_forward(x, 0.0, *seed_table(7), 0)
@@ -1172,7 +1182,7 @@ def test_dropout_reads_the_seed_of_its_step_and_slot(rate):
         y, mask = cupy.full(x.shape, SENTINEL, F32), cupy.full(x.shape, SENTINEL, F32)
         cuda.launch("dropout_forward", grid or ops._blocks(x.size), ops._THREADS,
                     (x, y, mask, x.size, F32(rate), scale, dev(seeds), dev(np.array([step], np.int32)), slot,
-                     slots))
+                     slots, 0))
         # a one-row table holding that seed: the same mask and output, bit for bit
         y_one, mask_one = ops.dropout_forward(x, rate, *seed_table(int(seeds[step, slot])), 0)
         np.testing.assert_array_equal(host(mask), host(mask_one))

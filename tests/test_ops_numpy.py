@@ -839,6 +839,18 @@ def test_dropout_mask(rate):
     assert_exact(ops.dropout_backward(dy, mask), ref.dropout_backward(dy, mask))
 
 
+@pytest.mark.parametrize("first", [0, 1, 3, 7])
+def test_dropout_of_a_part_of_a_batch_is_that_part_of_the_batchs_mask(first):
+    """offset: the images first.. of a batch (the second half of a split step) draw their rows of the whole
+    batch's mask; the first images alone draw its first rows."""
+    x = normal(np.random.default_rng(29), (8, 5, 3))
+    _, whole = ops.dropout_forward(x, 0.5, *seed_table(99), 0)
+    _, tail = ops.dropout_forward(x[first:], 0.5, *seed_table(99), 0, offset=first)
+    np.testing.assert_array_equal(tail, whole[first:])
+    _, head = ops.dropout_forward(x[:first], 0.5, *seed_table(99), 0)
+    np.testing.assert_array_equal(head, whole[:first])
+
+
 def test_dropout_rate_zero_keeps_everything():
     x = normal(np.random.default_rng(28), (4, 6))
     y, mask = ops.dropout_forward(x, 0.0, *seed_table(7), 0)

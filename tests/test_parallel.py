@@ -90,6 +90,37 @@ def test_the_split_step_gives_the_one_thread_step(n, loss, monkeypatch):
     np.testing.assert_array_equal(grads(m), grads_2)
 
 
+@pytest.mark.parametrize("n", [32, 41])
+def test_the_split_step_draws_what_the_one_process_step_draws(n, monkeypatch):
+    """Dropout's masks and the augmentation layers' values are drawn for the whole batch in this process;
+    each half reads its part (the worker: its images' values and its rows of the masks), so the split step
+    is the one-process step, draws included."""
+    needs_split()
+
+    def build():
+        utils.set_random_seed(11)
+        m = models.Sequential([
+            layers.Input(shape=(12, 12, 1)),
+            layers.RandomFlip(seed=1), layers.RandomRotation(0.2, seed=2),
+            layers.RandomContrast(0.5, seed=3, value_range=(0, 1)),
+            layers.Conv2D(6, 3, activation="relu"), layers.MaxPooling2D(2), layers.Flatten(),
+            layers.Dropout(0.5, seed=4), layers.Dense(4, activation="softmax")])
+        m.compile("rmsprop", "categorical_crossentropy", ["accuracy"])
+        return m
+
+    x, y = data(n, False)
+    one, two = build(), build()
+    assert parallel.split_reason(two, n) is None
+    loss_1, correct_1, grads_1 = one_thread_step(one, x, y, monkeypatch)
+    two._grads[...] = np.nan
+    loss_2, correct_2 = parallel.split_step(two, x, y)
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+    assert int(correct_2) == correct_1
+    np.testing.assert_allclose(grads(two), grads_1, rtol=1e-4, atol=1e-6 * np.abs(grads_1).max())
+    _, _, grads_next = one_thread_step(one, x, y, monkeypatch)  # the next step's draws: other gradients
+    assert np.abs(grads_next - grads_1).max() > 1e-3 * np.abs(grads_1).max()
+
+
 @pytest.mark.parametrize("kind", ["logits", "binary", "functional"])
 def test_the_worker_trains_the_same_loss_and_graph(kind, monkeypatch):
     """The worker rebuilds the model's graph (a functional one too) and its loss as configured (from_logits, a
@@ -151,7 +182,7 @@ def test_when_the_step_is_not_split(monkeypatch):
     assert parallel.split_reason(m, 64) is None
     assert parallel.split_reason(small_model(dropout=0.0), 32) is None
     assert "batch under 32" in parallel.split_reason(m, 31)
-    assert "Dropout" in parallel.split_reason(small_model(dropout=0.5), 64)
+    assert parallel.split_reason(small_model(dropout=0.5), 64) is None  # its masks are drawn for the whole batch
     monkeypatch.setenv("GPUCNN_CPU_THREADS", "1")
     assert parallel.split_reason(m, 64) == "GPUCNN_CPU_THREADS=1"
     monkeypatch.delenv("GPUCNN_CPU_THREADS")
@@ -224,11 +255,11 @@ def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
     seen = []
     original = models.Sequential._forward_backward
 
-    def forward_backward(model, xb, yb, scale=None):
+    def forward_backward(model, xb, yb, scale=None, values=None):
         seen.append(get())
-        return original(model, xb, yb, scale)
+        return original(model, xb, yb, scale, values)
 
-    def failing(model, xb, yb, scale=None):
+    def failing(model, xb, yb, scale=None, values=None):
         raise KeyboardInterrupt
 
     try:
@@ -310,10 +341,10 @@ def test_a_dead_worker_means_a_warning_and_one_process(when, monkeypatch):
 
         monkeypatch.setattr(parallel._Worker, "send", stop_then_send)
 
-        def kill_then_run(model, xb, yb, scale=None):
+        def kill_then_run(model, xb, yb, scale=None, values=None):
             if parallel._state["worker"] is not None:
                 kill_worker()
-            return original(model, xb, yb, scale)
+            return original(model, xb, yb, scale, values)
 
         monkeypatch.setattr(models.Sequential, "_forward_backward", kill_then_run)
     with pytest.warns(RuntimeWarning, match="second training process failed.*one process"):

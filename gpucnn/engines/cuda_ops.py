@@ -754,12 +754,13 @@ def split(dy, sizes, axis, outs=None):
 
 
 # ===================================================================================== dropout
-def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None):
+def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None, offset=0):
     """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate). The mask's seed
     is ``seeds[step[0], slot]``: ``seeds`` a (steps, slots) uint64 table of per-step seeds, ``step`` a (1,)
     int32 counter (device arrays, so a captured step reads a new seed at every replay). The random numbers
     come from a counter-based hash of (seed, element index): deterministic for a given seed (a different
-    stream from the NumPy engine's)."""
+    stream from the NumPy engine's). ``offset``: x's first image is image ``offset`` of the whole batch
+    whose mask this is part of (numpy_ops states it)."""
     if seeds.ndim != 2 or not 0 <= slot < seeds.shape[1] or step.shape != (1,):
         raise ValueError(f"dropout_forward: seeds must be (steps, slots) with slot {slot} < slots, and step (1,); "
                          f"got {seeds.shape} and {step.shape}")
@@ -770,7 +771,8 @@ def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None):
         return y, mask
     scale = DTYPE(1.0) / DTYPE(1.0 - rate)
     cuda.launch("dropout_forward", _blocks(x.size), _THREADS,
-                (x, y, mask, x.size, DTYPE(rate), scale, seeds, step, int(slot), seeds.shape[1]))
+                (x, y, mask, x.size, DTYPE(rate), scale, seeds, step, int(slot), seeds.shape[1],
+                 int(offset) * (x.size // max(1, x.shape[0]))))
     return y, mask
 
 

@@ -918,12 +918,15 @@ def split(dy, sizes, axis, outs=None):
 
 
 # ===================================================================================== dropout
-def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None):
+def dropout_forward(x, rate, seeds, step, slot, out=None, out_mask=None, offset=0):
     """(y, mask): keep each element with probability 1 - rate and scale it by 1 / (1 - rate). The mask's seed
     is ``seeds[step[0], slot]``: ``seeds`` a (steps, slots) uint64 table of per-step seeds, ``step`` a (1,)
-    int32 counter (engine arrays, so a captured step reads a new seed at every replay)."""
+    int32 counter (engine arrays, so a captured step reads a new seed at every replay). ``offset``: x is
+    images ``offset``.. of a whole batch, and its mask is those images' part of the whole batch's mask (the
+    two halves of a split step draw the one-process step's mask)."""
     seed = int(seeds.reshape(-1)[int(step[0]) * seeds.shape[-1] + slot])
-    keep = np.random.default_rng(seed).random(x.shape, dtype=DTYPE) >= rate
+    offset = int(offset)
+    keep = np.random.default_rng(seed).random((offset + x.shape[0],) + x.shape[1:], dtype=DTYPE)[offset:] >= rate
     mask = _finish(keep.astype(DTYPE) / DTYPE(1.0 - rate), out_mask)
     return np.multiply(x, mask, out=out), mask
 

@@ -162,7 +162,8 @@ class Dropout(SeededGenerator, Layer):
         else:
             seeds, counter, slot = step.seeds, step.counter, step.slot(self)
         y, mask = ops.dropout_forward(x, self.rate, seeds, counter, slot, out=self.buffer(ctx, "y", x.shape),
-                                      out_mask=self.buffer(ctx, "mask", x.shape))
+                                      out_mask=self.buffer(ctx, "mask", x.shape),
+                                      offset=0 if step is None else step.offset)
         ctx["mask"] = mask
         return y
 

@@ -214,6 +214,7 @@ class StepValues:
         self.seeds = self.xp.zeros((rows, max(1, len(self.layers))), np.uint64)
         self.counter = self.xp.zeros(1, np.int32)
         self.tables = {}
+        self.offset = 0  # images of the whole batch before this one's first (a half batch of the two-process step)
         if batch is not None:
             for layer in self._augmenting():
                 self._table(layer, batch)
@@ -239,18 +240,35 @@ class StepValues:
         """Draw the next ``len(sizes)`` steps' values on the host (step by step, layer by layer: each layer's
         seed, or its values for ``sizes[r]`` images) into rows 0.. of the engine arrays; the rows after them
         are zero."""
+        self.load(self.draw(sizes))
+
+    def draw(self, sizes):
+        """The host values ``fill`` loads: {"seeds": (rows, slots) uint64, "tables": [per layer: (rows,
+        images, K) or None]}, drawn in order."""
         if len(sizes) > self.rows:
             raise ValueError(f"StepValues.fill: {len(sizes)} steps do not fit {self.rows} rows")
         images = max(sizes) if self.batch is None else self.batch
         seeds = np.zeros(self.seeds.shape, np.uint64)
-        values = {id(layer): np.zeros(self._table(layer, images).shape, self._table(layer, images).dtype)
-                  for layer in self._augmenting()}
+        tables = [np.zeros((self.rows, images, *layer.step_value_spec()[:1]), layer.step_value_spec()[1])
+                  if hasattr(layer, "step_values") else None for layer in self.layers]
         for r, n in enumerate(sizes):
             for i, layer in enumerate(self.layers):
-                if id(layer) in values:
-                    values[id(layer)][r, :n] = layer.step_values(n)
+                if tables[i] is not None:
+                    tables[i][r, :n] = layer.step_values(n)
                 else:
                     seeds[r, i] = layer.next_seed()
-        self.seeds[...] = self.xp.asarray(seeds)
-        for key, host in values.items():
-            self.tables[key][...] = self.xp.asarray(host)
+        return {"seeds": seeds, "tables": tables}
+
+    def share(self, host, first):
+        """The part of ``draw``'s values that images ``first``.. of the batch read: the tables' rows from
+        that image on, the same seeds, and ``offset`` = first (Dropout's masks of those images)."""
+        return {"seeds": host["seeds"], "offset": first,
+                "tables": [None if t is None else t[:, first:] for t in host["tables"]]}
+
+    def load(self, host):
+        """Put ``draw``'s (or ``share``'s) host values into the engine arrays."""
+        self.offset = int(host.get("offset", 0))
+        self.seeds[...] = self.xp.asarray(host["seeds"])
+        for layer, table in zip(self.layers, host["tables"]):
+            if table is not None:
+                self._table(layer, table.shape[1])[...] = self.xp.asarray(table)

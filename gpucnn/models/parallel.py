@@ -10,7 +10,10 @@ interpreter lock between NumPy calls, and the step has hundreds of small ones.
 The two processes share one memory-mapped file: the weights (written there before each step: the trained
 ones, and those the optimizer leaves alone — frozen layers', BatchNormalization's moving statistics), the
 worker's half of the batch, and its gradients (added to the model's before the optimizer runs). A pipe carries the
-rest: the model's architecture when it changes, then one message per step each way.
+rest: the model's architecture when it changes, then one message per step each way. The step's random values
+(Dropout's seeds, the augmentation layers' per-image values: ``StepValues.draw``) are drawn here for the whole
+batch; this process's half reads their first images, and the message gives the worker the rest with its
+images' offset in the batch (its rows of each Dropout mask), so both halves see the one-process step's draws.
 
 The result is the full batch's mean-loss gradient, summed in another order than a one-process step: equal up
 to float32 rounding, and the same bits from run to run. Used when all of these hold (``split_reason`` says
@@ -18,7 +21,6 @@ which does not):
   * the NumPy engine on a POSIX system, at least two usable cores, ``GPUCNN_CPU_THREADS`` not ``1``;
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
-  * only layers without per-step random state (no Dropout with a non-zero rate, no random augmentation);
   * no BatchNormalization that trains (one with ``trainable = False`` runs in inference mode and may): its
     statistics are the whole batch's, and each half would take its own;
   * only gpucnn's own model and layer classes: the worker rebuilds the model from its config, by class
@@ -149,18 +151,14 @@ def split_reason(model, batch):
 def _model_reason(model):
     """Why ``model`` itself keeps the one-process step (its layers), or None; kept until the model changes
     (its graph, or a compile: ``_version``), as the step asks every time."""
-    from ..layers import BatchNormalization, Dropout
+    from ..layers import BatchNormalization
 
     kept = getattr(model, "_split_reason_kept", None)
     if kept is not None and kept[0] == model._version:
         return kept[1]
     layers = model._all_layers()
-    if any(isinstance(layer, Dropout) and layer.rate > 0 for layer in layers):
-        reason = "Dropout draws a new mask each step"
-    elif any(isinstance(layer, BatchNormalization) and layer.trainable for layer in layers):
+    if any(isinstance(layer, BatchNormalization) and layer.trainable for layer in layers):
         reason = "BatchNormalization takes its statistics over the whole batch"
-    elif any(getattr(layer, "augments_on_host", False) for layer in layers):
-        reason = "random augmentation layers draw each image's transform in this process"
     else:
         reason = _foreign_class(model)
     model._split_reason_kept = (model._version, reason)
@@ -193,21 +191,23 @@ def split_step(model, xb, yb):
     end in ``model._grads``. Returns (loss sum, correct count) of the whole batch."""
     n = len(xb)
     h = n // 2
+    step = model._step_values()
+    values = step.draw([n]) if step.layers else None  # Dropout's seeds, augmentation's values: the whole batch's
     with _lock:
         try:
             worker = _worker()
             shared = worker.prepare(model, xb[h:], yb[h:])
-            worker.send(("step", n - h, (n - h) / n))
+            worker.send(("step", n - h, (n - h) / n, values and step.share(values, h)))
         except Exception as exc:  # noqa: BLE001  (the worker could not take its half: one process goes on)
             _give_up(exc)
-            return model._forward_backward(xb, yb, 1.0)
+            return model._forward_backward(xb, yb, 1.0, values)
         except BaseException:  # interrupted while talking to the worker: what it holds is unknown
             _stop()
             raise
         start = time.perf_counter()
         try:
             with blas_threads(1):
-                loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n)
+                loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n, values)
         except BaseException:
             _discard_reply(worker)
             raise
@@ -217,7 +217,7 @@ def split_step(model, xb, yb):
             loss_b, correct_b = worker.result(max(STEP_SECONDS, 10 * seconds))
         except Exception as exc:  # noqa: BLE001
             _give_up(exc)
-            return model._forward_backward(xb, yb, 1.0)
+            return model._forward_backward(xb, yb, 1.0, values)
         except BaseException:  # interrupted while waiting: the reply is still to come
             _discard_reply(worker)
             raise

@@ -38,11 +38,13 @@ def serve(fd):
         return
 
 
-def _half_step(replica, n, scale):
+def _half_step(replica, n, scale, values):
+    """The second half of a batch: ``values`` are the random layers' (StepValues.share: Dropout's seeds and
+    the images' offset in the batch, the augmentation values of these images), drawn by the other side."""
     model, shared = replica
     # as in fit: a diverging run's overflow is reported once, as TrainingDivergedError, by the other side
     with np.errstate(over="ignore", invalid="ignore"):
-        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale)
+        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale, values)
     return ("done", float(loss), int(correct))
 
 

@@ -137,16 +137,20 @@ class Trainer:
         self.optimizer.apply(self._params, self._grads)
         return loss_sum, correct
 
-    def _forward_backward(self, xb, yb, scale=None):
+    def _forward_backward(self, xb, yb, scale=None, values=None):
         """Forward, loss and backward of a batch, its weight gradients left in ``_grads``; returns (loss sum,
         correct count). On NumPy with two or more cores the batch runs as two halves in two processes
-        (``parallel``). ``scale`` multiplies the loss gradient: a half's share of its batch."""
+        (``parallel``). ``scale`` multiplies the loss gradient: a half's share of its batch; ``values``: the
+        random layers' values drawn for the whole batch (``StepValues.draw``/``share``), else drawn here."""
         if scale is None and parallel.split_reason(self, len(xb)) is None:
             return parallel.split_step(self, xb, yb)
         ops = backend.ops()
         contexts = self._contexts(len(xb), True)
         if contexts.step.layers:
-            contexts.step.fill([len(xb)])
+            if values is None:
+                contexts.step.fill([len(xb)])
+            else:
+                contexts.step.load(values)
         loss, fused = self.loss, self._fused_activation()
         out = self.graph.forward([xb], True, contexts)[0]
         p = ops.activation_forward(out, fused) if fused else out  # the loss's softmax / sigmoid of the logits
