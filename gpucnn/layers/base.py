@@ -423,6 +423,11 @@ class Layer:
         return backend.ops().activation_backward(dy, ctx["y"], act, out=self.buffer(ctx, "dz", dy.shape),
                                                  x=ctx.get("z"))
 
+    def bias_grad(self, i, size, ctx):
+        """Where the gradient of the bias (weight ``i``, ``size`` values) goes: ``weight_grad(i)``, or, for a
+        layer without a bias, a kept scratch buffer (the ops always write one)."""
+        return self.weight_grad(i, ctx) if self.use_bias else self.buffer(ctx, "db", (size,))
+
     def weight_grad(self, i, ctx):
         """Where this call's gradient of weight ``i`` goes: the layer's gradient array, or, when the step adds
         several calls' gradients (a layer called twice), this call's own buffer (``ctx["accumulate"]``)."""

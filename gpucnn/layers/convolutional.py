@@ -28,10 +28,6 @@ class Conv2D(Layer):
             self._add_weight("bias", (self.filters,), self.bias_initializer)
         return (p, q, self.filters)
 
-    def _bias_grad(self, ctx):
-        """Where the bias gradient goes; without a bias, a kept scratch buffer (the CUDA op always writes one)."""
-        return self.weight_grad(1, ctx) if self.use_bias else self.buffer(ctx, "db", (self.filters,))
-
     def forward(self, x, training, ctx):
         fused, after = self._forward_activation(ctx)
         z = backend.ops().conv2d_forward(x, self.weights[0], self.weights[1] if self.use_bias else None, self.strides,
@@ -46,7 +42,7 @@ class Conv2D(Layer):
         dz = self._activation_grad(dy, ctx)
         ops_ctx = ctx.setdefault("ops", {})
         ops.conv2d_backward_filter(dz, x, self.weights[0].shape, self.strides, self.pads, ctx=ops_ctx,
-                                   out_w=self.weight_grad(0, ctx), out_b=self._bias_grad(ctx))
+                                   out_w=self.weight_grad(0, ctx), out_b=self.bias_grad(1, self.filters, ctx))
         if not ctx.get("need_dx", True):
             return None
         return ops.conv2d_backward_data(dz, self.weights[0], x.shape, self.strides, self.pads, ctx=ops_ctx,
@@ -90,5 +86,5 @@ class ConvPool:
         return backend.ops().conv2d_maxpool_backward(
             dy, pool_ctx["y"], pool_ctx["idx"], x, conv.weights[0], conv.strides, conv.pads, conv.activation,
             ctx=conv_ctx.setdefault("ops", {}), out_w=conv.weight_grad(0, conv_ctx),
-            out_b=conv._bias_grad(conv_ctx), need_dx=conv_ctx.get("need_dx", True),
+            out_b=conv.bias_grad(1, conv.filters, conv_ctx), need_dx=conv_ctx.get("need_dx", True),
             out=conv.buffer(conv_ctx, "dx", x.shape))

@@ -88,9 +88,7 @@ class Dense(Layer):
     def backward(self, dy, ctx):
         ops, x = backend.ops(), ctx["x"]
         dz = self._activation_grad(dy, ctx)
-        ops.dense_backward_weights(dz, x, out_w=self.weight_grad(0, ctx),  # (no bias: a kept scratch db)
-                                   out_b=self.weight_grad(1, ctx) if self.use_bias else
-                                   self.buffer(ctx, "db", (self.units,)))
+        ops.dense_backward_weights(dz, x, out_w=self.weight_grad(0, ctx), out_b=self.bias_grad(1, self.units, ctx))
         if not ctx.get("need_dx", True):
             return None
         return ops.dense_backward_data(dz, self.weights[0], out=self.buffer(ctx, "dx", x.shape))

@@ -86,8 +86,7 @@ class DepthwiseConv2D(_DepthwiseWindow):
 
     def backward(self, dy, ctx):
         dz = self._activation_grad(dy, ctx)
-        out_b = self.weight_grad(1, ctx) if self.use_bias else self.buffer(ctx, "db", (self.output_shape[2],))
-        return self._depthwise_backward(dz, ctx["x"], ctx, out_b)
+        return self._depthwise_backward(dz, ctx["x"], ctx, self.bias_grad(1, self.output_shape[2], ctx))
 
     def get_config(self):
         return {**super().get_config(), **self._window_config(), "depthwise_initializer": self.kernel_initializer,
@@ -131,9 +130,7 @@ class SeparableConv2D(_DepthwiseWindow):
         dz = self._activation_grad(dy, ctx)
         op_ctx = ctx.setdefault("ops_pointwise", {})
         ops.conv2d_backward_filter(dz, middle, self.weights[1].shape, (1, 1), _NO_PADDING, ctx=op_ctx,
-                                   out_w=self.weight_grad(1, ctx),
-                                   out_b=self.weight_grad(2, ctx) if self.use_bias else
-                                   self.buffer(ctx, "db", (self.filters,)))
+                                   out_w=self.weight_grad(1, ctx), out_b=self.bias_grad(2, self.filters, ctx))
         d_middle = ops.conv2d_backward_data(dz, self.weights[1], middle.shape, (1, 1), _NO_PADDING, ctx=op_ctx,
                                             out=self.buffer(ctx, "d_middle", middle.shape))
         return self._depthwise_backward(d_middle, ctx["x"], ctx,
