@@ -942,6 +942,32 @@ def test_the_cpu_fast_path_trains_from_host_batches_as_the_numpy_engine(cpu_fast
     assert h_fast["accuracy"] == h_plain["accuracy"]
 
 
+@pytest.mark.parametrize("feed", ["arrays", "batches"])
+def test_the_cpu_fast_path_augments_as_the_numpy_engine(feed, cpu_fast_path, monkeypatch):
+    """The random augmentation layers and Dropout, with and without their own seeds, in the captured step:
+    values drawn for the epoch (arrays) or step by step as batches arrive (a smaller last batch, windows of
+    READ_EVERY steps), in the plain path's order, so the same weights and logs as the NumPy engine's."""
+    monkeypatch.setattr(fastpath, "READ_EVERY", 2)
+    x, y = small_data(40)
+    results = []
+    for engine in ("numpy", "cuda"):
+        monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
+        set_random_seed(5)
+        m = models.Sequential([
+            layers.Input(shape=(10, 10, 1)), layers.RandomFlip(seed=1), layers.RandomRotation(0.2),
+            layers.RandomContrast(0.4, seed=3, value_range=(0, 1)), layers.Conv2D(4, (3, 3), activation="relu"),
+            layers.Flatten(), layers.Dropout(0.3), layers.Dense(5, activation="softmax")])
+        m.compile("adam", "categorical_crossentropy", ["accuracy"])
+        data = (x, y) if feed == "arrays" else (_Batches(x, y, 16), None)
+        h = m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0)
+        results.append((m.get_weights(), h.history))
+    assert len(cpu_fast_path) == 1
+    (w_plain, h_plain), (w_fast, h_fast) = results
+    for a, b in zip(w_fast, w_plain):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+
+
 def test_the_cpu_fast_path_trains_batch_normalization_blocks_as_the_numpy_engine(cpu_fast_path, monkeypatch):
     x, y = small_data(40, "normal")
     results = []

@@ -407,8 +407,9 @@ class StreamTrainer(Trainer):
     """The captured step for batches that come from the host (a dataset, a generator, a PyDataset): each batch is
     copied into the step's input buffers, then the step's graph for that batch size (captured the first time it
     is seen) is replayed. The per-step tables hold a window of ``READ_EVERY`` steps: before each window the host
-    puts the counter back to 0 and fills the window's dropout seeds and rates; after it, the window's metric slots
-    are read (one wait per window, as the device-resident path reads every ``READ_EVERY`` steps)."""
+    puts the counter back to 0 and fills the window's rates; each step's row of the random layers' values is
+    drawn as its batch arrives (its size known then), as the plain path draws them; after the window, its
+    metric slots are read (one wait per window, as the device-resident path reads every ``READ_EVERY`` steps)."""
 
     def __init__(self, model, batch_size, input_shape, _modules=None):
         self._setup(model, batch_size, input_shape, _modules or _default_modules(), rows=READ_EVERY)
@@ -427,14 +428,12 @@ class StreamTrainer(Trainer):
         return self._graphs[rows][0]
 
     def _open_window(self, steps):
-        """Before the next ``steps`` steps (at most a window; fewer when the epoch ends sooner, so the dropout
-        seeds drawn are exactly those of the steps that run, as the plain path draws them)."""
+        """Before the next ``steps`` steps (at most a window): the counter back to 0, the window's rates. (The
+        random layers' values are drawn step by step, as each batch arrives with its size: ``run_epoch``.)"""
         opt = self.model.optimizer
         self.cupy.cuda.Device().synchronize()  # writes of callbacks or validation on the default stream first
         with self.stream:
             self.step.fill(0)
-            if self.values.layers:  # a streamed window's batch sizes are not known yet: full ones are drawn
-                self.values.fill([self.full_rows] * steps)
             self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
 
     def _close_window(self, rows, totals):
@@ -471,6 +470,8 @@ class StreamTrainer(Trainer):
                 with self.stream:
                     self.xb[:rows].set(np.ascontiguousarray(xb, np.float32))
                     self.yb[:rows].set(np.ascontiguousarray(yb, self.yb.dtype))
+                    if self.values.layers:  # this step's seeds and augmentation values, for its rows, as the plain path
+                        self.values.load(self.values.draw([rows]), row=step % self.steps)
                 graph.launch(self.stream)
                 opt.iterations += 1
                 window.append(rows)

@@ -197,6 +197,13 @@ class Contexts(dict):
         return kept
 
 
+def _value_spec(layer):
+    """(K, dtype) of a random layer's per-image step values (an augmentation layer), or None (a layer that
+    draws one seed per step: Dropout)."""
+    spec = getattr(layer, "step_value_spec", None)
+    return None if spec is None else spec()
+
+
 class StepValues:
     """The values a training step reads from engine memory rather than from its arguments (so a captured CUDA
     graph reads new ones at every replay): ``counter`` ((1,) int32, the step's row), ``seeds`` ((rows, slots)
@@ -227,10 +234,10 @@ class StepValues:
         return self.tables.get(id(layer))
 
     def _augmenting(self):
-        return [layer for layer in self.layers if hasattr(layer, "step_values")]
+        return [layer for layer in self.layers if _value_spec(layer) is not None]
 
     def _table(self, layer, images):
-        width, dtype = layer.step_value_spec()
+        width, dtype = _value_spec(layer)
         table = self.tables.get(id(layer))
         if table is None or table.shape[1] != images:
             table = self.tables[id(layer)] = self.xp.zeros((self.rows, images, width), dtype)
@@ -249,8 +256,8 @@ class StepValues:
             raise ValueError(f"StepValues.fill: {len(sizes)} steps do not fit {self.rows} rows")
         images = max(sizes) if self.batch is None else self.batch
         seeds = np.zeros(self.seeds.shape, np.uint64)
-        tables = [np.zeros((self.rows, images, *layer.step_value_spec()[:1]), layer.step_value_spec()[1])
-                  if hasattr(layer, "step_values") else None for layer in self.layers]
+        tables = [None if spec is None else np.zeros((self.rows, images, spec[0]), spec[1])
+                  for spec in map(_value_spec, self.layers)]
         for r, n in enumerate(sizes):
             for i, layer in enumerate(self.layers):
                 if tables[i] is not None:
@@ -265,10 +272,18 @@ class StepValues:
         return {"seeds": host["seeds"], "offset": first,
                 "tables": [None if t is None else t[:, first:] for t in host["tables"]]}
 
-    def load(self, host):
-        """Put ``draw``'s (or ``share``'s) host values into the engine arrays."""
+    def load(self, host, row=None):
+        """Put ``draw``'s (or ``share``'s) host values into the engine arrays; with ``row``, their first row
+        into that row (a step whose batch, and so its size, arrives with it)."""
         self.offset = int(host.get("offset", 0))
-        self.seeds[...] = self.xp.asarray(host["seeds"])
+        if row is None:
+            self.seeds[...] = self.xp.asarray(host["seeds"])
+        else:
+            self.seeds[row] = self.xp.asarray(host["seeds"][0])
         for layer, table in zip(self.layers, host["tables"]):
-            if table is not None:
+            if table is None:
+                continue
+            if row is None:
                 self._table(layer, table.shape[1])[...] = self.xp.asarray(table)
+            else:
+                self.tables[id(layer)][row, :table.shape[1]] = self.xp.asarray(table[0])
