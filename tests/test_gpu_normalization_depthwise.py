@@ -159,6 +159,10 @@ def test_batchnorm_bad_inputs_and_an_empty_batch():
         ops.batchnorm_backward(cupy.zeros((2, 3, 3, 3), F32), x, gamma, mm, mv, True)
     with pytest.raises(ValueError, match="C-contiguous"):  # the moving statistics are written in place
         ops.batchnorm_forward_training(x, gamma, beta, cupy.zeros(8, F32)[::2], mv, 0.99, 1e-3)
+    with pytest.raises(ValueError, match="NumPy engine's"):  # parts of a batch are the two-process CPU step's
+        ops.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.99, 1e-3, exchange=lambda mine: [mine])
+    with pytest.raises(ValueError, match="NumPy engine's"):
+        ops.batchnorm_backward(x, x, gamma, mm, mv, True, exchange=lambda mine: [mine])
     y, _ = ops.batchnorm_forward_inference(cupy.zeros((0, 4), F32), gamma, beta, mm, mv, 1e-3)
     assert y.shape == (0, 4)
     dx, dgamma, dbeta = ops.batchnorm_backward(cupy.zeros((0, 4), F32), cupy.zeros((0, 4), F32), gamma, mm, mv,

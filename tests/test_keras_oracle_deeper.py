@@ -59,8 +59,8 @@ def test_the_residual_block_predicts_as_keras_in_inference():
 @pytest.mark.parametrize("frozen", [(), ("bn_1",), ("conv", "bn_2")], ids=["all", "bn_1", "conv+bn_2"])
 @pytest.mark.parametrize("optimizer, batch", [("rmsprop", 6), ("adam", 6), ("rmsprop", 32)])
 def test_two_training_steps_give_keras_loss_and_weights(frozen, optimizer, batch):
-    """(Batches of 32: where the NumPy engine may split a step over two processes, which it must not do with
-    the whole batch's statistics to take.)"""
+    """(Batches of 32: where the NumPy engine splits a step over two processes, whose halves exchange their
+    sums to take the whole batch's statistics.)"""
     ref, ours = _pair(frozen)
     x, y = _data(2 * batch)
     make = {"rmsprop": lambda lib: lib.optimizers.RMSprop(learning_rate=0.01),

@@ -341,6 +341,77 @@ def test_batchnorm_bad_inputs():
     assert y.shape == (0, 4)
 
 
+def _parts_of(x2, sizes):
+    """Row ranges of the parts of a batch of rows ``x2`` (M, C) with the given sizes."""
+    edges = np.cumsum([0] + list(sizes))
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@pytest.mark.parametrize("shape, sizes", [((8, 5, 5, 3), (4, 4)), ((9, 3, 3, 8), (4, 5)), ((7, 6), (1, 6)),
+                                          ((5, 4), (3, 0, 2))])
+def test_batchnorm_of_parts_that_exchange_their_sums_is_the_whole_batchs(shape, sizes):
+    """The two-process step's batch normalization: each part of the batch sends its per-channel statistics
+    (``exchange``) and gets every part's; each part's y and dx are the whole batch's rows (the oracle's), the
+    moving statistics the whole batch's update, dgamma and dbeta the part's own sums (they add up to the whole's)."""
+    x, gamma, beta, mm, mv, rng = bn_case(shape)
+    dy = normal(rng, shape)
+    c = shape[-1]
+    x2, dy2 = x.reshape(-1, c), dy.reshape(-1, c)
+    bounds = _parts_of(x2, [s * x2.shape[0] // shape[0] for s in sizes])
+    y_ref, mean_ref, inv_ref, mm_ref, mv_ref = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3)
+    dx_ref, dgamma_ref, dbeta_ref = ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True)
+    y_ref, dx_ref = y_ref.reshape(-1, c), dx_ref.reshape(-1, c)
+
+    def stats(a, b):  # every part's forward statistics (rows, mean, squared deviations), in float64
+        part = x2[a:b].astype(np.float64)
+        mean = part.mean(axis=0) if b > a else np.zeros(c)
+        return np.stack([np.full(c, float(b - a)), mean, ((part - mean) ** 2).sum(axis=0)])
+
+    def sums(a, b):  # every part's backward sums (rows, Σ dy, Σ dy·x̂) with the whole batch's statistics
+        xhat = (x2[a:b] - mean_ref) * inv_ref
+        return np.stack([np.full(c, float(b - a)), dy2[a:b].sum(axis=0), (dy2[a:b] * xhat).sum(axis=0)])
+
+    dgammas, dbetas = [], []
+    for k, (a, b) in enumerate(bounds):
+        if a == b:
+            continue
+        def exchange(mine, table):
+            parts = [table(*ab) for ab in bounds]
+            np.testing.assert_allclose(mine, parts[k], rtol=1e-5, atol=1e-4)  # what this part sends
+            parts[k] = mine
+            return parts
+        moving_mean, moving_var = mm.copy(), mv.copy()
+        y, mean, inv_std = ops.batchnorm_forward_training(
+            x2[a:b], gamma, beta, moving_mean, moving_var, 0.9, 1e-3, exchange=lambda m: exchange(m, stats))
+        assert_close(y, y_ref[a:b])
+        assert_close(mean, mean_ref)
+        assert_close(inv_std, inv_ref)
+        assert_close(moving_mean, mm_ref)
+        assert_close(moving_var, mv_ref)
+        dx, dgamma, dbeta = ops.batchnorm_backward(dy2[a:b], x2[a:b], gamma, mean, inv_std, True,
+                                                   exchange=lambda m: exchange(m, sums))
+        assert_close(dx, dx_ref[a:b], atol_scale=1e-4)
+        dgammas.append(dgamma)
+        dbetas.append(dbeta)
+    assert_close(np.sum(dgammas, axis=0), dgamma_ref, atol_scale=1e-4)
+    assert_close(np.sum(dbetas, axis=0), dbeta_ref, atol_scale=1e-4)
+
+
+def test_merge_moments_has_no_cancellation_and_needs_a_row():
+    """Parts far from zero with a tiny spread (the case where E[x²] − E[x]² loses every digit)."""
+    rng = np.random.default_rng(3)
+    x = 1e4 + rng.normal(size=(300, 2)) * 1e-2
+    parts = [x[:100], x[100:250], x[250:]]
+    stats = [np.stack([np.full(2, float(len(p))), p.mean(axis=0), ((p - p.mean(axis=0)) ** 2).sum(axis=0)])
+             for p in parts]
+    mean, var = ops._merge_moments(stats)
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(var, x.var(axis=0), rtol=1e-4)
+    empty = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="at least one row"):
+        ops._merge_moments([empty, empty])
+
+
 # ===================================================================================== depthwise conv2d
 def _check_depthwise(n, c, hw, k, s, pad, dm, bias=True, activation=None):
     x, wt, b, s, padding, rng = depthwise_case(n, c, hw, k, s, pad, dm, bias)

@@ -233,13 +233,126 @@ def test_the_split_step_of_a_model_with_frozen_layers_gives_the_one_thread_step(
     np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
 
 
-def test_a_training_batch_normalization_is_not_split(monkeypatch):
-    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
-    monkeypatch.setattr(parallel, "_openblas_threads", lambda: (lambda: 2, lambda n: None))
-    monkeypatch.delenv("GPUCNN_CPU_THREADS", raising=False)
-    assert "BatchNormalization takes its statistics over the whole batch" in parallel.split_reason(
-        frozen_model(bn_trainable=True), 64)
-    assert parallel.split_reason(frozen_model(), 64) is None  # frozen: inference mode, the moving statistics
+def bn_model():
+    """Conv2D → BatchNormalization (training: the batch's statistics) → ReLU twice, a residual Add, a Dense head."""
+    utils.set_random_seed(13)
+    inputs = layers.Input(shape=(12, 12, 1))
+    x = layers.Activation("relu")(layers.BatchNormalization()(layers.Conv2D(6, 3, use_bias=False)(inputs)))
+    y = layers.BatchNormalization()(layers.Conv2D(6, 3, padding="same", use_bias=False)(x))
+    x = layers.Activation("relu")(layers.Add()([x, y]))
+    outputs = layers.Dense(4, activation="softmax")(layers.BatchNormalization()(layers.Flatten()(x)))
+    m = models.Model(inputs, outputs)
+    m.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    return m
+
+
+def moving_statistics(m):
+    return [w.copy() for layer in m._all_layers() if isinstance(layer, layers.BatchNormalization)
+            for w in layer.get_weights()[-2:]]
+
+
+@pytest.mark.parametrize("n", [32, 41])
+def test_the_split_step_of_a_training_batch_normalization_gives_the_one_process_step(n, monkeypatch):
+    """The halves exchange their per-channel sums at each BatchNormalization (forward and backward): the loss,
+    the gradients and the moving statistics are the one-process step's (up to float32 rounding), the same
+    bits from run to run."""
+    needs_split()
+    x, y = data(n, True)
+    one, two = bn_model(), bn_model()
+    assert parallel.split_reason(two, n) is None
+    loss_1, correct_1, grads_1 = one_thread_step(one, x, y, monkeypatch)
+    two._grads[...] = np.nan
+    before = moving_statistics(two)
+    loss_2, correct_2 = parallel.split_step(two, x, y)
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+    assert int(correct_2) == correct_1
+    assert np.isfinite(grads_1).all() and np.abs(grads_1).max() > 0
+    np.testing.assert_allclose(grads(two), grads_1, rtol=1e-4, atol=1e-5 * np.abs(grads_1).max())
+    for got, want, old in zip(moving_statistics(two), moving_statistics(one), before):
+        assert np.abs(want - old).max() > 1e-4  # the step moved them
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the same bits again, from the same moving statistics
+    again = bn_model()
+    again._grads[...] = np.nan
+    loss_3, _ = parallel.split_step(again, x, y)
+    assert float(loss_3) == float(loss_2)
+    np.testing.assert_array_equal(grads(again), grads(two))
+    for a, b in zip(moving_statistics(again), moving_statistics(two)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_worker_lost_in_an_exchange_means_the_step_once_in_one_process(monkeypatch):
+    """The worker dies while this process waits for its sums (at the second BatchNormalization, after the first
+    has updated its moving statistics): the step is computed again in one process, from the moving statistics
+    it began with (updated once, not twice), with one warning."""
+    needs_split()
+    x, y = data(32, True)
+    one, two = bn_model(), bn_model()
+    loss_1, _, grads_1 = one_thread_step(one, x, y, monkeypatch)
+    parallel.split_step(two, x, y)  # a worker that holds the model
+    two = bn_model()
+    original, calls = parallel._Exchange.__call__, []
+
+    def kill_then_exchange(self, mine):
+        calls.append(1)
+        if len(calls) == 2:
+            kill_worker()
+        return original(self, mine)
+
+    monkeypatch.setattr(parallel._Exchange, "__call__", kill_then_exchange)
+    two._grads[...] = np.nan
+    with pytest.warns(RuntimeWarning, match="second training process failed.*one process"):
+        loss_2, _ = parallel.split_step(two, x, y)
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+    np.testing.assert_allclose(grads(two), grads_1, rtol=1e-4, atol=1e-5 * np.abs(grads_1).max())
+    for got, want in zip(moving_statistics(two), moving_statistics(one)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_in_a_half_that_exchanges_stops_the_worker_and_the_next_step_is_right(monkeypatch):
+    """Interrupted between two exchanges, this process stops the worker (it waits for sums that will not come)
+    rather than waiting for its reply; the next split step starts a fresh one, without a warning."""
+    needs_split()
+    x, y = data(32, True)
+    m = bn_model()
+    parallel.split_step(m, x, y)
+    worker = parallel._state["worker"]
+    original, calls = parallel._Exchange.__call__, []
+
+    def interrupted(self, mine):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, mine)
+
+    monkeypatch.setattr(parallel._Exchange, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        parallel.split_step(m, x, y)
+    assert parallel._state["worker"] is None and worker.process.poll() is not None
+    monkeypatch.setattr(parallel._Exchange, "__call__", original)
+    before = [layer.get_weights() for layer in m._all_layers()]
+    want_loss, _, want_grads = one_thread_step(m, x, y, monkeypatch)
+    for layer, weights in zip(m._all_layers(), before):
+        layer.set_weights(weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m._grads[...] = np.nan
+        loss, _ = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+    np.testing.assert_allclose(grads(m), want_grads, rtol=1e-4, atol=1e-5 * np.abs(want_grads).max())
+
+
+def test_a_frozen_batch_normalization_does_not_exchange(monkeypatch):
+    """Inference mode (trainable = False): the moving statistics, nothing to exchange."""
+    needs_split()
+    calls = []
+    original = parallel._Exchange.__call__
+    monkeypatch.setattr(parallel._Exchange, "__call__", lambda self, mine: calls.append(1) or original(self, mine))
+    x, y = data(32, True)
+    parallel.split_step(frozen_model(), x, y)
+    assert calls == []
+    parallel.split_step(frozen_model(bn_trainable=True), x, y)
+    assert len(calls) == 2  # one BatchNormalization: its forward and its backward
 
 
 def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
@@ -255,11 +368,11 @@ def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
     seen = []
     original = models.Sequential._forward_backward
 
-    def forward_backward(model, xb, yb, scale=None, values=None):
+    def forward_backward(model, xb, yb, scale=None, values=None, exchange=None):
         seen.append(get())
-        return original(model, xb, yb, scale, values)
+        return original(model, xb, yb, scale, values, exchange)
 
-    def failing(model, xb, yb, scale=None, values=None):
+    def failing(model, xb, yb, scale=None, values=None, exchange=None):
         raise KeyboardInterrupt
 
     try:
@@ -341,10 +454,10 @@ def test_a_dead_worker_means_a_warning_and_one_process(when, monkeypatch):
 
         monkeypatch.setattr(parallel._Worker, "send", stop_then_send)
 
-        def kill_then_run(model, xb, yb, scale=None, values=None):
+        def kill_then_run(model, xb, yb, scale=None, values=None, exchange=None):
             if parallel._state["worker"] is not None:
                 kill_worker()
-            return original(model, xb, yb, scale, values)
+            return original(model, xb, yb, scale, values, exchange)
 
         monkeypatch.setattr(models.Sequential, "_forward_backward", kill_then_run)
     with pytest.warns(RuntimeWarning, match="second training process failed.*one process"):

@@ -475,11 +475,19 @@ def _vector(v):
     return None if v is None else _c(v)
 
 
+def _whole_batch(exchange, what):
+    if exchange is not None:
+        raise ValueError(f"{what}: exchange= (x as one part of a batch split over processes) is the NumPy engine's; "
+                         "on the GPU the whole batch is one array")
+
+
 def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
-                               out_mean=None, out_inv_std=None):
+                               out_mean=None, out_inv_std=None, exchange=None):
     """(y, mean, inv_std) with the batch's statistics (mean, inv_std: (C,), kept for batchnorm_backward);
     moving_mean and moving_var (C,) are updated in place (C-contiguous float32 device arrays). The partial
-    sums' workspace is kept in ``ctx["bn_work"]``."""
+    sums' workspace is kept in ``ctx["bn_work"]``. ``exchange`` (a part of the batch) is the NumPy engine's
+    two-process step only."""
+    _whole_batch(exchange, "batchnorm_forward_training")
     x2, m, c = _bn_rows(x, "batchnorm_forward_training", True, gamma=gamma, beta=beta, moving_mean=moving_mean,
                         moving_var=moving_var)
     x2, gamma, beta = _c(x2), _vector(gamma), _vector(beta)
@@ -516,11 +524,13 @@ def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon
     return y, inv_std
 
 
-def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None):
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None,
+                       exchange=None):
     """(dx, dgamma, dbeta) from dy and the forward's x, mean and inv_std, per channel with x̂ = (x − mean)·inv_std:
     dbeta = Σ dy, dgamma = Σ dy·x̂; ``training`` (batch statistics, functions of x):
     dx = gamma·inv_std·(dy − dbeta/M − x̂·dgamma/M); else (moving statistics) dx = gamma·inv_std·dy. The
     partial sums' workspace is kept in ``ctx["bn_work_backward"]``."""
+    _whole_batch(exchange, "batchnorm_backward")
     x2, m, c = _bn_rows(x, "batchnorm_backward", False, gamma=gamma, mean=mean, inv_std=inv_std)
     if dy.shape != x.shape:
         raise ValueError(f"batchnorm_backward: dy {dy.shape} and x {x.shape} differ")

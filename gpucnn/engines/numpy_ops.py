@@ -559,20 +559,54 @@ def _bn_apply(x2, mean, inv_std, gamma, beta, x_shape, out):
 
 
 def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
-                               out_mean=None, out_inv_std=None):
+                               out_mean=None, out_inv_std=None, exchange=None):
     """(y, mean, inv_std) with the batch's statistics (mean, inv_std: (C,), kept for batchnorm_backward);
-    moving_mean and moving_var (C,) are updated in place."""
+    moving_mean and moving_var (C,) are updated in place.
+
+    ``exchange``: for x that is one part of the batch (the two-process step's half), a function that takes this
+    part's per-channel statistics, a float64 (3, C) array (rows, mean, sum of squared deviations from it), and
+    returns every part's, in the batch's order; the parts' statistics are merged into the whole batch's
+    (``_merge_moments``), which y and the moving statistics then use."""
     x2, m, c = _bn_rows(x, "batchnorm_forward_training", True, gamma=gamma, beta=beta,
                           moving_mean=moving_mean, moving_var=moving_var)
-    mean = _finish(_column_sums(x2) / DTYPE(m), out_mean)
+    mean = _column_sums(x2) / DTYPE(m)
     centered = np.subtract(x2, mean, out=_scratch(ctx, "bn_centered", x2.shape))
-    var = _column_sums(np.square(centered, out=_scratch(ctx, "bn_square", x2.shape))) / DTYPE(m)
+    squares = _column_sums(np.square(centered, out=_scratch(ctx, "bn_square", x2.shape)))
+    if exchange is None:
+        var = squares / DTYPE(m)
+    else:
+        mine = np.stack([np.full(c, float(m)), mean.astype(np.float64), squares.astype(np.float64)])
+        mean, var = _merge_moments(exchange(mine))
+        np.subtract(x2, mean, out=centered)  # x − the whole batch's mean
+    mean = _finish(mean, out_mean)
     inv_std = _finish(DTYPE(1) / np.sqrt(var + DTYPE(epsilon)), out_inv_std)
     moving_mean *= DTYPE(momentum)
     moving_mean += mean * DTYPE(1 - momentum)
     moving_var *= DTYPE(momentum)
     moving_var += var * DTYPE(1 - momentum)
-    return _bn_apply(x2, mean, inv_std, gamma, beta, x.shape, out), mean, inv_std
+    scale = inv_std if gamma is None else inv_std * gamma
+    y = np.multiply(centered, scale, out=None if out is None else out.reshape(x2.shape))
+    if beta is not None:
+        y += beta
+    return (y.reshape(x.shape) if out is None else out), mean, inv_std
+
+
+def _merge_moments(parts):
+    """(mean, biased variance), float32 (C,), of a batch from its parts' per-channel statistics (float64 (3, C):
+    rows, mean, sum of squared deviations from the part's mean), merged in the order given (Chan, Golub and
+    LeVeque's pairwise update: no cancellation)."""
+    rows, mean, squares = (np.array(v, np.float64) for v in parts[0])
+    for part in parts[1:]:
+        n_b, mean_b, squares_b = (np.asarray(v, np.float64) for v in part)
+        total = rows + n_b
+        delta = mean_b - mean
+        with np.errstate(invalid="ignore", divide="ignore"):  # parts of no rows: weights 0 / 0
+            mean = np.where(total > 0, mean + delta * (n_b / np.maximum(total, 1)), mean)
+            squares = squares + squares_b + delta * delta * (rows * n_b / np.maximum(total, 1))
+        rows = total
+    if not (rows > 0).all():
+        raise ValueError("_merge_moments: batch statistics need at least one row in all parts together")
+    return mean.astype(DTYPE), (squares / rows).astype(DTYPE)
 
 
 def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon, out=None, out_inv_std=None):
@@ -584,10 +618,15 @@ def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon
     return _bn_apply(x2, moving_mean, inv_std, gamma, beta, x.shape, out), inv_std
 
 
-def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None):
+def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None, out_gamma=None, out_beta=None,
+                       exchange=None):
     """(dx, dgamma, dbeta) from dy and the forward's x, mean and inv_std, per channel with x̂ = (x − mean)·inv_std:
     dbeta = Σ dy, dgamma = Σ dy·x̂; ``training`` (batch statistics, functions of x):
-    dx = gamma·inv_std·(dy − dbeta/M − x̂·dgamma/M); else (moving statistics) dx = gamma·inv_std·dy."""
+    dx = gamma·inv_std·(dy − dbeta/M − x̂·dgamma/M); else (moving statistics) dx = gamma·inv_std·dy.
+
+    ``exchange`` (training only; see batchnorm_forward_training): x and dy are one part of the batch; this part's
+    float64 (3, C) array (rows, Σ dy, Σ dy·x̂) goes out, every part's comes back, and dx takes the whole batch's
+    sums; dgamma and dbeta stay this part's (the parts' weight gradients are added later, as any layer's)."""
     x2, m, c = _bn_rows(x, "batchnorm_backward", False, gamma=gamma, mean=mean, inv_std=inv_std)
     if dy.shape != x.shape:
         raise ValueError(f"batchnorm_backward: dy {dy.shape} and x {x.shape} differ")
@@ -598,13 +637,25 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
     dgamma = _finish(_column_sums(np.multiply(dy2, xhat, out=_scratch(ctx, "bn_square", x2.shape))), out_gamma)
     scale = inv_std if gamma is None else inv_std * gamma
     if training:
-        xhat *= dgamma / DTYPE(m)
-        dx = np.subtract(dy2, dbeta / DTYPE(m), out=None if out is None else out.reshape(x2.shape))
+        rows, sum_dy, sum_dy_xhat = DTYPE(m), dbeta, dgamma
+        if exchange is not None:
+            mine = np.stack([np.full(c, float(m)), dbeta.astype(np.float64), dgamma.astype(np.float64)])
+            rows, sum_dy, sum_dy_xhat = (v.astype(DTYPE) for v in _sum_parts(exchange(mine)))
+        xhat *= sum_dy_xhat / rows
+        dx = np.subtract(dy2, sum_dy / rows, out=None if out is None else out.reshape(x2.shape))
         dx -= xhat
         dx *= scale
     else:
         dx = np.multiply(dy2, scale, out=None if out is None else out.reshape(x2.shape))
     return (dx.reshape(x.shape) if out is None else out), dgamma, dbeta
+
+
+def _sum_parts(parts):
+    """The sum of the parts' float64 arrays, added in the order given."""
+    total = np.array(parts[0], np.float64)
+    for part in parts[1:]:
+        total = total + np.asarray(part, np.float64)
+    return total
 
 
 # ===================================================================================== depthwise conv2d

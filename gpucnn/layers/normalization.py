@@ -12,7 +12,9 @@ trained. Keras reads ``trainable`` at each call, and so does this layer.
 
 The weights, in Keras's order: gamma (``scale``), beta (``center``), moving_mean, moving_variance — the last two
 not trained by the optimizer (``summary`` counts them as non-trainable parameters). The maths is the engine's
-``batchnorm_*`` ops (fixed-order reductions on the GPU).
+``batchnorm_*`` ops (fixed-order reductions on the GPU). In the NumPy engine's two-process step each process holds
+half of the batch: the halves exchange their per-channel sums (``StepValues.exchange``), so both normalize with
+the whole batch's statistics.
 """
 import math
 import numbers
@@ -25,6 +27,13 @@ def _finite(value, what):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"BatchNormalization: {what} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _exchange(ctx):
+    """The exchange of per-channel sums with the rest of the batch when this call sees a part of it (the NumPy
+    engine's two-process step: ``StepValues.exchange``), else None."""
+    step = ctx.get("step")
+    return None if step is None else step.exchange
 
 
 class BatchNormalization(Layer):
@@ -89,7 +98,8 @@ class BatchNormalization(Layer):
         if batch_stats:
             y, mean, inv_std = ops.batchnorm_forward_training(
                 x, gamma, beta, moving_mean, moving_var, self.momentum, self.epsilon, ctx=ctx.setdefault("ops", {}),
-                out=out, out_mean=self.buffer(ctx, "mean", (c,)), out_inv_std=out_inv_std)
+                out=out, out_mean=self.buffer(ctx, "mean", (c,)), out_inv_std=out_inv_std,
+                exchange=_exchange(ctx))
         else:
             y, inv_std = ops.batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, self.epsilon,
                                                          out=out, out_inv_std=out_inv_std)
@@ -108,7 +118,8 @@ class BatchNormalization(Layer):
         dx, _, _ = backend.ops().batchnorm_backward(
             dy, x, self._weight("gamma"), ctx["mean"], ctx["inv_std"], ctx["batch_stats"],
             ctx=ctx.setdefault("ops", {}), out=self.buffer(ctx, "dx", x.shape),
-            out_gamma=self._grad_out("gamma", ctx), out_beta=self._grad_out("beta", ctx))
+            out_gamma=self._grad_out("gamma", ctx), out_beta=self._grad_out("beta", ctx),
+            exchange=_exchange(ctx) if ctx["batch_stats"] else None)
         return dx if ctx.get("need_dx", True) else None
 
     def get_config(self):

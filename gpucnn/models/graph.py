@@ -222,6 +222,9 @@ class StepValues:
         self.counter = self.xp.zeros(1, np.int32)
         self.tables = {}
         self.offset = 0  # images of the whole batch before this one's first (a half batch of the two-process step)
+        # the two-process step's exchange of per-channel sums with the other half (BatchNormalization's
+        # statistics; see engines' batchnorm_forward_training), None when the batch is whole
+        self.exchange = None
         if batch is not None:
             for layer in self._augmenting():
                 self._table(layer, batch)

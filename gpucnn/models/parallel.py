@@ -14,6 +14,9 @@ rest: the model's architecture when it changes, then one message per step each w
 (Dropout's seeds, the augmentation layers' per-image values: ``StepValues.draw``) are drawn here for the whole
 batch; this process's half reads their first images, and the message gives the worker the rest with its
 images' offset in the batch (its rows of each Dropout mask), so both halves see the one-process step's draws.
+A BatchNormalization that trains takes the whole batch's statistics: at each one (forward and backward) the two
+halves send each other their per-channel sums over the pipe and both merge them in the batch's order
+(``StepValues.exchange``; the engine's ``batchnorm_*`` ops do the maths), so both normalize alike.
 
 The result is the full batch's mean-loss gradient, summed in another order than a one-process step: equal up
 to float32 rounding, and the same bits from run to run. Used when all of these hold (``split_reason`` says
@@ -21,8 +24,6 @@ which does not):
   * the NumPy engine on a POSIX system, at least two usable cores, ``GPUCNN_CPU_THREADS`` not ``1``;
   * a batch of at least ``MIN_BATCH`` samples;
   * NumPy's OpenBLAS found, so its thread count can be set (``blas_threads``);
-  * no BatchNormalization that trains (one with ``trainable = False`` runs in inference mode and may): its
-    statistics are the whole batch's, and each half would take its own;
   * only gpucnn's own model and layer classes: the worker rebuilds the model from its config, by class
     name, so a model with a user's layer class (a subclass of ``Dense``, say) trains in one process, with
     one notice;
@@ -151,16 +152,10 @@ def split_reason(model, batch):
 def _model_reason(model):
     """Why ``model`` itself keeps the one-process step (its layers), or None; kept until the model changes
     (its graph, or a compile: ``_version``), as the step asks every time."""
-    from ..layers import BatchNormalization
-
     kept = getattr(model, "_split_reason_kept", None)
     if kept is not None and kept[0] == model._version:
         return kept[1]
-    layers = model._all_layers()
-    if any(isinstance(layer, BatchNormalization) and layer.trainable for layer in layers):
-        reason = "BatchNormalization takes its statistics over the whole batch"
-    else:
-        reason = _foreign_class(model)
+    reason = _foreign_class(model)
     model._split_reason_kept = (model._version, reason)
     return reason
 
@@ -193,6 +188,8 @@ def split_step(model, xb, yb):
     h = n // 2
     step = model._step_values()
     values = step.draw([n]) if step.layers else None  # Dropout's seeds, augmentation's values: the whole batch's
+    moving = _moving_statistics(model)
+    saved = [w.copy() for w in moving]  # what the step updates in place, for a step computed again
     with _lock:
         try:
             worker = _worker()
@@ -207,22 +204,66 @@ def split_step(model, xb, yb):
         start = time.perf_counter()
         try:
             with blas_threads(1):
-                loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n, values)
+                loss_a, correct_a = model._forward_backward(xb[:h], yb[:h], h / n, values,
+                                                            exchange=_Exchange(worker) if moving else None)
+        except _WorkerLost as exc:
+            return _again_in_one_process(model, xb, yb, values, moving, saved, exc.__cause__)
         except BaseException:
-            _discard_reply(worker)
+            if moving:  # the worker may be waiting for this half's sums, which will not come
+                _stop()
+            else:
+                _discard_reply(worker)
             raise
         seconds = time.perf_counter() - start
         _state["half_seconds"] = seconds
         try:
             loss_b, correct_b = worker.result(max(STEP_SECONDS, 10 * seconds))
         except Exception as exc:  # noqa: BLE001
-            _give_up(exc)
-            return model._forward_backward(xb, yb, 1.0, values)
+            return _again_in_one_process(model, xb, yb, values, moving, saved, exc)
         except BaseException:  # interrupted while waiting: the reply is still to come
             _discard_reply(worker)
             raise
         model._grads += shared["grads"]
     return loss_a + np.float32(loss_b), correct_a + correct_b
+
+
+def _again_in_one_process(model, xb, yb, values, moving, saved, exc):
+    """The worker failed during the step: stop it, say so, and compute the whole step here, from the moving
+    statistics the step began with."""
+    _give_up(exc)
+    for w, before in zip(moving, saved):
+        w[...] = before
+    return model._forward_backward(xb, yb, 1.0, values)
+
+
+def _moving_statistics(model):
+    """The arrays a training step updates in place (the moving statistics of each BatchNormalization that trains:
+    their halves exchange sums), [] when there are none."""
+    from ..layers import BatchNormalization
+
+    return [w for layer in model._all_layers() if isinstance(layer, BatchNormalization) and layer.trainable
+            for w in layer.weights[-2:]]
+
+
+class _WorkerLost(Exception):
+    """The worker did not take part in an exchange of sums (it failed, stalled or died)."""
+
+
+class _Exchange:
+    """This process's side of the halves' exchange of per-channel sums (``StepValues.exchange``): its half is the
+    batch's first."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __call__(self, mine):
+        half = _state["half_seconds"]
+        try:
+            self.worker.send(("sums", mine))
+            theirs = self.worker._expect("sums", max(STEP_SECONDS, 10 * (half or 0)))[1]
+        except Exception as exc:  # noqa: BLE001
+            raise _WorkerLost() from exc
+        return [mine, theirs]
 
 
 def _discard_reply(worker):

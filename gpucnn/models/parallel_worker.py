@@ -30,7 +30,7 @@ def serve(fd):
                     replica = _replica(*message[1:])
                     reply = ("ok",)
                 else:
-                    reply = _half_step(replica, *message[1:])
+                    reply = _half_step(replica, conn, *message[1:])
             except Exception:  # noqa: BLE001  (told to the other side, which gives up on the worker)
                 reply = ("error", traceback.format_exc())
             conn.send(reply)
@@ -38,13 +38,21 @@ def serve(fd):
         return
 
 
-def _half_step(replica, n, scale, values):
+def _half_step(replica, conn, n, scale, values):
     """The second half of a batch: ``values`` are the random layers' (StepValues.share: Dropout's seeds and
     the images' offset in the batch, the augmentation values of these images), drawn by the other side."""
     model, shared = replica
+
+    def exchange(mine):  # the other side's half is the batch's first
+        conn.send(("sums", mine))
+        message = conn.recv()
+        if message[0] != "sums":
+            raise RuntimeError(f"expected the other half's sums, got {message[0]!r}")
+        return [message[1], mine]
+
     # as in fit: a diverging run's overflow is reported once, as TrainingDivergedError, by the other side
     with np.errstate(over="ignore", invalid="ignore"):
-        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale, values)
+        loss, correct = model._forward_backward(shared["x"][:n], shared["y"][:n], scale, values, exchange=exchange)
     return ("done", float(loss), int(correct))
 
 

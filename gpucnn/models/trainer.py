@@ -137,11 +137,12 @@ class Trainer:
         self.optimizer.apply(self._params, self._grads)
         return loss_sum, correct
 
-    def _forward_backward(self, xb, yb, scale=None, values=None):
+    def _forward_backward(self, xb, yb, scale=None, values=None, exchange=None):
         """Forward, loss and backward of a batch, its weight gradients left in ``_grads``; returns (loss sum,
         correct count). On NumPy with two or more cores the batch runs as two halves in two processes
         (``parallel``). ``scale`` multiplies the loss gradient: a half's share of its batch; ``values``: the
-        random layers' values drawn for the whole batch (``StepValues.draw``/``share``), else drawn here."""
+        random layers' values drawn for the whole batch (``StepValues.draw``/``share``), else drawn here;
+        ``exchange``: a half's exchange of per-channel sums with the other half (``StepValues.exchange``)."""
         if scale is None and parallel.split_reason(self, len(xb)) is None:
             return parallel.split_step(self, xb, yb)
         ops = backend.ops()
@@ -151,15 +152,19 @@ class Trainer:
                 contexts.step.fill([len(xb)])
             else:
                 contexts.step.load(values)
-        loss, fused = self.loss, self._fused_activation()
-        out = self.graph.forward([xb], True, contexts)[0]
-        p = ops.activation_forward(out, fused) if fused else out  # the loss's softmax / sigmoid of the logits
-        loss_sum = loss.per_sample(ops, p, yb).sum()
-        correct = loss.count_correct(ops, p, yb)
-        dy = loss.fused_gradient(ops, p, yb) if fused else loss.gradient(ops, p, yb)
-        if scale is not None:
-            dy *= np.float32(scale)
-        self.graph.backward([dy], contexts)
+        contexts.step.exchange = exchange
+        try:
+            loss, fused = self.loss, self._fused_activation()
+            out = self.graph.forward([xb], True, contexts)[0]
+            p = ops.activation_forward(out, fused) if fused else out  # the loss's softmax / sigmoid of the logits
+            loss_sum = loss.per_sample(ops, p, yb).sum()
+            correct = loss.count_correct(ops, p, yb)
+            dy = loss.fused_gradient(ops, p, yb) if fused else loss.gradient(ops, p, yb)
+            if scale is not None:
+                dy *= np.float32(scale)
+            self.graph.backward([dy], contexts)
+        finally:
+            contexts.step.exchange = None
         return loss_sum, correct
 
     def _predict_batch(self, xb):
