@@ -76,6 +76,11 @@ def _check_conv(n, c, hw, k, s, pad, f=4, bias=True, activation=None):
     dw2, db2 = ops.conv2d_backward_filter(dyd, xd, wt.shape, s, padding, None)  # without a ctx
     np.testing.assert_array_equal(host(dw2), host(dw))
     np.testing.assert_array_equal(host(db2), host(db))
+    dx, dw3, db3 = ops.conv2d_backward(dyd, xd, wd, s, padding, ctx)  # both in one call (the layer's)
+    np.testing.assert_array_equal(host(dx), host(ops.conv2d_backward_data(dyd, wd, x.shape, s, padding, ctx)))
+    np.testing.assert_array_equal(host(dw3), host(dw))
+    np.testing.assert_array_equal(host(db3), host(db))
+    assert ops.conv2d_backward(dyd, xd, wd, s, padding, ctx, need_dx=False)[0] is None
     np.testing.assert_array_equal(host(xd), x)  # inputs not written to
     np.testing.assert_array_equal(host(wd), wt)
     np.testing.assert_array_equal(host(dyd), dy)

@@ -46,6 +46,16 @@ def _check_conv(n, c, hw, k, s, pad, f=4, bias=True):
     dw2, db2 = ops.conv2d_backward_filter(dy, x, wt.shape, s, padding, None)  # without the forward's ctx
     assert_close(dw2, dw_ref)
     assert_close(db2, db_ref)
+    # both in one call (the layer's): the same numbers, into the given buffers; without dx
+    bufs = np.empty_like(x), np.empty_like(wt), np.empty(f, F32)
+    got = ops.conv2d_backward(dy, x, wt, s, padding, ctx, *bufs)
+    for g, buf, want in zip(got, bufs, (dx, dw, db)):
+        assert g is buf
+        np.testing.assert_array_equal(g, want)
+    none, dw3, db3 = ops.conv2d_backward(dy, x, wt, s, padding, {}, need_dx=False)
+    assert none is None
+    np.testing.assert_array_equal(dw3, dw)
+    np.testing.assert_array_equal(db3, db)
     np.testing.assert_array_equal(x, saved[0])  # inputs not written to
     np.testing.assert_array_equal(wt, saved[1])
 

@@ -317,6 +317,13 @@ def _pool_args(x_shape, pool, stride, padding, what):
                                  padding[2])
 
 
+def conv2d_backward(dy, x, w, stride, padding, ctx=None, out=None, out_w=None, out_b=None, need_dx=True):
+    """(dx or None, dw, db) of one convolution call: conv2d_backward_filter and, with ``need_dx``,
+    conv2d_backward_data."""
+    dw, db = conv2d_backward_filter(dy, x, w.shape, stride, padding, ctx, out_w, out_b)
+    return (conv2d_backward_data(dy, w, x.shape, stride, padding, ctx, out) if need_dx else None), dw, db
+
+
 def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
     a NaN in a window wins (the first NaN), as max-pooling in PyTorch and cuDNN does. ``out_idx``: an

@@ -363,6 +363,21 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     return _finish(g[:-1].reshape(w_shape), out_w), _finish(g[-1], out_b)
 
 
+def conv2d_backward(dy, x, w, stride, padding, ctx=None, out=None, out_w=None, out_b=None, need_dx=True):
+    """(dx or None, dw, db) of one convolution call: conv2d_backward_filter and, with ``need_dx``,
+    conv2d_backward_data, the Winograd output gradient dM made once for both."""
+    kh, kw, c, f = w.shape
+    n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
+    if not _winograd_applies(w.shape, stride):
+        dw, db = conv2d_backward_filter(dy, x, w.shape, stride, padding, ctx, out_w, out_b)
+        return (conv2d_backward_data(dy, w, x.shape, stride, padding, ctx, out) if need_dx else None), dw, db
+    dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
+    dw = _winograd_dw(dm, x, padding, 3, th, tw, ctx, out_w, w.shape)
+    db = _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
+    dx = _finish(_winograd_dx(dm, w, x.shape, padding, 3, th, tw, ctx), out) if need_dx else None
+    return dx, dw, db
+
+
 # ===================================================================================== pooling
 def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     """(y (N,P,Q,C), idx) — idx (int8, N,P,Q,C) is the scan-order tap of each window's first maximum;
@@ -896,16 +911,21 @@ def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
     np.matmul(dm, _winograd_kernel(w, m).transpose(0, 2, 1), out=dv)
     dd = _scratch(ctx, "wino_d", dv.shape)  # the forward's gathered tiles are spent: the array takes dd
     np.matmul(_WINOGRAD[m][0].T, dv.reshape(a * a, -1), out=dd.reshape(a * a, -1))
-    top, bottom, left, right = _tile_padding(x_shape, padding, m, th, tw)
-    dxp = _scratch(ctx, "dxp", (n, h + top + bottom, wd + left + right, c), zero=True)
-    # each tile element back where it was read, tiles overlapping (added): first along rows of tiles, for
-    # every tile row element at once, then down the columns
+    top, left = padding[0], padding[2]
+    # each tile element back where it was read, tiles overlapping by a − m = 2: along each axis the first m
+    # elements of the tiles fill the output's blocks of m (a copy), the last two add to the next block's first
+    # two; first along the rows of tiles (for every tile row element at once), then down the columns
     dd = dd.reshape(a, a, n, th, tw, c)
-    rows = _scratch(ctx, "wino_rows", (a, n, th, dxp.shape[2], c), zero=True)
-    for s in range(a):
-        rows[:, :, :, s:s + m * (tw - 1) + 1:m, :] += dd[:, s]
-    for r in range(a):
-        dxp[:, r:r + m * (th - 1) + 1:m, :, :] += rows[r]
+    # (the tiles may end before the padded input does: a pooled convolution's last odd row and column)
+    width, height = max(m * tw + m, left + wd), max(m * th + m, top + h)
+    rows = _scratch(ctx, "wino_rows", (a, n, th, width, c))
+    np.copyto(rows[:, :, :, :m * tw].reshape(a, n, th, tw, m, c), dd[:, :m].transpose(0, 2, 3, 4, 1, 5))
+    rows[:, :, :, m * tw:] = 0
+    rows[:, :, :, m:m + m * tw].reshape(a, n, th, tw, m, c)[..., :a - m, :] += dd[:, m:].transpose(0, 2, 3, 4, 1, 5)
+    dxp = _scratch(ctx, "dxp", (n, height, width, c))
+    np.copyto(dxp[:, :m * th].reshape(n, th, m, width, c), rows[:m].transpose(1, 2, 0, 3, 4))
+    dxp[:, m * th:] = 0
+    dxp[:, m:m + m * th].reshape(n, th, m, width, c)[:, :, :a - m] += rows[m:].transpose(1, 2, 0, 3, 4)
     return dxp[:, top:top + h, left:left + wd, :]
 
 

@@ -40,13 +40,12 @@ class Conv2D(Layer):
     def backward(self, dy, ctx):
         ops, x = backend.ops(), ctx["x"]
         dz = self._activation_grad(dy, ctx)
-        ops_ctx = ctx.setdefault("ops", {})
-        ops.conv2d_backward_filter(dz, x, self.weights[0].shape, self.strides, self.pads, ctx=ops_ctx,
-                                   out_w=self.weight_grad(0, ctx), out_b=self.bias_grad(1, self.filters, ctx))
-        if not ctx.get("need_dx", True):
-            return None
-        return ops.conv2d_backward_data(dz, self.weights[0], x.shape, self.strides, self.pads, ctx=ops_ctx,
-                                        out=self.buffer(ctx, "dx", x.shape))
+        need_dx = ctx.get("need_dx", True)
+        dx, _, _ = ops.conv2d_backward(dz, x, self.weights[0], self.strides, self.pads, ctx=ctx.setdefault("ops", {}),
+                                       out=self.buffer(ctx, "dx", x.shape) if need_dx else None,
+                                       out_w=self.weight_grad(0, ctx), out_b=self.bias_grad(1, self.filters, ctx),
+                                       need_dx=need_dx)
+        return dx
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": list(self.kernel_size),
