@@ -33,11 +33,22 @@ def out_size(size, k, s, pad_lo, pad_hi):
     return (size + pad_lo + pad_hi - k) // s + 1
 
 
-def _pad(x, padding, value=0.0):
+def _pad(x, padding, value=0.0, ctx=None):
+    """x (N, H, W, C) with ``padding`` (top, bottom, left, right) rows and columns of ``value`` around it; with
+    ``ctx``, in a work array kept there, whose border is filled once (only its interior is written after)."""
     top, bottom, left, right = padding
     if not (top or bottom or left or right):
         return x
-    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+    n, h, w, c = x.shape
+    shape = (n, h + top + bottom, w + left + right, c)
+    key = ("pad", tuple(padding), value)
+    xpad = None if ctx is None else ctx.get(key)
+    if xpad is None or xpad.shape != shape or xpad.dtype != x.dtype:
+        xpad = np.full(shape, value, x.dtype)
+        if ctx is not None:
+            ctx[key] = xpad
+    xpad[:, top:top + h, left:left + w] = x
+    return xpad
 
 
 def geometry(x_shape, k, stride, padding):
@@ -271,7 +282,7 @@ def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
     if cols is None:  # a kept matrix has its column of ones already
         cols = _scratch(ctx, "cols", shape)
         cols[:, kk] = 1
-    xpad = _pad(x, padding)
+    xpad = _pad(x, padding, ctx=ctx)
     windows = cols.reshape(taps + (n, p, q, kk + 1))[..., :kk].reshape(taps + (n, p, q, k[0], k[1], c))
     step = (stride[0] * taps[0], stride[1] * taps[1])  # input rows between the rows of one block
     if c >= 8:  # runs of C contiguous floats: one strided copy of every window is fastest
@@ -311,8 +322,10 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
         th, tw = _tile_counts(p, q, 3)
         blocks = _scratch(ctx, "wino_y", (9, n, th, tw, f))
         _winograd_outputs(x, w, padding, 3, th, tw, ctx, out=blocks)
-        y = blocks.reshape(3, 3, n, th, tw, f).transpose(2, 3, 0, 4, 1, 5).reshape(n, 3 * th, 3 * tw, f)
-        y = y[:, :p, :q] + b if b is not None else np.ascontiguousarray(y[:, :p, :q])
+        y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, f), DTYPE)
+        _untile(blocks.reshape(3, 3, n, th, tw, f), y)
+        if b is not None:
+            y += b
         return activation_forward(y, activation, out=y if out is None else out)
     cols = _im2col(x, (kh, kw), stride, padding, p, q, ctx)
     w2 = w.reshape(kh * kw * c, f)
@@ -861,7 +874,7 @@ def _tile_padding(x_shape, padding, m, th, tw):
 def _winograd_tiles(x, padding, m, th, tw, ctx):
     """V ((m+2)², N·TH·TW, C): the transformed input tile under each m x m block of outputs, kept in ``ctx``."""
     n, c, a = x.shape[0], x.shape[3], m + 2
-    xpad = _pad(x, _tile_padding(x.shape, padding, m, th, tw))
+    xpad = _pad(x, _tile_padding(x.shape, padding, m, th, tw), ctx=ctx)
     s0, s1, s2, s3 = xpad.strides
     d = _scratch(ctx, "wino_d", (a * a, n * th * tw, c))  # tile element (r, s) of every tile, r and s outermost
     np.copyto(d.reshape(a, a, n, th, tw, c),
@@ -927,6 +940,24 @@ def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
     dxp[:, m * th:] = 0
     dxp[:, m:m + m * th].reshape(n, th, m, width, c)[:, :, :a - m] += rows[m:].transpose(1, 2, 0, 3, 4)
     return dxp[:, top:top + h, left:left + wd, :]
+
+
+def _untile(blocks, y):
+    """Copy the m x m output blocks (m, m, N, TH, TW, F) of _winograd_outputs into the (N, P, Q, F) C-contiguous
+    array y, dropping the outputs past P x Q: the whole tiles in one copy, the partial last row and column of tiles
+    in three more (each output written once)."""
+    m, n, f = blocks.shape[0], blocks.shape[2], blocks.shape[5]
+    _, p, q, _ = y.shape
+    tiles = blocks.transpose(2, 3, 0, 4, 1, 5)  # (N, TH, m, TW, m, F), a view
+    pf, qf = p // m, q // m  # whole tiles
+    rp, rq = p - m * pf, q - m * qf  # rows and columns of the partial ones
+    np.copyto(y[:, :m * pf, :m * qf].reshape(n, pf, m, qf, m, f), tiles[:, :pf, :, :qf])
+    if rp:
+        np.copyto(y[:, m * pf:, :m * qf].reshape(n, rp, qf, m, f), tiles[:, pf, :rp, :qf])
+    if rq:
+        np.copyto(y[:, :m * pf, m * qf:].reshape(n, pf, m, rq, f), tiles[:, :pf, :, qf, :rq])
+    if rp and rq:
+        np.copyto(y[:, m * pf:, m * qf:], tiles[:, pf, :rp, qf, :rq])
 
 
 def _tile_counts(p, q, m):
