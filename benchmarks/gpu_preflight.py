@@ -192,6 +192,7 @@ def every_op():
     bn, batch_mean, inv_std = ops.batchnorm_forward_training(y, gamma, beta, mean, var, 0.99, 1e-3)
     ops.batchnorm_backward(bn, y, gamma, batch_mean, inv_std, True)
     ops.batchnorm_forward_inference(y, gamma, beta, mean, var, 1e-3)
+    ops.batchnorm_fold(f32(3, 3, 4, 8), f32(8), gamma, beta, mean, var, 1e-3)
     dw_shape = (3, 3, 8, 2)
     dwy = ops.depthwise_conv2d_forward(y, f32(*dw_shape), f32(16), one, valid, "relu")
     ops.depthwise_conv2d_backward_data(dwy, f32(*dw_shape), y.shape, one, valid)

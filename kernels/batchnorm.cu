@@ -29,6 +29,9 @@
 //   batchnorm_backward_partial_sums   first pass of dbeta and dgamma, as batchnorm_partial_sums
 //   batchnorm_backward_reduce         dbeta, dgamma = Σ over slices
 //   batchnorm_backward_data           dx, elementwise (grid-stride)
+//   batchnorm_fold                    a convolution's kernel and bias with an inference-mode normalization of its
+//                                     output channels folded in: w' = w·s, b' = (b − moving_mean)·s + beta,
+//                                     s = gamma / sqrt(moving_var + epsilon) (grid-stride)
 #include "common.cuh"
 
 #ifndef BN_TILE_C
@@ -182,5 +185,25 @@ batchnorm_backward_data(const float* __restrict__ dy, const float* __restrict__ 
             g = (g - dbeta[c] / m) - xhat * (dgamma[c] / m);
         }
         dx[e] = g * scale;
+    }
+}
+
+// grid-stride over the W + F elements of w' (W = KH·KW·C·F, channel-last) and b'; block THREADS. The scale is
+// batchnorm_inverse_std's inv_std times gamma, as batchnorm_normalize applies it.
+extern "C" __global__ void __launch_bounds__(THREADS)
+batchnorm_fold(const float* __restrict__ w, const float* __restrict__ b_or_null,
+               const float* __restrict__ gamma_or_null, const float* __restrict__ beta_or_null,
+               const float* __restrict__ moving_mean, const float* __restrict__ moving_var,
+               float* __restrict__ folded_w, float* __restrict__ folded_b, long long W, int F, float epsilon) {
+    GRID_STRIDE_LOOP(e, W + F) {
+        const int c = (int)(e < W ? e % F : e - W);
+        const float inv_std = 1.0f / sqrtf(moving_var[c] + epsilon);
+        const float scale = gamma_or_null ? inv_std * gamma_or_null[c] : inv_std;
+        if (e < W) {
+            folded_w[e] = w[e] * scale;
+        } else {
+            const float shift = beta_or_null ? beta_or_null[c] : 0.0f;
+            folded_b[c] = ((b_or_null ? b_or_null[c] : 0.0f) - moving_mean[c]) * scale + shift;
+        }
     }
 }

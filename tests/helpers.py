@@ -186,6 +186,19 @@ def bn_case(shape, scale=True, center=True):
     return x, gamma, beta, normal(rng, (c,)), f32(rng.uniform(0.5, 2.0, size=c)), rng
 
 
+# batchnorm_fold: (kernel shape, bias, scale, center)
+FOLD_CASES = [((3, 3, 8, 16), True, True, True), ((1, 1, 3, 5), False, True, True), ((5, 7), True, False, False),
+              ((2, 3, 4, 1), False, False, True)]
+
+
+def fold_case(w_shape, bias, scale, center):
+    """(w, b or None, gamma or None, beta or None, moving_mean, moving_var) for batchnorm_fold."""
+    rng = np.random.default_rng(list(w_shape) + [bias, scale, center])
+    f = w_shape[-1]
+    return (normal(rng, w_shape), normal(rng, (f,)) if bias else None, f32(rng.uniform(0.5, 2, f)) if scale else None,
+            normal(rng, (f,)) if center else None, normal(rng, (f,)), f32(rng.uniform(0.2, 4, f)))
+
+
 # ===================================================================================== engines
 class Engine:
     """How a shared check reaches one engine: its ops module, how a host array becomes an input (``dev``: a

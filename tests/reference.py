@@ -457,6 +457,18 @@ def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon
     return _normalize(x2, _f64(moving_mean), inv_std, gamma, beta).reshape(np.shape(x)), inv_std
 
 
+def batchnorm_fold(w, b, gamma, beta, moving_mean, moving_var, epsilon):
+    """(w', b'): a convolution's kernel w (..., F) and bias b (F,) or None with an inference-mode batch normalization
+    of its F channels folded in, so that conv(x, w') + b' = BN(conv(x, w) + b):
+        s = gamma / sqrt(moving_var + epsilon)    (gamma None: 1)
+        w' = w · s (over the last axis),   b' = (b − moving_mean) · s + beta    (b, beta None: 0)."""
+    f = np.shape(w)[-1]
+    one = np.ones(f)
+    s = (one if gamma is None else _f64(gamma)) / np.sqrt(_f64(moving_var) + epsilon)
+    b64 = np.zeros(f) if b is None else _f64(b)
+    return _f64(w) * s, (b64 - _f64(moving_mean)) * s + (np.zeros(f) if beta is None else _f64(beta))
+
+
 def batchnorm_backward(dy, x, gamma, mean, inv_std, training):
     """(dx, dgamma, dbeta) of y = x̂ · gamma + beta, x̂ = (x − mean) · inv_std, per channel over the M rows:
         dbeta = Σ dy,   dgamma = Σ dy · x̂

@@ -555,6 +555,31 @@ def test_fast_path_trains_batch_normalization_and_separable_blocks_as_the_plain_
 
 
 @_gpu
+def test_inference_with_batch_normalization_folded_into_convolutions_is_numpys(gpu_engine):
+    """predict and evaluate on the GPU run a Conv2D and the BatchNormalization that alone reads it as one convolution
+    (ops.batchnorm_fold, then conv2d_forward): NumPy's predictions and loss, and the plan says so."""
+    x, y = small_data(12, "normal", sparse=True)
+    results = {}
+    for engine in ("cpu", "gpu"):
+        backend.set_engine(engine)
+        set_random_seed(4)
+        inputs = layers.Input(shape=(10, 10, 1))
+        h = layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+        h = layers.ReLU()(layers.BatchNormalization(name="bn_1")(h))
+        h = layers.BatchNormalization(center=False, name="bn_2")(layers.Conv2D(5, 3, strides=2, use_bias=False)(h))
+        m = models.Model(inputs, layers.Dense(5, activation="softmax")(layers.GlobalAveragePooling2D()(h)))
+        m.compile("rmsprop", "sparse_categorical_crossentropy")
+        rng = np.random.default_rng(6)
+        for name in ("bn_1", "bn_2"):
+            bn = m.get_layer(name)
+            bn.set_weights([rng.uniform(0.5, 2, w.shape) for w in bn.get_weights()])
+        assert sum(len(step) == 2 for step in m.graph.steps(False)) == 2
+        results[engine] = m.predict(x, verbose=0), m.evaluate(x, y, verbose=0)
+    np.testing.assert_allclose(results["gpu"][0], results["cpu"][0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results["gpu"][1], results["cpu"][1], rtol=1e-5)
+
+
+@_gpu
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
 def test_fast_path_reads_a_schedules_rates_from_its_table(optimizer, monkeypatch, gpu_engine):
     """The captured optimizer launch reads each step's rate from the epoch's table (no capture per step): the

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import reference as ref
-from helpers import (BN_GRID, DEPTHWISE_GRID, F32, VALID, bn_case, depthwise_case, depthwise_id, expected_hw, f32,
-                     normal, padding_for)
+from helpers import (BN_GRID, DEPTHWISE_GRID, F32, FOLD_CASES, VALID, bn_case, depthwise_case, depthwise_id,
+                     expected_hw, f32, fold_case, normal, padding_for)
 from gpucnn import backend
 
 pytestmark = pytest.mark.gpu
@@ -170,6 +170,25 @@ def test_batchnorm_bad_inputs_and_an_empty_batch():
     assert dx.shape == (0, 4)
     np.testing.assert_array_equal(host(dgamma), 0)
     np.testing.assert_array_equal(host(dbeta), 0)
+
+
+@pytest.mark.parametrize("w_shape, bias, scale, center", FOLD_CASES)
+def test_batchnorm_fold_matches_reference(w_shape, bias, scale, center):
+    args = fold_case(w_shape, bias, scale, center)
+    w_ref, b_ref = ref.batchnorm_fold(*args, 1e-3)
+    dargs = [None if a is None else dev(a) for a in args]
+    w2, b2 = ops.batchnorm_fold(*dargs, 1e-3)
+    assert_close(w2, w_ref)
+    assert_close(b2, b_ref)
+    bufs = cupy.empty(w_shape, F32), cupy.empty(w_shape[-1], F32)
+    got = ops.batchnorm_fold(*dargs, 1e-3, *bufs)
+    assert got[0] is bufs[0] and got[1] is bufs[1]
+    np.testing.assert_array_equal(host(bufs[0]), host(w2))
+    for a, d in zip(args, dargs):
+        if a is not None:
+            np.testing.assert_array_equal(host(d), a)  # inputs not written to
+    with pytest.raises(ValueError, match="b must be"):
+        ops.batchnorm_fold(dargs[0], cupy.zeros(w_shape[-1] + 1, F32), *dargs[2:], 1e-3)
 
 
 def test_batchnorm_is_bitwise_reproducible():

@@ -9,7 +9,7 @@ import pytest
 import gpucnn as keras
 import reference as ref
 from book_models import xception_like
-from gpucnn import layers, models, optimizers
+from gpucnn import backend, layers, models, optimizers, utils
 
 pytestmark = pytest.mark.usefixtures("numpy_engine")
 
@@ -119,6 +119,75 @@ def test_a_frozen_batch_normalization_runs_in_inference_mode_in_fit_and_stays_bi
     xin = model.layers[1](data[:4])
     ctx = {}
     np.testing.assert_array_equal(bn.forward(xin, True, ctx), bn.forward(xin, False, {}))
+
+
+def conv_bn_model(bias=True, scale=True, center=True, strides=1):
+    """Conv2D → BatchNormalization (→ ReLU) twice, with moving statistics and gamma/beta away from their starts; the
+    second convolution's output is also read by an Add (so it runs apart from its BatchNormalization)."""
+    utils.set_random_seed(21)
+    inputs = layers.Input(shape=(9, 9, 3))
+    a = layers.Conv2D(6, 3, strides=strides, padding="same", use_bias=bias, name="conv_a")(inputs)
+    x = layers.ReLU()(layers.BatchNormalization(scale=scale, center=center, name="bn_a")(a))
+    b = layers.Conv2D(6, 3, padding="same", name="conv_b")(x)
+    x = layers.Add()([b, layers.BatchNormalization(name="bn_b")(b)])
+    m = models.Model(inputs, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
+    r = _rng(22)
+    for name in ("bn_a", "bn_b"):
+        bn = m.get_layer(name)
+        bn.set_weights([r.uniform(0.5, 2, w.shape) if i == len(bn.weights) - 1 else r.standard_normal(w.shape) * 2
+                        for i, w in enumerate(bn.get_weights())])
+    m.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    return m
+
+
+def unfused_predict(m, x):
+    """The model's inference with every layer run apart: its graph planned with no Conv2D-BatchNormalization fusion."""
+    from gpucnn.models import graph as graph_module
+    saved, m.graph._plans = m.graph._plans, {}
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(graph_module, "fusable_bn", lambda conv, bn: False)
+            return m.predict(x, verbose=0)
+    finally:
+        m.graph._plans = saved
+
+
+@pytest.mark.parametrize("bias, scale, center, strides", [(True, True, True, 1), (False, False, True, 2),
+                                                          (True, True, False, 1)])
+def test_inference_folds_a_batch_normalization_into_the_convolution_before_it(bias, scale, center, strides):
+    """In predict and evaluate, a Conv2D without activation whose output only a BatchNormalization reads runs as one
+    convolution with the normalization folded in: the same predictions as the layers run apart and as the float64
+    oracle's chain, up to float32 rounding; training keeps them apart (the batch's statistics)."""
+    m = conv_bn_model(bias, scale, center, strides)
+    steps = [tuple(n.layer.name for n in step) for step in m.graph.steps(False)]
+    assert ("conv_a", "bn_a") in steps and ("conv_b",) in steps and ("bn_b",) in steps
+    assert all(len(step) == 1 for step in m.graph.steps(True))
+    x = _rng(5).standard_normal((4, 9, 9, 3)).astype(np.float32)
+    got = m.predict(x, verbose=0)
+    np.testing.assert_allclose(got, unfused_predict(m, x), rtol=1e-5, atol=1e-7)
+    conv, bn = m.get_layer("conv_a"), m.get_layer("bn_a")
+    weights = conv.get_weights()
+    gamma_beta = bn.get_weights()[:-2]
+    gamma = gamma_beta[0] if scale else None
+    beta = gamma_beta[-1] if center else None
+    pads = conv.pads
+    z = ref.conv2d_forward(x, weights[0], weights[1] if bias else None, conv.strides, pads, None)
+    want, _ = ref.batchnorm_forward_inference(z, gamma, beta, *bn.get_weights()[-2:], 1e-3)
+    layer_out = models.Model(m.inputs, bn.output).predict(x, verbose=0)  # conv_a's output is an output: apart
+    _close(layer_out, want, 1e-5)
+    assert ("conv_a", "bn_a") not in [tuple(n.layer.name for n in step)
+                                      for step in models.Model(m.inputs, [conv.output, bn.output]).graph.steps(False)]
+    y = np.arange(4) % 3
+    want_loss = m.loss.per_sample(backend.ops(), unfused_predict(m, x), y).mean()
+    np.testing.assert_allclose(m.evaluate(x, y, verbose=0)[0], float(want_loss), rtol=1e-5)
+
+
+def test_a_convolution_with_an_activation_keeps_its_batch_normalization_apart():
+    utils.set_random_seed(3)
+    inputs = layers.Input(shape=(6, 6, 2))
+    x = layers.BatchNormalization(name="bn")(layers.Conv2D(3, 3, activation="relu", name="conv")(inputs))
+    m = models.Model(inputs, layers.Flatten()(x))
+    assert [tuple(n.layer.name for n in step) for step in m.graph.steps(False)][:2] == [("conv",), ("bn",)]
 
 
 def test_batch_normalization_on_a_batch_of_one_gives_beta_without_nan():

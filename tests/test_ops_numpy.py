@@ -14,7 +14,7 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
 from helpers import CONV_POOL_GRID, conv_pool_id, window_taps
-from helpers import BN_GRID, DEPTHWISE_GRID, bn_case, depthwise_case, depthwise_id
+from helpers import BN_GRID, DEPTHWISE_GRID, FOLD_CASES, bn_case, depthwise_case, depthwise_id, fold_case
 from gpucnn.engines import numpy_ops as ops
 
 
@@ -349,6 +349,35 @@ def test_batchnorm_bad_inputs():
         ops.batchnorm_backward(np.zeros((2, 3, 3, 3), F32), x, gamma, mm, mv, True)
     y, _ = ops.batchnorm_forward_inference(np.zeros((0, 4), F32), gamma, beta, mm, mv, 1e-3)  # empty batch
     assert y.shape == (0, 4)
+
+
+@pytest.mark.parametrize("w_shape, bias, scale, center", FOLD_CASES)
+def test_batchnorm_fold_matches_reference(w_shape, bias, scale, center):
+    args = fold_case(w_shape, bias, scale, center)
+    saved = [None if a is None else a.copy() for a in args]
+    w2, b2 = ops.batchnorm_fold(*args, 1e-3)
+    w_ref, b_ref = ref.batchnorm_fold(*args, 1e-3)
+    assert w2.shape == w_shape and w2.dtype == F32 and b2.dtype == F32
+    assert_close(w2, w_ref)
+    assert_close(b2, b_ref)
+    bufs = np.empty(w_shape, F32), np.empty(w_shape[-1], F32)
+    got = ops.batchnorm_fold(*args, 1e-3, *bufs)
+    assert got[0] is bufs[0] and got[1] is bufs[1]
+    np.testing.assert_array_equal(bufs[0], w2)
+    np.testing.assert_array_equal(bufs[1], b2)
+    for a, b in zip(args, saved):  # inputs not written to
+        if a is not None:
+            np.testing.assert_array_equal(a, b)
+
+
+def test_batchnorm_fold_bad_shapes():
+    w, b, gamma, beta, mm, mv = fold_case((3, 3, 2, 4), True, True, True)
+    with pytest.raises(ValueError, match="b must be"):
+        ops.batchnorm_fold(w, b[:3], gamma, beta, mm, mv, 1e-3)
+    with pytest.raises(ValueError, match="moving_var must be"):
+        ops.batchnorm_fold(w, b, gamma, beta, mm, mv[:2], 1e-3)
+    with pytest.raises(ValueError, match="F >= 1"):
+        ops.batchnorm_fold(np.zeros((3, 0), F32), None, None, None, mm[:0], mv[:0], 1e-3)
 
 
 def _parts_of(x2, sizes):

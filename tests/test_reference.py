@@ -290,6 +290,23 @@ def test_batchnorm_statistics_and_moving_update_by_hand():
     np.testing.assert_allclose(inv_inf, 1 / np.sqrt(mv + 1e-3), rtol=1e-12)
 
 
+@pytest.mark.parametrize("bias, scale, center", [(True, True, True), (False, True, True), (True, False, False)])
+def test_batchnorm_fold_is_the_convolution_then_the_normalization(bias, scale, center):
+    """conv(x, w') + b' of the folded kernel and bias is the inference-mode normalization of conv(x, w) + b."""
+    rng = np.random.default_rng([bias, scale, center])
+    x, w = rng.normal(size=(2, 7, 6, 3)), rng.normal(size=(3, 3, 3, 5))
+    b = rng.normal(size=5) if bias else None
+    gamma = rng.uniform(0.5, 2, 5) if scale else None
+    beta = rng.normal(size=5) if center else None
+    mm, mv = rng.normal(size=5) * 3, rng.uniform(0.2, 4, 5)
+    w2, b2 = ref.batchnorm_fold(w, b, gamma, beta, mm, mv, 1e-3)
+    for stride, padding in [((1, 1), (1, 1, 1, 1)), ((2, 1), (0, 0, 0, 0))]:
+        want, _ = ref.batchnorm_forward_inference(ref.conv2d_forward(x, w, b, stride, padding, None), gamma, beta, mm,
+                                                  mv, 1e-3)
+        np.testing.assert_allclose(ref.conv2d_forward(x, w2, b2, stride, padding, None), want, rtol=1e-12,
+                                   atol=1e-12)
+
+
 def test_batchnorm_of_a_single_row_gives_beta_and_no_nan():
     # Keras's behaviour for a batch of one (N, C) in training: variance 0, y = beta, gradient 0 to x
     x, gamma, beta = np.array([[3.0, -1.0]]), np.array([2.0, 0.5]), np.array([0.25, -4.0])

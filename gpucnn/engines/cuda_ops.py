@@ -24,7 +24,7 @@ import numpy as np
 from . import cuda_loader as cuda
 # shared with the NumPy engine: shape rules, how an activation is named, the host-side transform builders
 from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401
-from .numpy_ops import _bn_rows, _depthwise_geometry, _padded_shape  # (and their checks)
+from .numpy_ops import _bn_rows, _depthwise_geometry, _fold_channels, _padded_shape  # (and their checks)
 from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
 from .numpy_ops import (FILL_MODES, INTERPOLATIONS, check_step_row, check_transform_options,  # noqa: F401
                         rotation_transforms, translation_transforms, zoom_transforms)
@@ -552,6 +552,19 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
     cuda.launch("batchnorm_backward_data", _blocks(x2.size), _THREADS,
                 (dy, x2, mean, inv_std, gamma, dgamma, dbeta, dx, x2.size, c, DTYPE(m), int(bool(training))))
     return dx, dgamma, dbeta
+
+
+def batchnorm_fold(w, b, gamma, beta, moving_mean, moving_var, epsilon, out_w=None, out_b=None):
+    """(w', b'): a convolution's kernel w (..., F) and bias b (F,) or None with an inference-mode batch normalization
+    of its F output channels folded in (conv(x, w') + b' = BN(conv(x, w) + b) up to rounding):
+    s = gamma / sqrt(moving_var + epsilon), w' = w·s, b' = (b − moving_mean)·s + beta. One kernel launch."""
+    f = _fold_channels(w, b, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_var=moving_var)
+    w, b, gamma, beta = _c(w), _vector(b), _vector(gamma), _vector(beta)
+    folded_w = _out(out_w, w.shape, name="out_w")
+    folded_b = _out(out_b, (f,), name="out_b")
+    cuda.launch("batchnorm_fold", _blocks(w.size + f), _THREADS,
+                (w, b, gamma, beta, _c(moving_mean), _c(moving_var), folded_w, folded_b, w.size, f, DTYPE(epsilon)))
+    return folded_w, folded_b
 
 
 # ===================================================================================== depthwise conv2d

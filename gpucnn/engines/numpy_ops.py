@@ -686,6 +686,36 @@ def _sum_parts(parts):
     return total
 
 
+def batchnorm_fold(w, b, gamma, beta, moving_mean, moving_var, epsilon, out_w=None, out_b=None):
+    """(w', b'): a convolution's kernel w (..., F) and bias b (F,) or None with an inference-mode batch normalization
+    of its F output channels folded in — conv(x, w') + b' is batchnorm_forward_inference(conv(x, w) + b) up to
+    rounding, one convolution instead of a convolution and a pass over its output:
+        s = gamma·inv_std, inv_std = 1 / sqrt(moving_var + epsilon);  w' = w·s;  b' = (b − moving_mean)·s + beta.
+    """
+    f = _fold_channels(w, b, gamma=gamma, beta=beta, moving_mean=moving_mean, moving_var=moving_var)
+    scale = DTYPE(1) / np.sqrt(moving_var + DTYPE(epsilon))
+    if gamma is not None:
+        scale = scale * gamma
+    folded_w = np.multiply(w, scale, out=out_w)
+    folded_b = np.subtract(np.zeros(f, DTYPE) if b is None else b, moving_mean, out=out_b)
+    folded_b *= scale
+    if beta is not None:
+        folded_b += beta
+    return folded_w, folded_b
+
+
+def _fold_channels(w, b, **vectors):
+    """F, the kernel w's output channels (its last axis), after checking that b and the per-channel vectors are
+    (F,) (None allowed for b, gamma and beta)."""
+    if w.ndim < 1 or w.shape[-1] < 1:
+        raise ValueError(f"batchnorm_fold: w must be a kernel (..., F) with F >= 1 output channels, got {w.shape}")
+    f = w.shape[-1]
+    for name, v in dict(b=b, **vectors).items():
+        if v is not None and v.shape != (f,):
+            raise ValueError(f"batchnorm_fold: {name} must be ({f},) for a kernel {w.shape}, got {v.shape}")
+    return f
+
+
 # ===================================================================================== depthwise conv2d
 # Keras's DepthwiseConv2D: w is (KH, KW, C, DM) and output channel c·DM + m is input channel c convolved with
 # w[:, :, c, m] (SeparableConv2D is this, then a 1x1 conv2d). The same padding, stride and activation rules

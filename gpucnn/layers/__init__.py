@@ -17,7 +17,7 @@ from .convolutional import Conv2D, ConvPool, fusable_pool
 from .core import Activation, Dense, Dropout, Flatten, Input, InputLayer
 from .depthwise import DepthwiseConv2D, SeparableConv2D
 from .merging import Add, Concatenate, add, concatenate
-from .normalization import BatchNormalization
+from .normalization import BatchNormalization, ConvBN, fusable_bn
 from .pooling import AveragePooling2D, GlobalAveragePooling2D, GlobalMaxPooling2D, MaxPooling2D
 from .preprocessing import (RandomContrast, RandomFlip, RandomRotation, RandomTranslation, RandomZoom,
                             Rescaling)

@@ -21,6 +21,7 @@ import numbers
 
 from .. import backend
 from .base import Layer, _initializer
+from .convolutional import Conv2D
 
 
 def _finite(value, what):
@@ -126,3 +127,31 @@ class BatchNormalization(Layer):
         return {**super().get_config(), "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
                 "center": self.center, "scale": self.scale,
                 **{f"{name}_initializer": init for name, init in self.initializers.items()}}
+
+
+def fusable_bn(conv, bn):
+    """Whether inference (``predict``, ``evaluate``) runs Conv2D ``conv`` and ``bn``, the BatchNormalization after it,
+    as one convolution with the normalization folded into its kernel and bias (``ConvBN``): a convolution without
+    an activation (the normalization must see its raw output)."""
+    return isinstance(conv, Conv2D) and type(bn) is BatchNormalization and conv.activation in (None, "linear")
+
+
+class ConvBN:
+    """Inference's step for a Conv2D and the BatchNormalization after it (``fusable_bn``): in inference the
+    normalization is an affine map per channel with the moving statistics, so it folds into the convolution
+    (``ops.batchnorm_fold``: w·s, (b − moving_mean)·s + beta, s = gamma / sqrt(moving_var + epsilon)) and the
+    convolution's output is never stored and normalized in a second pass. The same numbers up to float32
+    rounding; training keeps the two layers (the batch's statistics are not known before the convolution)."""
+
+    def __init__(self, conv, bn):
+        self.conv, self.bn = conv, bn
+
+    def forward(self, x, training, conv_ctx, bn_ctx):
+        conv, bn = self.conv, self.bn
+        ops, kernel = backend.ops(), conv.weights[0]
+        w, b = ops.batchnorm_fold(kernel, conv.weights[1] if conv.use_bias else None, bn._weight("gamma"),
+                                  bn._weight("beta"), bn._weight("moving_mean"), bn._weight("moving_variance"),
+                                  bn.epsilon, out_w=conv.buffer(conv_ctx, "folded_w", kernel.shape),
+                                  out_b=conv.buffer(conv_ctx, "folded_b", (conv.filters,)))
+        return ops.conv2d_forward(x, w, b, conv.strides, conv.pads, None, ctx=conv_ctx.setdefault("ops", {}),
+                                  out=bn.buffer(bn_ctx, "y", (x.shape[0],) + tuple(bn.output_shape)))

@@ -7,13 +7,15 @@ after the layers that made its inputs), and refuses graphs whose outputs do not 
 
 ``forward`` and ``backward`` run the nodes with one context dict per node (``Contexts``): what a layer keeps
 between its forward and backward, and the engine's buffers for that call site. In training, a Conv2D whose
-output goes only into a 2x2 max-pooling runs with it as one op (``layers.ConvPool``). A tensor read by several
+output goes only into a 2x2 max-pooling runs with it as one op (``layers.ConvPool``); in inference, a Conv2D without an
+activation whose output goes only into a BatchNormalization runs as one convolution with the normalization folded in
+(``layers.ConvBN``). A tensor read by several
 nodes gets the sum of their gradients; a layer called several times gets the sum of its calls' weight gradients.
 """
 import numpy as np
 
 from .. import backend
-from ..layers import ConvPool, InputLayer, KerasTensor, fusable_pool
+from ..layers import ConvBN, ConvPool, InputLayer, KerasTensor, fusable_bn, fusable_pool
 
 
 class Graph:
@@ -75,8 +77,9 @@ class Graph:
         return previous is self.outputs[0]
 
     def steps(self, training):
-        """The nodes as a forward pass runs them: tuples ``(node,)``, or ``(conv_node, pool_node)`` for a Conv2D
-        and the 2x2 max-pooling that alone reads it, in training."""
+        """The nodes as a forward pass runs them: tuples ``(node,)``, or ``(first, second)`` for two layers run as
+        one op (``fused``: a Conv2D and the 2x2 max-pooling that alone reads it, in training; a Conv2D and the
+        BatchNormalization that alone reads it, in inference)."""
         if training not in self._plans:
             output_ids = {t.id for t in self.outputs}
             compute = [n for n in self.nodes if not isinstance(n.layer, InputLayer)]
@@ -85,8 +88,8 @@ class Graph:
                 if id(node) in skip:
                     continue
                 readers = self.consumers.get(node.outputs[0].id, [])
-                if (training and len(readers) == 1 and node.outputs[0].id not in output_ids
-                        and fusable_pool(node.layer, readers[0].layer)):
+                if (len(readers) == 1 and node.outputs[0].id not in output_ids
+                        and fused(node.layer, readers[0].layer, training) is not None):
                     steps.append((node, readers[0]))
                     skip.add(id(readers[0]))
                 else:
@@ -112,9 +115,9 @@ class Graph:
         values = {t.id: x for t, x in zip(self.inputs, xs)}
         for step in self.steps(training):
             if len(step) == 2:
-                conv, pool = step
-                values[pool.outputs[0].id] = ConvPool(conv.layer, pool.layer).forward(
-                    values[conv.inputs[0].id], training, contexts[conv], contexts[pool])
+                first, second = step
+                values[second.outputs[0].id] = fused(first.layer, second.layer, training).forward(
+                    values[first.inputs[0].id], training, contexts[first], contexts[second])
                 continue
             node = step[0]
             args = [values[t.id] for t in node.inputs]
@@ -137,7 +140,7 @@ class Graph:
                 continue
             first = step[0]
             if len(step) == 2:
-                dxs = [ConvPool(first.layer, last.layer).backward(dy, contexts[first], contexts[last])]
+                dxs = [fused(first.layer, last.layer, True).backward(dy, contexts[first], contexts[last])]
             else:
                 dx = first.layer.backward(dy, contexts[first])
                 dxs = dx if first.layer.multi_input else [dx]
@@ -161,6 +164,16 @@ class Graph:
         if ctx.get("accumulate"):
             for i, g in enumerate(node.layer.grads):
                 ops.add(g, ctx[("grad", i)], out=g)
+
+
+def fused(first, second, training):
+    """The op that runs layer ``first`` and ``second``, the one layer that reads its output, as one step (None when
+    they run apart): ``ConvPool`` in training, ``ConvBN`` in inference."""
+    if training and fusable_pool(first, second):
+        return ConvPool(first, second)
+    if not training and fusable_bn(first, second):
+        return ConvBN(first, second)
+    return None
 
 
 class Contexts(dict):
