@@ -20,6 +20,13 @@ What is measured:
          recorded too. Dense layers are cuBLAS (``torch.addmm`` / ``torch.mm``); max-pooling is PyTorch's
          own CUDA kernel (PyTorch does not call cuDNN for it).
 
+And BatchNormalization, at the sizes of the residual network of test_resnet_numpy_vs_torch_cpu.py (32x32x16 and
+8x8x64): forward in training (the batch's statistics, the moving ones updated), backward (training), forward in
+inference, against PyTorch's own batch-norm CUDA kernels (``aten.native_batch_norm`` and its backward, channels_last);
+and "conv3x3+bn": a 3x3 "same" convolution followed by an inference-mode normalization, ours folded
+(``batchnorm_fold`` then one ``conv2d_forward``, what predict runs) against ours apart (``conv2d_forward`` then
+``batchnorm_forward_inference``): whether the fusion pays on this device.
+
 Each case is checked first (ours against PyTorch: relative L2 error, exact for max-pooling), then timed
 with CUDA events on queued work (``gpu_timing.time_gpu``: median of groups of back-to-back calls, four
 input sets in rotation, random normal data, never zeros). Reports the ratio ours/peer, GFLOP/s (GB/s for
@@ -56,9 +63,14 @@ ONE = (1, 1)
 CONVS = {"conv1": (28, 28, 1, 32), "conv2": (13, 13, 32, 64), "conv3": (5, 5, 64, 64)}
 POOLS = {"pool1": (26, 26, 32), "pool2": (11, 11, 64)}
 DENSES = {"dense1": (576, 64, "relu"), "dense2": (64, 10, "softmax")}
+# batch normalization: (H, W, C); a convolution and the normalization after it: (H, W, C, F)
+NORMS = {"bn_32x32x16": (32, 32, 16), "bn_8x8x64": (8, 8, 64)}
+CONV_NORMS = {"conv3x3+bn_32x32x16": (32, 32, 16, 16), "conv3x3+bn_8x8x64": (8, 8, 64, 64)}
 CASES = ([(name, p) for name in CONVS for p in ("forward", "backward-data", "backward-filter")]
          + [(name, p) for name in POOLS for p in ("forward", "backward")]
-         + [(name, p) for name in DENSES for p in ("forward", "backward-data", "backward-weights")])
+         + [(name, p) for name in DENSES for p in ("forward", "backward-data", "backward-weights")]
+         + [(name, p) for name in NORMS for p in ("forward-training", "backward", "forward-inference")]
+         + [(name, "inference-folded") for name in CONV_NORMS])
 
 _rows = []
 _device = {}
@@ -252,8 +264,106 @@ class DenseCase(Case):
         return {"y" if self.pss == "forward" else "dx": _rel_err(ours, _to_cupy(peer))}
 
 
+class NormCase(Case):
+    """BatchNormalization over the channels of (N, H, W, C): ours (cuda_ops.batchnorm_*) against PyTorch's CUDA
+    batch-norm kernels on the same memory (channels_last), Keras's momentum 0.99 (PyTorch's 0.01), epsilon 1e-3."""
+    peer_name = "PyTorch batch norm (aten.native_batch_norm, CUDA)"
+
+    def __init__(self, name, pss, n):
+        h, w, c = NORMS[name]
+        self.pss, self.shape = pss, (n, h, w, c)
+        self.x = [_normal(self.shape, 2.0, 110 + i) + 0.5 for i in range(SETS)]
+        self.dy = [_normal(self.shape, 1.0, 120 + i) for i in range(SETS)]
+        self.gamma, self.beta = _normal((c,), 0.2, 130) + 1.0, _normal((c,), 0.5, 131)
+        self.moving_mean, self.moving_var = _normal((c,), 0.5, 132), cupy.abs(_normal((c,), 1.0, 133)) + 0.5
+        self.inference_mean, self.inference_var = self.moving_mean.copy(), self.moving_var.copy()
+        self.xt, self.dyt = [_nchw(a) for a in self.x], [_nchw(a) for a in self.dy]
+        self.gammat, self.betat = _t(self.gamma), _t(self.beta)
+        self.mmt, self.mvt = _t(self.moving_mean.copy()), _t(self.moving_var.copy())  # PyTorch's own, updated
+        self.inference_stats = _t(self.inference_mean), _t(self.inference_var)  # ... and left alone
+        self.y, self.dx = cupy.empty(self.shape, cupy.float32), cupy.empty(self.shape, cupy.float32)
+        self.mean, self.inv_std = cupy.empty((c,), cupy.float32), cupy.empty((c,), cupy.float32)
+        self.dgamma, self.dbeta = cupy.empty((c,), cupy.float32), cupy.empty((c,), cupy.float32)
+        self.ctx = {}
+        # the saved statistics each backward reads: ours and PyTorch's, of input set i
+        self.saved = [ops.batchnorm_forward_training(a, self.gamma, self.beta, self.moving_mean.copy(),
+                                                     self.moving_var.copy(), 0.99, 1e-3)[1:] for a in self.x]
+        self.savedt = [self._peer_training(i)[1:] for i in range(SETS)]
+        elements = n * h * w * c
+        # the least traffic, float32: read x, write y (forward); read dy and x, write dx (backward)
+        self.bytes = 4 * elements * (3 if pss == "backward" else 2)
+        if pss == "backward":
+            self.tolerance = 5e-4  # sums over N*H*W terms in different orders
+
+    def _peer_training(self, i):
+        return torch.ops.aten.native_batch_norm(self.xt[i], self.gammat, self.betat, self.mmt, self.mvt, True, 0.01,
+                                                1e-3)
+
+    def ours(self, i):
+        if self.pss == "forward-training":
+            return ops.batchnorm_forward_training(self.x[i], self.gamma, self.beta, self.moving_mean, self.moving_var,
+                                                  0.99, 1e-3, self.ctx, out=self.y, out_mean=self.mean,
+                                                  out_inv_std=self.inv_std)[0]
+        if self.pss == "backward":
+            mean, inv_std = self.saved[i]
+            return ops.batchnorm_backward(self.dy[i], self.x[i], self.gamma, mean, inv_std, True, self.ctx,
+                                          out=self.dx, out_gamma=self.dgamma, out_beta=self.dbeta)
+        return ops.batchnorm_forward_inference(self.x[i], self.gamma, self.beta, self.inference_mean,
+                                               self.inference_var, 1e-3, out=self.y, out_inv_std=self.inv_std)[0]
+
+    def peer(self, i):
+        if self.pss == "forward-training":
+            return self._peer_training(i)[0]
+        if self.pss == "backward":
+            mean, inv_std = self.savedt[i]
+            return torch.ops.aten.native_batch_norm_backward(self.dyt[i], self.xt[i], self.gammat, self.mmt, self.mvt,
+                                                             mean, inv_std, True, 1e-3, [True, True, True])
+        return F.batch_norm(self.xt[i], *self.inference_stats, self.gammat, self.betat, False, 0.0, 1e-3)
+
+    def check(self):
+        ours, peer = self.ours(0), self.peer(0)
+        if self.pss == "backward":
+            return {"dx": _rel_err(ours[0], _to_cupy(peer[0].permute(0, 2, 3, 1))),
+                    "dgamma": _rel_err(ours[1], _to_cupy(peer[1])), "dbeta": _rel_err(ours[2], _to_cupy(peer[2]))}
+        return {"y": _rel_err(ours, _to_cupy(peer.permute(0, 2, 3, 1)))}
+
+
+class ConvNormCase(Case):
+    """A 3x3 "same" convolution (no bias, no activation) and the inference-mode BatchNormalization after it: ours folded
+    (batchnorm_fold, then one convolution: what predict and evaluate run) against ours apart (the convolution, then
+    batchnorm_forward_inference). A ratio under 1 says the fusion pays here."""
+    peer_name = "gpucnn apart (conv2d_forward, then batchnorm_forward_inference)"
+
+    def __init__(self, name, pss, n):
+        h, w, c, f = CONV_NORMS[name]
+        self.pss = pss
+        self.x = [_normal((n, h, w, c), 1.0, 140 + i) for i in range(SETS)]
+        self.w = _normal((3, 3, c, f), (9 * c) ** -0.5, 150)
+        self.gamma, self.beta = _normal((f,), 0.2, 151) + 1.0, _normal((f,), 0.5, 152)
+        self.moving_mean, self.moving_var = _normal((f,), 0.5, 153), cupy.abs(_normal((f,), 1.0, 154)) + 0.5
+        self.folded_w, self.folded_b = cupy.empty(self.w.shape, cupy.float32), cupy.empty((f,), cupy.float32)
+        self.z, self.y, self.y_apart = (cupy.empty((n, h, w, f), cupy.float32) for _ in range(3))
+        self.inv_std = cupy.empty((f,), cupy.float32)
+        self.ctx, self.ctx_apart = {}, {}
+        self.flops = 2 * n * h * w * f * 9 * c
+
+    def ours(self, i):
+        w, b = ops.batchnorm_fold(self.w, None, self.gamma, self.beta, self.moving_mean, self.moving_var, 1e-3,
+                                  out_w=self.folded_w, out_b=self.folded_b)
+        return ops.conv2d_forward(self.x[i], w, b, ONE, (1, 1, 1, 1), None, self.ctx, out=self.y)
+
+    def peer(self, i):
+        z = ops.conv2d_forward(self.x[i], self.w, None, ONE, (1, 1, 1, 1), None, self.ctx_apart, out=self.z)
+        return ops.batchnorm_forward_inference(z, self.gamma, self.beta, self.moving_mean, self.moving_var, 1e-3,
+                                               out=self.y_apart, out_inv_std=self.inv_std)[0]
+
+    def check(self):
+        return {"y": _rel_err(self.ours(0), self.peer(0))}
+
+
 def make_case(layer, pss, n):
-    kind = ConvCase if layer in CONVS else PoolCase if layer in POOLS else DenseCase
+    kind = (ConvCase if layer in CONVS else PoolCase if layer in POOLS else DenseCase if layer in DENSES
+            else NormCase if layer in NORMS else ConvNormCase)
     return kind(layer, pss, n)
 
 
@@ -281,8 +391,9 @@ def _r(x, digits=4):
 
 def _write():
     write_result("kernels-vs-cudnn", {
-        "what": "gpucnn.engines.cuda_ops kernels vs cuDNN/cuBLAS/PyTorch through PyTorch, seed-model layers, FP32, "
-                "GPU time per call (CUDA events over back-to-back calls, median of groups)",
+        "what": "gpucnn.engines.cuda_ops kernels vs cuDNN/cuBLAS/PyTorch through PyTorch, seed-model layers and "
+                "the residual network's batch normalization, FP32, GPU time per call (CUDA events over back-to-back "
+                "calls, median of groups); conv3x3+bn: ours folded vs ours apart",
         "quick": QUICK, "targets": {"ratio_at_batch_64": 1.0, "ratio_at_batch_1024": 1.25},
         "torch_settings": {"cudnn.benchmark": True, "cudnn.allow_tf32": False, "cuda.matmul.allow_tf32": False},
         "rows": _rows}, device=True)
