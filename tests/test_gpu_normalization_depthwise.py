@@ -5,14 +5,17 @@ against the float64 oracle (tests/reference.py), as tests/test_gpu.py checks the
 Marked ``gpu`` and skipped as a whole, with the backend's reason, where CuPy or a CUDA device is not usable
 (tests/test_kernels_emulated.py runs this file on the CPU emulator). Inputs are drawn in float64, rounded to
 float32 once, and the same values go to the kernels and the oracle. Tolerances as tests/test_gpu.py: rtol
-1e-4 and atol 1e-4 · max|ref| (dW 1e-3); max-pooling and padding exact.
+1e-4 and atol 1e-4 · max|ref| (dW 1e-3); max-pooling and padding exact. Batch normalization's checks shared with
+the NumPy engine are tests/checks_batchnorm.py's.
 """
 import numpy as np
 import pytest
 
+import helpers
 import reference as ref
-from helpers import (BN_GRID, DEPTHWISE_GRID, F32, FOLD_CASES, VALID, bn_case, depthwise_case, depthwise_id,
-                     expected_hw, f32, fold_case, normal, padding_for)
+from checks_batchnorm import BatchNormChecks
+from helpers import (DEPTHWISE_GRID, F32, VALID, bn_case, depthwise_case, depthwise_id, expected_hw, f32, normal,
+                     padding_for)
 from gpucnn import backend
 
 pytestmark = pytest.mark.gpu
@@ -75,78 +78,10 @@ def test_zero_padding2d_exact(padding):
 
 
 # ===================================================================================== batch normalization
-def _bn_id(shape):
-    return "x".join(map(str, shape))
-
-
-def _check_bn(shape, scale=True, center=True):
-    """Both modes of the CUDA engine's batch normalization, forward and backward, against the oracle."""
-    x, gamma, beta, mm, mv, rng = bn_case(shape, scale, center)
-    xd, gd, bd, mmd, mvd = dev(x), dev(gamma), dev(beta), dev(mm), dev(mv)
-    ctx = {}
-    y, mean, inv_std = ops.batchnorm_forward_training(xd, gd, bd, mmd, mvd, 0.99, 1e-3, ctx)
-    y_ref, mean_ref, inv_ref, mm_ref, mv_ref = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.99, 1e-3)
-    assert y.shape == x.shape
-    for got, want in ((y, y_ref), (mean, mean_ref), (inv_std, inv_ref), (mmd, mm_ref), (mvd, mv_ref)):
-        assert_close(got, want)
-    dy = normal(rng, shape)
-    dyd = dev(dy)
-    dx, dgamma, dbeta = ops.batchnorm_backward(dyd, xd, gd, mean, inv_std, True, ctx)
-    dx_ref, dgamma_ref, dbeta_ref = ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True)
-    assert_close(dx, dx_ref, atol_scale=1e-3)  # dy less its channel mean and its part along x̂: cancels
-    assert_close(dgamma, dgamma_ref)
-    assert_close(dbeta, dbeta_ref)
-
-    y, inv_std = ops.batchnorm_forward_inference(xd, gd, bd, dev(mm), dev(mv), 1e-3)
-    y_ref, inv_ref = ref.batchnorm_forward_inference(x, gamma, beta, mm, mv, 1e-3)
-    assert_close(y, y_ref)
-    assert_close(inv_std, inv_ref)
-    for got, want in zip(ops.batchnorm_backward(dyd, xd, gd, dev(mm), inv_std, False, ctx),
-                         ref.batchnorm_backward(dy, x, gamma, mm, inv_ref, False)):
-        assert_close(got, want)
-    np.testing.assert_array_equal(host(xd), x)  # inputs not written to
-    np.testing.assert_array_equal(host(dyd), dy)
-
-
-@pytest.mark.parametrize("shape", BN_GRID + [(2, 5, 5, 70), (300, 33)], ids=map(_bn_id, BN_GRID + [(2, 5, 5, 70),
-                                                                                                      (300, 33)]))
-def test_batchnorm_matches_reference(shape):
-    _check_bn(shape)  # (7, 28, 28, 8): 22 slices of rows; 70 and 33 channels: partial channel tiles
-
-
-@pytest.mark.parametrize("scale, center", [(False, True), (True, False), (False, False)])
-def test_batchnorm_without_scale_or_center(scale, center):
-    _check_bn((2, 7, 5, 3), scale, center)
-    _check_bn((7, 8), scale, center)
-
-
-def test_batchnorm_out_buffers_and_a_kept_ctx():
-    ctx = {}
-    for shape in [(2, 5, 5, 3), (7, 28, 28, 3), (2, 5, 5, 3)]:  # the workspaces in ctx follow the batch size
-        x, gamma, beta, mm, mv, rng = bn_case(shape)
-        y_ref, mean_ref, inv_ref, _, _ = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3)
-        out, out_mean, out_inv = cupy.empty(shape, F32), cupy.empty(3, F32), cupy.empty(3, F32)
-        got = ops.batchnorm_forward_training(dev(x), dev(gamma), dev(beta), dev(mm), dev(mv), 0.9, 1e-3, ctx,
-                                             out=out, out_mean=out_mean, out_inv_std=out_inv)
-        assert got[0] is out and got[1] is out_mean and got[2] is out_inv
-        assert_close(out, y_ref)
-        dy = normal(rng, shape)
-        bufs = cupy.empty(shape, F32), cupy.empty(3, F32), cupy.empty(3, F32)
-        got = ops.batchnorm_backward(dev(dy), dev(x), dev(gamma), out_mean, out_inv, True, ctx, *bufs)
-        for g, b, want, atol in zip(got, bufs, ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True),
-                                    (1e-3, 1e-4, 1e-4)):
-            assert g is b
-            assert_close(b, want, atol_scale=atol)
-
-
-def test_batchnorm_of_a_single_row_gives_beta_and_no_nan():
-    """Keras's behaviour for a batch of one (N, C) in training: variance 0, y = beta, no gradient to x."""
-    x, gamma, beta, mm, mv, _ = bn_case((1, 5))
-    y, mean, inv_std = ops.batchnorm_forward_training(dev(x), dev(gamma), dev(beta), dev(mm), dev(mv), 0.99, 1e-3)
-    np.testing.assert_array_equal(host(y), beta[None])
-    dx, dgamma, _ = ops.batchnorm_backward(cupy.ones((1, 5), F32), dev(x), dev(gamma), mean, inv_std, True)
-    np.testing.assert_array_equal(host(dx), 0)
-    np.testing.assert_array_equal(host(dgamma), 0)
+class TestCudaBatchNorm(BatchNormChecks):
+    """tests/checks_batchnorm.py's tests on the CUDA engine; what this engine alone promises below."""
+    engine = helpers.cuda_engine()
+    rtol, atol_scale = 1e-4, 1e-4
 
 
 def test_batchnorm_bad_inputs_and_an_empty_batch():
@@ -170,25 +105,6 @@ def test_batchnorm_bad_inputs_and_an_empty_batch():
     assert dx.shape == (0, 4)
     np.testing.assert_array_equal(host(dgamma), 0)
     np.testing.assert_array_equal(host(dbeta), 0)
-
-
-@pytest.mark.parametrize("w_shape, bias, scale, center", FOLD_CASES)
-def test_batchnorm_fold_matches_reference(w_shape, bias, scale, center):
-    args = fold_case(w_shape, bias, scale, center)
-    w_ref, b_ref = ref.batchnorm_fold(*args, 1e-3)
-    dargs = [None if a is None else dev(a) for a in args]
-    w2, b2 = ops.batchnorm_fold(*dargs, 1e-3)
-    assert_close(w2, w_ref)
-    assert_close(b2, b_ref)
-    bufs = cupy.empty(w_shape, F32), cupy.empty(w_shape[-1], F32)
-    got = ops.batchnorm_fold(*dargs, 1e-3, *bufs)
-    assert got[0] is bufs[0] and got[1] is bufs[1]
-    np.testing.assert_array_equal(host(bufs[0]), host(w2))
-    for a, d in zip(args, dargs):
-        if a is not None:
-            np.testing.assert_array_equal(host(d), a)  # inputs not written to
-    with pytest.raises(ValueError, match="b must be"):
-        ops.batchnorm_fold(dargs[0], cupy.zeros(w_shape[-1] + 1, F32), *dargs[2:], 1e-3)
 
 
 def test_batchnorm_is_bitwise_reproducible():
@@ -397,7 +313,7 @@ def test_grid_stride_loops_with_few_blocks(monkeypatch):
     monkeypatch.setattr(ops, "_MAX_BLOCKS", 2)
     monkeypatch.setattr(ops, "_image_grid", lambda per, n: (min(image_grid(per, n)[0], 2), min(n, 3)))
     _check_depthwise(7, 8, (28, 28), 5, 1, "valid", 2)
-    _check_bn((7, 28, 28, 8))
-    _check_bn((300, 33))
+    TestCudaBatchNorm().check((7, 28, 28, 8))
+    TestCudaBatchNorm().check((300, 33))
     test_global_maxpool2d_exact((7, 7, 5, 3))
     test_zero_padding2d_exact((3, 1, 0, 2))

@@ -14,7 +14,8 @@ from helpers import (CONV_GRID, EXTRA_CONV, F32, POOL_GRID, VALID, expected_hw, 
 from helpers import conv_case as _conv_case, conv_id as _conv_id, pool_args as _pool_args
 from helpers import pool_id as _pool_id
 from helpers import CONV_POOL_GRID, conv_pool_id, window_taps
-from helpers import BN_GRID, DEPTHWISE_GRID, FOLD_CASES, bn_case, depthwise_case, depthwise_id, fold_case
+from helpers import DEPTHWISE_GRID, bn_case, depthwise_case, depthwise_id
+from checks_batchnorm import BatchNormChecks
 from gpucnn.engines import numpy_ops as ops
 
 
@@ -259,125 +260,11 @@ def test_zero_padding2d_bad_padding():
 
 
 # ===================================================================================== batch normalization
-def _bn_id(shape):
-    return "x".join(map(str, shape))
-
-
-def _check_bn(shape, scale=True, center=True, rtol=1e-5, atol_scale=1e-5):
-    """Both modes of the NumPy engine's batch normalization, forward and backward, against the oracle."""
-    x, gamma, beta, mm, mv, rng = bn_case(shape, scale, center)
-    saved = x.copy()
-    moving_mean, moving_var = mm.copy(), mv.copy()
-    ctx = {}
-    y, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, 0.99, 1e-3, ctx)
-    y_ref, mean_ref, inv_ref, mm_ref, mv_ref = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.99, 1e-3)
-    assert y.shape == x.shape
-    assert_close(y, y_ref, rtol, atol_scale)
-    assert_close(mean, mean_ref, rtol, atol_scale)
-    assert_close(inv_std, inv_ref, rtol, atol_scale)
-    assert_close(moving_mean, mm_ref, rtol, atol_scale)  # updated in place
-    assert_close(moving_var, mv_ref, rtol, atol_scale)
-    dy = normal(rng, shape)
-    dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True, ctx)
-    dx_ref, dgamma_ref, dbeta_ref = ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True)
-    assert_close(dx, dx_ref, rtol, 10 * atol_scale)  # dy less its channel mean and its part along x̂: cancels
-    assert_close(dgamma, dgamma_ref, rtol, atol_scale)
-    assert_close(dbeta, dbeta_ref, rtol, atol_scale)
-
-    y, inv_std = ops.batchnorm_forward_inference(x, gamma, beta, mm, mv, 1e-3)
-    y_ref, inv_ref = ref.batchnorm_forward_inference(x, gamma, beta, mm, mv, 1e-3)
-    assert_close(y, y_ref, rtol, atol_scale)
-    assert_close(inv_std, inv_ref, rtol, atol_scale)
-    dx, dgamma, dbeta = ops.batchnorm_backward(dy, x, gamma, mm, inv_std, False, ctx)
-    for got, want in zip((dx, dgamma, dbeta), ref.batchnorm_backward(dy, x, gamma, mm, inv_ref, False)):
-        assert_close(got, want, rtol, atol_scale)
-    np.testing.assert_array_equal(x, saved)  # the input is not written to
-
-
-@pytest.mark.parametrize("shape", BN_GRID, ids=map(_bn_id, BN_GRID))
-def test_batchnorm_matches_reference(shape):
-    _check_bn(shape)
-
-
-@pytest.mark.parametrize("scale, center", [(False, True), (True, False), (False, False)])
-def test_batchnorm_without_scale_or_center(scale, center):
-    _check_bn((2, 7, 5, 3), scale, center)
-    _check_bn((7, 8), scale, center)
-
-
-def test_batchnorm_out_buffers_and_a_kept_ctx():
-    ctx = {}
-    for shape in [(2, 5, 5, 3), (7, 5, 5, 3), (2, 5, 5, 3)]:  # the work arrays in ctx follow the batch size
-        x, gamma, beta, mm, mv, rng = bn_case(shape)
-        y_ref, mean_ref, inv_ref, _, _ = ref.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3)
-        out, out_mean, out_inv = np.empty_like(x), np.empty(3, F32), np.empty(3, F32)
-        y, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.9, 1e-3, ctx, out=out,
-                                                          out_mean=out_mean, out_inv_std=out_inv)
-        assert y is out and mean is out_mean and inv_std is out_inv
-        assert_close(out, y_ref)
-        dy = normal(rng, shape)
-        bufs = np.empty_like(x), np.empty(3, F32), np.empty(3, F32)
-        got = ops.batchnorm_backward(dy, x, gamma, mean, inv_std, True, ctx, *bufs)
-        for g, b, want in zip(got, bufs, ref.batchnorm_backward(dy, x, gamma, mean_ref, inv_ref, True)):
-            assert g is b
-            assert_close(b, want, atol_scale=1e-4)
-
-
-def test_batchnorm_of_a_single_row_gives_beta_and_no_nan():
-    """Keras's behaviour for a batch of one (N, C) in training: variance 0, y = beta, no gradient to x."""
-    x, gamma, beta, mm, mv, _ = bn_case((1, 5))
-    y, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.99, 1e-3)
-    np.testing.assert_array_equal(y, beta[None])
-    np.testing.assert_array_equal(mean, x[0])
-    dx, dgamma, dbeta = ops.batchnorm_backward(np.ones((1, 5), F32), x, gamma, mean, inv_std, True)
-    np.testing.assert_array_equal(dx, 0)
-    np.testing.assert_array_equal(dgamma, 0)
-    assert np.isfinite(mm).all() and np.isfinite(mv).all()
-
-
-def test_batchnorm_bad_inputs():
-    x, gamma, beta, mm, mv, _ = bn_case((2, 3, 3, 4))
-    with pytest.raises(ValueError, match="gamma must be"):
-        ops.batchnorm_forward_training(x, gamma[:3], beta, mm, mv, 0.99, 1e-3)
-    with pytest.raises(ValueError, match="moving_var must be"):
-        ops.batchnorm_forward_inference(x, gamma, beta, mm, mv[:2], 1e-3)
-    with pytest.raises(ValueError, match="at least one row"):
-        ops.batchnorm_forward_training(np.zeros((0, 4), F32), gamma, beta, mm, mv, 0.99, 1e-3)
-    with pytest.raises(ValueError, match="C >= 1"):
-        ops.batchnorm_forward_inference(np.zeros(4, F32), gamma, beta, mm, mv, 1e-3)
-    with pytest.raises(ValueError, match="dy"):
-        ops.batchnorm_backward(np.zeros((2, 3, 3, 3), F32), x, gamma, mm, mv, True)
-    y, _ = ops.batchnorm_forward_inference(np.zeros((0, 4), F32), gamma, beta, mm, mv, 1e-3)  # empty batch
-    assert y.shape == (0, 4)
-
-
-@pytest.mark.parametrize("w_shape, bias, scale, center", FOLD_CASES)
-def test_batchnorm_fold_matches_reference(w_shape, bias, scale, center):
-    args = fold_case(w_shape, bias, scale, center)
-    saved = [None if a is None else a.copy() for a in args]
-    w2, b2 = ops.batchnorm_fold(*args, 1e-3)
-    w_ref, b_ref = ref.batchnorm_fold(*args, 1e-3)
-    assert w2.shape == w_shape and w2.dtype == F32 and b2.dtype == F32
-    assert_close(w2, w_ref)
-    assert_close(b2, b_ref)
-    bufs = np.empty(w_shape, F32), np.empty(w_shape[-1], F32)
-    got = ops.batchnorm_fold(*args, 1e-3, *bufs)
-    assert got[0] is bufs[0] and got[1] is bufs[1]
-    np.testing.assert_array_equal(bufs[0], w2)
-    np.testing.assert_array_equal(bufs[1], b2)
-    for a, b in zip(args, saved):  # inputs not written to
-        if a is not None:
-            np.testing.assert_array_equal(a, b)
-
-
-def test_batchnorm_fold_bad_shapes():
-    w, b, gamma, beta, mm, mv = fold_case((3, 3, 2, 4), True, True, True)
-    with pytest.raises(ValueError, match="b must be"):
-        ops.batchnorm_fold(w, b[:3], gamma, beta, mm, mv, 1e-3)
-    with pytest.raises(ValueError, match="moving_var must be"):
-        ops.batchnorm_fold(w, b, gamma, beta, mm, mv[:2], 1e-3)
-    with pytest.raises(ValueError, match="F >= 1"):
-        ops.batchnorm_fold(np.zeros((3, 0), F32), None, None, None, mm[:0], mv[:0], 1e-3)
+class TestNumpyBatchNorm(BatchNormChecks):
+    """tests/checks_batchnorm.py's tests on the NumPy engine; the parts of a batch that exchange their sums (the
+    two-process step) below."""
+    engine = helpers.numpy_engine()
+    rtol, atol_scale = 1e-5, 1e-5
 
 
 def _parts_of(x2, sizes):
