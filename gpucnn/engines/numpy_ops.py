@@ -315,16 +315,15 @@ def _forward_cols(x, k, stride, padding, p, q, ctx, pooled=False):
 def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F). One product of
     the im2col matrix with the kernels or, for 3x3 kernels at stride 1 over 8+ channels, Winograd's
-    F(3x3, 3x3) or F(4x4, 3x3) (see below)."""
+    F(3x3, 3x3) (see below)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     if _winograd_applies(w.shape, stride):
-        m = _plain_tile(p, q)
-        th, tw = _tile_counts(p, q, m)
-        blocks = _scratch(ctx, "wino_y", (m * m, n, th, tw, f))
-        _winograd_outputs(x, w, padding, m, th, tw, ctx, out=blocks)
+        th, tw = _tile_counts(p, q, 3)
+        blocks = _scratch(ctx, "wino_y", (9, n, th, tw, f))
+        _winograd_outputs(x, w, padding, 3, th, tw, ctx, out=blocks)
         y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, f), DTYPE)
-        _untile(blocks.reshape(m, m, n, th, tw, f), y)
+        _untile(blocks.reshape(3, 3, n, th, tw, f), y)
         if b is not None:
             y += b
         return activation_forward(y, activation, out=y if out is None else out)
@@ -341,8 +340,8 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
     if _winograd_applies(w.shape, stride):
-        dm, m, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
-        return _finish(_winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx), out)
+        dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
+        return _finish(_winograd_dx(dm, w, x_shape, padding, 3, th, tw, ctx), out)
     return _finish(_backward_data(dy.reshape(n, p, q, f), w, x_shape, stride, padding, ctx), out)
 
 
@@ -369,8 +368,8 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     if _winograd_applies(w_shape, stride):
-        dm, m, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
-        dw = _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w_shape)
+        dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
+        dw = _winograd_dw(dm, x, padding, 3, th, tw, ctx, out_w, w_shape)
         return dw, _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
     cols = _forward_cols(x, (kh, kw), stride, padding, p, q, ctx)
     g = cols.T @ dy.reshape(n * p * q, f)
@@ -385,10 +384,10 @@ def conv2d_backward(dy, x, w, stride, padding, ctx=None, out=None, out_w=None, o
     if not _winograd_applies(w.shape, stride):
         dw, db = conv2d_backward_filter(dy, x, w.shape, stride, padding, ctx, out_w, out_b)
         return (conv2d_backward_data(dy, w, x.shape, stride, padding, ctx, out) if need_dx else None), dw, db
-    dm, m, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
-    dw = _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w.shape)
+    dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
+    dw = _winograd_dw(dm, x, padding, 3, th, tw, ctx, out_w, w.shape)
     db = _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
-    dx = _finish(_winograd_dx(dm, w, x.shape, padding, m, th, tw, ctx), out) if need_dx else None
+    dx = _finish(_winograd_dx(dm, w, x.shape, padding, 3, th, tw, ctx), out) if need_dx else None
     return dx, dw, db
 
 
@@ -866,11 +865,9 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
 # float32 rounding.
 #
 # m = 2 (16 products for 4 outputs, 2.25x fewer than direct) serves the fused convolution + 2x2 max-pool: its
-# tiles, at even rows and columns, sit exactly under the pooling windows. A plain convolution takes m = 3 (25 for
-# 9, 3.24x fewer) or m = 4 (36 for 16, 4x fewer, about twice F(3, 3)'s rounding error, still ~5e-6 of the largest
-# output), whichever moves fewer transformed elements for its output size (``_plain_tile``: 4 for 32x32, 16x16
-# and 8x8 maps, 3 for the seed model's 3x3); its tiles reach past the bottom and right edges when m does not
-# divide the output size (zeros there; those outputs are dropped). Tiles overlap by two rows and columns.
+# tiles, at even rows and columns, sit exactly under the pooling windows. m = 3 (25 for 9, 3.24x fewer)
+# serves a plain convolution; its tiles reach past the bottom and right edges when 3 does not divide the
+# output size (zeros there; those outputs are dropped). Tiles overlap by two rows and columns.
 #
 # NaN and inf spread over a whole tile (0 · inf in a transform): a non-finite input makes every output of
 # each tile over it NaN. Under a 2x2 max-pool these are the same windows the direct convolution makes
@@ -881,7 +878,7 @@ def _toom_cook(bt, g, at):
     return tuple(np.kron(a, a).astype(DTYPE) for a in (bt, g, at))
 
 
-_WINOGRAD = {  # m: the Kronecker forms of Bᵀ, G, Aᵀ (F(m, 3) from the points 0, 1, -1, (2, (-2),) ∞)
+_WINOGRAD = {  # m: the Kronecker forms of Bᵀ, G, Aᵀ (F(m, 3) from the points 0, 1, -1, (2,) ∞)
     2: _toom_cook([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
                   [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
                   [[1, 1, 1, 0], [0, 1, -1, -1]]),
@@ -889,23 +886,12 @@ _WINOGRAD = {  # m: the Kronecker forms of Bᵀ, G, Aᵀ (F(m, 3) from the point
                   [[1 / 2, 0, 0], [-1 / 2, -1 / 2, -1 / 2], [-1 / 6, 1 / 6, -1 / 6], [1 / 6, 1 / 3, 2 / 3],
                    [0, 0, 1]],
                   [[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]]),
-    4: _toom_cook([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0],
-                   [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
-                  [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
-                   [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
-                  [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
 WINOGRAD_MIN_CHANNELS = 8  # below this the products are too thin to pay for the transforms
 
 
 def _winograd_applies(w_shape, stride):
     return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and w_shape[2] >= WINOGRAD_MIN_CHANNELS
-
-
-def _plain_tile(p, q):
-    """m of a plain convolution's F(m x m, 3x3) for P x Q outputs: 3 or 4, the fewer transformed tile elements
-    (TH·TW·(m + 2)²; 3 on a tie, the more accurate)."""
-    return min((3, 4), key=lambda m: (-(-p // m)) * (-(-q // m)) * (m + 2) ** 2)
 
 
 def _tile_padding(x_shape, padding, m, th, tw):
@@ -1010,19 +996,17 @@ def _tile_counts(p, q, m):
 
 
 def _plain_output_grad(dy, ctx):
-    """(dM, m, TH, TW) of a plain convolution's F(m x m, 3x3) (``_plain_tile``) from its output gradient dy
-    (N, P, Q, F): dy cut into the (m², N, TH, TW, F) blocks of _winograd_outputs (zeros past P x Q), then
-    transformed."""
+    """(dM, TH, TW) of a plain convolution's F(3x3, 3x3) from its output gradient dy (N, P, Q, F): dy cut
+    into the (9, N, TH, TW, F) blocks of _winograd_outputs (zeros past P x Q), then transformed."""
     n, p, q, f = dy.shape
-    m = _plain_tile(p, q)
-    th, tw = _tile_counts(p, q, m)
-    if (p, q) != (m * th, m * tw):
-        padded = np.zeros((n, m * th, m * tw, f), DTYPE)
+    th, tw = _tile_counts(p, q, 3)
+    if (p, q) != (3 * th, 3 * tw):
+        padded = np.zeros((n, 3 * th, 3 * tw, f), DTYPE)
         padded[:, :p, :q] = dy
         dy = padded
-    blocks = _scratch(ctx, "wino_dy", (m, m, n, th, tw, f))
-    np.copyto(blocks, dy.reshape(n, th, m, tw, m, f).transpose(2, 4, 0, 1, 3, 5))
-    return _winograd_output_grad(blocks.reshape(m * m, n, th, tw, f), m, ctx), m, th, tw
+    blocks = _scratch(ctx, "wino_dy", (3, 3, n, th, tw, f))
+    np.copyto(blocks, dy.reshape(n, th, 3, tw, 3, f).transpose(2, 4, 0, 1, 3, 5))
+    return _winograd_output_grad(blocks.reshape(9, n, th, tw, f), 3, ctx), th, tw
 
 
 # ===================================================================================== dense
