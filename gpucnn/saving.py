@@ -112,9 +112,9 @@ def load_model(path, build, restore_rng=True, custom_objects=None):
             declared = _member_info(zf, _WEIGHTS, path).file_size
             model = _build_within(build, header.get("model_config"), path, classes,
                                   max_params=declared // 2)  # 2 bytes a value at the least (float16)
-            _set_weights_from_npz(model, _weights_member(zf, header, model, path), path)
+            file_order = _set_weights_from_npz(model, _weights_member(zf, header, model, path), path)
             if header.get("compile_config") is not None:
-                _compile_from_config(model, header, zf, path, custom_objects)
+                _compile_from_config(model, header, zf, path, custom_objects, file_order)
             _restore_layer_random_states(model, header.get("layer_rng_states"), path)
             global_state = _checked_rng_state(header.get("rng_state"), path)
     except InvalidModelFile:
@@ -320,6 +320,14 @@ def _npz_array(zf, entry, path, what, key):
 
 
 def _set_weights_from_npz(model, data, path):
+    """Load the weights of an .npz written by ``_weight_arrays`` into ``model``; returns the model's slots
+    (``_weight_slots``) in the file's order.
+
+    The keys name each weight's layer: when they are this model's names, each array goes to the weight of its name,
+    whatever order the file lists them in (earlier gpucnn versions listed a functional model's weights in the order
+    its layers were called, not in Keras's). Otherwise they go by position, which is only unambiguous where both orders
+    agree (a model without branches); a model with branches and other names is refused."""
+    slots = model._weight_slots()
     expected = [(layer, name, tuple(w.shape)) for layer in model._all_layers()
                 for name, w in zip(layer.weight_names, layer.weights)]
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -334,12 +342,29 @@ def _set_weights_from_npz(model, data, path):
         if [t[0] for t in ordered] != list(range(len(expected))):
             raise InvalidModelFile(f"{path}: the file holds {len(ordered)} weight arrays, the model has "
                                    f"{len(expected)}")
-        for (i, rest, key), (layer, name, shape) in zip(ordered, expected):
+        by_name = {f"{layer.name}_{name}": k for k, (layer, name, _) in enumerate(expected)}
+        if len(by_name) == len(expected) and sorted(by_name) == sorted(rest for _, rest, _ in ordered):
+            place = [by_name[rest] for _, rest, _ in ordered]
+        else:
+            if model._layers_in_call_order() != model._all_layers():
+                first = next((rest, f"{layer.name}_{name}") for (_, rest, _), (layer, name, _)
+                             in zip(ordered, expected) if rest != f"{layer.name}_{name}")
+                raise InvalidModelFile(
+                    f"{path}: the file's weights are named for other layers (e.g. {first[0]!r} where this model has "
+                    f"{first[1]!r}), and this model has branches, whose weights gpucnn loads by layer name. Build the "
+                    "model with the layer names it was saved with (name=...), or load the whole saved model with "
+                    "keras.models.load_model")
+            place = list(range(len(expected)))
+        for (i, rest, key), k in zip(ordered, place):
+            layer, name, shape = expected[k]
             if not rest.endswith("_" + name) or headers[key][1] != shape:
                 raise InvalidModelFile(f"{path}: weight {i} ({rest}, shape {headers[key][1]}) does not fit "
                                        f"layer {layer.name!r}'s {name} of shape {shape}")
-        values = [_npz_array(zf, headers[key], path, "weight", f"{i} ({rest})") for i, rest, key in ordered]
+        values = [None] * len(expected)
+        for (i, rest, key), k in zip(ordered, place):
+            values[k] = _npz_array(zf, headers[key], path, "weight", f"{i} ({rest})")
     model.set_weights(values)
+    return [slots[k] for k in place]
 
 
 # ===================================================================================== the architecture
@@ -421,7 +446,10 @@ def _schedule_classes(custom_objects):
             if isinstance(cls, type) and issubclass(cls, optimizers_mod.schedules.LearningRateSchedule)}
 
 
-def _compile_from_config(model, header, zf, path, custom_objects=None):
+def _compile_from_config(model, header, zf, path, custom_objects=None, file_order=None):
+    """Compile ``model`` as the file says and give its optimizer the saved state: flat buffers over the trained
+    weights in the file's order of weights (``file_order``: the model's weight slots in that order), put back in
+    the model's order."""
     try:
         cc = header["compile_config"]
         opt_name = cc["optimizer"]["name"]
@@ -458,7 +486,23 @@ def _compile_from_config(model, header, zf, path, custom_objects=None):
                                    "squares)")
     optimizer.build(n)
     for slot, value in state.items():
-        optimizer.state[slot][...] = backend.ops().xp.asarray(value)
+        optimizer.state[slot][...] = backend.ops().xp.asarray(_in_model_order(model, value, file_order))
+
+
+def _in_model_order(model, flat, file_order):
+    """A flat buffer over the trained weights laid out in the file's order of weights, laid out in the model's."""
+    if file_order is None:
+        return flat
+    file_slots, file_offsets, _ = model._flat_layout(file_order)
+    model_slots, model_offsets, total = model._flat_layout(model._weight_slots())
+    if file_slots == model_slots:
+        return flat
+    where = {(id(layer), i): offset for (layer, i), offset in zip(file_slots, file_offsets)}
+    out = np.zeros(total, np.float32)
+    for (layer, i), offset in zip(model_slots, model_offsets):
+        size = int(np.prod(layer.weights[i].shape))
+        out[offset:offset + size] = flat[where[(id(layer), i)]:where[(id(layer), i)] + size]
+    return out
 
 
 def _restore_layer_random_states(model, states, path):

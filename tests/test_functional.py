@@ -322,3 +322,25 @@ def test_a_dropout_added_after_training_trains_too():
     m.add(layers.Dense(3, activation="softmax"))
     m.compile("sgd", "sparse_categorical_crossentropy")
     assert np.isfinite(m.fit(x, y, epochs=1, verbose=0).history["loss"][0])
+
+
+def test_layers_are_listed_in_keras_order_not_in_call_order():
+    """Keras lists a functional model's layers (and so its weights) by depth from the inputs, ties in the order a
+    depth-first walk from the outputs first reaches them; these orders are Keras 3's for the same graphs
+    (tests/test_keras_oracle.py checks them against Keras where it is installed). The graph runs its nodes in an
+    order made from its structure alone, so a model rebuilt from its config runs the same way."""
+    inputs = layers.Input(shape=(8, 8, 3))
+    stem = layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    short = layers.Conv2D(4, 1, name="short")(stem)
+    main = layers.Conv2D(4, 3, padding="same", name="main2")(layers.Conv2D(4, 3, padding="same", name="main1")(stem))
+    m = models.Model(inputs, layers.Add(name="add")([main, short]))
+    assert [layer.name for layer in m.layers[1:]] == ["stem", "main1", "main2", "short", "add"]
+    inputs = layers.Input(shape=(6, 6, 4))
+    shared = layers.Conv2D(4, 3, padding="same", name="shared")
+    a = shared(layers.Conv2D(4, 1, name="pre")(inputs))
+    b = shared(layers.Conv2D(4, 1, name="deep2")(layers.Conv2D(4, 1, name="deep1")(a)))
+    m2 = models.Model(inputs, layers.Concatenate(name="cat")([b, layers.Conv2D(4, 1, name="side")(inputs)]))
+    assert [layer.name for layer in m2.layers[1:]] == ["pre", "shared", "deep1", "deep2", "side", "cat"]
+    again = models.Model.from_config(m2.get_config())
+    assert [n.layer.name for n in again.graph.nodes] == [n.layer.name for n in m2.graph.nodes]
+    assert [layer.name for layer in again.layers] == [layer.name for layer in m2.layers]

@@ -86,3 +86,57 @@ def test_a_sigmoid_model_with_binary_crossentropy_matches_keras():
         m.fit(x, y, batch_size=5, epochs=1, shuffle=False, verbose=0)
     for got, want in zip(ours.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(got, np.asarray(want), rtol=1e-3, atol=1e-5)
+
+
+def branchy_graphs(lib):
+    """Graphs whose call order differs from Keras's layer order: a projection shortcut made after the block's
+    main path, one made before it (same shapes everywhere: a wrong order would load silently), a shared layer
+    called at two depths, a Concatenate of branches of different lengths, a nested model."""
+    L = lib.layers
+    graphs = {}
+    inputs = lib.Input(shape=(8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    y = L.BatchNormalization(name="bn_a")(L.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="conv_a")(x))
+    y = L.BatchNormalization(name="bn_b")(L.Conv2D(8, 3, padding="same", use_bias=False, name="conv_b")(y))
+    s = L.BatchNormalization(name="bn_s")(L.Conv2D(8, 1, strides=2, use_bias=False, name="conv_s")(x))
+    graphs["projection"] = lib.Model(inputs, L.Add(name="add")([y, s]), name="projection")
+    inputs = lib.Input(shape=(8, 8, 3))
+    stem = L.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    short = L.Conv2D(4, 1, name="short")(stem)
+    main = L.Conv2D(4, 3, padding="same", name="main2")(L.Conv2D(4, 3, padding="same", name="main1")(stem))
+    graphs["shortcut first"] = lib.Model(inputs, L.Add(name="add")([main, short]), name="shortcut_first")
+    inputs = lib.Input(shape=(6, 6, 4))
+    shared = L.Conv2D(4, 3, padding="same", name="shared")
+    a = shared(L.Conv2D(4, 1, name="pre")(inputs))
+    b = shared(L.Conv2D(4, 1, name="deep2")(L.Conv2D(4, 1, name="deep1")(a)))
+    graphs["shared"] = lib.Model(inputs, L.Concatenate(name="cat")([b, L.Conv2D(4, 1, name="side")(inputs)]),
+                                 name="shared")
+    inner_in = lib.Input(shape=(6, 6, 4))
+    inner = lib.Model(inner_in, L.Conv2D(4, 3, padding="same", name="inner_conv")(inner_in), name="inner")
+    inputs = lib.Input(shape=(6, 6, 4))
+    graphs["nested"] = lib.Model(inputs, L.Add(name="sum")([inner(inputs), L.Conv2D(4, 1, name="outer")(inputs)]),
+                                 name="nested")
+    return graphs
+
+
+def test_layers_and_weights_are_in_keras_order(monkeypatch):
+    """model.layers, get_weights (and so set_weights) and summary follow Keras's order (by depth, not by call
+    order): Keras's weights moved in by set_weights give Keras's predictions."""
+    monkeypatch.setenv("COLUMNS", "100")
+    keras_ref.utils.clear_session()
+    gpucnn.utils.clear_session()
+    keras_ref.utils.set_random_seed(3)
+    refs, ours = branchy_graphs(keras_ref), branchy_graphs(gpucnn)
+    x = np.random.default_rng(2).standard_normal((3, 8, 8, 3)).astype(np.float32)
+    for name, ref in refs.items():
+        mine = ours[name]
+        assert [layer.name for layer in mine.layers[1:]] == [layer.name for layer in ref.layers[1:]], name
+        assert [w.shape for w in mine.get_weights()] == [tuple(w.shape) for w in ref.get_weights()], name
+        lines_ref, lines_ours = [], []
+        ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")))
+        mine.summary(print_fn=lines_ours.append)
+        assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref], name
+        mine.set_weights(ref.get_weights())
+        xs = x if name in ("projection", "shortcut first") else x[:, :6, :6, :].repeat(2, axis=3)[..., :4]
+        np.testing.assert_allclose(mine.predict(xs, verbose=0), np.asarray(ref.predict(xs, verbose=0)), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)

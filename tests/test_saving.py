@@ -387,3 +387,71 @@ def test_keras_layouts_give_the_hand_computed_forward_pass():
                                atol=1e-5)
     for got, given in zip(model.get_weights(), [kernel, bias, dense_kernel, dense_bias]):
         np.testing.assert_array_equal(got, given.astype(np.float32))  # the same arrays come back out
+
+
+# ===================================================================================== Keras's layer order
+def shortcut_first_model(suffix=""):
+    """A residual block whose shortcut convolution is called before the main path (all of one shape): Keras lists
+    its layers by depth (stem, main1, main2, bn, short), not in call order (stem, short, main1, main2, bn)."""
+    utils.set_random_seed(7)
+    inputs = layers.Input(shape=(6, 6, 2))
+    stem = layers.Conv2D(3, 3, padding="same", name="stem" + suffix)(inputs)
+    short = layers.Conv2D(3, 3, padding="same", name="short" + suffix)(stem)
+    main = layers.Conv2D(3, 3, padding="same", name="main1" + suffix)(stem)
+    main = layers.BatchNormalization(name="bn" + suffix)(layers.Conv2D(3, 3, padding="same", name="main2" + suffix)(main))
+    x = layers.Flatten()(layers.Add()([main, short]))
+    m = models.Model(inputs, layers.Dense(3, activation="softmax", name="head" + suffix)(x))
+    m.compile(optimizers.RMSprop(0.01), "sparse_categorical_crossentropy")
+    return m
+
+
+def block_data(n=8):
+    r = np.random.default_rng(4)
+    return r.standard_normal((n, 6, 6, 2)).astype(np.float32), r.integers(0, 3, n)
+
+
+def by_name(model):
+    return {layer.name: [w.copy() for w in layer.get_weights()] for layer in model._all_layers()}
+
+
+def test_a_file_in_the_call_order_of_earlier_versions_loads_by_layer_name(tmp_path, monkeypatch):
+    """Earlier gpucnn versions wrote a functional model's weights, and packed its optimizer state, in the order its
+    layers were called. Such a file loads by layer name — weights and optimizer state in their places — and
+    training goes on exactly as the saved model's would."""
+    x, y = block_data()
+    with monkeypatch.context() as old_version:
+        old_version.setattr(models.Model, "_all_layers", models.Model._layers_in_call_order)
+        original = shortcut_first_model()
+        assert [layer.name for layer in original._all_layers()][:4] == ["stem", "short", "main1", "main2"]
+        original.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # optimizer state to save
+        original.save(tmp_path / "old.gpucnn")
+        with zipfile.ZipFile(tmp_path / "old.gpucnn") as zf, np.load(io.BytesIO(zf.read("weights.npz"))) as npz:
+            assert npz.files[1:3] == ["01_stem_bias", "02_short_kernel"]  # the call order
+        original.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        want = by_name(original)
+    loaded = models.load_model(tmp_path / "old.gpucnn")
+    assert [layer.name for layer in loaded._all_layers()][:5] == ["stem", "main1", "main2", "bn", "short"]
+    loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    got = by_name(loaded)
+    assert got.keys() == want.keys()
+    for name in want:
+        for a, b in zip(got[name], want[name]):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_weights_of_a_model_with_branches_load_by_name_or_are_refused(tmp_path):
+    """Keras's order is the files' order now; a model with branches takes a weights file by its layer names (any
+    order), and refuses one named for other layers rather than guess which order it was written in. A model
+    without branches still takes other names by position."""
+    model = shortcut_first_model()
+    model.save_weights(tmp_path / "w.npz")
+    with np.load(tmp_path / "w.npz") as npz:
+        assert [k.split("_", 1)[1] for k in npz.files][:4] == ["stem_kernel", "stem_bias", "main1_kernel",
+                                                              "main1_bias"]
+    same = shortcut_first_model()
+    same.load_weights(tmp_path / "w.npz")
+    for a, b in zip(same.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidModelFile, match="named for other layers.*'stem_kernel' where this model has "
+                                               "'stem_2_kernel'.*branches"):
+        shortcut_first_model("_2").load_weights(tmp_path / "w.npz")

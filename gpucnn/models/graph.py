@@ -2,8 +2,14 @@
 before it is used, and the one forward and backward that every engine — and the CUDA graph capture — runs.
 
 A node is one call of a layer (``gpucnn.layers.tensor.Node``). ``Graph(inputs, outputs)`` walks back from the
-outputs to the inputs, keeps the nodes on the way, orders them as they were created (a layer is always called
-after the layers that made its inputs), and refuses graphs whose outputs do not come from its inputs.
+outputs to the inputs, keeps the nodes on the way, and refuses graphs whose outputs do not come from its inputs.
+Two orders come from the graph's structure alone (not from the order in which the layers were called, so a model
+rebuilt from its config runs and lists exactly as the original):
+  * ``nodes``, the order the nodes run in: depth-first from the outputs, in order, each node after the nodes that
+    make its inputs (in the order of its inputs) — the traversal Keras's functional models make;
+  * ``layers``, Keras's ``model.layers`` order, which ``get_weights``, ``summary`` and the saved files follow: by
+    depth (the longest path to an output) from the inputs' down to the outputs', layers of equal depth in the
+    order the traversal first reached them; a layer called several times counts at its greatest depth.
 
 ``forward`` and ``backward`` run the nodes with one context dict per node (``Contexts``): what a layer keeps
 between its forward and backward, and the engine's buffers for that call site. In training, a Conv2D whose
@@ -46,16 +52,13 @@ class Graph:
                     f"{owner}: its outputs depend on the input {node.layer.name!r} (shape {t.shape}), which is not "
                     "among its inputs; pass it in inputs=[...], or build the outputs from the given inputs")
             stack.extend(node.inputs)
-        self.nodes = sorted(nodes, key=lambda n: n.order)
-        used = {id(n) for n in self.nodes}
+        used = {id(n) for n in nodes}
         unused = [t for t in self.inputs if id(t.node) not in used]
         if unused:
             raise ValueError(f"{owner}: the outputs do not depend on the input {unused[0].node.layer.name!r}; every "
                              "input must lead to an output")
-        self.layers = []
-        for node in self.nodes:
-            if node.layer not in self.layers:
-                self.layers.append(node.layer)
+        self.nodes, first_seen = _traversal(self.outputs)
+        self.layers = _keras_layer_order(self.nodes, first_seen)
         self.consumers = {}  # tensor id -> the nodes of this graph that read it
         for node in self.nodes:
             for t in node.inputs:
@@ -174,6 +177,41 @@ def fused(first, second, training):
     if not training and fusable_bn(first, second):
         return ConvBN(first, second)
     return None
+
+
+def _traversal(outputs):
+    """(nodes, first_seen): every node the outputs depend on, depth-first from the outputs in order, each after the
+    nodes that make its inputs (a topological order); and {id(layer): when the traversal first reached one of its
+    nodes}."""
+    order, finished, first_seen = [], set(), {}
+    for output in outputs:
+        stack = [(output.node, False)]
+        while stack:
+            node, inputs_done = stack.pop()
+            if id(node) in finished:
+                continue
+            if inputs_done:
+                finished.add(id(node))
+                order.append(node)
+                continue
+            first_seen.setdefault(id(node.layer), len(first_seen))
+            stack.append((node, True))
+            stack.extend((t.node, False) for t in reversed(node.inputs))  # the first input is taken first
+    return order, first_seen
+
+
+def _keras_layer_order(nodes, first_seen):
+    """The layers of ``nodes`` (a topological order) as Keras lists a functional model's: by depth, deepest (the
+    inputs') first, ties in ``first_seen`` order. A node's depth is 0 at the outputs and one more than the deepest
+    node that reads it; a layer takes the greatest depth of its nodes (as do the nodes of a shared layer)."""
+    node_depth, layer_depth, layers = {}, {}, {}
+    for node in reversed(nodes):
+        depth = max(node_depth.get(id(node), 0), layer_depth.get(id(node.layer), 0))
+        node_depth[id(node)] = layer_depth[id(node.layer)] = depth
+        layers[id(node.layer)] = node.layer
+        for t in node.inputs:
+            node_depth[id(t.node)] = max(node_depth.get(id(t.node), 0), depth + 1)
+    return sorted(layers.values(), key=lambda layer: (-layer_depth[id(layer)], first_seen[id(layer)]))
 
 
 class Contexts(dict):

@@ -147,6 +147,28 @@ class Model(Trainer, Layer):
         self._all_layers_kept = (self.graph, out)
         return out
 
+    def _layers_in_call_order(self):
+        """``_all_layers`` ordered as the layers were first called (the order of earlier gpucnn versions; the same
+        as Keras's where the graph has no branches)."""
+        def first_call(model):
+            calls = {}
+            for node in (model.graph.nodes if model.graph is not None else ()):
+                calls[id(node.layer)] = min(calls.get(id(node.layer), node.order), node.order)
+            return calls
+
+        out, seen = [], set()
+
+        def walk(model):
+            calls = first_call(model)
+            for layer in sorted(model.layers, key=lambda layer: calls.get(id(layer), -1)):
+                if isinstance(layer, Model):
+                    walk(layer)
+                elif not isinstance(layer, InputLayer) and id(layer) not in seen:
+                    seen.add(id(layer))
+                    out.append(layer)
+        walk(self)
+        return out
+
     def _require_built(self, what):
         if not self.built:
             raise ValueError(f"{what}: the model has not been built yet. Give the first layer input_shape=..., "
@@ -212,19 +234,25 @@ class Model(Trainer, Layer):
             layer.set_weights(weights[i:i + n])
             i += n
 
+    @staticmethod
+    def _flat_layout(slots):
+        """(trained slots, their offsets, total length) of the flat buffer holding the trained weights among
+        ``slots`` ((layer, index) pairs) in that order, each starting on an _ALIGN boundary."""
+        trained = [(layer, i) for layer, i in slots if layer.trainable and layer._weight_trainable[i]]
+        sizes = [int(np.prod(layer.weights[i].shape)) for layer, i in trained]
+        offsets = np.cumsum([0] + [-(-size // _ALIGN) * _ALIGN for size in sizes])
+        return trained, [int(o) for o in offsets[:-1]], int(offsets[-1])
+
     def _pack_weights(self, params=None, grads=None):
         """Gather the trainable weights into one flat buffer and their gradients into another (new ones, or the
         float32 arrays ``params`` and ``grads`` of the right size); the layers keep views into them."""
         xp = backend.ops().xp
-        slots = [(layer, i) for layer, i in self._weight_slots() if layer.trainable and layer._weight_trainable[i]]
-        sizes = [int(np.prod(layer.weights[i].shape)) for layer, i in slots]
-        offsets = np.cumsum([0] + [-(-s // _ALIGN) * _ALIGN for s in sizes])
-        total = int(offsets[-1])
+        slots, offsets, total = self._flat_layout(self._weight_slots())
         self._params = xp.zeros(total, dtype=np.float32) if params is None else params
         self._grads = xp.zeros(total, dtype=np.float32) if grads is None else grads
         self._layout = []
-        for (layer, i), lo, size in zip(slots, offsets, sizes):
-            lo = int(lo)
+        for (layer, i), lo in zip(slots, offsets):
+            size = int(np.prod(layer.weights[i].shape))
             shape = layer.weights[i].shape
             view = self._params[lo:lo + size].reshape(shape)
             view[...] = layer.weights[i]

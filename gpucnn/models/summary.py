@@ -49,11 +49,18 @@ def _count(weights):
     return int(sum(int(np.prod(w.shape)) for w in weights))
 
 
+def _class_label(layer):
+    """The class Keras names for a layer: a functional model (gpucnn's ``Model``, Keras's ``Functional``) as
+    Keras does, every other class (a user's subclass too) by its own name."""
+    cls = type(layer)
+    return "Functional" if cls.__name__ == "Model" and cls.__module__.startswith("gpucnn.") else cls.__name__
+
+
 def _fields(model, layer, chain):
     node = next((n for n in model.graph.nodes if n.layer is layer), None)
     shapes = [t.shape for t in node.outputs] if node is not None else []
     shape = _shape_text(shapes[0]) if len(shapes) == 1 else str([_shape_text(s) for s in shapes]).replace("'", "")
-    fields = [f"{layer.name} ({type(layer).__name__})", shape, f"{layer.count_params():,}"]
+    fields = [f"{layer.name} ({_class_label(layer)})", shape, f"{layer.count_params():,}"]
     if not chain:
         fields.append(_connections(model, layer))
     return fields
