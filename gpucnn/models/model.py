@@ -26,6 +26,22 @@ from .trainer import Trainer
 _ALIGN = 64  # each weight starts on a 256-byte boundary of the flat buffer
 
 
+def _opened(model, layers_of):
+    """The layers of ``model`` in the order ``layers_of(model)`` gives, nested models opened in place, each layer
+    once, InputLayers left out."""
+    out, seen = [], set()
+
+    def walk(m):
+        for layer in layers_of(m):
+            if isinstance(layer, Model):
+                walk(layer)
+            elif not isinstance(layer, InputLayer) and id(layer) not in seen:
+                seen.add(id(layer))
+                out.append(layer)
+    walk(model)
+    return out
+
+
 class Model(Trainer, Layer):
     """``Model(inputs, outputs, name=None)``: the functional model from ``inputs`` (tensors of ``keras.Input``)
     to ``outputs`` (a tensor or a list of them)."""
@@ -129,45 +145,24 @@ class Model(Trainer, Layer):
         raise ValueError(f"no layer named {name!r}; layers: {[layer.name for layer in self.layers]}")
 
     def _all_layers(self):
-        """Every layer that computes, nested models opened, each once (InputLayers left out). Kept until the graph
-        changes: a training step asks for it several times."""
+        """Every layer that computes, nested models opened, each once (InputLayers left out), in Keras's order. Kept
+        until the graph changes: a training step asks for it several times."""
         kept = getattr(self, "_all_layers_kept", None)
         if kept is not None and kept[0] is self.graph:
             return kept[1]
-        out, seen = [], set()
-
-        def walk(model):
-            for layer in model.layers:
-                if isinstance(layer, Model):
-                    walk(layer)
-                elif not isinstance(layer, InputLayer) and id(layer) not in seen:
-                    seen.add(id(layer))
-                    out.append(layer)
-        walk(self)
+        out = _opened(self, lambda model: model.layers)
         self._all_layers_kept = (self.graph, out)
         return out
 
     def _layers_in_call_order(self):
         """``_all_layers`` ordered as the layers were first called (the order of earlier gpucnn versions; the same
         as Keras's where the graph has no branches)."""
-        def first_call(model):
+        def in_call_order(model):
             calls = {}
             for node in (model.graph.nodes if model.graph is not None else ()):
                 calls[id(node.layer)] = min(calls.get(id(node.layer), node.order), node.order)
-            return calls
-
-        out, seen = [], set()
-
-        def walk(model):
-            calls = first_call(model)
-            for layer in sorted(model.layers, key=lambda layer: calls.get(id(layer), -1)):
-                if isinstance(layer, Model):
-                    walk(layer)
-                elif not isinstance(layer, InputLayer) and id(layer) not in seen:
-                    seen.add(id(layer))
-                    out.append(layer)
-        walk(self)
-        return out
+            return sorted(model.layers, key=lambda layer: calls.get(id(layer), -1))
+        return _opened(self, in_call_order)
 
     def _require_built(self, what):
         if not self.built:
