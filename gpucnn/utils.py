@@ -238,3 +238,14 @@ def generator_in_use(generator):
         yield
     finally:
         _state["rng"] = usual
+
+
+_KERAS_UTILS = ("set_random_seed", "clear_session", "to_categorical", "image_dataset_from_directory", "PyDataset")
+
+
+def __getattr__(name):
+    """A part of ``keras.utils`` gpucnn does not have (``plot_model``, ...): said clearly, with what it has."""
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.utils has no {name!r}: gpucnn does not have that part of keras.utils (yet). It "
+                         f"has: {', '.join(_KERAS_UTILS)}")

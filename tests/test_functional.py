@@ -344,3 +344,25 @@ def test_layers_are_listed_in_keras_order_not_in_call_order():
     again = models.Model.from_config(m2.get_config())
     assert [n.layer.name for n in again.graph.nodes] == [n.layer.name for n in m2.graph.nodes]
     assert [layer.name for layer in again.layers] == [layer.name for layer in m2.layers]
+
+
+def test_summary_takes_kerass_arguments_and_refuses_what_it_cannot_draw():
+    """summary(line_length, positions, print_fn, expand_nested, show_trainable, layer_range), Keras's order:
+    show_trainable adds a "Trainable" column (Y / N / - without weights); the rest refuse clearly."""
+    inputs = layers.Input(shape=(6, 6, 2))
+    x = layers.Conv2D(3, 3, name="frozen")(inputs)
+    m = models.Model(inputs, layers.Dense(2, name="head")(layers.Flatten(name="flat")(x)))
+    m.get_layer("frozen").trainable = False
+    lines = []
+    m.summary(line_length=120, print_fn=lines.append, show_trainable=True)
+    text = "\n".join(lines)
+    assert "Trainable" in lines[2]
+    rows = {name: next(line for line in lines if name in line) for name in ("frozen", "flat", "head")}
+    assert rows["frozen"].rstrip("│ ").endswith("N") and rows["head"].rstrip("│ ").endswith("Y")
+    assert rows["flat"].rstrip("│ ").endswith("-")
+    plain = []
+    m.summary(line_length=120, print_fn=plain.append)
+    assert "Trainable" not in plain[2] and len(plain) == len(lines) and text != "\n".join(plain)
+    for kwargs in ({"positions": [0.3, 0.6, 1.0]}, {"expand_nested": True}, {"layer_range": ["frozen", "head"]}):
+        with pytest.raises(NotImplementedError, match=f"does not support {next(iter(kwargs))}="):
+            m.summary(print_fn=lines.append, **kwargs)

@@ -140,3 +140,25 @@ def test_layers_and_weights_are_in_keras_order(monkeypatch):
         xs = x if name in ("projection", "shortcut first") else x[:, :6, :6, :].repeat(2, axis=3)[..., :4]
         np.testing.assert_allclose(mine.predict(xs, verbose=0), np.asarray(ref.predict(xs, verbose=0)), rtol=1e-5,
                                    atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("columns", ["80", "100", "140"])
+def test_the_summary_with_show_trainable_is_keras_summary(columns, monkeypatch):
+    """show_trainable=True: Keras's "Trainable" column (Y, N, or - for a layer without weights), its widths and
+    centring, for graphs with and without branches and a frozen layer."""
+    monkeypatch.setenv("COLUMNS", columns)
+
+    def chain(lib):
+        return lib.Sequential([lib.Input((8, 8, 1)), lib.layers.Conv2D(4, 3, name="conv"), lib.layers.Flatten(),
+                               lib.layers.Dense(2, name="dense")], name="chain")
+
+    for make in (chain, lambda lib: branchy_graphs(lib)["projection"], lambda lib: branchy_graphs(lib)["nested"]):
+        keras_ref.utils.clear_session()
+        gpucnn.utils.clear_session()
+        ref, ours = make(keras_ref), make(gpucnn)
+        for m in (ref, ours):
+            m.layers[1].trainable = False
+        lines_ref, lines_ours = [], []
+        ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")), show_trainable=True)
+        ours.summary(print_fn=lines_ours.append, show_trainable=True)
+        assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]

@@ -307,11 +307,18 @@ class Model(Trainer, Layer):
         return self.graph.backward([dy], ctx["inner"])[0]
 
     # ================================================================================= summary, saving
-    def summary(self, print_fn=None, line_length=None):
+    def summary(self, line_length=None, positions=None, print_fn=None, expand_nested=False, show_trainable=False,
+                layer_range=None):
         """Print Keras's summary table: layer (type), output shape, parameter count (and "Connected to" when the
-        graph is not a chain), then the totals."""
+        graph is not a chain; "Trainable" with ``show_trainable``), then the totals. Keras's arguments, in its
+        order; ``positions``, ``expand_nested`` and ``layer_range`` are not supported (yet)."""
         self._require_built("summary")
-        summary_mod.print_summary(self, print_fn or print, line_length)
+        given = {"positions": positions, "expand_nested": expand_nested or None, "layer_range": layer_range}
+        unsupported = [f"{k}={v!r}" for k, v in given.items() if v is not None]
+        if unsupported:
+            raise NotImplementedError(f"summary: gpucnn does not support {', '.join(unsupported)} (yet); it prints "
+                                      "the whole table at Keras's default positions")
+        summary_mod.print_summary(self, print_fn or print, line_length, show_trainable=bool(show_trainable))
 
     def layer_outputs(self, x, layers=None):
         """The output of every layer (or of the named ones) for inputs ``x``, as NumPy arrays in a dict keyed by

@@ -12,7 +12,7 @@ import numpy as np
 
 
 
-def print_summary(model, print_fn, line_length=None):
+def print_summary(model, print_fn, line_length=None, show_trainable=False):
     chain = model.graph.is_chain()
     if chain:
         width, positions = 88, (0.45, 0.80, 1.0)
@@ -20,19 +20,24 @@ def print_summary(model, print_fn, line_length=None):
     else:
         width, positions = 108, (0.3, 0.56, 0.74, 1.0)
         header = ("Layer (type)", "Output Shape", "Param #", "Connected to")
+    align = {2: "right"}
+    if show_trainable:  # a centred column more: "Y", "N", or "-" for a layer without weights
+        width, positions = width + 12, tuple(p * 0.90 for p in positions) + (1.0,)
+        align[len(header)] = "center"
+        header += ("Trainable",)
     width = line_length or min(width, shutil.get_terminal_size().columns - 4)
     widths = _column_widths(width, positions)
-    right = {2}
-    rows = [_fields(model, layer, chain) for layer in model.layers]
+    rows = [_fields(model, layer, chain) + ([_trainable_mark(layer)] if show_trainable else [])
+            for layer in model.layers]
 
     def rule(left, mid, end, ch):
         return left + mid.join(ch * w for w in widths) + end
 
     lines = [f'Model: "{model.name}"', rule("┏", "┳", "┓", "━")]
-    lines += _row_lines(header, widths, right, "┃")
+    lines += _row_lines(header, widths, align, "┃")
     lines.append(rule("┡", "╇", "┩", "━"))
     for i, row in enumerate(rows):
-        lines += _row_lines(row, widths, right, "│")
+        lines += _row_lines(row, widths, align, "│")
         lines.append(rule("├", "┼", "┤", "─") if i < len(rows) - 1 else rule("└", "┴", "┘", "─"))
     if not rows:
         lines.append(rule("└", "┴", "┘", "─"))
@@ -66,6 +71,10 @@ def _fields(model, layer, chain):
     return fields
 
 
+def _trainable_mark(layer):
+    return ("Y" if layer.trainable else "N") if layer.weights else "-"
+
+
 def _shape_text(shape):
     return "(" + ", ".join(str(d) for d in shape) + ")"
 
@@ -73,8 +82,9 @@ def _shape_text(shape):
 def _connections(model, layer):
     """Keras's "Connected to": ``layer[node index][tensor index]`` for every input of the layer's calls here."""
     parts = []
-    for node in model.graph.nodes:
-        if node.layer is not layer:
+    here = {id(node) for node in model.graph.nodes}
+    for node in layer._inbound_nodes:  # in the order of the calls, as Keras lists them
+        if id(node) not in here:
             continue
         for t in node.inputs:
             source = t.node.layer
@@ -124,7 +134,9 @@ def _wrap(text, width):
     return [ln if len(ln) <= width else ln[:width - 1] + "…" for ln in lines]
 
 
-def _row_lines(cells, widths, right, border):
+def _row_lines(cells, widths, align, border):
+    """A row's lines: each cell wrapped to its column, aligned as ``align`` says for its column index ("right",
+    "center"; left otherwise; a centred text's odd space goes right, as rich puts it)."""
     wrapped = [_wrap(str(c), w - 2) for c, w in zip(cells, widths)]
     height = max(len(w) for w in wrapped)
     out = []
@@ -132,7 +144,15 @@ def _row_lines(cells, widths, right, border):
         parts = []
         for i, (lines, w) in enumerate(zip(wrapped, widths)):
             text = lines[k] if k < len(lines) else ""
-            parts.append(" " + (text.rjust(w - 2) if i in right else text.ljust(w - 2)) + " ")
+            how, room = align.get(i), w - 2
+            if how == "right":
+                text = text.rjust(room)
+            elif how == "center":
+                left = (room - len(text)) // 2
+                text = (" " * left + text).ljust(room)
+            else:
+                text = text.ljust(room)
+            parts.append(" " + text + " ")
         out.append(border + border.join(parts) + border)
     return out
 
