@@ -57,6 +57,12 @@ class Optimizer:
         """The LearningRateSchedule or function the rates come from, or None when the rate is a number."""
         return self._learning_rate if callable(self._learning_rate) else None
 
+    def variable_count(self, trained):
+        """How many values Keras counts as this optimizer's variables (``summary``'s "Optimizer params") over
+        ``trained`` trained parameters: each state buffer's, the step count, and the learning rate when it is a
+        number (a schedule or function is not a variable)."""
+        return len(self._slots) * int(trained) + 1 + (0 if callable(self._learning_rate) else 1)
+
     def reset(self):
         """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
         self.state, self.iterations = None, 0

@@ -366,3 +366,22 @@ def test_summary_takes_kerass_arguments_and_refuses_what_it_cannot_draw():
     for kwargs in ({"positions": [0.3, 0.6, 1.0]}, {"expand_nested": True}, {"layer_range": ["frozen", "head"]}):
         with pytest.raises(NotImplementedError, match=f"does not support {next(iter(kwargs))}="):
             m.summary(print_fn=lines.append, **kwargs)
+
+
+def test_the_summary_counts_the_optimizers_params_once_it_has_trained():
+    """Keras's rule (tests/test_keras_oracle.py checks it against Keras): after the first step, "Optimizer params"
+    = the state buffers over the trained weights + the step count + the learning rate (when a number), in the
+    total too."""
+    inputs = layers.Input(shape=(4,))
+    m = models.Model(inputs, layers.Dense(2, activation="softmax")(layers.Dense(3, name="frozen")(inputs)))
+    m.get_layer("frozen").trainable = False
+    m.compile("adam", "categorical_crossentropy")
+    before = []
+    m.summary(line_length=100, print_fn=before.append)
+    assert not any("Optimizer" in line for line in before) and " Total params: 23 (92.00 B)" in before
+    m.fit(np.zeros((4, 4), np.float32), np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], verbose=0)
+    after = []
+    m.summary(line_length=100, print_fn=after.append)
+    trained = 3 * 2 + 2  # the second Dense: Adam keeps m and v for each of its 8 values
+    assert f" Optimizer params: {2 * trained + 2} (72.00 B)" in after
+    assert f" Total params: {23 + 2 * trained + 2} (164.00 B)" in after

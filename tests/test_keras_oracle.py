@@ -162,3 +162,34 @@ def test_the_summary_with_show_trainable_is_keras_summary(columns, monkeypatch):
         ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")), show_trainable=True)
         ours.summary(print_fn=lines_ours.append, show_trainable=True)
         assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]
+
+
+@pytest.mark.parametrize("which", ["rmsprop", "rmsprop_momentum_centered", "adam", "sgd", "sgd_momentum",
+                                   "adam_schedule", "rmsprop_function"])
+def test_the_summary_after_training_counts_the_optimizers_params_as_keras(which, monkeypatch):
+    """Once the optimizer has its state (after the first step), Keras's summary adds "Optimizer params" (its state
+    buffers over the trained weights, the step count, the learning rate unless a schedule or function gives it)
+    and counts them in the total; before, not."""
+    monkeypatch.setenv("COLUMNS", "100")
+
+    def optimizer(lib):
+        o = lib.optimizers
+        return {"rmsprop": lambda: o.RMSprop(),
+                "rmsprop_momentum_centered": lambda: o.RMSprop(momentum=0.9, centered=True),
+                "adam": lambda: o.Adam(), "sgd": lambda: o.SGD(), "sgd_momentum": lambda: o.SGD(momentum=0.9),
+                "adam_schedule": lambda: o.Adam(learning_rate=o.schedules.ExponentialDecay(0.1, 10, 0.9)),
+                "rmsprop_function": lambda: o.RMSprop(learning_rate=lambda: 0.01)}[which]()
+
+    texts = []
+    for lib in (keras_ref, gpucnn):
+        lib.utils.clear_session()
+        m = lib.Sequential([lib.Input((4,)), lib.layers.Dense(3), lib.layers.BatchNormalization(),
+                            lib.layers.Dense(2, activation="softmax")], name="s")
+        m.layers[0].trainable = False
+        m.compile(optimizer(lib), "categorical_crossentropy")
+        lines = []
+        m.summary(print_fn=lambda line, **_: lines.extend(line.rstrip("\n").split("\n")))
+        m.fit(np.zeros((4, 4), np.float32), np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], verbose=0)
+        m.summary(print_fn=lambda line, **_: lines.extend(line.rstrip("\n").split("\n")))
+        texts.append([line.rstrip() for line in lines])
+    assert texts[1] == texts[0]

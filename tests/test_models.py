@@ -461,8 +461,9 @@ def test_a_frozen_layer_keeps_its_weights_and_counts_as_non_trainable():
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(dense_before[0], m.layers[-1].get_weights()[0])
     lines = summary_text(m)
-    assert lines[-2] == f" Trainable params: {m.layers[-1].count_params():,} ({lines[-2].split('(')[1]}"
-    assert lines[-1].startswith(f" Non-trainable params: {conv.count_params():,} ")
+    assert lines[-3] == f" Trainable params: {m.layers[-1].count_params():,} ({lines[-3].split('(')[1]}"
+    assert lines[-2].startswith(f" Non-trainable params: {conv.count_params():,} ")
+    assert lines[-1] == " Optimizer params: 2 (8.00 B)"  # after training, as Keras: plain SGD's step count and rate
 
 
 def test_a_seeded_dropout_draws_a_new_mask_each_step_and_repeats_across_runs():

@@ -43,8 +43,13 @@ def print_summary(model, print_fn, line_length=None, show_trainable=False):
         lines.append(rule("└", "┴", "┘", "─"))
     trainable = _count(model.trainable_weights)
     non_trainable = _count(model.non_trainable_weights)
-    for label, n in (("Total", trainable + non_trainable), ("Trainable", trainable),
-                     ("Non-trainable", non_trainable)):
+    optimizer = getattr(model, "optimizer", None)
+    # as Keras, once the optimizer has made its state (the first training step): its values too
+    counted = optimizer is not None and optimizer.state is not None
+    of_optimizer = optimizer.variable_count(trainable) if counted else 0
+    totals = [("Total", trainable + non_trainable + of_optimizer), ("Trainable", trainable),
+              ("Non-trainable", non_trainable)] + ([("Optimizer", of_optimizer)] if counted else [])
+    for label, n in totals:
         lines.append(f" {label} params: {n:,} ({readable_size(n * 4)})")
     for line in lines:
         print_fn(line)
