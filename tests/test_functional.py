@@ -385,3 +385,27 @@ def test_the_summary_counts_the_optimizers_params_once_it_has_trained():
     trained = 3 * 2 + 2  # the second Dense: Adam keeps m and v for each of its 8 values
     assert f" Optimizer params: {2 * trained + 2} (72.00 B)" in after
     assert f" Total params: {23 + 2 * trained + 2} (164.00 B)" in after
+
+
+def test_inference_shares_work_arrays_and_keeps_nothing_for_a_backward_pass():
+    """predict and evaluate keep no layer's input or output after it has run, and the layers' work arrays are one
+    per shape for the whole model (a large batch's predict held every layer's before); the predictions are those
+    of each sample alone, and the same twice."""
+    utils.set_random_seed(5)
+    inputs = layers.Input(shape=(10, 10, 8))
+    x = layers.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    y = layers.Conv2D(8, 3, padding="same", name="c2")(layers.ReLU()(layers.BatchNormalization()(x)))
+    x = layers.Add()([x, layers.Conv2D(8, 3, padding="same", name="c3")(y)])
+    m = models.Model(inputs, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling2D()(x)))
+    data = np.random.default_rng(1).standard_normal((12, 10, 10, 8)).astype(np.float32)
+    got = m.predict(data, batch_size=12, verbose=0)
+    contexts = m._contexts(12, False)
+    work = {id(contexts[n]["ops"]) for n in m.graph.nodes if "ops" in contexts[n]}
+    assert len(work) == 1  # one work dict for every layer
+    shared = next(contexts[n]["ops"] for n in m.graph.nodes if "ops" in contexts[n])
+    assert len([k for k in shared if isinstance(k, tuple) and k[0] == "wino_d"]) == 1  # c1, c2, c3: one shape
+    for node in m.graph.nodes:
+        assert not {"x", "y"} & set(contexts[node]), node
+    np.testing.assert_array_equal(m.predict(data, batch_size=12, verbose=0), got)
+    alone = np.concatenate([m.predict(data[i:i + 1], verbose=0) for i in range(12)])
+    np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-7)

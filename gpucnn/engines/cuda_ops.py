@@ -25,6 +25,7 @@ from . import cuda_loader as cuda
 # shared with the NumPy engine: shape rules, how an activation is named, the host-side transform builders
 from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401
 from .numpy_ops import _bn_rows, _depthwise_geometry, _fold_channels, _padded_shape  # (and their checks)
+from .numpy_ops import SHARED_WORK, _work_key  # noqa: F401  (work arrays in a shared ctx)
 from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
 from .numpy_ops import (FILL_MODES, INTERPOLATIONS, check_step_row, check_transform_options,  # noqa: F401
                         rotation_transforms, translation_transforms, zoom_transforms)
@@ -132,7 +133,9 @@ def _patch_channels(rows, cols, kh, kw, c, stride, what):
 
 
 def _work(ctx, key, shape, dtype=DTYPE):
-    """A device work array kept in ``ctx[key]`` for the next call with the same shape."""
+    """A device work array kept in ``ctx[key]`` for the next call with the same shape (in a ctx shared by several
+    calls, ``SHARED_WORK``, one per shape)."""
+    key = _work_key(ctx, key, shape)
     a = ctx.get(key) if ctx is not None else None
     if a is None or a.shape != tuple(shape):
         a = cuda.empty(shape, dtype)

@@ -41,7 +41,7 @@ def _pad(x, padding, value=0.0, ctx=None):
         return x
     n, h, w, c = x.shape
     shape = (n, h + top + bottom, w + left + right, c)
-    key = ("pad", tuple(padding), value)
+    key = _work_key(ctx, ("pad", tuple(padding), value), shape)
     xpad = None if ctx is None else ctx.get(key)
     if xpad is None or xpad.shape != shape or xpad.dtype != x.dtype:
         xpad = np.full(shape, value, x.dtype)
@@ -77,9 +77,25 @@ def _crop(a, padding):
     return a[:, top:a.shape[1] - bottom, left:a.shape[2] - right, :]
 
 
+SHARED_WORK = "shared work"  # a ctx holding this key is shared by many calls (inference: every layer of a model)
+
+
+def _work_key(ctx, key, shape):
+    """The key of a work array in ``ctx``: ``key``, or in a ctx shared by several calls (``SHARED_WORK``) the key and
+    the shape, so that calls of different shapes keep their own arrays and calls of one shape share one."""
+    return (key, tuple(shape)) if ctx is not None and SHARED_WORK in ctx else key
+
+
+def _kept(ctx, key, shape):
+    """The work array ``key`` of this shape in ``ctx``, or None."""
+    a = None if ctx is None else ctx.get(_work_key(ctx, key, shape))
+    return a if a is not None and a.shape == tuple(shape) else None
+
+
 def _scratch(ctx, key, shape, zero=False):
     """A float32 work array kept in ``ctx`` from one call to the next. Fresh large arrays cost page
     faults on every step; reused ones do not."""
+    key = _work_key(ctx, key, shape)
     a = None if ctx is None else ctx.get(key)
     if a is None or a.shape != shape:
         a = np.empty(shape, DTYPE)
@@ -301,8 +317,7 @@ def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
 
 def _kept_cols(ctx, shape):
     """The im2col matrix the last forward left in ``ctx``, if it has this shape (else None)."""
-    cols = ctx.get("cols") if ctx else None
-    return cols if cols is not None and cols.shape == shape else None
+    return _kept(ctx, "cols", shape)
 
 
 def _forward_cols(x, k, stride, padding, p, q, ctx, pooled=False):
@@ -941,8 +956,8 @@ def _winograd_output_grad(dy_blocks, m, ctx):
 
 def _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w_shape):
     """dw into ``out_w`` from dM, with the tiles the forward kept in ``ctx`` (made again if not there)."""
-    v = ctx.get("wino_v") if ctx else None
-    if v is None or v.shape != (len(dm), dm.shape[1], x.shape[3]):
+    v = _kept(ctx, "wino_v", (len(dm), dm.shape[1], x.shape[3]))
+    if v is None:
         v = _winograd_tiles(x, padding, m, th, tw, None)
     du = np.matmul(v.transpose(0, 2, 1), dm)  # ((m+2)², C, F)
     return _finish((_WINOGRAD[m][1].T @ du.reshape(len(du), -1)).reshape(w_shape), out_w)

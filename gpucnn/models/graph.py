@@ -114,18 +114,36 @@ class Graph:
 
     # --------------------------------------------------------------------------------- running
     def forward(self, xs, training, contexts):
-        """The outputs (a list) for inputs ``xs`` (a list of engine arrays, one per input)."""
+        """The outputs (a list) for inputs ``xs`` (a list of engine arrays, one per input). With inference-only
+        contexts (``Contexts(shared_work=True)``) nothing is kept for a backward pass: each tensor is let go once
+        its last reader has run, and what the layers keep in their contexts once they have run."""
         values = {t.id: x for t, x in zip(self.inputs, xs)}
-        for step in self.steps(training):
+        steps = self.steps(training)
+        release = contexts.shared_work is not None
+        if release:
+            reads = [[step[0].inputs[0]] if len(step) == 2 else step[0].inputs for step in steps]
+            left = {}
+            for tensors in reads:
+                for t in tensors:
+                    left[t.id] = left.get(t.id, 0) + 1
+            keep = {t.id for t in self.outputs}
+        for k, step in enumerate(steps):
             if len(step) == 2:
                 first, second = step
                 values[second.outputs[0].id] = fused(first.layer, second.layer, training).forward(
                     values[first.inputs[0].id], training, contexts[first], contexts[second])
-                continue
-            node = step[0]
-            args = [values[t.id] for t in node.inputs]
-            values[node.outputs[0].id] = node.layer.forward(args[0] if node.single else args, training,
-                                                            contexts[node])
+            else:
+                node = step[0]
+                args = [values[t.id] for t in node.inputs]
+                values[node.outputs[0].id] = node.layer.forward(args[0] if node.single else args, training,
+                                                                contexts[node])
+            if release:
+                for node in step:
+                    contexts.release(node)
+                for t in reads[k]:
+                    left[t.id] -= 1
+                    if not left[t.id] and t.id not in keep:
+                        values.pop(t.id, None)
         return [values[t.id] for t in self.outputs]
 
     def backward(self, douts, contexts):
@@ -219,9 +237,13 @@ class Contexts(dict):
     size): whether each node needs its input gradient, which calls of a shared layer add their weight gradients to
     another's, and the step values (``step``: Dropout's seed table and the step counter)."""
 
-    def __init__(self, graph, step=None, skip_output_activation=False, inputs_need=False):
+    def __init__(self, graph, step=None, skip_output_activation=False, inputs_need=False, shared_work=False):
         super().__init__()
         self.step = step
+        # ``shared_work`` (inference: nothing is kept for a backward pass): every node's ops share one work dict,
+        # one array per shape, instead of each keeping its own — a large batch's predict holds a few layers' work
+        # arrays, not every layer's
+        self.shared_work = {backend.ops().SHARED_WORK: True} if shared_work else None
         self.needs = graph.needs_gradient(inputs_need)
         output_nodes = {id(t.node) for t in graph.outputs}
         written = set()  # layers whose gradient a later node (earlier in backward) already writes
@@ -234,12 +256,23 @@ class Contexts(dict):
 
     def _context(self, node, step, written, skip_activation):
         ctx = {"need_dx": any(self.needs.get(t.id, False) for t in node.inputs), "step": step}
+        if self.shared_work is not None:
+            ctx["ops"] = self.shared_work
         if skip_activation:
             ctx["skip_activation"] = True
         if id(node.layer) in written:
             ctx["accumulate"] = True
         written.add(id(node.layer))
         self[node] = ctx
+
+    _KEPT = ("need_dx", "step", "ops", "skip_activation", "accumulate", "inner")
+
+    def release(self, node):
+        """Drop what ``node``'s layer kept in its context for a backward pass (its input, output, masks...), keeping
+        the context's setup, its work arrays and its out= buffers (inference: no backward comes)."""
+        ctx = self[node]
+        for key in [k for k in ctx if k not in self._KEPT and not (isinstance(k, tuple) and k[0] == "buffer")]:
+            del ctx[key]
 
     def buffer(self, key, shape, dtype=np.float32):
         kept = self.get(key)

@@ -106,7 +106,7 @@ class Trainer:
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
             step = self._step_values() if training else None
-            cache[key] = Contexts(self.graph, step=step,
+            cache[key] = Contexts(self.graph, step=step, shared_work=not training,
                                   skip_output_activation=training and self._fused_activation() is not None)
         return cache[key]
 
