@@ -596,3 +596,53 @@ def test_a_diverging_run_says_so_once_without_warnings_from_the_worker():
     run = subprocess.run([sys.executable, "-c", DIVERGING, root], capture_output=True, text=True, timeout=120)
     assert run.stdout.strip() == "diverged"
     assert run.stderr == ""
+
+
+def test_the_exchange_of_a_wide_batch_normalization_does_not_block():
+    """Both halves send at once: an array larger than a socket's buffer (a BatchNormalization over 12,544 features
+    sends 300 KB) is traded in chunks, one each way at a time, so neither send waits for ever."""
+    import socket
+    import threading
+    from multiprocessing.connection import Connection
+
+    a, b = socket.socketpair()
+    ends = [Connection(a.detach()), Connection(b.detach())]
+    arrays = [np.arange(3 * 12544, dtype=np.float64).reshape(3, -1) * (k + 1) for k in range(2)]
+    got = [None, None]
+
+    def side(k):
+        got[k] = parallel.exchange_chunks(arrays[k], ends[k].send, lambda: ends[k].recv()[1])
+
+    threads = [threading.Thread(target=side, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not any(t.is_alive() for t in threads), "the exchange blocked"
+    np.testing.assert_array_equal(got[0], arrays[1])
+    np.testing.assert_array_equal(got[1], arrays[0])
+    for end in ends:
+        end.close()
+
+
+def test_the_split_step_of_a_wide_batch_normalization_gives_the_one_process_step(monkeypatch):
+    needs_split()
+    utils.set_random_seed(3)
+    inputs = layers.Input(shape=(8,))
+    x = layers.BatchNormalization()(layers.Dense(10000)(inputs))
+    m = models.Model(inputs, layers.Dense(4, activation="softmax")(x))
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 8)).astype(np.float32), rng.integers(0, 4, 32)
+    before = moving_statistics(m)
+    loss_1, _, grads_1 = one_thread_step(m, x, y, monkeypatch)
+    want = moving_statistics(m)
+    for w, v in zip([w for layer in m._all_layers() if isinstance(layer, layers.BatchNormalization)
+                     for w in layer.weights[-2:]], before):
+        w[...] = v
+    m._grads[...] = np.nan
+    loss_2, _ = parallel.split_step(m, x, y)
+    np.testing.assert_allclose(float(loss_2), loss_1, rtol=1e-5)
+    np.testing.assert_allclose(grads(m), grads_1, rtol=1e-4, atol=1e-5 * np.abs(grads_1).max())
+    for got, w in zip(moving_statistics(m), want):
+        np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)

@@ -249,6 +249,24 @@ class _WorkerLost(Exception):
     """The worker did not take part in an exchange of sums (it failed, stalled or died)."""
 
 
+EXCHANGE_CHUNK = 4096  # values a message of the exchange carries: 32 KB, far below a socket's buffer
+
+
+def exchange_chunks(mine, send, receive):
+    """The other side's array of the shape of ``mine``, traded piece by piece: each side sends one chunk, then
+    receives the other's. Both sides send at once, so a whole large array (a BatchNormalization over 12,544 features
+    sends 300 KB) would fill both sockets' buffers and block both sends for ever; one chunk at a time never does."""
+    flat = np.ascontiguousarray(mine).reshape(-1)
+    parts = []
+    for start in range(0, max(flat.size, 1), EXCHANGE_CHUNK):
+        send(("sums", flat[start:start + EXCHANGE_CHUNK]))
+        parts.append(receive())
+    theirs = np.concatenate(parts) if parts else np.zeros(0)
+    if theirs.shape != flat.shape:
+        raise RuntimeError(f"the other half sent {theirs.size} values where this one has {flat.size}")
+    return theirs.reshape(np.shape(mine))
+
+
 class _Exchange:
     """This process's side of the halves' exchange of per-channel sums (``StepValues.exchange``): its half is the
     batch's first."""
@@ -258,9 +276,9 @@ class _Exchange:
 
     def __call__(self, mine):
         half = _state["half_seconds"]
+        timeout = max(STEP_SECONDS, 10 * (half or 0))
         try:
-            self.worker.send(("sums", mine))
-            theirs = self.worker._expect("sums", max(STEP_SECONDS, 10 * (half or 0)))[1]
+            theirs = exchange_chunks(mine, self.worker.send, lambda: self.worker._expect("sums", timeout)[1])
         except Exception as exc:  # noqa: BLE001
             raise _WorkerLost() from exc
         return [mine, theirs]
@@ -307,7 +325,8 @@ class _Worker:
         capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
         # the model as compiled (graph, trainable weights, loss: model._version), its buffers, the data's shapes
         key = (id(model), model._version, id(model._params), model._params.shape, xh.shape[1:], yh.shape[1:],
-               yh.dtype.str)
+               yh.dtype.str, tuple(layer.trainable for layer in model._all_layers()))  # (a BatchNormalization's
+        # trainable, read at each call, decides whether it exchanges: both sides must agree)
         if key != self.key or len(xh) > len(self.shared["x"]):
             self._setup(model, key, capacity, xh, yh)
         shared = self.shared

@@ -9,7 +9,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .. import backend, losses
-from .parallel import _arrays, _fixed_slots
+from .parallel import _arrays, _fixed_slots, exchange_chunks
 from .serialization import model_from_config
 
 
@@ -43,12 +43,14 @@ def _half_step(replica, conn, n, scale, values):
     the images' offset in the batch, the augmentation values of these images), drawn by the other side."""
     model, shared = replica
 
-    def exchange(mine):  # the other side's half is the batch's first
-        conn.send(("sums", mine))
+    def receive():
         message = conn.recv()
         if message[0] != "sums":
             raise RuntimeError(f"expected the other half's sums, got {message[0]!r}")
-        return [message[1], mine]
+        return message[1]
+
+    def exchange(mine):  # the other side's half is the batch's first
+        return [exchange_chunks(mine, conn.send, receive), mine]
 
     # as in fit: a diverging run's overflow is reported once, as TrainingDivergedError, by the other side
     with np.errstate(over="ignore", invalid="ignore"):
