@@ -56,8 +56,8 @@ class Conv2D(Layer):
 def fusable_pool(conv, pool):
     """Whether training runs Conv2D ``conv`` and ``pool``, the layer after it, as one op
     (``ops.conv2d_maxpool_forward``): a MaxPooling2D of 2x2 windows at stride 2, "valid", after a relu or
-    linear convolution."""
-    return (isinstance(conv, Conv2D) and type(pool) is MaxPooling2D and conv.activation in (None, "relu")
+    linear convolution, both of gpucnn's own classes (a subclass's own forward must run)."""
+    return (type(conv) is Conv2D and type(pool) is MaxPooling2D and conv.activation in (None, "relu")
             and pool.pool_size == (2, 2) and pool.strides == (2, 2) and pool.padding == "valid")
 
 

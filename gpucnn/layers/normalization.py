@@ -132,8 +132,9 @@ class BatchNormalization(Layer):
 def fusable_bn(conv, bn):
     """Whether inference (``predict``, ``evaluate``) runs Conv2D ``conv`` and ``bn``, the BatchNormalization after it,
     as one convolution with the normalization folded into its kernel and bias (``ConvBN``): a convolution without
-    an activation (the normalization must see its raw output)."""
-    return isinstance(conv, Conv2D) and type(bn) is BatchNormalization and conv.activation in (None, "linear")
+    an activation (the normalization must see its raw output), both of gpucnn's own classes (a subclass's own
+    forward must run)."""
+    return type(conv) is Conv2D and type(bn) is BatchNormalization and conv.activation in (None, "linear")
 
 
 class ConvBN:
