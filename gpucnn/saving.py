@@ -174,13 +174,18 @@ def _npz_bytes(arrays):
     return buf.getvalue()
 
 
+KERAS_ORDER = "keras_order"  # an empty array in a weights file whose weights are numbered in Keras's order
+
+
 def _weight_arrays(model):
-    """{``00_conv2d_kernel``: array, ...}: every weight, numbered in Keras's order."""
+    """{``00_conv2d_kernel``: array, ...}: every weight, numbered in Keras's order, and the empty ``KERAS_ORDER``
+    that says so (files of earlier gpucnn versions numbered a functional model's weights in call order)."""
     out, i = {}, 0
     for layer in model._all_layers():
         for name, value in zip(layer.weight_names, layer.get_weights()):
             out[f"{i:02d}_{layer.name}_{name}"] = value
             i += 1
+    out[KERAS_ORDER] = np.zeros(0, np.float32)
     return out
 
 
@@ -323,15 +328,16 @@ def _set_weights_from_npz(model, data, path):
     """Load the weights of an .npz written by ``_weight_arrays`` into ``model``; returns the model's slots
     (``_weight_slots``) in the file's order.
 
-    The keys name each weight's layer: when they are this model's names, each array goes to the weight of its name,
-    whatever order the file lists them in (earlier gpucnn versions listed a functional model's weights in the order
-    its layers were called, not in Keras's). Otherwise they go by position, which is only unambiguous where both orders
-    agree (a model without branches); a model with branches and other names is refused."""
+    The keys name each weight's layer: when they are this model's names (each once), each array goes to the weight of
+    its name, whatever the file's order. Otherwise (another instance of the architecture, whose layers got other
+    names) they go by position: in Keras's order for a file that says so (``KERAS_ORDER``), in the order the layers
+    were called for a file of an earlier gpucnn version, which numbered a functional model's weights that way."""
     slots = model._weight_slots()
     expected = [(layer, name, tuple(w.shape)) for layer in model._all_layers()
                 for name, w in zip(layer.weight_names, layer.weights)]
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         headers = _npz_headers(zf, path, "weights")
+        keras_order = headers.pop(KERAS_ORDER, None) is not None
         ordered = []
         for key in headers:
             index, _, rest = key.partition("_")
@@ -345,16 +351,12 @@ def _set_weights_from_npz(model, data, path):
         by_name = {f"{layer.name}_{name}": k for k, (layer, name, _) in enumerate(expected)}
         if len(by_name) == len(expected) and sorted(by_name) == sorted(rest for _, rest, _ in ordered):
             place = [by_name[rest] for _, rest, _ in ordered]
-        else:
-            if model._layers_in_call_order() != model._all_layers():
-                first = next((rest, f"{layer.name}_{name}") for (_, rest, _), (layer, name, _)
-                             in zip(ordered, expected) if rest != f"{layer.name}_{name}")
-                raise InvalidModelFile(
-                    f"{path}: the file's weights are named for other layers (e.g. {first[0]!r} where this model has "
-                    f"{first[1]!r}), and this model has branches, whose weights gpucnn loads by layer name. Build the "
-                    "model with the layer names it was saved with (name=...), or load the whole saved model with "
-                    "keras.models.load_model")
+        elif keras_order:
             place = list(range(len(expected)))
+        else:
+            slot_of = {(id(layer), i): k for k, (layer, i) in enumerate(slots)}
+            place = [slot_of[(id(layer), i)] for layer in model._layers_in_call_order()
+                     for i in range(len(layer.weights))]
         for (i, rest, key), k in zip(ordered, place):
             layer, name, shape = expected[k]
             if not rest.endswith("_" + name) or headers[key][1] != shape:
