@@ -184,7 +184,9 @@ class Graph:
     def _add_weight_grads(node, ctx, ops):
         if ctx.get("accumulate"):
             for i, g in enumerate(node.layer.grads):
-                ops.add(g, ctx[("grad", i)], out=g)
+                kept = ctx.get(("grad", i))  # none for a weight no gradient reaches (moving statistics)
+                if kept is not None:
+                    ops.add(g, kept, out=g)
 
 
 def fused(first, second, training):
