@@ -409,3 +409,55 @@ def test_inference_shares_work_arrays_and_keeps_nothing_for_a_backward_pass():
     np.testing.assert_array_equal(m.predict(data, batch_size=12, verbose=0), got)
     alone = np.concatenate([m.predict(data[i:i + 1], verbose=0) for i in range(12)])
     np.testing.assert_allclose(got, alone, rtol=1e-6, atol=1e-7)
+
+
+def test_a_users_conv2d_subclass_is_never_fused_past_its_own_forward():
+    """Inference's Conv2D + BatchNormalization and training's Conv2D + 2x2 max-pool run as one engine op only for
+    gpucnn's own Conv2D: a subclass's forward (here: doubling its output) must run."""
+    class DoubledConv(layers.Conv2D):
+        def forward(self, x, training, ctx):
+            return super().forward(x, training, ctx) * 2.0
+
+    inputs = layers.Input(shape=(6, 6, 8))
+    conv = DoubledConv(8, 3, padding="same")
+    bn = layers.BatchNormalization()
+    m = models.Model(inputs, bn(conv(inputs)))
+    assert all(len(step) == 1 for step in m.graph.steps(False))
+    x = np.random.default_rng(0).standard_normal((4, 6, 6, 8)).astype(np.float32)
+    want = bn.forward(np.array(conv.forward(x, False, {})), False, {})
+    np.testing.assert_allclose(m.predict(x, verbose=0), want, rtol=1e-6, atol=1e-6)
+    pooled = models.Model(inputs, layers.MaxPooling2D(2)(DoubledConv(4, 3)(inputs)))
+    assert all(len(step) == 1 for step in pooled.graph.steps(True))
+
+
+def test_a_batch_normalization_called_twice_trains_with_both_calls_gradients():
+    """A shared BatchNormalization (called on two tensors): its gamma and beta gradients are the sums of its calls',
+    as two separate layers with the same weights would have them; its moving statistics have no gradient."""
+    def build(shared):
+        utils.set_random_seed(4)
+        inputs = layers.Input(shape=(5, 5, 4))
+        conv = layers.Conv2D(4, 3, padding="same", name="conv")
+        bn_a = layers.BatchNormalization(name="bn_a")
+        bn_b = bn_a if shared else layers.BatchNormalization(name="bn_b")
+        a = layers.ReLU()(bn_a(conv(inputs)))
+        b = bn_b(layers.Conv2D(4, 3, padding="same", name="conv2")(a))
+        m = models.Model(inputs, layers.Dense(3, activation="softmax", name="head")(layers.Flatten()(b)))
+        m.compile("sgd", "sparse_categorical_crossentropy")
+        return m
+
+    tied, untied = build(True), build(False)
+    gamma = np.random.default_rng(1).uniform(0.5, 2, 4).astype(np.float32)
+    beta = np.random.default_rng(2).standard_normal(4).astype(np.float32)
+    for m in (tied, untied):
+        for name in ("bn_a", "bn_b") if m is untied else ("bn_a",):
+            m.get_layer(name).set_weights([gamma, beta, np.zeros(4), np.ones(4)])
+        for name in ("conv", "conv2", "head"):
+            m.get_layer(name).set_weights(tied.get_layer(name).get_weights())
+    x = np.random.default_rng(3).standard_normal((6, 5, 5, 4)).astype(np.float32)
+    y = np.arange(6) % 3
+    tied._forward_backward(x, y, 1.0)
+    untied._forward_backward(x, y, 1.0)
+    for i in range(2):  # gamma, beta
+        np.testing.assert_allclose(tied.get_layer("bn_a").grads[i], untied.get_layer("bn_a").grads[i] +
+                                   untied.get_layer("bn_b").grads[i], rtol=1e-5, atol=1e-6)
+    tied.fit(x, y, batch_size=6, epochs=1, verbose=0)  # trains (it raised KeyError before)

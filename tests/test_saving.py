@@ -123,7 +123,8 @@ def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
     model = trained()
     model.save_weights(tmp_path / "w.npz")
     with np.load(tmp_path / "w.npz", allow_pickle=False) as npz:
-        assert npz.files == ["00_conv2d_kernel", "01_conv2d_bias", "02_dense_kernel", "03_dense_bias"]
+        assert npz.files == ["00_conv2d_kernel", "01_conv2d_bias", "02_dense_kernel", "03_dense_bias",
+                             saving.KERAS_ORDER]
         assert npz["00_conv2d_kernel"].shape == (3, 3, 1, 4)
     other = tiny_model()  # same architecture, other layer names (conv2d_1, ...)
     other.load_weights(tmp_path / "w.npz")
@@ -421,6 +422,9 @@ def test_a_file_in_the_call_order_of_earlier_versions_loads_by_layer_name(tmp_pa
     x, y = block_data()
     with monkeypatch.context() as old_version:
         old_version.setattr(models.Model, "_all_layers", models.Model._layers_in_call_order)
+        arrays = saving._weight_arrays
+        old_version.setattr(saving, "_weight_arrays", lambda m: {k: v for k, v in arrays(m).items()
+                                                                 if k != saving.KERAS_ORDER})
         original = shortcut_first_model()
         assert [layer.name for layer in original._all_layers()][:4] == ["stem", "short", "main1", "main2"]
         original.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # optimizer state to save
@@ -439,19 +443,47 @@ def test_a_file_in_the_call_order_of_earlier_versions_loads_by_layer_name(tmp_pa
             np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_weights_of_a_model_with_branches_load_by_name_or_are_refused(tmp_path):
-    """Keras's order is the files' order now; a model with branches takes a weights file by its layer names (any
-    order), and refuses one named for other layers rather than guess which order it was written in. A model
-    without branches still takes other names by position."""
+def test_weights_of_a_model_with_branches_load_by_name_or_by_position_in_the_files_order(tmp_path, monkeypatch):
+    """A weights file is numbered in Keras's order and says so; a model takes it by its layer names when they are
+    the file's (any order), else by position (another instance of the architecture, other names). A file of an
+    earlier version (call order, no KERAS_ORDER) goes by position in call order."""
     model = shortcut_first_model()
     model.save_weights(tmp_path / "w.npz")
     with np.load(tmp_path / "w.npz") as npz:
         assert [k.split("_", 1)[1] for k in npz.files][:4] == ["stem_kernel", "stem_bias", "main1_kernel",
                                                               "main1_bias"]
-    same = shortcut_first_model()
-    same.load_weights(tmp_path / "w.npz")
-    for a, b in zip(same.get_weights(), model.get_weights()):
+    for other in (shortcut_first_model(), shortcut_first_model("_2")):  # the same names; other names
+        other.load_weights(tmp_path / "w.npz")
+        for a, b in zip(other.get_weights(), model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    with monkeypatch.context() as old_version:  # an earlier version's file: call order, no marker
+        old_version.setattr(models.Model, "_all_layers", models.Model._layers_in_call_order)
+        arrays = saving._weight_arrays
+        old_version.setattr(saving, "_weight_arrays", lambda m: {k: v for k, v in arrays(m).items()
+                                                                 if k != saving.KERAS_ORDER})
+        model.save_weights(tmp_path / "old.npz")
+    renamed = shortcut_first_model("_3")
+    renamed.load_weights(tmp_path / "old.npz")
+    for a, b in zip(renamed.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(InvalidModelFile, match="named for other layers.*'stem_kernel' where this model has "
-                                               "'stem_2_kernel'.*branches"):
-        shortcut_first_model("_2").load_weights(tmp_path / "w.npz")
+
+
+def test_a_models_own_weights_file_loads_when_nested_models_repeat_layer_names(tmp_path):
+    """Layer names are unique within a model, not across the models nested in it: such a file cannot go by name,
+    and goes by position in the order it says it has."""
+    def block(name):
+        inputs = layers.Input(shape=(6, 6, 3))
+        short = layers.Conv2D(3, 1, name="conv_short")(inputs)
+        main = layers.Conv2D(3, 3, padding="same", name="conv")(inputs)
+        return models.Model(inputs, layers.Add()([main, short]), name=name)
+
+    utils.set_random_seed(2)
+    inputs = layers.Input(shape=(6, 6, 3))
+    m = models.Model(inputs, block("b2")(block("b1")(inputs)))
+    assert len({layer.name for layer in m._all_layers()}) < len(m._all_layers())
+    saved = m.get_weights()
+    m.save_weights(tmp_path / "w.npz")
+    m.set_weights([np.zeros_like(w) for w in saved])
+    m.load_weights(tmp_path / "w.npz")
+    for a, b in zip(m.get_weights(), saved):
+        np.testing.assert_array_equal(a, b)
