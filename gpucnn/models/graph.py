@@ -267,14 +267,20 @@ class Contexts(dict):
         written.add(id(node.layer))
         self[node] = ctx
 
-    _KEPT = ("need_dx", "step", "ops", "skip_activation", "accumulate", "inner")
+    _KEPT = ("need_dx", "step", "skip_activation", "accumulate", "inner")
 
     def release(self, node):
         """Drop what ``node``'s layer kept in its context for a backward pass (its input, output, masks...), keeping
         the context's setup, its work arrays and its out= buffers (inference: no backward comes)."""
         ctx = self[node]
-        for key in [k for k in ctx if k not in self._KEPT and not (isinstance(k, tuple) and k[0] == "buffer")]:
+        for key in [k for k in ctx if not self._kept(k)]:
             del ctx[key]
+
+    def _kept(self, key):
+        """Whether ``release`` keeps a context entry: the setup, work dicts ("ops", "ops_depthwise", ...: the engine's
+        work arrays) and out= buffers."""
+        return (key in self._KEPT or (isinstance(key, str) and key.startswith("ops"))
+                or (isinstance(key, tuple) and key[0] == "buffer"))
 
     def buffer(self, key, shape, dtype=np.float32):
         kept = self.get(key)
