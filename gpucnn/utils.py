@@ -240,6 +240,25 @@ def generator_in_use(generator):
         _state["rng"] = usual
 
 
+class EagerArray(np.ndarray):
+    """A NumPy array with Keras's tensor method ``numpy()``: what a layer or model called on NumPy data returns and
+    what a dataset's batches are, so the book's ``images[0].numpy()`` works. Everything else is NumPy's."""
+
+    def numpy(self):
+        """The values as a plain NumPy array (a view, no copy)."""
+        return self.view(np.ndarray)
+
+
+def eager(value):
+    """``value`` with its NumPy arrays (also inside a list or tuple) as ``EagerArray`` views; anything else (a
+    device array, a number) as it is."""
+    if isinstance(value, np.ndarray):
+        return value if isinstance(value, EagerArray) else value.view(EagerArray)
+    if isinstance(value, (list, tuple)):
+        return type(value)(eager(v) for v in value)
+    return value
+
+
 _KERAS_UTILS = ("set_random_seed", "clear_session", "to_categorical", "image_dataset_from_directory", "PyDataset")
 
 

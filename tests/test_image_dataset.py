@@ -350,3 +350,48 @@ def test_explicit_labels_and_follow_links(rgba_folder, tmp_path):
     assert len(image_dataset_from_directory(tmp_path / "root", verbose=False).file_paths) == 2
     followed = image_dataset_from_directory(tmp_path / "root", follow_links=True, verbose=False)
     assert len(followed.file_paths) == 4
+
+
+def test_batches_and_eager_calls_have_numpy_as_keras_tensors_do(folder):
+    """The book plots ``images[0].numpy()`` and ``augmented_images[0].numpy()``: a dataset's batches and what a layer
+    or model called on data returns have Keras's ``numpy()``, giving a plain NumPy array of the same values."""
+    from gpucnn import layers, models
+    images, labels = next(iter(_quiet(folder, image_size=(8, 8), batch_size=4, seed=1)))
+    for plain, values in ((images[0].numpy(), images[0]), (labels.numpy(), labels)):  # (a label alone is a number)
+        assert type(plain) is np.ndarray and np.array_equal(plain, np.asarray(values))
+    flipped = layers.RandomFlip(seed=3)(images, training=True)
+    assert flipped[0].numpy().shape == (8, 8, 3)
+    m = models.Sequential([layers.Input((8, 8, 3)), layers.Flatten(), layers.Dense(2)])
+    out = m(images)
+    assert type(out.numpy()) is np.ndarray and np.array_equal(out.numpy(), m.predict(images, verbose=0))
+
+
+def test_take_map_cache_and_prefetch_as_tf_data_has_them(folder):
+    """map calls its function with each batch's parts; cache replays its first complete pass (no new decoding, no
+    reshuffling); prefetch is the dataset (gpucnn reads ahead anyway); the chain trains; tf.data's other methods
+    say gpucnn does not have them."""
+    from gpucnn import layers, models
+    ds = _quiet(folder, image_size=(8, 8), batch_size=3, seed=4)
+    mapped = ds.map(lambda x, y: (x * 2.0, y), num_parallel_calls=4)
+    assert len(mapped) == len(ds)
+    for (x1, y1), (x2, y2) in zip(_quiet(folder, image_size=(8, 8), batch_size=3, seed=4), mapped):
+        np.testing.assert_array_equal(x2, x1 * 2.0)
+        np.testing.assert_array_equal(y2, y1)
+    cached = _quiet(folder, image_size=(8, 8), batch_size=3, seed=4).cache()
+    first = [y.tolist() for _, y in cached]
+    assert [y.tolist() for _, y in cached] == first  # replayed, not reshuffled
+    assert [y.tolist() for _, y in _quiet(folder, image_size=(8, 8), batch_size=3, seed=4)] == first
+    assert ds.prefetch(2) is ds and ds.prefetch(buffer_size=-1) is ds
+    assert len(ds.take(1)) == 1 and len(ds.map(lambda x, y: (x, y)).take(2)) == 2
+    m = models.Sequential([layers.Input((8, 8, 3)), layers.Rescaling(1 / 255), layers.Flatten(),
+                           layers.Dense(3, activation="softmax")])
+    m.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    history = m.fit(ds.map(lambda x, y: (x, y)).cache().prefetch(1), epochs=2, verbose=0)
+    assert len(history.history["loss"]) == 2
+    with pytest.raises(AttributeError, match="has no 'unbatch': gpucnn's datasets have tf.data's take, map, cache "
+                                             "and prefetch"):
+        ds.unbatch()
+    with pytest.raises(NotImplementedError, match="in memory only"):
+        ds.cache("/tmp/file")
+    with pytest.raises(TypeError, match="must be callable"):
+        ds.map(3)

@@ -25,6 +25,7 @@ import warnings
 
 import numpy as np
 
+from ..utils import eager
 from ._prefetch import ordered_map, prefetched
 
 __all__ = ["ALLOWLIST_FORMATS", "ImageDataset", "image_dataset_from_directory", "load_image", "resize"]
@@ -142,7 +143,45 @@ def load_image(path, image_size, num_channels=3, interpolation="bilinear", crop_
 
 
 # ============================================================================================ the dataset
-class ImageDataset:
+class _Methods:
+    """The ``tf.data.Dataset`` methods the book's code calls on a dataset, for gpucnn's datasets: ``take``, ``map``,
+    ``cache``, ``prefetch``; any other of tf.data's says clearly that gpucnn does not have it."""
+
+    def take(self, count):
+        """The first ``count`` batches of a pass (as ``tf.data.Dataset.take``): iterable, with ``len``."""
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"take: count must be a non-negative int, got {count!r}")
+        return _Take(self, count)
+
+    def map(self, map_func, num_parallel_calls=None, deterministic=None, name=None):
+        """Each item through ``map_func`` (called with the item's parts, ``map_func(images, labels)``, as tf.data
+        does), one batch at a time as they are read; ``num_parallel_calls`` and ``deterministic`` are accepted and
+        change nothing (decoding already runs on threads)."""
+        if not callable(map_func):
+            raise TypeError(f"map: map_func must be callable, got {type(map_func).__name__}")
+        return _Mapped(self, map_func)
+
+    def cache(self, filename=""):
+        """The items of the first complete pass, kept in memory and given again by every later pass, in that order
+        (as ``tf.data.Dataset.cache()``: no decoding after the first epoch, and no reshuffling). Only in memory:
+        a ``filename`` is refused."""
+        if filename:
+            raise NotImplementedError(f"cache: gpucnn caches in memory only; leave filename out (got {filename!r})")
+        return _Cached(self)
+
+    def prefetch(self, buffer_size=None, name=None):
+        """The dataset itself: gpucnn's datasets already read ahead of training on background threads."""
+        return self
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise AttributeError(f"{type(self).__name__} has no {name!r}: gpucnn's datasets have tf.data's take, map, "
+                             "cache and prefetch (not its other methods yet); iterate over the dataset for anything "
+                             "else")
+
+
+class ImageDataset(_Methods):
     """Image files and their labels, read in batches; one pass over it is one epoch.
 
     Attributes as Keras's dataset has them: ``class_names`` (None without labels) and ``file_paths``
@@ -169,7 +208,7 @@ class ImageDataset:
         self.crop_to_aspect_ratio = crop_to_aspect_ratio
         self.pad_to_aspect_ratio = pad_to_aspect_ratio
         self.workers = workers if workers is not None else _default_workers()
-        self.prefetch = prefetch
+        self.prefetch_batches = prefetch
         self._passes = 0
 
     def __len__(self):
@@ -187,10 +226,6 @@ class ImageDataset:
             order = np.random.default_rng([self.seed, self._passes]).permutation(order)
         self._passes += 1
         return self._read(paths, labels, order)
-
-    def take(self, count):
-        """The first ``count`` batches of a pass (as ``tf.data.Dataset.take``): iterable, with ``len``."""
-        return _Take(self, count)
 
     # ----------------------------------------------------------------------------------- reading
     def _load(self, path):
@@ -235,12 +270,12 @@ class ImageDataset:
             else:
                 labels = labels.astype(np.int32)
         if self.batch_size is None:
-            return images[0] if labels is None else (images[0], labels[0])
-        return images if labels is None else (images, labels)
+            return eager(images[0] if labels is None else (images[0], labels[0]))
+        return eager(images if labels is None else (images, labels))
 
     def _read(self, paths, labels, order):
         skipped = []
-        items = prefetched(lambda: self._batches(paths, labels, order), self.prefetch, "gpucnn-images")
+        items = prefetched(lambda: self._batches(paths, labels, order), self.prefetch_batches, "gpucnn-images")
         try:
             for kind, value in items:
                 if kind == "batch":
@@ -262,7 +297,7 @@ class ImageDataset:
         _warn_unreadable(sorted(bad))
 
 
-class _Take:
+class _Take(_Methods):
     def __init__(self, dataset, count):
         self._dataset, self._count = dataset, int(count)
 
@@ -275,7 +310,45 @@ class _Take:
             for _, item in zip(range(self._count), passing):
                 yield item
         finally:
-            passing.close()
+            getattr(passing, "close", lambda: None)()
+
+
+class _Mapped(_Methods):
+    def __init__(self, dataset, map_func):
+        self._dataset, self._func = dataset, map_func
+
+    def __len__(self):
+        return len(self._dataset)
+
+    def __iter__(self):
+        passing = iter(self._dataset)
+        try:
+            for item in passing:
+                yield eager(self._func(*item) if isinstance(item, tuple) else self._func(item))
+        finally:
+            getattr(passing, "close", lambda: None)()
+
+
+class _Cached(_Methods):
+    def __init__(self, dataset):
+        self._dataset, self._items = dataset, None
+
+    def __len__(self):
+        return len(self._items) if self._items is not None else len(self._dataset)
+
+    def __iter__(self):
+        if self._items is not None:
+            yield from self._items
+            return
+        items = []
+        passing = iter(self._dataset)
+        try:
+            for item in passing:
+                items.append(item)
+                yield item
+        finally:
+            getattr(passing, "close", lambda: None)()
+        self._items = items  # a pass that ran to its end: the later passes replay it
 
 
 def _warn_unreadable(paths):

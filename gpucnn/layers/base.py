@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import backend
 from ..engines import numpy_ops
-from ..utils import next_name, rng, set_generator_state
+from ..utils import eager, next_name, rng, set_generator_state
 from .tensor import KerasTensor, Node, is_symbolic
 
 ACTIVATIONS = (None, "linear") + numpy_ops.ACTIVATIONS  # the names a layer's activation= takes
@@ -301,12 +301,12 @@ class Layer:
             if not self.built:
                 self.build([x.shape[1:] for x in xs])
             self._check_call_shapes([x.shape[1:] for x in xs])
-            return self.forward(xs, training, {})
+            return eager(self.forward(xs, training, {}))
         x = self._as_engine_array(inputs)
         if not self.built:
             self.build(x.shape[1:])
         self._check_call_shapes(x.shape[1:])
-        return self.forward(x, training, {})
+        return eager(self.forward(x, training, {}))
 
     def _as_engine_array(self, x):
         if backend.is_engine_array(x) or isinstance(x, (np.ndarray, np.generic, list, tuple, int, float)):

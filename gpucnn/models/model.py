@@ -18,7 +18,7 @@ import numpy as np
 from .. import backend, saving
 from ..layers import InputLayer, Layer, serialize
 from ..layers.tensor import is_symbolic
-from ..utils import next_name
+from ..utils import eager, next_name
 from . import summary as summary_mod
 from .graph import Contexts, Graph
 from .trainer import Trainer
@@ -281,7 +281,7 @@ class Model(Trainer, Layer):
         self._check_call_shapes(x.shape[1:])
         outs = self.graph.forward([x], training, Contexts(self.graph) if training else
                                   self._contexts(len(x), False))
-        return outs[0] if len(outs) == 1 and not self._outputs_were_list else outs
+        return eager(outs[0] if len(outs) == 1 and not self._outputs_were_list else outs)
 
     def _symbolic_output_shape(self, in_shape):
         self._build_for_data(tuple(in_shape))
