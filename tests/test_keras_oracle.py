@@ -193,3 +193,16 @@ def test_the_summary_after_training_counts_the_optimizers_params_as_keras(which,
         m.summary(print_fn=lambda line, **_: lines.extend(line.rstrip("\n").split("\n")))
         texts.append([line.rstrip() for line in lines])
     assert texts[1] == texts[0]
+
+
+def test_history_and_evaluate_dicts_list_their_names_as_keras():
+    """Keras 3 orders its logs by name (history.history's keys, evaluate(return_dict=True)); evaluate's list is
+    [loss, metrics...]."""
+    got = {}
+    for lib in (keras_ref, gpucnn):
+        m = lib.Sequential([lib.Input((4,)), lib.layers.Dense(3, activation="softmax")])
+        m.compile("rmsprop", "sparse_categorical_crossentropy", metrics=["acc"])
+        x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
+        history = m.fit(x, y, validation_split=0.25, verbose=0)
+        got[lib] = list(history.history), list(m.evaluate(x, y, return_dict=True, verbose=0))
+    assert got[gpucnn] == got[keras_ref]

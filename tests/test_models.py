@@ -587,3 +587,14 @@ def test_training_runs_conv_and_pool_as_one_op_with_the_unfused_gradients(activa
     np.testing.assert_allclose(loss_fused, loss_plain, rtol=1e-5)
     assert np.abs(g_plain).max() > 0
     np.testing.assert_allclose(g_fused, g_plain, rtol=1e-4, atol=1e-6 * np.abs(g_plain).max())
+
+
+def test_logs_are_ordered_by_name_as_keras_3_orders_them():
+    m = models.Sequential([layers.Input((4,)), layers.Dense(3, activation="softmax")])
+    m.compile("rmsprop", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = np.zeros((8, 4), np.float32), np.zeros(8, np.int64)
+    history = m.fit(x, y, validation_data=(x, y), verbose=0)
+    assert list(history.history) == ["accuracy", "loss", "val_accuracy", "val_loss"]
+    assert list(m.evaluate(x, y, return_dict=True, verbose=0)) == ["accuracy", "loss"]
+    loss, accuracy = m.evaluate(x, y, verbose=0)  # the list: loss first, as Keras
+    assert accuracy == 1.0 and loss > 0

@@ -341,7 +341,7 @@ class Trainer:
         logs = {"loss": float(loss_total) / seen}
         for name in self.metrics:
             logs[name] = int(correct_total) / (seen * self._accuracy_units())
-        return logs
+        return dict(sorted(logs.items()))  # by name, as Keras 3 orders its logs (and so history's keys)
 
     def _accuracy_units(self):
         """Predictions per sample that accuracy counts: every unit for a binary cross-entropy, else one row."""
