@@ -206,3 +206,28 @@ def test_history_and_evaluate_dicts_list_their_names_as_keras():
         history = m.fit(x, y, validation_split=0.25, verbose=0)
         got[lib] = list(history.history), list(m.evaluate(x, y, return_dict=True, verbose=0))
     assert got[gpucnn] == got[keras_ref]
+
+
+def test_default_model_names_follow_keras_when_sequential_models_are_built():
+    """Keras's Sequential makes a Functional inside it at each (re)build, spending a default model name: the book's
+    augmentation block nested in a functional model makes that model "functional_1" in its summary."""
+    def scenarios(lib):
+        L, names = lib.layers, []
+        lib.utils.clear_session()
+        aug = lib.Sequential([L.RandomFlip("horizontal"), L.RandomRotation(0.1)])
+        inputs = lib.Input((8, 8, 3))
+        names.append(lib.Model(inputs, L.Flatten()(aug(inputs))).name)
+        lib.utils.clear_session()
+        s = lib.Sequential([lib.Input((4,)), L.Dense(2)])
+        s.add(L.Dense(3))
+        s.add(L.Dense(1))
+        s.pop()
+        inputs = lib.Input((4,))
+        names.append(lib.Model(inputs, L.Dense(2)(inputs)).name)
+        lib.utils.clear_session()
+        lib.Sequential([L.Dense(2), L.Dense(3)]).build((None, 4))
+        inputs = lib.Input((4,))
+        names.append(lib.Model(inputs, L.Dense(2)(inputs)).name)
+        return names
+
+    assert scenarios(gpucnn) == scenarios(keras_ref)

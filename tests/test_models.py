@@ -598,3 +598,16 @@ def test_logs_are_ordered_by_name_as_keras_3_orders_them():
     assert list(m.evaluate(x, y, return_dict=True, verbose=0)) == ["accuracy", "loss"]
     loss, accuracy = m.evaluate(x, y, verbose=0)  # the list: loss first, as Keras
     assert accuracy == 1.0 and loss > 0
+
+
+def test_building_a_sequential_model_spends_a_functional_name_as_keras():
+    """(Keras 3's behaviour, checked against Keras in tests/test_keras_oracle.py.)"""
+    utils.clear_session()
+    aug = models.Sequential([layers.RandomFlip("horizontal"), layers.RandomRotation(0.1)])
+    inputs = layers.Input((8, 8, 3))
+    assert models.Model(inputs, layers.Flatten()(aug(inputs))).name == "functional_1"
+    utils.clear_session()
+    s = models.Sequential([layers.Input((4,)), layers.Dense(2)])
+    s.add(layers.Dense(3))
+    inputs = layers.Input((4,))
+    assert models.Model(inputs, layers.Dense(2)(inputs)).name == "functional_2"

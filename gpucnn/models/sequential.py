@@ -29,8 +29,21 @@ class Sequential(Model):
         self._inputs_were_list = self._outputs_were_list = False  # one input, one output (calls return an array)
         if layers is not None and not isinstance(layers, (list, tuple)):
             raise TypeError(f"Sequential takes a list of layers, got {type(layers).__name__}")
-        for layer in layers or []:
-            self.add(layer)
+        self._quiet = True
+        try:
+            for layer in layers or []:
+                self.add(layer)
+        finally:
+            self._quiet = False
+        self._rebuilt()
+
+    def _rebuilt(self):
+        """Keras's Sequential makes a Functional model inside it each time it is (re)built — once its input shape
+        is known: at the end of the constructor, at each later add and pop, when built from data — which takes a
+        default name ("functional", "functional_1", ...). Spend one likewise, so that the models made after get
+        Keras's default names."""
+        if self.graph is not None:
+            next_name("functional")
 
     @property
     def layers(self):
@@ -64,6 +77,8 @@ class Sequential(Model):
                 raise
             self._output = output
             self._set_graph(Graph([self._input], [self._output], owner=f"Sequential {self.name!r}"))
+            if not self._quiet:
+                self._rebuilt()
         return self
 
     def pop(self):
@@ -75,8 +90,13 @@ class Sequential(Model):
         self._layers, self._input, self._output, self.graph, self.built = [], None, None, None, False
         if shape is not None:
             self._set_input(Input(shape=shape))
-        for layer in layers:
-            self.add(layer)
+        self._quiet = True
+        try:
+            for layer in layers:
+                self.add(layer)
+        finally:
+            self._quiet = False
+        self._rebuilt()
 
     def _set_input(self, tensor):
         if self._layers or self._input is not None:
@@ -118,6 +138,7 @@ class Sequential(Model):
         fresh = [layer for layer in layers if not layer.built]
         self._layers = []
         self._input = self._output = Input(shape=sample_shape)
+        self._quiet = True
         try:
             for layer in layers:
                 self.add(layer)
@@ -130,6 +151,9 @@ class Sequential(Model):
                 raise type(exc)(f"{exc}. (build() takes the batch dimension first: for samples of shape "
                                 f"{tuple(given)} write model.build({(None,) + tuple(given)}))") from exc
             raise
+        finally:
+            self._quiet = False
+        self._rebuilt()
 
     def _require_built(self, what):
         if not self.built:
