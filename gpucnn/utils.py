@@ -248,6 +248,9 @@ class EagerArray(np.ndarray):
         """The values as a plain NumPy array (a view, no copy)."""
         return self.view(np.ndarray)
 
+    def __repr__(self):  # printed as the NumPy array it is
+        return repr(self.view(np.ndarray))
+
 
 def eager(value):
     """``value`` with its NumPy arrays (also inside a list or tuple) as ``EagerArray`` views; anything else (a

@@ -395,3 +395,10 @@ def test_take_map_cache_and_prefetch_as_tf_data_has_them(folder):
         ds.cache("/tmp/file")
     with pytest.raises(TypeError, match="must be callable"):
         ds.map(3)
+
+
+def test_an_eager_array_prints_as_the_numpy_array_it_is():
+    from gpucnn.utils import eager
+    a = eager(np.arange(3, dtype=np.float32))
+    assert repr(a) == repr(np.arange(3, dtype=np.float32)) and str(a) == "[0. 1. 2.]"
+    assert type((a * 2)[1:].numpy()) is np.ndarray
