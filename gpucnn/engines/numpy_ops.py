@@ -753,15 +753,14 @@ def _depthwise_geometry(x_shape, w_shape, stride, padding, what, b=None, dy=None
 
 
 def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
-    """y = act(depthwise(x, w) + b): x (N,H,W,C), w (KH,KW,C,DM), b (C·DM,) or None → y (N,P,Q,C·DM), one
-    multiply-add of a whole (N, P, Q, C, DM) block per kernel tap."""
+    """y = act(depthwise(x, w) + b): x (N,H,W,C), w (KH,KW,C,DM), b (C·DM,) or None → y (N,P,Q,C·DM)."""
     n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w.shape, stride, padding, "depthwise_conv2d_forward", b)
-    xpad = _pad(x, padding)
-    y = np.zeros((n, p, q, c, dm), DTYPE)
-    for i in range(w.shape[0]):
-        for j in range(w.shape[1]):
-            y += _tap(xpad, i, j, stride, p, q)[..., None] * w[i, j]
-    y = y.reshape(n, p, q, c * dm)
+    xpad = _pad(np.ascontiguousarray(x), padding, ctx=ctx)
+    # every window as a view (no copy), each output the sum of its window's products, taps in row order: one
+    # pass of NumPy's einsum loop instead of a multiply and an add over the whole output per tap (contiguous
+    # operands: einsum's loop order, and so the sums' bits, follow the memory layout)
+    y = np.einsum("npqijc,ijcm->npqcm", _windows(xpad, w.shape[:2], stride, p, q),
+                  np.ascontiguousarray(w)).reshape(n, p, q, c * dm)
     if b is not None:
         y += b
     return activation_forward(y, activation, out=y if out is None else out)
