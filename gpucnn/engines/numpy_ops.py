@@ -771,12 +771,24 @@ def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, ou
     where that tap read."""
     n, h, wd, c, dm, p, q = _depthwise_geometry(x_shape, w.shape, stride, padding, "depthwise_conv2d_backward_data",
                                                 dy=dy)
+    kh, kw = w.shape[:2]
+    flipped = (kh - 1 - padding[0], kh - 1 - padding[1], kw - 1 - padding[2], kw - 1 - padding[3])
+    if tuple(stride) == (1, 1) and min(flipped) >= 0:
+        # at stride 1 each input's gradient gathers from a window of dy: a depthwise correlation of dy, padded
+        # by the kernel less the forward's padding, with the kernel turned round (one einsum, no scatter)
+        dyp = _pad(np.ascontiguousarray(dy.reshape(n, p, q, c * dm)), flipped, ctx=ctx)
+        windows = _windows(dyp, (kh, kw), (1, 1), h, wd).reshape(n, h, wd, kh, kw, c, dm)
+        return _finish(np.einsum("nhwijcm,ijcm->nhwc", windows, np.ascontiguousarray(w[::-1, ::-1])), out)
     dy5 = dy.reshape(n, p, q, c, dm)
     dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
+    part = _scratch(ctx, "depthwise_part", (n, p, q, c))  # each tap's share, into one kept array
     for i in range(w.shape[0]):
         for j in range(w.shape[1]):
-            _tap(dxp, i, j, stride, p, q)[...] += dy5[..., 0] * w[i, j, :, 0] if dm == 1 else \
-                (dy5 * w[i, j]).sum(axis=-1)
+            if dm == 1:
+                np.multiply(dy5[..., 0], w[i, j, :, 0], out=part)
+            else:
+                np.sum(dy5 * w[i, j], axis=-1, out=part)
+            _tap(dxp, i, j, stride, p, q)[...] += part
     return _finish(_crop(dxp, padding), out)
 
 
@@ -786,11 +798,16 @@ def depthwise_conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, 
     n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w_shape, stride, padding,
                                                 "depthwise_conv2d_backward_filter", dy=dy)
     dy5 = dy.reshape(n, p, q, c, dm)
-    xpad = _pad(x, padding)
+    xpad = _pad(x, padding, ctx=ctx)
     dw = np.empty(w_shape, DTYPE) if out_w is None else out_w
+    prod = _scratch(ctx, "depthwise_prod", dy5.shape)  # each tap's products, into one kept array
     for i in range(w_shape[0]):
         for j in range(w_shape[1]):
-            prod = _tap(xpad, i, j, stride, p, q)[..., None] * dy5
+            tap = _tap(xpad, i, j, stride, p, q)
+            if dm == 1:  # 4-D: NumPy's inner loop over the channels, not over an axis of length 1
+                np.multiply(tap, dy5[..., 0], out=prod[..., 0])
+            else:
+                np.multiply(tap[..., None], dy5, out=prod)
             dw[i, j] = _column_sums(prod.reshape(n * p * q, c * dm)).reshape(c, dm)
     return dw, _finish(_column_sums(dy.reshape(n * p * q, c * dm)), out_b)
 
