@@ -251,12 +251,20 @@ class EagerArray(np.ndarray):
     def __repr__(self):  # printed as the NumPy array it is
         return repr(self.view(np.ndarray))
 
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        # a reduction to one value (sum, max, ...) gives NumPy's scalar, as on a plain array, not a 0-d array
+        if return_scalar:
+            return array[()]
+        return super().__array_wrap__(array, context, return_scalar)
+
 
 def eager(value):
     """``value`` with its NumPy arrays (also inside a list or tuple) as ``EagerArray`` views; anything else (a
     device array, a number) as it is."""
     if isinstance(value, np.ndarray):
         return value if isinstance(value, EagerArray) else value.view(EagerArray)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(eager(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(eager(v) for v in value)
     return value

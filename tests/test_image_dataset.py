@@ -402,3 +402,30 @@ def test_an_eager_array_prints_as_the_numpy_array_it_is():
     a = eager(np.arange(3, dtype=np.float32))
     assert repr(a) == repr(np.arange(3, dtype=np.float32)) and str(a) == "[0. 1. 2.]"
     assert type((a * 2)[1:].numpy()) is np.ndarray
+
+
+def test_reductions_of_an_eager_array_are_numpys_scalars_and_namedtuples_keep_their_fields():
+    import collections
+
+    from gpucnn.utils import eager
+    a = eager(np.arange(6, dtype=np.float32).reshape(2, 3))
+    for value in (a.max(), a.sum(), np.mean(a)):
+        assert np.isscalar(value) and hash(value) is not None and round(float(value), 2) == float(value)
+    assert type(a.sum(axis=0)).__name__ == "EagerArray"
+    pair = collections.namedtuple("Pair", "x y")
+    both = eager(pair(np.zeros(2), np.ones(2)))
+    assert type(both) is pair and both.y.numpy().tolist() == [1.0, 1.0]
+
+
+def test_a_cached_dataset_is_not_changed_by_its_consumers(folder):
+    """tf.data's tensors are immutable, so `images /= 255` in a map function rebinds a name; on NumPy batches it
+    writes in place: each pass of a cache gives copies, so no epoch sees another's changes."""
+    def scale(images, labels):
+        images /= 255.0
+        return images, labels
+
+    ds = _quiet(folder, image_size=(8, 8), batch_size=3, seed=4).cache().map(scale)
+    maxima = [max(float(x.max()) for x, _ in ds) for _ in range(3)]
+    assert maxima[0] <= 1.0 and maxima[0] > 0.2 and maxima == [maxima[0]] * 3
+    assert len(_quiet(folder, image_size=(8, 8), batch_size=3).take(-1)) == len(
+        _quiet(folder, image_size=(8, 8), batch_size=3))  # -1: all, as tf.data

@@ -148,10 +148,11 @@ class _Methods:
     ``cache``, ``prefetch``; any other of tf.data's says clearly that gpucnn does not have it."""
 
     def take(self, count):
-        """The first ``count`` batches of a pass (as ``tf.data.Dataset.take``): iterable, with ``len``."""
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-            raise ValueError(f"take: count must be a non-negative int, got {count!r}")
-        return _Take(self, count)
+        """The first ``count`` batches of a pass (as ``tf.data.Dataset.take``; -1: all of them): iterable, with
+        ``len``."""
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < -1:
+            raise ValueError(f"take: count must be a non-negative int, or -1 for all, got {count!r}")
+        return _Take(self, len(self) if count == -1 else count)
 
     def map(self, map_func, num_parallel_calls=None, deterministic=None, name=None):
         """Each item through ``map_func`` (called with the item's parts, ``map_func(images, labels)``, as tf.data
@@ -337,18 +338,28 @@ class _Cached(_Methods):
         return len(self._items) if self._items is not None else len(self._dataset)
 
     def __iter__(self):
+        # each pass gives copies: a consumer that changes a batch in place (images /= 255 in a map function, fine
+        # on tf.data's immutable tensors) changes neither the cache nor a later epoch's batches
         if self._items is not None:
-            yield from self._items
+            for item in self._items:
+                yield _copy(item)
             return
         items = []
         passing = iter(self._dataset)
         try:
             for item in passing:
-                items.append(item)
+                items.append(_copy(item))
                 yield item
         finally:
             getattr(passing, "close", lambda: None)()
         self._items = items  # a pass that ran to its end: the later passes replay it
+
+
+def _copy(item):
+    """A copy of a dataset item's arrays (an array, or a tuple of them)."""
+    if isinstance(item, tuple) and not hasattr(item, "_fields"):
+        return tuple(_copy(v) for v in item)
+    return eager(item.copy()) if isinstance(item, np.ndarray) else item
 
 
 def _warn_unreadable(paths):

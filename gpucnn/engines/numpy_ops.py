@@ -33,15 +33,16 @@ def out_size(size, k, s, pad_lo, pad_hi):
     return (size + pad_lo + pad_hi - k) // s + 1
 
 
-def _pad(x, padding, value=0.0, ctx=None):
+def _pad(x, padding, value=0.0, ctx=None, what="pad"):
     """x (N, H, W, C) with ``padding`` (top, bottom, left, right) rows and columns of ``value`` around it; with
-    ``ctx``, in a work array kept there, whose border is filled once (only its interior is written after)."""
+    ``ctx``, in a work array kept there (``what`` names it), whose border is filled once (only its interior is
+    written after)."""
     top, bottom, left, right = padding
     if not (top or bottom or left or right):
         return x
     n, h, w, c = x.shape
     shape = (n, h + top + bottom, w + left + right, c)
-    key = _work_key(ctx, ("pad", tuple(padding), value), shape)
+    key = _work_key(ctx, (what, tuple(padding), value), shape)
     xpad = None if ctx is None else ctx.get(key)
     if xpad is None or xpad.shape != shape or xpad.dtype != x.dtype:
         xpad = np.full(shape, value, x.dtype)
@@ -776,7 +777,7 @@ def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, ou
     if tuple(stride) == (1, 1) and min(flipped) >= 0:
         # at stride 1 each input's gradient gathers from a window of dy: a depthwise correlation of dy, padded
         # by the kernel less the forward's padding, with the kernel turned round (one einsum, no scatter)
-        dyp = _pad(np.ascontiguousarray(dy.reshape(n, p, q, c * dm)), flipped, ctx=ctx)
+        dyp = _pad(np.ascontiguousarray(dy.reshape(n, p, q, c * dm)), flipped, ctx=ctx, what="pad_dy")
         windows = _windows(dyp, (kh, kw), (1, 1), h, wd).reshape(n, h, wd, kh, kw, c, dm)
         return _finish(np.einsum("nhwijcm,ijcm->nhwc", windows, np.ascontiguousarray(w[::-1, ::-1])), out)
     dy5 = dy.reshape(n, p, q, c, dm)
