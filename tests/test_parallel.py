@@ -181,7 +181,7 @@ def test_when_the_step_is_not_split(monkeypatch):
     monkeypatch.delenv("GPUCNN_CPU_THREADS", raising=False)
     assert parallel.split_reason(m, 64) is None
     assert parallel.split_reason(small_model(dropout=0.0), 32) is None
-    assert "batch under 32" in parallel.split_reason(m, 31)
+    assert f"batch under {parallel.MIN_BATCH}" in parallel.split_reason(m, parallel.MIN_BATCH - 1)
     assert parallel.split_reason(small_model(dropout=0.5), 64) is None  # its masks are drawn for the whole batch
     monkeypatch.setenv("GPUCNN_CPU_THREADS", "1")
     assert parallel.split_reason(m, 64) == "GPUCNN_CPU_THREADS=1"
