@@ -199,6 +199,14 @@ def fold_case(w_shape, bias, scale, center):
             normal(rng, (f,)) if center else None, normal(rng, (f,)), f32(rng.uniform(0.2, 4, f)))
 
 
+def summary_lines(model, **kwargs):
+    """The lines ``model.summary(**kwargs)`` prints, right-stripped: Keras's (one call for the whole table) or
+    gpucnn's (one call a line) alike."""
+    lines = []
+    model.summary(print_fn=lambda text, **_: lines.extend(text.rstrip("\n").split("\n")), **kwargs)
+    return [line.rstrip() for line in lines]
+
+
 # ===================================================================================== engines
 class Engine:
     """How a shared check reaches one engine: its ops module, how a host array becomes an input (``dev``: a

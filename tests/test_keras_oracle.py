@@ -10,6 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 keras_ref = pytest.importorskip("keras")
 
 import gpucnn  # noqa: E402
+from helpers import summary_lines  # noqa: E402
 from gpucnn import layers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("numpy_engine")
@@ -57,10 +58,7 @@ def test_the_summary_is_keras_summary(monkeypatch):
     keras_ref.utils.clear_session()
     gpucnn.utils.clear_session()
     ref, ours = build(keras_ref), build(gpucnn)
-    lines_ref, lines_ours = [], []
-    ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")))
-    ours.summary(print_fn=lines_ours.append)
-    assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]
+    assert summary_lines(ours) == summary_lines(ref)
 
 
 def test_a_sigmoid_model_with_binary_crossentropy_matches_keras():
@@ -132,10 +130,7 @@ def test_layers_and_weights_are_in_keras_order(monkeypatch):
         mine = ours[name]
         assert [layer.name for layer in mine.layers[1:]] == [layer.name for layer in ref.layers[1:]], name
         assert [w.shape for w in mine.get_weights()] == [tuple(w.shape) for w in ref.get_weights()], name
-        lines_ref, lines_ours = [], []
-        ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")))
-        mine.summary(print_fn=lines_ours.append)
-        assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref], name
+        assert summary_lines(mine) == summary_lines(ref), name
         mine.set_weights(ref.get_weights())
         xs = x if name in ("projection", "shortcut first") else x[:, :6, :6, :].repeat(2, axis=3)[..., :4]
         np.testing.assert_allclose(mine.predict(xs, verbose=0), np.asarray(ref.predict(xs, verbose=0)), rtol=1e-5,
@@ -158,10 +153,7 @@ def test_the_summary_with_show_trainable_is_keras_summary(columns, monkeypatch):
         ref, ours = make(keras_ref), make(gpucnn)
         for m in (ref, ours):
             m.layers[1].trainable = False
-        lines_ref, lines_ours = [], []
-        ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")), show_trainable=True)
-        ours.summary(print_fn=lines_ours.append, show_trainable=True)
-        assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]
+        assert summary_lines(ours, show_trainable=True) == summary_lines(ref, show_trainable=True)
 
 
 @pytest.mark.parametrize("which", ["rmsprop", "rmsprop_momentum_centered", "adam", "sgd", "sgd_momentum",
@@ -187,11 +179,9 @@ def test_the_summary_after_training_counts_the_optimizers_params_as_keras(which,
                             lib.layers.Dense(2, activation="softmax")], name="s")
         m.layers[0].trainable = False
         m.compile(optimizer(lib), "categorical_crossentropy")
-        lines = []
-        m.summary(print_fn=lambda line, **_: lines.extend(line.rstrip("\n").split("\n")))
+        before = summary_lines(m)
         m.fit(np.zeros((4, 4), np.float32), np.eye(2, dtype=np.float32)[[0, 1, 0, 1]], verbose=0)
-        m.summary(print_fn=lambda line, **_: lines.extend(line.rstrip("\n").split("\n")))
-        texts.append([line.rstrip() for line in lines])
+        texts.append(before + summary_lines(m))
     assert texts[1] == texts[0]
 
 

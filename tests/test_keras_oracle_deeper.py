@@ -15,6 +15,7 @@ keras_ref = pytest.importorskip("keras")
 
 import gpucnn  # noqa: E402
 from book_models import residual_block, xception_like  # noqa: E402
+from helpers import summary_lines  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("numpy_engine")
 
@@ -137,8 +138,5 @@ def test_the_xception_like_model_has_keras_summary(monkeypatch):
     keras_ref.utils.clear_session()
     gpucnn.utils.clear_session()
     ref, ours = xception_like(keras_ref), xception_like(gpucnn)
-    lines_ref, lines_ours = [], []
-    ref.summary(print_fn=lambda line, **_: lines_ref.extend(line.rstrip("\n").split("\n")))
-    ours.summary(print_fn=lines_ours.append)
-    assert [line.rstrip() for line in lines_ours] == [line.rstrip() for line in lines_ref]
+    assert summary_lines(ours) == summary_lines(ref)
     assert ours.count_params() == ref.count_params()

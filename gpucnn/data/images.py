@@ -19,6 +19,7 @@ checkout). Decoding runs ahead of the consumer on background threads (``gpucnn.d
 A file that Pillow cannot read is skipped with one warning naming it, never an error in mid-epoch.
 """
 
+import contextlib
 import math
 import os
 import warnings
@@ -298,6 +299,17 @@ class ImageDataset(_Methods):
         _warn_unreadable(sorted(bad))
 
 
+@contextlib.contextmanager
+def _pass_over(dataset):
+    """One pass over ``dataset``, closed (its reading stopped, its threads joined) when the block ends, also when the
+    consumer stops early."""
+    passing = iter(dataset)
+    try:
+        yield passing
+    finally:
+        getattr(passing, "close", lambda: None)()
+
+
 class _Take(_Methods):
     def __init__(self, dataset, count):
         self._dataset, self._count = dataset, int(count)
@@ -306,12 +318,9 @@ class _Take(_Methods):
         return min(self._count, len(self._dataset))
 
     def __iter__(self):
-        passing = iter(self._dataset)
-        try:
+        with _pass_over(self._dataset) as passing:
             for _, item in zip(range(self._count), passing):
                 yield item
-        finally:
-            getattr(passing, "close", lambda: None)()
 
 
 class _Mapped(_Methods):
@@ -322,12 +331,9 @@ class _Mapped(_Methods):
         return len(self._dataset)
 
     def __iter__(self):
-        passing = iter(self._dataset)
-        try:
+        with _pass_over(self._dataset) as passing:
             for item in passing:
                 yield eager(self._func(*item) if isinstance(item, tuple) else self._func(item))
-        finally:
-            getattr(passing, "close", lambda: None)()
 
 
 class _Cached(_Methods):
@@ -345,13 +351,10 @@ class _Cached(_Methods):
                 yield _copy(item)
             return
         items = []
-        passing = iter(self._dataset)
-        try:
+        with _pass_over(self._dataset) as passing:
             for item in passing:
                 items.append(_copy(item))
                 yield item
-        finally:
-            getattr(passing, "close", lambda: None)()
         self._items = items  # a pass that ran to its end: the later passes replay it
 
 

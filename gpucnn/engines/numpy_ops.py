@@ -619,8 +619,7 @@ def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum
     if exchange is None:
         var = squares / DTYPE(m)
     else:
-        mine = np.stack([np.full(c, float(m)), mean.astype(np.float64), squares.astype(np.float64)])
-        mean, var = _merge_moments(exchange(mine))
+        mean, var = _merge_moments(exchange(_part_statistics(m, mean, squares)))
         np.subtract(x2, mean, out=centered)  # x − the whole batch's mean
     mean = _finish(mean, out_mean)
     inv_std = _finish(DTYPE(1) / np.sqrt(var + DTYPE(epsilon)), out_inv_std)
@@ -633,6 +632,12 @@ def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum
     if beta is not None:
         y += beta
     return (y.reshape(x.shape) if out is None else out), mean, inv_std
+
+
+def _part_statistics(rows, first, second):
+    """What a part of a batch sends to the others (``exchange``): float64 (3, C), its rows and two per-channel
+    statistics."""
+    return np.stack([np.full(len(first), float(rows)), first.astype(np.float64), second.astype(np.float64)])
 
 
 def _merge_moments(parts):
@@ -683,8 +688,8 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
     if training:
         rows, sum_dy, sum_dy_xhat = DTYPE(m), dbeta, dgamma
         if exchange is not None:
-            mine = np.stack([np.full(c, float(m)), dbeta.astype(np.float64), dgamma.astype(np.float64)])
-            rows, sum_dy, sum_dy_xhat = (v.astype(DTYPE) for v in _sum_parts(exchange(mine)))
+            parts = exchange(_part_statistics(m, dbeta, dgamma))
+            rows, sum_dy, sum_dy_xhat = (v.astype(DTYPE) for v in _sum_parts(parts))
         xhat *= sum_dy_xhat / rows
         dx = np.subtract(dy2, sum_dy / rows, out=None if out is None else out.reshape(x2.shape))
         dx -= xhat

@@ -29,9 +29,14 @@ class Sequential(Model):
         self._inputs_were_list = self._outputs_were_list = False  # one input, one output (calls return an array)
         if layers is not None and not isinstance(layers, (list, tuple)):
             raise TypeError(f"Sequential takes a list of layers, got {type(layers).__name__}")
+        self._quiet = False
+        self._add_all(layers or [])
+
+    def _add_all(self, layers):
+        """Add ``layers`` as one (re)build: Keras's Sequential rebuilds once after them (``_rebuilt``)."""
         self._quiet = True
         try:
-            for layer in layers or []:
+            for layer in layers:
                 self.add(layer)
         finally:
             self._quiet = False
@@ -90,13 +95,7 @@ class Sequential(Model):
         self._layers, self._input, self._output, self.graph, self.built = [], None, None, None, False
         if shape is not None:
             self._set_input(Input(shape=shape))
-        self._quiet = True
-        try:
-            for layer in layers:
-                self.add(layer)
-        finally:
-            self._quiet = False
-        self._rebuilt()
+        self._add_all(layers)
 
     def _set_input(self, tensor):
         if self._layers or self._input is not None:
@@ -138,10 +137,8 @@ class Sequential(Model):
         fresh = [layer for layer in layers if not layer.built]
         self._layers = []
         self._input = self._output = Input(shape=sample_shape)
-        self._quiet = True
         try:
-            for layer in layers:
-                self.add(layer)
+            self._add_all(layers)
         except Exception as exc:
             for layer in fresh:  # a later call with a corrected shape starts clean
                 if layer.built:
@@ -151,9 +148,6 @@ class Sequential(Model):
                 raise type(exc)(f"{exc}. (build() takes the batch dimension first: for samples of shape "
                                 f"{tuple(given)} write model.build({(None,) + tuple(given)}))") from exc
             raise
-        finally:
-            self._quiet = False
-        self._rebuilt()
 
     def _require_built(self, what):
         if not self.built:
