@@ -85,6 +85,44 @@ def test_conv2d_fused_activation(activation):
         np.testing.assert_allclose(y.sum(axis=-1), 1.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("padding", [(1, 1, 1, 1), (0, 0, 0, 0), (0, 2, 1, 0), (3, 1, 0, 2)],
+                         ids=["same", "valid", "asymmetric", "over-2"])
+def test_winograd_conv_in_chunks_of_images(monkeypatch, padding):
+    """The Winograd convolution runs a few images at a time: with chunks of 2 images over a batch of 5 (2 + 2 + 1,
+    two chunk sizes), forward and backward still match the oracle and one chunk of the whole batch (up to the
+    products' rounding: BLAS may sum in another order for another size); the
+    input gradient as a correlation of dy (padding up to 2 on a side) and from dM (padding 3) both; dx into a
+    C-contiguous out= buffer is written there, into a strided one is copied there."""
+    rng = np.random.default_rng(12)
+    x, wt, b = normal(rng, (5, 7, 8, 8)), normal(rng, (3, 3, 8, 6)), normal(rng, (6,))
+    s = (1, 1)
+    y_ref = ref.conv2d_forward(x, wt, b, s, padding, None)
+    dy = normal(rng, y_ref.shape)
+    dx_ref = ref.conv2d_backward_data(dy, wt, x.shape, s, padding)
+    dw_ref, db_ref = ref.conv2d_backward_filter(dy, x, wt.shape, s, padding)
+    tiles = -(-y_ref.shape[1] // 3) * -(-y_ref.shape[2] // 3)  # 3x3 output blocks of one image
+    per_image = 25 * tiles * 8 * 4  # one image's tiles: 25 float32 values each over 8 channels
+    results = {}
+    for chunk in (2, 5):
+        monkeypatch.setattr(ops, "WINOGRAD_CHUNK_BYTES", chunk * per_image)
+        ctx = {}
+        y = ops.conv2d_forward(x, wt, b, s, padding, None, ctx)
+        sizes = sorted(key[1] for key in ctx if isinstance(key, tuple) and key[0] == "chunk")
+        assert sizes == ([1, 2] if chunk == 2 else [5])
+        assert_close(y, y_ref)
+        strided = np.empty((5, 7, 8, 16), F32)[..., ::2]
+        for out in (None, np.empty_like(x), strided):
+            dx, dw, db = ops.conv2d_backward(dy, x, wt, s, padding, ctx, out=out)
+            assert out is None or dx is out
+            assert_close(dx, dx_ref)
+            assert_close(dw, dw_ref)
+            assert_close(db, db_ref)
+        assert_close(ops.conv2d_backward_data(dy, wt, x.shape, s, padding, {}), dx_ref)
+        assert_close(ops.conv2d_backward_filter(dy, x, wt.shape, s, padding, None)[0], dw_ref)
+        results[chunk] = (y, dx.copy(), dw)
+    for small, whole in zip(results[2], results[5]):
+        assert_close(small, whole)
+
 def test_conv2d_asymmetric_explicit_padding():
     rng = np.random.default_rng(11)
     x, wt, b = normal(rng, (2, 6, 5, 2)), normal(rng, (3, 2, 2, 3)), normal(rng, (3,))
@@ -645,7 +683,9 @@ def test_plain_3x3_convolutions_over_8_channels_take_the_winograd_path():
         x, wt, b, s, padding, _ = _conv_case(2, c, (7, 5), k, s, "same")
         ctx = {}
         ops.conv2d_forward(x, wt, b, s, padding, "relu", ctx)
-        assert ("wino_v" in ctx) == (c == 8 and k == 3 and s == (1, 1)) != ("cols" in ctx)
+        chunks = [work for key, work in ctx.items() if isinstance(key, tuple) and key[0] == "chunk"]
+        took_winograd = bool(chunks) and all("wino_v" in work for work in chunks)
+        assert took_winograd == (c == 8 and k == 3 and s == (1, 1)) != ("cols" in ctx)
     _check_conv(2, 64, (5, 5), 3, 1, "valid", f=64)
     _check_conv(3, 16, (8, 10), 3, 1, "valid", f=5, bias=False)  # 6x8 outputs: tiles past the bottom and right
 

@@ -335,11 +335,8 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     if _winograd_applies(w.shape, stride):
-        th, tw = _tile_counts(p, q, 3)
-        blocks = _scratch(ctx, "wino_y", (9, n, th, tw, f))
-        _winograd_outputs(x, w, padding, 3, th, tw, ctx, out=blocks)
         y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, f), DTYPE)
-        _untile(blocks.reshape(3, 3, n, th, tw, f), y)
+        _winograd_conv(x, w, padding, ctx, y)
         if b is not None:
             y += b
         return activation_forward(y, activation, out=y if out is None else out)
@@ -356,8 +353,9 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
     if _winograd_applies(w.shape, stride):
-        dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
-        return _finish(_winograd_dx(dm, w, x_shape, padding, 3, th, tw, ctx), out)
+        dx = _winograd_conv_backward(dy.reshape(n, p, q, f), None, w, x_shape, w.shape, padding, ctx,
+                                     dx=_dx_array(ctx, x_shape, out))
+        return _returned(dx, out)
     return _finish(_backward_data(dy.reshape(n, p, q, f), w, x_shape, stride, padding, ctx), out)
 
 
@@ -384,8 +382,8 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     if _winograd_applies(w_shape, stride):
-        dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
-        dw = _winograd_dw(dm, x, padding, 3, th, tw, ctx, out_w, w_shape)
+        dw = np.empty(w_shape, DTYPE) if out_w is None else out_w
+        _winograd_conv_backward(dy.reshape(n, p, q, f), x, None, x.shape, w_shape, padding, ctx, out_w=dw)
         return dw, _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
     cols = _forward_cols(x, (kh, kw), stride, padding, p, q, ctx)
     g = cols.T @ dy.reshape(n * p * q, f)
@@ -400,10 +398,11 @@ def conv2d_backward(dy, x, w, stride, padding, ctx=None, out=None, out_w=None, o
     if not _winograd_applies(w.shape, stride):
         dw, db = conv2d_backward_filter(dy, x, w.shape, stride, padding, ctx, out_w, out_b)
         return (conv2d_backward_data(dy, w, x.shape, stride, padding, ctx, out) if need_dx else None), dw, db
-    dm, th, tw = _plain_output_grad(dy.reshape(n, p, q, f), ctx)
-    dw = _winograd_dw(dm, x, padding, 3, th, tw, ctx, out_w, w.shape)
+    dw = np.empty(w.shape, DTYPE) if out_w is None else out_w
+    dx = _winograd_conv_backward(dy.reshape(n, p, q, f), x, w, x.shape, w.shape, padding, ctx, out_w=dw,
+                                 dx=_dx_array(ctx, x.shape, out) if need_dx else None)
+    dx = None if dx is None else _returned(dx, out)
     db = _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
-    dx = _finish(_winograd_dx(dm, w, x.shape, padding, 3, th, tw, ctx), out) if need_dx else None
     return dx, dw, db
 
 
@@ -959,12 +958,12 @@ def _winograd_kernel(w, m):
     return (_WINOGRAD[m][1] @ w.reshape(9, c * f)).reshape(-1, c, f)
 
 
-def _winograd_outputs(x, w, padding, m, th, tw, ctx, out):
+def _winograd_outputs(x, w, padding, m, th, tw, ctx, out, u=None):
     """The first m·TH x m·TW convolution outputs, no bias, into ``out`` (m², N, TH, TW, F): block i·m + j
     holds output (i, j) of every tile."""
     v = _winograd_tiles(x, padding, m, th, tw, ctx)
     prod = _scratch(ctx, "wino_m", v.shape[:2] + (w.shape[3],))
-    np.matmul(v, _winograd_kernel(w, m), out=prod)
+    np.matmul(v, _winograd_kernel(w, m) if u is None else u, out=prod)
     np.matmul(_WINOGRAD[m][2], prod.reshape(len(prod), -1), out=out.reshape(m * m, -1))
 
 
@@ -985,12 +984,12 @@ def _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w_shape):
     return _finish((_WINOGRAD[m][1].T @ du.reshape(len(du), -1)).reshape(w_shape), out_w)
 
 
-def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
+def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx, u=None):
     """dx (N, H, W, C) from dM (a view of a work array in ``ctx``)."""
     n, h, wd, c = x_shape
     a = m + 2
     dv = _scratch(ctx, "wino_dv", dm.shape[:2] + (c,))
-    np.matmul(dm, _winograd_kernel(w, m).transpose(0, 2, 1), out=dv)
+    np.matmul(dm, (_winograd_kernel(w, m) if u is None else u).transpose(0, 2, 1), out=dv)
     dd = _scratch(ctx, "wino_d", dv.shape)  # the forward's gathered tiles are spent: the array takes dd
     np.matmul(_WINOGRAD[m][0].T, dv.reshape(a * a, -1), out=dd.reshape(a * a, -1))
     top, left = padding[0], padding[2]
@@ -1039,14 +1038,91 @@ def _plain_output_grad(dy, ctx):
     into the (9, N, TH, TW, F) blocks of _winograd_outputs (zeros past P x Q), then transformed."""
     n, p, q, f = dy.shape
     th, tw = _tile_counts(p, q, 3)
-    if (p, q) != (3 * th, 3 * tw):
-        padded = np.zeros((n, 3 * th, 3 * tw, f), DTYPE)
-        padded[:, :p, :q] = dy
-        dy = padded
+    dy = _pad(dy, (0, 3 * th - p, 0, 3 * tw - q), ctx=ctx, what="wino_dy_pad")
     blocks = _scratch(ctx, "wino_dy", (3, 3, n, th, tw, f))
     np.copyto(blocks, dy.reshape(n, th, 3, tw, 3, f).transpose(2, 4, 0, 1, 3, 5))
     return _winograd_output_grad(blocks.reshape(9, n, th, tw, f), 3, ctx), th, tw
 
+
+# A plain convolution runs F(3x3, 3x3) a few images at a time: each stage of the algorithm (gather, Bᵀ·d·B, the
+# products, Aᵀ·M·A) is a pass over ~2.8x the input's size, and for a few images these passes stay in the core's
+# cache instead of streaming through memory (measured on one core at 32x32x16, batch 64: forward 11.6 → 7.4 ms,
+# backward 21.2 → 11.6 ms). The backward makes each chunk's tiles again rather than keeping the whole batch's
+# from the forward (a second gather of an input that is in cache costs less than writing and reading back 2.8x
+# the input), so a layer keeps no Winograd arrays between its forward and backward.
+WINOGRAD_CHUNK_BYTES = 1 << 20  # a chunk's transformed tiles, about this size
+
+
+def _sub_work(ctx, key):
+    """The work dict ``key`` inside ``ctx`` (None without a ctx), shared by many calls where ``ctx`` is."""
+    if ctx is None:
+        return None
+    sub = ctx.get(key)
+    if sub is None:
+        sub = ctx[key] = {SHARED_WORK: True} if SHARED_WORK in ctx else {}
+    return sub
+
+
+def _image_chunks(ctx, n, tile_values):
+    """(slice, work dict) for each chunk of the batch's n images; ``tile_values``: floats of one image's tiles.
+    Chunks of one size share a work dict inside ``ctx``."""
+    per = max(1, min(n, WINOGRAD_CHUNK_BYTES // (4 * tile_values)))
+    for start in range(0, n, per):
+        size = min(per, n - start)
+        yield slice(start, start + size), _sub_work(ctx, ("chunk", size))
+
+
+def _winograd_conv(x, w, padding, ctx, y):
+    """y (N, P, Q, F) = the stride-1 3x3 correlation of x with w, no bias, chunk by chunk."""
+    n, p, q, f = y.shape
+    th, tw = _tile_counts(p, q, 3)
+    u = _winograd_kernel(w, 3)
+    for part, sub in _image_chunks(ctx, n, 25 * th * tw * max(x.shape[3], f)):
+        blocks = _scratch(sub, "wino_y", (9, part.stop - part.start, th, tw, f))
+        _winograd_outputs(x[part], w, padding, 3, th, tw, sub, out=blocks, u=u)
+        _untile(blocks.reshape((3, 3) + blocks.shape[1:]), y[part])
+
+
+def _winograd_conv_backward(dy, x, w, x_shape, w_shape, padding, ctx, out_w=None, dx=None):
+    """The gradients of _winograd_conv from dy (N, P, Q, F): dw into ``out_w`` (needs x) and dx into the
+    C-contiguous ``dx`` (needs w), each when given; returns dx.
+
+    dx is itself a stride-1 3x3 correlation: of dy, padded by 2 − the forward's padding on each side, with the
+    kernel turned by 180° and its channels and filters swapped; it runs as one (_winograd_conv) where that
+    padding is not negative (Keras's "same" and "valid"), else from dy's transformed blocks dM (_winograd_dx)."""
+    n, p, q, f = dy.shape
+    c = w_shape[2]
+    th, tw = _tile_counts(p, q, 3)
+    full = tuple(2 - pad for pad in padding)
+    as_correlation = dx is not None and min(full) >= 0
+    if as_correlation:
+        _winograd_conv(dy, np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)), full,
+                       _sub_work(ctx, ("work", "dx")), dx)
+    if out_w is None and as_correlation:
+        return dx
+    u = None if dx is None or as_correlation else _winograd_kernel(w, 3)
+    du = None if out_w is None else np.zeros((25, c, f), DTYPE)
+    for part, sub in _image_chunks(ctx, n, 25 * th * tw * max(c, f)):
+        dm, _, _ = _plain_output_grad(dy[part], sub)
+        if du is not None:
+            v = _winograd_tiles(x[part], padding, 3, th, tw, sub)
+            du += np.matmul(v.transpose(0, 2, 1), dm)
+        if u is not None:
+            chunk_shape = (part.stop - part.start,) + tuple(x_shape[1:])
+            np.copyto(dx[part], _winograd_dx(dm, w, chunk_shape, padding, 3, th, tw, sub, u=u))
+    if du is not None:
+        _finish((_WINOGRAD[3][1].T @ du.reshape(25, -1)).reshape(w_shape), out_w)
+    return dx
+
+
+def _dx_array(ctx, x_shape, out):
+    """Where an input gradient is written: ``out`` if C-contiguous, else a work array in ``ctx`` (_returned)."""
+    return out if out is not None and out.flags.c_contiguous else _scratch(ctx, "wino_dx", x_shape)
+
+
+def _returned(dx, out):
+    """dx, written into ``out`` unless it is ``out`` already."""
+    return dx if out is None or out is dx else _finish(dx, out)
 
 # ===================================================================================== dense
 def dense_forward(x, w, b, activation, out=None):
