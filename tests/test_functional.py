@@ -404,8 +404,8 @@ def test_inference_shares_work_arrays_and_keeps_nothing_for_a_backward_pass():
     assert len(work) == 1  # one work dict for every layer
     shared = next(contexts[n]["ops"] for n in m.graph.nodes if "ops" in contexts[n])
     chunks = [work for key, work in shared.items() if isinstance(key, tuple) and key[0] == "chunk"]
-    assert len(chunks) == 1  # c1, c2, c3: one shape, one chunk size, one set of Winograd work arrays
-    assert len([k for k in chunks[0] if isinstance(k, tuple) and k[0] == "wino_d"]) == 1
+    assert len(chunks) == 1  # c1, c2, c3: one shape, one chunk size, one set of work arrays
+    assert len([k for k in chunks[0] if isinstance(k, tuple) and k[0] == "cols_plain"]) == 1
     for node in m.graph.nodes:
         assert not {"x", "y"} & set(contexts[node]), node
     np.testing.assert_array_equal(m.predict(data, batch_size=12, verbose=0), got)

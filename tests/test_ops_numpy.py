@@ -87,30 +87,35 @@ def test_conv2d_fused_activation(activation):
 
 @pytest.mark.parametrize("padding", [(1, 1, 1, 1), (0, 0, 0, 0), (0, 2, 1, 0), (3, 1, 0, 2)],
                          ids=["same", "valid", "asymmetric", "over-2"])
-def test_winograd_conv_in_chunks_of_images(monkeypatch, padding):
-    """The Winograd convolution runs a few images at a time: with chunks of 2 images over a batch of 5 (2 + 2 + 1,
-    two chunk sizes), forward and backward still match the oracle and one chunk of the whole batch (up to the
-    products' rounding: BLAS may sum in another order for another size); the
-    input gradient as a correlation of dy (padding up to 2 on a side) and from dM (padding 3) both; dx into a
+@pytest.mark.parametrize("c, k, s", [(8, 3, 1), (ops.PLAIN_WINOGRAD_MIN_CHANNELS, 3, 1), (8, 3, 2), (8, 1, 1)],
+                         ids=["im2col", "winograd", "strided", "1x1"])
+def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, k, s):
+    """A convolution runs a few images at a time: with chunks of 2 images over a batch of 5 (2 + 2 + 1, two chunk
+    sizes), forward and backward match the oracle and the run in one chunk (up to rounding: BLAS may sum in
+    another order for another size) — through im2col and Winograd; the input gradient as the correlation of dy
+    (stride 1, padding up to K − 1 on a side) and from the taps' products (strides, or padding 3); dx into a
     C-contiguous out= buffer is written there, into a strided one is copied there."""
     rng = np.random.default_rng(12)
-    x, wt, b = normal(rng, (5, 7, 8, 8)), normal(rng, (3, 3, 8, 6)), normal(rng, (6,))
-    s = (1, 1)
+    x, wt, b = normal(rng, (5, 7, 8, c)), normal(rng, (k, k, c, 6)), normal(rng, (6,))
+    s = (s, s)
     y_ref = ref.conv2d_forward(x, wt, b, s, padding, None)
     dy = normal(rng, y_ref.shape)
     dx_ref = ref.conv2d_backward_data(dy, wt, x.shape, s, padding)
     dw_ref, db_ref = ref.conv2d_backward_filter(dy, x, wt.shape, s, padding)
-    tiles = -(-y_ref.shape[1] // 3) * -(-y_ref.shape[2] // 3)  # 3x3 output blocks of one image
-    per_image = 25 * tiles * 8 * 4  # one image's tiles: 25 float32 values each over 8 channels
     results = {}
+    p, q = y_ref.shape[1:3]
+    if ops._plain_winograd_applies(wt.shape, s):  # one image's work values: its Winograd tiles or im2col rows
+        per_image = 25 * -(-p // 3) * -(-q // 3) * max(c, 6)
+    else:
+        per_image = p * q * k * k * c
     for chunk in (2, 5):
-        monkeypatch.setattr(ops, "WINOGRAD_CHUNK_BYTES", chunk * per_image)
+        monkeypatch.setattr(ops, "CHUNK_BYTES", chunk * per_image * 4)
         ctx = {}
         y = ops.conv2d_forward(x, wt, b, s, padding, None, ctx)
         sizes = sorted(key[1] for key in ctx if isinstance(key, tuple) and key[0] == "chunk")
         assert sizes == ([1, 2] if chunk == 2 else [5])
         assert_close(y, y_ref)
-        strided = np.empty((5, 7, 8, 16), F32)[..., ::2]
+        strided = np.empty((5, 7, 8, 2 * c), F32)[..., ::2]
         for out in (None, np.empty_like(x), strided):
             dx, dw, db = ops.conv2d_backward(dy, x, wt, s, padding, ctx, out=out)
             assert out is None or dx is out
@@ -122,6 +127,7 @@ def test_winograd_conv_in_chunks_of_images(monkeypatch, padding):
         results[chunk] = (y, dx.copy(), dw)
     for small, whole in zip(results[2], results[5]):
         assert_close(small, whole)
+
 
 def test_conv2d_asymmetric_explicit_padding():
     rng = np.random.default_rng(11)
@@ -676,18 +682,21 @@ def test_winograd_matrices_give_the_outputs_of_a_3x3_correlation(m):
     np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
 
 
-def test_plain_3x3_convolutions_over_8_channels_take_the_winograd_path():
-    """conv2d_forward keeps Winograd tiles (not an im2col matrix) exactly where _winograd_applies; the grid
-    above (c = 8, k = 3, s = 1) checks that path against the oracle, and the seed model's third layer here."""
-    for c, k, s in ((8, 3, 1), (3, 3, 1), (8, 3, 2), (8, 5, 1)):
+def test_plain_3x3_convolutions_over_many_channels_take_the_winograd_path():
+    """conv2d_forward works chunk by chunk, through Winograd's tiles exactly where _plain_winograd_applies (3x3,
+    stride 1, PLAIN_WINOGRAD_MIN_CHANNELS or more), else through im2col rows, and keeps no whole-batch matrix;
+    the grid above checks both paths against the oracle, and the seed model's third layer here."""
+    many = ops.PLAIN_WINOGRAD_MIN_CHANNELS
+    for c, k, s in ((many, 3, 1), (many - 1, 3, 1), (many, 3, 2), (many, 5, 1)):
         x, wt, b, s, padding, _ = _conv_case(2, c, (7, 5), k, s, "same")
         ctx = {}
         ops.conv2d_forward(x, wt, b, s, padding, "relu", ctx)
         chunks = [work for key, work in ctx.items() if isinstance(key, tuple) and key[0] == "chunk"]
-        took_winograd = bool(chunks) and all("wino_v" in work for work in chunks)
-        assert took_winograd == (c == 8 and k == 3 and s == (1, 1)) != ("cols" in ctx)
+        assert chunks and "cols" not in ctx
+        winograd = c == many and k == 3 and s == (1, 1)
+        assert all(("wino_v" in work) == winograd != ("cols_plain" in work) for work in chunks)
     _check_conv(2, 64, (5, 5), 3, 1, "valid", f=64)
-    _check_conv(3, 16, (8, 10), 3, 1, "valid", f=5, bias=False)  # 6x8 outputs: tiles past the bottom and right
+    _check_conv(3, 64, (8, 10), 3, 1, "valid", f=5, bias=False)  # 6x8 outputs: tiles past the bottom and right
 
 
 def test_winograd_nan_input_makes_the_same_windows_nan():

@@ -284,23 +284,25 @@ def activation_backward(dy, y, activation, out=None, x=None):
 
 
 # ===================================================================================== conv2d
-def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
+def _im2col(x, k, stride, padding, p, q, ctx, pooled=False, ones=True):
     """The im2col matrix of x, (N·P·Q, KH·KW·C + 1): row (n, p, q) holds the window under output pixel
     (p, q) of image n, tap by tap, then a 1 — the bias's input, so one product gives conv + bias and one
-    product gives dw and db. Kept in ``ctx`` for the backward pass.
+    product gives dw and db. Kept in ``ctx`` for the backward pass. Without ``ones``: (N·P·Q, KH·KW·C), a
+    work array of its own ("cols_plain").
 
     ``pooled``: for a 2x2 max-pooling after the convolution, rows for the 2·P x 2·Q outputs its windows
     read (P, Q: the pooled size), ordered (window tap di, dj, n, P, Q) — the four outputs of a window then
     sit in four contiguous blocks of the product."""
     n, c, kk = x.shape[0], x.shape[3], k[0] * k[1] * x.shape[3]
     taps = (2, 2) if pooled else (1, 1)
-    shape = (taps[0] * taps[1] * n * p * q, kk + 1)
-    cols = _kept_cols(ctx, shape)
+    extra = 1 if ones else 0
+    shape = (taps[0] * taps[1] * n * p * q, kk + extra)
+    cols = _kept_cols(ctx, shape) if ones else _scratch(ctx, "cols_plain", shape)
     if cols is None:  # a kept matrix has its column of ones already
         cols = _scratch(ctx, "cols", shape)
         cols[:, kk] = 1
     xpad = _pad(x, padding, ctx=ctx)
-    windows = cols.reshape(taps + (n, p, q, kk + 1))[..., :kk].reshape(taps + (n, p, q, k[0], k[1], c))
+    windows = cols.reshape(taps + (n, p, q, kk + extra))[..., :kk].reshape(taps + (n, p, q, k[0], k[1], c))
     step = (stride[0] * taps[0], stride[1] * taps[1])  # input rows between the rows of one block
     if c >= 8:  # runs of C contiguous floats: one strided copy of every window is fastest
         s0, s1, s2, s3 = xpad.strides
@@ -328,35 +330,96 @@ def _forward_cols(x, k, stride, padding, p, q, ctx, pooled=False):
     return _im2col(x, k, stride, padding, p, q, None, pooled) if cols is None else cols
 
 
+# A convolution works through the batch a few images at a time: for each chunk its im2col matrix (or its Winograd
+# tiles) is made, multiplied and dropped while it is still in the core's cache, instead of a matrix KH·KW times
+# the input's size streaming through memory (and kept there for the backward). One core, batch 64, a 3x3
+# convolution 'same' over 32x32x16: forward 11.6 ms (Winograd, whole batch) → 5.9 ms (im2col, chunks of ~1 MB);
+# backward 21 → 13 ms. The backward makes each chunk's matrix again. Chunks of one size share their work arrays
+# (a work dict in ctx). Which of the two a convolution takes: _plain_winograd_applies.
+CHUNK_BYTES = 1 << 20
+
+
+def _sub_work(ctx, key):
+    """The work dict ``key`` inside ``ctx`` (None without a ctx), shared by many calls where ``ctx`` is."""
+    if ctx is None:
+        return None
+    sub = ctx.get(key)
+    if sub is None:
+        sub = ctx[key] = {SHARED_WORK: True} if SHARED_WORK in ctx else {}
+    return sub
+
+
+def _image_chunks(ctx, n, image_values):
+    """(slice, work dict) for each chunk of the batch's n images; ``image_values``: the work values (float32) one
+    image takes. Chunks of one size share a work dict inside ``ctx``."""
+    per = max(1, min(n, CHUNK_BYTES // (4 * image_values)))
+    for start in range(0, n, per):
+        size = min(per, n - start)
+        yield slice(start, start + size), _sub_work(ctx, ("chunk", size))
+
+
 def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
-    """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F). One product of
-    the im2col matrix with the kernels or, for 3x3 kernels at stride 1 over 8+ channels, Winograd's
-    F(3x3, 3x3) (see below)."""
+    """y = act(conv(x, w) + b): x (N,H,W,C), w (KH,KW,C,F), b (F,) or None → y (N,P,Q,F), a chunk of images at
+    a time: the product of the chunk's im2col matrix with the kernels or, for 3x3 kernels at stride 1 over many
+    channels, Winograd's F(3x3, 3x3) (see below)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
-    if _winograd_applies(w.shape, stride):
-        y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, f), DTYPE)
-        _winograd_conv(x, w, padding, ctx, y)
-        if b is not None:
-            y += b
-        return activation_forward(y, activation, out=y if out is None else out)
-    cols = _im2col(x, (kh, kw), stride, padding, p, q, ctx)
-    w2 = w.reshape(kh * kw * c, f)
-    y = cols[:, :-1] @ w2 if b is None else cols @ np.vstack([w2, b[None]])
-    y = y.reshape(n, p, q, f)
+    y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, f), DTYPE)
+    _correlate(x, w, stride, padding, ctx, y)
+    if b is not None:
+        y += b
     return activation_forward(y, activation, out=y if out is None else out)
 
 
+def _correlate(x, w, stride, padding, ctx, y):
+    """y (N, P, Q, F), C-contiguous = the correlation of x with w, no bias."""
+    if _plain_winograd_applies(w.shape, stride):
+        _winograd_conv(x, w, padding, ctx, y)
+        return
+    kh, kw, c, f = w.shape
+    n, p, q = y.shape[:3]
+    w2 = w.reshape(kh * kw * c, f)
+    for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
+        np.matmul(_chunk_cols(x[part], (kh, kw), stride, padding, p, q, sub), w2, out=y[part].reshape(-1, f))
+
+
+def _chunk_cols(x, k, stride, padding, p, q, ctx):
+    """The im2col matrix (N·P·Q, KH·KW·C) of a chunk of images (x itself for a 1x1 kernel at stride 1)."""
+    if tuple(k) == (1, 1) and tuple(stride) == (1, 1) and not any(padding):
+        return x.reshape(-1, x.shape[3])
+    return _im2col(x, k, stride, padding, p, q, ctx, ones=False)
+
+
 def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
-    """dx (N,H,W,C) from dy (N,P,Q,F): each tap's product dy @ w[i, j].T is added back where that tap
-    read (one small product per tap stays in cache, unlike one large im2col-shaped product)."""
+    """dx (N,H,W,C) from dy (N,P,Q,F), a chunk of images at a time. Winograd's from dy's transformed blocks dM.
+    Otherwise at stride 1 it is itself a correlation: of dy padded by K − 1 − padding on each side with the
+    kernel turned by 180° and its channels and filters swapped — the forward's code runs it. Otherwise (strides,
+    or padding over K − 1) each tap's product dy @ w[i, j].T is added back where that tap read."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
-    if _winograd_applies(w.shape, stride):
-        dx = _winograd_conv_backward(dy.reshape(n, p, q, f), None, w, x_shape, w.shape, padding, ctx,
-                                     dx=_dx_array(ctx, x_shape, out))
-        return _returned(dx, out)
-    return _finish(_backward_data(dy.reshape(n, p, q, f), w, x_shape, stride, padding, ctx), out)
+    dy = dy.reshape(n, p, q, f)
+    dx = _dx_target(ctx, x_shape, out)
+    full = (kh - 1 - padding[0], kh - 1 - padding[1], kw - 1 - padding[2], kw - 1 - padding[3])
+    if _plain_winograd_applies(w.shape, stride):
+        _winograd_backward(dy, None, w, padding, ctx, dx=dx)
+    elif tuple(stride) == (1, 1) and min(full) >= 0:
+        turned = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+        _correlate(dy, turned, (1, 1), full, _sub_work(ctx, ("work", "dx")), dx)
+    else:
+        for part, sub in _image_chunks(ctx, n, (h + padding[0] + padding[1]) * (wd + padding[2] + padding[3]) * c):
+            chunk_shape = (part.stop - part.start,) + tuple(x_shape[1:])
+            np.copyto(dx[part], _backward_data(dy[part], w, chunk_shape, stride, padding, sub))
+    return _returned(dx, out)
+
+
+def _dx_target(ctx, x_shape, out):
+    """Where an input gradient is written: ``out`` if C-contiguous, else a work array in ``ctx`` (_returned)."""
+    return out if out is not None and out.flags.c_contiguous else _scratch(ctx, "dx", x_shape)
+
+
+def _returned(dx, out):
+    """dx, copied into ``out`` unless it is ``out`` already."""
+    return dx if out is None or out is dx else _finish(dx, out)
 
 
 def _backward_data(dy, w, x_shape, stride, padding, ctx):
@@ -377,33 +440,36 @@ def _backward_data(dy, w, x_shape, stride, padding, ctx):
 
 
 def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None, out_b=None):
-    """(dw (KH,KW,C,F), db (F,)) from dy (N,P,Q,F) and the layer's input x: one product of the forward's
-    im2col matrix (its column of ones gives db) with dy."""
+    """(dw (KH,KW,C,F), db (F,)) from dy (N,P,Q,F) and the layer's input x: the sum over chunks of images of
+    each chunk's im2col matrix times its dy (or Winograd's, where the forward took it)."""
     kh, kw, c, f = w_shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
-    if _winograd_applies(w_shape, stride):
+    dy = dy.reshape(n, p, q, f)
+    db = _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
+    if _plain_winograd_applies(w_shape, stride):
         dw = np.empty(w_shape, DTYPE) if out_w is None else out_w
-        _winograd_conv_backward(dy.reshape(n, p, q, f), x, None, x.shape, w_shape, padding, ctx, out_w=dw)
-        return dw, _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
-    cols = _forward_cols(x, (kh, kw), stride, padding, p, q, ctx)
-    g = cols.T @ dy.reshape(n * p * q, f)
-    return _finish(g[:-1].reshape(w_shape), out_w), _finish(g[-1], out_b)
+        _winograd_backward(dy, x, None, padding, ctx, out_w=dw)
+        return dw, db
+    g = np.zeros((kh * kw * c, f), DTYPE)
+    for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
+        g += _chunk_cols(x[part], (kh, kw), stride, padding, p, q, sub).T @ dy[part].reshape(-1, f)
+    return _finish(g.reshape(w_shape), out_w), db
 
 
 def conv2d_backward(dy, x, w, stride, padding, ctx=None, out=None, out_w=None, out_b=None, need_dx=True):
     """(dx or None, dw, db) of one convolution call: conv2d_backward_filter and, with ``need_dx``,
-    conv2d_backward_data, the Winograd output gradient dM made once for both."""
-    kh, kw, c, f = w.shape
-    n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
-    if not _winograd_applies(w.shape, stride):
+    conv2d_backward_data (Winograd's: from one dM for both)."""
+    if not _plain_winograd_applies(w.shape, stride):
         dw, db = conv2d_backward_filter(dy, x, w.shape, stride, padding, ctx, out_w, out_b)
         return (conv2d_backward_data(dy, w, x.shape, stride, padding, ctx, out) if need_dx else None), dw, db
+    n, h, wd, _, p, q = geometry(x.shape, w.shape[:2], stride, padding)
+    f = w.shape[3]
+    dy = dy.reshape(n, p, q, f)
     dw = np.empty(w.shape, DTYPE) if out_w is None else out_w
-    dx = _winograd_conv_backward(dy.reshape(n, p, q, f), x, w, x.shape, w.shape, padding, ctx, out_w=dw,
-                                 dx=_dx_array(ctx, x.shape, out) if need_dx else None)
-    dx = None if dx is None else _returned(dx, out)
-    db = _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
-    return dx, dw, db
+    dx = _dx_target(ctx, x.shape, out) if need_dx else None
+    _winograd_backward(dy, x, w, padding, ctx, out_w=dw, dx=dx)
+    db = _finish(_column_sums(dy.reshape(-1, f)), out_b)
+    return (None if dx is None else _returned(dx, out)), dw, db
 
 
 # ===================================================================================== pooling
@@ -926,10 +992,20 @@ _WINOGRAD = {  # m: the Kronecker forms of Bᵀ, G, Aᵀ (F(m, 3) from the point
                   [[1, 1, 1, 1, 0], [0, 1, -1, 2, 0], [0, 1, 1, 4, 1]]),
 }
 WINOGRAD_MIN_CHANNELS = 8  # below this the products are too thin to pay for the transforms
+# A plain convolution takes F(3x3, 3x3) from 64 input channels: below, the transforms (dense Kronecker products,
+# ~5,000 flops per tile and channel over a step) cost more than the products save. Forward + backward, one core,
+# chunked, 3x3 'same': 32x32, 16 → 16 channels, batch 64: im2col 19 ms, Winograd 25 ms; 16x16, 32 → 32: 13 / 15;
+# 8x8, 64 → 64: 9.5 / 8.9; 16x16, 128 → 128, batch 16: 33 / 30; 8x8, 256 → 256: 39 / 33.
+PLAIN_WINOGRAD_MIN_CHANNELS = 64
 
 
 def _winograd_applies(w_shape, stride):
     return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and w_shape[2] >= WINOGRAD_MIN_CHANNELS
+
+
+def _plain_winograd_applies(w_shape, stride):
+    """Whether a plain (unpooled) convolution takes F(3x3, 3x3) rather than im2col products, chunk by chunk."""
+    return tuple(w_shape[:2]) == (3, 3) and tuple(stride) == (1, 1) and w_shape[2] >= PLAIN_WINOGRAD_MIN_CHANNELS
 
 
 def _tile_padding(x_shape, padding, m, th, tw):
@@ -984,12 +1060,12 @@ def _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w_shape):
     return _finish((_WINOGRAD[m][1].T @ du.reshape(len(du), -1)).reshape(w_shape), out_w)
 
 
-def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx, u=None):
+def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
     """dx (N, H, W, C) from dM (a view of a work array in ``ctx``)."""
     n, h, wd, c = x_shape
     a = m + 2
     dv = _scratch(ctx, "wino_dv", dm.shape[:2] + (c,))
-    np.matmul(dm, (_winograd_kernel(w, m) if u is None else u).transpose(0, 2, 1), out=dv)
+    np.matmul(dm, _winograd_kernel(w, m).transpose(0, 2, 1), out=dv)
     dd = _scratch(ctx, "wino_d", dv.shape)  # the forward's gathered tiles are spent: the array takes dd
     np.matmul(_WINOGRAD[m][0].T, dv.reshape(a * a, -1), out=dd.reshape(a * a, -1))
     top, left = padding[0], padding[2]
@@ -1044,34 +1120,6 @@ def _plain_output_grad(dy, ctx):
     return _winograd_output_grad(blocks.reshape(9, n, th, tw, f), 3, ctx), th, tw
 
 
-# A plain convolution runs F(3x3, 3x3) a few images at a time: each stage of the algorithm (gather, Bᵀ·d·B, the
-# products, Aᵀ·M·A) is a pass over ~2.8x the input's size, and for a few images these passes stay in the core's
-# cache instead of streaming through memory (measured on one core at 32x32x16, batch 64: forward 11.6 → 7.4 ms,
-# backward 21.2 → 11.6 ms). The backward makes each chunk's tiles again rather than keeping the whole batch's
-# from the forward (a second gather of an input that is in cache costs less than writing and reading back 2.8x
-# the input), so a layer keeps no Winograd arrays between its forward and backward.
-WINOGRAD_CHUNK_BYTES = 1 << 20  # a chunk's transformed tiles, about this size
-
-
-def _sub_work(ctx, key):
-    """The work dict ``key`` inside ``ctx`` (None without a ctx), shared by many calls where ``ctx`` is."""
-    if ctx is None:
-        return None
-    sub = ctx.get(key)
-    if sub is None:
-        sub = ctx[key] = {SHARED_WORK: True} if SHARED_WORK in ctx else {}
-    return sub
-
-
-def _image_chunks(ctx, n, tile_values):
-    """(slice, work dict) for each chunk of the batch's n images; ``tile_values``: floats of one image's tiles.
-    Chunks of one size share a work dict inside ``ctx``."""
-    per = max(1, min(n, WINOGRAD_CHUNK_BYTES // (4 * tile_values)))
-    for start in range(0, n, per):
-        size = min(per, n - start)
-        yield slice(start, start + size), _sub_work(ctx, ("chunk", size))
-
-
 def _winograd_conv(x, w, padding, ctx, y):
     """y (N, P, Q, F) = the stride-1 3x3 correlation of x with w, no bias, chunk by chunk."""
     n, p, q, f = y.shape
@@ -1083,46 +1131,28 @@ def _winograd_conv(x, w, padding, ctx, y):
         _untile(blocks.reshape((3, 3) + blocks.shape[1:]), y[part])
 
 
-def _winograd_conv_backward(dy, x, w, x_shape, w_shape, padding, ctx, out_w=None, dx=None):
-    """The gradients of _winograd_conv from dy (N, P, Q, F): dw into ``out_w`` (needs x) and dx into the
-    C-contiguous ``dx`` (needs w), each when given; returns dx.
-
-    dx is itself a stride-1 3x3 correlation: of dy, padded by 2 − the forward's padding on each side, with the
-    kernel turned by 180° and its channels and filters swapped; it runs as one (_winograd_conv) where that
-    padding is not negative (Keras's "same" and "valid"), else from dy's transformed blocks dM (_winograd_dx)."""
+def _winograd_backward(dy, x, w, padding, ctx, out_w=None, dx=None):
+    """The gradients of _winograd_conv from dy (N, P, Q, F), chunk by chunk, from each chunk's dM (made once for
+    both): dw into ``out_w`` (needs x) and dx into the C-contiguous array ``dx`` (needs w), each when given.
+    Each chunk's tiles V are made again from x — cheaper than keeping the whole batch's, which would have left
+    the cache — except in a batch of one chunk, where the forward's are still in its work dict."""
     n, p, q, f = dy.shape
-    c = w_shape[2]
+    c = (x if x is not None else dx).shape[3]
     th, tw = _tile_counts(p, q, 3)
-    full = tuple(2 - pad for pad in padding)
-    as_correlation = dx is not None and min(full) >= 0
-    if as_correlation:
-        _winograd_conv(dy, np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)), full,
-                       _sub_work(ctx, ("work", "dx")), dx)
-    if out_w is None and as_correlation:
-        return dx
-    u = None if dx is None or as_correlation else _winograd_kernel(w, 3)
     du = None if out_w is None else np.zeros((25, c, f), DTYPE)
-    for part, sub in _image_chunks(ctx, n, 25 * th * tw * max(c, f)):
+    chunks = list(_image_chunks(ctx, n, 25 * th * tw * max(c, f)))
+    for part, sub in chunks:
         dm, _, _ = _plain_output_grad(dy[part], sub)
         if du is not None:
-            v = _winograd_tiles(x[part], padding, 3, th, tw, sub)
+            v = _kept(sub, "wino_v", (25, (part.stop - part.start) * th * tw, c)) if len(chunks) == 1 else None
+            if v is None:
+                v = _winograd_tiles(x[part], padding, 3, th, tw, sub)
             du += np.matmul(v.transpose(0, 2, 1), dm)
-        if u is not None:
-            chunk_shape = (part.stop - part.start,) + tuple(x_shape[1:])
-            np.copyto(dx[part], _winograd_dx(dm, w, chunk_shape, padding, 3, th, tw, sub, u=u))
+        if dx is not None:
+            np.copyto(dx[part], _winograd_dx(dm, w, dx[part].shape, padding, 3, th, tw, sub))
     if du is not None:
-        _finish((_WINOGRAD[3][1].T @ du.reshape(25, -1)).reshape(w_shape), out_w)
-    return dx
+        _finish((_WINOGRAD[3][1].T @ du.reshape(25, -1)).reshape(w.shape if w is not None else (3, 3, c, f)), out_w)
 
-
-def _dx_array(ctx, x_shape, out):
-    """Where an input gradient is written: ``out`` if C-contiguous, else a work array in ``ctx`` (_returned)."""
-    return out if out is not None and out.flags.c_contiguous else _scratch(ctx, "wino_dx", x_shape)
-
-
-def _returned(dx, out):
-    """dx, written into ``out`` unless it is ``out`` already."""
-    return dx if out is None or out is dx else _finish(dx, out)
 
 # ===================================================================================== dense
 def dense_forward(x, w, b, activation, out=None):
