@@ -311,18 +311,31 @@ class TestNumpyBatchNorm(BatchNormChecks):
     rtol, atol_scale = 1e-5, 1e-5
 
 
+class TestNumpyBatchNormInChunks(TestNumpyBatchNorm):
+    """The same checks with chunks of a few rows (the NumPy ops work a chunk of rows at a time: 660 bytes are 55
+    rows of 3 channels, 5 of 33, 2 of 70), so that every shape runs in several chunks, the last one shorter."""
+
+    @pytest.fixture(autouse=True)
+    def small_chunks(self, monkeypatch):
+        monkeypatch.setattr(ops, "CHUNK_BYTES", 660)
+
+
 def _parts_of(x2, sizes):
     """Row ranges of the parts of a batch of rows ``x2`` (M, C) with the given sizes."""
     edges = np.cumsum([0] + list(sizes))
     return [(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 3 * 8], ids=["one-chunk", "chunks-of-8-rows"])
 @pytest.mark.parametrize("shape, sizes", [((8, 5, 5, 3), (4, 4)), ((9, 3, 3, 8), (4, 5)), ((7, 6), (1, 6)),
                                           ((5, 4), (3, 0, 2))])
-def test_batchnorm_of_parts_that_exchange_their_sums_is_the_whole_batchs(shape, sizes):
+def test_batchnorm_of_parts_that_exchange_their_sums_is_the_whole_batchs(shape, sizes, chunk_bytes, monkeypatch):
     """The two-process step's batch normalization: each part of the batch sends its per-channel statistics
     (``exchange``) and gets every part's; each part's y and dx are the whole batch's rows (the oracle's), the
-    moving statistics the whole batch's update, dgamma and dbeta the part's own sums (they add up to the whole's)."""
+    moving statistics the whole batch's update, dgamma and dbeta the part's own sums (they add up to the whole's).
+    Also with each part worked through in chunks of a few rows."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(ops, "CHUNK_BYTES", chunk_bytes)
     x, gamma, beta, mm, mv, rng = bn_case(shape)
     dy = normal(rng, shape)
     c = shape[-1]

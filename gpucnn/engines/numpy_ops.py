@@ -658,13 +658,22 @@ def _bn_rows(x, what, training, **vectors):
 
 
 def _bn_apply(x2, mean, inv_std, gamma, beta, x_shape, out):
-    """y (x_shape, or ``out``) = (x − mean)·(inv_std·gamma) + beta from the rows x2 (M, C)."""
+    """y (x_shape, or ``out``) = (x − mean)·(inv_std·gamma) + beta from the rows x2 (M, C), a chunk of rows at a
+    time."""
     scale = inv_std if gamma is None else inv_std * gamma
-    y = np.subtract(x2, mean, out=None if out is None else out.reshape(x2.shape))
-    y *= scale
-    if beta is not None:
-        y += beta
+    y = np.empty(x2.shape, DTYPE) if out is None else out.reshape(x2.shape)
+    for rows in _row_chunks(*x2.shape):
+        part = np.subtract(x2[rows], mean, out=y[rows])
+        part *= scale
+        if beta is not None:
+            part += beta
     return y.reshape(x_shape) if out is None else out
+
+
+def _row_chunks(m, c):
+    """Slices of M rows of C channels, ~CHUNK_BYTES each: a pass over a chunk's temporaries stays in cache."""
+    per = max(1, CHUNK_BYTES // (4 * c))
+    return [slice(start, min(start + per, m)) for start in range(0, m, per)]
 
 
 def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
@@ -675,28 +684,31 @@ def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum
     ``exchange``: for x that is one part of the batch (the two-process step's half), a function that takes this
     part's per-channel statistics, a float64 (3, C) array (rows, mean, sum of squared deviations from it), and
     returns every part's, in the batch's order; the parts' statistics are merged into the whole batch's
-    (``_merge_moments``), which y and the moving statistics then use."""
+    (``_merge_moments``), which y and the moving statistics then use.
+
+    BatchNormalization is a few passes over memory: a chunk of rows at a time, x is read twice (its statistics,
+    y) and y written once; the temporaries stay in cache."""
     x2, m, c = _bn_rows(x, "batchnorm_forward_training", True, gamma=gamma, beta=beta,
                           moving_mean=moving_mean, moving_var=moving_var)
-    mean = _column_sums(x2) / DTYPE(m)
-    centered = np.subtract(x2, mean, out=_scratch(ctx, "bn_centered", x2.shape))
-    squares = _column_sums(np.square(centered, out=_scratch(ctx, "bn_square", x2.shape)))
-    if exchange is None:
-        var = squares / DTYPE(m)
-    else:
-        mean, var = _merge_moments(exchange(_part_statistics(m, mean, squares)))
-        np.subtract(x2, mean, out=centered)  # x − the whole batch's mean
+    chunks = _row_chunks(m, c)
+    work = _scratch(ctx, "bn_rows", (chunks[0].stop, c))
+    parts = []  # each chunk's statistics, from one read of x: merged as the two-process step merges its halves'
+    for rows in chunks:
+        size = rows.stop - rows.start
+        chunk_mean = _column_sums(x2[rows]) / DTYPE(size)
+        centered = np.subtract(x2[rows], chunk_mean, out=work[:size])
+        parts.append(_part_statistics(size, chunk_mean, _column_sums(np.square(centered, out=centered))))
+    if exchange is not None:
+        parts = exchange(_merged_statistics(parts))
+    mean, var = _merge_moments(parts)
     mean = _finish(mean, out_mean)
     inv_std = _finish(DTYPE(1) / np.sqrt(var + DTYPE(epsilon)), out_inv_std)
     moving_mean *= DTYPE(momentum)
     moving_mean += mean * DTYPE(1 - momentum)
     moving_var *= DTYPE(momentum)
     moving_var += var * DTYPE(1 - momentum)
-    scale = inv_std if gamma is None else inv_std * gamma
-    y = np.multiply(centered, scale, out=None if out is None else out.reshape(x2.shape))
-    if beta is not None:
-        y += beta
-    return (y.reshape(x.shape) if out is None else out), mean, inv_std
+    y = _bn_apply(x2, mean, inv_std, gamma, beta, x.shape, out)
+    return y, mean, inv_std
 
 
 def _part_statistics(rows, first, second):
@@ -709,6 +721,14 @@ def _merge_moments(parts):
     """(mean, biased variance), float32 (C,), of a batch from its parts' per-channel statistics (float64 (3, C):
     rows, mean, sum of squared deviations from the part's mean), merged in the order given (Chan, Golub and
     LeVeque's pairwise update: no cancellation)."""
+    rows, mean, squares = _merged_statistics(parts)
+    if not (rows > 0).all():
+        raise ValueError("_merge_moments: batch statistics need at least one row in all parts together")
+    return mean.astype(DTYPE), (squares / rows).astype(DTYPE)
+
+
+def _merged_statistics(parts):
+    """The float64 (3, C) statistics (rows, mean, squared deviations) of the parts together (_merge_moments)."""
     rows, mean, squares = (np.array(v, np.float64) for v in parts[0])
     for part in parts[1:]:
         n_b, mean_b, squares_b = (np.asarray(v, np.float64) for v in part)
@@ -718,9 +738,7 @@ def _merge_moments(parts):
             mean = np.where(total > 0, mean + delta * (n_b / np.maximum(total, 1)), mean)
             squares = squares + squares_b + delta * delta * (rows * n_b / np.maximum(total, 1))
         rows = total
-    if not (rows > 0).all():
-        raise ValueError("_merge_moments: batch statistics need at least one row in all parts together")
-    return mean.astype(DTYPE), (squares / rows).astype(DTYPE)
+    return np.stack([rows, mean, squares])
 
 
 def batchnorm_forward_inference(x, gamma, beta, moving_mean, moving_var, epsilon, out=None, out_inv_std=None):
@@ -740,27 +758,40 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
 
     ``exchange`` (training only; see batchnorm_forward_training): x and dy are one part of the batch; this part's
     float64 (3, C) array (rows, Σ dy, Σ dy·x̂) goes out, every part's comes back, and dx takes the whole batch's
-    sums; dgamma and dbeta stay this part's (the parts' weight gradients are added later, as any layer's)."""
+    sums; dgamma and dbeta stay this part's (the parts' weight gradients are added later, as any layer's).
+
+    A chunk of rows at a time (as the forward): x and dy are read twice, dx written once."""
     x2, m, c = _bn_rows(x, "batchnorm_backward", False, gamma=gamma, mean=mean, inv_std=inv_std)
     if dy.shape != x.shape:
         raise ValueError(f"batchnorm_backward: dy {dy.shape} and x {x.shape} differ")
     dy2 = dy.reshape(m, c)
-    xhat = np.subtract(x2, mean, out=_scratch(ctx, "bn_centered", x2.shape))
-    xhat *= inv_std
-    dbeta = _finish(_column_sums(dy2), out_beta)
-    dgamma = _finish(_column_sums(np.multiply(dy2, xhat, out=_scratch(ctx, "bn_square", x2.shape))), out_gamma)
+    chunks = _row_chunks(m, c)
+    work = _scratch(ctx, "bn_rows", (chunks[0].stop, c))
+    sum_dy, sum_dy_centered = np.zeros(c, DTYPE), np.zeros(c, DTYPE)
+    for rows in chunks:
+        sum_dy += _column_sums(dy2[rows])
+        centered = np.subtract(x2[rows], mean, out=work[:rows.stop - rows.start])
+        centered *= dy2[rows]
+        sum_dy_centered += _column_sums(centered)
+    dbeta = _finish(sum_dy, out_beta)
+    dgamma = _finish(sum_dy_centered * inv_std, out_gamma)
     scale = inv_std if gamma is None else inv_std * gamma
-    if training:
-        rows, sum_dy, sum_dy_xhat = DTYPE(m), dbeta, dgamma
-        if exchange is not None:
-            parts = exchange(_part_statistics(m, dbeta, dgamma))
-            rows, sum_dy, sum_dy_xhat = (v.astype(DTYPE) for v in _sum_parts(parts))
-        xhat *= sum_dy_xhat / rows
-        dx = np.subtract(dy2, sum_dy / rows, out=None if out is None else out.reshape(x2.shape))
-        dx -= xhat
-        dx *= scale
-    else:
-        dx = np.multiply(dy2, scale, out=None if out is None else out.reshape(x2.shape))
+    dx = np.empty(x2.shape, DTYPE) if out is None else out.reshape(x2.shape)
+    if not training:
+        np.multiply(dy2, scale, out=dx)
+        return (dx.reshape(x.shape) if out is None else out), dgamma, dbeta
+    rows_total, sum_dy, sum_dy_xhat = DTYPE(m), dbeta, dgamma
+    if exchange is not None:
+        parts = exchange(_part_statistics(m, dbeta, dgamma))
+        rows_total, sum_dy, sum_dy_xhat = (v.astype(DTYPE) for v in _sum_parts(parts))
+    per_centered = inv_std * (sum_dy_xhat / rows_total)  # x̂·dgamma/M = (x − mean)·inv_std·dgamma/M
+    mean_dy = sum_dy / rows_total
+    for rows in chunks:
+        centered = np.subtract(x2[rows], mean, out=work[:rows.stop - rows.start])
+        centered *= per_centered
+        part = np.subtract(dy2[rows], mean_dy, out=dx[rows])
+        part -= centered
+        part *= scale
     return (dx.reshape(x.shape) if out is None else out), dgamma, dbeta
 
 
