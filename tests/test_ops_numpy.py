@@ -87,16 +87,18 @@ def test_conv2d_fused_activation(activation):
 
 @pytest.mark.parametrize("padding", [(1, 1, 1, 1), (0, 0, 0, 0), (0, 2, 1, 0), (3, 1, 0, 2)],
                          ids=["same", "valid", "asymmetric", "over-2"])
-@pytest.mark.parametrize("c, k, s", [(8, 3, 1), (ops.PLAIN_WINOGRAD_MIN_CHANNELS, 3, 1), (8, 3, 2), (8, 1, 1)],
-                         ids=["im2col", "winograd", "strided", "1x1"])
-def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, k, s):
+@pytest.mark.parametrize("c, f, k, s", [(8, 6, 3, 1), (ops.PLAIN_WINOGRAD_MIN_CHANNELS, 6, 3, 1), (8, 6, 3, 2),
+                                        (8, 6, 1, 1), (8, ops.PLAIN_WINOGRAD_MIN_CHANNELS, 3, 1)],
+                         ids=["im2col", "winograd", "strided", "1x1", "dx-by-winograd"])
+def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, f, k, s):
     """A convolution runs a few images at a time: with chunks of 2 images over a batch of 5 (2 + 2 + 1, two chunk
     sizes), forward and backward match the oracle and the run in one chunk (up to rounding: BLAS may sum in
     another order for another size) — through im2col and Winograd; the input gradient as the correlation of dy
-    (stride 1, padding up to K − 1 on a side) and from the taps' products (strides, or padding 3); dx into a
-    C-contiguous out= buffer is written there, into a strided one is copied there."""
+    (stride 1, padding up to K − 1 on a side; through Winograd where the kernel turned has its many filters as
+    channels) and from the taps' products (strides, or padding 3); dx into a C-contiguous out= buffer is written
+    there, into a strided one is copied there; a strided dy."""
     rng = np.random.default_rng(12)
-    x, wt, b = normal(rng, (5, 7, 8, c)), normal(rng, (k, k, c, 6)), normal(rng, (6,))
+    x, wt, b = normal(rng, (5, 7, 8, c)), normal(rng, (k, k, c, f)), normal(rng, (f,))
     s = (s, s)
     y_ref = ref.conv2d_forward(x, wt, b, s, padding, None)
     dy = normal(rng, y_ref.shape)
@@ -105,7 +107,7 @@ def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, k, s):
     results = {}
     p, q = y_ref.shape[1:3]
     if ops._plain_winograd_applies(wt.shape, s):  # one image's work values: its Winograd tiles or im2col rows
-        per_image = 25 * -(-p // 3) * -(-q // 3) * max(c, 6)
+        per_image = 25 * -(-p // 3) * -(-q // 3) * max(c, f)
     else:
         per_image = p * q * k * k * c
     for chunk in (2, 5):
@@ -123,6 +125,9 @@ def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, k, s):
             assert_close(dw, dw_ref)
             assert_close(db, db_ref)
         assert_close(ops.conv2d_backward_data(dy, wt, x.shape, s, padding, {}), dx_ref)
+        strided_dy = np.empty(dy.shape[:3] + (2 * f,), F32)[..., ::2]
+        strided_dy[...] = dy
+        assert_close(ops.conv2d_backward(strided_dy, x, wt, s, padding, ctx)[0], dx_ref)
         assert_close(ops.conv2d_backward_filter(dy, x, wt.shape, s, padding, None)[0], dw_ref)
         results[chunk] = (y, dx.copy(), dw)
     for small, whole in zip(results[2], results[5]):
@@ -313,11 +318,13 @@ class TestNumpyBatchNorm(BatchNormChecks):
 
 class TestNumpyBatchNormInChunks(TestNumpyBatchNorm):
     """The same checks with chunks of a few rows (the NumPy ops work a chunk of rows at a time: 660 bytes are 55
-    rows of 3 channels, 5 of 33, 2 of 70), so that every shape runs in several chunks, the last one shorter."""
+    rows of 3 channels, 20 of 8, 5 of 33, 2 of 70; 4096 bytes 341 of 3, 128 of 8), so that every shape runs in
+    several chunks, the last one shorter, viewed k rows at a time with k from 1 (an odd count) to 32."""
 
-    @pytest.fixture(autouse=True)
-    def small_chunks(self, monkeypatch):
-        monkeypatch.setattr(ops, "CHUNK_BYTES", 660)
+    @pytest.fixture(autouse=True, params=[660, 4096])
+    def small_chunks(self, monkeypatch, request):
+        monkeypatch.setattr(ops, "CHUNK_BYTES", request.param)
+        assert {k for _, k in ops._row_chunks(1000, 8)} == ({4} if request.param == 660 else {32, 8})
 
 
 def _parts_of(x2, sizes):
@@ -378,6 +385,34 @@ def test_batchnorm_of_parts_that_exchange_their_sums_is_the_whole_batchs(shape, 
         dbetas.append(dbeta)
     assert_close(np.sum(dgammas, axis=0), dgamma_ref, atol_scale=1e-4)
     assert_close(np.sum(dbetas, axis=0), dbeta_ref, atol_scale=1e-4)
+
+
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 4 * 64], ids=["one-chunk", "chunks-of-64-rows"])
+def test_batchnorm_statistics_of_data_far_from_zero(monkeypatch, chunk_bytes):
+    """Channels at 1000 with a spread of about 1.4 that differs from image to image, so the chunks' means differ:
+    the batch's mean and variance (through inv_std and the moving variance) stay within float32 rounding of the
+    float64 oracle's, in one chunk and in many (each chunk's float32 mean is corrected before the merge)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(ops, "CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(21)
+    x = f32(1000 + rng.normal(size=(16, 1, 1, 4)) + rng.normal(size=(16, 8, 8, 4)))
+    gamma, beta, mm, mv = np.ones(4, F32), np.zeros(4, F32), np.zeros(4, F32), np.ones(4, F32)
+    _, mean, inv_std = ops.batchnorm_forward_training(x, gamma, beta, mm, mv, 0.0, 1e-3)
+    x64 = x.astype(np.float64).reshape(-1, 4)
+    np.testing.assert_allclose(mean, x64.mean(axis=0), rtol=2e-7)
+    np.testing.assert_allclose(mv, x64.var(axis=0), rtol=2e-6)
+    np.testing.assert_allclose(inv_std, 1 / np.sqrt(x64.var(axis=0) + 1e-3), rtol=2e-6)
+
+
+def test_batchnorm_backward_of_an_empty_batch_in_inference_mode():
+    """A frozen BatchNormalization (moving statistics) given no rows: an empty dx and zero weight gradients."""
+    x, gamma, _, mm, mv, _ = bn_case((2, 3, 3, 5))
+    inv_std = f32(1 / np.sqrt(mv + 1e-3))
+    empty = np.zeros((0, 3, 3, 5), F32)
+    dx, dgamma, dbeta = ops.batchnorm_backward(empty, empty, gamma, mm, inv_std, False, {})
+    assert dx.shape == empty.shape
+    np.testing.assert_array_equal(dgamma, 0)
+    np.testing.assert_array_equal(dbeta, 0)
 
 
 def test_merge_moments_has_no_cancellation_and_needs_a_row():
@@ -697,8 +732,9 @@ def test_winograd_matrices_give_the_outputs_of_a_3x3_correlation(m):
 
 def test_plain_3x3_convolutions_over_many_channels_take_the_winograd_path():
     """conv2d_forward works chunk by chunk, through Winograd's tiles exactly where _plain_winograd_applies (3x3,
-    stride 1, PLAIN_WINOGRAD_MIN_CHANNELS or more), else through im2col rows, and keeps no whole-batch matrix;
-    the grid above checks both paths against the oracle, and the seed model's third layer here."""
+    stride 1, PLAIN_WINOGRAD_MIN_CHANNELS or more), else through im2col rows, and keeps no whole-batch matrix.
+    The grid (up to 8 channels) checks the im2col path against the oracle; test_conv2d_in_chunks_of_images and
+    the two calls below (the seed model's third layer) the Winograd path."""
     many = ops.PLAIN_WINOGRAD_MIN_CHANNELS
     for c, k, s in ((many, 3, 1), (many - 1, 3, 1), (many, 3, 2), (many, 5, 1)):
         x, wt, b, s, padding, _ = _conv_case(2, c, (7, 5), k, s, "same")
