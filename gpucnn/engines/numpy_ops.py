@@ -707,11 +707,6 @@ def _tiler(*vectors):
     return tiled
 
 
-def _channel_sums(wide, c):
-    """The per-channel sums (C,) of the rows of a wide view (R / k, k·C)."""
-    return _column_sums(wide).reshape(-1, c).sum(axis=0)
-
-
 def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum, epsilon, ctx=None, out=None,
                                out_mean=None, out_inv_std=None, exchange=None):
     """(y, mean, inv_std) with the batch's statistics (mean, inv_std: (C,), kept for batchnorm_backward);
@@ -732,12 +727,13 @@ def batchnorm_forward_training(x, gamma, beta, moving_mean, moving_var, momentum
     for rows, k in chunks:
         size = rows.stop - rows.start
         xw = _wide(x2, rows, k)
-        chunk_mean = _channel_sums(xw, c) / DTYPE(size)
+        chunk_mean = _column_sums(x2[rows]) / DTYPE(size)
         centered = np.subtract(xw, np.tile(chunk_mean, k), out=work[:size].reshape(xw.shape))
         # the float32 mean is off by a rounding error e; the deviations' own mean r (≈ e) puts it right, and
         # Σ(x − m)² − size·r² are the squares about the corrected mean (else the merge's cross term would carry e)
-        residual = _channel_sums(centered, c).astype(np.float64) / size
-        squares = _channel_sums(np.square(centered, out=centered), c).astype(np.float64) - size * residual ** 2
+        residual = _column_sums(work[:size]).astype(np.float64) / size
+        np.square(centered, out=centered)
+        squares = _column_sums(work[:size]).astype(np.float64) - size * residual ** 2
         parts.append(_part_statistics(size, chunk_mean + residual, np.maximum(squares, 0)))
     if exchange is not None:
         parts = exchange(_merged_statistics(parts))
@@ -808,16 +804,18 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
     dy2 = dy.reshape(m, c)
     chunks = _row_chunks(m, c)
     work = _scratch(ctx, "bn_rows", (chunks[0][0].stop if chunks else 0, c))
-    sum_dy, sum_dy_centered = np.zeros(c, DTYPE), np.zeros(c, DTYPE)
-    means = _tiler(mean)
+    sum_dy, sum_dy_xhat = np.zeros(c, DTYPE), np.zeros(c, DTYPE)
+    tiled = _tiler(mean, inv_std)
     for rows, k in chunks:
+        mean_k, inv_std_k = tiled(k)
         dyw = _wide(dy2, rows, k)
-        sum_dy += _channel_sums(dyw, c)
-        centered = np.subtract(_wide(x2, rows, k), means(k)[0], out=work[:rows.stop - rows.start].reshape(dyw.shape))
-        centered *= dyw
-        sum_dy_centered += _channel_sums(centered, c)
+        sum_dy += _column_sums(dy2[rows])
+        xhat = np.subtract(_wide(x2, rows, k), mean_k, out=work[:rows.stop - rows.start].reshape(dyw.shape))
+        xhat *= inv_std_k
+        xhat *= dyw
+        sum_dy_xhat += _column_sums(work[:rows.stop - rows.start])
     dbeta = _finish(sum_dy, out_beta)
-    dgamma = _finish(sum_dy_centered * inv_std, out_gamma)
+    dgamma = _finish(sum_dy_xhat, out_gamma)
     scale = inv_std if gamma is None else inv_std * gamma
     dx = np.empty(x2.shape, DTYPE) if out is None else out.reshape(x2.shape)
     if not training:
@@ -829,15 +827,14 @@ def batchnorm_backward(dy, x, gamma, mean, inv_std, training, ctx=None, out=None
     if exchange is not None:
         parts = exchange(_part_statistics(m, dbeta, dgamma))
         rows_total, sum_dy, sum_dy_xhat = (v.astype(DTYPE) for v in _sum_parts(parts))
-    per_centered = inv_std * (sum_dy_xhat / rows_total)  # x̂·dgamma/M = (x − mean)·inv_std·dgamma/M
-    mean_dy = sum_dy / rows_total
-    tiled = _tiler(mean, per_centered, mean_dy, scale)
+    tiled = _tiler(mean, inv_std, sum_dy_xhat / rows_total, sum_dy / rows_total, scale)
     for rows, k in chunks:
-        mean_k, per_centered_k, mean_dy_k, scale_k = tiled(k)
+        mean_k, inv_std_k, mean_dy_xhat_k, mean_dy_k, scale_k = tiled(k)
         part = np.subtract(_wide(dy2, rows, k), mean_dy_k, out=_wide(dx, rows, k))
-        centered = np.subtract(_wide(x2, rows, k), mean_k, out=work[:rows.stop - rows.start].reshape(part.shape))
-        centered *= per_centered_k
-        part -= centered
+        xhat = np.subtract(_wide(x2, rows, k), mean_k, out=work[:rows.stop - rows.start].reshape(part.shape))
+        xhat *= inv_std_k
+        xhat *= mean_dy_xhat_k
+        part -= xhat
         part *= scale_k
     return (dx.reshape(x.shape) if out is None else out), dgamma, dbeta
 
