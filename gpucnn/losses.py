@@ -3,7 +3,10 @@
 The maths is the engine's (``crossentropy_*`` and ``binary_crossentropy_*`` in the op modules); a loss here
 names it, checks the labels a user passes, and says which output activation it folds into its gradient: a
 softmax output under a categorical cross-entropy and a sigmoid output under a binary one train with the
-gradient taken straight at the logits (``fused_activation``, ``fused_gradient``), as Keras's backends do.
+gradient taken straight at the logits (``fused_activation``, ``fused_gradient``), as Keras's TensorFlow backend
+does. The loss reported is the clipped one of Keras's conventions (probabilities clipped to [1e-7, 1 − 1e-7], as
+the torch and jax backends report it); those backends also differentiate the clip, which gives no gradient at all
+to a sample whose probability is clipped (a confidently wrong one) — gpucnn keeps the logits' gradient p − y there.
 Each loss also counts what ``"accuracy"`` means for it (Keras's rule: binary accuracy for a binary
 cross-entropy, categorical for one-hot labels, sparse categorical for integer labels).
 """

@@ -619,18 +619,27 @@ def _check_idx(idx, y_ref, idx_ref, z, activation):
     np.testing.assert_array_equal(got[clear], idx_ref[clear])
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "chunks-of-2"])
 @pytest.mark.parametrize("case", CONV_POOL_GRID, ids=conv_pool_id)
-def test_conv2d_maxpool_matches_reference(case):
+def test_conv2d_maxpool_matches_reference(case, chunked, monkeypatch):
     """The fused op against the oracle's conv2d then max-pooling (forward), and against its maxpool, activation
     and conv backward routed through the op's own window indices (backward); need_dx=False writes the same
-    weight gradients and returns None; the backward also works without the forward's ctx."""
+    weight gradients and returns None; the backward also works without the forward's ctx. ``chunked``: the op
+    works 2 images at a time (the last chunk shorter for an odd batch)."""
     n, c, hw, k, s, pad, f, activation, bias = case
     x, wt, b, s, pads, rng = _conv_case(n, c, hw, k, s, pad, f, bias)
+    if chunked:
+        pooled = ref.conv2d_maxpool_forward(x, wt, b, s, pads, activation)[0].shape
+        winograd = ops._winograd_applies(wt.shape, s)
+        monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * ops._pooled_values(wt.shape, pooled[1], pooled[2], winograd))
+        monkeypatch.setattr(ops, "WHOLE_BATCH_BYTES", 0)
     saved = (x.copy(), wt.copy())
     ctx = {}
     y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx)
     y_ref, idx_ref, z = ref.conv2d_maxpool_forward(x, wt, b, s, pads, activation)
     assert y.shape == y_ref.shape and idx.dtype == np.int8
+    sizes = sorted({min(2, n - start) for start in range(0, n, 2)}) if chunked else [n]
+    assert sorted(key[1] for key in ctx if key[0] == "chunk") == sizes
     assert_close(y, y_ref)
     _check_idx(idx, y_ref, idx_ref, z, activation)
 
@@ -653,6 +662,33 @@ def test_conv2d_maxpool_matches_reference(case):
     assert_close(dw3, dw_ref)
     np.testing.assert_array_equal(x, saved[0])  # inputs not written to
     np.testing.assert_array_equal(wt, saved[1])
+
+
+@pytest.mark.parametrize("c", [3, 8], ids=["im2col", "winograd"])
+def test_conv2d_maxpool_out_buffers_in_chunks(monkeypatch, c):
+    """y, idx and dx into out= buffers, C-contiguous (written there) or strided (copied there), over chunks of 2
+    images: the same values as without buffers."""
+    x, wt, b, s, pads, rng = _conv_case(5, c, (9, 9), 3, 1, "valid", 4, True)
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * ops._pooled_values(wt.shape, 3, 3, c == 8))
+    monkeypatch.setattr(ops, "WHOLE_BATCH_BYTES", 0)
+    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, "relu", {})
+    dy = normal(rng, y.shape)
+    dw = np.empty_like(wt)
+    dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, "relu", {}, out_w=dw).copy()
+    for strided in (False, True):
+        def buffer(shape, dtype=F32):
+            return np.empty(shape[:-1] + (2 * shape[-1],), dtype)[..., ::2] if strided else np.empty(shape, dtype)
+        out, out_idx, out_dx = buffer(y.shape), buffer(y.shape, np.int8), buffer(x.shape)
+        ctx = {}
+        got = ops.conv2d_maxpool_forward(x, wt, b, s, pads, "relu", ctx, out=out, out_idx=out_idx)
+        assert got[0] is out and got[1] is out_idx
+        np.testing.assert_array_equal(out, y)
+        np.testing.assert_array_equal(out_idx, idx)
+        dw2 = np.empty_like(wt)
+        assert ops.conv2d_maxpool_backward(dy, out, out_idx, x, wt, s, pads, "relu", ctx, out_w=dw2,
+                                           out=out_dx) is out_dx
+        np.testing.assert_array_equal(out_dx, dx)
+        np.testing.assert_array_equal(dw2, dw)
 
 
 def test_conv2d_maxpool_ties_and_zeros_take_the_first_tap():
@@ -692,7 +728,7 @@ def test_conv2d_maxpool_nan_and_inf():
     with np.errstate(invalid="ignore"):
         dw = np.empty(wt.shape, F32)
         ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, None, ctx, out_w=dw, out_b=np.empty((2,), F32))
-    dz = ctx["z"]  # each window tap's gradient (in the forward's z array): non-finite on the maximum's tap only
+    dz = ctx[("chunk", 1)]["z"]  # each window tap's gradient (in the forward's z): non-finite on the maximum's tap
     assert np.isinf(dz[idx[0, 0, 0, 0], 0, 0, 0, 0]) and np.isnan(dz[idx[0, 1, 1, 1], 0, 1, 1, 1])
     assert np.isfinite(np.delete(dz[:, 0, 0, 0, 0], idx[0, 0, 0, 0])).all()
     assert np.isfinite(np.delete(dz[:, 0, 1, 1, 1], idx[0, 1, 1, 1])).all()
@@ -704,15 +740,16 @@ WINOGRAD_CASES = [case for case in CONV_POOL_GRID if ops._winograd_applies(
 
 
 def test_the_grid_covers_both_numpy_paths_of_the_fused_op():
-    """3x3 kernels at stride 1 over 8+ channels take the Winograd path (its tiles kept in ctx), the rest the
-    im2col path (its matrix kept): the grid above checks both against the oracle."""
+    """3x3 kernels at stride 1 over 8+ channels take the Winograd path (its tiles kept in the chunk's work dict),
+    the rest the im2col path (its matrix kept there): the grid above checks both against the oracle."""
     assert len(WINOGRAD_CASES) >= 3 and len(WINOGRAD_CASES) < len(CONV_POOL_GRID) - 3
     for case in CONV_POOL_GRID:
         n, c, hw, k, s, pad, f, activation, bias = case
         x, wt, b, s, pads, _ = _conv_case(n, c, hw, k, s, pad, f, bias)
         ctx = {}
         ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx)
-        assert ("wino_v" in ctx) == (case in WINOGRAD_CASES) and ("cols" in ctx) != (case in WINOGRAD_CASES)
+        work = ctx[("chunk", n)]  # the grid's batches are one chunk
+        assert ("wino_v" in work) == (case in WINOGRAD_CASES) and ("cols" in work) != (case in WINOGRAD_CASES)
 
 
 @pytest.mark.parametrize("m", [2, 3])

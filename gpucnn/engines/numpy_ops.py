@@ -339,6 +339,7 @@ def _forward_cols(x, k, stride, padding, p, q, ctx):
 # backward 21 → 13 ms. The backward makes each chunk's matrix again. Chunks of one size share their work arrays
 # (a work dict in ctx). Which of the two a convolution takes: _plain_winograd_applies.
 CHUNK_BYTES = 1 << 20
+WHOLE_BATCH_BYTES = 4 << 20  # conv2d_maxpool: a batch whose work fits in this runs as one chunk
 
 
 def _sub_work(ctx, key):
@@ -354,7 +355,7 @@ def _sub_work(ctx, key):
 def _image_chunks(ctx, n, image_values):
     """(slice, work dict) for each chunk of the batch's n images; ``image_values``: the work values (float32) one
     image takes. Chunks of one size share a work dict inside ``ctx``."""
-    per = max(1, min(n, CHUNK_BYTES // (4 * image_values)))
+    per = max(1, min(n, CHUNK_BYTES // max(1, 4 * image_values)))
     for start in range(0, n, per):
         size = min(per, n - start)
         yield slice(start, start + size), _sub_work(ctx, ("chunk", size))
@@ -969,64 +970,117 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
 
     Here the four outputs of every pooling window come out as four contiguous blocks (z, (4, N, PP, PQ, F)),
     by one product of an im2col matrix whose rows are grouped by window tap or, for 3x3 kernels at stride 1
-    over 8+ channels, by Winograd's F(2x2, 3x3) (``_winograd_outputs``). The pooling runs on them before the
-    activation (relu(max) = max(relu)) — four times fewer elements to activate."""
+    over 8+ channels, by Winograd's F(2x2, 3x3) (``_winograd_outputs``), a chunk of images at a time
+    (_pooled_chunks). The pooling runs on them before the activation (relu(max) = max(relu))
+    — four times fewer elements to activate."""
     if activation not in (None, "relu"):
         raise ValueError(f"conv2d_maxpool_forward: activation must be None or 'relu', got {activation!r}")
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     pp, pq = p // 2, q // 2
-    z = _scratch(ctx, "z", (4, n, pp, pq, f))
-    if _winograd_applies(w.shape, stride):
-        _winograd_outputs(x, w, padding, 2, pp, pq, ctx, out=z)
-        y, idx = _first_max(list(z), out, out_idx)
-        if b is not None:
-            y += b  # max(z + b) = max(z) + b: the bias added to the pooled values only
+    winograd = _winograd_applies(w.shape, stride)
+    if winograd:
+        u = _winograd_kernel(w, 2)
     else:
-        cols = _im2col(x, (kh, kw), stride, padding, pp, pq, ctx, pooled=True)
         w2 = w.reshape(kh * kw * c, f)
-        if b is None:
-            np.matmul(cols[:, :-1], w2, out=z.reshape(-1, f))
+        w2 = w2 if b is None else np.vstack([w2, b[None]])
+
+    def taps(part, sub):  # z of a chunk: the four window taps' convolution outputs, (4, size, PP, PQ, F)
+        z = _scratch(sub, "z", (4, part.stop - part.start, pp, pq, f))
+        if winograd:
+            _winograd_outputs(x[part], w, padding, 2, pp, pq, sub, out=z, u=u)
         else:
-            np.matmul(cols, np.vstack([w2, b[None]]), out=z.reshape(-1, f))
-        y, idx = _first_max(list(z), out, out_idx)
+            cols = _im2col(x[part], (kh, kw), stride, padding, pp, pq, sub, pooled=True)
+            np.matmul(cols if b is not None else cols[:, :-1], w2, out=z.reshape(-1, f))
+        return list(z)
+
+    chunks = _pooled_chunks(ctx, n, w.shape, pp, pq, winograd)
+    if len(chunks) == 1:
+        y, idx = _first_max(taps(*chunks[0]), out, out_idx)
+    else:
+        y = out if out is not None and out.flags.c_contiguous else np.empty((n, pp, pq, f), DTYPE)
+        idx = out_idx if out_idx is not None and out_idx.flags.c_contiguous else np.empty((n, pp, pq, f), np.int8)
+        for part, sub in chunks:
+            _first_max(taps(part, sub), y[part], idx[part])
+        y, idx = _returned(y, out), _returned(idx, out_idx)
+    if winograd and b is not None:
+        y += b  # max(z + b) = max(z) + b: the bias added to the pooled values only
     if activation == "relu":
         np.maximum(y, 0, out=y)
     return y, idx
+
+
+def _pooled_values(w_shape, pp, pq, winograd):
+    """The work values (float32) of one image in conv2d_maxpool: its F(2x2, 3x3) tiles or its pooled im2col rows."""
+    kh, kw, c, f = w_shape
+    return 16 * pp * pq * max(c, f) if winograd else 4 * pp * pq * (kh * kw * c + 1)
+
+
+def _pooled_chunks(ctx, n, w_shape, pp, pq, winograd):
+    """conv2d_maxpool's chunks (_image_chunks): one for a batch whose work fits in WHOLE_BATCH_BYTES (the seed
+    model's: chunks of it measured ~4 % slower, the backward making the tiles again), else ~CHUNK_BYTES each."""
+    values = _pooled_values(w_shape, pp, pq, winograd)
+    return list(_image_chunks(ctx, n, 0 if 4 * n * values <= WHOLE_BATCH_BYTES else values))
 
 
 def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=None, out_w=None,
                             out_b=None, need_dx=True, out=None):
     """The backward of conv2d_maxpool_forward from the pooled gradient dy (N,PP,PQ,F), its y and idx:
     the weight gradients go to (out_w, out_b) as conv2d_backward_filter gives them, and the input
-    gradient dx (N,H,W,C) is returned when ``need_dx`` (else None). ``ctx``: the forward's."""
+    gradient dx (N,H,W,C) is returned when ``need_dx`` (else None). ``ctx``: the forward's. A chunk of images
+    at a time: each chunk's im2col matrix or tiles are made again, except in a batch of one chunk, where the
+    forward's are still in its work dict (the ctx contract: the last forward with this ctx had this x)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
     pp, pq = p // 2, q // 2
     g = np.multiply(dy, y > 0) if activation == "relu" else dy  # relu_backward of the pooled values
-    # the gradient of each window tap's convolution output, in the forward's z (spent once y and idx are made)
-    dz = _scratch(ctx, "z", (4, n, pp, pq, f))
     finite = np.isfinite(g).all()
-    for k in range(4):
-        _share_of_tap(idx, k, g, finite, out=dz[k])
-    if _winograd_applies(w.shape, stride):
-        dm = _winograd_output_grad(dz, 2, ctx)
-        _winograd_dw(dm, x, padding, 2, pp, pq, ctx, out_w, w.shape)
+    winograd = _winograd_applies(w.shape, stride)
+    u = _winograd_kernel(w, 2) if winograd and need_dx else None
+    gw = np.zeros((16, c, f) if winograd else (kh * kw * c + 1, f), DTYPE)
+    chunks = _pooled_chunks(ctx, n, w.shape, pp, pq, winograd)
+    dx = _dx_target(ctx, x.shape, out) if need_dx and len(chunks) > 1 else None  # one chunk: its work array's
+    for part, sub in chunks:
+        size = part.stop - part.start
+        # the gradient of each window tap's convolution output, in the forward's z (spent once y and idx are made)
+        dz = _scratch(sub, "z", (4, size, pp, pq, f))
+        for k in range(4):
+            _share_of_tap(idx[part], k, g[part], finite, out=dz[k])
+        if winograd:
+            dm = _winograd_output_grad(dz, 2, sub)
+            v = _kept(sub, "wino_v", (16, size * pp * pq, c)) if len(chunks) == 1 else None
+            gw += np.matmul((_winograd_tiles(x[part], padding, 2, pp, pq, sub) if v is None else v)
+                            .transpose(0, 2, 1), dm)
+            if need_dx:
+                dx = _gathered(dx, part, _winograd_dx(dm, w, (size,) + x.shape[1:], padding, 2, pp, pq, sub, u=u))
+            continue
+        cols = _kept_cols(sub, (4 * size * pp * pq, kh * kw * c + 1)) if len(chunks) == 1 else None
+        cols = _im2col(x[part], (kh, kw), stride, padding, pp, pq, sub, pooled=True) if cols is None else cols
+        gw += cols.T @ dz.reshape(-1, f)
+        if need_dx:
+            # the window taps back in image order: (n, 2·PP, 2·PQ, F), the convolution outputs that have gradients
+            dz_image = _scratch(sub, "dz_image", (size, pp, 2, pq, 2, f))
+            np.copyto(dz_image, dz.reshape(2, 2, size, pp, pq, f).transpose(2, 3, 0, 4, 1, 5))
+            dx = _gathered(dx, part, _backward_data(dz_image.reshape(size, 2 * pp, 2 * pq, f), w,
+                                                    (size,) + x.shape[1:], stride, padding, sub))
+    if winograd:
+        _finish((_WINOGRAD[2][1].T @ gw.reshape(16, -1)).reshape(w.shape), out_w)
         if out_b is not None:
             _finish(_column_sums(g.reshape(-1, f)), out_b)
-        return _finish(_winograd_dx(dm, w, x.shape, padding, 2, pp, pq, ctx), out) if need_dx else None
-    cols = _forward_cols(x, (kh, kw), stride, padding, pp, pq, ctx)
-    gw = cols.T @ dz.reshape(-1, f)
-    _finish(gw[:-1].reshape(w.shape), out_w)
-    if out_b is not None:
-        _finish(gw[-1], out_b)
-    if not need_dx:
-        return None
-    # the window taps back in image order: (n, 2·PP, 2·PQ, F), the convolution outputs that have gradients
-    dz_image = _scratch(ctx, "dz_image", (n, pp, 2, pq, 2, f))
-    np.copyto(dz_image, dz.reshape(2, 2, n, pp, pq, f).transpose(2, 3, 0, 4, 1, 5))
-    dx = _backward_data(dz_image.reshape(n, 2 * pp, 2 * pq, f), w, x.shape, stride, padding, ctx)
-    return _finish(dx, out)
+    else:
+        _finish(gw[:-1].reshape(w.shape), out_w)
+        if out_b is not None:
+            _finish(gw[-1], out_b)
+    return _returned(dx, out) if need_dx else None
+
+
+def _gathered(dx, part, chunk_dx):
+    """dx with a chunk's input gradient copied into its rows ``part``; with no dx (a batch of one chunk), the chunk's
+    own (a view of a work array)."""
+    if dx is None:
+        return chunk_dx
+    np.copyto(dx[part], chunk_dx)
+    return dx
 
 
 # ------------------------------------------------------------- Winograd F(m x m, 3x3)
@@ -1126,21 +1180,12 @@ def _winograd_output_grad(dy_blocks, m, ctx):
     return dm
 
 
-def _winograd_dw(dm, x, padding, m, th, tw, ctx, out_w, w_shape):
-    """dw into ``out_w`` from dM, with the tiles the forward kept in ``ctx`` (made again if not there)."""
-    v = _kept(ctx, "wino_v", (len(dm), dm.shape[1], x.shape[3]))
-    if v is None:
-        v = _winograd_tiles(x, padding, m, th, tw, None)
-    du = np.matmul(v.transpose(0, 2, 1), dm)  # ((m+2)², C, F)
-    return _finish((_WINOGRAD[m][1].T @ du.reshape(len(du), -1)).reshape(w_shape), out_w)
-
-
-def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx):
+def _winograd_dx(dm, w, x_shape, padding, m, th, tw, ctx, u=None):
     """dx (N, H, W, C) from dM (a view of a work array in ``ctx``)."""
     n, h, wd, c = x_shape
     a = m + 2
     dv = _scratch(ctx, "wino_dv", dm.shape[:2] + (c,))
-    np.matmul(dm, _winograd_kernel(w, m).transpose(0, 2, 1), out=dv)
+    np.matmul(dm, (_winograd_kernel(w, m) if u is None else u).transpose(0, 2, 1), out=dv)
     dd = _scratch(ctx, "wino_d", dv.shape)  # the forward's gathered tiles are spent: the array takes dd
     np.matmul(_WINOGRAD[m][0].T, dv.reshape(a * a, -1), out=dd.reshape(a * a, -1))
     top, left = padding[0], padding[2]
