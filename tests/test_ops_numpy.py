@@ -664,31 +664,84 @@ def test_conv2d_maxpool_matches_reference(case, chunked, monkeypatch):
     np.testing.assert_array_equal(wt, saved[1])
 
 
-@pytest.mark.parametrize("c", [3, 8], ids=["im2col", "winograd"])
-def test_conv2d_maxpool_out_buffers_in_chunks(monkeypatch, c):
-    """y, idx and dx into out= buffers, C-contiguous (written there) or strided (copied there), over chunks of 2
-    images: the same values as without buffers."""
-    x, wt, b, s, pads, rng = _conv_case(5, c, (9, 9), 3, 1, "valid", 4, True)
-    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * ops._pooled_values(wt.shape, 3, 3, c == 8))
+def _pool_in_chunks_of_2(monkeypatch, wt, pooled_hw):
+    """Make conv2d_maxpool work 2 images at a time for this kernel and pooled size."""
+    winograd = ops._winograd_applies(wt.shape, (1, 1))
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 2 * 4 * ops._pooled_values(wt.shape, *pooled_hw, winograd))
     monkeypatch.setattr(ops, "WHOLE_BATCH_BYTES", 0)
-    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, "relu", {})
+
+
+@pytest.mark.parametrize("activation, bias", [("relu", True), (None, False), (None, True)])
+@pytest.mark.parametrize("c", [3, 8], ids=["im2col", "winograd"])
+def test_conv2d_maxpool_in_chunks_matches_reference(monkeypatch, c, activation, bias):
+    """Over a batch of 5 in chunks of 2 (2 + 2 + 1): y, idx, dx, dw and db against the oracle, through both paths,
+    with and without relu and bias; y, idx and dx into out= buffers, C-contiguous (written there) or strided
+    (copied there), give the same values."""
+    x, wt, b, s, pads, rng = _conv_case(5, c, (9, 9), 3, 1, "valid", 4, bias)
+    _pool_in_chunks_of_2(monkeypatch, wt, (3, 3))
+    ctx = {}
+    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx)
+    assert sorted(key[1] for key in ctx if key[0] == "chunk") == [1, 2]
+    y_ref, idx_ref, z = ref.conv2d_maxpool_forward(x, wt, b, s, pads, activation)
+    assert_close(y, y_ref)
+    _check_idx(idx, y_ref, idx_ref, z, activation)
     dy = normal(rng, y.shape)
-    dw = np.empty_like(wt)
-    dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, "relu", {}, out_w=dw).copy()
+    dx_ref, dw_ref, db_ref = ref.conv2d_maxpool_backward(dy, idx.astype(np.int64), z, x, wt, s, pads, activation)
+    dw, db = np.empty_like(wt), np.empty((4,), F32)
+    dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, activation, ctx, out_w=dw, out_b=db).copy()
+    assert_close(dx, dx_ref)
+    assert_close(dw, dw_ref)
+    assert_close(db, db_ref)
     for strided in (False, True):
         def buffer(shape, dtype=F32):
             return np.empty(shape[:-1] + (2 * shape[-1],), dtype)[..., ::2] if strided else np.empty(shape, dtype)
         out, out_idx, out_dx = buffer(y.shape), buffer(y.shape, np.int8), buffer(x.shape)
-        ctx = {}
-        got = ops.conv2d_maxpool_forward(x, wt, b, s, pads, "relu", ctx, out=out, out_idx=out_idx)
+        got = ops.conv2d_maxpool_forward(x, wt, b, s, pads, activation, ctx, out=out, out_idx=out_idx)
         assert got[0] is out and got[1] is out_idx
         np.testing.assert_array_equal(out, y)
         np.testing.assert_array_equal(out_idx, idx)
-        dw2 = np.empty_like(wt)
-        assert ops.conv2d_maxpool_backward(dy, out, out_idx, x, wt, s, pads, "relu", ctx, out_w=dw2,
+        assert ops.conv2d_maxpool_backward(dy, out, out_idx, x, wt, s, pads, activation, ctx, out_w=dw,
                                            out=out_dx) is out_dx
         np.testing.assert_array_equal(out_dx, dx)
-        np.testing.assert_array_equal(dw2, dw)
+
+
+@pytest.mark.parametrize("c", [3, 8], ids=["im2col", "winograd"])
+def test_conv2d_maxpool_non_finite_values_in_some_chunks(monkeypatch, c):
+    """A NaN input in one chunk and inf / NaN gradients in others: y, idx and dx are those of the batch in one
+    chunk (the NaN scan runs per chunk, the gradient's finiteness is the whole batch's)."""
+    x, wt, b, s, pads, rng = _conv_case(5, c, (9, 9), 3, 1, "valid", 4, True)
+    x[3, 4, 4, 1] = np.nan
+    dy = normal(rng, (5, 3, 3, 4))
+    dy[0, 1, 1, 2], dy[4, 0, 2, 0] = np.inf, np.nan
+    whole = []
+    for chunked in (False, True):
+        if chunked:
+            _pool_in_chunks_of_2(monkeypatch, wt, (3, 3))
+        ctx = {}
+        with np.errstate(invalid="ignore"):
+            y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, None, ctx)
+            dx = ops.conv2d_maxpool_backward(dy, y, idx, x, wt, s, pads, None, ctx, out_w=np.empty_like(wt))
+        assert (sorted(key[1] for key in ctx if key[0] == "chunk") == [1, 2]) == chunked
+        got = (y.copy(), idx.copy(), dx.copy())
+        if chunked:
+            for a, want in zip(got, whole):
+                np.testing.assert_array_equal(np.isnan(a), np.isnan(want))
+                np.testing.assert_allclose(a, want, rtol=1e-6, atol=1e-6)
+        whole = got
+    assert np.isnan(whole[0][3]).any() and not np.isnan(whole[0][[0, 1, 2, 4]]).any()
+
+
+def test_conv2d_maxpool_of_an_empty_batch():
+    """No images: empty y, idx and dx (not None) and zero weight gradients."""
+    x, wt, b, s, pads, _ = _conv_case(1, 8, (9, 9), 3, 1, "valid", 4, True)
+    x = x[:0]
+    y, idx = ops.conv2d_maxpool_forward(x, wt, b, s, pads, "relu", {})
+    assert y.shape == idx.shape == (0, 3, 3, 4)
+    dw, db = np.full(wt.shape, np.nan, F32), np.full((4,), np.nan, F32)
+    dx = ops.conv2d_maxpool_backward(y, y, idx, x, wt, s, pads, "relu", {}, out_w=dw, out_b=db)
+    assert dx.shape == x.shape
+    np.testing.assert_array_equal(dw, 0)
+    np.testing.assert_array_equal(db, 0)
 
 
 def test_conv2d_maxpool_ties_and_zeros_take_the_first_tap():

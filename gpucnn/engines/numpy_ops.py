@@ -295,7 +295,7 @@ def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
     ``pooled`` (conv2d_maxpool): for a 2x2 max-pooling after the convolution, rows for the 2·P x 2·Q outputs its
     windows read (P, Q: the pooled size), ordered (window tap di, dj, n, P, Q) — the four outputs of a window then
     sit in four contiguous blocks of the product — and a last column of ones, the bias's input, so one product
-    gives conv + bias and one gives dw and db; kept in ``ctx`` ("cols") for the backward pass."""
+    gives conv + bias and one gives dw and db; in ``ctx`` ("cols"), where a batch of one chunk's backward finds it."""
     n, c, kk = x.shape[0], x.shape[3], k[0] * k[1] * x.shape[3]
     taps = (2, 2) if pooled else (1, 1)
     extra = 1 if pooled else 0
@@ -326,12 +326,6 @@ def _kept_cols(ctx, shape):
     return _kept(ctx, "cols", shape)
 
 
-def _forward_cols(x, k, stride, padding, p, q, ctx):
-    """conv2d_maxpool_backward's im2col matrix: the forward's from ``ctx``, or made again (not kept)."""
-    cols = _kept_cols(ctx, (4 * x.shape[0] * p * q, k[0] * k[1] * x.shape[3] + 1))
-    return _im2col(x, k, stride, padding, p, q, None, pooled=True) if cols is None else cols
-
-
 # A convolution works through the batch a few images at a time: for each chunk its im2col matrix (or its Winograd
 # tiles) is made, multiplied and dropped while it is still in the core's cache, instead of a matrix KH·KW times
 # the input's size streaming through memory (and kept there for the backward). One core, batch 64, a 3x3
@@ -339,7 +333,7 @@ def _forward_cols(x, k, stride, padding, p, q, ctx):
 # backward 21 → 13 ms. The backward makes each chunk's matrix again. Chunks of one size share their work arrays
 # (a work dict in ctx). Which of the two a convolution takes: _plain_winograd_applies.
 CHUNK_BYTES = 1 << 20
-WHOLE_BATCH_BYTES = 4 << 20  # conv2d_maxpool: a batch whose work fits in this runs as one chunk
+WHOLE_BATCH_BYTES = 8 << 20  # conv2d_maxpool: a batch whose work fits in this runs as one chunk
 
 
 def _sub_work(ctx, key):
@@ -1002,12 +996,11 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
         idx = out_idx if out_idx is not None and out_idx.flags.c_contiguous else np.empty((n, pp, pq, f), np.int8)
         for part, sub in chunks:
             _first_max(taps(part, sub), y[part], idx[part])
-        y, idx = _returned(y, out), _returned(idx, out_idx)
     if winograd and b is not None:
         y += b  # max(z + b) = max(z) + b: the bias added to the pooled values only
     if activation == "relu":
         np.maximum(y, 0, out=y)
-    return y, idx
+    return (y, idx) if len(chunks) == 1 else (_returned(y, out), _returned(idx, out_idx))
 
 
 def _pooled_values(w_shape, pp, pq, winograd):
@@ -1018,7 +1011,8 @@ def _pooled_values(w_shape, pp, pq, winograd):
 
 def _pooled_chunks(ctx, n, w_shape, pp, pq, winograd):
     """conv2d_maxpool's chunks (_image_chunks): one for a batch whose work fits in WHOLE_BATCH_BYTES (the seed
-    model's: chunks of it measured ~4 % slower, the backward making the tiles again), else ~CHUNK_BYTES each."""
+    model's layers at batch 64: chunked, its step measured ~3 % slower, the backward making the tiles again),
+    else ~CHUNK_BYTES each."""
     values = _pooled_values(w_shape, pp, pq, winograd)
     return list(_image_chunks(ctx, n, 0 if 4 * n * values <= WHOLE_BATCH_BYTES else values))
 
@@ -1039,7 +1033,7 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
     u = _winograd_kernel(w, 2) if winograd and need_dx else None
     gw = np.zeros((16, c, f) if winograd else (kh * kw * c + 1, f), DTYPE)
     chunks = _pooled_chunks(ctx, n, w.shape, pp, pq, winograd)
-    dx = _dx_target(ctx, x.shape, out) if need_dx and len(chunks) > 1 else None  # one chunk: its work array's
+    dx = _dx_target(ctx, x.shape, out) if need_dx and len(chunks) != 1 else None  # one chunk: its work array's
     for part, sub in chunks:
         size = part.stop - part.start
         # the gradient of each window tap's convolution output, in the forward's z (spent once y and idx are made)
