@@ -462,6 +462,27 @@ def test_depthwise_conv2d_bias_and_activation(bias, activation):
     _check_depthwise(2, 8, (6, 6), 2, 2, "same", 1, bias, activation)
 
 
+@pytest.mark.parametrize("case", [(5, 3, (7, 5), 3, 1, "same", 2), (5, 8, (6, 6), 2, 2, "same", 1),
+                                  (5, 4, (9, 9), 3, 2, "valid", 1), (3, 3, (5, 5), 3, 1, "valid", 2)],
+                         ids=map(depthwise_id, [(5, 3, (7, 5), 3, 1, "same", 2), (5, 8, (6, 6), 2, 2, "same", 1),
+                                                (5, 4, (9, 9), 3, 2, "valid", 1), (3, 3, (5, 5), 3, 1, "valid", 2)]))
+def test_depthwise_conv2d_an_image_at_a_time(monkeypatch, case):
+    """The depthwise ops work a chunk of images at a time: with chunks of one image (stride 1 and 2, the input
+    gradient gathered and scattered), forward and both gradients match the oracle, and a strided out= buffer
+    gets the values."""
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 1)
+    _check_depthwise(*case)
+    x, wt, b, s, padding, rng = depthwise_case(*case)
+    y_ref = ref.depthwise_conv2d_forward(x, wt, b, s, padding, None)
+    out = np.empty(y_ref.shape[:-1] + (2 * y_ref.shape[-1],), F32)[..., ::2]
+    assert ops.depthwise_conv2d_forward(x, wt, b, s, padding, None, {}, out=out) is out
+    assert_close(out, y_ref)
+    dy = normal(rng, y_ref.shape)
+    dx = np.empty(x.shape[:-1] + (2 * x.shape[-1],), F32)[..., ::2]
+    assert ops.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding, {}, out=dx) is dx
+    assert_close(dx, ref.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding))
+
+
 def test_depthwise_conv2d_out_buffers():
     x, wt, b, s, padding, rng = depthwise_case(2, 3, (7, 5), 3, 2, "same", 2)
     y_ref = ref.depthwise_conv2d_forward(x, wt, b, s, padding, "relu")
