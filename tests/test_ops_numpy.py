@@ -483,6 +483,21 @@ def test_depthwise_conv2d_an_image_at_a_time(monkeypatch, case):
     assert_close(dx, ref.depthwise_conv2d_backward_data(dy, wt, x.shape, s, padding))
 
 
+@pytest.mark.parametrize("extra", [0, 1], ids=["by-taps", "einsum"])
+@pytest.mark.parametrize("pad", ["same", "valid"])
+def test_depthwise_conv2d_both_stride_1_paths(extra, pad, monkeypatch):
+    """One filter per channel at stride 1 runs tap by tap up to DEPTHWISE_TAPS_MAX_CHANNELS channels, by einsum
+    above (the grid's few channels take the first): both against the oracle, in bands of 2 rows (the last one
+    shorter) and in one."""
+    c = ops.DEPTHWISE_TAPS_MAX_CHANNELS + extra
+    assert ops._depthwise_by_taps_applies((3, 3, c, 1), (1, 1)) == (extra == 0)
+    assert not ops._depthwise_by_taps_applies((3, 3, c, 2), (1, 1))
+    assert not ops._depthwise_by_taps_applies((3, 3, c, 1), (2, 2))
+    _check_depthwise(2, c, (7, 6), 3, 1, pad, 1)
+    monkeypatch.setattr(ops, "DEPTHWISE_BAND_VALUES", 2 * 6 * c)  # 2 rows of 6 outputs: bands of 2, 2, 2, 1
+    _check_depthwise(2, c, (7, 6), 3, 1, pad, 1)
+
+
 def test_depthwise_conv2d_out_buffers():
     x, wt, b, s, padding, rng = depthwise_case(2, 3, (7, 5), 3, 2, "same", 2)
     y_ref = ref.depthwise_conv2d_forward(x, wt, b, s, padding, "relu")

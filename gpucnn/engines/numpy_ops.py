@@ -900,14 +900,54 @@ def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
     y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, c * dm), DTYPE)
     for part, sub in _image_chunks(ctx, n, p * q * c * dm):
+        xpad = _pad(x[part], padding, ctx=sub)
+        if _depthwise_by_taps_applies(w.shape, stride):
+            _depthwise_by_taps(xpad, w, y[part], sub)
+            continue
         # every window as a view (no copy), each output the sum of its window's products, taps in row order: one
         # pass of NumPy's einsum loop instead of a multiply and an add over the whole output per tap (contiguous
         # operands: einsum's loop order, and so the sums' bits, follow the memory layout)
-        np.einsum("npqijc,ijcm->npqcm", _windows(_pad(x[part], padding, ctx=sub), w.shape[:2], stride, p, q), w,
+        np.einsum("npqijc,ijcm->npqcm", _windows(xpad, w.shape[:2], stride, p, q), w,
                   out=y[part].reshape(part.stop - part.start, p, q, c, dm))
     if b is not None:
         y += b
     return activation_forward(y, activation, out=y if out is None else out)
+
+
+# At stride 1 with one filter per channel and few channels, a depthwise correlation runs tap by tap: each tap's
+# inputs, a band of image rows, are one long row of Q·C contiguous values (an as_strided view), multiplied by the
+# tap's weights tiled Q times and added up in tap order — the same sums as einsum's, bit for bit, but NumPy runs
+# long rows of few channels faster than einsum's inner loop over C (one core, 16 images of 176x176x32: forward
+# 105 → 78 ms, input gradient 109 → 79 ms; at 64 channels the two are even, at 128 einsum is faster).
+DEPTHWISE_TAPS_MAX_CHANNELS = 32
+DEPTHWISE_BAND_VALUES = 1 << 16  # a band of rows, about this many output values
+
+
+def _depthwise_by_taps_applies(w_shape, stride):
+    return w_shape[3] == 1 and tuple(stride) == (1, 1) and w_shape[2] <= DEPTHWISE_TAPS_MAX_CHANNELS
+
+
+def _depthwise_by_taps(xpad, w, y, ctx):
+    """y (N, P, Q, C), C-contiguous = the stride-1 depthwise correlation of xpad (N, ≥ P + KH − 1, ≥ Q + KW − 1, C,
+    C-contiguous) with w (KH, KW, C, 1)."""
+    n, p, q, c = y.shape
+    kh, kw = w.shape[:2]
+    tiled = [[np.tile(w[i, j, :, 0], q) for j in range(kw)] for i in range(kh)]
+    band = max(1, DEPTHWISE_BAND_VALUES // (q * c))
+    product = _scratch(ctx, "depthwise_tap", (min(band, p), q * c))
+    row_stride, item = xpad.strides[1], xpad.strides[3]
+    for image in range(n):
+        rows = y[image].reshape(p, q * c)
+        for top in range(0, p, band):
+            out = rows[top:top + band]
+            size = len(out)
+            for i in range(kh):
+                for j in range(kw):
+                    taps = as_strided(xpad[image, top + i:, j:], (size, q * c), (row_stride, item), writeable=False)
+                    if i == 0 and j == 0:
+                        np.multiply(taps, tiled[i][j], out=out)
+                    else:
+                        out += np.multiply(taps, tiled[i][j], out=product[:size])
 
 
 def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
@@ -925,7 +965,11 @@ def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, ou
         if tuple(stride) == (1, 1) and min(flipped) >= 0:
             # at stride 1 each input's gradient gathers from a window of dy: a depthwise correlation of dy, padded
             # by the kernel less the forward's padding, with the kernel turned round (one einsum, no scatter)
-            windows = _windows(_pad(dy[part], flipped, ctx=sub, what="pad_dy"), (kh, kw), (1, 1), h, wd)
+            dyp = _pad(dy[part], flipped, ctx=sub, what="pad_dy")
+            if _depthwise_by_taps_applies(w.shape, stride):
+                _depthwise_by_taps(dyp, turned, dx[part], sub)
+                continue
+            windows = _windows(dyp, (kh, kw), (1, 1), h, wd)
             np.einsum("nhwijcm,ijcm->nhwc", windows.reshape(size, h, wd, kh, kw, c, dm), turned, out=dx[part])
             continue
         dy5 = dy[part].reshape(size, p, q, c, dm)
