@@ -395,11 +395,11 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x_shape, (kh, kw), stride, padding)
     dy = dy.reshape(n, p, q, f)
+    if _plain_winograd_applies(w.shape, stride):
+        return _winograd_backward(dy, None, w, x_shape, padding, ctx, need_dx=True, out=out)
     dx = _dx_target(ctx, x_shape, out)
     full = (kh - 1 - padding[0], kh - 1 - padding[1], kw - 1 - padding[2], kw - 1 - padding[3])
-    if _plain_winograd_applies(w.shape, stride):
-        _winograd_backward(dy, None, w, padding, ctx, dx=dx)
-    elif tuple(stride) == (1, 1) and min(full) >= 0:
+    if tuple(stride) == (1, 1) and min(full) >= 0:
         turned = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
         _correlate(dy, turned, (1, 1), full, _sub_work(ctx, ("work", "dx")), dx)
     else:
@@ -407,6 +407,14 @@ def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
             chunk_shape = (part.stop - part.start,) + tuple(x_shape[1:])
             np.copyto(dx[part], _backward_data(dy[part], w, chunk_shape, stride, padding, sub))
     return _returned(dx, out)
+
+
+def _summed(total, part):
+    """total + part, the first part itself (no array of zeros to add it to)."""
+    if total is None:
+        return part
+    total += part
+    return total
 
 
 def _dx_target(ctx, x_shape, out):
@@ -445,11 +453,11 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
     db = _finish(_column_sums(dy.reshape(n * p * q, f)), out_b)
     if _plain_winograd_applies(w_shape, stride):
         dw = np.empty(w_shape, DTYPE) if out_w is None else out_w
-        _winograd_backward(dy, x, None, padding, ctx, out_w=dw)
+        _winograd_backward(dy, x, None, x.shape, padding, ctx, out_w=dw)
         return dw, db
-    g = np.zeros((kh * kw * c, f), DTYPE)
+    g = np.zeros((kh * kw * c, f), DTYPE) if n == 0 else None
     for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
-        g += _chunk_cols(x[part], (kh, kw), stride, padding, p, q, sub).T @ dy[part].reshape(-1, f)
+        g = _summed(g, _chunk_cols(x[part], (kh, kw), stride, padding, p, q, sub).T @ dy[part].reshape(-1, f))
     return _finish(g.reshape(w_shape), out_w), db
 
 
@@ -463,10 +471,9 @@ def conv2d_backward(dy, x, w, stride, padding, ctx=None, out=None, out_w=None, o
     f = w.shape[3]
     dy = dy.reshape(n, p, q, f)
     dw = np.empty(w.shape, DTYPE) if out_w is None else out_w
-    dx = _dx_target(ctx, x.shape, out) if need_dx else None
-    _winograd_backward(dy, x, w, padding, ctx, out_w=dw, dx=dx)
+    dx = _winograd_backward(dy, x, w, x.shape, padding, ctx, out_w=dw, need_dx=need_dx, out=out)
     db = _finish(_column_sums(dy.reshape(-1, f)), out_b)
-    return (None if dx is None else _returned(dx, out)), dw, db
+    return dx, dw, db
 
 
 # ===================================================================================== pooling
@@ -1087,7 +1094,7 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
     finite = np.isfinite(g).all()
     winograd = _winograd_applies(w.shape, stride)
     u = _winograd_kernel(w, 2) if winograd and need_dx else None
-    gw = np.zeros((16, c, f) if winograd else (kh * kw * c + 1, f), DTYPE)
+    gw = np.zeros((16, c, f) if winograd else (kh * kw * c + 1, f), DTYPE) if n == 0 else None
     chunks = _pooled_chunks(ctx, n, w.shape, pp, pq, winograd)
     dx = _dx_target(ctx, x.shape, out) if need_dx and len(chunks) != 1 else None  # one chunk: its work array's
     for part, sub in chunks:
@@ -1099,14 +1106,14 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
         if winograd:
             dm = _winograd_output_grad(dz, 2, sub)
             v = _kept(sub, "wino_v", (16, size * pp * pq, c)) if len(chunks) == 1 else None
-            gw += np.matmul((_winograd_tiles(x[part], padding, 2, pp, pq, sub) if v is None else v)
-                            .transpose(0, 2, 1), dm)
+            gw = _summed(gw, np.matmul((_winograd_tiles(x[part], padding, 2, pp, pq, sub) if v is None else v)
+                                       .transpose(0, 2, 1), dm))
             if need_dx:
                 dx = _gathered(dx, part, _winograd_dx(dm, w, (size,) + x.shape[1:], padding, 2, pp, pq, sub, u=u))
             continue
         cols = _kept_cols(sub, (4 * size * pp * pq, kh * kw * c + 1)) if len(chunks) == 1 else None
         cols = _im2col(x[part], (kh, kw), stride, padding, pp, pq, sub, pooled=True) if cols is None else cols
-        gw += cols.T @ dz.reshape(-1, f)
+        gw = _summed(gw, cols.T @ dz.reshape(-1, f))
         if need_dx:
             # the window taps back in image order: (n, 2·PP, 2·PQ, F), the convolution outputs that have gradients
             dz_image = _scratch(sub, "dz_image", (size, pp, 2, pq, 2, f))
@@ -1301,28 +1308,31 @@ def _winograd_conv(x, w, padding, ctx, y):
         _untile(blocks.reshape((3, 3) + blocks.shape[1:]), y[part])
 
 
-def _winograd_backward(dy, x, w, padding, ctx, out_w=None, dx=None):
+def _winograd_backward(dy, x, w, x_shape, padding, ctx, out_w=None, need_dx=False, out=None):
     """The gradients of _winograd_conv from dy (N, P, Q, F), chunk by chunk, from each chunk's dM (made once for
-    both): dw into ``out_w`` (needs x) and dx into the C-contiguous array ``dx`` (needs w), each when given.
+    both): dw into ``out_w`` (needs x) and, with ``need_dx``, dx (needs w; into ``out`` if given), returned.
     Each chunk's tiles V are made again from x — cheaper than keeping the whole batch's, which would have left
     the cache — except in a batch of one chunk, where the forward's are still in its work dict (the ctx
-    contract: the last forward with this ctx had this x)."""
+    contract: the last forward with this ctx had this x); there dx is the chunk's work array (no copy)."""
     n, p, q, f = dy.shape
-    c = (x if x is not None else dx).shape[3]
+    c = x_shape[3]
     th, tw = _tile_counts(p, q, 3)
-    du = None if out_w is None else np.zeros((25, c, f), DTYPE)
+    du = np.zeros((25, c, f), DTYPE) if out_w is not None and n == 0 else None
     chunks = list(_image_chunks(ctx, n, 25 * th * tw * max(c, f)))
+    dx = _dx_target(ctx, x_shape, out) if need_dx and len(chunks) != 1 else None
     for part, sub in chunks:
         dm, _, _ = _plain_output_grad(dy[part], sub)
-        if du is not None:
+        if out_w is not None:
             v = _kept(sub, "wino_v", (25, (part.stop - part.start) * th * tw, c)) if len(chunks) == 1 else None
             if v is None:
                 v = _winograd_tiles(x[part], padding, 3, th, tw, sub)
-            du += np.matmul(v.transpose(0, 2, 1), dm)
-        if dx is not None:
-            np.copyto(dx[part], _winograd_dx(dm, w, dx[part].shape, padding, 3, th, tw, sub))
-    if du is not None:
-        _finish((_WINOGRAD[3][1].T @ du.reshape(25, -1)).reshape(w.shape if w is not None else (3, 3, c, f)), out_w)
+            du = _summed(du, np.matmul(v.transpose(0, 2, 1), dm))
+        if need_dx:
+            chunk_shape = (part.stop - part.start,) + tuple(x_shape[1:])
+            dx = _gathered(dx, part, _winograd_dx(dm, w, chunk_shape, padding, 3, th, tw, sub))
+    if out_w is not None:
+        _finish((_WINOGRAD[3][1].T @ du.reshape(25, -1)).reshape(3, 3, c, f), out_w)
+    return _returned(dx, out) if need_dx else None
 
 
 # ===================================================================================== dense
