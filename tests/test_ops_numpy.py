@@ -149,19 +149,29 @@ def test_conv2d_asymmetric_explicit_padding():
 
 
 # ===================================================================================== pooling
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "an-image-at-a-time"])
 @pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
-def test_maxpool2d_exact(hw, p, s, pad):
+def test_maxpool2d_exact(hw, p, s, pad, chunked, monkeypatch):
+    """Against the oracle, exactly; ``chunked``: max-pooling works a chunk of images at a time (here one image),
+    also into strided out= buffers."""
+    if chunked:
+        monkeypatch.setattr(ops, "CHUNK_BYTES", 1)
     pool, stride, padding = _pool_args(hw, p, s, pad)
     rng = np.random.default_rng([hw[0], hw[1], pool[0], pool[1], stride[0], stride[1], pad == "same"])
-    x = normal(rng, (2,) + hw + (3,))
+    x = normal(rng, (3,) + hw + (3,))
     y, idx = ops.maxpool2d_forward(x, pool, stride, padding)
     y_ref, idx_ref = ref.maxpool2d_forward(x, pool, stride, padding)
-    assert y.shape == (2,) + expected_hw(pad, hw[0], hw[1], pool, stride) + (3,)
+    assert y.shape == (3,) + expected_hw(pad, hw[0], hw[1], pool, stride) + (3,)
     assert_exact(y, y_ref)
     np.testing.assert_array_equal(idx.astype(np.int64), idx_ref)
     dy = f32(rng.integers(-8, 9, size=y.shape))  # small integers: overlapping windows sum exactly
     dx = ops.maxpool2d_backward(dy, idx, x.shape, pool, stride, padding)
     assert_exact(dx, ref.maxpool2d_backward(dy, idx_ref, x.shape, pool, stride, padding))
+    out, out_idx = np.empty(y.shape[:3] + (6,), F32)[..., ::2], np.empty(y.shape[:3] + (6,), np.int8)[..., ::2]
+    got = ops.maxpool2d_forward(x, pool, stride, padding, out=out, out_idx=out_idx)
+    assert got[0] is out and got[1] is out_idx
+    assert_exact(out, y_ref)
+    np.testing.assert_array_equal(out_idx.astype(np.int64), idx_ref)
 
 
 @pytest.mark.parametrize("hw, p, s, pad", POOL_GRID, ids=map(_pool_id, POOL_GRID))
@@ -220,9 +230,12 @@ def test_maxpool2d_ties_go_to_the_first_maximum(kind, hw, p, s, pad):
         assert not idx.any()  # the first tap of every window
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "an-image-at-a-time"])
 @pytest.mark.parametrize("hw, p, s, pad", [((5, 5), 2, 2, "same"), ((7, 5), 3, 1, "same"),
                                            ((5, 5), 3, 2, "valid")])
-def test_maxpool2d_nan_propagates_and_takes_the_gradient(hw, p, s, pad):
+def test_maxpool2d_nan_propagates_and_takes_the_gradient(hw, p, s, pad, chunked, monkeypatch):
+    if chunked:  # the NaN scan then runs on each image alone
+        monkeypatch.setattr(ops, "CHUNK_BYTES", 1)
     pool, stride, padding = _pool_args(hw, p, s, pad)
     rng = np.random.default_rng(22)
     x = normal(rng, (2,) + hw + (2,))

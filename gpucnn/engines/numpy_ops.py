@@ -486,8 +486,25 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
         raise ValueError(f"max-pooling windows hold at most {MAX_POOL_TAPS} cells (idx is int8), got "
                          f"{pool[0]}x{pool[1]}")
     xpad = _pad(x, padding, value=-np.inf)
-    taps = [_tap(xpad, k // pool[1], k % pool[1], stride, p, q) for k in range(pool[0] * pool[1])]
-    return _first_max(taps, out, out_idx)
+    chunks = list(_image_chunks(None, n, _pool_values(x.shape, p, q)))
+    if len(chunks) <= 1:
+        return _first_max(_pool_taps(xpad, pool, stride, p, q), out, out_idx)
+    # a chunk of images at a time: the scan's passes over the taps stay in cache
+    y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, c), DTYPE)
+    idx = out_idx if out_idx is not None and out_idx.flags.c_contiguous else np.empty((n, p, q, c), np.int8)
+    for part, _ in chunks:
+        _first_max(_pool_taps(xpad[part], pool, stride, p, q), y[part], idx[part])
+    return _returned(y, out), _returned(idx, out_idx)
+
+
+def _pool_taps(xpad, pool, stride, p, q):
+    """The windows' cells, one (N, P, Q, C) view of the padded input per tap, in scan order."""
+    return [_tap(xpad, k // pool[1], k % pool[1], stride, p, q) for k in range(pool[0] * pool[1])]
+
+
+def _pool_values(x_shape, p, q):
+    """The values one image of a pooling op reads and writes (its input, its output and a temporary)."""
+    return x_shape[1] * x_shape[2] * x_shape[3] + 2 * p * q * x_shape[3]
 
 
 def _first_max(taps, out=None, out_idx=None):
@@ -523,13 +540,14 @@ def maxpool2d_backward(dy, idx, x_shape, pool, stride, padding, out=None):
     dxp = np.zeros((n, h + padding[0] + padding[1], wd + padding[2] + padding[3], c), DTYPE)
     overlapping = stride[0] < pool[0] or stride[1] < pool[1]
     finite = np.isfinite(dy).all()
-    for k in range(pool[0] * pool[1]):
-        dst = _tap(dxp, k // pool[1], k % pool[1], stride, p, q)
-        share = _share_of_tap(idx, k, dy, finite)
-        if overlapping:
-            dst += share
-        else:  # each input cell belongs to one window at most
-            dst[...] = share
+    for part, _ in _image_chunks(None, n, _pool_values(x_shape, p, q)):  # a chunk of images at a time, in cache
+        for k in range(pool[0] * pool[1]):
+            dst = _tap(dxp[part], k // pool[1], k % pool[1], stride, p, q)
+            share = _share_of_tap(idx[part], k, dy[part], finite)
+            if overlapping:
+                dst += share
+            else:  # each input cell belongs to one window at most
+                dst[...] = share
     return _finish(_crop(dxp, padding), out)
 
 
