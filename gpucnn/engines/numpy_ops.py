@@ -326,12 +326,14 @@ def _kept_cols(ctx, shape):
     return _kept(ctx, "cols", shape)
 
 
-# A convolution works through the batch a few images at a time: for each chunk its im2col matrix (or its Winograd
-# tiles) is made, multiplied and dropped while it is still in the core's cache, instead of a matrix KH·KW times
-# the input's size streaming through memory (and kept there for the backward). One core, batch 64, a 3x3
+# Chunks. A convolution works through the batch a few images at a time: for each chunk its im2col matrix (or its
+# Winograd tiles) is made, multiplied and dropped while it is still in the core's cache, instead of a matrix KH·KW
+# times the input's size streaming through memory (and kept there for the backward). One core, batch 64, a 3x3
 # convolution 'same' over 32x32x16: forward 11.6 ms (Winograd, whole batch) → 5.9 ms (im2col, chunks of ~1 MB);
 # backward 21 → 13 ms. The backward makes each chunk's matrix again. Chunks of one size share their work arrays
-# (a work dict in ctx). Which of the two a convolution takes: _plain_winograd_applies.
+# (a work dict in ctx). Which of the two a convolution takes: _plain_winograd_applies. The fused conv + max-pool
+# (_pooled_chunks), the depthwise convolutions and max-pooling chunk their batches the same way (_image_chunks);
+# BatchNormalization chunks its rows (_row_chunks).
 CHUNK_BYTES = 1 << 20
 WHOLE_BATCH_BYTES = 8 << 20  # conv2d_maxpool: a batch whose work fits in this runs as one chunk
 
