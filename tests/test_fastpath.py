@@ -916,19 +916,34 @@ def test_the_fast_path_step_on_the_cpu_trains_as_the_numpy_engine(kwargs, cpu_fa
     assert h_fast["accuracy"] == h_plain["accuracy"]
 
 
-def test_the_cpu_fast_path_trains_a_functional_residual_model_as_the_numpy_engine(cpu_fast_path, monkeypatch):
-    x, y = small_data(40)
+def _trained_on_both_engines(monkeypatch, train):
+    """[(weights, history, iterations)] of ``train()`` — a function that builds a model, fits it and returns
+    (model, history) — run from seed 5 on the NumPy engine, then on the CUDA engine (here the CPU fast path)."""
     results = []
     for engine in ("numpy", "cuda"):
         monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
         set_random_seed(5)
-        m = residual_model(optimizer="adam", dropout=0.25)
-        h = m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-        results.append((m.get_weights(), h.history))
-    assert len(cpu_fast_path) == 1  # the second fit took the fast path
-    for a, b in zip(results[0][0], results[1][0]):
+        m, h = train()
+        results.append((m.get_weights(), h.history, m.optimizer.iterations))
+    return results
+
+
+def _assert_same_training(plain, fast):
+    """The fast path's weights and losses are the plain step's, up to float32 rounding."""
+    for a, b in zip(fast[0], plain[0]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(fast[1]["loss"], plain[1]["loss"], rtol=1e-5)
+
+
+def test_the_cpu_fast_path_trains_a_functional_residual_model_as_the_numpy_engine(cpu_fast_path, monkeypatch):
+    x, y = small_data(40)
+
+    def train():
+        m = residual_model(optimizer="adam", dropout=0.25)
+        return m, m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert len(cpu_fast_path) == 1  # the second fit took the fast path
+    _assert_same_training(plain, fast)
 
 
 class _Batches:
@@ -950,21 +965,16 @@ def test_the_cpu_fast_path_trains_from_host_batches_as_the_numpy_engine(cpu_fast
     rates refilled per window: the same weights and logs as the NumPy engine's plain step."""
     monkeypatch.setattr(fastpath, "READ_EVERY", 2)
     x, y = small_data(40)
-    results = []
-    for engine in ("numpy", "cuda"):
-        monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
-        set_random_seed(5)
+
+    def train():
         m = small_model(optimizer="adam", dropout=0.3)
-        h = m.fit(_Batches(x, y, 16), epochs=2, shuffle=False, verbose=0)
-        results.append((m.get_weights(), h.history, m.optimizer.iterations))
+        return m, m.fit(_Batches(x, y, 16), epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
     assert isinstance(cpu_fast_path[-1], fastpath.StreamTrainer)
     assert sorted(cpu_fast_path[-1]._graphs) == [8, 16]
-    (w_plain, h_plain, it_plain), (w_fast, h_fast, it_fast) = results
-    assert it_plain == it_fast == 6
-    for a, b in zip(w_fast, w_plain):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
-    assert h_fast["accuracy"] == h_plain["accuracy"]
+    assert plain[2] == fast[2] == 6
+    _assert_same_training(plain, fast)
+    assert fast[1]["accuracy"] == plain[1]["accuracy"]
 
 
 @pytest.mark.parametrize("feed", ["arrays", "batches"])
@@ -974,38 +984,29 @@ def test_the_cpu_fast_path_augments_as_the_numpy_engine(feed, cpu_fast_path, mon
     READ_EVERY steps), in the plain path's order, so the same weights and logs as the NumPy engine's."""
     monkeypatch.setattr(fastpath, "READ_EVERY", 2)
     x, y = small_data(40)
-    results = []
-    for engine in ("numpy", "cuda"):
-        monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
-        set_random_seed(5)
+
+    def train():
         m = models.Sequential([
             layers.Input(shape=(10, 10, 1)), layers.RandomFlip(seed=1), layers.RandomRotation(0.2),
             layers.RandomContrast(0.4, seed=3, value_range=(0, 1)), layers.Conv2D(4, (3, 3), activation="relu"),
             layers.Flatten(), layers.Dropout(0.3), layers.Dense(5, activation="softmax")])
         m.compile("adam", "categorical_crossentropy", ["accuracy"])
         data = (x, y) if feed == "arrays" else (_Batches(x, y, 16), None)
-        h = m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0)
-        results.append((m.get_weights(), h.history))
+        return m, m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
     assert len(cpu_fast_path) == 1
-    (w_plain, h_plain), (w_fast, h_fast) = results
-    for a, b in zip(w_fast, w_plain):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(h_fast["loss"], h_plain["loss"], rtol=1e-5)
+    _assert_same_training(plain, fast)
 
 
 def test_the_cpu_fast_path_trains_batch_normalization_blocks_as_the_numpy_engine(cpu_fast_path, monkeypatch):
     x, y = small_data(40, "normal")
-    results = []
-    for engine in ("numpy", "cuda"):
-        monkeypatch.setattr(backend, "engine", lambda engine=engine: engine)
-        set_random_seed(5)
+
+    def train():
         m = deeper_model(frozen=("bn_2",))
-        h = m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-        results.append((m.get_weights(), h.history))
+        return m, m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
     assert len(cpu_fast_path) == 1
-    for a, b in zip(results[0][0], results[1][0]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-5)
+    _assert_same_training(plain, fast)
 
 
 def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(cpu_fast_path, monkeypatch):

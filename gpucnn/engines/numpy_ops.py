@@ -363,7 +363,7 @@ def conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out=None):
     channels, Winograd's F(3x3, 3x3) (see below)."""
     kh, kw, c, f = w.shape
     n, h, wd, _, p, q = geometry(x.shape, (kh, kw), stride, padding)
-    y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, f), DTYPE)
+    y = _target(out, (n, p, q, f))
     _correlate(x, w, stride, padding, ctx, y)
     if b is not None:
         y += b
@@ -422,6 +422,11 @@ def _summed(total, part):
 def _dx_target(ctx, x_shape, out):
     """Where an input gradient is written: ``out`` if C-contiguous, else a work array in ``ctx`` (_returned)."""
     return out if out is not None and out.flags.c_contiguous else _scratch(ctx, "dx", x_shape)
+
+
+def _target(out, shape, dtype=DTYPE):
+    """Where an op writes a result whole: ``out`` if it is C-contiguous, else a new array (then _returned)."""
+    return out if out is not None and out.flags.c_contiguous else np.empty(shape, dtype)
 
 
 def _returned(dx, out):
@@ -492,8 +497,7 @@ def maxpool2d_forward(x, pool, stride, padding, out=None, out_idx=None):
     if len(chunks) <= 1:
         return _first_max(_pool_taps(xpad, pool, stride, p, q), out, out_idx)
     # a chunk of images at a time: the scan's passes over the taps stay in cache
-    y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, c), DTYPE)
-    idx = out_idx if out_idx is not None and out_idx.flags.c_contiguous else np.empty((n, p, q, c), np.int8)
+    y, idx = _target(out, (n, p, q, c)), _target(out_idx, (n, p, q, c), np.int8)
     for part, _ in chunks:
         _first_max(_pool_taps(xpad[part], pool, stride, p, q), y[part], idx[part])
     return _returned(y, out), _returned(idx, out_idx)
@@ -925,11 +929,12 @@ def depthwise_conv2d_forward(x, w, b, stride, padding, activation, ctx=None, out
     images at a time (_image_chunks: each chunk's work stays in cache)."""
     n, h, wd, c, dm, p, q = _depthwise_geometry(x.shape, w.shape, stride, padding, "depthwise_conv2d_forward", b)
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    y = out if out is not None and out.flags.c_contiguous else np.empty((n, p, q, c * dm), DTYPE)
+    y = _target(out, (n, p, q, c * dm))
+    by_taps = _tap_rows(w, q) if _depthwise_by_taps_applies(w.shape, stride) else None
     for part, sub in _image_chunks(ctx, n, p * q * c * dm):
         xpad = _pad(x[part], padding, ctx=sub)
-        if _depthwise_by_taps_applies(w.shape, stride):
-            _depthwise_by_taps(xpad, w, y[part], sub)
+        if by_taps is not None:
+            _depthwise_by_taps(xpad, by_taps, y[part], sub)
             continue
         # every window as a view (no copy), each output the sum of its window's products, taps in row order: one
         # pass of NumPy's einsum loop instead of a multiply and an add over the whole output per tap (contiguous
@@ -954,12 +959,16 @@ def _depthwise_by_taps_applies(w_shape, stride):
     return w_shape[3] == 1 and tuple(stride) == (1, 1) and w_shape[2] <= DEPTHWISE_TAPS_MAX_CHANNELS
 
 
-def _depthwise_by_taps(xpad, w, y, ctx):
+def _tap_rows(w, q):
+    """(KH, KW, Q·C): each tap's weights of w (KH, KW, C, 1) tiled Q times, for _depthwise_by_taps."""
+    return np.tile(w[..., 0], (1, 1, q))
+
+
+def _depthwise_by_taps(xpad, tiled, y, ctx):
     """y (N, P, Q, C), C-contiguous = the stride-1 depthwise correlation of xpad (N, ≥ P + KH − 1, ≥ Q + KW − 1, C,
-    C-contiguous) with w (KH, KW, C, 1)."""
+    C-contiguous) with the kernel whose tap rows are ``tiled`` (_tap_rows)."""
     n, p, q, c = y.shape
-    kh, kw = w.shape[:2]
-    tiled = [[np.tile(w[i, j, :, 0], q) for j in range(kw)] for i in range(kh)]
+    kh, kw = tiled.shape[:2]
     band = max(1, DEPTHWISE_BAND_VALUES // (q * c))
     product = _scratch(ctx, "depthwise_tap", (min(band, p), q * c))
     row_stride, item = xpad.strides[1], xpad.strides[3]
@@ -972,9 +981,9 @@ def _depthwise_by_taps(xpad, w, y, ctx):
                 for j in range(kw):
                     taps = as_strided(xpad[image, top + i:, j:], (size, q * c), (row_stride, item), writeable=False)
                     if i == 0 and j == 0:
-                        np.multiply(taps, tiled[i][j], out=out)
+                        np.multiply(taps, tiled[i, j], out=out)
                     else:
-                        out += np.multiply(taps, tiled[i][j], out=product[:size])
+                        out += np.multiply(taps, tiled[i, j], out=product[:size])
 
 
 def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
@@ -984,17 +993,18 @@ def depthwise_conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, ou
                                                 dy=dy)
     kh, kw = w.shape[:2]
     dy = np.ascontiguousarray(dy.reshape(n, p, q, c * dm))
-    dx = out if out is not None and out.flags.c_contiguous else np.empty(tuple(x_shape), DTYPE)
+    dx = _target(out, tuple(x_shape))
     flipped = (kh - 1 - padding[0], kh - 1 - padding[1], kw - 1 - padding[2], kw - 1 - padding[3])
     turned = np.ascontiguousarray(w[::-1, ::-1])
+    by_taps = _tap_rows(turned, wd) if _depthwise_by_taps_applies(w.shape, stride) else None
     for part, sub in _image_chunks(ctx, n, max(h * wd * c, p * q * c * dm)):
         size = part.stop - part.start
         if tuple(stride) == (1, 1) and min(flipped) >= 0:
             # at stride 1 each input's gradient gathers from a window of dy: a depthwise correlation of dy, padded
             # by the kernel less the forward's padding, with the kernel turned round (one einsum, no scatter)
             dyp = _pad(dy[part], flipped, ctx=sub, what="pad_dy")
-            if _depthwise_by_taps_applies(w.shape, stride):
-                _depthwise_by_taps(dyp, turned, dx[part], sub)
+            if by_taps is not None:
+                _depthwise_by_taps(dyp, by_taps, dx[part], sub)
                 continue
             windows = _windows(dyp, (kh, kw), (1, 1), h, wd)
             np.einsum("nhwijcm,ijcm->nhwc", windows.reshape(size, h, wd, kh, kw, c, dm), turned, out=dx[part])
@@ -1075,8 +1085,7 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
     if len(chunks) == 1:
         y, idx = _first_max(taps(*chunks[0]), out, out_idx)
     else:
-        y = out if out is not None and out.flags.c_contiguous else np.empty((n, pp, pq, f), DTYPE)
-        idx = out_idx if out_idx is not None and out_idx.flags.c_contiguous else np.empty((n, pp, pq, f), np.int8)
+        y, idx = _target(out, (n, pp, pq, f)), _target(out_idx, (n, pp, pq, f), np.int8)
         for part, sub in chunks:
             _first_max(taps(part, sub), y[part], idx[part])
     if winograd and b is not None:
