@@ -65,6 +65,7 @@ def save_model(model, path, model_config=None, overwrite=True):
     A layer class gpucnn could not rebuild from the file is refused here, not when loading."""
     model._require_built("save")
     check_layer_classes(model)
+    model._sync_trainable()  # the optimizer state laid out over the weights trainable now, as the file says
     opt = model.optimizer
     _check_savable_rate(opt)
     weights = _npz_bytes(_weight_arrays(model))

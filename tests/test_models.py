@@ -448,7 +448,7 @@ def test_nan_in_one_hot_labels_is_named():
 
 
 def test_a_frozen_layer_keeps_its_weights_and_counts_as_non_trainable():
-    """Keras: trainable=False takes effect at the next compile; the weights stay, counted as non-trainable."""
+    """trainable=False before a compile: the weights stay, counted as non-trainable."""
     m = tiny_model()
     m.compile("sgd", "sparse_categorical_crossentropy")
     conv = m.layers[0]
@@ -464,6 +464,110 @@ def test_a_frozen_layer_keeps_its_weights_and_counts_as_non_trainable():
     assert lines[-3] == f" Trainable params: {m.layers[-1].count_params():,} ({lines[-3].split('(')[1]}"
     assert lines[-2].startswith(f" Non-trainable params: {conv.count_params():,} ")
     assert lines[-1] == " Optimizer params: 2 (8.00 B)"  # after training, as Keras: plain SGD's step count and rate
+
+
+def _fit_twice(freeze, recompile, second_batch, optimizer=lambda: optimizers.SGD(0.1, momentum=0.9)):
+    """A model fit one epoch, ``freeze(model)`` applied, compiled again with the same optimizer when
+    ``recompile``, and fit one more epoch at batch ``second_batch``; returns (model, weights between the fits)."""
+    utils.set_random_seed(3)
+    m = tiny_model()
+    m.compile(optimizer(), "sparse_categorical_crossentropy")
+    x, y = tiny_data(24)
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    freeze(m)
+    if recompile:
+        m.compile(m.optimizer, "sparse_categorical_crossentropy")
+    between = m.get_weights()
+    m.fit(x, y, batch_size=second_batch, shuffle=False, verbose=0)
+    return m, between
+
+
+@pytest.mark.parametrize("second_batch", [8, 16])
+def test_freezing_between_fits_takes_effect_at_the_next_fit(second_batch):
+    """Keras 3 (its torch and JAX backends) trains only what is trainable now, compiled again or not: the frozen
+    layer keeps its weights bit for bit (before, the layer trained on at the same batch size, and at another one
+    took the previous fit's last gradient: stale updates), and both ways give the same weights."""
+    def freeze(m):
+        m.layers[0].trainable = False
+    m, between = _fit_twice(freeze, False, second_batch)
+    again, _ = _fit_twice(freeze, True, second_batch)
+    for a, b in zip(between[:2], m.get_weights()[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(between[2], m.get_weights()[2])
+    for a, b in zip(m.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert m.optimizer.iterations == 3 + 24 // second_batch + (24 % second_batch > 0)
+
+
+def test_recompiling_with_the_same_optimizer_keeps_its_state_and_step_count():
+    """Keras's optimizer keeps its variables across compiles: one epoch, compile again with the same Adam, one
+    epoch gives the weights of two epochs in a row; a new optimizer object starts afresh."""
+    m, _ = _fit_twice(lambda m: None, True, 8, optimizers.Adam)
+    straight, _ = _fit_twice(lambda m: None, False, 8, optimizers.Adam)
+    assert m.optimizer.iterations == straight.optimizer.iterations == 6
+    for a, b in zip(m.get_weights(), straight.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    m.compile(optimizers.Adam(), "sparse_categorical_crossentropy")
+    assert m.optimizer.iterations == 0 and m.optimizer.state is None
+
+
+def test_unfreezing_between_fits_trains_the_layer_again_from_fresh_optimizer_state():
+    """A layer unfrozen after training: it trains at the next fit; its momentum starts from zero (as a weight new to
+    the optimizer), the other weights keep theirs and the step count goes on."""
+    def unfreeze(m):
+        m.layers[0].trainable = True
+    utils.set_random_seed(3)
+    m = tiny_model()
+    m.layers[0].trainable = False
+    m.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    x, y = tiny_data(24)
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    dense_momentum = m.optimizer.state["momentum"][:m.layers[-1].weights[0].size].copy()
+    assert np.abs(dense_momentum).max() > 0
+    unfreeze(m)
+    conv = [w.copy() for w in m.layers[0].get_weights()]
+    m._sync_trainable()
+    state = m.optimizer.state["momentum"]
+    layout = {id(w): lo for layer, i, w, _, lo in m._layout}
+    conv_lo, dense_lo = layout[id(m.layers[0].weights[0])], layout[id(m.layers[-1].weights[0])]
+    np.testing.assert_array_equal(state[conv_lo:conv_lo + conv[0].size], 0)
+    np.testing.assert_array_equal(state[dense_lo:dense_lo + dense_momentum.size], dense_momentum)
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert not np.array_equal(conv[0], m.layers[0].get_weights()[0])
+    assert m.optimizer.iterations == 6
+
+
+def test_freezing_in_a_callback_takes_effect_at_the_next_step():
+    """A callback freezes the convolution after the first step: the later steps (the last one of a smaller batch
+    too, which gets new contexts) leave it as it was then."""
+    utils.set_random_seed(3)
+    m = tiny_model()
+    m.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    seen = {}
+
+    def after(batch, logs):
+        if batch == 0:
+            m.layers[0].trainable = False
+            seen["conv"] = [w.copy() for w in m.layers[0].get_weights()]
+    x, y = tiny_data(20)
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[callbacks.LambdaCallback(on_train_batch_end=after)])
+    for a, b in zip(seen["conv"], m.layers[0].get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_batch_normalization_frozen_between_fits_keeps_all_four_weights():
+    """Frozen after a fit: inference mode (moving statistics unchanged) and gamma and beta no longer trained."""
+    utils.set_random_seed(4)
+    m = models.Sequential([layers.Conv2D(4, 3, input_shape=(8, 8, 1)), layers.BatchNormalization(),
+                           layers.Activation("relu"), layers.Flatten(), layers.Dense(3, activation="softmax")])
+    m.compile("rmsprop", "sparse_categorical_crossentropy")
+    x, y = tiny_data(24)
+    m.fit(x, y, batch_size=8, verbose=0)
+    m.layers[1].trainable = False
+    before = [w.copy() for w in m.layers[1].get_weights()]
+    m.fit(x, y, batch_size=8, verbose=0)
+    for a, b in zip(before, m.layers[1].get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_seeded_dropout_draws_a_new_mask_each_step_and_repeats_across_runs():

@@ -355,6 +355,27 @@ def test_a_frozen_batch_normalization_does_not_exchange(monkeypatch):
     assert len(calls) == 2  # one BatchNormalization: its forward and its backward
 
 
+def test_layers_frozen_between_split_fits_stay_as_they_were():
+    """fit on two processes, freeze the first convolution and the BatchNormalization (no compile), fit again: both
+    halves train the new set of weights (before, the worker's buffer no longer matched the model's: it failed,
+    and the step went on in one process with the frozen layers still training)."""
+    needs_split()
+    m = frozen_model(bn_trainable=True)
+    m.layers[0].trainable = True
+    m.compile("rmsprop", "sparse_categorical_crossentropy")
+    x, y = data(64, True)
+    m.fit(x, y, batch_size=32, verbose=0)
+    m.layers[0].trainable = m.layers[1].trainable = False
+    before = [w.copy() for layer in m.layers[:2] for w in layer.get_weights()]
+    dense = m.layers[-1].get_weights()[0].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.fit(x, y, batch_size=32, verbose=0)
+    for a, b in zip(before, [w for layer in m.layers[:2] for w in layer.get_weights()]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(dense, m.layers[-1].get_weights()[0])
+
+
 def test_blas_threads_are_restored_after_a_step_and_after_a_failing_half():
     """This process's half runs on one OpenBLAS thread, the count restored after, also when the half fails;
     a failed half leaves no reply behind: the next step is right."""

@@ -119,6 +119,25 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, optimizer, dro
         np.testing.assert_array_equal(opt_state(resumed)[slot], value)
 
 
+def test_a_layer_frozen_after_training_saves_and_resumes_as_frozen(tmp_path):
+    """Freezing after a fit, then saving (no compile, no fit between): the file's optimizer state is laid out over
+    the weights trainable now, so the loaded model resumes as the original goes on."""
+    x, y = tiny_data()
+    utils.set_random_seed(7)
+    model = tiny_model()
+    model.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, verbose=0)
+    model.layers[0].trainable = False
+    model.save(tmp_path / "ckpt")
+    loaded = models.load_model(tmp_path / "ckpt")
+    assert not loaded.layers[0].trainable
+    for m in (model, loaded):
+        utils.set_random_seed(1)  # the same Dropout masks
+        m.fit(x, y, batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(loaded.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
     model = trained()
     model.save_weights(tmp_path / "w.npz")

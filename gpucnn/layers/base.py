@@ -244,7 +244,8 @@ class Layer:
         self.grads.append(xp.zeros(shape, dtype=np.float32))
         self._weight_trainable.append(bool(trainable))
 
-    # ---- trainability (Keras: a frozen layer's weights are not updated; the change applies at the next compile)
+    # ---- trainability (Keras: a frozen layer's weights are not updated; the change applies at the next step,
+    # as in Keras 3's torch and JAX backends: Model._sync_trainable)
     @property
     def trainable(self):
         return self._trainable

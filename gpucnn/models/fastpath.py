@@ -295,6 +295,7 @@ class Trainer:
         the optimizer's settings other than the learning rate (which the graphs read from the rates table), and
         which layers are trainable (a frozen BatchNormalization runs in inference mode)."""
         model, opt = self.model, self.model.optimizer
+        model._sync_trainable()  # a layer frozen or unfrozen by a callback: new buffers, so new graphs
         if opt.state is None:  # rebuilt (the model's buffers were packed again): state for the new buffers
             opt.build(model._params.shape[0])
         config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}

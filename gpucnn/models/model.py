@@ -42,6 +42,17 @@ def _opened(model, layers_of):
     return out
 
 
+def _moved(old, before, after, total, xp):
+    """An optimizer state buffer ``old`` laid out as ``before`` ({slot: (offset, size)}) moved to the layout ``after``
+    ({slot: offset}) of ``total`` values: the slots in both keep their values, the others are zeros."""
+    new = xp.zeros(total, dtype=np.float32)
+    for slot, lo in after.items():
+        if slot in before:
+            start, size = before[slot]
+            new[lo:lo + size] = old[start:start + size]
+    return new
+
+
 class Model(Trainer, Layer):
     """``Model(inputs, outputs, name=None)``: the functional model from ``inputs`` (tensors of ``keras.Input``)
     to ``outputs`` (a tensor or a list of them)."""
@@ -77,6 +88,7 @@ class Model(Trainer, Layer):
         self._contexts_cache = {}
         self._params = self._grads = None
         self._layout = None
+        self._trainable_key = None  # each layer's trainable when the flat buffers were packed
         self._last_logs = {}
         self._version = 0  # counts changes of the graph and compiles: what the step's helpers may keep depends on it
 
@@ -185,7 +197,7 @@ class Model(Trainer, Layer):
 
     @trainable.setter
     def trainable(self, value):
-        """Keras: freezing a model freezes every layer in it (effective at the next compile)."""
+        """Keras: freezing a model freezes every layer in it (effective at the next training step)."""
         self._trainable = bool(value)
         for layer in self.layers:
             if not isinstance(layer, InputLayer):
@@ -238,11 +250,18 @@ class Model(Trainer, Layer):
         offsets = np.cumsum([0] + [-(-size // _ALIGN) * _ALIGN for size in sizes])
         return trained, [int(o) for o in offsets[:-1]], int(offsets[-1])
 
-    def _pack_weights(self, params=None, grads=None):
+    def _pack_weights(self, params=None, grads=None, keep_state=False):
         """Gather the trainable weights into one flat buffer and their gradients into another (new ones, or the
-        float32 arrays ``params`` and ``grads`` of the right size); the layers keep views into them."""
+        float32 arrays ``params`` and ``grads`` of the right size); the layers keep views into them.
+
+        The optimizer starts again, unless ``keep_state`` (the same optimizer goes on after a change of which
+        weights train, or a compile with the same optimizer object, as Keras's optimizer keeps its variables): then
+        its step count stays and each weight that was trained before keeps its state values in the new layout (a
+        weight new to training starts from zeros, as a new optimizer would)."""
         xp = backend.ops().xp
         slots, offsets, total = self._flat_layout(self._weight_slots())
+        before = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in self._layout or ()}
+        before_total = None if self._layout is None else self._params.shape[0]
         self._params = xp.zeros(total, dtype=np.float32) if params is None else params
         self._grads = xp.zeros(total, dtype=np.float32) if grads is None else grads
         self._layout = []
@@ -253,21 +272,45 @@ class Model(Trainer, Layer):
             view[...] = layer.weights[i]
             gview = self._grads[lo:lo + size].reshape(shape)
             layer.weights[i], layer.grads[i] = view, gview
-            self._layout.append((layer, i, view, gview))
-        if self.optimizer is not None:
-            self.optimizer.reset()  # new buffers: the optimizer starts again
+            self._layout.append((layer, i, view, gview, lo))
+        self._trainable_key = self._trainable_flags()
+        opt = self.optimizer
+        if opt is None:
+            return
+        if not keep_state or (opt.state is not None and any(v.shape[0] != before_total for v in opt.state.values())):
+            opt.reset()  # new buffers: the optimizer starts again
+        elif opt.state is not None:
+            moved = {(id(layer), i): lo for layer, i, _, _, lo in self._layout}
+            opt.state = {name: _moved(old, before, moved, total, xp) for name, old in opt.state.items()}
+
+    def _trainable_flags(self):
+        return tuple(layer.trainable for layer in self._all_layers())
+
+    def _sync_trainable(self):
+        """Lay the flat buffers out again when a layer's ``trainable`` changed since they were packed (a layer frozen
+        or unfrozen between fits, or by a callback), keeping the optimizer's state: the next step trains exactly
+        the weights that are trainable now, as Keras 3 does (its guide's ``compile`` after the change also works).
+        Returns whether it did."""
+        if self._layout is None or self._trainable_flags() == self._trainable_key:
+            return False
+        self._pack_weights(keep_state=True)
+        self._contexts_cache.clear()  # the steps' contexts know which layers need gradients
+        self._version += 1
+        return True
 
     def _adopt_weights(self):
         """Make every trainable weight a view into this model's flat buffer again, taking the current values
-        (another model that shares layers may have trained them in its own buffer since)."""
+        (another model that shares layers may have trained them in its own buffer since), first laying the buffer
+        out again if which layers are trainable changed (``_sync_trainable``)."""
         if self._layout is None:
             self._pack_weights()
             return
-        for layer, i, view, gview in self._layout:
+        for layer, i, view, gview, _ in self._layout:
             if layer.weights[i] is not view:
                 view[...] = layer.weights[i]
                 layer.weights[i] = view
             layer.grads[i] = gview
+        self._sync_trainable()
 
     # ================================================================================= a model as a layer
     def __call__(self, inputs, training=None):

@@ -32,7 +32,10 @@ class Trainer:
     # ================================================================================= compile
     def compile(self, optimizer="rmsprop", loss=None, metrics=None):
         """Choose the optimizer (name or object), the loss and the metrics (``["accuracy"]``). Which weights train
-        (``layer.trainable``) is fixed here, as in Keras."""
+        (``layer.trainable``) is read here and again before each step (``_sync_trainable``). Compiling again with the
+        same optimizer object keeps its state and step count (Keras's optimizer keeps its variables); a new one
+        starts afresh."""
+        previous = self.optimizer
         self.optimizer = optimizers_mod.get(optimizer)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
@@ -40,7 +43,7 @@ class Trainer:
         metrics = [metrics] if isinstance(metrics, (str, metrics_mod.Metric)) else list(metrics or [])
         self.metrics = list(dict.fromkeys(metrics_mod.get(m) for m in metrics))  # the log names
         if self.built:
-            self._pack_weights()
+            self._pack_weights(keep_state=self.optimizer is previous)
         self._contexts_cache.clear()
         self._version += 1
 
@@ -131,6 +134,7 @@ class Trainer:
     def _train_step(self, xb, yb):
         """Forward, loss, backward, update. Returns engine scalars (loss sum, correct count)."""
         ops = backend.ops()
+        self._sync_trainable()  # a callback may have frozen or unfrozen a layer since the last step
         loss_sum, correct = self._forward_backward(xb, yb)
         if not ops.READS_WAIT and not np.isfinite(loss_sum):
             return loss_sum, correct  # fit stops before this step's update is applied
