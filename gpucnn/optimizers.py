@@ -8,8 +8,10 @@ The update reads its rate (the learning rate; Adam's step size) from a per-step 
 
 ``learning_rate`` is a number, a ``schedules.LearningRateSchedule`` (``keras.optimizers.schedules``: called with
 the number of updates made before, 0 for the first, as Keras's ``iterations``) or a function of no arguments,
-called for each step's rate (on the GPU fast path, for all of an epoch's steps as the epoch begins); ``optimizer.learning_rate`` reads the next update's rate as a float and takes a new
-number between epochs (not while a schedule is set: TypeError, as Keras).
+called for each step's rate (on the GPU fast path, for all of an epoch's steps as the epoch begins);
+``optimizer.learning_rate`` reads the next update's rate as a float and takes a new number between epochs or in a
+batch callback, applied from the next step (the fast path then runs in lockstep and rewrites its table; not while a
+schedule is set: TypeError, as Keras).
 
 A step is all or nothing for Ctrl-C: a ``KeyboardInterrupt`` that arrives during it takes effect right after
 it, so the weights, the state buffers and ``iterations`` are never left half-updated.
@@ -228,3 +230,11 @@ def get(optimizer):
         return OPTIMIZERS[optimizer.lower()]()
     raise ValueError(f"unknown optimizer {optimizer!r}; gpucnn knows {sorted(OPTIMIZERS)} "
                      "(as names, or objects such as gpucnn.optimizers.RMSprop(learning_rate=1e-4))")
+
+
+def __getattr__(name):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.optimizers has no {name!r}: gpucnn does not have that Keras optimizer (yet). It has: "
+                         f"{', '.join(sorted(cls.__name__ for cls in OPTIMIZERS.values()))} and the learning-rate "
+                         "schedules in gpucnn.optimizers.schedules")

@@ -1035,6 +1035,28 @@ def test_a_layer_frozen_between_epochs_stays_frozen_on_the_cpu_fast_path(feed, c
     _assert_same_training(plain, fast)
 
 
+@pytest.mark.parametrize("feed", ["arrays", "batches"])
+def test_a_rate_set_in_a_batch_hook_applies_at_that_step_on_the_cpu_fast_path(feed, cpu_fast_path, monkeypatch):
+    """The epoch's (or window's) rates are written ahead, but a callback that sets the learning rate in
+    on_train_batch_begin runs the step in lockstep: the table follows from that step on, as the plain path."""
+    from gpucnn.callbacks import LambdaCallback
+    monkeypatch.setattr(fastpath, "READ_EVERY", 2)
+    x, y = small_data(40)
+
+    def train():
+        m = small_model(optimizer=optimizers.SGD(0.05, momentum=0.9))
+
+        def halve(batch, logs):
+            if batch % 2 == 1:
+                m.optimizer.learning_rate = m.optimizer.learning_rate / 2
+        data = (x, y) if feed == "arrays" else (_Batches(x, y, 16), None)
+        return m, m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[LambdaCallback(on_train_batch_begin=halve)])
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert len(cpu_fast_path) == 1
+    _assert_same_training(plain, fast)
+
+
 def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(cpu_fast_path, monkeypatch):
     monkeypatch.setattr(fastpath, "READ_EVERY", 2)
     x, y = small_data(100)

@@ -339,7 +339,25 @@ class Trainer:
             self.step.fill(0)
             if self.values.layers:
                 self.values.fill([self.full_rows] * (self.steps - 1) + [self.last_rows])
-            self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
+        self._set_rates(0, self.steps)
+
+    def _set_rates(self, row, count):
+        """Rows ``row`` .. ``row + count - 1`` of the rates table: the optimizer's rates from its next step on (the
+        host keeps a copy, ``_follow_rate`` compares with it)."""
+        opt = self.model.optimizer
+        rates = opt.rates_for(opt.iterations + 1, count)
+        if getattr(self, "_host_rates", None) is None or len(self._host_rates) != len(self.rates):
+            self._host_rates = np.zeros(len(self.rates), np.float32)
+        self._host_rates[row:row + count] = rates
+        with self.stream:
+            self.rates[row:row + count].set(rates)
+
+    def _follow_rate(self, row, rows):
+        """In lockstep, after the batch-begin hooks: a learning rate a callback set there applies from this step
+        (row ``row`` of a table of ``rows``), as on the plain path."""
+        opt = self.model.optimizer
+        if opt.rates_for(opt.iterations + 1, 1)[0] != self._host_rates[row]:
+            self._set_rates(row, rows - row)
 
     def seen_after(self, step):
         return min((step + 1) * self.batch, self.n)
@@ -358,6 +376,7 @@ class Trainer:
             for step in range(self.steps):
                 cbs.on_train_batch_begin(step)
                 if lockstep:
+                    self._follow_rate(step, self.steps)
                     cupy.cuda.Device().synchronize()
                 self.graph_for(step).launch(self.stream)
                 opt.iterations += 1
@@ -431,11 +450,10 @@ class StreamTrainer(Trainer):
     def _open_window(self, steps):
         """Before the next ``steps`` steps (at most a window): the counter back to 0, the window's rates. (The
         random layers' values are drawn step by step, as each batch arrives with its size: ``run_epoch``.)"""
-        opt = self.model.optimizer
         self.cupy.cuda.Device().synchronize()  # writes of callbacks or validation on the default stream first
         with self.stream:
             self.step.fill(0)
-            self.rates.set(opt.rates_for(opt.iterations + 1, self.steps))
+        self._set_rates(0, self.steps)
 
     def _close_window(self, rows, totals):
         """Read the window's slots (waiting for its steps) into the epoch's running totals; returns the logs."""
@@ -466,6 +484,7 @@ class StreamTrainer(Trainer):
                                      "path sized its buffers for (the first batch, or batch_size); give batches of "
                                      "at most that size, or set GPUCNN_FASTPATH=0")
                 if lockstep:
+                    self._follow_rate(step % self.steps, self.steps)
                     self.cupy.cuda.Device().synchronize()
                 graph = self._graph(rows, step % self.steps)
                 with self.stream:
