@@ -7,34 +7,78 @@ from .engines import numpy_ops
 
 
 class Activation:
-    """A named activation function (``activation_name``: what layers and the ops take)."""
+    """A named activation function (``activation_name``: what layers and the ops take). Called on an array it
+    takes Keras's keyword arguments for that function (``options``: their names and defaults)."""
 
-    def __init__(self, name):
+    def __init__(self, name, **options):
         self.activation_name = self.__name__ = name
+        self.options = options
 
-    def __call__(self, x):
-        return numpy_ops.activation_forward(np.asarray(x, np.float32), self.activation_name)
+    def __call__(self, x, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "no keyword arguments"
+            raise TypeError(f"activations.{self.__name__}() got unexpected keyword argument(s) {unknown}; it takes "
+                            f"{takes}")
+        x = np.asarray(x, np.float32)
+        options = {**self.options, **options}
+        if self.activation_name == "linear":
+            return x.copy()
+        if self.activation_name == "relu" and options != self.options:
+            return _relu(x, **options)
+        if self.activation_name == "softmax" and options["axis"] not in (-1, x.ndim - 1):
+            return np.moveaxis(numpy_ops.activation_forward(np.moveaxis(x, options["axis"], -1), "softmax"), -1,
+                               options["axis"])
+        spec = self.activation_name
+        if self.activation_name in ("leaky_relu", "elu", "gelu"):
+            spec = (self.activation_name, next(iter(options.values())))
+        return numpy_ops.activation_forward(x, spec)
 
     def __repr__(self):
         return f"<gpucnn activation {self.activation_name}>"
 
 
-relu, softmax, sigmoid, tanh = Activation("relu"), Activation("softmax"), Activation("sigmoid"), Activation("tanh")
-elu, selu, leaky_relu, softplus = Activation("elu"), Activation("selu"), Activation("leaky_relu"), Activation("softplus")
-silu, gelu = Activation("silu"), Activation("gelu")
-swish = silu
-linear = None
+def _relu(x, negative_slope, max_value, threshold):
+    """Keras's relu with its options: x above ``threshold`` (else 0), at most ``max_value``, and
+    ``negative_slope`` times (x − threshold) below the threshold."""
+    for name, value in (("negative_slope", negative_slope), ("threshold", threshold)) + (
+            (("max_value", max_value),) if max_value is not None else ()):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"relu's {name} must be a finite number >= 0, got {value!r}")
+    y = np.where(x > threshold, x, np.float32(0)) if threshold else np.maximum(x, np.float32(0))
+    if max_value is not None:
+        y = np.minimum(y, np.float32(max_value))
+    if negative_slope:
+        y = y - np.float32(negative_slope) * np.maximum(np.float32(threshold) - x, np.float32(0))
+    return y.astype(np.float32)
 
-_BY_NAME = {a.activation_name: a for a in (relu, softmax, sigmoid, tanh, elu, selu, leaky_relu, softplus, silu, gelu)}
+
+relu = Activation("relu", negative_slope=0.0, max_value=None, threshold=0.0)
+softmax = Activation("softmax", axis=-1)
+sigmoid, tanh, selu = Activation("sigmoid"), Activation("tanh"), Activation("selu")
+elu, leaky_relu = Activation("elu", alpha=1.0), Activation("leaky_relu", negative_slope=0.2)
+softplus, silu, gelu = Activation("softplus"), Activation("silu"), Activation("gelu", approximate=False)
+swish = silu
+linear = Activation("linear")  # the identity; as a layer's activation, the same as None
+
+_BY_NAME = {a.activation_name: a for a in (relu, softmax, sigmoid, tanh, elu, selu, leaky_relu, softplus, silu, gelu,
+                                           linear)}
 _BY_NAME["swish"] = silu
 
 
 def get(name):
-    """The activation called ``name`` ("linear" and None: None)."""
-    if name is None or name == "linear":
-        return None
+    """The activation called ``name`` (None: ``linear``, as Keras)."""
+    if name is None:
+        return linear
     if isinstance(name, Activation):
         return name
     if name not in _BY_NAME:
-        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_BY_NAME))}, linear")
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(sorted(_BY_NAME))}")
     return _BY_NAME[name]
+
+
+def __getattr__(name):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.activations has no {name!r}: gpucnn does not have that Keras activation (yet). It "
+                         f"has: {', '.join(sorted(_BY_NAME))}")

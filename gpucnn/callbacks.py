@@ -68,14 +68,17 @@ class History(Callback):
 
 
 class CallbackList:
-    """Calls a hook on every callback, in order."""
+    """Calls a hook on every callback, in order, always with a ``logs`` dict (``{}`` where there are none yet), as
+    Keras does: a hook written ``def on_epoch_begin(self, epoch, logs)`` or that reads ``logs.keys()`` works."""
 
-    def __init__(self, callbacks, model, params):
+    def __init__(self, callbacks=None, model=None, params=None, **more_params):
         self.callbacks = as_list(callbacks)
+        params = {**(params or {}), **more_params}
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be gpucnn.callbacks.Callback instances, got {cb!r}")
-            cb.set_model(model)
+            if model is not None:
+                cb.set_model(model)
             cb.set_params(params)
 
     def batch_hooks_use_model(self):
@@ -91,9 +94,16 @@ class CallbackList:
         if not hook.startswith("on_"):
             raise AttributeError(hook)
 
-        def call(*args, **kwargs):
+        at = 1 if "epoch" in hook or "batch" in hook else 0  # on_epoch_*(epoch, logs), on_*_batch_*(batch, logs)
+
+        def call(*args, logs=None):
+            logs = (args[at] if len(args) > at else None) if logs is None else logs
+            logs = {} if logs is None else logs
             for cb in self.callbacks:
-                getattr(cb, hook)(*args, **kwargs)
+                if "batch" in hook:  # as Keras passes them: batch hooks' logs by keyword, the others' by position
+                    getattr(cb, hook)(*args[:at], logs=logs)
+                else:
+                    getattr(cb, hook)(*args[:at], logs)
         return call
 
 
@@ -441,3 +451,11 @@ def _with_logs(function, takes_index):
         def hook(logs=None):
             return function(logs)
     return hook
+
+
+def __getattr__(name):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.callbacks has no {name!r}: gpucnn does not have that Keras callback (yet). It has: "
+                         + ", ".join(sorted(k for k, v in globals().items()
+                                            if isinstance(v, type) and issubclass(v, Callback))))

@@ -1,16 +1,22 @@
 """Metrics that ``compile(metrics=[...])`` takes, as Keras names them.
 
-gpucnn computes accuracy: the share of samples whose arg-max output is the true class. ``"accuracy"`` and
-``"acc"`` pick the categorical or the sparse form from the loss (Keras does the same from the labels), and the
-logs use the name the user wrote (``history.history["acc"]`` for ``metrics=["acc"]``, as Keras 3).
-The objects ``Accuracy``, ``CategoricalAccuracy`` and ``SparseCategoricalAccuracy`` log under their ``name``.
+gpucnn computes accuracy, the share of correct predictions, in the form that fits the loss: the arg-max output
+against a class index (sparse categorical) or a one-hot row (categorical), or each sigmoid output thresholded at
+0.5 against a 0/1 label (binary). ``"accuracy"`` and ``"acc"`` pick the form from the loss (Keras does the same);
+the others name their form, and compile refuses one that does not fit the loss (``check``), where Keras would
+compute a meaningless number. The logs use the name the user wrote (``history.history["acc"]`` for
+``metrics=["acc"]``, as Keras 3); a metric object logs under its ``name``.
+
+``Accuracy()`` as an object is Keras's exact-match accuracy (y_pred == y_true), which gpucnn does not compute: it is
+refused with the names to use instead.
 """
 
 
 class Metric:
-    """A metric given as an object: ``name`` is its key in the logs."""
+    """A metric given as an object: ``name`` is its key in the logs; ``kind`` the loss form it needs."""
 
     default_name = None
+    kind = None  # "sparse", "categorical", "binary"
 
     def __init__(self, name=None, dtype=None):
         self.name = str(name) if name else self.default_name
@@ -23,33 +29,94 @@ class Metric:
 
 
 class Accuracy(Metric):
+    """Keras's exact-match accuracy: refused when compiled (gpucnn does not compute it)."""
+
     default_name = "accuracy"
+    kind = "exact"
 
 
 class CategoricalAccuracy(Metric):
     default_name = "categorical_accuracy"
+    kind = "categorical"
 
 
 class SparseCategoricalAccuracy(Metric):
     default_name = "sparse_categorical_accuracy"
+    kind = "sparse"
 
 
-_NAMES = ("accuracy", "acc", "categorical_accuracy", "sparse_categorical_accuracy")
+class BinaryAccuracy(Metric):
+    """Each output thresholded (``threshold``: 0.5, Keras's default, the one gpucnn computes) against its 0/1
+    label, as Keras — on a ``from_logits=True`` model the logits are thresholded, as Keras does too."""
+
+    default_name = "binary_accuracy"
+    kind = "binary"
+
+    def __init__(self, name=None, dtype=None, threshold=0.5):
+        super().__init__(name, dtype)
+        if threshold != 0.5:
+            raise NotImplementedError(f"BinaryAccuracy(threshold={threshold!r}): gpucnn counts binary accuracy at "
+                                      "threshold 0.5 only (Keras's default)")
+        self.threshold = 0.5
+
+    def get_config(self):
+        return {"name": self.name, "threshold": self.threshold}
+
+
+_KINDS = {"accuracy": None, "acc": None, "categorical_accuracy": "categorical",
+          "sparse_categorical_accuracy": "sparse", "binary_accuracy": "binary"}
+_NAMES = tuple(_KINDS)
 
 
 def get(metric):
     """The log name of a metric given by name or object (the metrics gpucnn computes: accuracy)."""
+    if isinstance(metric, Accuracy) and type(metric) is Accuracy:
+        raise ValueError("keras.metrics.Accuracy() counts predictions exactly equal to the labels (Keras), which "
+                         "gpucnn does not compute; for a classifier give metrics=['accuracy'] (the right form for "
+                         "the loss), or SparseCategoricalAccuracy(), CategoricalAccuracy() or BinaryAccuracy()")
     if isinstance(metric, Metric):
         return metric.name
     if isinstance(metric, str) and metric in _NAMES:
         return metric
     raise ValueError(f"unknown metric {metric!r}; gpucnn computes accuracy: give 'accuracy' (or 'acc'), "
-                     "'categorical_accuracy', 'sparse_categorical_accuracy' or gpucnn.metrics.Accuracy()")
+                     "'categorical_accuracy', 'sparse_categorical_accuracy', 'binary_accuracy', or the objects "
+                     "CategoricalAccuracy(), SparseCategoricalAccuracy(), BinaryAccuracy()")
+
+
+def check(metric, loss):
+    """Refuse a metric whose form does not fit ``loss`` (a gpucnn Loss), e.g. binary accuracy under a categorical
+    cross-entropy: gpucnn counts the form the loss fits, and would log it under the wrong name."""
+    kind = metric.kind if isinstance(metric, Metric) else _KINDS[metric]
+    loss_kind = "binary" if loss.name == "binary_crossentropy" else ("sparse" if loss.sparse else "categorical")
+    if kind is not None and kind != loss_kind:
+        name = metric.name if isinstance(metric, Metric) else metric
+        raise ValueError(f"metric {name!r} needs a {kind} loss ({_LOSS_OF[kind]}); this model's loss is "
+                         f"{loss.name}: give metrics=['accuracy'], which takes the form that fits the loss")
+
+
+def serialize(metric):
+    """A metric as a saved file holds it: its name, or an object's class and config."""
+    return metric if isinstance(metric, str) else {"class_name": type(metric).__name__, "config": metric.get_config()}
+
+
+def deserialize(config):
+    """The metric ``serialize`` wrote (ValueError for anything else)."""
+    if isinstance(config, str):
+        return config
+    classes = {cls.__name__: cls for cls in (CategoricalAccuracy, SparseCategoricalAccuracy, BinaryAccuracy)}
+    if not (isinstance(config, dict) and config.get("class_name") in classes and isinstance(config.get("config"), dict)
+            and set(config["config"]) <= {"name", "threshold"}):
+        raise ValueError(f"unknown metric {config!r}")
+    return classes[config["class_name"]](**config["config"])
+
+
+_LOSS_OF = {"binary": "binary_crossentropy", "sparse": "sparse_categorical_crossentropy",
+            "categorical": "categorical_crossentropy"}
 
 
 def __getattr__(name):
     if name.startswith("_"):
         raise AttributeError(name)
     raise AttributeError(f"gpucnn.metrics has no {name!r}: gpucnn does not have that Keras metric (yet). It has: "
-                         "Accuracy, CategoricalAccuracy, SparseCategoricalAccuracy (and the names "
+                         "BinaryAccuracy, CategoricalAccuracy, SparseCategoricalAccuracy (and the names "
                          f"{', '.join(_NAMES)})")

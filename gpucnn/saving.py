@@ -35,7 +35,7 @@ import zlib
 
 import numpy as np
 
-from . import backend, layers as layers_mod, losses as losses_mod, optimizers as optimizers_mod
+from . import backend, layers as layers_mod, losses as losses_mod, metrics as metrics_mod, optimizers as optimizers_mod
 from .utils import atomic_write, generator_in_use, remove_stale_temporaries, rng, set_generator_state
 
 FORMAT = "gpucnn.model"
@@ -80,8 +80,8 @@ def save_model(model, path, model_config=None, overwrite=True):
         "model_config": model.get_config() if model_config is None else model_config,
         "compile_config": None if opt is None else {
             "optimizer": {"name": opt.name, "config": opt.get_config()},
-            "loss": model.loss.name,
-            "metrics": list(model.metrics)},
+            "loss": model.loss.get_config(),  # its name, and from_logits / label_smoothing where set
+            "metrics": list(getattr(model, "_metric_configs", model.metrics))},
         "optimizer_iterations": None if opt is None else int(opt.iterations),
         "rng_state": rng().bit_generator.state,
         "layer_rng_states": _layer_random_states(model),
@@ -449,6 +449,22 @@ def _schedule_classes(custom_objects):
             if isinstance(cls, type) and issubclass(cls, optimizers_mod.schedules.LearningRateSchedule)}
 
 
+def _loss_from_config(config, path):
+    """The loss a file names: its ``get_config()`` (a name, and from_logits / label_smoothing where set), or a bare
+    name (files from before the options were saved)."""
+    name, options = (config, {}) if isinstance(config, str) else (
+        (config.get("name"), {k: v for k, v in config.items() if k != "name"}) if isinstance(config, dict)
+        else (None, {}))
+    if name not in losses_mod.LOSSES:
+        raise InvalidModelFile(f"{path}: unknown loss {config!r}")
+    if set(options) - {"from_logits", "label_smoothing"}:
+        raise InvalidModelFile(f"{path}: unknown options of the loss {name!r}: {sorted(options)}")
+    try:
+        return losses_mod.LOSSES[name](**options)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise InvalidModelFile(f"{path}: invalid loss {config!r} ({exc})") from None
+
+
 def _compile_from_config(model, header, zf, path, custom_objects=None, file_order=None):
     """Compile ``model`` as the file says and give its optimizer the saved state: flat buffers over the trained
     weights in the file's order of weights (``file_order``: the model's weight slots in that order), put back in
@@ -460,9 +476,11 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
             raise InvalidModelFile(f"{path}: unknown optimizer {opt_name!r}")
         optimizer = optimizers_mod.OPTIMIZERS[opt_name].from_config(dict(cc["optimizer"]["config"]),
                                                                     _schedule_classes(custom_objects))
-        if cc["loss"] not in losses_mod.LOSSES:
-            raise InvalidModelFile(f"{path}: unknown loss {cc['loss']!r}")
-        model.compile(optimizer=optimizer, loss=cc["loss"], metrics=list(cc["metrics"]))
+        try:
+            metrics = [metrics_mod.deserialize(m) for m in cc["metrics"]]
+        except (TypeError, ValueError, NotImplementedError) as exc:
+            raise InvalidModelFile(f"{path}: invalid metrics {cc['metrics']!r} ({exc})") from None
+        model.compile(optimizer=optimizer, loss=_loss_from_config(cc["loss"], path), metrics=metrics)
         iterations = header["optimizer_iterations"]
         if (isinstance(iterations, bool) or not isinstance(iterations, int)
                 or not 0 <= iterations < _MAX_ITERATIONS):

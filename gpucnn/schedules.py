@@ -214,3 +214,13 @@ def deserialize(config, custom_objects=None):
         raise ValueError(f"unknown learning rate schedule {config['class_name']!r}; known: {sorted(known)} "
                          "(pass your own classes as custom_objects={'Name': Name})")
     return cls.from_config(dict(config.get("config", {})))
+
+
+def __getattr__(name):
+    if name.startswith("_"):
+        raise AttributeError(name)
+    raise AttributeError(f"gpucnn.optimizers.schedules has no {name!r}: gpucnn does not have that Keras schedule (yet). "
+                         "It has: " + ", ".join(sorted(k for k, v in globals().items() if isinstance(v, type)
+                                                     and issubclass(v, LearningRateSchedule)
+                                                     and v is not LearningRateSchedule))
+                         + ", and your own subclasses of LearningRateSchedule")

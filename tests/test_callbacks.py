@@ -77,6 +77,40 @@ def test_fit_calls_the_hooks_in_keras_order():
     assert calls == ["on_train_begin"] + epoch * 2 + ["on_train_end"]
 
 
+def test_every_hook_gets_a_logs_dict_and_params_as_keras():
+    """Keras passes a dict to every hook (``{}`` before there are logs): hooks that take ``logs`` without a default,
+    or read it, work; predict's batch end holds the batch's outputs; evaluate and predict give params too."""
+    seen = []
+
+    class Strict(callbacks.Callback):  # no defaults: each hook must get its logs
+        def on_train_begin(self, logs): seen.append(("train_begin", dict(logs)))
+        def on_epoch_begin(self, epoch, logs): seen.append(("epoch_begin", dict(logs)))
+        def on_train_batch_begin(self, batch, logs): seen.append(("batch_begin", dict(logs)))
+        def on_test_begin(self, logs): seen.append(("test_begin", dict(logs)))
+        def on_test_batch_begin(self, batch, logs): seen.append(("test_batch_begin", dict(logs)))
+        def on_predict_begin(self, logs): seen.append(("predict_begin", dict(logs), dict(self.params)))
+        def on_predict_batch_begin(self, batch, logs): seen.append(("predict_batch_begin", dict(logs)))
+        def on_predict_batch_end(self, batch, logs): seen.append(("predict_batch_end", logs["outputs"].shape))
+        def on_predict_end(self, logs): seen.append(("predict_end", dict(logs)))
+
+    model = tiny_model()
+    x, y = tiny_data(8)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, validation_data=(x, y), callbacks=[Strict()])
+    model.predict(x, batch_size=5, verbose=0, callbacks=[Strict()])
+    names = [s[0] for s in seen]
+    for name in ("train_begin", "epoch_begin", "batch_begin", "test_begin", "test_batch_begin", "predict_begin",
+                 "predict_batch_begin", "predict_end"):
+        assert name in names and all(s[1] == {} for s in seen if s[0] == name and len(s) == 2)
+    assert [s[1] for s in seen if s[0] == "predict_batch_end"] == [(5, 3), (3, 3)]
+    assert [s[2] for s in seen if s[0] == "predict_begin"] == [{"verbose": 0, "epochs": 1, "steps": 2}]
+    keys = []
+    lam = callbacks.LambdaCallback(on_train_begin=lambda logs: keys.append(sorted(logs)),
+                                   on_epoch_begin=lambda epoch, logs: keys.append(sorted(logs)))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[lam])
+    assert keys == [[], []]
+    assert callbacks.CallbackList([Strict()], model=model).callbacks[0].model is model
+
+
 # ===================================================================================== EarlyStopping
 def test_early_stopping_waits_patience_epochs_without_improvement():
     assert drive(EarlyStopping(patience=2), [1.0, 0.9, 0.95, 0.92, 0.8])[0] == 3
@@ -410,7 +444,7 @@ def test_lambda_callback_calls_the_functions_as_keras_does():
     epoch_logs = ["accuracy", "loss", "val_accuracy", "val_loss"]
     epoch = lambda e: [("epoch_begin", e), ("batch_end", 0), ("batch_end", 1), ("test_end",),  # noqa: E731
                        ("epoch_end", e, epoch_logs)]
-    assert calls == [("train_begin", None)] + epoch(0) + epoch(1) + [("train_end", epoch_logs)]
+    assert calls == [("train_begin", {})] + epoch(0) + epoch(1) + [("train_end", epoch_logs)]
 
 
 def test_lambda_callback_refuses_unknown_hooks_and_non_functions():

@@ -76,6 +76,38 @@ def test_activations_by_function_and_unknown_names():
         layers.Dense(2, activation=lambda v: v)
 
 
+def _relu64(x, negative_slope=0.0, max_value=None, threshold=0.0):
+    """Keras's relu options written out in float64: x where x > threshold, else negative_slope·(x − threshold),
+    then at most max_value."""
+    x = np.asarray(x, np.float64)
+    y = np.where(x > threshold, x, negative_slope * (x - threshold))
+    return y if max_value is None else np.minimum(y, max_value)
+
+
+@pytest.mark.parametrize("options", [{}, {"max_value": 6.0}, {"threshold": 0.5}, {"negative_slope": 0.1},
+                                     {"negative_slope": 0.1, "max_value": 2.0, "threshold": 0.5}], ids=str)
+def test_the_activation_functions_take_kerass_keyword_arguments(options):
+    x = np.linspace(-8, 8, 41, dtype=np.float32).reshape(1, 41)
+    np.testing.assert_allclose(keras.activations.relu(x, **options), _relu64(x, **options), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(keras.activations.leaky_relu(x, negative_slope=0.3),
+                               ref.activation_forward(x, ("leaky_relu", 0.3)), rtol=1e-6)
+    np.testing.assert_allclose(keras.activations.elu(x, alpha=0.5), ref.activation_forward(x, ("elu", 0.5)),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(keras.activations.gelu(x, approximate=True), ref.activation_forward(x, ("gelu", True)),
+                               rtol=1e-5, atol=1e-7)
+    m = np.arange(12, dtype=np.float32).reshape(3, 4) / 3
+    np.testing.assert_allclose(keras.activations.softmax(m, axis=0), np.exp(m) / np.exp(m).sum(0), rtol=1e-6)
+    np.testing.assert_array_equal(keras.activations.linear(x), x)
+    assert keras.activations.get(None) is keras.activations.get("linear") is keras.activations.linear
+    assert layers.Dense(2, activation=keras.activations.linear).activation is None
+    with pytest.raises(TypeError, match=r"sigmoid\(\) got unexpected keyword argument\(s\) \['alpha'\]"):
+        keras.activations.sigmoid(x, alpha=1)
+    with pytest.raises(ValueError, match="relu's max_value must be a finite number >= 0"):
+        keras.activations.relu(x, max_value=-1)
+    with pytest.raises(AttributeError, match="no 'mish'.*It has: elu, gelu"):
+        keras.activations.mish
+
+
 def test_binary_classification_trains_with_binary_accuracy():
     """A sigmoid output and binary cross-entropy: the book's cats-vs-dogs head on separable data."""
     r = np.random.default_rng(2)
@@ -95,3 +127,30 @@ def test_binary_classification_trains_with_binary_accuracy():
     logits.compile(optimizer=keras.optimizers.RMSprop(0.01), loss=keras.losses.BinaryCrossentropy(from_logits=True),
                    metrics=["acc"])
     assert logits.fit(x, y, batch_size=16, epochs=8, verbose=0).history["acc"][-1] > 0.85
+
+
+def test_binary_accuracy_objects_and_metrics_that_do_not_fit_the_loss():
+    """keras.io's from-scratch example: BinaryAccuracy(name="acc") on a logits model thresholds the logits at 0.5
+    (as Keras); a metric of another form than the loss, and Keras's exact-match Accuracy(), are refused clearly
+    (gpucnn would have logged the loss's form under the metric's name); a refused compile changes nothing."""
+    r = np.random.default_rng(2)
+    x = r.standard_normal((40, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float32)
+    m = keras.Sequential([keras.Input((4,)), layers.Dense(1)])
+    m.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True),
+              metrics=[keras.metrics.BinaryAccuracy(name="acc")])
+    h = m.fit(x, y, batch_size=8, verbose=0)
+    assert list(h.history) == ["acc", "loss"]
+    z = m.predict(x, verbose=0)[:, 0]
+    assert m.evaluate(x, y, verbose=0, return_dict=True)["acc"] == float(((z > 0.5) == y).mean())
+    for metric, match in ((keras.metrics.Accuracy(), "exactly equal"), ("sparse_categorical_accuracy", "sparse"),
+                          (keras.metrics.CategoricalAccuracy(), "categorical loss")):
+        with pytest.raises(ValueError, match=match):
+            m.compile("sgd", "binary_crossentropy", metrics=[metric])
+    assert m.metrics == ["acc"] and m.optimizer.name == "adam"
+    with pytest.raises(ValueError, match="needs a binary loss"):
+        keras.Sequential([keras.Input((4,)), layers.Dense(3)]).compile("sgd", "categorical_crossentropy",
+                                                                      metrics=["binary_accuracy"])
+    with pytest.raises(NotImplementedError, match="threshold 0.5 only"):
+        keras.metrics.BinaryAccuracy(threshold=0.7)
+

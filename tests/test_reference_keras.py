@@ -65,6 +65,18 @@ def test_activations_are_kerass(ours, theirs):
     np.testing.assert_allclose(np_(theirs(x)), want, rtol=2e-6, atol=2e-7 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("name, options", [
+    ("relu", {"max_value": 6.0}), ("relu", {"threshold": 0.5}), ("relu", {"negative_slope": 0.1}),
+    ("relu", {"negative_slope": 0.1, "max_value": 2.0, "threshold": 0.5}), ("leaky_relu", {"negative_slope": 0.3}),
+    ("elu", {"alpha": 0.5}), ("gelu", {"approximate": True}), ("softmax", {"axis": 0}), ("linear", {})], ids=str)
+def test_activation_functions_with_keyword_arguments_are_kerass(name, options):
+    import gpucnn
+    x = F32(np.concatenate([np.linspace(-12, 12, 97), [-90.0, 90.0]]).reshape(3, 33))
+    want = np_(getattr(keras.activations, name)(x, **options))
+    np.testing.assert_allclose(getattr(gpucnn.activations, name)(x, **options), want, rtol=2e-6,
+                               atol=2e-7 * np.abs(want).max())
+
+
 # ===================================================================================== losses
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("smoothing", [0.0, 0.15])

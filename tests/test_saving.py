@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from gpucnn import backend, layers, models, optimizers, saving, utils
+from gpucnn import backend, layers, losses, metrics, models, optimizers, saving, utils
 from gpucnn.saving import InvalidModelFile
 
 
@@ -136,6 +136,29 @@ def test_a_layer_frozen_after_training_saves_and_resumes_as_frozen(tmp_path):
         m.fit(x, y, batch_size=8, verbose=0, shuffle=False)
     for a, b in zip(loaded.get_weights(), model.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("loss", [losses.BinaryCrossentropy(from_logits=True),
+                                  losses.BinaryCrossentropy(label_smoothing=0.2),
+                                  losses.SparseCategoricalCrossentropy(from_logits=True)], ids=str)
+def test_the_loss_options_are_saved(tmp_path, loss):
+    """from_logits and label_smoothing come back with the model (they were dropped: a loaded logits model
+    evaluated and trained with the loss of probabilities); a file that names the loss alone still loads."""
+    utils.set_random_seed(2)
+    units = 1 if isinstance(loss, losses.BinaryCrossentropy) else 3
+    model = models.Sequential([layers.Input((4,)), layers.Dense(units)])
+    model.compile("adam", loss, metrics=[metrics.BinaryAccuracy(name="acc") if units == 1 else
+                                         metrics.SparseCategoricalAccuracy(name="acc")])
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    y = (np.arange(10) % 2).astype(np.float32)[:, None] if units == 1 else np.arange(10) % 3
+    model.fit(x, y, verbose=0)
+    model.save(tmp_path / "m")
+    loaded = models.load_model(tmp_path / "m")
+    assert loaded.loss.get_config() == model.loss.get_config()
+    assert loaded.metrics == model.metrics == ["acc"]
+    assert loaded.evaluate(x, y, verbose=0) == model.evaluate(x, y, verbose=0)
+    rewrite(tmp_path / "m", header=lambda h: h["compile_config"].update(loss=loss.name))  # an older file
+    assert models.load_model(tmp_path / "m").loss.get_config() == {"name": loss.name}
 
 
 def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
@@ -337,6 +360,11 @@ def test_unknown_layer_classes_are_refused(saved, class_name):
     (lambda h: h["model_config"]["config"]["layers"][0]["config"].update(filters=5), "does not fit layer"),
     (lambda h: h["compile_config"]["optimizer"].update(name="evil"), "unknown optimizer"),
     (lambda h: h["compile_config"].update(loss="mse"), "unknown loss"),
+    (lambda h: h["compile_config"].update(loss={"name": "binary_crossentropy", "gamma": 2}), "unknown options"),
+    (lambda h: h["compile_config"].update(loss={"name": "binary_crossentropy", "label_smoothing": 3}),
+     "invalid loss"),
+    (lambda h: h["compile_config"].update(loss=["binary_crossentropy"]), "unknown loss"),
+    (lambda h: h["compile_config"].update(metrics=[{"class_name": "AUC", "config": {}}]), "invalid metrics"),
     (lambda h: h.update(format_version=99), "format version 99"),
     (lambda h: h.update(format="pickle"), "not a gpucnn model file"),
     (lambda h: h.pop("model_config"), "invalid model config"),

@@ -35,13 +35,17 @@ class Trainer:
         (``layer.trainable``) is read here and again before each step (``_sync_trainable``). Compiling again with the
         same optimizer object keeps its state and step count (Keras's optimizer keeps its variables); a new one
         starts afresh."""
-        previous = self.optimizer
-        self.optimizer = optimizers_mod.get(optimizer)
+        optimizer = optimizers_mod.get(optimizer)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
-        self.loss = losses_mod.get(loss)
+        loss = losses_mod.get(loss)
         metrics = [metrics] if isinstance(metrics, (str, metrics_mod.Metric)) else list(metrics or [])
-        self.metrics = list(dict.fromkeys(metrics_mod.get(m) for m in metrics))  # the log names
+        names = [metrics_mod.get(m) for m in metrics]
+        for m in metrics:
+            metrics_mod.check(m, loss)
+        previous = self.optimizer  # (all checked: a refused compile leaves the model as it was)
+        self.optimizer, self.loss, self.metrics = optimizer, loss, list(dict.fromkeys(names))  # metrics: log names
+        self._metric_configs = [metrics_mod.serialize(m) for m in metrics]  # what a saved file holds
         if self.built:
             self._pack_weights(keep_state=self.optimizer is previous)
         self._contexts_cache.clear()
@@ -393,7 +397,8 @@ class Trainer:
             total = math.ceil(len(x) / batch_size)
             batches = ((x_dev[k * batch_size:(k + 1) * batch_size], y_dev[k * batch_size:(k + 1) * batch_size])
                        for k in range(total))
-        cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(_callback_list(callbacks), self, {})
+        cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(
+            _callback_list(callbacks), self, {"verbose": verbose, "epochs": 1, "steps": total})
         cbs.on_test_begin()
         bar = Progbar(total, verbose)
         loss_total, correct_total, seen = 0.0, 0, 0
@@ -433,7 +438,7 @@ class Trainer:
             x_dev = xp.asarray(self._check_x(x))
             total = math.ceil(len(x_dev) / batch_size)
             batches = (x_dev[k * batch_size:(k + 1) * batch_size] for k in range(total))
-        cbs = CallbackList(_callback_list(callbacks), self, {})
+        cbs = CallbackList(_callback_list(callbacks), self, {"verbose": verbose, "epochs": 1, "steps": total})
         cbs.on_predict_begin()
         bar = Progbar(total, verbose)
         outs = [[] for _ in self.outputs]
@@ -442,7 +447,8 @@ class Trainer:
                 cbs.on_predict_batch_begin(step)
                 for i, out in enumerate(self._predict_batch(xb)):
                     outs[i].append(backend.to_numpy(out).copy())
-                cbs.on_predict_batch_end(step, {})
+                batch_outs = [o[-1] for o in outs]
+                cbs.on_predict_batch_end(step, {"outputs": batch_outs[0] if len(batch_outs) == 1 else batch_outs})
                 bar.update(step + 1, {})
         finally:
             if source is not None:
