@@ -187,6 +187,22 @@ def test_grayscale_and_rgba(folder, rgba_folder):
     np.testing.assert_array_equal(y, [0, 0, 1, 1])
 
 
+@pytest.mark.parametrize("color_mode", ["grayscale", "rgb"])
+def test_a_16_bit_grayscale_png_keeps_its_levels(tmp_path, color_mode):
+    """A 16-bit PNG comes out as TensorFlow's decoder gives it to Keras, 8 bits per value (value // 256): 256 levels
+    over the ramp (Pillow's conversion saturated every value above 255, 99.6 % of them)."""
+    ramp = (np.arange(64 * 64, dtype=np.uint32) * 16).reshape(64, 64).astype(np.uint16)  # 0 .. 65520
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.fromarray(ramp).save(tmp_path / name / "ramp.png")
+    assert Image.open(tmp_path / "a" / "ramp.png").mode.startswith("I")
+    ds = image_dataset_from_directory(tmp_path, image_size=(64, 64), color_mode=color_mode, shuffle=False,
+                                      interpolation="nearest")
+    x, _ = _all(ds)
+    want = (ramp >> 8).astype(np.float32)[:, :, None]
+    np.testing.assert_array_equal(x[0], np.repeat(want, x.shape[-1], axis=-1))
+
+
 def test_unbatched_gives_single_images(rgba_folder):
     ds = image_dataset_from_directory(rgba_folder, image_size=(6, 6), batch_size=None, shuffle=False)
     items = list(ds)

@@ -132,6 +132,9 @@ def load_image(path, image_size, num_channels=3, interpolation="bilinear", crop_
     Image = _pil()
     with Image.open(path) as img:
         mode = _PIL_MODES[num_channels]
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale (a PNG): to 8 bits as TensorFlow's
+            # decoder gives them to Keras, the high byte of each value (Pillow's convert would saturate at 255)
+            img = Image.fromarray((np.clip(np.asarray(img, np.int64), 0, 65535) >> 8).astype(np.uint8), "L")
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # Pillow's advice for palette images with transparency
         if img.mode != mode:
