@@ -57,7 +57,7 @@ class InvalidModelFile(ValueError):
 
 
 # ===================================================================================== public API
-def save_model(model, path, model_config=None, overwrite=True):
+def write_model(model, path, model_config=None, overwrite=True):
     """Write ``model`` (architecture, weights, compile config, optimizer state, random states) to ``path``.
     ``model_config``: the architecture as ``{"class_name", "config"}`` (``gpucnn.layers.serialize``).
 
@@ -93,8 +93,8 @@ def save_model(model, path, model_config=None, overwrite=True):
             zf.writestr(name, data)
 
 
-def load_model(path, build, restore_rng=True, custom_objects=None):
-    """Rebuild a model saved by ``save_model``: same layers, weights, compile config, optimizer state.
+def read_model(path, build, restore_rng=True, custom_objects=None, compile=True):
+    """Rebuild a model written by ``write_model``: same layers, weights, compile config, optimizer state.
     ``build(config, classes, where)`` makes the (built) model from the file's architecture, constructing only
     the layer ``classes`` it is given (``gpucnn.models.load_model`` passes its builder; this module never
     imports the models).
@@ -103,10 +103,12 @@ def load_model(path, build, restore_rng=True, custom_objects=None):
     so ``fit(..., initial_epoch=k)`` continues exactly as the interrupted run would have; without it the
     generator is left as it is (loading draws nothing from it). Layers with a generator of their own
     (``Dropout(seed=...)``) always get theirs back. ``custom_objects``: ``{"MyLayer": MyLayer}``, your own
-    layer classes (subclasses of ``gpucnn.layers.Layer``) by the names the file gives them.
+    layer classes (subclasses of ``gpucnn.layers.Layer``) by the names the file gives them. ``compile=False``:
+    the model comes back uncompiled (no optimizer, loss or metrics), as Keras's.
     """
     classes = layer_classes(custom_objects)
     raw = _read_bytes(path)
+    _refuse_keras_files(raw, path)
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             header = _header(zf, path)
@@ -114,7 +116,7 @@ def load_model(path, build, restore_rng=True, custom_objects=None):
             model = _build_within(build, header.get("model_config"), path, classes,
                                   max_params=declared // 2)  # 2 bytes a value at the least (float16)
             file_order = _set_weights_from_npz(model, _weights_member(zf, header, model, path), path)
-            if header.get("compile_config") is not None:
+            if compile and header.get("compile_config") is not None:
                 _compile_from_config(model, header, zf, path, custom_objects, file_order)
             _restore_layer_random_states(model, header.get("layer_rng_states"), path)
             global_state = _checked_rng_state(header.get("rng_state"), path)
@@ -143,6 +145,7 @@ def load_weights(model, path):
     """
     model._require_built("load_weights")
     raw = _read_bytes(path)
+    _refuse_keras_files(raw, path)
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
             if _JSON not in zf.namelist():
@@ -154,6 +157,41 @@ def load_weights(model, path):
         raise
     except _FILE_ERRORS as exc:
         raise InvalidModelFile(f"{path}: not a gpucnn weights file ({type(exc).__name__}: {exc})") from None
+
+
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True):
+    """Keras's ``keras.saving.load_model``: ``gpucnn.models.load_model`` (a gpucnn file never holds code to run,
+    so ``safe_mode`` has nothing to refuse)."""
+    from .models import load_model as load
+    return load(filepath, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode)
+
+
+def save_model(model, filepath, overwrite=True):
+    """Keras's ``keras.saving.save_model``: ``model.save(filepath, overwrite)``."""
+    model.save(filepath, overwrite=overwrite)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _refuse_keras_files(raw, path):
+    """A file Keras wrote (HDF5 .h5 / .weights.h5, or a Keras 3 .keras archive): say so, and how to move weights."""
+    what = None
+    if raw.startswith(_HDF5_SIGNATURE):
+        what = "an HDF5 file (Keras's .h5 / .weights.h5 format)"
+    elif raw.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+                names = set(zf.namelist())
+        except _FILE_ERRORS:
+            return
+        if _JSON not in names and "config.json" in names:
+            what = "a Keras 3 .keras archive"
+    if what:
+        raise InvalidModelFile(f"{path} is {what}, which gpucnn does not read: gpucnn reads the files its own "
+                               "model.save and save_weights write. To bring a Keras model's weights over, build the "
+                               "same model in gpucnn and give it model.set_weights(keras_model.get_weights()) (the "
+                               "same order and layouts), e.g. through np.savez of the list")
 
 
 def register_layer_class(cls):

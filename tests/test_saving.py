@@ -161,6 +161,38 @@ def test_the_loss_options_are_saved(tmp_path, loss):
     assert models.load_model(tmp_path / "m").loss.get_config() == {"name": loss.name}
 
 
+def test_kerass_saving_namespace_compile_false_and_safe_mode(tmp_path):
+    """keras.saving.load_model / save_model as Keras spells them (the first reached gpucnn's internal reader and
+    raised a TypeError); load_model(compile=False) gives the model uncompiled; safe_mode is accepted."""
+    model = trained()
+    saving.save_model(model, tmp_path / "m.keras")
+    loaded = saving.load_model(tmp_path / "m.keras", safe_mode=True)
+    assert loaded.optimizer.iterations == model.optimizer.iterations and loaded.loss.name == model.loss.name
+    bare = models.load_model(tmp_path / "m.keras", compile=False)
+    assert bare.optimizer is None and bare.loss is None
+    for a, b in zip(bare.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError, match="compile the model before calling fit"):
+        bare.fit(*tiny_data(4), verbose=0)
+
+
+@pytest.mark.parametrize("kind", ["h5", "keras"])
+def test_a_file_keras_wrote_is_named_as_such(tmp_path, kind):
+    path = tmp_path / f"m.{kind}"
+    if kind == "h5":
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    else:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("metadata.json", "{}")
+            zf.writestr("config.json", "{}")
+            zf.writestr("model.weights.h5", b"\x89HDF\r\n\x1a\n")
+    what = r"an HDF5 file \(Keras.s .h5" if kind == "h5" else r"a Keras 3 .keras archive"
+    with pytest.raises(InvalidModelFile, match=f"is {what}.*which gpucnn does not read.*set_weights"):
+        models.load_model(path)
+    with pytest.raises(InvalidModelFile, match=f"is {what}"):
+        trained().load_weights(path)
+
+
 def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
     model = trained()
     model.save_weights(tmp_path / "w.npz")

@@ -410,7 +410,7 @@ class Model(Trainer, Layer):
         """Save architecture, weights and optimizer state to one file (see ``gpucnn.saving``)."""
         self._require_built("save")
         saving.check_layer_classes(self)  # refused before serialize() warns about the same class
-        saving.save_model(self, path, model_config=serialize(self), overwrite=overwrite)
+        saving.write_model(self, path, model_config=serialize(self), overwrite=overwrite)
 
     def save_weights(self, path, overwrite=True):
         """Save the weights alone (an ``.npz`` of float32 arrays, Keras's order)."""

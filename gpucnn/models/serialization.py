@@ -119,15 +119,18 @@ def _functional(config, classes):
 
 
 # ===================================================================================== files
-def load_model(path, restore_rng=True, custom_objects=None):
-    """Rebuild a model saved by ``model.save(path)``: same graph, weights, compile config and optimizer state.
+def load_model(filepath, custom_objects=None, compile=True, safe_mode=True, restore_rng=True):
+    """Rebuild a model saved by ``model.save(path)``: same graph, weights, compile config and optimizer state
+    (``compile=False``: uncompiled, as Keras's).
 
     With ``restore_rng`` (the default) gpucnn's random generators are set back to their state at saving time,
     so ``fit(..., initial_epoch=k)`` continues exactly as the interrupted run would have. ``custom_objects``:
-    ``{"ClassName": cls}`` for layers of your own classes (subclasses of ``gpucnn.layers.Layer``)."""
+    ``{"ClassName": cls}`` for layers of your own classes (subclasses of ``gpucnn.layers.Layer``). ``safe_mode``
+    (Keras's) is accepted: a gpucnn file never holds code to run."""
     def build(config, classes, where):
         return model_from_config(config, where=str(where), classes=classes)
-    return saving.load_model(path, build, restore_rng=restore_rng, custom_objects=custom_objects)
+    return saving.read_model(filepath, build, restore_rng=restore_rng, custom_objects=custom_objects,
+                             compile=compile)
 
 
 Model._from_config = staticmethod(model_from_config)  # Model.from_config builds through this module
