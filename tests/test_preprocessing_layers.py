@@ -288,3 +288,23 @@ def test_a_model_with_a_data_augmentation_block_saves_and_loads(numpy_engine, tm
                                                                 "RandomContrast"]
     x = images(5, (3, 10, 10, 3))
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+@pytest.mark.parametrize("make", [lambda: layers.RandomFlip(seed=4), lambda: layers.RandomRotation(0.2, seed=4),
+                                  lambda: layers.RandomZoom(0.3, seed=4), lambda: layers.RandomContrast(0.5, seed=4),
+                                  lambda: layers.RandomTranslation(0.2, 0.2, seed=4),
+                                  lambda: layers.Rescaling(1 / 255)], ids=lambda f: type(f()).__name__)
+def test_one_image_without_a_batch_axis_and_other_sizes_as_keras(make):
+    """The book's chapter 8 augments one image, ``layer(image)`` (height, width, channels): it comes back as one
+    augmented image, the same as the batch of one under the same seed; and a layer called on one size takes
+    another later (no weights), as Keras's (both were refused)."""
+    r = np.random.default_rng(1)
+    image = r.uniform(0, 255, (12, 10, 3)).astype(np.float32)
+    one = make()(image)
+    batch = make()(image[None])
+    assert one.shape == image.shape
+    np.testing.assert_array_equal(one, batch[0])
+    layer = make()
+    layer(r.uniform(0, 255, (2, 12, 10, 3)).astype(np.float32))
+    other = layer(r.uniform(0, 255, (3, 9, 14, 1)).astype(np.float32))
+    assert other.shape == (3, 9, 14, 1) and np.isfinite(other).all()

@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import backend
 from .base import Layer, SeededGenerator, _check_image_input
+from .tensor import is_symbolic
 
 FILL_MODES = ("reflect", "wrap", "constant", "nearest")  # what Keras's layers take (the op also has "mirror")
 INTERPOLATIONS = ("nearest", "bilinear")
@@ -106,6 +107,9 @@ class Rescaling(Layer):
         self.scale = _number(scale, "Rescaling scale")
         self.offset = _number(offset, "Rescaling offset")
 
+    def _check_call_shapes(self, shapes):
+        """Called on an array, any shape (no weights, elementwise), as Keras's."""
+
     def forward(self, x, training, ctx):
         return backend.ops().rescale(x, self.scale, self.offset, out=self.buffer(ctx, "y", x.shape))
 
@@ -139,8 +143,18 @@ class RandomImageLayer(SeededGenerator, Layer):
     # ---- computing
     def __call__(self, inputs, training=None):
         """As Keras 3: called on an array without ``training=``, the layer augments (``training=False``: it
-        passes the images through)."""
+        passes the images through). On an array: a batch of images of any size, or one image (height, width,
+        channels) without its batch axis, which comes back without it."""
+        if not is_symbolic(inputs):
+            x = self._as_engine_array(inputs)
+            if x.ndim == 3:
+                return super().__call__(x[None], training=training)[0]
+            inputs = x
         return super().__call__(inputs, training=training)
+
+    def _check_call_shapes(self, shapes):
+        """Called on an array, images of any size and channels (no weights), as Keras's."""
+        _check_image_input(self, shapes)
 
     def _build(self, input_shape):
         _check_image_input(self, input_shape)
