@@ -4,6 +4,7 @@ result, as a NumPy array). ``get(name)`` returns one; an unknown name lists the 
 import numpy as np
 
 from .engines import numpy_ops
+from .utils import missing
 
 
 class Activation:
@@ -78,7 +79,4 @@ def get(name):
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.activations has no {name!r}: gpucnn does not have that Keras activation (yet). It "
-                         f"has: {', '.join(sorted(_BY_NAME))}")
+    raise missing("gpucnn.activations", name, "Keras activation", sorted(_BY_NAME))

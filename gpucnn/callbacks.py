@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 
 from . import schedules
+from .utils import missing
 
 
 class Callback:
@@ -454,8 +455,5 @@ def _with_logs(function, takes_index):
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.callbacks has no {name!r}: gpucnn does not have that Keras callback (yet). It has: "
-                         + ", ".join(sorted(k for k, v in globals().items()
-                                            if isinstance(v, type) and issubclass(v, Callback))))
+    raise missing("gpucnn.callbacks", name, "Keras callback",
+                  sorted(k for k, v in globals().items() if isinstance(v, type) and issubclass(v, Callback)))

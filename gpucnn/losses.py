@@ -12,6 +12,8 @@ cross-entropy, categorical for one-hot labels, sparse categorical for integer la
 """
 import numpy as np
 
+from .utils import missing
+
 
 class Loss:
     """Keras's constructor: ``from_logits`` (the model outputs logits: the loss applies the softmax/sigmoid),
@@ -176,7 +178,4 @@ def get(loss):
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.losses has no {name!r}: gpucnn does not have that Keras loss (yet). It has: "
-                         "CategoricalCrossentropy, SparseCategoricalCrossentropy, BinaryCrossentropy")
+    raise missing("gpucnn.losses", name, "Keras loss", [cls.__name__ for cls in LOSSES.values()])

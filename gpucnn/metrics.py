@@ -10,6 +10,7 @@ compute a meaningless number. The logs use the name the user wrote (``history.hi
 ``Accuracy()`` as an object is Keras's exact-match accuracy (y_pred == y_true), which gpucnn does not compute: it is
 refused with the names to use instead.
 """
+from .utils import missing
 
 
 class Metric:
@@ -115,8 +116,5 @@ _LOSS_OF = {"binary": "binary_crossentropy", "sparse": "sparse_categorical_cross
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.metrics has no {name!r}: gpucnn does not have that Keras metric (yet). It has: "
-                         "BinaryAccuracy, CategoricalAccuracy, SparseCategoricalAccuracy (and the names "
-                         f"{', '.join(_NAMES)})")
+    raise missing("gpucnn.metrics", name, "Keras metric", "BinaryAccuracy, CategoricalAccuracy, "
+                  f"SparseCategoricalAccuracy (and the names {', '.join(_NAMES)})")

@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from . import backend, schedules
-from .utils import sigint_deferred
+from .utils import missing, sigint_deferred
 
 
 class Optimizer:
@@ -233,8 +233,5 @@ def get(optimizer):
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.optimizers has no {name!r}: gpucnn does not have that Keras optimizer (yet). It has: "
-                         f"{', '.join(sorted(cls.__name__ for cls in OPTIMIZERS.values()))} and the learning-rate "
-                         "schedules in gpucnn.optimizers.schedules")
+    raise missing("gpucnn.optimizers", name, "Keras optimizer",
+                  sorted(cls.__name__ for cls in OPTIMIZERS.values()) + ["the schedules in gpucnn.optimizers.schedules"])

@@ -17,6 +17,8 @@ Schedules compute in Python floats (double); Keras computes in float32, so rates
 import math
 import numbers
 
+from .utils import missing
+
 __all__ = ["LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay", "resolve",
            "check_rate", "serialize", "deserialize"]
 
@@ -217,10 +219,6 @@ def deserialize(config, custom_objects=None):
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.optimizers.schedules has no {name!r}: gpucnn does not have that Keras schedule (yet). "
-                         "It has: " + ", ".join(sorted(k for k, v in globals().items() if isinstance(v, type)
-                                                     and issubclass(v, LearningRateSchedule)
-                                                     and v is not LearningRateSchedule))
-                         + ", and your own subclasses of LearningRateSchedule")
+    raise missing("gpucnn.optimizers.schedules", name, "Keras schedule",
+                  sorted(k for k, v in globals().items() if isinstance(v, type) and issubclass(v, LearningRateSchedule)
+                         and v is not LearningRateSchedule) + ["your own subclasses of LearningRateSchedule"])

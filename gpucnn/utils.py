@@ -270,12 +270,19 @@ def eager(value):
     return value
 
 
-_KERAS_UTILS = ("set_random_seed", "clear_session", "to_categorical", "image_dataset_from_directory", "PyDataset")
+_KERAS_UTILS = ("set_random_seed", "clear_session", "to_categorical", "image_dataset_from_directory", "load_img",
+                "img_to_array", "PyDataset")
+
+
+def missing(module, name, what, has):
+    """The AttributeError for a Keras name that ``module`` lacks (a module's ``__getattr__`` raises it): it says
+    gpucnn does not have that ``what`` yet and lists what it has (``has``: names, or a sentence)."""
+    if name.startswith("_"):
+        return AttributeError(name)
+    has = has if isinstance(has, str) else ", ".join(has)
+    return AttributeError(f"{module} has no {name!r}: gpucnn does not have that {what} (yet). It has: {has}")
 
 
 def __getattr__(name):
     """A part of ``keras.utils`` gpucnn does not have (``plot_model``, ...): said clearly, with what it has."""
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.utils has no {name!r}: gpucnn does not have that part of keras.utils (yet). It "
-                         f"has: {', '.join(_KERAS_UTILS)}")
+    raise missing("gpucnn.utils", name, "part of keras.utils", _KERAS_UTILS)

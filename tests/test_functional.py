@@ -46,7 +46,7 @@ def test_import_gpucnn_as_keras_is_enough():
 
 
 @pytest.mark.parametrize("where, name, listed", [
-    (keras, "ops", "Sequential"), (layers, "Bidirectional", "Conv2D"), (keras.metrics, "AUC", "Accuracy"),
+    (keras, "applications", "Sequential"), (keras.ops, "conv", "expand_dims"), (layers, "Bidirectional", "Conv2D"), (keras.metrics, "AUC", "Accuracy"),
     (keras.optimizers, "AdamW", "Adam, RMSprop, SGD"), (keras.callbacks, "TensorBoard", "ReduceLROnPlateau"),
     (keras.optimizers.schedules, "PolynomialDecay", "CosineDecay, ExponentialDecay, PiecewiseConstantDecay"),
     (keras.activations, "mish", "gelu")])

@@ -445,3 +445,35 @@ def test_a_cached_dataset_is_not_changed_by_its_consumers(folder):
     assert maxima[0] <= 1.0 and maxima[0] > 0.2 and maxima == [maxima[0]] * 3
     assert len(_quiet(folder, image_size=(8, 8), batch_size=3).take(-1)) == len(
         _quiet(folder, image_size=(8, 8), batch_size=3))  # -1: all, as tf.data
+
+
+def test_the_from_scratch_examples_last_cell_one_image_to_a_score(tmp_path):
+    """keras.io's image classification from scratch ends: load_img, img_to_array, keras.ops.expand_dims, predict,
+    keras.ops.sigmoid of the logit. Pillow's own decode and resize, a batch of one, 1 / (1 + e^-z)."""
+    import gpucnn as keras
+    from gpucnn import layers
+
+    r = np.random.default_rng(5)
+    path = tmp_path / "cat.png"
+    Image.fromarray(r.integers(0, 256, (30, 25, 3), dtype=np.uint8)).save(path)
+    img = keras.utils.load_img(path, target_size=(12, 10))
+    assert img.size == (10, 12) and img.mode == "RGB"
+    arr = keras.utils.img_to_array(img)
+    np.testing.assert_array_equal(arr, np.asarray(Image.open(path).resize((10, 12), Image.Resampling.NEAREST),
+                                                  np.float32))
+    batch = keras.ops.expand_dims(arr, 0)
+    assert batch.shape == (1, 12, 10, 3) and batch.numpy().shape == (1, 12, 10, 3)
+    model = keras.Sequential([keras.Input((12, 10, 3)), layers.Rescaling(1 / 255), layers.Flatten(), layers.Dense(1)])
+    logit = model.predict(batch, verbose=0)[0][0]
+    score = float(keras.ops.sigmoid(logit))
+    assert score == pytest.approx(1 / (1 + np.exp(-np.float64(logit))), rel=1e-6)
+    gray = keras.utils.img_to_array(keras.utils.load_img(path, color_mode="grayscale"))
+    assert gray.shape == (30, 25, 1)
+    np.testing.assert_allclose(keras.ops.softmax(np.array([[1.0, 2.0], [3.0, 5.0]]), axis=0),
+                               np.exp([[1, 2], [3, 5]]) / np.exp([[1, 2], [3, 5]]).sum(0), rtol=1e-6)
+    assert int(keras.ops.argmax(np.array([0.1, 0.7, 0.2]))) == 1
+    assert keras.ops.convert_to_numpy(keras.ops.squeeze(batch, 0)).shape == (12, 10, 3)
+    with pytest.raises(ValueError, match="color_mode must be"):
+        keras.utils.load_img(path, color_mode="cmyk")
+    with pytest.raises(ValueError, match="interpolation 'cubic' is not one of"):
+        keras.utils.load_img(path, target_size=(5, 5), interpolation="cubic")

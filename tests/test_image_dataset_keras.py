@@ -76,3 +76,19 @@ def test_same_pixels(folder, size, color_mode, channels, interpolation, crop):
     for k, path in enumerate(ds.file_paths):
         want = _keras_image(path, size, channels, interpolation, crop)
         np.testing.assert_allclose(x[k], want, atol=2e-3, rtol=1e-5, err_msg=os.path.basename(path))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"target_size": (20, 30)}, {"target_size": (20, 30), "keep_aspect_ratio": True},
+                                    {"target_size": (17, 11), "interpolation": "bilinear", "color_mode": "grayscale"},
+                                    {"color_mode": "rgba"}], ids=str)
+def test_load_img_and_img_to_array_are_kerass(tmp_path, kwargs):
+    """keras.io's from-scratch example reads one image with load_img and img_to_array: Keras's arrays."""
+    import gpucnn
+
+    r = np.random.default_rng(3)
+    path = tmp_path / "one.jpg"
+    Image.fromarray(r.integers(0, 256, (41, 57, 3), dtype=np.uint8)).save(path)
+    want = keras.utils.img_to_array(keras.utils.load_img(path, **kwargs))
+    got = gpucnn.utils.img_to_array(gpucnn.utils.load_img(path, **kwargs))
+    assert got.dtype == want.dtype == np.float32
+    np.testing.assert_array_equal(got, want)

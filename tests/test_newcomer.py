@@ -160,7 +160,8 @@ def test_models_load_model_takes_restore_rng_and_custom_objects(tmp_path):
 def test_a_missing_keras_utility_says_so_and_lists_what_there_is():
     import gpucnn as keras
     with pytest.raises(AttributeError, match="gpucnn.utils has no 'plot_model'.*It has: set_random_seed, "
-                                             "clear_session, to_categorical, image_dataset_from_directory, PyDataset"):
+                                             "clear_session, to_categorical, image_dataset_from_directory, load_img, "
+                                             "img_to_array, PyDataset"):
         keras.utils.plot_model
     assert all(callable(getattr(keras.utils, name)) for name in keras.utils._KERAS_UTILS)
     assert not hasattr(keras.utils, "plot_model")

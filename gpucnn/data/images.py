@@ -20,6 +20,7 @@ A file that Pillow cannot read is skipped with one warning naming it, never an e
 """
 
 import contextlib
+import io
 import math
 import os
 import warnings
@@ -144,6 +145,60 @@ def load_image(path, image_size, num_channels=3, interpolation="bilinear", crop_
         pixels = pixels[:, :, None]
     pixels = _crop_or_pad(pixels, image_size, crop_to_aspect_ratio, pad_to_aspect_ratio)
     return resize(pixels, image_size, interpolation)
+
+
+# ============================================================================================ one file
+_PIL_RESAMPLING = ("nearest", "bilinear", "bicubic", "hamming", "box", "lanczos")
+
+
+def load_img(path, color_mode="rgb", target_size=None, interpolation="nearest", keep_aspect_ratio=False):
+    """Keras's ``keras.utils.load_img``: one image file as a Pillow image in ``color_mode`` ("rgb", "rgba",
+    "grayscale": kept as it is when 8, 16 or 32-bit grayscale already, else 8-bit), resized by Pillow to
+    ``target_size`` = (height, width) with ``interpolation`` (Pillow's filter of that name) when it differs;
+    ``keep_aspect_ratio``: the centred window of the target's aspect ratio is what gets resized."""
+    Image = _pil()
+    if isinstance(path, io.BytesIO):
+        img = Image.open(path)
+    elif isinstance(path, (str, bytes, os.PathLike)):
+        with open(path, "rb") as f:
+            img = Image.open(io.BytesIO(f.read()))
+    else:
+        raise TypeError(f"load_img: path must be a file path or an io.BytesIO, got {type(path).__name__}")
+    wanted = {"grayscale": None, "rgba": "RGBA", "rgb": "RGB"}
+    if color_mode not in wanted:
+        raise ValueError(f'load_img: color_mode must be "grayscale", "rgb" or "rgba", got {color_mode!r}')
+    if color_mode == "grayscale" and img.mode not in ("L", "I;16", "I"):
+        img = img.convert("L")
+    elif wanted[color_mode] and img.mode != wanted[color_mode]:
+        img = img.convert(wanted[color_mode])
+    if target_size is None:
+        return img
+    height, width = (int(v) for v in target_size)
+    if img.size == (width, height):
+        return img
+    if interpolation not in _PIL_RESAMPLING:
+        raise ValueError(f"load_img: interpolation {interpolation!r} is not one of {', '.join(_PIL_RESAMPLING)}")
+    resample = getattr(Image.Resampling, interpolation.upper())
+    box = None
+    if keep_aspect_ratio:
+        w, h = img.size
+        crop_h, crop_w = min(h, (w * height) // width), min(w, (h * width) // height)
+        top, left = (h - crop_h) // 2, (w - crop_w) // 2
+        box = (left, top, left + crop_w, top + crop_h)
+    return img.resize((width, height), resample, box=box)
+
+
+def img_to_array(img, data_format=None, dtype=None):
+    """Keras's ``keras.utils.img_to_array``: a Pillow image as a float32 array (height, width, channels), a
+    grayscale one with a channel axis of 1 (channels-last, gpucnn's only layout)."""
+    if data_format not in (None, "channels_last"):
+        raise ValueError(f"img_to_array: gpucnn's images are channels-last, got data_format={data_format!r}")
+    x = np.asarray(img, dtype=np.float32 if dtype is None else dtype)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3:
+        raise ValueError(f"img_to_array: an image is (height, width[, channels]), got shape {x.shape}")
+    return x
 
 
 # ============================================================================================ the dataset

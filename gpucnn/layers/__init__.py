@@ -23,6 +23,7 @@ from .preprocessing import (RandomContrast, RandomFlip, RandomRotation, RandomTr
                             Rescaling)
 from .reshaping import Reshape, ZeroPadding2D
 from .tensor import KerasTensor, Node
+from ..utils import missing
 
 # Keras's aliases
 MaxPool2D, AvgPool2D = MaxPooling2D, AveragePooling2D
@@ -57,7 +58,4 @@ def serialize(obj):
 
 
 def __getattr__(name):
-    if name.startswith("_"):
-        raise AttributeError(name)
-    raise AttributeError(f"gpucnn.layers has no {name!r}: gpucnn does not have that Keras layer (yet). "
-                         f"It has: {', '.join(__all__)}")
+    raise missing("gpucnn.layers", name, "Keras layer", __all__)
