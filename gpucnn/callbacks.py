@@ -202,12 +202,16 @@ class ModelCheckpoint(Callback):
     """
 
     def __init__(self, filepath, monitor="val_loss", verbose=0, save_best_only=False,
-                 save_weights_only=False, mode="auto", initial_value_threshold=None):
+                 save_weights_only=False, mode="auto", save_freq="epoch", initial_value_threshold=None):
         super().__init__()
+        if save_freq != "epoch":
+            raise NotImplementedError(f"ModelCheckpoint(save_freq={save_freq!r}): gpucnn saves at the end of each "
+                                      "epoch only (save_freq='epoch', Keras's default)")
         self.filepath, self.monitor, self.verbose = os.fspath(filepath), monitor, verbose
-        self.save_best_only, self.save_weights_only = save_best_only, save_weights_only
+        self.save_best_only, self.save_weights_only, self.save_freq = save_best_only, save_weights_only, save_freq
         self._better, sign = _monitor_op(monitor, mode, "ModelCheckpoint")
         self.best = -sign * math.inf if initial_value_threshold is None else initial_value_threshold
+        self._seen_best = initial_value_threshold is not None  # Keras prints "None" before a first best
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -218,18 +222,20 @@ class ModelCheckpoint(Callback):
                            f"logs; available: ['epoch'] + {sorted(logs)}") from None
         if self.save_best_only:
             current = logs.get(self.monitor)
-            if current is None:
+            if current is None:  # Keras 3 warns and saves, as without save_best_only
                 warnings.warn(f"ModelCheckpoint can save the best model only with {self.monitor!r} in the "
-                              f"logs; available: {sorted(logs)}", stacklevel=2)
+                              f"logs (available: {sorted(logs)}); saving this epoch's model", stacklevel=2)
+                self._save(path)
                 return
+            best = f"{self.best:.5f}" if self._seen_best else "None"
             if not self._better(current, self.best):
                 if self.verbose:
-                    print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {self.best:.5f}")
+                    print(f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best}")
                 return
             if self.verbose:
-                print(f"\nEpoch {epoch + 1}: {self.monitor} improved from {self.best:.5f} to "
+                print(f"\nEpoch {epoch + 1}: {self.monitor} improved from {best} to "
                       f"{current:.5f}, saving model to {path}")
-            self.best = current
+            self.best, self._seen_best = current, True
         elif self.verbose:
             print(f"\nEpoch {epoch + 1}: saving model to {path}")
         self._save(path)

@@ -638,6 +638,26 @@ def test_validation_runs_the_test_hooks():
     assert calls == ["test_begin", ("test_end", ["accuracy", "loss"])] * 2
 
 
+@pytest.mark.parametrize("validation_batch_size, batches", [(None, 2), (3, 3), (8, 1)])
+def test_validation_batch_size_sets_the_validation_batches(validation_batch_size, batches):
+    """fit(validation_batch_size=...) as Keras: the validation arrays go through evaluate in batches of that size
+    (it was ignored: the training batch size), by default the training batch size."""
+    sizes = []
+
+    class Spy(callbacks.Callback):
+        def on_test_batch_begin(self, batch, logs=None):
+            sizes.append(batch)
+
+    m = tiny_model()
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = tiny_data(20)
+    m.fit(x, y, batch_size=4, verbose=0, validation_data=(x[:7], y[:7]), validation_batch_size=validation_batch_size,
+          callbacks=[Spy()])
+    assert sizes == list(range(batches))
+    with pytest.raises(ValueError, match="validation_batch_size must be a positive int"):
+        m.fit(x, y, verbose=0, validation_data=(x, y), validation_batch_size=0)
+
+
 def test_a_failed_build_with_a_shape_leaves_the_model_usable():
     m = models.Sequential([layers.Conv2D(2, 3), layers.Flatten(), layers.Dense(3, activation="softmax")])
     with pytest.raises(ValueError, match="larger than its 2x2 input"):

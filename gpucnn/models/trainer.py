@@ -224,10 +224,11 @@ class Trainer:
                 self._require_one_output("fit")
                 if first[1] is None:
                     raise ValueError("the batches of x hold no labels: fit needs (x, y) batches")
-            validation = self._validation_source(validation_data, validation_batch_size or batch_size,
-                                                 validation_steps)
+            validation_batch_size = batch_size if validation_batch_size is None else _positive_int(
+                validation_batch_size, "validation_batch_size")
+            validation = self._validation_source(validation_data, validation_batch_size, validation_steps)
             return self._fit(x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle,
-                             initial_epoch)
+                             initial_epoch, validation_batch_size)
         finally:
             if train is not None:
                 train.close()
@@ -248,7 +249,8 @@ class Trainer:
                              "batches")
         return adapters.adapt(validation_data, None, batch_size, steps, False, "validation_data")
 
-    def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch):
+    def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch,
+             validation_batch_size):
         self._adopt_weights()
         xp = backend.ops().xp
         trainer = None
@@ -298,7 +300,7 @@ class Trainer:
                     logs = self._train_epoch(self._checked_batches(train, epoch), cbs, bar, epoch)
                 logs = dict(logs)
                 if validation is not None:
-                    val = self.evaluate(validation, batch_size=batch_size, verbose=0, return_dict=True,
+                    val = self.evaluate(validation, batch_size=validation_batch_size, verbose=0, return_dict=True,
                                         callbacks=cbs, _checked=True)
                     logs.update({f"val_{k}": v for k, v in val.items()})
                 bar.finish(logs)
