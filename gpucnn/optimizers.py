@@ -25,6 +25,22 @@ from . import backend, schedules
 from .utils import missing, sigint_deferred
 
 
+class LearningRate(float):
+    """An optimizer's learning rate as ``optimizer.learning_rate`` reads it: a float, which also answers Keras's
+    variable methods — ``numpy()`` (float32) and ``assign(value)`` (the same as setting ``learning_rate``)."""
+
+    def __new__(cls, value, optimizer):
+        rate = super().__new__(cls, value)
+        rate._optimizer = optimizer
+        return rate
+
+    def numpy(self):
+        return np.float32(self)
+
+    def assign(self, value):
+        self._optimizer.learning_rate = value
+
+
 class Optimizer:
     name = None
     _slots = ()  # names of the per-parameter state buffers
@@ -38,8 +54,9 @@ class Optimizer:
     # ---- the learning rate: a number, a LearningRateSchedule, or a callable of no arguments (Keras's forms)
     @property
     def learning_rate(self):
-        """The rate of the next update, as a float (a schedule's value at ``iterations``)."""
-        return schedules.resolve(self._learning_rate, self.iterations)
+        """The rate of the next update, as a float (a schedule's value at ``iterations``) with Keras's variable
+        methods ``numpy()`` and ``assign(value)``."""
+        return LearningRate(schedules.resolve(self._learning_rate, self.iterations), self)
 
     @learning_rate.setter
     def learning_rate(self, value):

@@ -133,6 +133,20 @@ def test_the_learning_rate_reads_and_sets_as_keras():
     assert opt.learning_rate == pytest.approx(0.05)
     with pytest.raises(TypeError, match="is a schedule .* cannot be set to a number"):
         opt.learning_rate = 0.01
+    with pytest.raises(TypeError, match="is a schedule .* cannot be set to a number"):
+        opt.learning_rate.assign(0.01)
+
+
+def test_the_learning_rate_answers_kerass_variable_methods():
+    """Keras 3's learning_rate is a variable: ``optimizer.learning_rate.assign(0.01)`` (callbacks written for Keras 3
+    do this) and ``.numpy()`` work, and the value stays a float."""
+    opt = optimizers.Adam(0.01)
+    rate = opt.learning_rate
+    assert rate.numpy() == np.float32(0.01) and rate.numpy().dtype == np.float32 and rate * 2 == 0.02
+    rate.assign(0.5)
+    assert opt.learning_rate == 0.5 and float(opt.learning_rate) == 0.5
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        opt.learning_rate.assign(-1)
 
 
 def test_reduce_lr_on_plateau_refuses_a_schedule_as_keras():
