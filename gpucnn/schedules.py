@@ -19,8 +19,8 @@ import numbers
 
 from .utils import missing
 
-__all__ = ["LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay", "resolve",
-           "check_rate", "serialize", "deserialize"]
+__all__ = ["LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay", "InverseTimeDecay",
+           "PolynomialDecay", "CosineDecayRestarts", "resolve", "check_rate", "serialize", "deserialize"]
 
 
 def _number(value, what, who):
@@ -167,6 +167,93 @@ class CosineDecay(LearningRateSchedule):
                 "warmup_steps": self.warmup_steps}
 
 
+class InverseTimeDecay(LearningRateSchedule):
+    """``initial_learning_rate / (1 + decay_rate · step / decay_steps)``; with ``staircase`` the quotient is
+    ``floor(step / decay_steps)``."""
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False, name="InverseTimeDecay"):
+        who = "InverseTimeDecay"
+        self.initial_learning_rate, self.decay_steps = _decay_start(initial_learning_rate, decay_steps, who)
+        self.decay_rate = decay_rate
+        if _number(decay_rate, "decay_rate", who) < 0:
+            raise ValueError(f"{who}: decay_rate must be >= 0, got {decay_rate!r}")
+        self.staircase, self.name = bool(staircase), name
+
+    def __call__(self, step):
+        p = _step(step, "InverseTimeDecay") / self.decay_steps
+        if self.staircase:
+            p = math.floor(p)
+        return self.initial_learning_rate / (1.0 + float(self.decay_rate) * p)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
+                "decay_rate": self.decay_rate, "staircase": self.staircase, "name": self.name}
+
+
+class PolynomialDecay(LearningRateSchedule):
+    """From ``initial_learning_rate`` to ``end_learning_rate`` over ``decay_steps`` updates:
+    ``(initial − end) · (1 − s / decay_steps) ** power + end`` with s = min(step, decay_steps), then ``end``. With
+    ``cycle`` the decay starts again: the span is decay_steps times ceil(step / decay_steps) (1 at step 0)."""
+
+    def __init__(self, initial_learning_rate, decay_steps, end_learning_rate=0.0001, power=1.0, cycle=False,
+                 name="PolynomialDecay"):
+        who = "PolynomialDecay"
+        self.initial_learning_rate, self.decay_steps = _decay_start(initial_learning_rate, decay_steps, who)
+        self.end_learning_rate = end_learning_rate
+        _number(end_learning_rate, "end_learning_rate", who)
+        self.power = power
+        if _number(power, "power", who) < 0:
+            raise ValueError(f"{who}: power must be >= 0, got {power!r}")
+        self.cycle, self.name = bool(cycle), name
+
+    def __call__(self, step):
+        step = _step(step, "PolynomialDecay")
+        span = float(self.decay_steps)
+        if self.cycle:
+            span *= 1.0 if step == 0 else math.ceil(step / self.decay_steps)
+        else:
+            step = min(step, span)
+        end = float(self.end_learning_rate)
+        return (self.initial_learning_rate - end) * (1.0 - step / span) ** float(self.power) + end
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
+                "end_learning_rate": self.end_learning_rate, "power": self.power, "cycle": self.cycle,
+                "name": self.name}
+
+
+class CosineDecayRestarts(LearningRateSchedule):
+    """Cosine decay with warm restarts (SGDR), as Keras: the first period lasts ``first_decay_steps`` updates, each
+    next one ``t_mul`` times longer and restarting at ``m_mul`` times the previous start; within a period the
+    rate is ``start · ((1 − alpha) · 0.5 · (1 + cos(π · f)) + alpha)``, f the fraction of the period done."""
+
+    def __init__(self, initial_learning_rate, first_decay_steps, t_mul=2.0, m_mul=1.0, alpha=0.0,
+                 name="SGDRDecay"):
+        who = "CosineDecayRestarts"
+        self.initial_learning_rate, self.first_decay_steps = _decay_start(initial_learning_rate,
+                                                                          first_decay_steps, who)
+        if _number(t_mul, "t_mul", who) <= 0 or _number(m_mul, "m_mul", who) < 0:
+            raise ValueError(f"{who}: t_mul must be > 0 and m_mul >= 0, got t_mul={t_mul!r}, m_mul={m_mul!r}")
+        self.t_mul, self.m_mul, self.alpha, self.name = t_mul, m_mul, alpha, name
+        _number(alpha, "alpha", who)
+
+    def __call__(self, step):
+        fraction = _step(step, "CosineDecayRestarts") / self.first_decay_steps
+        t_mul = float(self.t_mul)
+        if t_mul == 1.0:
+            restart = math.floor(fraction)
+            fraction -= restart
+        else:  # periods of 1, t, t², ... first periods: restart i begins at (1 − t^i) / (1 − t)
+            restart = math.floor(math.log(1.0 - fraction * (1.0 - t_mul)) / math.log(t_mul))
+            fraction = (fraction - (1.0 - t_mul ** restart) / (1.0 - t_mul)) / t_mul ** restart
+        cosine = 0.5 * float(self.m_mul) ** restart * (1.0 + math.cos(math.pi * fraction))
+        return self.initial_learning_rate * ((1 - float(self.alpha)) * cosine + float(self.alpha))
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "first_decay_steps": self.first_decay_steps,
+                "t_mul": self.t_mul, "m_mul": self.m_mul, "alpha": self.alpha, "name": self.name}
+
+
 # ===================================================================================== for the optimizers
 def check_rate(value, source):
     """``value`` as a float if it is a usable learning rate (a finite number >= 0), else a clear error
@@ -194,7 +281,8 @@ def resolve(learning_rate, step):
     return check_rate(learning_rate, "the learning rate")
 
 
-SCHEDULES = {cls.__name__: cls for cls in (ExponentialDecay, PiecewiseConstantDecay, CosineDecay)}
+SCHEDULES = {cls.__name__: cls for cls in (ExponentialDecay, PiecewiseConstantDecay, CosineDecay, InverseTimeDecay,
+                                           PolynomialDecay, CosineDecayRestarts)}
 
 
 def serialize(schedule):

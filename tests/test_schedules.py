@@ -52,6 +52,21 @@ def test_cosine_decay_with_warmup_by_hand():
 
 
 # ===================================================================================== bad arguments
+def test_inverse_time_polynomial_and_restarts_by_hand():
+    """Each formula at a few steps, written out (the Keras oracle below checks them against Keras itself)."""
+    inv = schedules.InverseTimeDecay(0.1, 10, 0.5)
+    assert inv(0) == 0.1 and inv(10) == pytest.approx(0.1 / 1.5) and inv(15) == pytest.approx(0.1 / 1.75)
+    assert schedules.InverseTimeDecay(0.1, 10, 0.5, staircase=True)(15) == pytest.approx(0.1 / 1.5)
+    poly = schedules.PolynomialDecay(0.1, 10, end_learning_rate=0.01, power=2.0)
+    assert poly(0) == 0.1 and poly(5) == pytest.approx(0.09 * 0.25 + 0.01) and poly(10) == poly(99) == 0.01
+    cyc = schedules.PolynomialDecay(0.1, 10, end_learning_rate=0.0, cycle=True)
+    assert cyc(15) == pytest.approx(0.1 * (1 - 15 / 20)) and cyc(10) == pytest.approx(0.0)
+    sgdr = schedules.CosineDecayRestarts(1.0, 10, t_mul=2.0, m_mul=0.5)
+    assert sgdr(0) == 1.0 and sgdr(5) == pytest.approx(0.5)  # half-way through the first period of 10
+    assert sgdr(10) == pytest.approx(0.5) and sgdr(20) == pytest.approx(0.25)  # restarts at 10 and 10 + 20 = 30
+    assert sgdr(30) == pytest.approx(0.25)
+
+
 @pytest.mark.parametrize("build, match", [
     (lambda: ExponentialDecay(0.1, 0, 0.9), "decay_steps must be > 0"),
     (lambda: ExponentialDecay(0.1, -5, 0.9), "decay_steps must be > 0"),
@@ -66,6 +81,9 @@ def test_cosine_decay_with_warmup_by_hand():
     (lambda: CosineDecay(0.1, 100, alpha=1.5), r"alpha .* must be in \[0, 1\]"),
     (lambda: CosineDecay(0.1, 100, warmup_target=0.2, warmup_steps=-1), "warmup_steps must be >= 0"),
     (lambda: CosineDecay(0.1, 100, warmup_target=float("inf"), warmup_steps=5), "warmup_target must be"),
+    (lambda: schedules.InverseTimeDecay(0.1, 0, 0.5), "decay_steps must be > 0"),
+    (lambda: schedules.PolynomialDecay(0.1, 10, power=-1), "power must be >= 0"),
+    (lambda: schedules.CosineDecayRestarts(0.1, 10, t_mul=0), "t_mul must be > 0"),
 ])
 def test_bad_arguments_are_refused_clearly(build, match):
     with pytest.raises(ValueError, match=match):
@@ -131,7 +149,10 @@ def test_resolve_refuses_a_rate_that_is_not_a_finite_number_at_least_zero(bad, e
     ExponentialDecay(0.1, 1000, 0.96, staircase=True),
     PiecewiseConstantDecay([100, 200], [0.1, 0.01, 0.001]),
     CosineDecay(0.0, 500, alpha=0.05, warmup_target=0.1, warmup_steps=50),
-])
+    schedules.InverseTimeDecay(0.1, 100, 0.5, staircase=True),
+    schedules.PolynomialDecay(0.1, 100, 0.01, power=2.0, cycle=True),
+    schedules.CosineDecayRestarts(0.1, 50, t_mul=2.0, m_mul=0.8, alpha=0.05),
+], ids=lambda s: type(s).__name__)
 def test_config_and_serialize_round_trips(schedule):
     again = type(schedule).from_config(schedule.get_config())
     text = json.dumps(schedules.serialize(schedule))
@@ -163,6 +184,15 @@ KERAS_CASES = [
     ("CosineDecay", dict(initial_learning_rate=0.0, decay_steps=850, warmup_target=0.1, warmup_steps=150)),
     ("CosineDecay", dict(initial_learning_rate=0.01, decay_steps=500, alpha=0.1, warmup_target=0.2,
                          warmup_steps=100)),
+    ("InverseTimeDecay", dict(initial_learning_rate=0.1, decay_steps=100, decay_rate=0.5)),
+    ("InverseTimeDecay", dict(initial_learning_rate=0.1, decay_steps=150, decay_rate=2.0, staircase=True)),
+    ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=1000)),
+    ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=150, end_learning_rate=0.01, power=2.0,
+                             cycle=True)),
+    ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=100, end_learning_rate=0.02, power=0.5)),
+    ("CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=100)),
+    ("CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=150, t_mul=1.0, m_mul=0.5, alpha=0.1)),
+    ("CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=100, t_mul=3.0, m_mul=0.9)),
 ]
 
 
