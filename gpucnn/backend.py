@@ -99,3 +99,16 @@ def to_numpy(a):
     if is_engine_array(a):
         return a.get()
     return a
+
+
+def clear_session():
+    """Keras's ``keras.backend.clear_session()``: default layer and model names start again
+    (``gpucnn.utils.clear_session``)."""
+    from .utils import clear_session as clear
+    clear()
+
+
+def __getattr__(name):
+    from .utils import missing
+    raise missing("gpucnn.backend", name, "part of keras.backend",
+                  "clear_session, and gpucnn's engine(), set_engine(), ops(), to_numpy()")

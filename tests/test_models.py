@@ -735,3 +735,22 @@ def test_building_a_sequential_model_spends_a_functional_name_as_keras():
     s.add(layers.Dense(3))
     inputs = layers.Input((4,))
     assert models.Model(inputs, layers.Dense(2)(inputs)).name == "functional_2"
+
+
+def test_kerass_other_compile_arguments():
+    """compile(jit_compile=True) (keras.io's older examples), run_eagerly and auto_scale_loss are accepted and change
+    nothing; what gpucnn cannot do is refused by name; keras.backend.clear_session restarts the default names."""
+    from gpucnn import backend
+
+    m = tiny_model()
+    m.compile("sgd", "sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=True, run_eagerly=True,
+              auto_scale_loss=False, steps_per_execution=1)
+    assert m.metrics == ["accuracy"]
+    with pytest.raises(NotImplementedError, match="loss_weights"):
+        m.compile("sgd", "sparse_categorical_crossentropy", loss_weights=[1.0])
+    with pytest.raises(NotImplementedError, match="steps_per_execution=4"):
+        m.compile("sgd", "sparse_categorical_crossentropy", steps_per_execution=4)
+    backend.clear_session()
+    assert layers.Dense(2).name == "dense"
+    with pytest.raises(AttributeError, match="gpucnn.backend has no 'set_value'.*It has: clear_session"):
+        backend.set_value

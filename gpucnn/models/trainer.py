@@ -30,11 +30,21 @@ class Trainer:
     READ_EVERY = 50  # GPU engine: steps between reads of the running loss (each read waits for the GPU)
 
     # ================================================================================= compile
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None):
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, loss_weights=None, weighted_metrics=None,
+                run_eagerly=False, steps_per_execution=1, jit_compile="auto", auto_scale_loss=True):
         """Choose the optimizer (name or object), the loss and the metrics (``["accuracy"]``). Which weights train
         (``layer.trainable``) is read here and again before each step (``_sync_trainable``). Compiling again with the
         same optimizer object keeps its state and step count (Keras's optimizer keeps its variables); a new one
-        starts afresh."""
+        starts afresh. Keras's ``run_eagerly``, ``jit_compile`` and ``auto_scale_loss`` are accepted and change
+        nothing (gpucnn runs its own step: the NumPy engine, or the GPU's captured graph); ``loss_weights``,
+        ``weighted_metrics`` and a ``steps_per_execution`` other than 1 are not supported. (``metrics`` comes third,
+        as gpucnn has always taken it; Keras's third is loss_weights, which gpucnn does not take.)"""
+        if loss_weights is not None or weighted_metrics is not None:
+            raise NotImplementedError("compile(loss_weights=..., weighted_metrics=...) is not supported by gpucnn: "
+                                      "it trains models with one output and no sample weights")
+        if steps_per_execution != 1:
+            raise NotImplementedError(f"compile(steps_per_execution={steps_per_execution!r}) is not supported by "
+                                      "gpucnn (its GPU step is already one captured graph); leave it at 1")
         optimizer = optimizers_mod.get(optimizer)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
