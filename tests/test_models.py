@@ -754,3 +754,31 @@ def test_kerass_other_compile_arguments():
     assert layers.Dense(2).name == "dense"
     with pytest.raises(AttributeError, match="gpucnn.backend has no 'set_value'.*It has: clear_session"):
         backend.set_value
+
+
+def test_train_test_and_predict_on_batch_as_keras():
+    """train_on_batch is one step of fit (same weights as fit over that one batch) and returns that batch's loss
+    and accuracy; test_on_batch and predict_on_batch are evaluate and predict over the one batch."""
+    x, y = tiny_data(12)
+    results = []
+    for how in ("fit", "on_batch"):
+        utils.set_random_seed(6)
+        m = tiny_model()
+        m.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy", ["accuracy"])
+        if how == "fit":
+            m.fit(x, y, batch_size=12, epochs=2, shuffle=False, verbose=0)
+        else:
+            first = m.train_on_batch(x, y)
+            second = m.train_on_batch(x, y, return_dict=True)
+            assert isinstance(first, list) and len(first) == 2 and sorted(second) == ["accuracy", "loss"]
+        results.append(m)
+    for a, b in zip(results[0].get_weights(), results[1].get_weights()):
+        np.testing.assert_array_equal(a, b)
+    m = results[1]
+    assert m.optimizer.iterations == 2
+    assert m.test_on_batch(x, y) == m.evaluate(x, y, batch_size=12, verbose=0)
+    np.testing.assert_array_equal(m.predict_on_batch(x), m.predict(x, verbose=0))
+    m.compile(optimizers.SGD(1e30), "sparse_categorical_crossentropy")
+    with pytest.raises(models.TrainingDivergedError, match="in train_on_batch"):
+        for _ in range(5):
+            m.train_on_batch(x * 1e10, y)

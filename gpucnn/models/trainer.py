@@ -376,13 +376,17 @@ class Trainer:
         bar.update(step + 1, logs)
         if self.stop_training:
             return True
+        self._check_finite(logs, f"at epoch {epoch + 1}, step {step + 1}")
+        return False
+
+    def _check_finite(self, logs, where):
+        """TrainingDivergedError when the logs' loss is NaN or infinite."""
         loss = logs.get("loss", 0.0)
         if not math.isfinite(loss):
             raise TrainingDivergedError(
-                f"training diverged: the loss became {loss} at epoch {epoch + 1}, step {step + 1}. "
+                f"training diverged: the loss became {loss} {where}. "
                 f"Lower the learning rate (now {self.optimizer.learning_rate:g}), check the inputs are "
                 "scaled (e.g. divided by 255), and rebuild the model: its weights are no longer usable.")
-        return False
 
     # ================================================================================= evaluate, predict
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None, return_dict=False,
@@ -431,9 +435,43 @@ class Trainer:
         logs = self._read_logs(loss_total, correct_total, seen)
         cbs.on_test_end(logs)
         bar.finish(logs)
+        return self._results(logs, return_dict)
+
+    def _results(self, logs, return_dict):
+        """What evaluate and the *_on_batch methods return, as Keras: the logs, or the loss alone (no metrics), or
+        ``[loss, metrics...]``."""
         if return_dict:
             return logs
         return [logs["loss"]] + [logs[name] for name in self.metrics] if self.metrics else logs["loss"]
+
+    # ================================================================================= one batch
+    def train_on_batch(self, x, y=None, sample_weight=None, class_weight=None, return_dict=False):
+        """One training step on the batch (x, y), as Keras 3: returns that batch's loss (and metrics, as evaluate
+        returns them). A loss that becomes NaN or infinite raises TrainingDivergedError, as in fit."""
+        self._require_compiled("train_on_batch")
+        if sample_weight is not None or class_weight is not None:
+            raise NotImplementedError("train_on_batch(sample_weight=..., class_weight=...) is not supported by gpucnn")
+        x = self._check_x(x)
+        self._require_one_output("train_on_batch")
+        y = self._check_y(y, len(x))
+        self._adopt_weights()
+        xp = backend.ops().xp
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss_sum, correct = self._train_step(xp.asarray(x), xp.asarray(y))
+            logs = self._read_logs(loss_sum, correct, len(x))
+        self._check_finite(logs, "in train_on_batch")
+        return self._results(logs, return_dict)
+
+    def test_on_batch(self, x, y=None, sample_weight=None, return_dict=False):
+        """The loss (and metrics) of the batch (x, y) in inference, as ``evaluate`` over that one batch."""
+        if sample_weight is not None:
+            raise NotImplementedError("test_on_batch(sample_weight=...) is not supported by gpucnn")
+        self._require_compiled("test_on_batch")
+        return self.evaluate(x, y, batch_size=max(1, len(x)), verbose=0, return_dict=return_dict)
+
+    def predict_on_batch(self, x):
+        """The outputs for the batch ``x``, as ``predict`` over that one batch."""
+        return self.predict(x, batch_size=max(1, len(x)), verbose=0)
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """The model's outputs for ``x`` (arrays, or a dataset / generator of batches, with ``steps``) as a
