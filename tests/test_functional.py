@@ -48,7 +48,7 @@ def test_import_gpucnn_as_keras_is_enough():
 @pytest.mark.parametrize("where, name, listed", [
     (keras, "applications", "Sequential"), (keras.ops, "conv", "expand_dims"), (layers, "Bidirectional", "Conv2D"), (keras.metrics, "AUC", "Accuracy"),
     (keras.optimizers, "AdamW", "Adam, RMSprop, SGD"), (keras.callbacks, "TensorBoard", "ReduceLROnPlateau"),
-    (keras.optimizers.schedules, "PolynomialDecay", "CosineDecay, ExponentialDecay, PiecewiseConstantDecay"),
+    (keras.optimizers.schedules, "WarmUp", "CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay"),
     (keras.activations, "mish", "gelu")])
 def test_a_missing_keras_name_says_so_and_lists_what_exists(where, name, listed):
     with pytest.raises(AttributeError, match=f"no '{name}'.*It has|no '{name}'.*offers") as info:
@@ -350,9 +350,11 @@ def test_layers_are_listed_in_keras_order_not_in_call_order():
     assert [layer.name for layer in again.layers] == [layer.name for layer in m2.layers]
 
 
-def test_summary_takes_kerass_arguments_and_refuses_what_it_cannot_draw():
+def test_summary_takes_kerass_arguments():
     """summary(line_length, positions, print_fn, expand_nested, show_trainable, layer_range), Keras's order:
-    show_trainable adds a "Trainable" column (Y / N / - without weights); the rest refuse clearly."""
+    show_trainable adds a "Trainable" column (Y / N / - without weights); positions moves the column edges;
+    layer_range keeps the rows from one name to another; expand_nested adds a nested model's layers under it
+    (tests/test_keras_oracle.py compares each with Keras's table)."""
     inputs = layers.Input(shape=(6, 6, 2))
     x = layers.Conv2D(3, 3, name="frozen")(inputs)
     m = models.Model(inputs, layers.Dense(2, name="head")(layers.Flatten(name="flat")(x)))
@@ -367,9 +369,24 @@ def test_summary_takes_kerass_arguments_and_refuses_what_it_cannot_draw():
     plain = []
     m.summary(line_length=120, print_fn=plain.append)
     assert "Trainable" not in plain[2] and len(plain) == len(lines) and text != "\n".join(plain)
-    for kwargs in ({"positions": [0.3, 0.6, 1.0]}, {"expand_nested": True}, {"layer_range": ["frozen", "head"]}):
-        with pytest.raises(NotImplementedError, match=f"does not support {next(iter(kwargs))}="):
-            m.summary(print_fn=lines.append, **kwargs)
+    moved = []
+    m.summary(line_length=100, positions=[0.5, 0.7, 0.85, 1.0], print_fn=moved.append)
+    assert moved[1].index("┳") == 50 and len(moved) == len(plain)
+    ranged = []
+    m.summary(line_length=120, print_fn=ranged.append, layer_range=["frozen", "fl.*"])
+    assert len(ranged) == len(plain) - 4 and "frozen" in ranged[4] and "flat" in ranged[6]
+    assert not any("head" in line or "input_layer" in line for line in ranged)
+    with pytest.raises(ValueError, match="does not match the layer names"):
+        m.summary(layer_range=["frozen", "nothing"])
+    with pytest.raises(ValueError, match="two layer names"):
+        m.summary(layer_range="frozen")
+    outer_in = layers.Input(shape=(6, 6, 2))
+    outer = models.Model(outer_in, layers.Dense(1, name="top")(m(outer_in)))
+    nested = []
+    outer.summary(line_length=120, print_fn=nested.append, expand_nested=True)
+    names = [line.split("│")[1].strip().split(" (")[0] for line in nested if line.startswith("│") and "(" in line]
+    assert "InputLayer" in nested[4] and names[1:] == [m.name, "└ " + m.layers[0].name, "└ frozen", "└ flat",
+                                                        "└ head", "top"]
 
 
 def test_the_summary_counts_the_optimizers_params_once_it_has_trained():

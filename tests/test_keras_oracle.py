@@ -156,6 +156,44 @@ def test_the_summary_with_show_trainable_is_keras_summary(columns, monkeypatch):
         assert summary_lines(ours, show_trainable=True) == summary_lines(ref, show_trainable=True)
 
 
+@pytest.mark.parametrize("kwargs", [{"expand_nested": True}, {"expand_nested": True, "show_trainable": True},
+                                    {"positions": [0.4, 0.7, 0.85, 1.0]}, {"layer_range": ["pre", "deep2"]},
+                                    {"layer_range": ["stem", "b.*"]}, {"positions": [0.5, 0.8, 1.0]}], ids=str)
+def test_the_summarys_other_arguments_are_kerass(kwargs, monkeypatch):
+    """expand_nested (a nested Sequential and a nested functional model, one inside the other), positions and
+    layer_range draw Keras's table."""
+    monkeypatch.setenv("COLUMNS", "120")
+
+    def models_of(lib):
+        L = lib.layers
+        made = dict(branchy_graphs(lib))
+        aug = lib.Sequential([L.RandomFlip("horizontal"), L.Rescaling(1 / 255)], name="augment")
+        inner_in = lib.Input(shape=(8, 8, 3))
+        block = lib.Model(inner_in, L.Conv2D(4, 3, name="block_conv")(aug(inner_in)), name="block")
+        inputs = lib.Input(shape=(8, 8, 3))
+        made["nested twice"] = lib.Model(inputs, L.Dense(2, name="head")(L.Flatten(name="flat")(block(inputs))),
+                                         name="nested_twice")
+        made["chain"] = lib.Sequential([lib.Input((8, 8, 3)), aug, L.Conv2D(2, 3, name="conv"),
+                                        L.Flatten(name="flat"), L.Dense(2, name="dense")], name="chain")
+        return made
+
+    keras_ref.utils.clear_session()
+    gpucnn.utils.clear_session()
+    refs, ours = models_of(keras_ref), models_of(gpucnn)
+    compared = 0
+    for name, ref in refs.items():
+        names = [layer.name for layer in ref.layers]
+        wanted = kwargs.get("layer_range")
+        if wanted and not all(any(__import__("re").match(p, n) for n in names) for p in wanted):
+            continue
+        positions = kwargs.get("positions")
+        if positions and len(positions) != (3 if ours[name].graph.is_chain() else 4):
+            continue
+        assert summary_lines(ours[name], **kwargs) == summary_lines(ref, **kwargs), name
+        compared += 1
+    assert compared
+
+
 @pytest.mark.parametrize("which", ["rmsprop", "rmsprop_momentum_centered", "adam", "sgd", "sgd_momentum",
                                    "adam_schedule", "rmsprop_function"])
 def test_the_summary_after_training_counts_the_optimizers_params_as_keras(which, monkeypatch):

@@ -354,14 +354,11 @@ class Model(Trainer, Layer):
                 layer_range=None):
         """Print Keras's summary table: layer (type), output shape, parameter count (and "Connected to" when the
         graph is not a chain; "Trainable" with ``show_trainable``), then the totals. Keras's arguments, in its
-        order; ``positions``, ``expand_nested`` and ``layer_range`` are not supported (yet)."""
+        order: ``positions`` (the columns' right edges), ``expand_nested`` (nested models' layers too),
+        ``layer_range`` (two layer names or patterns, the rows from the first to the last)."""
         self._require_built("summary")
-        given = {"positions": positions, "expand_nested": expand_nested or None, "layer_range": layer_range}
-        unsupported = [f"{k}={v!r}" for k, v in given.items() if v is not None]
-        if unsupported:
-            raise NotImplementedError(f"summary: gpucnn does not support {', '.join(unsupported)} (yet); it prints "
-                                      "the whole table at Keras's default positions")
-        summary_mod.print_summary(self, print_fn or print, line_length, show_trainable=bool(show_trainable))
+        summary_mod.print_summary(self, print_fn or print, line_length, show_trainable=bool(show_trainable),
+                                  positions=positions, expand_nested=bool(expand_nested), layer_range=layer_range)
 
     def layer_outputs(self, x, layers=None):
         """The output of every layer (or of the named ones) for inputs ``x``, as NumPy arrays in a dict keyed by

@@ -6,20 +6,26 @@ the terminal's width less 4. The column widths come from fixed fractions of that
 of padding each side, so the table is narrowed by taking the excess evenly from the columns (rich's
 ``ratio_reduce``). Cell text wraps at spaces; a word too long for its cell is cut with "…".
 """
+import re
 import shutil
 
 import numpy as np
 
 
 
-def print_summary(model, print_fn, line_length=None, show_trainable=False):
+def print_summary(model, print_fn, line_length=None, show_trainable=False, positions=None, expand_nested=False,
+                  layer_range=None):
+    """Keras's table. ``positions``: the columns' right edges (fractions of the width, or Keras's default);
+    ``expand_nested``: a nested model's layers in rows under its own, named with Keras's "└ " indent;
+    ``layer_range``: (first, last) layer names (regular expressions, both ends kept), as Keras."""
     chain = model.graph.is_chain()
     if chain:
-        width, positions = 88, (0.45, 0.80, 1.0)
+        width, default = 88, (0.45, 0.80, 1.0)
         header = ("Layer (type)", "Output Shape", "Param #")
     else:
-        width, positions = 108, (0.3, 0.56, 0.74, 1.0)
+        width, default = 108, (0.3, 0.56, 0.74, 1.0)
         header = ("Layer (type)", "Output Shape", "Param #", "Connected to")
+    positions = tuple(positions or default)
     align = {2: "right"}
     if show_trainable:  # a centred column more: "Y", "N", or "-" for a layer without weights
         width, positions = width + 12, tuple(p * 0.90 for p in positions) + (1.0,)
@@ -27,8 +33,18 @@ def print_summary(model, print_fn, line_length=None, show_trainable=False):
         header += ("Trainable",)
     width = line_length or min(width, shutil.get_terminal_size().columns - 4)
     widths = _column_widths(width, positions)
-    rows = [_fields(model, layer, chain) + ([_trainable_mark(layer)] if show_trainable else [])
-            for layer in model.layers]
+    rows = []
+
+    def add_rows(owner, layer, level):
+        prefix = "   " * level + "└ " if level else ""
+        rows.append(_fields(owner, layer, chain, model, prefix) + ([_trainable_mark(layer)] if show_trainable else []))
+        if expand_nested and getattr(layer, "graph", None) is not None:
+            for inner in layer.layers:
+                add_rows(layer, inner, level + 1)
+
+    first, last = _layer_range(model.layers, layer_range)
+    for layer in model.layers[first:last]:
+        add_rows(model, layer, 0)
 
     def rule(left, mid, end, ch):
         return left + mid.join(ch * w for w in widths) + end
@@ -66,14 +82,32 @@ def _class_label(layer):
     return "Functional" if cls.__name__ == "Model" and cls.__module__.startswith("gpucnn.") else cls.__name__
 
 
-def _fields(model, layer, chain):
-    node = next((n for n in model.graph.nodes if n.layer is layer), None)
+def _fields(owner, layer, chain, model, prefix=""):
+    """A layer's row: its name and class, its output shape in ``owner`` (the model that calls it), its parameter
+    count, and (not ``chain``) its inputs in the summarised ``model`` ("-" for a nested model's layers, as Keras)."""
+    node = next((n for n in owner.graph.nodes if n.layer is layer), None)
     shapes = [t.shape for t in node.outputs] if node is not None else []
     shape = _shape_text(shapes[0]) if len(shapes) == 1 else str([_shape_text(s) for s in shapes]).replace("'", "")
-    fields = [f"{layer.name} ({_class_label(layer)})", shape, f"{layer.count_params():,}"]
+    fields = [f"{prefix}{layer.name} ({_class_label(layer)})", shape, f"{layer.count_params():,}"]
     if not chain:
         fields.append(_connections(model, layer))
     return fields
+
+
+def _layer_range(layers, layer_range):
+    """[first, last + 1) of the layers whose names the two patterns of ``layer_range`` match (re.match: the first
+    layer the first matches, the last the second matches), all of them for None — Keras's rule."""
+    if layer_range is None:
+        return 0, len(layers)
+    if len(layer_range) != 2 or not all(isinstance(p, str) for p in layer_range):
+        raise ValueError(f"layer_range must be two layer names (strings, regular expressions allowed), got "
+                         f"{layer_range!r}")
+    lower = [i for i, layer in enumerate(layers) if re.match(layer_range[0], layer.name)]
+    upper = [i for i, layer in enumerate(layers) if re.match(layer_range[1], layer.name)]
+    if not lower or not upper:
+        raise ValueError(f"layer_range {list(layer_range)} does not match the layer names of the model: "
+                         f"{[layer.name for layer in layers]}")
+    return lower[0], upper[-1] + 1
 
 
 def _trainable_mark(layer):
@@ -125,9 +159,13 @@ def _ratio_reduce(total, values):
 
 
 def _wrap(text, width):
-    """Lines of at most ``width`` characters, broken at spaces; an over-long word cut with "…"."""
+    """Lines of at most ``width`` characters, broken at spaces; an over-long word cut with "…". Leading spaces (a
+    nested layer's indent) stay with the first word, as rich keeps them."""
     lines, line = [], ""
-    for word in text.split(" "):
+    indent = len(text) - len(text.lstrip(" "))
+    words = text[indent:].split(" ")
+    words[0] = " " * indent + words[0]
+    for word in words:
         if not line:
             line = word
         elif len(line) + 1 + len(word) <= width:
