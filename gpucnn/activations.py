@@ -15,24 +15,31 @@ class Activation:
         self.activation_name = self.__name__ = name
         self.options = options
 
-    def __call__(self, x, **options):
+    def __call__(self, x, *args, **options):
+        takes = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "no other arguments"
         unknown = sorted(set(options) - set(self.options))
-        if unknown:
-            takes = ", ".join(f"{k}={v!r}" for k, v in self.options.items()) or "no keyword arguments"
-            raise TypeError(f"activations.{self.__name__}() got unexpected keyword argument(s) {unknown}; it takes "
-                            f"{takes}")
+        if unknown or len(args) > len(self.options):
+            raise TypeError(f"activations.{self.__name__}() got unexpected argument(s) "
+                            f"{unknown or list(args)}; it takes x, {takes}")
+        given = dict(zip(self.options, args))
+        twice = sorted(set(given) & set(options))
+        if twice:
+            raise TypeError(f"activations.{self.__name__}() got {twice} twice")
         x = np.asarray(x, np.float32)
-        options = {**self.options, **options}
-        if self.activation_name == "linear":
+        options = {**self.options, **given, **options}
+        name = self.activation_name
+        if name == "linear":
             return x.copy()
-        if self.activation_name == "relu" and options != self.options:
+        if name == "relu" and options != self.options:
             return _relu(x, **options)
-        if self.activation_name == "softmax" and options["axis"] not in (-1, x.ndim - 1):
+        if name == "softmax" and options["axis"] not in (-1, x.ndim - 1):
             return np.moveaxis(numpy_ops.activation_forward(np.moveaxis(x, options["axis"], -1), "softmax"), -1,
                                options["axis"])
-        spec = self.activation_name
-        if self.activation_name in ("leaky_relu", "elu", "gelu"):
-            spec = (self.activation_name, next(iter(options.values())))
+        if name in ("leaky_relu", "elu") and options != self.options:  # any number, as Keras's functions
+            slope = np.float32(next(iter(options.values())))
+            negative = slope * x if name == "leaky_relu" else slope * np.expm1(np.minimum(x, 0))
+            return np.where(x > 0, x, negative).astype(np.float32)
+        spec = (name, options["approximate"]) if name == "gelu" else name
         return numpy_ops.activation_forward(x, spec)
 
     def __repr__(self):
@@ -41,14 +48,10 @@ class Activation:
 
 def _relu(x, negative_slope, max_value, threshold):
     """Keras's relu with its options: x above ``threshold`` (else 0), at most ``max_value``, and
-    ``negative_slope`` times (x − threshold) below the threshold."""
-    for name, value in (("negative_slope", negative_slope), ("threshold", threshold)) + (
-            (("max_value", max_value),) if max_value is not None else ()):
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"relu's {name} must be a finite number >= 0, got {value!r}")
+    ``negative_slope`` times (x − threshold) below the threshold (any numbers, as Keras's function takes)."""
     y = np.where(x > threshold, x, np.float32(0)) if threshold else np.maximum(x, np.float32(0))
     if max_value is not None:
-        y = np.minimum(y, np.float32(max_value))
+        y = np.clip(y, np.float32(0), np.float32(max_value))
     if negative_slope:
         y = y - np.float32(negative_slope) * np.maximum(np.float32(threshold) - x, np.float32(0))
     return y.astype(np.float32)

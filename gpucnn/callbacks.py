@@ -39,8 +39,15 @@ class Callback:
     def on_train_end(self, logs=None): pass
     def on_epoch_begin(self, epoch, logs=None): pass
     def on_epoch_end(self, epoch, logs=None): pass
-    def on_train_batch_begin(self, batch, logs=None): pass
-    def on_train_batch_end(self, batch, logs=None): pass
+    def on_batch_begin(self, batch, logs=None): pass
+    def on_batch_end(self, batch, logs=None): pass
+
+    def on_train_batch_begin(self, batch, logs=None):  # Keras's older name is called from here, as Keras does
+        self.on_batch_begin(batch, logs=logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.on_batch_end(batch, logs=logs)
+
     def on_test_begin(self, logs=None): pass
     def on_test_end(self, logs=None): pass
     def on_test_batch_begin(self, batch, logs=None): pass
@@ -88,8 +95,8 @@ class CallbackList:
         def own(cb, name):
             hook = getattr(cb, name)
             return getattr(hook, "__func__", hook) is not getattr(Callback, name)
-        return any(cb.batch_hooks_use_model and (own(cb, "on_train_batch_begin") or
-                                                 own(cb, "on_train_batch_end")) for cb in self.callbacks)
+        return any(cb.batch_hooks_use_model and any(own(cb, hook) for hook in (
+            "on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")) for cb in self.callbacks)
 
     def __getattr__(self, hook):
         if not hook.startswith("on_"):

@@ -40,6 +40,9 @@ class LearningRate(float):
     def assign(self, value):
         self._optimizer.learning_rate = value
 
+    def __reduce__(self):  # copied or pickled (a History holding it): the plain float
+        return float, (float(self),)
+
 
 class Optimizer:
     name = None
@@ -50,6 +53,7 @@ class Optimizer:
         self._learning_rate = _learning_rate_argument(learning_rate)
         self.iterations = 0
         self.state = None
+        self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
 
     # ---- the learning rate: a number, a LearningRateSchedule, or a callable of no arguments (Keras's forms)
     @property
@@ -84,7 +88,7 @@ class Optimizer:
 
     def reset(self):
         """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
-        self.state, self.iterations = None, 0
+        self.state, self.iterations, self.parked = None, 0, {}
 
     def build(self, n):
         """Allocate zeroed state for ``n`` parameters on the active engine."""

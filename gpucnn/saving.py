@@ -65,13 +65,13 @@ def write_model(model, path, model_config=None, overwrite=True):
     A layer class gpucnn could not rebuild from the file is refused here, not when loading."""
     model._require_built("save")
     check_layer_classes(model)
-    model._sync_trainable()  # the optimizer state laid out over the weights trainable now, as the file says
     opt = model.optimizer
     _check_savable_rate(opt)
     weights = _npz_bytes(_weight_arrays(model))
     members = {_WEIGHTS: weights}
-    if opt is not None and opt.state is not None:
-        members[_OPTIMIZER] = _npz_bytes({k: backend.to_numpy(v) for k, v in opt.state.items()})
+    state = model._state_for_file()  # over the weights trainable now, as the file's config says
+    if state is not None:
+        members[_OPTIMIZER] = _npz_bytes(state)
     from . import __version__
     header = {
         "format": FORMAT,

@@ -68,7 +68,7 @@ def test_fit_calls_the_hooks_in_keras_order():
 
     class Recorder(callbacks.Callback):
         def __getattribute__(self, name):
-            if name.startswith("on_"):
+            if name.startswith("on_") and name not in ("on_batch_begin", "on_batch_end"):  # (forwarded to, within)
                 calls.append(name)
             return object.__getattribute__(self, name)
 
@@ -109,6 +109,24 @@ def test_every_hook_gets_a_logs_dict_and_params_as_keras():
     model.fit(x, y, epochs=1, verbose=0, callbacks=[lam])
     assert keys == [[], []]
     assert callbacks.CallbackList([Strict()], model=model).callbacks[0].model is model
+
+
+def test_kerass_older_batch_hook_names_are_called():
+    """A callback written with Keras's on_batch_begin / on_batch_end (Keras 3 still calls them from its train-batch
+    hooks) is called at every training step, and counts as a batch hook that may use the model."""
+    seen = []
+
+    class Old(callbacks.Callback):
+        def on_batch_begin(self, batch, logs=None):
+            seen.append(("begin", batch))
+
+        def on_batch_end(self, batch, logs=None):
+            seen.append(("end", batch, sorted(logs)))
+
+    tiny_model().fit(*tiny_data(8), batch_size=4, epochs=1, verbose=0, callbacks=[Old()])
+    assert seen == [("begin", 0), ("end", 0, ["accuracy", "loss"]), ("begin", 1), ("end", 1, ["accuracy", "loss"])]
+    assert callbacks.CallbackList([Old()]).batch_hooks_use_model()
+    assert not callbacks.CallbackList([callbacks.History()]).batch_hooks_use_model()
 
 
 # ===================================================================================== EarlyStopping

@@ -156,6 +156,30 @@ def test_the_summary_with_show_trainable_is_keras_summary(columns, monkeypatch):
         assert summary_lines(ours, show_trainable=True) == summary_lines(ref, show_trainable=True)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_freezing_and_unfreezing_between_fits_trains_as_keras(optimizer):
+    """Train, freeze the first layer and train, unfreeze it and train (no compile in between): Keras's weights,
+    the frozen layer's optimizer state kept aside meanwhile."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((16, 4)).astype(np.float32)
+    y = rng.integers(0, 2, 16)
+    keras_ref.utils.set_random_seed(1)
+    results = []
+    for lib in (keras_ref, gpucnn):
+        m = lib.Sequential([lib.Input((4,)), lib.layers.Dense(3), lib.layers.Dense(2, activation="softmax")])
+        if results:
+            m.set_weights(start)
+        start = [np.asarray(w) for w in m.get_weights()]
+        opt = lib.optimizers.SGD(0.1, momentum=0.9) if optimizer == "sgd_momentum" else lib.optimizers.Adam(0.05)
+        m.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        for trainable in (True, False, True):
+            m.layers[0].trainable = trainable
+            m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        results.append([np.asarray(w) for w in m.get_weights()])
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kwargs", [{"expand_nested": True}, {"expand_nested": True, "show_trainable": True},
                                     {"positions": [0.4, 0.7, 0.85, 1.0]}, {"layer_range": ["pre", "deep2"]},
                                     {"layer_range": ["stem", "b.*"]}, {"positions": [0.5, 0.8, 1.0]}], ids=str)

@@ -100,10 +100,11 @@ def test_the_activation_functions_take_kerass_keyword_arguments(options):
     np.testing.assert_array_equal(keras.activations.linear(x), x)
     assert keras.activations.get(None) is keras.activations.get("linear") is keras.activations.linear
     assert layers.Dense(2, activation=keras.activations.linear).activation is None
-    with pytest.raises(TypeError, match=r"sigmoid\(\) got unexpected keyword argument\(s\) \['alpha'\]"):
+    with pytest.raises(TypeError, match=r"sigmoid\(\) got unexpected argument\(s\) \['alpha'\]"):
         keras.activations.sigmoid(x, alpha=1)
-    with pytest.raises(ValueError, match="relu's max_value must be a finite number >= 0"):
-        keras.activations.relu(x, max_value=-1)
+    with pytest.raises(TypeError, match=r"leaky_relu\(\) got \['negative_slope'\] twice"):
+        keras.activations.leaky_relu(x, 0.1, negative_slope=0.2)
+    np.testing.assert_allclose(keras.activations.leaky_relu(x, 0.3), keras.activations.leaky_relu(x, negative_slope=0.3))
     with pytest.raises(AttributeError, match="no 'mish'.*It has: elu, gelu"):
         keras.activations.mish
 

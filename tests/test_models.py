@@ -537,6 +537,28 @@ def test_unfreezing_between_fits_trains_the_layer_again_from_fresh_optimizer_sta
     assert m.optimizer.iterations == 6
 
 
+def test_a_layer_frozen_and_unfrozen_again_keeps_its_optimizer_state():
+    """Keras's optimizer keeps a variable's state while it is frozen: the convolution's momentum is set aside when
+    it is frozen (the other weights' goes on) and is its own again when it is unfrozen, not zeros."""
+    utils.set_random_seed(3)
+    m = tiny_model()
+    m.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    x, y = tiny_data(24)
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+
+    def momentum_of(weight):
+        lo = {id(w): lo for _, _, w, _, lo in m._layout}[id(weight)]
+        return m.optimizer.state["momentum"][lo:lo + weight.size].copy()
+    conv = momentum_of(m.layers[0].weights[0])
+    assert np.abs(conv).max() > 0
+    m.layers[0].trainable = False
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    m.layers[0].trainable = True
+    m._sync_trainable()
+    np.testing.assert_array_equal(momentum_of(m.layers[0].weights[0]), conv)
+    assert not m.optimizer.parked
+
+
 def test_freezing_in_a_callback_takes_effect_at_the_next_step():
     """A callback freezes the convolution after the first step: the later steps (the last one of a smaller batch
     too, which gets new contexts) leave it as it was then."""

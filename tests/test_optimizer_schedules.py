@@ -147,6 +147,10 @@ def test_the_learning_rate_answers_kerass_variable_methods():
     assert opt.learning_rate == 0.5 and float(opt.learning_rate) == 0.5
     with pytest.raises(ValueError, match="finite number >= 0"):
         opt.learning_rate.assign(-1)
+    import copy
+    import pickle
+    for again in (copy.copy(rate), copy.deepcopy(rate), pickle.loads(pickle.dumps(rate))):
+        assert type(again) is float and again == 0.01  # a History holding it saves and loads as a float
 
 
 def test_reduce_lr_on_plateau_refuses_a_schedule_as_keras():

@@ -68,12 +68,16 @@ def test_activations_are_kerass(ours, theirs):
 @pytest.mark.parametrize("name, options", [
     ("relu", {"max_value": 6.0}), ("relu", {"threshold": 0.5}), ("relu", {"negative_slope": 0.1}),
     ("relu", {"negative_slope": 0.1, "max_value": 2.0, "threshold": 0.5}), ("leaky_relu", {"negative_slope": 0.3}),
-    ("elu", {"alpha": 0.5}), ("gelu", {"approximate": True}), ("softmax", {"axis": 0}), ("linear", {})], ids=str)
+    ("elu", {"alpha": 0.5}), ("gelu", {"approximate": True}), ("softmax", {"axis": 0}), ("linear", {}),
+    ("relu", {"threshold": -1.0}), ("relu", {"threshold": -1.0, "max_value": 6.0}), ("leaky_relu", (-0.1,)),
+    ("relu", (0.1, 6.0)), ("elu", (2.0,)), ("softmax", (0,))], ids=str)
 def test_activation_functions_with_keyword_arguments_are_kerass(name, options):
+    """Keras's keyword (and positional) arguments, any values Keras's functions take."""
     import gpucnn
     x = F32(np.concatenate([np.linspace(-12, 12, 97), [-90.0, 90.0]]).reshape(3, 33))
-    want = np_(getattr(keras.activations, name)(x, **options))
-    np.testing.assert_allclose(getattr(gpucnn.activations, name)(x, **options), want, rtol=2e-6,
+    args, kwargs = (options, {}) if isinstance(options, tuple) else ((), options)
+    want = np_(getattr(keras.activations, name)(x, *args, **kwargs))
+    np.testing.assert_allclose(getattr(gpucnn.activations, name)(x, *args, **kwargs), want, rtol=2e-6,
                                atol=2e-7 * np.abs(want).max())
 
 

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from gpucnn import backend, layers, losses, metrics, models, optimizers, saving, utils
+from gpucnn import backend, callbacks, layers, losses, metrics, models, optimizers, saving, utils
 from gpucnn.saving import InvalidModelFile
 
 
@@ -159,6 +159,35 @@ def test_the_loss_options_are_saved(tmp_path, loss):
     assert loaded.evaluate(x, y, verbose=0) == model.evaluate(x, y, verbose=0)
     rewrite(tmp_path / "m", header=lambda h: h["compile_config"].update(loss=loss.name))  # an older file
     assert models.load_model(tmp_path / "m").loss.get_config() == {"name": loss.name}
+
+
+def test_saving_a_sub_model_during_another_models_fit_changes_nothing_in_it(tmp_path):
+    """An encoder (one layer frozen since its compile) saved at every epoch of a classifier's fit that shares its
+    layers: the save writes the encoder's state over its trainable weights without laying any buffer out again
+    (it did, and the shared layers then read a buffer the classifier no longer trained: training stopped)."""
+    def run(save):
+        utils.set_random_seed(8)
+        inp = layers.Input((4,))
+        enc = models.Model(inp, layers.Dense(5, name="e2")(layers.Dense(5, name="e1")(inp)))
+        enc.compile("sgd", "categorical_crossentropy")
+        clf = models.Model(inp, layers.Dense(2, activation="softmax")(enc.output))
+        clf.compile("sgd", "sparse_categorical_crossentropy")
+        enc.get_layer("e1").trainable = False
+        seen = []
+
+        def each(epoch, logs):
+            if save:
+                enc.save(tmp_path / f"enc{epoch}.gpucnn")
+            seen.append(clf.get_layer("e2").get_weights()[0].copy())
+        x = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+        clf.fit(x, np.arange(32) % 2, batch_size=8, epochs=3, verbose=0,
+                callbacks=[callbacks.LambdaCallback(on_epoch_end=each)])
+        return seen
+    saved, plain = run(True), run(False)
+    assert not np.array_equal(saved[0], saved[2])
+    for a, b in zip(saved, plain):
+        np.testing.assert_array_equal(a, b)
+    assert not models.load_model(tmp_path / "enc2.gpucnn").get_layer("e1").trainable
 
 
 def test_kerass_saving_namespace_compile_false_and_safe_mode(tmp_path):

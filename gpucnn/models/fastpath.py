@@ -343,7 +343,7 @@ class Trainer:
 
     def _set_rates(self, row, count):
         """Rows ``row`` .. ``row + count - 1`` of the rates table: the optimizer's rates from its next step on (the
-        host keeps a copy, ``_follow_rate`` compares with it)."""
+        host keeps a copy, ``_follow_hooks`` compares with it)."""
         opt = self.model.optimizer
         rates = opt.rates_for(opt.iterations + 1, count)
         if getattr(self, "_host_rates", None) is None or len(self._host_rates) != len(self.rates):
@@ -352,12 +352,16 @@ class Trainer:
         with self.stream:
             self.rates[row:row + count].set(rates)
 
-    def _follow_rate(self, row, rows):
-        """In lockstep, after the batch-begin hooks: a learning rate a callback set there applies from this step
-        (row ``row`` of a table of ``rows``), as on the plain path."""
+    def _follow_hooks(self, row):
+        """In lockstep, after the batch-begin hooks, what a batch callback changed applies from this step, as on
+        the plain path: a learning rate set there (the rates table from row ``row`` on), a layer frozen or
+        unfrozen (the model's buffers laid out again, before the graphs are captured over them); then the device
+        finishes the default stream's work (the callbacks', the new buffers) before the step runs."""
         opt = self.model.optimizer
         if opt.rates_for(opt.iterations + 1, 1)[0] != self._host_rates[row]:
-            self._set_rates(row, rows - row)
+            self._set_rates(row, len(self._host_rates) - row)
+        self.model._sync_trainable()
+        self.cupy.cuda.Device().synchronize()
 
     def seen_after(self, step):
         return min((step + 1) * self.batch, self.n)
@@ -376,8 +380,8 @@ class Trainer:
             for step in range(self.steps):
                 cbs.on_train_batch_begin(step)
                 if lockstep:
-                    self._follow_rate(step, self.steps)
-                    cupy.cuda.Device().synchronize()
+                    self._follow_hooks(step)
+                    self._ensure_graphs()  # new graphs if a hook froze or unfroze a layer (new buffers)
                 self.graph_for(step).launch(self.stream)
                 opt.iterations += 1
                 if step == self.steps - 1:  # the epoch's end: wait for everything, read every slot
@@ -484,8 +488,7 @@ class StreamTrainer(Trainer):
                                      "path sized its buffers for (the first batch, or batch_size); give batches of "
                                      "at most that size, or set GPUCNN_FASTPATH=0")
                 if lockstep:
-                    self._follow_rate(step % self.steps, self.steps)
-                    self.cupy.cuda.Device().synchronize()
+                    self._follow_hooks(step % self.steps)
                 graph = self._graph(rows, step % self.steps)
                 with self.stream:
                     self.xb[:rows].set(np.ascontiguousarray(xb, np.float32))

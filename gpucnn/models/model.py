@@ -42,15 +42,27 @@ def _opened(model, layers_of):
     return out
 
 
-def _moved(old, before, after, total, xp):
-    """An optimizer state buffer ``old`` laid out as ``before`` ({slot: (offset, size)}) moved to the layout ``after``
-    ({slot: offset}) of ``total`` values: the slots in both keep their values, the others are zeros."""
-    new = xp.zeros(total, dtype=np.float32)
+def _moved(states, before, after, total, xp, parked):
+    """The optimizer's state buffers ``states`` ({name: flat array} laid out as ``before``: {slot: (offset, size)})
+    laid out as ``after`` ({slot: offset}) over ``total`` values. A slot in both keeps its values; a slot that
+    leaves (a weight frozen) is parked in ``parked`` ({slot: {name: values}}) and one that comes back (unfrozen)
+    takes its parked values, as Keras's optimizer keeps a variable's state while it is frozen; a weight new to
+    training starts from zeros. ``parked`` is updated only where ``after`` is the live layout (``xp`` given)."""
+    out = {name: (xp or np).zeros(total, dtype=np.float32) for name in states}
+    for slot, (start, size) in before.items():
+        if slot not in after and xp is not None:
+            parked[slot] = {name: old[start:start + size].copy() for name, old in states.items()}
     for slot, lo in after.items():
-        if slot in before:
-            start, size = before[slot]
-            new[lo:lo + size] = old[start:start + size]
-    return new
+        for name, new in out.items():
+            if slot in before:
+                start, size = before[slot]
+                new[lo:lo + size] = states[name][start:start + size]
+            elif name in parked.get(slot, {}):
+                kept = parked[slot][name]
+                new[lo:lo + kept.shape[0]] = kept
+        if xp is not None:
+            parked.pop(slot, None)
+    return out
 
 
 class Model(Trainer, Layer):
@@ -256,8 +268,9 @@ class Model(Trainer, Layer):
 
         The optimizer starts again, unless ``keep_state`` (the same optimizer goes on after a change of which
         weights train, or a compile with the same optimizer object, as Keras's optimizer keeps its variables): then
-        its step count stays and each weight that was trained before keeps its state values in the new layout (a
-        weight new to training starts from zeros, as a new optimizer would)."""
+        its step count stays and each weight that was trained before keeps its state values in the new layout, a
+        weight frozen meanwhile keeps them aside until it trains again (``_moved``), and a weight new to training
+        starts from zeros, as a new optimizer would."""
         xp = backend.ops().xp
         slots, offsets, total = self._flat_layout(self._weight_slots())
         before = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in self._layout or ()}
@@ -280,8 +293,24 @@ class Model(Trainer, Layer):
         if not keep_state or (opt.state is not None and any(v.shape[0] != before_total for v in opt.state.values())):
             opt.reset()  # new buffers: the optimizer starts again
         elif opt.state is not None:
-            moved = {(id(layer), i): lo for layer, i, _, _, lo in self._layout}
-            opt.state = {name: _moved(old, before, moved, total, xp) for name, old in opt.state.items()}
+            after = {(id(layer), i): lo for layer, i, _, _, lo in self._layout}
+            opt.state = _moved(opt.state, before, after, total, xp, opt.parked)
+
+    def _state_for_file(self):
+        """The optimizer's state buffers as NumPy arrays laid out over the weights trainable now (what a saved file
+        holds), without laying the live buffers out again (another model's fit may be training them); None
+        before the optimizer's first step."""
+        opt = self.optimizer
+        if opt is None or opt.state is None:
+            return None
+        states = {name: backend.to_numpy(v) for name, v in opt.state.items()}
+        if self._layout is None or self._trainable_flags() == self._trainable_key:
+            return states
+        slots, offsets, total = self._flat_layout(self._weight_slots())
+        before = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in self._layout}
+        after = {(id(layer), i): lo for (layer, i), lo in zip(slots, offsets)}
+        parked = {slot: {name: backend.to_numpy(v) for name, v in kept.items()} for slot, kept in opt.parked.items()}
+        return _moved(states, before, after, total, None, parked)
 
     def _trainable_flags(self):
         return tuple(layer.trainable for layer in self._all_layers())
