@@ -72,6 +72,7 @@ SANITIZER_TESTS = (
     "test_sgd_update_matches_reference and 0.9-True",
     "test_rmsprop_update_matches_reference",
     "test_adam_update_matches_reference",
+    "test_weight_decay_matches_reference",
     "test_dropout_mask and 0.5",
     "test_conv2d_relu_maxpool_forward_matches_reference and 32-relu-True",
     "test_conv2d_maxpool_backward_matches_reference and 32-relu-True",

@@ -213,6 +213,7 @@ def every_op():
     ops.sgd_update(wv, gv, zero(), rates, counter, 0.9, True)
     ops.rmsprop_update(wv, gv, zero(), zero(), zero(), rates, counter, 0.9, 1e-7, 0.5, True)
     ops.adam_update(wv, gv, zero(), zero(), rates, counter, 0.9, 0.999, 1e-7)
+    ops.weight_decay(wv, rates, counter)
     cupy.cuda.Device().synchronize()
 
 

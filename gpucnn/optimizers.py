@@ -1,4 +1,5 @@
-"""Optimizers with Keras's update rules: RMSprop, SGD (momentum, Nesterov), Adam.
+"""Optimizers with Keras's update rules: RMSprop, SGD (momentum, Nesterov), Adam, AdamW (and any of them with
+Keras's decoupled ``weight_decay``).
 
 An optimizer updates one flat float32 parameter buffer from one flat gradient buffer of the same length
 (the model keeps every trainable weight as a view into them), so each step is one engine call per rule.
@@ -45,12 +46,18 @@ class LearningRate(float):
 
 
 class Optimizer:
+    """What every optimizer shares: the learning rate and its per-step table, the state buffers, the step count,
+    and Keras's decoupled ``weight_decay`` (None, or w −= weight_decay·lr·w before each update, every trained
+    weight, as Keras decays every variable unless told otherwise)."""
     name = None
     _slots = ()  # names of the per-parameter state buffers
     _config = ()  # constructor arguments reported by get_config
 
-    def __init__(self, learning_rate):
+    def __init__(self, learning_rate, weight_decay=None):
         self._learning_rate = _learning_rate_argument(learning_rate)
+        if weight_decay is not None and not _number("weight_decay", weight_decay) >= 0:
+            raise ValueError(f"weight_decay must be None or a number >= 0, got {weight_decay!r}")
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
         self.iterations = 0
         self.state = None
         self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
@@ -103,23 +110,42 @@ class Optimizer:
         """The float32 rate of step ``t`` (1-based; a schedule counts updates from 0, as Keras's ``iterations``)."""
         return np.float32(schedules.resolve(self._learning_rate, t - 1))
 
+    def decay_factors_for(self, first_step, count):
+        """The float32 factors weight decay multiplies the weights by at the ``count`` steps from ``first_step``
+        (1 − weight_decay·lr of each step), or None without weight decay."""
+        if self.weight_decay is None:
+            return None
+        ops = backend.ops()
+        return np.array([ops.weight_decay_factor(schedules.resolve(self._learning_rate, t - 1), self.weight_decay)
+                         for t in range(first_step, first_step + count)], np.float32)
+
     def apply(self, params, grads):
         """One step over the flat ``params`` from the flat ``grads`` (both engine arrays); a Ctrl-C during
         it is raised once it is complete."""
         xp = backend.ops().xp
         if getattr(self, "_eager", None) is None or not isinstance(self._eager[0], xp.ndarray):
-            self._eager = (xp.zeros(1, np.float32), xp.zeros(1, np.int32))  # a one-row table, counter 0
-        rates, counter = self._eager
+            self._eager = (xp.zeros(1, np.float32), xp.zeros(1, np.int32), xp.zeros(1, np.float32))  # one-row
+            # tables (the rate, weight decay's factor) and the counter at 0
+        rates, counter, factors = self._eager
         with sigint_deferred():
             if self.state is None:
                 self.build(params.shape[0])
             rates[...] = xp.asarray(self.rates_for(self.iterations + 1, 1))
-            self.update(params, grads, rates, counter)
+            if self.weight_decay is not None:
+                factors[...] = xp.asarray(self.decay_factors_for(self.iterations + 1, 1))
+            self.update(params, grads, rates, counter, factors)
             self.iterations += 1
 
-    def update(self, params, grads, rates, counter):
-        """The update kernel/op over the flat buffers, reading the rate at ``rates[counter[0]]``."""
-        self._update(backend.ops(), params, grads, rates, counter)
+    def update(self, params, grads, rates, counter, factors=None):
+        """The update kernel/op over the flat buffers, reading the rate at ``rates[counter[0]]`` (and, with weight
+        decay, first decaying the weights by ``factors[counter[0]]``)."""
+        ops = backend.ops()
+        if self.weight_decay is not None:
+            if factors is None:
+                raise ValueError(f"{type(self).__name__}(weight_decay={self.weight_decay}) needs the table of weight "
+                                 "decay factors (decay_factors_for)")
+            ops.weight_decay(params, factors, counter)
+        self._update(ops, params, grads, rates, counter)
 
     def get_config(self):
         """The constructor's arguments; a schedule as ``schedules.serialize`` gives it (a plain function as itself:
@@ -127,7 +153,8 @@ class Optimizer:
         rate = self._learning_rate
         if isinstance(rate, schedules.LearningRateSchedule):
             rate = schedules.serialize(rate)
-        return {"name": self.name, "learning_rate": rate, **{k: getattr(self, k) for k in self._config}}
+        return {"name": self.name, "learning_rate": rate, **{k: getattr(self, k) for k in self._config},
+                "weight_decay": self.weight_decay}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -143,8 +170,8 @@ class SGD(Optimizer):
     name = "sgd"
     _config = ("momentum", "nesterov")
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False):
-        super().__init__(learning_rate)
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=None):
+        super().__init__(learning_rate, weight_decay)
         if not 0 <= _number("momentum", momentum) <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
@@ -159,8 +186,8 @@ class RMSprop(Optimizer):
     name = "rmsprop"
     _config = ("rho", "momentum", "epsilon", "centered")
 
-    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False):
-        super().__init__(learning_rate)
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, weight_decay=None):
+        super().__init__(learning_rate, weight_decay)
         _check_unit("rho", rho)
         _check_unit("momentum", momentum)
         self.rho, self.momentum = float(rho), float(momentum)
@@ -179,8 +206,8 @@ class Adam(Optimizer):
     _slots = ("m", "v")
     _config = ("beta_1", "beta_2", "epsilon")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
-        super().__init__(learning_rate)
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None):
+        super().__init__(learning_rate, weight_decay)
         _check_unit("beta_1", beta_1)
         _check_unit("beta_2", beta_2)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), _epsilon(epsilon)
@@ -192,6 +219,17 @@ class Adam(Optimizer):
     def _update(self, ops, w, g, rates, step):
         ops.adam_update(w, g, self.state["m"], self.state["v"], rates, step, self.beta_1, self.beta_2,
                         self.epsilon)
+
+
+class AdamW(Adam):
+    """Keras's AdamW: Adam with decoupled weight decay (``weight_decay``, 0.004 by default): each step first
+    w −= weight_decay·lr·w, then Adam's update."""
+    name = "adamw"
+
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        if weight_decay is None:
+            raise ValueError("AdamW: weight_decay must be a number (AdamW is Adam with weight decay); for none use Adam")
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay)
 
 
 def _learning_rate_argument(value):
@@ -240,7 +278,7 @@ def _epsilon(value):
     return epsilon
 
 
-OPTIMIZERS = {cls.name: cls for cls in (SGD, RMSprop, Adam)}
+OPTIMIZERS = {cls.name: cls for cls in (SGD, RMSprop, Adam, AdamW)}
 
 
 def get(optimizer):

@@ -24,6 +24,9 @@
 //   adam_update     m += (g - m)*(1 - beta_1);  v += (g^2 - v)*(1 - beta_2);
 //                   w -= alpha*m / (sqrt(v) + epsilon), alpha = lr*sqrt(1 - beta_2^t) / (1 - beta_1^t)
 //                   (common.cuh's adam_update_element)
+//   weight_decay    w *= factors[step[0]], factor = 1 - weight_decay*lr of that step (computed on the host in
+//                   float32): Keras's decoupled weight decay, applied before the update (AdamW; any optimizer's
+//                   weight_decay=)
 #include "common.cuh"
 
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -73,4 +76,10 @@ adam_update(float* __restrict__ w, const float* __restrict__ g, float* __restric
             float one_minus_beta_2, float epsilon) {
     const float alpha = rates[step[0]];
     GRID_STRIDE_LOOP(i, n) adam_update_element(w, g, m, v, i, alpha, one_minus_beta_1, one_minus_beta_2, epsilon);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+weight_decay(float* __restrict__ w, long long n, const float* __restrict__ factors, const int* __restrict__ step) {
+    const float factor = factors[step[0]];
+    GRID_STRIDE_LOOP(i, n) w[i] *= factor;
 }

@@ -931,6 +931,11 @@ def rmsprop_update(w, g, v, mom, avg, lr, rho, epsilon, momentum, centered):
     return w - step, v, mom, avg
 
 
+def weight_decay(w, lr, weight_decay):
+    """Keras's decoupled weight decay, before the update: w − weight_decay·lr·w."""
+    return _f64(w) * (1 - weight_decay * lr)
+
+
 def adam_update(w, g, m, v, lr, beta_1, beta_2, epsilon, t):
     """Keras Adam step t (1-based) → (w, m, v):
         m = β1·m + (1 − β1)·g;  v = β2·v + (1 − β2)·g²

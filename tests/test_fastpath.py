@@ -935,6 +935,23 @@ def _assert_same_training(plain, fast):
     np.testing.assert_allclose(fast[1]["loss"], plain[1]["loss"], rtol=1e-5)
 
 
+@pytest.mark.parametrize("feed", ["arrays", "batches"])
+def test_weight_decay_on_the_cpu_fast_path_is_the_plain_steps(feed, cpu_fast_path, monkeypatch):
+    """AdamW with a schedule: the captured step decays the weights by its row of the factors table (written with
+    the rates, per epoch or per window), then updates them, as the plain step does."""
+    from gpucnn.optimizers import schedules
+    monkeypatch.setattr(fastpath, "READ_EVERY", 2)
+    x, y = small_data(40)
+
+    def train():
+        m = small_model(optimizer=optimizers.AdamW(schedules.ExponentialDecay(0.05, 2, 0.5), weight_decay=0.4))
+        data = (x, y) if feed == "arrays" else (_Batches(x, y, 16), None)
+        return m, m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert len(cpu_fast_path) == 1 and plain[2] == fast[2] == 6
+    _assert_same_training(plain, fast)
+
+
 def test_the_cpu_fast_path_trains_a_functional_residual_model_as_the_numpy_engine(cpu_fast_path, monkeypatch):
     x, y = small_data(40)
 

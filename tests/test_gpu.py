@@ -605,6 +605,19 @@ def test_rmsprop_update_matches_reference(lr, rho, eps, momentum, centered):
             _assert_state(got, want)
 
 
+@pytest.mark.parametrize("lr, wd", [(0.001, 0.004), (0.1, 0.5)])
+def test_weight_decay_matches_reference(lr, wd):
+    rng = np.random.default_rng(33)
+    w = dev(normal(rng, (1000,)))
+    w_ref = host(w).astype(np.float64)
+    rates = _rates(lr)
+    factors = dev(np.array([ops.weight_decay_factor(r, wd) for r in rates], F32))
+    for k in range(STEPS):
+        assert ops.weight_decay(w, factors, dev(np.array([k], np.int32))) is None  # in place
+        w_ref = ref.weight_decay(w_ref, float(rates[k]), wd)
+        _assert_state(w, w_ref)
+
+
 @pytest.mark.parametrize("lr, b1, b2, eps", [(0.001, 0.9, 0.999, 1e-7), (0.01, 0.8, 0.99, 1e-3)])
 def test_adam_update_matches_reference(lr, b1, b2, eps):
     rng = np.random.default_rng(32)
@@ -783,6 +796,7 @@ _EMPTY_OUTPUTS = {  # op -> call whose output has no elements, and that output's
                                            0.9, 1e-7, 0.5, True), None),
     "adam": (lambda: ops.adam_update(_empty(0), _empty(0), _empty(0), _empty(0), *_rate_table(), 0.9, 0.999, 1e-7),
              None),
+    "weight decay": (lambda: ops.weight_decay(_empty(0), *_rate_table()), None),
     "add": (lambda: ops.add(_empty(0, 3), _empty(0, 3)), (0, 3)),
     "concat": (lambda: ops.concat([_empty(0, 2), _empty(0, 3)], 1), (0, 5)),
     "split": (lambda: ops.split(_empty(0, 5), [2, 3], 1), ((0, 2), (0, 3))),

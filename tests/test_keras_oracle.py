@@ -180,6 +180,36 @@ def test_freezing_and_unfreezing_between_fits_trains_as_keras(optimizer):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("which", ["adamw", "adamw_schedule", "sgd_momentum", "rmsprop", "adam"])
+def test_weight_decay_trains_as_keras(which):
+    """Keras's decoupled weight decay (AdamW, and weight_decay= on the others): each step the trained weights
+    (biases and BatchNormalization's gamma and beta too) shrink by weight_decay·lr before the update — the same
+    weights as Keras's after five steps, with a schedule's rate per step."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((20, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 20)
+    keras_ref.utils.set_random_seed(2)
+    results = []
+    for lib in (keras_ref, gpucnn):
+        o, L = lib.optimizers, lib.layers
+        opt = {"adamw": lambda: o.AdamW(0.01, weight_decay=0.2),
+               "adamw_schedule": lambda: o.AdamW(o.schedules.ExponentialDecay(0.05, 2, 0.5)),
+               "sgd_momentum": lambda: o.SGD(0.1, momentum=0.9, weight_decay=0.3),
+               "rmsprop": lambda: o.RMSprop(0.01, weight_decay=0.5),
+               "adam": lambda: o.Adam(0.01, weight_decay=0.1)}[which]()
+        # (no bias before BatchNormalization: its gradient is zero up to rounding, which Adam turns into ±lr steps)
+        m = lib.Sequential([lib.Input((6, 6, 2)), L.Conv2D(3, 3, use_bias=False), L.BatchNormalization(),
+                            L.Activation("relu"), L.Flatten(), L.Dense(3, activation="softmax")])
+        if results:
+            m.set_weights(start)
+        start = [np.asarray(w) for w in m.get_weights()]
+        m.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        m.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+        results.append([np.asarray(w) for w in m.get_weights()])
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("kwargs", [{"expand_nested": True}, {"expand_nested": True, "show_trainable": True},
                                     {"positions": [0.4, 0.7, 0.85, 1.0]}, {"layer_range": ["pre", "deep2"]},
                                     {"layer_range": ["stem", "b.*"]}, {"positions": [0.5, 0.8, 1.0]}], ids=str)
@@ -219,7 +249,7 @@ def test_the_summarys_other_arguments_are_kerass(kwargs, monkeypatch):
 
 
 @pytest.mark.parametrize("which", ["rmsprop", "rmsprop_momentum_centered", "adam", "sgd", "sgd_momentum",
-                                   "adam_schedule", "rmsprop_function"])
+                                   "adam_schedule", "rmsprop_function", "adamw"])
 def test_the_summary_after_training_counts_the_optimizers_params_as_keras(which, monkeypatch):
     """Once the optimizer has its state (after the first step), Keras's summary adds "Optimizer params" (its state
     buffers over the trained weights, the step count, the learning rate unless a schedule or function gives it)
@@ -232,7 +262,8 @@ def test_the_summary_after_training_counts_the_optimizers_params_as_keras(which,
                 "rmsprop_momentum_centered": lambda: o.RMSprop(momentum=0.9, centered=True),
                 "adam": lambda: o.Adam(), "sgd": lambda: o.SGD(), "sgd_momentum": lambda: o.SGD(momentum=0.9),
                 "adam_schedule": lambda: o.Adam(learning_rate=o.schedules.ExponentialDecay(0.1, 10, 0.9)),
-                "rmsprop_function": lambda: o.RMSprop(learning_rate=lambda: 0.01)}[which]()
+                "rmsprop_function": lambda: o.RMSprop(learning_rate=lambda: 0.01),
+                "adamw": lambda: o.AdamW(weight_decay=0.1)}[which]()
 
     texts = []
     for lib in (keras_ref, gpucnn):

@@ -49,7 +49,7 @@ conv2d_forward conv2d_backward_data conv2d_backward_filter conv2d_backward_filte
 dense_forward dense_backward_data dense_backward_weights dense_backward_bias
 crossentropy_forward_onehot crossentropy_forward_sparse softmax_crossentropy_backward_onehot
 softmax_crossentropy_backward_sparse crossentropy_backward_onehot crossentropy_backward_sparse
-count_correct_onehot count_correct_sparse sgd_update rmsprop_update adam_update
+count_correct_onehot count_correct_sparse sgd_update rmsprop_update adam_update weight_decay
 maxpool2d_forward maxpool2d_backward avgpool2d_forward avgpool2d_backward
 global_avgpool2d_forward global_avgpool2d_backward
 conv2d_relu_maxpool_forward maxpool2d_relu_backward permutation_keys gather_batch step_advance
@@ -193,6 +193,7 @@ if INNER:
         T.test_sgd_update_matches_reference(momentum=0.9, nesterov=True)
         T.test_rmsprop_update_matches_reference(lr=0.001, rho=0.8, eps=1e-6, momentum=0.5, centered=True)
         T.test_adam_update_matches_reference(lr=0.01, b1=0.8, b2=0.99, eps=1e-3)
+        T.test_weight_decay_matches_reference(lr=0.1, wd=0.5)
         T.test_maxpool2d_relu_backward_matches_reference(hw=(11, 11), pool=(2, 2), stride=(2, 2), pad="valid",
                                                          activation="relu")
         T.test_conv2d_relu_maxpool_forward_matches_reference(T.CONV_POOL_GRID[4])

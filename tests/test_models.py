@@ -226,7 +226,7 @@ def test_callback_hooks_fire_in_keras_order_and_can_stop_training():
 
     class Recorder(callbacks.Callback):
         def __getattribute__(self, name):
-            if name.startswith("on_"):
+            if name.startswith("on_") and name not in ("on_batch_begin", "on_batch_end"):  # (forwarded to, within)
                 calls.append(name)
             return object.__getattribute__(self, name)
 

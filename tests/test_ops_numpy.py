@@ -1205,6 +1205,20 @@ def test_rmsprop_epsilon_inside_the_root_in_the_engine():
     np.testing.assert_allclose(w, inside, rtol=1e-6)
 
 
+@pytest.mark.parametrize("lr, wd", [(0.001, 0.004), (0.1, 0.5), (0.01, 0.0)])
+def test_weight_decay_matches_reference(lr, wd):
+    """Each step's factor from its table row (a different rate per step)."""
+    rng, w = _opt_start()
+    w_ref = w.astype(np.float64)
+    rates, step = _rates(lr)
+    factors = np.array([ops.weight_decay_factor(r, wd) for r in rates], np.float32)
+    for k in range(STEPS):
+        step[0] = k
+        assert ops.weight_decay(w, factors, step) is None  # in place
+        w_ref = ref.weight_decay(w_ref, float(rates[k]), wd)
+        _assert_state(w, w_ref)
+
+
 @pytest.mark.parametrize("lr, b1, b2, eps", [(0.001, 0.9, 0.999, 1e-7), (0.01, 0.8, 0.99, 1e-3)])
 def test_adam_update_matches_reference(lr, b1, b2, eps):
     rng, w = _opt_start()

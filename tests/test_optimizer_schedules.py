@@ -56,9 +56,9 @@ def record_rates(optimizer):
     seen = []
     update = optimizer.update
 
-    def spy(params, grads, rates, counter):
+    def spy(params, grads, rates, counter, factors=None):
         seen.append(float(rates[int(counter[0])]))
-        update(params, grads, rates, counter)
+        update(params, grads, rates, counter, factors)
     optimizer.update = spy
     return seen
 
@@ -247,3 +247,31 @@ def test_keras_optimizers_schedules_is_there():
 
     lr = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10000, decay_rate=0.9)
     assert keras.optimizers.SGD(learning_rate=lr).learning_rate == pytest.approx(1e-2)
+
+
+def test_adamw_is_adam_after_decoupled_weight_decay():
+    """One AdamW step on a flat buffer = the float64 oracle's weight decay (with that step's rate), then its Adam
+    step; weight_decay goes through the config; AdamW needs a weight decay."""
+    import reference as ref
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(50).astype(np.float32)
+    w_ref, m_ref, v_ref = w.astype(np.float64), np.zeros(50), np.zeros(50)
+    decay = schedules.ExponentialDecay(0.05, 1, 0.5)
+    opt = optimizers.AdamW(decay, weight_decay=0.3)
+    for t in range(1, 4):
+        g = rng.standard_normal(50).astype(np.float32)
+        opt.apply(w, g)
+        lr = 0.05 * 0.5 ** (t - 1)
+        w_ref = ref.weight_decay(w_ref, lr, 0.3)
+        w_ref, m_ref, v_ref = ref.adam_update(w_ref, g, m_ref, v_ref, lr, 0.9, 0.999, 1e-7, t)
+        np.testing.assert_allclose(w, w_ref, rtol=2e-6, atol=1e-7)
+    config = opt.get_config()
+    assert config["name"] == "adamw" and config["weight_decay"] == 0.3
+    again = optimizers.AdamW.from_config(dict(config, learning_rate=0.01))
+    assert again.weight_decay == 0.3 and optimizers.get("adamw").weight_decay == 0.004
+    assert optimizers.SGD(weight_decay=0.1).get_config()["weight_decay"] == 0.1
+    with pytest.raises(ValueError, match="weight_decay must be a number"):
+        optimizers.AdamW(weight_decay=None)
+    with pytest.raises(ValueError, match="weight_decay must be None or a number >= 0"):
+        optimizers.Adam(weight_decay=-1)
+

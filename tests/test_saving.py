@@ -88,7 +88,8 @@ def test_uncompiled_and_untrained_models_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer,dropout_seed", [("rmsprop", None), ("adam", None), ("sgd", None),
-                                                    ("rmsprop", 17)])  # a Dropout's own generator, saved too
+                                                    ("rmsprop", 17),  # a Dropout's own generator, saved too
+                                                    ("adamw", None)])
 def test_resumed_training_equals_uninterrupted_training(tmp_path, optimizer, dropout_seed):
     x, y = tiny_data()
 
@@ -96,7 +97,8 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, optimizer, dro
         utils.clear_session()
         utils.set_random_seed(7)
         model = tiny_model(dropout_seed)
-        model.compile(optimizers.SGD(0.1, momentum=0.9) if optimizer == "sgd" else optimizer,
+        model.compile(optimizers.SGD(0.1, momentum=0.9) if optimizer == "sgd" else
+                      optimizers.AdamW(0.01, weight_decay=0.3) if optimizer == "adamw" else optimizer,
                       "sparse_categorical_crossentropy", ["accuracy"])
         return model
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import cuda_loader as cuda
 # shared with the NumPy engine: shape rules, how an activation is named, the host-side transform builders
-from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size  # noqa: F401
+from .numpy_ops import MAX_POOL_TAPS, adam_step_size, geometry, out_size, weight_decay_factor  # noqa: F401
 from .numpy_ops import _bn_rows, _depthwise_geometry, _fold_channels, _padded_shape  # (and their checks)
 from .numpy_ops import SHARED_WORK, _work_key  # noqa: F401  (work arrays in a shared ctx)
 from .numpy_ops import ACTIVATIONS, activation_needs_input, split_activation  # noqa: F401
@@ -1104,3 +1104,12 @@ def adam_update(w, g, m, v, rates, step, beta_1, beta_2, epsilon):
         return
     cuda.launch("adam_update", _blocks(w.size), _THREADS,
                 (w, _c(g), m, v, w.size, rates, step, DTYPE(1 - beta_1), DTYPE(1 - beta_2), DTYPE(epsilon)))
+
+
+def weight_decay(w, factors, step):
+    """Keras's decoupled weight decay, in place: w *= factors[step[0]] (factor = 1 − weight_decay·lr of the step,
+    ``weight_decay_factor``)."""
+    _rates(factors, step, "weight_decay")
+    if w.size == 0:
+        return
+    cuda.launch("weight_decay", _blocks(w.size), _THREADS, (w, w.size, factors, step))

@@ -1785,6 +1785,17 @@ def adam_update(w, g, m, v, rates, step, beta_1, beta_2, epsilon):
     w -= alpha * m / (np.sqrt(v) + DTYPE(epsilon))
 
 
+def weight_decay(w, factors, step):
+    """Keras's decoupled weight decay, in place: w *= factors[step[0]] (``weight_decay_factor``)."""
+    w *= factors[int(step[0])]
+
+
+def weight_decay_factor(lr, weight_decay):
+    """The factor one step of weight decay multiplies the weights by, in float32 as Keras's torch backend forms
+    it: 1 − weight_decay·lr."""
+    return DTYPE(DTYPE(1) - DTYPE(DTYPE(weight_decay) * DTYPE(lr)))
+
+
 def adam_step_size(lr, beta_1, beta_2, t):
     """Adam's step size for step t (1-based) in float32: lr·sqrt(1 − β2^t)/(1 − β1^t)."""
     return DTYPE(lr * np.sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t))

@@ -52,7 +52,7 @@ from .graph import Contexts, StepValues
 
 READ_EVERY = 50  # steps between asynchronous copies of the per-step loss and accuracy to the host
 
-_OPTIMIZERS = (optimizers_mod.SGD, optimizers_mod.RMSprop, optimizers_mod.Adam)
+_OPTIMIZERS = (optimizers_mod.SGD, optimizers_mod.RMSprop, optimizers_mod.Adam, optimizers_mod.AdamW)
 _LOSSES = (losses_mod.CategoricalCrossentropy, losses_mod.SparseCategoricalCrossentropy,
            losses_mod.BinaryCrossentropy)
 _OFF = ("0", "off", "false", "no")
@@ -68,7 +68,7 @@ def unsupported_reason(model):
         return "the model has no layers"
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
-                "(SGD, RMSprop, Adam)")
+                f"({', '.join(cls.__name__ for cls in _OPTIMIZERS)})")
     if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
         return (f"its loss {type(model.loss).__name__}{' (from_logits)' if model.loss.from_logits else ''} is not "
                 "one the captured step fuses with its output activation (a cross-entropy of probabilities)")
@@ -203,6 +203,7 @@ class Trainer:
             self.values = StepValues(model._random_layers(), rows=self.steps, xp=cupy, batch=self.full_rows)
             self.step = self.values.counter
             self.rates = cupy.zeros(self.steps, np.float32)
+            self.decay_factors = cupy.zeros(self.steps, np.float32)  # weight decay's factors (filled with the rates)
             self.loss_steps = cupy.zeros(self.steps, np.float32)
             self.correct_steps = cupy.zeros(self.steps, np.int32)
             self._loss_host = _pinned(cupy, self.steps, np.float32)
@@ -242,7 +243,7 @@ class Trainer:
             model.graph.backward([dz], contexts)
 
         def update():
-            model.optimizer.update(model._params, model._grads, self.rates, self.step)
+            model.optimizer.update(model._params, model._grads, self.rates, self.step, self.decay_factors)
 
         return [gather, forward_loss_backward, update, lambda: launch("step_advance", 1, 1, (self.step,))]
 
@@ -284,7 +285,7 @@ class Trainer:
         model = self.model
         own = (getattr(self, "x_u8", None), getattr(self, "x_f32", None), getattr(self, "y_dev", None),
                getattr(self, "perm", None), self.step, self.values.seeds, *self.values.tables.values(), self.rates,
-               self.loss_steps,
+               self.decay_factors, self.loss_steps,
                self.correct_steps, self.xb, self.yb, self.dlogits)
         layers = [a for layer in model._all_layers() for a in (*layer.weights, *layer.grads)]
         return [*self._state_arrays(), model._grads, *layers, *own]
@@ -342,15 +343,18 @@ class Trainer:
         self._set_rates(0, self.steps)
 
     def _set_rates(self, row, count):
-        """Rows ``row`` .. ``row + count - 1`` of the rates table: the optimizer's rates from its next step on (the
-        host keeps a copy, ``_follow_hooks`` compares with it)."""
+        """Rows ``row`` .. ``row + count - 1`` of the rates table (and of weight decay's factors): the optimizer's
+        rates from its next step on (the host keeps a copy, ``_follow_hooks`` compares with it)."""
         opt = self.model.optimizer
         rates = opt.rates_for(opt.iterations + 1, count)
+        factors = opt.decay_factors_for(opt.iterations + 1, count)  # (None without weight decay)
         if getattr(self, "_host_rates", None) is None or len(self._host_rates) != len(self.rates):
             self._host_rates = np.zeros(len(self.rates), np.float32)
         self._host_rates[row:row + count] = rates
         with self.stream:
             self.rates[row:row + count].set(rates)
+            if factors is not None:
+                self.decay_factors[row:row + count].set(factors)
 
     def _follow_hooks(self, row):
         """In lockstep, after the batch-begin hooks, what a batch callback changed applies from this step, as on
