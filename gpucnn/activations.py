@@ -62,11 +62,12 @@ softmax = Activation("softmax", axis=-1)
 sigmoid, tanh, selu = Activation("sigmoid"), Activation("tanh"), Activation("selu")
 elu, leaky_relu = Activation("elu", alpha=1.0), Activation("leaky_relu", negative_slope=0.2)
 softplus, silu, gelu = Activation("softplus"), Activation("silu"), Activation("gelu", approximate=False)
+relu6 = Activation("relu6")  # min(max(x, 0), 6)
 swish = silu
 linear = Activation("linear")  # the identity; as a layer's activation, the same as None
 
 _BY_NAME = {a.activation_name: a for a in (relu, softmax, sigmoid, tanh, elu, selu, leaky_relu, softplus, silu, gelu,
-                                           linear)}
+                                           linear, relu6)}
 _BY_NAME["swish"] = silu
 
 

@@ -228,7 +228,8 @@ class AdamW(Adam):
 
     def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         if weight_decay is None:
-            raise ValueError("AdamW: weight_decay must be a number (AdamW is Adam with weight decay); for none use Adam")
+            raise ValueError("AdamW: weight_decay must be a number (AdamW is Adam with weight decay); for none, "
+                             "use Adam")
         super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay)
 
 
@@ -292,5 +293,5 @@ def get(optimizer):
 
 
 def __getattr__(name):
-    raise missing("gpucnn.optimizers", name, "Keras optimizer",
-                  sorted(cls.__name__ for cls in OPTIMIZERS.values()) + ["the schedules in gpucnn.optimizers.schedules"])
+    raise missing("gpucnn.optimizers", name, "Keras optimizer", sorted(cls.__name__ for cls in OPTIMIZERS.values())
+                  + ["the schedules in gpucnn.optimizers.schedules"])

@@ -9,7 +9,7 @@
 //   relu_forward      y = x < 0 ? 0 : x (a NaN stays a NaN); grid-stride, block THREADS
 //   relu_backward     dx = dy * (y > 0 ? 1 : 0) (as ops_numpy: a NaN dy stays a NaN)
 //   elementwise_activation_forward   y = f(x) for the activation code act (ACT_SIGMOID ... below) and its
-//                     parameter (elu alpha, leaky_relu negative_slope); one grid-stride loop per code,
+//                     parameter (elu alpha, leaky_relu negative_slope, relu6 max_value); one grid-stride loop per code,
 //                     chosen once per launch (a switch outside the loop)
 //   elementwise_activation_backward  dx = dy * f'(x), f' read from the output y (y_or_null), or for silu and
 //                     gelu from the input x (x_or_null), as numpy_ops.activation_backward
@@ -37,6 +37,7 @@
 #define ACT_SILU 8         // x sigmoid(x), also called swish
 #define ACT_GELU 9         // x Phi(x) = x erfc(-x / sqrt 2) / 2 (Keras's default, exact)
 #define ACT_GELU_TANH 10   // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (approximate=True)
+#define ACT_RELU6 11       // min(max(x, 0), param), param: max_value (>= 0); a NaN stays a NaN
 
 #define SELU_ALPHA 1.6732632423543772848170429916717f
 #define SELU_SCALE 1.0507009873554804934193349852946f
@@ -55,6 +56,7 @@ __device__ __forceinline__ float activate(float v, float param) {
     if (ACT == ACT_SOFTPLUS) return softplus(v);
     if (ACT == ACT_SILU) return v * sigmoid(v);
     if (ACT == ACT_GELU) return v * (0.5f * erfcf(-v * INV_SQRT_2));
+    if (ACT == ACT_RELU6) return v < 0.0f ? 0.0f : (v > param ? param : v);
     // ACT_GELU_TANH
     return 0.5f * v * (1.0f + tanhf(GELU_TANH_C * (v + GELU_TANH_K * v * v * v)));
 }
@@ -73,6 +75,7 @@ __device__ __forceinline__ float activation_slope(float y, float v, float param)
         return s * (1.0f + v * (1.0f - s));
     }
     if (ACT == ACT_GELU) return 0.5f * erfcf(-v * INV_SQRT_2) + v * (INV_SQRT_2PI * expf(-0.5f * v * v));
+    if (ACT == ACT_RELU6) return (y > 0.0f && y < param) ? 1.0f : 0.0f;
     // ACT_GELU_TANH
     const float t = tanhf(GELU_TANH_C * (v + GELU_TANH_K * v * v * v));
     return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * (GELU_TANH_C * (1.0f + 3.0f * GELU_TANH_K * v * v));
@@ -115,6 +118,7 @@ elementwise_activation_forward(const float* x, float* y, long long n, int act, f
         case ACT_SILU: activation_forward_loop<ACT_SILU>(x, y, n, param); break;
         case ACT_GELU: activation_forward_loop<ACT_GELU>(x, y, n, param); break;
         case ACT_GELU_TANH: activation_forward_loop<ACT_GELU_TANH>(x, y, n, param); break;
+        case ACT_RELU6: activation_forward_loop<ACT_RELU6>(x, y, n, param); break;
         default: break;  // cuda_ops passes only the codes above
     }
 }
@@ -135,6 +139,7 @@ elementwise_activation_backward(const float* dy, const float* y_or_null, const f
         case ACT_SILU: activation_backward_loop<ACT_SILU>(dy, y, x, dx, n, param); break;
         case ACT_GELU: activation_backward_loop<ACT_GELU>(dy, y, x, dx, n, param); break;
         case ACT_GELU_TANH: activation_backward_loop<ACT_GELU_TANH>(dy, y, x, dx, n, param); break;
+        case ACT_RELU6: activation_backward_loop<ACT_RELU6>(dy, y, x, dx, n, param); break;
         default: break;
     }
 }

@@ -13,7 +13,7 @@ import reference as ref
 from helpers import F32, f32, normal
 
 ACTIVATIONS = ["sigmoid", "tanh", "elu", ("elu", 0.5), "selu", "leaky_relu", ("leaky_relu", 0.3), "softplus",
-               "silu", "swish", "gelu", ("gelu", True)]
+               "silu", "swish", "gelu", ("gelu", True), "relu6", ("relu6", 2.5)]
 ACTIVATION_SHAPES = [(1, 10), (7, 3), (2, 5, 5, 8), (3, 700)]  # 2,100 elements: several blocks on the GPU
 EXTREMES = [-90.0, -30.0, -17.0, 17.0, 30.0, 90.0]  # where the naive forms overflow or lose the answer
 BINARY_SHAPES = [(1, 1), (7, 1), (64, 3), (300, 2)]  # 300 rows: more than a block's threads

@@ -63,8 +63,8 @@ def _reads(p, q, k, stride, padding, h, wd):
 # default 1.0) and gelu (approximate, default False), as keras.activations defines them.
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
-_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False}
-_ELEMENTWISE = ("sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus", "silu", "swish", "gelu")
+_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False, "relu6": 6.0}
+_ELEMENTWISE = ("sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus", "silu", "swish", "gelu", "relu6")
 
 
 def _name_and_parameter(activation):
@@ -97,6 +97,8 @@ def _activate(name, param, v):
         return SELU_SCALE * (v if v > 0 else SELU_ALPHA * (math.exp(v) - 1))
     if name == "leaky_relu":
         return v if v > 0 else param * v
+    if name == "relu6":  # min(max(v, 0), max_value)
+        return min(max(v, 0.0), param)
     if name == "softplus":  # log(1 + e^v), written so that it does not overflow
         return max(v, 0.0) + math.log1p(math.exp(-abs(v)))
     if name in ("silu", "swish"):
@@ -119,6 +121,8 @@ def _derivative(name, param, out, v):
         return SELU_SCALE if out > 0 else out + SELU_SCALE * SELU_ALPHA
     if name == "leaky_relu":
         return 1.0 if out > 0 else param
+    if name == "relu6":  # 1 strictly between the two flat parts, 0 on them (and at their edges)
+        return 1.0 if 0 < out < param else 0.0
     if name == "softplus":  # sigmoid(v) = 1 - e^-out
         return 1 - math.exp(-out)
     if name in ("silu", "swish"):

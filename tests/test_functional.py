@@ -47,7 +47,7 @@ def test_import_gpucnn_as_keras_is_enough():
 
 @pytest.mark.parametrize("where, name, listed", [
     (keras, "applications", "Sequential"), (keras.ops, "conv", "expand_dims"), (layers, "Bidirectional", "Conv2D"), (keras.metrics, "AUC", "Accuracy"),
-    (keras.optimizers, "AdamW", "Adam, RMSprop, SGD"), (keras.callbacks, "TensorBoard", "ReduceLROnPlateau"),
+    (keras.optimizers, "Nadam", "Adam, AdamW, RMSprop, SGD"), (keras.callbacks, "TensorBoard", "ReduceLROnPlateau"),
     (keras.optimizers.schedules, "WarmUp", "CosineDecay, CosineDecayRestarts, ExponentialDecay, InverseTimeDecay"),
     (keras.activations, "mish", "gelu")])
 def test_a_missing_keras_name_says_so_and_lists_what_exists(where, name, listed):

@@ -354,7 +354,8 @@ def test_reshape_keeps_the_values_in_order_and_works_out_minus_one():
     (lambda: layers.LeakyReLU(), ("leaky_relu", 0.3)), (lambda: layers.LeakyReLU(negative_slope=0.05),
                                                         ("leaky_relu", 0.05)),
     (lambda: layers.ELU(), ("elu", 1.0)), (lambda: layers.ELU(alpha=0.4), ("elu", 0.4)),
-    (lambda: layers.Softmax(), "softmax")])
+    (lambda: layers.Softmax(), "softmax"), (lambda: layers.ReLU(6.0), ("relu6", 6.0)),
+    (lambda: layers.ReLU(max_value=0.7), ("relu6", 0.7)), (lambda: layers.Activation("relu6"), "relu6")])
 def test_activation_layers_match_the_oracle(make, activation):
     x = _rng(9).standard_normal((3, 4, 5)).astype(np.float32)
     x[np.abs(x) < 1e-2] = 0.5  # away from the kink
@@ -370,8 +371,10 @@ def test_activation_layers_take_keras_arguments_and_refuse_the_rest():
     assert layers.LeakyReLU().negative_slope == 0.3  # Keras's layer default (the function's is 0.2)
     with pytest.warns(DeprecationWarning, match="alpha"):
         assert layers.LeakyReLU(alpha=0.2).negative_slope == 0.2
-    for make, match in ((lambda: layers.ReLU(max_value=6.0), "max_value=None and threshold=0.0 only"),
+    assert layers.ReLU(6.0).get_config()["max_value"] == 6.0
+    for make, match in ((lambda: layers.ReLU(max_value=6.0, negative_slope=0.1), "not both"),
                         (lambda: layers.ReLU(threshold=0.5), "threshold=0.0 only"),
+                        (lambda: layers.ReLU(max_value=-1.0), "max_value must be a finite number >= 0"),
                         (lambda: layers.ReLU(negative_slope=-1), "negative_slope must be a finite number >= 0"),
                         (lambda: layers.LeakyReLU(None), "negative_slope"),
                         (lambda: layers.ELU(alpha=-1.0), "alpha must be"),

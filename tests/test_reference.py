@@ -429,7 +429,7 @@ def test_dense_forward_matches_matmul():
 
 
 ACTIVATIONS = ["relu", "softmax", "sigmoid", "tanh", "elu", ("elu", 0.5), "selu", "leaky_relu",
-               ("leaky_relu", 0.3), "softplus", "silu", "swish", "gelu", ("gelu", True)]
+               ("leaky_relu", 0.3), "softplus", "silu", "swish", "gelu", ("gelu", True), "relu6", ("relu6", 2.5)]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)

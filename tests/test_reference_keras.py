@@ -50,6 +50,8 @@ KERAS_ACTIVATIONS = [  # (our activation, the Keras callable)
     ("selu", lambda x: keras.activations.get("selu")(x)),
     ("leaky_relu", lambda x: keras.activations.get("leaky_relu")(x)),
     (("leaky_relu", 0.3), lambda x: keras.layers.LeakyReLU()(x)),  # the layer's default slope
+    ("relu6", lambda x: keras.activations.relu6(x)),
+    (("relu6", 2.5), lambda x: keras.layers.ReLU(max_value=2.5)(x)),
     ("softplus", lambda x: keras.activations.get("softplus")(x)),
     ("silu", lambda x: keras.activations.get("silu")(x)),
     ("swish", lambda x: keras.activations.get("swish")(x)),

@@ -165,7 +165,8 @@ def _rows(p, what):
 
 # ===================================================================================== activations
 _ACT_CODES = {"sigmoid": "ACT_SIGMOID", "tanh": "ACT_TANH", "elu": "ACT_ELU", "selu": "ACT_SELU",
-              "leaky_relu": "ACT_LEAKY_RELU", "softplus": "ACT_SOFTPLUS", "silu": "ACT_SILU", "gelu": "ACT_GELU"}
+              "leaky_relu": "ACT_LEAKY_RELU", "softplus": "ACT_SOFTPLUS", "silu": "ACT_SILU", "gelu": "ACT_GELU",
+              "relu6": "ACT_RELU6"}
 
 
 def _elementwise(name, param):

@@ -129,8 +129,9 @@ def _finish(y, out):
 # keras.activations.<name> (leaky_relu 0.2, elu 1.0, gelu exact); a layer with another default passes its own
 # (LeakyReLU: ("leaky_relu", 0.3)). "swish" is "silu". split_activation reads all three forms.
 ACTIVATIONS = ("relu", "softmax", "sigmoid", "tanh", "elu", "selu", "leaky_relu", "softplus", "silu", "swish",
-               "gelu")
-ACTIVATION_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False}
+               "gelu", "relu6")
+# relu6's parameter is its cap, max_value: Keras's relu6 (6), or ReLU(max_value=...)'s
+ACTIVATION_DEFAULTS = {"leaky_relu": 0.2, "elu": 1.0, "gelu": False, "relu6": 6.0}
 SELU_ALPHA = 1.6732632423543772848170429916717  # Keras's constants (keras.activations.selu)
 SELU_SCALE = 1.0507009873554804934193349852946
 _GELU_TANH = (np.sqrt(2 / np.pi), 0.044715)  # gelu(approximate=True): 0.5 x (1 + tanh(c (x + k x^3)))
@@ -159,7 +160,7 @@ def split_activation(activation):
             raise ValueError(f"gelu's parameter is approximate, True or False, got {param!r}")
         return name, bool(param)
     if name in ACTIVATION_DEFAULTS:
-        what = "negative_slope" if name == "leaky_relu" else "alpha"
+        what = {"leaky_relu": "negative_slope", "relu6": "max_value"}.get(name, "alpha")
         if isinstance(param, (bool, np.bool_)) or not isinstance(param, (int, float, np.integer, np.floating)) \
                 or not 0 <= param < np.inf:
             raise ValueError(f"{name}'s {what} must be a finite number >= 0, got {param!r}")
@@ -216,6 +217,8 @@ def _forward(name, param, x):
         return y if scale is None else scale * y
     if name == "leaky_relu":
         return np.where(x > 0, x, DTYPE(param) * x)
+    if name == "relu6":  # (a NaN stays a NaN, as relu's)
+        return np.minimum(np.maximum(x, DTYPE(0)), DTYPE(param))
     if name == "softplus":
         return np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x)))
     if name == "silu":
@@ -237,6 +240,8 @@ def _slope(name, param, y, x):
         return np.where(y > 0, DTYPE(SELU_SCALE), y + DTYPE(SELU_SCALE * SELU_ALPHA))
     if name == "leaky_relu":
         return np.where(y > 0, DTYPE(1), DTYPE(param))
+    if name == "relu6":  # 1 strictly between 0 and the cap
+        return ((y > 0) & (y < DTYPE(param))).astype(DTYPE)
     if name == "softplus":  # sigmoid(x) = 1 - exp(-y)
         return -np.expm1(-y)
     if name == "silu":
@@ -255,6 +260,7 @@ def activation_forward(x, activation, out=None):
         sigmoid 1 / (1 + e^-x) (no overflow)    tanh                    softplus max(x, 0) + log1p(e^-|x|)
         elu     x > 0 ? x : alpha (e^x - 1)      selu scale * elu(x, alpha) with Keras's constants
         leaky_relu x > 0 ? x : negative_slope x  silu/swish x sigmoid(x)
+        relu6   min(max(x, 0), max_value) (6 by default: Keras's relu6; ReLU(max_value=...))
         gelu    x Phi(x) (exact, Keras's default) or 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))"""
     name, param = split_activation(activation)
     if name is None:

@@ -26,18 +26,24 @@ class _ActivationLayer(Activation):
 
 
 class ReLU(_ActivationLayer):
-    """max(x, 0); with ``negative_slope`` > 0, ``negative_slope · x`` below zero (a leaky ReLU). gpucnn supports
-    Keras's ``max_value=None`` and ``threshold=0.0`` only."""
+    """max(x, 0); with ``max_value``, at most that (``ReLU(6.0)``: MobileNet's relu6); with ``negative_slope`` > 0,
+    ``negative_slope · x`` below zero (a leaky ReLU). gpucnn supports Keras's ``threshold=0.0`` only, and a cap or a
+    negative slope, not both."""
 
     def __init__(self, max_value=None, negative_slope=0.0, threshold=0.0, **kwargs):
         self.negative_slope = _non_negative(negative_slope, "negative_slope", "ReLU")
-        if max_value is not None or _non_negative(threshold, "threshold", "ReLU") != 0:
-            raise ValueError(f"ReLU: gpucnn supports max_value=None and threshold=0.0 only (got max_value={max_value!r}"
-                             f", threshold={threshold!r}); a capped or shifted ReLU is not available (yet)")
-        super().__init__("relu" if self.negative_slope == 0 else ("leaky_relu", self.negative_slope), **kwargs)
+        self.max_value = None if max_value is None else _non_negative(max_value, "max_value", "ReLU")
+        if _non_negative(threshold, "threshold", "ReLU") != 0 or (self.max_value is not None and self.negative_slope):
+            raise ValueError(f"ReLU: gpucnn supports threshold=0.0 only, and max_value or negative_slope, not both (got "
+                             f"max_value={max_value!r}, negative_slope={negative_slope!r}, threshold={threshold!r})")
+        if self.max_value is not None:
+            activation = ("relu6", self.max_value)
+        else:
+            activation = "relu" if self.negative_slope == 0 else ("leaky_relu", self.negative_slope)
+        super().__init__(activation, **kwargs)
 
     def _arguments(self):
-        return {"max_value": None, "negative_slope": self.negative_slope, "threshold": 0.0}
+        return {"max_value": self.max_value, "negative_slope": self.negative_slope, "threshold": 0.0}
 
 
 class LeakyReLU(_ActivationLayer):
