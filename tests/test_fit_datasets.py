@@ -144,3 +144,63 @@ def test_an_image_folder_trains_with_the_books_code(tmp_path):
     h = m.fit(train, epochs=8, validation_data=val, verbose=0, callbacks=[keras.callbacks.History()])
     assert h.history["val_accuracy"][-1] >= 0.9, h.history
     assert not out.getvalue()
+
+
+class Logged(Batches):
+    """Batches that record which index is read."""
+
+    def __init__(self, x, y, size, reads):
+        super().__init__(x, y, size)
+        self.reads = reads
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return super().__getitem__(i)
+
+
+def test_validation_steps_read_the_same_batches_every_epoch():
+    """Keras validates on the same validation_steps batches each epoch (gpucnn went on through the data: each
+    epoch's val_loss was of other samples, and a false "ran out of data" came in the third)."""
+    x, y = arrays()
+    reads = []
+    m = model()
+    h = m.fit(x, y, epochs=3, verbose=0, validation_data=Logged(x[:40], y[:40], 8, reads), validation_steps=2)
+    assert reads == [0, 1] * 3
+    m2 = model()
+    m2.set_weights(m.get_weights())
+    assert h.history["val_loss"][-1] == pytest.approx(m2.evaluate(x[:16], y[:16], verbose=0)[0], rel=1e-6)
+
+
+def test_steps_with_arrays_and_no_batch_size_take_kerass_batch_size():
+    """predict/evaluate(steps=k) and fit(steps_per_epoch=k) on arrays without batch_size: batches of
+    ceil(N / k), so every sample is read (they took batches of 32: 32 of 40 samples, fewer steps)."""
+    x, y = arrays(40)
+    m = model()
+    assert m.predict(x, steps=1, verbose=0).shape == (40, 3)
+    assert m.evaluate(x, y, steps=1, verbose=0)[0] == pytest.approx(m.evaluate(x, y, verbose=0)[0], rel=1e-6)
+    steps = []
+    cb = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: steps.append(batch))
+    m.fit(x, y, steps_per_epoch=3, verbose=0, callbacks=[cb])
+    assert steps == [0, 1, 2]
+
+
+def test_validation_data_forms_keras_takes():
+    """(x_val, y_val) with validation_steps, (x_val, y_val, None), and validation_split with steps_per_epoch (each
+    refused before); sample weights are refused by name."""
+    x, y = arrays()
+    m = model()
+    for kwargs in ({"validation_data": (x[:16], y[:16]), "validation_steps": 1},
+                   {"validation_data": (x[:16], y[:16], None)},
+                   {"validation_split": 0.25, "steps_per_epoch": 2}):
+        h = m.fit(x, y, batch_size=8, verbose=0, **kwargs)
+        assert "val_loss" in h.history, kwargs
+    with pytest.raises(NotImplementedError, match="sample weights"):
+        m.fit(x, y, verbose=0, validation_data=(x, y, np.ones(48)))
+
+
+def test_a_validation_generator_that_runs_out_says_so():
+    x, y = arrays()
+    m = model()
+    once = ((x[i:i + 16], y[i:i + 16]) for i in range(0, 32, 16))
+    with pytest.raises(ValueError, match="validation_data has run out of batches.*read only once"):
+        m.fit(x, y, epochs=2, verbose=0, validation_data=once)

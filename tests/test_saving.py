@@ -224,6 +224,23 @@ def test_a_file_keras_wrote_is_named_as_such(tmp_path, kind):
         trained().load_weights(path)
 
 
+def test_save_weights_keeps_a_file_when_told_not_to_overwrite(tmp_path):
+    """save_weights(path, overwrite=False) refuses to replace a file (it was replaced silently: the argument was
+    not passed on); load_weights takes Keras's skip_mismatch=False and refuses True by name."""
+    model = trained()
+    model.save_weights(tmp_path / "w.npz")
+    before = (tmp_path / "w.npz").read_bytes()
+    model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+    with pytest.raises(FileExistsError):
+        model.save_weights(tmp_path / "w.npz", overwrite=False)
+    assert (tmp_path / "w.npz").read_bytes() == before
+    model.load_weights(tmp_path / "w.npz", skip_mismatch=False)
+    assert np.abs(model.get_weights()[0]).max() > 0
+    with pytest.raises(NotImplementedError, match="skip_mismatch=True"):
+        model.load_weights(tmp_path / "w.npz", skip_mismatch=True)
+    assert model.metrics_names == ["loss", "accuracy"] == ["loss"] + model.metrics
+
+
 def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
     model = trained()
     model.save_weights(tmp_path / "w.npz")

@@ -156,9 +156,14 @@ class Adapter:
         pass
 
     # ------------------------------------------------------------------------------ shared
+    restarts = False  # validation data: each epoch from the first batch again (a generator cannot)
+
     def batches(self, epoch=0):
         """One epoch's ``(x_batch, y_batch)`` pairs (see the module's docstring); ``epoch`` (from 0) is
-        named in error messages."""
+        named in error messages. With ``restarts`` each epoch starts a new pass (Keras validates on the same
+        ``validation_steps`` batches every epoch); otherwise a pass goes on where the last epoch left it."""
+        if self.restarts and not self._persistent:
+            self._end_pass()
         self._epoch_begin()
         n = 0
         try:

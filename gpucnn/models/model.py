@@ -439,11 +439,16 @@ class Model(Trainer, Layer):
         saving.write_model(self, path, model_config=serialize(self), overwrite=overwrite)
 
     def save_weights(self, path, overwrite=True):
-        """Save the weights alone (an ``.npz`` of float32 arrays, Keras's order)."""
-        saving.save_weights(self, path)
+        """Save the weights alone (an ``.npz`` of float32 arrays, Keras's order); ``overwrite=False`` refuses to
+        replace an existing file (FileExistsError; Keras asks)."""
+        saving.save_weights(self, path, overwrite=overwrite)
 
-    def load_weights(self, path):
-        """Load weights saved by ``save_weights`` (or ``save``) into this model."""
+    def load_weights(self, path, skip_mismatch=False):
+        """Load weights saved by ``save_weights`` (or ``save``) into this model (every array must fit: Keras's
+        ``skip_mismatch=True`` is not supported)."""
+        if skip_mismatch:
+            raise NotImplementedError("load_weights(skip_mismatch=True) is not supported by gpucnn: every array of "
+                                      "the file must fit the model")
         saving.load_weights(self, path)
 
     def __repr__(self):

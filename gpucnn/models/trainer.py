@@ -61,6 +61,12 @@ class Trainer:
         self._contexts_cache.clear()
         self._version += 1
 
+    @property
+    def metrics_names(self):
+        """The names of what ``evaluate`` returns, in its order: "loss", then the metrics (Keras 2's meaning; Keras 3
+        answers ['loss', 'compile_metrics'] once trained)."""
+        return ["loss"] + list(self.metrics) if self.loss is not None else []
+
     def _require_compiled(self, what):
         if self.optimizer is None or self.loss is None:
             raise RuntimeError(f"you must compile the model before calling {what}(): "
@@ -204,26 +210,31 @@ class Trainer:
             raise NotImplementedError("fit(validation_freq=...) is not supported by gpucnn yet; validation runs "
                                       "after every epoch")
         verbose = _verbose(verbose)
-        batch_size = 32 if batch_size is None else _positive_int(batch_size, "batch_size")
+        given_batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        batch_size = 32 if given_batch is None else given_batch
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         callbacks = _callback_list(callbacks)
-        train = None if steps_per_epoch is None and adapters.is_arrays(x, y) else \
-            adapters.adapt(x, y, batch_size, steps_per_epoch, shuffle, "x")
+        arrays = adapters.is_arrays(x, y)
+        if arrays:
+            x = self._check_x(x)
+            self._require_one_output("fit")
+            y = self._check_y(y, len(x))
+            if validation_data is None and validation_split:
+                if not 0 < validation_split < 1:
+                    raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
+                split = int(math.floor(len(x) * (1 - validation_split)))
+                if split == 0 or split == len(x):
+                    raise ValueError(f"validation_split={validation_split} leaves no training or no "
+                                     f"validation samples out of {len(x)}")
+                x, y, validation_data = x[:split], y[:split], (x[split:], y[split:])
+        # arrays with steps_per_epoch go through an adapter (Keras's batch size there: ceil(N / steps) unless given)
+        train = None if steps_per_epoch is None and arrays else \
+            adapters.adapt(x, y, given_batch, steps_per_epoch, shuffle, "x")
+        if train is not None and given_batch is None:
+            batch_size = getattr(train, "batch_size", None) or batch_size
         try:
-            if train is None:
-                x = self._check_x(x)
-                self._require_one_output("fit")
-                y = self._check_y(y, len(x))
-                if validation_data is None and validation_split:
-                    if not 0 < validation_split < 1:
-                        raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
-                    split = int(math.floor(len(x) * (1 - validation_split)))
-                    if split == 0 or split == len(x):
-                        raise ValueError(f"validation_split={validation_split} leaves no training or no "
-                                         f"validation samples out of {len(x)}")
-                    x, y, validation_data = x[:split], y[:split], (x[split:], y[split:])
-            else:
+            if not arrays:
                 if validation_split:
                     raise ValueError("validation_split is only supported for arrays: give the validation set as "
                                      "validation_data (e.g. image_dataset_from_directory(..., subset='validation'))")
@@ -234,9 +245,11 @@ class Trainer:
                 self._require_one_output("fit")
                 if first[1] is None:
                     raise ValueError("the batches of x hold no labels: fit needs (x, y) batches")
-            validation_batch_size = batch_size if validation_batch_size is None else _positive_int(
+            validation_batch_size = (given_batch or 32) if validation_batch_size is None else _positive_int(
                 validation_batch_size, "validation_batch_size")
             validation = self._validation_source(validation_data, validation_batch_size, validation_steps)
+            if isinstance(validation, adapters.Adapter):
+                validation.restarts = True  # the same validation batches each epoch, as Keras
             return self._fit(x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle,
                              initial_epoch, validation_batch_size)
         finally:
@@ -247,12 +260,17 @@ class Trainer:
         """Validation data as evaluate takes it: checked arrays (x, y), an adapter, or None."""
         if validation_data is None:
             return None
-        if isinstance(validation_data, (tuple, list)) and adapters.is_arrays(*validation_data[:2]) \
-                and steps is None:
-            if len(validation_data) != 2:
+        if isinstance(validation_data, (tuple, list)) and adapters.is_arrays(*validation_data[:2]):
+            if len(validation_data) == 3 and validation_data[2] is not None:
+                raise NotImplementedError("validation_data=(x_val, y_val, sample_weight): sample weights are not "
+                                          "supported by gpucnn")
+            if len(validation_data) not in (2, 3):
                 raise ValueError("validation_data must be a tuple (x_val, y_val) or a dataset")
             xv = self._check_x(validation_data[0], "validation_data[0]")
-            return xv, self._check_y(validation_data[1], len(xv), "validation_data[1]")
+            yv = self._check_y(validation_data[1], len(xv), "validation_data[1]")
+            if steps is not None:  # arrays read validation_steps batches (Keras's batch size: ceil(N / steps))
+                return adapters.adapt(xv, yv, batch_size, steps, False, "validation_data")
+            return xv, yv
         if isinstance(validation_data, tuple) and len(validation_data) == 2 and validation_data[1] is not None \
                 and not adapters.is_arrays(*validation_data):
             raise ValueError("validation_data must be a tuple (x_val, y_val) of arrays, or a dataset of (x, y) "
@@ -395,11 +413,12 @@ class Trainer:
         takes it (arrays with ``y``, or a dataset of (x, y) batches, with ``steps``)."""
         self._require_compiled("evaluate")
         verbose = _verbose(verbose)
-        batch_size = 32 if batch_size is None else _positive_int(batch_size, "batch_size")
+        given_batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        batch_size = 32 if given_batch is None else given_batch
         ops = backend.ops()
         source = None
         if isinstance(x, adapters.Adapter) or not (steps is None and adapters.is_arrays(x, y)):
-            source = x if isinstance(x, adapters.Adapter) else adapters.adapt(x, y, batch_size, steps, False, "x")
+            source = x if isinstance(x, adapters.Adapter) else adapters.adapt(x, y, given_batch, steps, False, "x")
             total = source.num_batches
             batches = self._checked_batches(source, 0)
         else:
@@ -431,6 +450,10 @@ class Trainer:
             if source is not None and source is not x:
                 source.close()
         if not seen:
+            if source is not None and source.exhausted:
+                raise ValueError(f"evaluate: {source.what} has run out of batches (a generator can be read only once, "
+                                 "and validation reads the same batches every epoch): give arrays, a PyDataset or a "
+                                 "dataset that can be read again, or an endless generator with validation_steps")
             raise ValueError("evaluate: the data yields no samples")
         logs = self._read_logs(loss_total, correct_total, seen)
         cbs.on_test_end(logs)
@@ -477,11 +500,12 @@ class Trainer:
         """The model's outputs for ``x`` (arrays, or a dataset / generator of batches, with ``steps``) as a
         NumPy array (N, ...), or a list of them for several outputs."""
         verbose = _verbose(verbose)
-        batch_size = 32 if batch_size is None else _positive_int(batch_size, "batch_size")
+        given_batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
+        batch_size = 32 if given_batch is None else given_batch
         xp = backend.ops().xp
         source = None
         if not (steps is None and adapters.is_arrays(x, None)):
-            source = adapters.adapt(x, None, batch_size, steps, False, "x")
+            source = adapters.adapt(x, None, given_batch, steps, False, "x")
             total = source.num_batches
             batches = (xb for xb, _ in self._checked_batches(source, 0, labels=False))
         else:
