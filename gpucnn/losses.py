@@ -7,8 +7,8 @@ gradient taken straight at the logits (``fused_activation``, ``fused_gradient``)
 does. The loss reported is the clipped one of Keras's conventions (probabilities clipped to [1e-7, 1 − 1e-7], as
 the torch and jax backends report it); those backends also differentiate the clip, which gives no gradient at all
 to a sample whose probability is clipped (a confidently wrong one) — gpucnn keeps the logits' gradient p − y there.
-Each loss also counts what ``"accuracy"`` means for it (Keras's rule: binary accuracy for a binary
-cross-entropy, categorical for one-hot labels, sparse categorical for integer labels).
+What ``"accuracy"`` counts under each loss is ``gpucnn.metrics``'s (Keras's rule, by the loss and the output's
+shape).
 """
 import numpy as np
 
@@ -81,9 +81,6 @@ class _Categorical(Loss):
     def fused_gradient(self, ops, p, y):
         return ops.softmax_crossentropy_backward(p, y, self.sparse)
 
-    def count_correct(self, ops, p, y):
-        return ops.count_correct(p, y, self.sparse)
-
     @staticmethod
     def predictions(p):
         return p.shape[0]
@@ -153,9 +150,6 @@ class BinaryCrossentropy(Loss):
 
     def fused_gradient(self, ops, p, y):
         return ops.sigmoid_binary_crossentropy_backward(p, y, self.label_smoothing)
-
-    def count_correct(self, ops, p, y):
-        return ops.count_binary_correct(p, y, 0.5)
 
     @staticmethod
     def predictions(p):

@@ -1,10 +1,10 @@
 """Metrics that ``compile(metrics=[...])`` takes, as Keras names them.
 
-gpucnn computes accuracy, the share of correct predictions, in the form that fits the loss: the arg-max output
-against a class index (sparse categorical) or a one-hot row (categorical), or each sigmoid output thresholded at
-0.5 against a 0/1 label (binary). ``"accuracy"`` and ``"acc"`` pick the form from the loss (Keras does the same);
-the others name their form, and compile refuses one that does not fit the loss (``check``), where Keras would
-compute a meaningless number. The logs use the name the user wrote (``history.history["acc"]`` for
+gpucnn computes accuracy, the share of correct predictions, in one of three forms: the arg-max output against a
+class index (sparse) or against the arg-max of a one-hot (or multi-hot) row (categorical), or each output
+thresholded at 0.5 against a 0/1 label (binary). ``"accuracy"`` and ``"acc"`` pick the form as Keras does, from the
+loss and the output's shape (``form``); the others name their form, and compile refuses one the labels cannot
+give (``kind``). The logs use the name the user wrote (``history.history["acc"]`` for
 ``metrics=["acc"]``, as Keras 3); a metric object logs under its ``name``.
 
 ``Accuracy()`` as an object is Keras's exact-match accuracy (y_pred == y_true), which gpucnn does not compute: it is
@@ -84,15 +84,36 @@ def get(metric):
                      "CategoricalAccuracy(), SparseCategoricalAccuracy(), BinaryAccuracy()")
 
 
-def check(metric, loss):
-    """Refuse a metric whose form does not fit ``loss`` (a gpucnn Loss), e.g. binary accuracy under a categorical
-    cross-entropy: gpucnn counts the form the loss fits, and would log it under the wrong name."""
-    kind = metric.kind if isinstance(metric, Metric) else _KINDS[metric]
-    loss_kind = "binary" if loss.name == "binary_crossentropy" else ("sparse" if loss.sparse else "categorical")
-    if kind is not None and kind != loss_kind:
+def kind(metric, loss):
+    """The form of accuracy ``metric`` counts ("binary", "categorical", "sparse", or None: "accuracy", whose form
+    comes from the loss and the output's shape, ``form``), refusing one that cannot be read from ``loss``'s labels
+    (a sparse accuracy without class indices, a categorical or binary one with them)."""
+    wanted = metric.kind if isinstance(metric, Metric) else _KINDS[metric]
+    labels = _natural(loss)
+    if wanted is not None and (wanted == "sparse") != (labels == "sparse"):
         name = metric.name if isinstance(metric, Metric) else metric
-        raise ValueError(f"metric {name!r} needs a {kind} loss ({_LOSS_OF[kind]}); this model's loss is "
-                         f"{loss.name}: give metrics=['accuracy'], which takes the form that fits the loss")
+        needs = "class indices (sparse_categorical_crossentropy)" if wanted == "sparse" else \
+            "one-hot or 0/1 labels (categorical or binary cross-entropy)"
+        raise ValueError(f"metric {name!r} needs {needs}; this model's loss is {loss.name}: give "
+                         "metrics=['accuracy'], which takes the form that fits the loss")
+    return wanted
+
+
+def form(kinds, loss, units):
+    """The one form of accuracy a model with these metric ``kinds`` (``kind``'s answers), ``loss`` and ``units``
+    outputs counts. "accuracy" is Keras's choice by shape: binary for one sigmoid unit, categorical (arg-max) for
+    more, sparse or categorical from the labels otherwise. Two different forms at once are not supported."""
+    natural = _natural(loss)
+    auto = "categorical" if natural == "binary" and units > 1 else natural
+    forms = {auto if k is None else k for k in kinds}
+    if len(forms) > 1:
+        raise NotImplementedError(f"these metrics count accuracy in {len(forms)} forms ({', '.join(sorted(forms))}); "
+                                  "gpucnn counts one form of accuracy per model: keep one of them")
+    return forms.pop() if forms else natural
+
+
+def _natural(loss):
+    return "binary" if loss.name == "binary_crossentropy" else ("sparse" if loss.sparse else "categorical")
 
 
 def serialize(metric):
@@ -109,10 +130,6 @@ def deserialize(config):
             and set(config["config"]) <= {"name", "threshold"}):
         raise ValueError(f"unknown metric {config!r}")
     return classes[config["class_name"]](**config["config"])
-
-
-_LOSS_OF = {"binary": "binary_crossentropy", "sparse": "sparse_categorical_crossentropy",
-            "categorical": "categorical_crossentropy"}
 
 
 def __getattr__(name):

@@ -165,6 +165,11 @@ def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
     two = models.Model(inputs, [layers.Dense(3, activation="softmax")(inputs), layers.Dense(2)(inputs)])
     two.compile(optimizer="sgd", loss="categorical_crossentropy")
     assert "2 outputs" in fastpath.unsupported_reason(two)
+    multi = models.Sequential([layers.Input((6,)), layers.Dense(3, activation="sigmoid")])
+    multi.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["accuracy"])  # Keras's: categorical
+    assert "count categorical accuracy under a binary_crossentropy loss" in fastpath.unsupported_reason(multi)
+    multi.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["binary_accuracy"])
+    assert fastpath.unsupported_reason(multi) is None
 
 
 def test_which_max_pools_run_inside_the_convolution():

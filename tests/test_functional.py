@@ -484,3 +484,25 @@ def test_a_batch_normalization_called_twice_trains_with_both_calls_gradients():
         np.testing.assert_allclose(tied.get_layer("bn_a").grads[i], untied.get_layer("bn_a").grads[i] +
                                    untied.get_layer("bn_b").grads[i], rtol=1e-5, atol=1e-6)
     tied.fit(x, y, batch_size=6, epochs=1, verbose=0)  # trains (it raised KeyError before)
+
+
+def test_training_given_at_a_symbolic_call_holds_when_the_model_is_called_without_one(tmp_path):
+    """Keras: ``layers.Dropout(0.5)(x, training=True)`` makes ``model(x)`` drop units at every call (Monte-Carlo
+    dropout), and ``BatchNormalization()(x, training=True)`` normalizes with the batch's statistics and updates the
+    moving ones; fit, evaluate and predict override it (predict is deterministic). It was dropped silently."""
+    inp = keras.Input((4,))
+    out = layers.Dense(3)(layers.Dropout(0.5)(layers.Dense(8)(inp), training=True))
+    m = models.Model(inp, out)
+    x = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    assert not np.allclose(m(x), m(x))
+    np.testing.assert_array_equal(m.predict(x, verbose=0), m.predict(x, verbose=0))
+    cin = keras.Input((5, 5, 2))
+    bn = layers.BatchNormalization()
+    m2 = models.Model(cin, bn(layers.Conv2D(3, 3, use_bias=False)(cin), training=True))
+    z = np.random.default_rng(1).standard_normal((4, 5, 5, 2)).astype(np.float32) + 3
+    y = np.asarray(m2(z))
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0, atol=1e-5)  # the batch's statistics, not the moving ones
+    assert np.abs(bn.get_weights()[2]).max() > 0  # the moving mean moved
+    m2.save(tmp_path / "m.gpucnn")
+    again = models.load_model(tmp_path / "m.gpucnn")
+    assert [n.training for layer in again.layers for n in layer._inbound_nodes] == [None, None, True]

@@ -210,6 +210,45 @@ def test_weight_decay_trains_as_keras(which):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("metric", ["accuracy", "binary_accuracy"])
+def test_accuracy_of_a_multi_label_model_is_kerass(metric):
+    """Several sigmoid outputs under a binary cross-entropy: Keras's "accuracy" is categorical (arg-max), its
+    "binary_accuracy" per output; fit's and evaluate's numbers as Keras's."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((24, 4)).astype(np.float32)
+    y = (rng.random((24, 3)) < 0.4).astype(np.float32)
+    got = []
+    for lib in (keras_ref, gpucnn):
+        m = lib.Sequential([lib.Input((4,)), lib.layers.Dense(3, activation="sigmoid", name="d")])
+        if got:
+            m.set_weights(start)
+        start = [np.asarray(w) for w in m.get_weights()]
+        m.compile(optimizer=lib.optimizers.SGD(0.1), loss="binary_crossentropy", metrics=[metric])
+        h = m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        got.append((h.history[metric][0], m.evaluate(x, y, verbose=0, return_dict=True)[metric]))
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-6)
+
+
+def test_a_batch_normalization_called_with_training_true_is_kerass_in_direct_calls_and_predict():
+    """BatchNormalization()(x, training=True) in a functional model: model(x) normalizes with the batch's statistics
+    and moves the moving ones, predict uses the moving ones (its training=False wins), as Keras 3."""
+    rng = np.random.default_rng(3)
+    z = (rng.standard_normal((6, 5, 5, 2)) + 2).astype(np.float32)
+    results = []
+    for lib in (keras_ref, gpucnn):
+        inp = lib.Input((5, 5, 2))
+        bn = lib.layers.BatchNormalization(momentum=0.5)
+        m = lib.Model(inp, bn(lib.layers.Conv2D(3, 3, use_bias=False, name="c")(inp), training=True))
+        if results:
+            m.get_layer("c").set_weights(kernel)
+        kernel = m.get_layer("c").get_weights()
+        direct = lib.ops.convert_to_numpy(m(z))
+        results.append((direct, [np.asarray(w) for w in bn.get_weights()], np.asarray(m.predict(z, verbose=0))))
+    for got, want in zip(results[1], results[0]):
+        for g, w in zip(got if isinstance(got, list) else [got], want if isinstance(want, list) else [want]):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs", [{"expand_nested": True}, {"expand_nested": True, "show_trainable": True},
                                     {"positions": [0.4, 0.7, 0.85, 1.0]}, {"layer_range": ["pre", "deep2"]},
                                     {"layer_range": ["stem", "b.*"]}, {"positions": [0.5, 0.8, 1.0]}], ids=str)

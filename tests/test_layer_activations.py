@@ -144,14 +144,40 @@ def test_binary_accuracy_objects_and_metrics_that_do_not_fit_the_loss():
     assert list(h.history) == ["acc", "loss"]
     z = m.predict(x, verbose=0)[:, 0]
     assert m.evaluate(x, y, verbose=0, return_dict=True)["acc"] == float(((z > 0.5) == y).mean())
-    for metric, match in ((keras.metrics.Accuracy(), "exactly equal"), ("sparse_categorical_accuracy", "sparse"),
-                          (keras.metrics.CategoricalAccuracy(), "categorical loss")):
+    for metric, match in ((keras.metrics.Accuracy(), "exactly equal"),
+                          ("sparse_categorical_accuracy", "needs class indices")):
         with pytest.raises(ValueError, match=match):
             m.compile("sgd", "binary_crossentropy", metrics=[metric])
     assert m.metrics == ["acc"] and m.optimizer.name == "adam"
-    with pytest.raises(ValueError, match="needs a binary loss"):
-        keras.Sequential([keras.Input((4,)), layers.Dense(3)]).compile("sgd", "categorical_crossentropy",
-                                                                      metrics=["binary_accuracy"])
+    three = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    with pytest.raises(ValueError, match="needs one-hot or 0/1 labels"):
+        three.compile("sgd", "sparse_categorical_crossentropy", metrics=["categorical_accuracy"])
+    with pytest.raises(NotImplementedError, match="one form of accuracy per model"):
+        three.compile("sgd", "binary_crossentropy", metrics=["accuracy", "binary_accuracy"])
     with pytest.raises(NotImplementedError, match="threshold 0.5 only"):
         keras.metrics.BinaryAccuracy(threshold=0.7)
+
+
+def test_accuracy_takes_kerass_form_from_the_loss_and_the_outputs_shape():
+    """Keras's "accuracy" under a binary cross-entropy with several sigmoid outputs (multi-label) is categorical:
+    the arg-max output against the arg-max label (it was counted per output, a different number);
+    "binary_accuracy" counts per output, under a categorical cross-entropy's one-hot labels too."""
+    r = np.random.default_rng(4)
+    x = r.standard_normal((30, 4)).astype(np.float32)
+    y = (r.random((30, 3)) < 0.4).astype(np.float32)
+    for metric, loss in (("accuracy", "binary_crossentropy"), ("binary_accuracy", "binary_crossentropy"),
+                         ("categorical_accuracy", "binary_crossentropy"),
+                         ("binary_accuracy", "categorical_crossentropy")):
+        keras.utils.set_random_seed(1)
+        m = keras.Sequential([keras.Input((4,)), layers.Dense(3, activation="sigmoid" if "binary" in loss
+                                                                 else "softmax")])
+        m.compile("sgd", loss, metrics=[metric])
+        labels = y if loss == "binary_crossentropy" else np.eye(3, dtype=np.float32)[r.integers(0, 3, 30)]
+        p = m.predict(x, verbose=0)
+        got = m.evaluate(x, labels, batch_size=7, verbose=0)[1]
+        if metric == "binary_accuracy":
+            want = ((p > 0.5) == (labels > 0.5)).mean()
+        else:
+            want = (p.argmax(1) == labels.argmax(1)).mean()
+        assert got == pytest.approx(float(want)), (metric, loss)
 

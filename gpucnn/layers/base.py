@@ -289,11 +289,13 @@ class Layer:
             current[...] = backend.ops().xp.asarray(new)  # in place: views stay valid
 
     # ---- calling
-    def __call__(self, inputs, training=False):
-        """On symbolic tensors: build the layer, record the call (a graph node) and return symbolic output(s).
-        On arrays: run the layer forward (inference unless ``training``) and return an engine array."""
+    def __call__(self, inputs, training=None):
+        """On symbolic tensors: build the layer, record the call (a graph node, with its ``training`` if given) and
+        return symbolic output(s). On arrays: run the layer forward (inference unless ``training``) and return an
+        engine array."""
         if is_symbolic(inputs):
-            return self._call_symbolic(inputs)
+            return self._call_symbolic(inputs, training)
+        training = bool(training)
         if self.multi_input:
             if not isinstance(inputs, (list, tuple)):
                 raise TypeError(f"{type(self).__name__} {self.name!r} takes a list of arrays, got "
@@ -329,7 +331,7 @@ class Layer:
                              f"take {got} (per-sample shapes): a layer keeps the input shape of its first call; "
                              "create a new layer for another shape")
 
-    def _call_symbolic(self, inputs):
+    def _call_symbolic(self, inputs, training=None):
         single = not isinstance(inputs, (list, tuple))
         tensors = [inputs] if single else list(inputs)
         bad = [t for t in tensors if not isinstance(t, KerasTensor)]
@@ -346,7 +348,7 @@ class Layer:
             single = True
         shapes = [t.sample_shape for t in tensors]
         outputs = [KerasTensor(self._symbolic_output_shape(shapes if self.multi_input else shapes[0]))]
-        node = Node(self, tensors, outputs, single=single)
+        node = Node(self, tensors, outputs, single=single, training=training)
         self._inbound_nodes.append(node)
         return outputs[0]
 

@@ -49,12 +49,15 @@ class KerasTensor:
 
 class Node:
     """One call of ``layer`` on symbolic ``inputs`` (a list of KerasTensors) producing ``outputs``.
-    ``single``: the layer was called on one tensor, not a list (its forward takes an array, not a list)."""
+    ``single``: the layer was called on one tensor, not a list (its forward takes an array, not a list).
+    ``training``: the ``training=`` the call was written with (None: not given); as Keras, it holds when the model
+    itself is called without one (``model(x)``: Monte-Carlo dropout), and fit, evaluate and predict override it."""
 
     _order = itertools.count()
 
-    def __init__(self, layer, inputs, outputs, single=True):
+    def __init__(self, layer, inputs, outputs, single=True, training=None):
         self.layer, self.inputs, self.outputs, self.single = layer, list(inputs), list(outputs), single
+        self.training = None if training is None else bool(training)
         self.order = next(Node._order)  # creation order: a topological order of every graph built by calls
         for i, t in enumerate(self.outputs):
             t.node, t.index = self, i

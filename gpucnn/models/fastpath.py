@@ -69,6 +69,11 @@ def unsupported_reason(model):
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
                 f"({', '.join(cls.__name__ for cls in _OPTIMIZERS)})")
+    natural = "binary" if isinstance(model.loss, losses_mod.BinaryCrossentropy) else (
+        "sparse" if model.loss.sparse else "categorical")
+    if model.metrics and model.accuracy_form() != natural:
+        return (f"its metrics count {model.accuracy_form()} accuracy under a {model.loss.name} loss, which the "
+                f"fast path's step does not count (it counts {natural} accuracy)")
     if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
         return (f"its loss {type(model.loss).__name__}{' (from_logits)' if model.loss.from_logits else ''} is not "
                 "one the captured step fuses with its output activation (a cross-entropy of probabilities)")

@@ -92,6 +92,7 @@ class Graph:
                     continue
                 readers = self.consumers.get(node.outputs[0].id, [])
                 if (len(readers) == 1 and node.outputs[0].id not in output_ids
+                        and (training is not None or node.training is None and readers[0].training is None)
                         and fused(node.layer, readers[0].layer, training) is not None):
                     steps.append((node, readers[0]))
                     skip.add(id(readers[0]))
@@ -135,7 +136,8 @@ class Graph:
             else:
                 node = step[0]
                 args = [values[t.id] for t in node.inputs]
-                values[node.outputs[0].id] = node.layer.forward(args[0] if node.single else args, training,
+                mode = node.training if training is None and node.training is not None else training
+                values[node.outputs[0].id] = node.layer.forward(args[0] if node.single else args, mode,
                                                                 contexts[node])
             if release:
                 for node in step:

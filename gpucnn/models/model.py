@@ -347,7 +347,7 @@ class Model(Trainer, Layer):
         for that batch (engine arrays). ``training=None``, as Keras: each layer's own default (random
         augmentation layers augment, Dropout passes values through)."""
         if is_symbolic(inputs):
-            return self._call_symbolic(inputs)
+            return self._call_symbolic(inputs, training)
         x = self._as_engine_array(inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs)
         self._build_for_data(x.shape[1:])
         self._check_call_shapes(x.shape[1:])
@@ -416,9 +416,11 @@ class Model(Trainer, Layer):
         for layer in graph.layers:
             spec = serialize(layer)
             spec["name"] = layer.name
+            calls = [node for node in graph.nodes if node.layer is layer and not isinstance(layer, InputLayer)]
             spec["inbound_nodes"] = [[[t.node.layer.name, local_index(t.node), t.index] for t in node.inputs]
-                                     for node in graph.nodes
-                                     if node.layer is layer and not isinstance(layer, InputLayer)]
+                                     for node in calls]
+            if any(node.training is not None for node in calls):  # the training= each call was written with
+                spec["call_training"] = [node.training for node in calls]
             layers.append(spec)
         return {"name": self.name, "layers": layers,
                 "input_layers": [[t.node.layer.name, 0, 0] for t in graph.inputs],

@@ -356,7 +356,8 @@ class _Worker:
             os.ftruncate(fd, max(offset, 1))
             mapped = mmap.mmap(fd, max(offset, 1))
             self.key = None
-            self.send(("setup", serialize(model), model.loss.get_config(), path, layout))
+            self.send(("setup", serialize(model), {**model.loss.get_config(), "metrics": model._metric_configs}, path,
+                       layout))
             self._expect("ok", START_SECONDS)
         finally:
             os.close(fd)

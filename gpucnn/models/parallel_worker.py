@@ -8,7 +8,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from .. import backend, losses
+from .. import backend, losses, metrics
 from .parallel import _arrays, _fixed_slots, exchange_chunks
 from .serialization import model_from_config
 
@@ -64,7 +64,9 @@ def _replica(config, loss, path, layout):
         mapped = mmap.mmap(f.fileno(), 0)
     shared = _arrays(mapped, layout)
     model = model_from_config(config, where="the model sent to the worker process")
-    model.compile("sgd", losses.LOSSES[loss["name"]](**{k: v for k, v in loss.items() if k != "name"}))
+    options = {k: v for k, v in loss.items() if k not in ("name", "metrics")}
+    model.compile("sgd", losses.LOSSES[loss["name"]](**options),  # the metrics: the form of accuracy to count
+                  metrics=[metrics.deserialize(m) for m in loss.get("metrics", [])])
     if model._params.shape != shared["params"].shape:
         raise ValueError(f"the worker's model has {model._params.size} weights, the file "
                          f"{shared['params'].size}")

@@ -96,21 +96,24 @@ def _functional(config, classes):
         if isinstance(layer, InputLayer):
             outputs_of[(name, 0)] = [layer.output]
         else:
+            training = spec.get("call_training") or [None] * len(spec["inbound_nodes"])
+            if len(training) != len(spec["inbound_nodes"]) or not all(t in (None, True, False) for t in training):
+                raise _Invalid(f"layer {name!r}: call_training must give None, true or false for each call")
             for k, inbound in enumerate(spec["inbound_nodes"]):
-                pending.append((name, k, inbound))
+                pending.append((name, k, inbound, training[k]))
     while pending:  # call each layer once the tensors it reads exist (shared layers may wait for later ones)
         waiting = []
-        for name, k, inbound in pending:
+        for name, k, inbound, training in pending:
             keys = [(str(n), int(i)) for n, i, _ in inbound]
             if not all(key in outputs_of for key in keys):
-                waiting.append((name, k, inbound))
+                waiting.append((name, k, inbound, training))
                 continue
             tensors = [outputs_of[key][int(t)] for key, (_, _, t) in zip(keys, inbound)]
             layer = layers[name]
-            out = layer(tensors if layer.multi_input else tensors[0])
+            out = layer(tensors if layer.multi_input else tensors[0], training=training)
             outputs_of[(name, k)] = [out]
         if len(waiting) == len(pending):
-            raise _Invalid(f"the layer calls {[(n, k) for n, k, _ in waiting]} read tensors no layer makes")
+            raise _Invalid(f"the layer calls {[(n, k) for n, k, _, _ in waiting]} read tensors no layer makes")
         pending = waiting
     inputs = [outputs_of[(str(n), int(i))][int(t)] for n, i, t in config["input_layers"]]
     outputs = [outputs_of[(str(n), int(i))][int(t)] for n, i, t in config["output_layers"]]

@@ -51,11 +51,13 @@ class Trainer:
         loss = losses_mod.get(loss)
         metrics = [metrics] if isinstance(metrics, (str, metrics_mod.Metric)) else list(metrics or [])
         names = [metrics_mod.get(m) for m in metrics]
-        for m in metrics:
-            metrics_mod.check(m, loss)
+        kinds = [metrics_mod.kind(m, loss) for m in metrics]
+        if self.built:
+            metrics_mod.form(kinds, loss, self._output_units())
         previous = self.optimizer  # (all checked: a refused compile leaves the model as it was)
         self.optimizer, self.loss, self.metrics = optimizer, loss, list(dict.fromkeys(names))  # metrics: log names
         self._metric_configs = [metrics_mod.serialize(m) for m in metrics]  # what a saved file holds
+        self._metric_kinds = kinds
         if self.built:
             self._pack_weights(keep_state=self.optimizer is previous)
         self._contexts_cache.clear()
@@ -182,7 +184,7 @@ class Trainer:
             out = self.graph.forward([xb], True, contexts)[0]
             p = ops.activation_forward(out, fused) if fused else out  # the loss's softmax / sigmoid of the logits
             loss_sum = loss.per_sample(ops, p, yb).sum()
-            correct = loss.count_correct(ops, p, yb)
+            correct = self._count_correct(ops, p, yb)
             dy = loss.fused_gradient(ops, p, yb) if fused else loss.gradient(ops, p, yb)
             if scale is not None:
                 dy *= np.float32(scale)
@@ -381,10 +383,23 @@ class Trainer:
             logs[name] = int(correct_total) / (seen * self._accuracy_units())
         return dict(sorted(logs.items()))  # by name, as Keras 3 orders its logs (and so history's keys)
 
+    def _output_units(self):
+        return int(np.prod(self.outputs[0].sample_shape))
+
+    def accuracy_form(self):
+        """The form of accuracy the metrics count ("binary", "categorical" or "sparse"; ``metrics.form``)."""
+        return metrics_mod.form(getattr(self, "_metric_kinds", []), self.loss, self._output_units())
+
+    def _count_correct(self, ops, p, y):
+        """Correct predictions in a batch, in the metrics' form of accuracy (an engine scalar)."""
+        form = self.accuracy_form()
+        if form == "binary":
+            return ops.count_binary_correct(p, y, 0.5)
+        return ops.count_correct(p, y, form == "sparse")
+
     def _accuracy_units(self):
-        """Predictions per sample that accuracy counts: every unit for a binary cross-entropy, else one row."""
-        return int(np.prod(self.outputs[0].sample_shape)) if isinstance(self.loss, losses_mod.BinaryCrossentropy) \
-            else 1
+        """Predictions per sample that accuracy counts: every output for binary accuracy, else one."""
+        return self._output_units() if self.accuracy_form() == "binary" else 1
 
     def _end_batch(self, cbs, bar, epoch, step, logs):
         """Batch-end rules shared by the plain loop and the GPU fast path: callbacks, progress, then stop
@@ -442,7 +457,7 @@ class Trainer:
                 cbs.on_test_batch_begin(step)
                 p = self._predict_batch(xb)[0]
                 loss_total = loss_total + self.loss.per_sample(ops, p, yb).sum()
-                correct_total = correct_total + self.loss.count_correct(ops, p, yb)
+                correct_total = correct_total + self._count_correct(ops, p, yb)
                 seen += len(xb)
                 cbs.on_test_batch_end(step, {})
                 bar.update(step + 1, {})
