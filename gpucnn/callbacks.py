@@ -92,11 +92,12 @@ class CallbackList:
     def batch_hooks_use_model(self):
         """Whether any callback has its own train-batch hook (on its class or set on the instance) that
         may read or change the model there."""
-        def own(cb, name):
-            hook = getattr(cb, name)
-            return getattr(hook, "__func__", hook) is not getattr(Callback, name)
-        return any(cb.batch_hooks_use_model and any(own(cb, hook) for hook in (
+        return any(cb.batch_hooks_use_model and any(_own(cb, hook) for hook in (
             "on_train_batch_begin", "on_train_batch_end", "on_batch_begin", "on_batch_end")) for cb in self.callbacks)
+
+    def has_own(self, hook):
+        """Whether any callback has its own ``hook`` (not the base class's, which does nothing)."""
+        return any(_own(cb, hook) for cb in self.callbacks)
 
     def __getattr__(self, hook):
         if not hook.startswith("on_"):
@@ -113,6 +114,12 @@ class CallbackList:
                 else:
                     getattr(cb, hook)(*args[:at], logs)
         return call
+
+
+def _own(cb, name):
+    """Whether callback ``cb``'s hook ``name`` is its own (on its class or set on the instance)."""
+    hook = getattr(cb, name)
+    return getattr(hook, "__func__", hook) is not getattr(Callback, name)
 
 
 def as_list(callbacks):

@@ -129,6 +129,22 @@ def test_kerass_older_batch_hook_names_are_called():
     assert not callbacks.CallbackList([callbacks.History()]).batch_hooks_use_model()
 
 
+def test_test_batch_end_gets_kerass_running_logs():
+    """on_test_batch_end gets the running loss and metrics of the batches so far, as Keras passes them."""
+    seen = []
+
+    class Look(callbacks.Callback):
+        def on_test_batch_end(self, batch, logs=None):
+            seen.append(dict(logs))
+
+    model = tiny_model()
+    x, y = tiny_data(10)
+    model.evaluate(x, y, batch_size=4, verbose=0, callbacks=[Look()])
+    assert [sorted(s) for s in seen] == [["accuracy", "loss"]] * 3
+    assert seen[-1]["loss"] == pytest.approx(model.evaluate(x, y, verbose=0)[0], rel=1e-6)
+    assert seen[0]["loss"] == pytest.approx(model.evaluate(x[:4], y[:4], verbose=0)[0], rel=1e-6)
+
+
 # ===================================================================================== EarlyStopping
 def test_early_stopping_waits_patience_epochs_without_improvement():
     assert drive(EarlyStopping(patience=2), [1.0, 0.9, 0.95, 0.92, 0.8])[0] == 3

@@ -295,7 +295,6 @@ class Layer:
         engine array."""
         if is_symbolic(inputs):
             return self._call_symbolic(inputs, training)
-        training = bool(training)
         if self.multi_input:
             if not isinstance(inputs, (list, tuple)):
                 raise TypeError(f"{type(self).__name__} {self.name!r} takes a list of arrays, got "

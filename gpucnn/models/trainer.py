@@ -452,6 +452,7 @@ class Trainer:
         cbs.on_test_begin()
         bar = Progbar(total, verbose)
         loss_total, correct_total, seen = 0.0, 0, 0
+        running = cbs.has_own("on_test_batch_end")  # Keras's running logs, read only for a hook that takes them
         try:
             for step, (xb, yb) in enumerate(batches):
                 cbs.on_test_batch_begin(step)
@@ -459,7 +460,7 @@ class Trainer:
                 loss_total = loss_total + self.loss.per_sample(ops, p, yb).sum()
                 correct_total = correct_total + self._count_correct(ops, p, yb)
                 seen += len(xb)
-                cbs.on_test_batch_end(step, {})
+                cbs.on_test_batch_end(step, self._read_logs(loss_total, correct_total, seen) if running else {})
                 bar.update(step + 1, {})
         finally:
             if source is not None and source is not x:
