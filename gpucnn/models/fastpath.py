@@ -71,8 +71,8 @@ def unsupported_reason(model):
                 f"({', '.join(cls.__name__ for cls in _OPTIMIZERS)})")
     natural = "binary" if isinstance(model.loss, losses_mod.BinaryCrossentropy) else (
         "sparse" if model.loss.sparse else "categorical")
-    if model.metrics and model.accuracy_form() != natural:
-        return (f"its metrics count {model.accuracy_form()} accuracy under a {model.loss.name} loss, which the "
+    if model.metrics and model._accuracy_form() != natural:
+        return (f"its metrics count {model._accuracy_form()} accuracy under a {model.loss.name} loss, which the "
                 f"fast path's step does not count (it counts {natural} accuracy)")
     if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
         return (f"its loss {type(model.loss).__name__}{' (from_logits)' if model.loss.from_logits else ''} is not "

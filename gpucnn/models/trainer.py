@@ -386,20 +386,20 @@ class Trainer:
     def _output_units(self):
         return int(np.prod(self.outputs[0].sample_shape))
 
-    def accuracy_form(self):
+    def _accuracy_form(self):
         """The form of accuracy the metrics count ("binary", "categorical" or "sparse"; ``metrics.form``)."""
         return metrics_mod.form(getattr(self, "_metric_kinds", []), self.loss, self._output_units())
 
     def _count_correct(self, ops, p, y):
         """Correct predictions in a batch, in the metrics' form of accuracy (an engine scalar)."""
-        form = self.accuracy_form()
+        form = self._accuracy_form()
         if form == "binary":
             return ops.count_binary_correct(p, y, 0.5)
         return ops.count_correct(p, y, form == "sparse")
 
     def _accuracy_units(self):
         """Predictions per sample that accuracy counts: every output for binary accuracy, else one."""
-        return self._output_units() if self.accuracy_form() == "binary" else 1
+        return self._output_units() if self._accuracy_form() == "binary" else 1
 
     def _end_batch(self, cbs, bar, epoch, step, logs):
         """Batch-end rules shared by the plain loop and the GPU fast path: callbacks, progress, then stop
