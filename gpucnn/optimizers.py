@@ -19,6 +19,7 @@ it, so the weights, the state buffers and ``iterations`` are never left half-upd
 """
 import inspect
 import math
+import re
 
 import numpy as np
 
@@ -55,9 +56,13 @@ class Optimizer:
 
     def __init__(self, learning_rate, weight_decay=None):
         self._learning_rate = _learning_rate_argument(learning_rate)
-        if weight_decay is not None and not _number("weight_decay", weight_decay) >= 0:
+        if weight_decay is not None and (isinstance(weight_decay, bool)
+                                         or not _number("weight_decay", weight_decay) >= 0):
             raise ValueError(f"weight_decay must be None or a number >= 0, got {weight_decay!r}")
         self.weight_decay = None if weight_decay is None else float(weight_decay)
+        self._excluded_names = ()  # exclude_from_weight_decay's patterns
+        self._excluded_arrays = []  # and the weight arrays it was given
+        self._owner = None  # the model whose flat buffers this optimizer updates (its layout: _decay_ranges)
         self.iterations = 0
         self.state = None
         self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
@@ -138,14 +143,44 @@ class Optimizer:
 
     def update(self, params, grads, rates, counter, factors=None):
         """The update kernel/op over the flat buffers, reading the rate at ``rates[counter[0]]`` (and, with weight
-        decay, first decaying the weights by ``factors[counter[0]]``)."""
+        decay, first decaying the weights by ``factors[counter[0]]``: one launch per run of decayed weights)."""
         ops = backend.ops()
         if self.weight_decay is not None:
             if factors is None:
                 raise ValueError(f"{type(self).__name__}(weight_decay={self.weight_decay}) needs the table of weight "
                                  "decay factors (decay_factors_for)")
-            ops.weight_decay(params, factors, counter)
+            for lo, hi in self._decay_ranges(params.shape[0]):
+                ops.weight_decay(params[lo:hi], factors, counter)
         self._update(ops, params, grads, rates, counter)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Keras's: leave some weights out of weight decay — the arrays ``var_list`` (from ``model.weights``, as
+        they are now), or every weight whose name (``kernel``, ``bias``, ``gamma``, ``beta``, ...) a pattern of
+        ``var_names`` matches (``re.search``), e.g. ``var_names=["bias", "gamma", "beta"]``. Each call replaces
+        the previous one, as Keras's."""
+        names = list(var_names or ())
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"exclude_from_weight_decay: var_names must be strings, got {names!r}")
+        self._excluded_names = tuple(names)
+        self._excluded_arrays = list(var_list or ())
+
+    def _decay_ranges(self, total):
+        """[(lo, hi), ...] of the flat buffer's runs of decayed weights (a run spans the alignment gaps between its
+        weights, which hold zeros): the whole buffer unless some weights are excluded."""
+        layout = getattr(self._owner, "_layout", None)
+        if not (self._excluded_names or self._excluded_arrays) or not layout:
+            return [(0, total)]
+        pattern = re.compile("|".join(self._excluded_names)) if self._excluded_names else None
+        ranges, previous_decayed = [], False
+        for layer, i, view, _, lo in sorted(layout, key=lambda entry: entry[4]):
+            excluded = any(layer.weights[i] is a or view is a for a in self._excluded_arrays) or (
+                pattern is not None and pattern.search(layer.weight_names[i]) is not None)
+            if not excluded and previous_decayed:
+                ranges[-1] = (ranges[-1][0], lo + view.size)
+            elif not excluded:
+                ranges.append((lo, lo + view.size))
+            previous_decayed = not excluded
+        return ranges
 
     def get_config(self):
         """The constructor's arguments; a schedule as ``schedules.serialize`` gives it (a plain function as itself:
@@ -170,7 +205,7 @@ class SGD(Optimizer):
     name = "sgd"
     _config = ("momentum", "nesterov")
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=None):
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, *, weight_decay=None):
         super().__init__(learning_rate, weight_decay)
         if not 0 <= _number("momentum", momentum) <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
@@ -186,7 +221,8 @@ class RMSprop(Optimizer):
     name = "rmsprop"
     _config = ("rho", "momentum", "epsilon", "centered")
 
-    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, weight_decay=None):
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, *,
+                 weight_decay=None):
         super().__init__(learning_rate, weight_decay)
         _check_unit("rho", rho)
         _check_unit("momentum", momentum)
@@ -206,7 +242,7 @@ class Adam(Optimizer):
     _slots = ("m", "v")
     _config = ("beta_1", "beta_2", "epsilon")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None):
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, *, weight_decay=None):
         super().__init__(learning_rate, weight_decay)
         _check_unit("beta_1", beta_1)
         _check_unit("beta_2", beta_2)
@@ -230,7 +266,7 @@ class AdamW(Adam):
         if weight_decay is None:
             raise ValueError("AdamW: weight_decay must be a number (AdamW is Adam with weight decay); for none, "
                              "use Adam")
-        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay)
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay=weight_decay)
 
 
 def _learning_rate_argument(value):

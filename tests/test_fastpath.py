@@ -1061,8 +1061,9 @@ def test_a_layer_frozen_by_a_callback_stays_frozen_on_the_cpu_fast_path(feed, ho
 
 @pytest.mark.parametrize("feed", ["arrays", "batches"])
 def test_a_rate_set_in_a_batch_hook_applies_at_that_step_on_the_cpu_fast_path(feed, cpu_fast_path, monkeypatch):
-    """The epoch's (or window's) rates are written ahead, but a callback that sets the learning rate in
-    on_train_batch_begin runs the step in lockstep: the table follows from that step on, as the plain path."""
+    """The epoch's (or window's) rates are written ahead, but a callback that sets the learning rate (or the weight
+    decay) in on_train_batch_begin runs the step in lockstep: the tables follow from that step on, as the plain
+    path. (Weight decay switched on mid-epoch read a table of zeros: the weights went to zero.)"""
     from gpucnn.callbacks import LambdaCallback
     monkeypatch.setattr(fastpath, "READ_EVERY", 2)
     x, y = small_data(40)
@@ -1073,6 +1074,8 @@ def test_a_rate_set_in_a_batch_hook_applies_at_that_step_on_the_cpu_fast_path(fe
         def halve(batch, logs):
             if batch % 2 == 1:
                 m.optimizer.learning_rate = m.optimizer.learning_rate / 2
+            if batch == 2:  # weight decay switched on mid-epoch (the rate unchanged): new graphs, its factors filled
+                m.optimizer.weight_decay = 0.3
         data = (x, y) if feed == "arrays" else (_Batches(x, y, 16), None)
         return m, m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0,
                         callbacks=[LambdaCallback(on_train_batch_begin=halve)])

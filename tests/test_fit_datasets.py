@@ -196,6 +196,9 @@ def test_validation_data_forms_keras_takes():
         assert "val_loss" in h.history, kwargs
     with pytest.raises(NotImplementedError, match="sample weights"):
         m.fit(x, y, verbose=0, validation_data=(x, y, np.ones(48)))
+    xv, yv = arrays(100, seed=1)  # no batch size: Keras's ceil(100 / 2) for the validation batches, all 100 read
+    h = m.fit(x, y, verbose=0, validation_data=(xv, yv), validation_steps=2)
+    assert h.history["val_loss"][0] == pytest.approx(m.evaluate(xv, yv, verbose=0)[0], rel=1e-5)
 
 
 def test_a_validation_generator_that_runs_out_says_so():

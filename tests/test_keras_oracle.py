@@ -180,7 +180,7 @@ def test_freezing_and_unfreezing_between_fits_trains_as_keras(optimizer):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("which", ["adamw", "adamw_schedule", "sgd_momentum", "rmsprop", "adam"])
+@pytest.mark.parametrize("which", ["adamw", "adamw_schedule", "sgd_momentum", "rmsprop", "adam", "adamw_excluding"])
 def test_weight_decay_trains_as_keras(which):
     """Keras's decoupled weight decay (AdamW, and weight_decay= on the others): each step the trained weights
     (biases and BatchNormalization's gamma and beta too) shrink by weight_decay·lr before the update — the same
@@ -196,7 +196,10 @@ def test_weight_decay_trains_as_keras(which):
                "adamw_schedule": lambda: o.AdamW(o.schedules.ExponentialDecay(0.05, 2, 0.5)),
                "sgd_momentum": lambda: o.SGD(0.1, momentum=0.9, weight_decay=0.3),
                "rmsprop": lambda: o.RMSprop(0.01, weight_decay=0.5),
-               "adam": lambda: o.Adam(0.01, weight_decay=0.1)}[which]()
+               "adam": lambda: o.Adam(0.01, weight_decay=0.1),
+               "adamw_excluding": lambda: o.AdamW(0.01, weight_decay=0.5)}[which]()
+        if which == "adamw_excluding":  # biases and BatchNormalization's gamma and beta left out, a common choice
+            opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
         # (no bias before BatchNormalization: its gradient is zero up to rounding, which Adam turns into ±lr steps)
         m = lib.Sequential([lib.Input((6, 6, 2)), L.Conv2D(3, 3, use_bias=False), L.BatchNormalization(),
                             L.Activation("relu"), L.Flatten(), L.Dense(3, activation="softmax")])

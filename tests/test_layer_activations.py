@@ -154,6 +154,11 @@ def test_binary_accuracy_objects_and_metrics_that_do_not_fit_the_loss():
         three.compile("sgd", "sparse_categorical_crossentropy", metrics=["categorical_accuracy"])
     with pytest.raises(NotImplementedError, match="one form of accuracy per model"):
         three.compile("sgd", "binary_crossentropy", metrics=["accuracy", "binary_accuracy"])
+    unbuilt = keras.Sequential([layers.Dense(3, activation="sigmoid")])  # no Input: the form is known at fit
+    unbuilt.compile("sgd", "binary_crossentropy", metrics=["accuracy", "binary_accuracy"])
+    with pytest.raises(NotImplementedError, match="one form of accuracy per model"):
+        unbuilt.fit(x, (x[:, :3] > 0).astype(np.float32), verbose=0)
+    assert unbuilt.optimizer.iterations == 0
     with pytest.raises(NotImplementedError, match="threshold 0.5 only"):
         keras.metrics.BinaryAccuracy(threshold=0.7)
 

@@ -274,4 +274,34 @@ def test_adamw_is_adam_after_decoupled_weight_decay():
         optimizers.AdamW(weight_decay=None)
     with pytest.raises(ValueError, match="weight_decay must be None or a number >= 0"):
         optimizers.Adam(weight_decay=-1)
+    with pytest.raises(ValueError, match="weight_decay must be None or a number >= 0"):
+        optimizers.SGD(weight_decay=True)
+    with pytest.raises(TypeError):  # Keras's fifth is amsgrad: weight_decay is by keyword only
+        optimizers.Adam(1e-3, 0.9, 0.999, 1e-7, True)
+
+
+def test_weights_excluded_from_weight_decay_are_left_alone_by_it():
+    """exclude_from_weight_decay(var_names=...) and (var_list=...): those weights are not decayed, the others are;
+    with a zero learning-rate gradient (lr 0 for the update, but not for the decay) only decay moves weights."""
+    from gpucnn import layers, models
+    m = models.Sequential([layers.Input((3,)), layers.Dense(4, bias_initializer="ones"), layers.BatchNormalization(),
+                           layers.Dense(2, activation="softmax", bias_initializer="ones")])
+    opt = optimizers.SGD(0.1, weight_decay=0.5)
+    m.compile(opt, "sparse_categorical_crossentropy")
+    m._adopt_weights()
+    kept = [np.asarray(w).copy() for w in m.get_weights()]
+    grads = np.zeros_like(m._params)
+    opt.exclude_from_weight_decay(var_names=["bias", "gam"])
+    opt.apply(m._params, grads)
+    names = [layer.weight_names[i] for layer, i in m._weight_slots()]
+    for name, before, after in zip(names, kept, m.get_weights()):
+        if name in ("bias", "gamma") or name.startswith("moving"):
+            np.testing.assert_array_equal(after, before, err_msg=name)
+        else:
+            np.testing.assert_allclose(after, before * (1 - 0.5 * 0.1), rtol=1e-6, err_msg=name)
+    opt.exclude_from_weight_decay(var_list=[m.layers[0].weights[0]])
+    before = m.layers[0].get_weights()[0].copy()
+    opt.apply(m._params, grads)
+    np.testing.assert_array_equal(m.layers[0].get_weights()[0], before)
+    assert np.abs(m.layers[0].get_weights()[1] - 0.95).max() < 1e-6  # the bias decays again (a new call replaces)
 

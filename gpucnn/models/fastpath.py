@@ -305,6 +305,7 @@ class Trainer:
         if opt.state is None:  # rebuilt (the model's buffers were packed again): state for the new buffers
             opt.build(model._params.shape[0])
         config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
+        config["excluded from weight decay"] = (opt._excluded_names, tuple(id(a) for a in opt._excluded_arrays))
         return (tuple(sorted(config.items())), capture.buffer_key(self._graph_buffers()),
                 tuple(layer.trainable for layer in model._all_layers()))
 
@@ -352,14 +353,17 @@ class Trainer:
         rates from its next step on (the host keeps a copy, ``_follow_hooks`` compares with it)."""
         opt = self.model.optimizer
         rates = opt.rates_for(opt.iterations + 1, count)
-        factors = opt.decay_factors_for(opt.iterations + 1, count)  # (None without weight decay)
+        factors = opt.decay_factors_for(opt.iterations + 1, count)
+        if factors is None:  # no weight decay: factors of 1, so a graph never reads a stale or zero row
+            factors = np.ones(count, np.float32)
         if getattr(self, "_host_rates", None) is None or len(self._host_rates) != len(self.rates):
             self._host_rates = np.zeros(len(self.rates), np.float32)
+            self._host_factors = np.ones(len(self.rates), np.float32)
         self._host_rates[row:row + count] = rates
+        self._host_factors[row:row + count] = factors
         with self.stream:
             self.rates[row:row + count].set(rates)
-            if factors is not None:
-                self.decay_factors[row:row + count].set(factors)
+            self.decay_factors[row:row + count].set(factors)
 
     def _follow_hooks(self, row):
         """In lockstep, after the batch-begin hooks, what a batch callback changed applies from this step, as on
@@ -367,7 +371,9 @@ class Trainer:
         unfrozen (the model's buffers laid out again, before the graphs are captured over them); then the device
         finishes the default stream's work (the callbacks', the new buffers) before the step runs."""
         opt = self.model.optimizer
-        if opt.rates_for(opt.iterations + 1, 1)[0] != self._host_rates[row]:
+        factor = opt.decay_factors_for(opt.iterations + 1, 1)
+        if (opt.rates_for(opt.iterations + 1, 1)[0] != self._host_rates[row]
+                or (1.0 if factor is None else factor[0]) != self._host_factors[row]):  # the rate or weight_decay
             self._set_rates(row, len(self._host_rates) - row)
         self.model._sync_trainable()
         self.cupy.cuda.Device().synchronize()

@@ -290,6 +290,7 @@ class Model(Trainer, Layer):
         opt = self.optimizer
         if opt is None:
             return
+        opt._owner = self  # (its layout tells weight decay which weights are which: _decay_ranges)
         if not keep_state or (opt.state is not None and any(v.shape[0] != before_total for v in opt.state.values())):
             opt.reset()  # new buffers: the optimizer starts again
         elif opt.state is not None:

@@ -247,7 +247,8 @@ class Trainer:
                 self._require_one_output("fit")
                 if first[1] is None:
                     raise ValueError("the batches of x hold no labels: fit needs (x, y) batches")
-            validation_batch_size = (given_batch or 32) if validation_batch_size is None else _positive_int(
+            # (None: evaluate's 32 for arrays, or Keras's ceil(N / validation_steps) when steps are given)
+            validation_batch_size = given_batch if validation_batch_size is None else _positive_int(
                 validation_batch_size, "validation_batch_size")
             validation = self._validation_source(validation_data, validation_batch_size, validation_steps)
             if isinstance(validation, adapters.Adapter):
@@ -282,6 +283,7 @@ class Trainer:
     def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch,
              validation_batch_size):
         self._adopt_weights()
+        self._accuracy_form()  # metrics of two forms: refused here (a model built by its first data), not mid-step
         xp = backend.ops().xp
         trainer = None
         if backend.engine() == "cuda":  # the fast path: the step captured as a CUDA graph
@@ -447,6 +449,7 @@ class Trainer:
             total = math.ceil(len(x) / batch_size)
             batches = ((x_dev[k * batch_size:(k + 1) * batch_size], y_dev[k * batch_size:(k + 1) * batch_size])
                        for k in range(total))
+        self._accuracy_form()  # (as in fit)
         cbs = callbacks if isinstance(callbacks, CallbackList) else CallbackList(
             _callback_list(callbacks), self, {"verbose": verbose, "epochs": 1, "steps": total})
         cbs.on_test_begin()
