@@ -256,6 +256,10 @@ def test_save_weights_keys_and_load_into_a_fresh_model(tmp_path):
     third = tiny_model()
     third.load_weights(tmp_path / "m.gpucnn")  # the weights of a whole-model file
     np.testing.assert_array_equal(third.get_weights()[2], model.get_weights()[2])
+    with np.load(tmp_path / "w.npz", allow_pickle=False) as w:  # the README's way to a Keras model, without gpucnn
+        listed = [w[k] for k in sorted((k for k in w.files if k[:1].isdigit()), key=lambda k: int(k.split("_")[0]))]
+    for a, b in zip(listed, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_load_weights_refuses_another_architecture(tmp_path):
