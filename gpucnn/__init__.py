@@ -11,8 +11,8 @@
 ``GPUCNN_DEVICE=auto|gpu|cpu`` (or ``gpucnn.set_engine``) chooses the engine; see ``gpucnn.backend``.
 Importing gpucnn never touches the GPU.
 """
-from . import (activations, callbacks, data, datasets, layers, losses, metrics, models, ops, optimizers, saving,
-               utils, viz)
+from . import (activations, callbacks, data, datasets, initializers, layers, losses, metrics, models, ops, optimizers,
+               saving, utils, viz)
 from .backend import engine, set_engine
 from .layers import Input
 from .models import Model, Sequential
@@ -23,8 +23,9 @@ utils.load_img, utils.img_to_array = data.load_img, data.img_to_array
 utils.PyDataset = data.PyDataset
 
 __version__ = "0.1.0"
-__all__ = ["Input", "Model", "Sequential", "activations", "callbacks", "data", "datasets", "layers", "losses", "metrics",
-           "models", "ops", "optimizers", "saving", "utils", "viz", "engine", "set_engine", "__version__"]
+__all__ = ["Input", "Model", "Sequential", "activations", "callbacks", "data", "datasets", "initializers", "layers",
+           "losses", "metrics", "models", "ops", "optimizers", "saving", "utils", "viz", "engine", "set_engine",
+           "__version__"]
 
 
 def __getattr__(name):

@@ -232,6 +232,32 @@ def test_accuracy_of_a_multi_label_model_is_kerass(metric):
     np.testing.assert_allclose(got[1], got[0], rtol=1e-6)
 
 
+def test_dense_on_images_applies_over_the_last_axis_as_keras():
+    """Dense after a Conv2D without Flatten (and on (N, T, F) inputs): Keras's per-position Dense, its shapes,
+    parameter counts, predictions and weights after a step."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((8, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 2, 8)
+    results = []
+    for lib in (keras_ref, gpucnn):
+        L = lib.layers
+        inp = lib.Input((6, 6, 2))
+        h = L.Dense(3, activation="relu", name="per_pixel")(L.Conv2D(4, 3, name="c")(inp))
+        m = lib.Model(inp, L.Dense(2, activation="softmax", name="out")(L.Flatten()(h)))
+        if results:
+            m.set_weights(start)
+        start = [np.asarray(w) for w in m.get_weights()]
+        m.compile(optimizer=lib.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+        before = np.asarray(m.predict(x, verbose=0))
+        m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+        results.append((m.count_params(), tuple(m.get_layer("per_pixel").output.shape), before,
+                        [np.asarray(w) for w in m.get_weights()]))
+    assert results[1][:2] == results[0][:2] == (results[0][0], (None, 4, 4, 3))
+    np.testing.assert_allclose(results[1][2], results[0][2], rtol=1e-5, atol=1e-6)
+    for got, want in zip(results[1][3], results[0][3]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_a_batch_normalization_called_with_training_true_is_kerass_in_direct_calls_and_predict():
     """BatchNormalization()(x, training=True) in a functional model: model(x) normalizes with the batch's statistics
     and moves the moving ones, predict uses the moving ones (its training=False wins), as Keras 3."""

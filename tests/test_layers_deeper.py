@@ -477,3 +477,25 @@ def test_the_xception_like_model_trains_on_generated_data():
     assert all(not np.array_equal(layer.get_weights()[2], b) for layer, b in zip(bn, before))
     p = model.predict(x, verbose=0)
     assert p.shape == (n, 1) and np.all(np.isfinite(p))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 7), (2, 3, 7)])
+@pytest.mark.parametrize("activation", [None, "relu", "softmax", "gelu"])
+def test_dense_applies_over_the_last_axis_of_any_input(shape, activation):
+    """Keras's Dense on (N, ..., in): each position's features through the kernel — the float64 oracle on the rows,
+    forward, input gradient and weight gradients."""
+    x = _rng(3).standard_normal((4,) + shape).astype(np.float32)
+    layer = layers.Dense(5, activation=activation)
+    assert layer.build(shape) == shape[:-1] + (5,)
+    w, b = layer.get_weights()
+    y, dx, dy = _run(layer, x)
+    rows, drows = x.reshape(-1, 7), dy.reshape(-1, 5)
+    z = ref.dense_forward(rows, w, b, None)
+    y_ref = ref.activation_forward(z, activation)
+    dz = ref.activation_backward(drows, y_ref, activation, x=z)
+    assert y.shape == (4,) + shape[:-1] + (5,) and dx.shape == x.shape
+    _close(y.reshape(-1, 5), y_ref)
+    _close(dx.reshape(-1, 7), ref.dense_backward_data(dz, w), 1e-4)
+    dw, db = ref.dense_backward_weights(dz, rows)
+    _close(layer.grads[0], dw, 1e-4)
+    _close(layer.grads[1], db, 1e-4)

@@ -16,12 +16,11 @@ CUDA graph. Merging layers (``Add``, ``Concatenate``) take a list of inputs and 
 Calling a layer (``layer(x)``) on a symbolic tensor (``keras.Input``) builds it and returns a symbolic tensor;
 on an array it runs the layer forward in inference mode.
 """
-import math
 import re
 
 import numpy as np
 
-from .. import backend
+from .. import backend, initializers
 from ..engines import numpy_ops
 from ..utils import eager, next_name, rng, set_generator_state
 from .tensor import KerasTensor, Node, is_symbolic
@@ -90,28 +89,9 @@ def window_geometry(size, k, stride, mode):
     return out, (total // 2, total - total // 2)
 
 
-def _initializer(name):
-    key = str(name).lower()
-    if key not in INITIALIZERS:
-        raise ValueError(f"unknown initializer {name!r}; known: {sorted(INITIALIZERS)}")
-    return INITIALIZERS[key]
-
-
-def _fans(shape):
-    if len(shape) == 2:
-        return shape[0], shape[1]
-    receptive = int(np.prod(shape[:-2]))
-    return shape[-2] * receptive, shape[-1] * receptive
-
-
-INITIALIZERS = {
-    "glorot_uniform": lambda s: rng().uniform(-1, 1, s) * math.sqrt(6.0 / sum(_fans(s))),
-    "glorot_normal": lambda s: rng().normal(0, math.sqrt(2.0 / sum(_fans(s))), s),
-    "he_uniform": lambda s: rng().uniform(-1, 1, s) * math.sqrt(6.0 / _fans(s)[0]),
-    "he_normal": lambda s: rng().normal(0, math.sqrt(2.0 / _fans(s)[0]), s),
-    "zeros": np.zeros,
-    "ones": np.ones,
-}
+def _initializer(spec):
+    """The initializer ``spec`` names (``gpucnn.initializers.get``: a name, an object or its config)."""
+    return initializers.get(spec)
 
 
 def _snake(class_name):
@@ -134,6 +114,9 @@ def _shape_tuple(shape, what):
         dims = tuple(shape)
     except TypeError:
         dims = None
+    if dims is not None and dims and dims[0] is None and all(isinstance(d, (int, np.integer)) for d in dims[1:]):
+        raise ValueError(f"{what} is per sample, without the batch dimension: give {dims[1:]}, not {dims} (Keras's "
+                         "build takes both; gpucnn's layer.build takes the per-sample shape)")
     if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
         raise ValueError(f"{what} must be a tuple of ints, got {str(shape)[:100]}")
     return tuple(int(d) for d in dims)
@@ -171,10 +154,27 @@ class Layer:
 
     multi_input = False  # merging layers take a list of inputs
 
-    def __init__(self, name=None, input_shape=None, trainable=True, dtype=None, **kwargs):
+    # Keras's layer arguments gpucnn takes at their default value only: any other is refused by name
+    _KERAS_DEFAULTS = {"kernel_regularizer": None, "bias_regularizer": None, "activity_regularizer": None,
+                       "kernel_constraint": None, "bias_constraint": None, "lora_rank": None, "groups": 1,
+                       "dilation_rate": (1, 1), "data_format": None}
+
+    def __init__(self, name=None, input_shape=None, trainable=True, dtype=None, input_dim=None, **kwargs):
+        for key in [k for k in kwargs if k in self._KERAS_DEFAULTS]:
+            value = kwargs.pop(key)
+            default = self._KERAS_DEFAULTS[key]
+            if key == "dilation_rate" and not isinstance(value, str):
+                value = _pair(value, key)
+            if not (value == default or (key == "data_format" and value == "channels_last")):
+                raise ValueError(f"{type(self).__name__}: gpucnn does not support {key}={value!r} (yet); it takes "
+                                 f"Keras's default, {default!r}" + (
+                                     " (regularization and constraints are not implemented)"
+                                     if "regularizer" in key or "constraint" in key else ""))
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) "
                             f"{', '.join(map(repr, kwargs))}")
+        if input_dim is not None:  # Keras's older spelling of input_shape=(input_dim,)
+            input_shape = (input_dim,) if input_shape is None else input_shape
         if dtype not in (None, "float32", np.float32):
             raise ValueError(f"{type(self).__name__}: gpucnn computes in float32 only, got dtype={dtype!r}")
         self.name = str(name) if name else next_name(_snake(type(self).__name__))
@@ -222,6 +222,13 @@ class Layer:
         _initializer(kernel_initializer), _initializer(bias_initializer)  # unknown names fail here
         self.kernel_initializer, self.bias_initializer = kernel_initializer, bias_initializer
 
+    def _kernel_config(self, kernel_key="kernel_initializer"):
+        """The config of ``_kernel_options``: the activation ("linear" for none, as Keras writes it), use_bias and the
+        two initializers (a name as given, an object as its config)."""
+        return {"activation": "linear" if self.activation is None else self.activation, "use_bias": self.use_bias,
+                kernel_key: initializers.serialize(self.kernel_initializer),
+                "bias_initializer": initializers.serialize(self.bias_initializer)}
+
     def _window_output(self, input_shape, window, what, advice):
         """(P, Q, C) of a window of ``window`` at ``self.strides`` with ``self.padding`` over (H, W, C) images, and
         ``self.pads`` set; a "valid" window larger than the input is a clear error (``advice``: how to fix it)."""
@@ -263,6 +270,9 @@ class Layer:
         return [w for w, t in zip(self.weights, self._weight_trainable) if not (t and self.trainable)]
 
     def count_params(self):
+        if not self.built:
+            raise ValueError(f"{type(self).__name__} {self.name!r} is not built yet, so it has no weights to count: "
+                             "call it on a tensor or an array, or build(input_shape) it first (as Keras says)")
         return int(sum(int(np.prod(w.shape)) for w in self.weights))
 
     # ---- weights in and out, in Keras's layouts and order
@@ -446,6 +456,11 @@ class Layer:
         if not self.trainable:
             config["trainable"] = False
         return config
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer ``get_config()`` describes (unbuilt, as Keras's)."""
+        return cls(**config)
 
     def __repr__(self):
         return f"<{type(self).__name__} name={self.name!r}>"

@@ -49,8 +49,7 @@ class Conv2D(Layer):
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": list(self.kernel_size),
-                "strides": list(self.strides), "padding": self.padding, "activation": self.activation,
-                "use_bias": self.use_bias}
+                "strides": list(self.strides), "padding": self.padding, **self._kernel_config()}
 
 
 def fusable_pool(conv, pool):

@@ -60,7 +60,8 @@ def Input(shape=None, batch_size=None, dtype=None, name=None, batch_shape=None):
 
 
 class Dense(Layer):
-    """y = activation(x @ kernel + bias), kernel (in, units)."""
+    """y = activation(x @ kernel + bias), kernel (in, units). On inputs of more axes, over the last one at every
+    position (Keras's rule: (N, ..., in) → (N, ..., units)): the op sees the positions as rows."""
 
     def __init__(self, units, activation=None, use_bias=True, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", **kwargs):
@@ -69,33 +70,34 @@ class Dense(Layer):
         self._kernel_options(activation, use_bias, kernel_initializer, bias_initializer)
 
     def _build(self, input_shape):
-        if len(input_shape) != 1:
-            raise ValueError(f"Dense {self.name!r} expects flat inputs (features,), got per-sample "
-                             f"shape {tuple(input_shape)}; put a Flatten() layer before it")
-        self._add_weight("kernel", (input_shape[0], self.units), self.kernel_initializer)
+        if len(input_shape) < 1:
+            raise ValueError(f"Dense {self.name!r} needs inputs with a features axis, got per-sample shape "
+                             f"{tuple(input_shape)}")
+        self._add_weight("kernel", (input_shape[-1], self.units), self.kernel_initializer)
         if self.use_bias:
             self._add_weight("bias", (self.units,), self.bias_initializer)
-        return (self.units,)
+        return tuple(input_shape[:-1]) + (self.units,)
 
     def forward(self, x, training, ctx):
         fused, after = self._forward_activation(ctx)
-        z = backend.ops().dense_forward(x, self.weights[0], self.weights[1] if self.use_bias else None, fused,
-                                        out=self.buffer(ctx, "y", (x.shape[0], self.units)))
+        rows = x.reshape(-1, x.shape[-1])  # (N·positions, in): a view
+        z = backend.ops().dense_forward(rows, self.weights[0], self.weights[1] if self.use_bias else None, fused,
+                                        out=self.buffer(ctx, "y", (rows.shape[0], self.units)))
         y = self._activate(z, after, ctx)
-        ctx["x"], ctx["y"] = x, y
-        return y
+        ctx["x"], ctx["y"] = rows, y
+        return y.reshape(x.shape[:-1] + (self.units,))
 
     def backward(self, dy, ctx):
         ops, x = backend.ops(), ctx["x"]
-        dz = self._activation_grad(dy, ctx)
+        dz = self._activation_grad(dy.reshape(-1, self.units), ctx)
         ops.dense_backward_weights(dz, x, out_w=self.weight_grad(0, ctx), out_b=self.bias_grad(1, self.units, ctx))
         if not ctx.get("need_dx", True):
             return None
-        return ops.dense_backward_data(dz, self.weights[0], out=self.buffer(ctx, "dx", x.shape))
+        dx = ops.dense_backward_data(dz, self.weights[0], out=self.buffer(ctx, "dx", x.shape))
+        return dx.reshape(dy.shape[:-1] + (x.shape[1],))
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "activation": self.activation,
-                "use_bias": self.use_bias}
+        return {**super().get_config(), "units": self.units, **self._kernel_config()}
 
 
 class Activation(Layer):

@@ -10,7 +10,7 @@ part runs on the engine's ``depthwise_conv2d_*`` ops, the pointwise part on ``co
 """
 import numbers
 
-from .. import backend
+from .. import backend, initializers
 from .base import Layer, _initializer, _padding_mode, _pair, _positive_int
 
 _NO_PADDING = (0, 0, 0, 0)
@@ -57,7 +57,7 @@ class _DepthwiseWindow(Layer):
 
     def _window_config(self):
         return {"kernel_size": list(self.kernel_size), "strides": list(self.strides), "padding": self.padding,
-                "depth_multiplier": self.depth_multiplier, "activation": self.activation, "use_bias": self.use_bias}
+                "depth_multiplier": self.depth_multiplier, **self._kernel_config("depthwise_initializer")}
 
 
 class DepthwiseConv2D(_DepthwiseWindow):
@@ -89,8 +89,7 @@ class DepthwiseConv2D(_DepthwiseWindow):
         return self._depthwise_backward(dz, ctx["x"], ctx, self.bias_grad(1, self.output_shape[2], ctx))
 
     def get_config(self):
-        return {**super().get_config(), **self._window_config(), "depthwise_initializer": self.kernel_initializer,
-                "bias_initializer": self.bias_initializer}
+        return {**super().get_config(), **self._window_config()}
 
 
 class SeparableConv2D(_DepthwiseWindow):
@@ -138,5 +137,4 @@ class SeparableConv2D(_DepthwiseWindow):
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, **self._window_config(),
-                "depthwise_initializer": self.kernel_initializer, "pointwise_initializer": self.pointwise_initializer,
-                "bias_initializer": self.bias_initializer}
+                "pointwise_initializer": initializers.serialize(self.pointwise_initializer)}

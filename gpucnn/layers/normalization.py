@@ -19,7 +19,7 @@ the whole batch's statistics.
 import math
 import numbers
 
-from .. import backend
+from .. import backend, initializers
 from .base import Layer, _initializer
 from .convolutional import Conv2D
 
@@ -126,7 +126,7 @@ class BatchNormalization(Layer):
     def get_config(self):
         return {**super().get_config(), "axis": self.axis, "momentum": self.momentum, "epsilon": self.epsilon,
                 "center": self.center, "scale": self.scale,
-                **{f"{name}_initializer": init for name, init in self.initializers.items()}}
+                **{f"{name}_initializer": initializers.serialize(init) for name, init in self.initializers.items()}}
 
 
 def fusable_bn(conv, bn):
