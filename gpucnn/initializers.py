@@ -124,15 +124,21 @@ class VarianceScaling(Initializer):
         self.distribution = "untruncated_normal" if distribution == "normal" else distribution
 
     def _draw(self, shape):
-        fan_in, fan_out = _fans(shape)
-        n = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[self.mode]
-        variance = self.scale / max(1.0, n)
-        generator = self._generator()
+        generator = self._generator()  # the draw first, then the scale (a file's budget refuses a huge shape here)
         if self.distribution == "uniform":  # (drawn on [-1, 1) then scaled: the values gpucnn always drew)
-            return generator.uniform(-1, 1, shape) * math.sqrt(3.0 * variance)
-        if self.distribution == "untruncated_normal":
-            return generator.normal(0.0, math.sqrt(variance), shape)
-        return _truncated(generator, math.sqrt(variance) / _TRUNCATED_STDDEV, shape)
+            unit = generator.uniform(-1, 1, shape)
+        else:
+            unit = generator.normal(0.0, 1.0, shape) if self.distribution == "untruncated_normal" else \
+                _truncated(generator, 1.0, shape)
+        fan_in, fan_out = _fans(shape)
+        # variance = scale / n, n the fan (fan_avg: (in + out) / 2), written as scale·k / m so that the uniform
+        # limits are gpucnn's earlier sqrt(6 / (in + out)) and sqrt(6 / in) to the last bit
+        k, m = {"fan_in": (1, fan_in), "fan_out": (1, fan_out), "fan_avg": (2, fan_in + fan_out)}[self.mode]
+        m = max(m, k)  # (n >= 1, as Keras's max(1, n))
+        if self.distribution == "uniform":
+            return unit * math.sqrt(3.0 * self.scale * k / m)
+        deviation = math.sqrt(self.scale * k / m)
+        return unit * (deviation if self.distribution == "untruncated_normal" else deviation / _TRUNCATED_STDDEV)
 
     def get_config(self):
         return {"scale": self.scale, "mode": self.mode, "distribution": self.distribution, "seed": self.seed}

@@ -359,9 +359,10 @@ def test_window_larger_than_input():
         models.Sequential([layers.MaxPooling2D(4, input_shape=(3, 3, 1))]).build()
 
 
-def test_dense_on_images_says_flatten():
-    with pytest.raises(ValueError, match="Flatten"):
-        models.Sequential([layers.Dense(3, input_shape=(4, 4, 1))]).build()
+def test_dense_on_images_applies_per_pixel_as_keras():
+    m = models.Sequential([layers.Dense(3, input_shape=(4, 4, 1))])
+    m.build()
+    assert m.output_shape == (None, 4, 4, 3) and m.count_params() == 6
 
 
 @pytest.mark.parametrize("make", [
