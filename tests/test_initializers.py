@@ -83,3 +83,18 @@ def test_kerass_layer_arguments_at_their_defaults_are_taken_and_others_refused_b
         layers.Dense(3).build((None, 4))
     with pytest.raises(ValueError, match="not built yet"):
         layers.Dense(3).count_params()
+
+
+def test_a_layers_weights_by_their_keras_names():
+    """layer.kernel, layer.bias, layer.gamma, ...: the weight's current values with Keras's numpy()."""
+    dense = layers.Dense(3)
+    dense.build((4,))
+    assert dense.kernel.shape == (4, 3) and dense.kernel.numpy().shape == (4, 3)
+    np.testing.assert_array_equal(dense.bias.numpy(), np.zeros(3, np.float32))
+    dense.set_weights([np.ones((4, 3), np.float32), np.full(3, 2.0, np.float32)])
+    assert float(dense.kernel.sum()) == 12.0 and float(dense.bias[0]) == 2.0
+    bn = layers.BatchNormalization()
+    bn.build((5,))
+    np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(5, np.float32))
+    with pytest.raises(AttributeError, match="'Dense' object has no attribute 'gamma'"):
+        dense.gamma

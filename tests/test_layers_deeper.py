@@ -499,3 +499,18 @@ def test_dense_applies_over_the_last_axis_of_any_input(shape, activation):
     dw, db = ref.dense_backward_weights(dz, rows)
     _close(layer.grads[0], dw, 1e-4)
     _close(layer.grads[1], db, 1e-4)
+
+
+@pytest.mark.parametrize("cls", [layers.GlobalAveragePooling2D, layers.GlobalMaxPooling2D])
+def test_global_pooling_keeps_its_axes_when_asked(cls):
+    """keepdims=True: (N, 1, 1, C), the same values and input gradient as without (Keras's squeeze-and-excitation
+    blocks multiply the image by it); its config keeps it."""
+    x = _rng(5).standard_normal((3, 4, 5, 6)).astype(np.float32)
+    flat, kept = cls(), cls(keepdims=True)
+    assert flat.build((4, 5, 6)) == (6,) and kept.build((4, 5, 6)) == (1, 1, 6)
+    y, dx, dy = _run(flat, x)
+    ctx = {"need_dx": True}
+    y_kept = kept.forward(x, True, ctx)
+    np.testing.assert_array_equal(y_kept, y.reshape(3, 1, 1, 6))
+    np.testing.assert_array_equal(kept.backward(dy.reshape(3, 1, 1, 6), ctx), dx)
+    assert cls.from_config(kept.get_config()).keepdims

@@ -269,6 +269,14 @@ class Layer:
     def non_trainable_weights(self):
         return [w for w, t in zip(self.weights, self._weight_trainable) if not (t and self.trainable)]
 
+    def __getattr__(self, name):
+        """A weight by its Keras name (``layer.kernel``, ``layer.bias``, ``layer.gamma``, ...): the weight's current
+        values, NumPy arrays with Keras's ``numpy()`` on the NumPy engine (a view: it follows training)."""
+        names = self.__dict__.get("weight_names", ())
+        if name in names:
+            return eager(self.__dict__["weights"][names.index(name)])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def count_params(self):
         if not self.built:
             raise ValueError(f"{type(self).__name__} {self.name!r} is not built yet, so it has no weights to count: "

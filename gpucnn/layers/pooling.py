@@ -60,26 +60,38 @@ class AveragePooling2D(_Pooling2D):
 
 
 class _GlobalPooling2D(Layer):
-    """(N, H, W, C) → (N, C), one value per channel."""
+    """(N, H, W, C) → (N, C), one value per channel; ``keepdims=True``: (N, 1, 1, C), as Keras's (the op's (N, C)
+    result seen with two axes of 1)."""
 
     def __init__(self, data_format=None, keepdims=False, **kwargs):
         super().__init__(**kwargs)
-        if data_format not in (None, "channels_last") or keepdims:
-            raise ValueError(f"{type(self).__name__}: gpucnn supports channels_last and keepdims=False only")
+        if data_format not in (None, "channels_last"):
+            raise ValueError(f"{type(self).__name__}: gpucnn supports channels_last only, got {data_format!r}")
+        self.keepdims = bool(keepdims)
 
     def _build(self, input_shape):
         _check_image_input(self, input_shape)
-        return (input_shape[2],)
+        return (1, 1, input_shape[2]) if self.keepdims else (input_shape[2],)
+
+    def forward(self, x, training, ctx):
+        y = self._pool(x, ctx)
+        return y.reshape(y.shape[0], 1, 1, y.shape[1]) if self.keepdims else y
+
+    def backward(self, dy, ctx):
+        return self._unpool(dy.reshape(dy.shape[0], dy.shape[-1]), ctx)
+
+    def get_config(self):
+        return {**super().get_config(), "keepdims": self.keepdims}
 
 
 class GlobalAveragePooling2D(_GlobalPooling2D):
     """(N, H, W, C) → (N, C): the mean of each channel."""
 
-    def forward(self, x, training, ctx):
+    def _pool(self, x, ctx):
         ctx["x_shape"] = x.shape
         return backend.ops().global_avgpool2d_forward(x, out=self.buffer(ctx, "y", (x.shape[0], x.shape[3])))
 
-    def backward(self, dy, ctx):
+    def _unpool(self, dy, ctx):
         return backend.ops().global_avgpool2d_backward(dy, ctx["x_shape"],
                                                        out=self.buffer(ctx, "dx", ctx["x_shape"]))
 
@@ -87,13 +99,13 @@ class GlobalAveragePooling2D(_GlobalPooling2D):
 class GlobalMaxPooling2D(_GlobalPooling2D):
     """(N, H, W, C) → (N, C): the maximum of each channel; the gradient goes to its first maximum (scan order)."""
 
-    def forward(self, x, training, ctx):
+    def _pool(self, x, ctx):
         shape = (x.shape[0], x.shape[3])
         y, idx = backend.ops().global_maxpool2d_forward(x, out=self.buffer(ctx, "y", shape),
                                                         out_idx=self.buffer(ctx, "idx", shape, np.int32))
         ctx["x_shape"], ctx["idx"] = x.shape, idx
         return y
 
-    def backward(self, dy, ctx):
+    def _unpool(self, dy, ctx):
         return backend.ops().global_maxpool2d_backward(dy, ctx["idx"], ctx["x_shape"],
                                                        out=self.buffer(ctx, "dx", ctx["x_shape"]))
