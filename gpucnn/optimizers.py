@@ -154,8 +154,8 @@ class Optimizer:
         self._update(ops, params, grads, rates, counter)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Keras's: leave some weights out of weight decay — the arrays ``var_list`` (from ``model.weights``, as
-        they are now), or every weight whose name (``kernel``, ``bias``, ``gamma``, ``beta``, ...) a pattern of
+        """Keras's: leave some weights out of weight decay — the weights ``var_list`` (``model.weights``'s variables,
+        or the arrays a layer holds now), or every weight whose name (``kernel``, ``bias``, ``gamma``, ``beta``, ...) a pattern of
         ``var_names`` matches (``re.search``), e.g. ``var_names=["bias", "gamma", "beta"]``. Each call replaces
         the previous one, as Keras's."""
         names = list(var_names or ())
@@ -173,7 +173,9 @@ class Optimizer:
         pattern = re.compile("|".join(self._excluded_names)) if self._excluded_names else None
         ranges, previous_decayed = [], False
         for layer, i, view, _, lo in sorted(layout, key=lambda entry: entry[4]):
-            excluded = any(layer.weights[i] is a or view is a for a in self._excluded_arrays) or (
+            excluded = any(layer.weights[i] is a or view is a or (getattr(a, "_layer", None) is layer and
+                                                                  getattr(a, "_index", None) == i)
+                           for a in self._excluded_arrays) or (
                 pattern is not None and pattern.search(layer.weight_names[i]) is not None)
             if not excluded and previous_decayed:
                 ranges[-1] = (ranges[-1][0], lo + view.size)

@@ -591,3 +591,11 @@ def _checked_rng_state(state, path):
     except ValueError as exc:
         raise InvalidModelFile(f"{path}: invalid random-generator state ({exc})") from None
     return scratch.bit_generator.state
+
+
+def __getattr__(name):
+    from .utils import missing
+    raise missing("gpucnn.saving", name, "part of keras.saving",
+                  "load_model, save_model (and gpucnn's read_model, write_model, save_weights, load_weights, "
+                  "register_layer_class)")
+

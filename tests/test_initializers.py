@@ -98,3 +98,24 @@ def test_a_layers_weights_by_their_keras_names():
     np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(5, np.float32))
     with pytest.raises(AttributeError, match="'Dense' object has no attribute 'gamma'"):
         dense.gamma
+
+
+def test_variables_follow_the_layer_through_training_and_assign_reaches_it():
+    """model.weights, layer.kernel and trainable_weights are Keras's variables: a reference taken before fit reads
+    the trained values after it (the arrays it held went stale when fit gathered the weights into its buffer), and
+    writing through it reaches the model; name, path, numpy() and assign as Keras's."""
+    m = models.Sequential([keras.Input((3,)), layers.Dense(2, activation="softmax", name="d")])
+    kernel, first, trainable = m.layers[0].kernel, m.weights[0], m.trainable_weights[0]
+    assert (first.name, first.path, trainable.trainable) == ("kernel", "d/kernel", True)
+    m.compile("sgd", "sparse_categorical_crossentropy")
+    x = np.random.default_rng(0).random((8, 3)).astype(np.float32)
+    m.fit(x, np.arange(8) % 2, epochs=2, verbose=0)
+    for ref in (kernel, first, trainable):
+        np.testing.assert_array_equal(np.asarray(ref), m.get_weights()[0])
+    kernel[...] = 0
+    assert np.abs(m.get_weights()[0]).max() == 0
+    first.assign(np.ones((3, 2)))
+    m.compile("adam", "sparse_categorical_crossentropy")  # new buffers again
+    m.fit(x, np.arange(8) % 2, verbose=0)
+    np.testing.assert_array_equal(kernel.numpy(), m.get_weights()[0])
+    assert float(kernel.numpy()[0, 0]) != 1.0 and (kernel * 2).shape == (3, 2) and len(m.variables) == 2

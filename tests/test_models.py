@@ -805,3 +805,51 @@ def test_train_test_and_predict_on_batch_as_keras():
     with pytest.raises(models.TrainingDivergedError, match="in train_on_batch"):
         for _ in range(5):
             m.train_on_batch(x * 1e10, y)
+
+
+def test_model_building_edges_as_keras():
+    """trainable=False given to Sequential or Model freezes its layers (it was stored and ignored: they trained);
+    a Keras-style call() layer, dict inputs/outputs are refused by name; clone_model / to_json / model_from_json;
+    a list of one row is one sample; a layer of one's own takes add_weight."""
+    x = np.random.default_rng(0).random((8, 3)).astype(np.float32)
+    y = np.arange(8) % 2
+    for frozen in (models.Sequential([layers.Input((3,)), layers.Dense(2, activation="softmax")], trainable=False),
+                   models.Model(*(lambda i: (i, layers.Dense(2, activation="softmax")(i)))(layers.Input((3,))),
+                                trainable=False)):
+        before = frozen.get_weights()[0].copy()
+        frozen.compile("sgd", "sparse_categorical_crossentropy")
+        frozen.fit(x, y, verbose=0)
+        assert not frozen.trainable_weights and np.array_equal(before, frozen.get_weights()[0])
+
+    class KerasStyle(layers.Layer):
+        def call(self, t):
+            return t
+    with pytest.raises(NotImplementedError, match="KerasStyle is a Keras-style layer.*call"):
+        KerasStyle()
+    inp = layers.Input((3,))
+    with pytest.raises(NotImplementedError, match="dict of outputs"):
+        models.Model(inp, {"a": layers.Dense(2)(inp)})
+    m = models.Sequential([layers.Input((3,)), layers.Dense(2)])
+    clone = models.clone_model(m)
+    assert clone.count_params() == m.count_params() and clone.layers[0] is not m.layers[0]
+    again = models.model_from_json(m.to_json())
+    assert [type(layer) for layer in again.layers] == [type(layer) for layer in m.layers]
+    assert m.predict(x[:1].tolist(), verbose=0).shape == (1, 2) and m.predict([x[:2]], verbose=0).shape == (2, 2)
+    with pytest.raises(AttributeError, match="gpucnn.models has no 'foo'.*It has: Model"):
+        models.foo
+
+    class Scale(layers.Layer):
+        def _build(self, shape):
+            self.add_weight(shape=(shape[-1],), initializer="ones", name="scale")
+            return shape
+
+        def forward(self, t, training, ctx):
+            ctx["x"] = t
+            return t * self.weights[0]
+
+        def backward(self, dy, ctx):
+            self.grads[0][...] = (dy * ctx["x"]).sum(0)
+            return dy * self.weights[0]
+    own = models.Sequential([layers.Input((3,)), Scale(), layers.Dense(2)])
+    assert own.count_params() == 11
+    np.testing.assert_array_equal(own.layers[0].scale.numpy(), np.ones(3, np.float32))

@@ -24,6 +24,7 @@ from .. import backend, initializers
 from ..engines import numpy_ops
 from ..utils import eager, next_name, rng, set_generator_state
 from .tensor import KerasTensor, Node, is_symbolic
+from .variables import Variable
 
 ACTIVATIONS = (None, "linear") + numpy_ops.ACTIVATIONS  # the names a layer's activation= takes
 
@@ -160,6 +161,14 @@ class Layer:
                        "dilation_rate": (1, 1), "data_format": None}
 
     def __init__(self, name=None, input_shape=None, trainable=True, dtype=None, input_dim=None, **kwargs):
+        cls = type(self)
+        if getattr(cls, "forward", None) is Layer.forward and callable(getattr(cls, "call", None)):
+            raise NotImplementedError(
+                f"{cls.__name__} is a Keras-style layer (it defines call()), which gpucnn cannot run: gpucnn computes "
+                "every gradient by hand, layer by layer. Build the computation from gpucnn's layers, or write a layer "
+                "of your own as gpucnn's are: a subclass of gpucnn.layers.Layer with _build(input_shape) (its weights, "
+                "through add_weight; returns the output shape), forward(x, training, ctx) and backward(dy, ctx) (see "
+                "gpucnn/layers/core.py's Dense)")
         for key in [k for k in kwargs if k in self._KERAS_DEFAULTS]:
             value = kwargs.pop(key)
             default = self._KERAS_DEFAULTS[key]
@@ -243,6 +252,17 @@ class Layer:
         self.pads = (top, bottom, left, right)
         return p, q, c
 
+    def add_weight(self, shape=None, initializer="glorot_uniform", dtype=None, trainable=True, name=None):
+        """Keras's add_weight, for a layer of your own (in its ``_build``): a new weight of ``shape``, drawn by
+        ``initializer``; returns its values (see ``__getattr__``: ``self.<name>`` reads it later)."""
+        if shape is None:
+            raise ValueError("add_weight needs a shape")
+        if dtype not in (None, "float32", np.float32):
+            raise ValueError(f"add_weight: gpucnn's weights are float32, got dtype={dtype!r}")
+        self._add_weight(str(name) if name else f"weight_{len(self.weights)}", tuple(int(d) for d in shape),
+                         initializer, trainable)
+        return Variable(self, len(self.weights) - 1)
+
     def _add_weight(self, name, shape, initializer, trainable=True):
         xp = backend.ops().xp
         value = np.asarray(_initializer(initializer)(shape), dtype=np.float32)
@@ -263,18 +283,26 @@ class Layer:
 
     @property
     def trainable_weights(self):
-        return [w for w, t in zip(self.weights, self._weight_trainable) if t and self.trainable]
+        """The trainable weights as Keras's variables (``Variable``: they follow the layer's current values)."""
+        return [Variable(self, i) for i, t in enumerate(self._weight_trainable) if t and self.trainable]
 
     @property
     def non_trainable_weights(self):
-        return [w for w, t in zip(self.weights, self._weight_trainable) if not (t and self.trainable)]
+        return [Variable(self, i) for i, t in enumerate(self._weight_trainable) if not (t and self.trainable)]
+
+    @property
+    def variables(self):
+        """Every weight as Keras's variables (``self.weights`` holds the arrays themselves)."""
+        return [Variable(self, i) for i in range(len(self.weights))]
+
+    trainable_variables, non_trainable_variables = trainable_weights, non_trainable_weights
 
     def __getattr__(self, name):
-        """A weight by its Keras name (``layer.kernel``, ``layer.bias``, ``layer.gamma``, ...): the weight's current
-        values, NumPy arrays with Keras's ``numpy()`` on the NumPy engine (a view: it follows training)."""
+        """A weight by its Keras name (``layer.kernel``, ``layer.bias``, ``layer.gamma``, ...): a ``Variable``, which
+        always reads and writes the layer's current values (training moves the arrays)."""
         names = self.__dict__.get("weight_names", ())
         if name in names:
-            return eager(self.__dict__["weights"][names.index(name)])
+            return Variable(self, names.index(name))
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def count_params(self):

@@ -257,7 +257,9 @@ class Trainer:
         """What a step updates besides its own buffers: the weights (and the layers' own state, such as moving
         statistics, which are weights that do not train) and the optimizer's state."""
         opt, model = self.model.optimizer, self.model
-        return [model._params] + [opt.state[k] for k in sorted(opt.state)] + list(model.non_trainable_weights)
+        fixed = [layer.weights[i] for layer, i in model._weight_slots()
+                 if not (layer.trainable and layer._weight_trainable[i])]  # the arrays themselves (their pointers)
+        return [model._params] + [opt.state[k] for k in sorted(opt.state)] + fixed
 
     def _capture(self, rows):
         """Run the step for ``rows`` once eagerly (compiles the kernels, allocates every buffer the layers keep;

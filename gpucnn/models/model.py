@@ -18,6 +18,7 @@ import numpy as np
 from .. import backend, saving
 from ..layers import InputLayer, Layer, serialize
 from ..layers.tensor import is_symbolic
+from ..layers.variables import Variable
 from ..utils import eager, next_name
 from . import summary as summary_mod
 from .graph import Contexts, Graph
@@ -76,6 +77,10 @@ class Model(Trainer, Layer):
             raise TypeError("Model needs inputs= and outputs=: Model(inputs=keras.Input(shape=...), outputs=...). "
                             "gpucnn does not support subclassing Model with a call() method yet; write the model "
                             "with the functional API or Sequential")
+        for what, value in (("inputs", inputs), ("outputs", outputs)):
+            if isinstance(value, dict):
+                raise NotImplementedError(f"Model: gpucnn does not support a dict of {what} (named {what}); give a "
+                                          f"tensor or a list of tensors, e.g. outputs=[{', '.join(map(str, value))}]")
         self._init_model(name or next_name("functional"), trainable)
         self._inputs_were_list = isinstance(inputs, (list, tuple))
         self._outputs_were_list = isinstance(outputs, (list, tuple))
@@ -85,6 +90,8 @@ class Model(Trainer, Layer):
             raise NotImplementedError(f"Model {self.name!r}: gpucnn supports models with one input (got "
                                       f"{len(inputs)}); several inputs are not supported yet")
         self._set_graph(Graph(inputs, outputs, owner=f"Model {self.name!r}"))
+        if not trainable:  # Model(..., trainable=False): every layer frozen, as the setter does (Keras)
+            self.trainable = False
 
     def _init_model(self, name, trainable=True):
         self.name = name
@@ -221,7 +228,12 @@ class Model(Trainer, Layer):
 
     @property
     def weights(self):
-        return [layer.weights[i] for layer, i in self._weight_slots()]
+        """Every weight as Keras's variables (``Variable``: each follows its layer's current values)."""
+        return [Variable(layer, i) for layer, i in self._weight_slots()]
+
+    @property
+    def variables(self):
+        return self.weights
 
     @property
     def trainable_weights(self):
@@ -230,6 +242,8 @@ class Model(Trainer, Layer):
     @property
     def non_trainable_weights(self):
         return [w for layer in self._all_layers() for w in layer.non_trainable_weights]
+
+    trainable_variables, non_trainable_variables = trainable_weights, non_trainable_weights
 
     def count_params(self):
         self._require_built("count_params")
@@ -427,6 +441,11 @@ class Model(Trainer, Layer):
                 "input_layers": [[t.node.layer.name, 0, 0] for t in graph.inputs],
                 "output_layers": [[t.node.layer.name, local_index(t.node), t.index] for t in graph.outputs],
                 "outputs_as_list": bool(self._outputs_were_list)}
+
+    def to_json(self, **kwargs):
+        """The model's architecture as JSON (Keras's ``to_json``; ``keras.models.model_from_json`` reads it)."""
+        import json
+        return json.dumps(serialize(self), **kwargs)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

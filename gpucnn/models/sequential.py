@@ -31,6 +31,8 @@ class Sequential(Model):
             raise TypeError(f"Sequential takes a list of layers, got {type(layers).__name__}")
         self._quiet = False
         self._add_all(layers or [])
+        if not trainable:  # Sequential(..., trainable=False): every layer frozen, as the setter does (Keras)
+            self.trainable = False
 
     def _add_all(self, layers):
         """Add ``layers`` as one (re)build: Keras's Sequential rebuilds once after them (``_rebuilt``)."""

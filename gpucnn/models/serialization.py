@@ -37,6 +37,18 @@ def model_from_config(config, custom_objects=None, where="config", classes=None)
         raise saving.InvalidModelFile(f"{where}: invalid model config ({type(exc).__name__}: {exc})") from None
 
 
+def model_from_json(json_string, custom_objects=None):
+    """Keras's: the model ``model.to_json()`` described (unbuilt weights: new ones, drawn by its initializers)."""
+    import json
+    return model_from_config(json.loads(json_string), custom_objects, where="model_from_json")
+
+
+def clone_model(model):
+    """Keras's clone_model: the same architecture with new layers and new weights (drawn by their initializers)."""
+    from ..layers import serialize
+    return model_from_config(serialize(model), where="clone_model")
+
+
 def _wrapped(config):
     if isinstance(config, dict) and "class_name" not in config and "layers" in config:
         return {"class_name": "Sequential", "config": config}  # the format of gpucnn 0.1's files

@@ -78,8 +78,9 @@ class Trainer:
     # ================================================================================= data checks
     def _check_x(self, x, what="x"):
         """Validate inputs and return them as a float32 NumPy array (building the model if needed)."""
-        if isinstance(x, (list, tuple)) and len(x) == 1 and not np.isscalar(x[0]):
-            x = x[0]  # a one-input model takes [x] as Keras does
+        if isinstance(x, (list, tuple)) and len(x) == 1 and (isinstance(x[0], np.ndarray)
+                                                              or backend.is_engine_array(x[0])):
+            x = x[0]  # a one-input model takes [x] as Keras does (a list of one row stays one sample)
         if backend.is_engine_array(x):
             x = backend.to_numpy(x)
         x = np.asarray(x)
