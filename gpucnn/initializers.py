@@ -33,7 +33,12 @@ class Initializer:
     """Base class: ``initializer(shape)`` gives a float32 array; ``get_config`` its arguments."""
 
     def __call__(self, shape, dtype=None):
-        return np.asarray(self._draw(tuple(int(d) for d in shape)), np.float32)
+        shape = tuple(int(d) for d in shape)
+        if getattr(self, "seed", None) is not None or not hasattr(self, "seed"):
+            charge = getattr(rng(), "charge", None)  # (loading a file: its weight budget, before any allocation;
+            if charge is not None:                   # draws from gpucnn's generator are counted by it)
+                charge(shape)
+        return np.asarray(self._draw(shape), np.float32)
 
     def _generator(self):
         seed = getattr(self, "seed", None)
@@ -176,7 +181,7 @@ def get(identifier):
     if isinstance(identifier, Initializer):
         return identifier
     if isinstance(identifier, str):
-        cls = _NAMES.get(identifier) or _CLASSES.get(identifier)
+        cls = _NAMES.get(identifier) or _CLASSES.get(identifier) or _NAMES.get(identifier.lower())
         if cls is None:
             raise ValueError(f"unknown initializer {identifier!r}; known: {', '.join(sorted(_NAMES))} (or their "
                              "CamelCase class names, or gpucnn.initializers objects)")

@@ -439,6 +439,13 @@ class _Budget:
     def __init__(self, limit, path):
         self._generator, self._left, self._path = np.random.default_rng(0), limit, path
 
+    def charge(self, shape):
+        """Count a weight made without this generator (a constant or seeded initializer) against the budget."""
+        self._left -= math.prod(int(d) for d in shape)
+        if self._left < 0:
+            raise InvalidModelFile(f"{self._path}: the architecture has more weights than the file holds (a weight "
+                                   f"of shape {tuple(shape)})")
+
     def __getattr__(self, name):
         method = getattr(self._generator, name)
         if not callable(method):

@@ -820,6 +820,21 @@ def test_model_building_edges_as_keras():
         frozen.compile("sgd", "sparse_categorical_crossentropy")
         frozen.fit(x, y, verbose=0)
         assert not frozen.trainable_weights and np.array_equal(before, frozen.get_weights()[0])
+        assert not type(frozen).from_config(frozen.get_config()).trainable
+    # Keras: the flag is the model's own view; the same layers in another model still train (a frozen wrapper)
+    base = models.Sequential([layers.Input((3,)), layers.Dense(4), layers.Dense(2, activation="softmax")])
+    wrapper = models.Model(base.inputs, base.outputs, trainable=False)
+    assert len(base.trainable_weights) == 4 and not wrapper.trainable_weights
+    inp = layers.Input((3,))
+    outer = models.Model(inp, layers.Dense(2, activation="softmax", name="head")(wrapper(inp)))
+    assert [w.path for w in outer.trainable_weights] == ["head/kernel", "head/bias"]
+    kept = base.get_weights()
+    outer.compile("sgd", "sparse_categorical_crossentropy")
+    outer.fit(x, y, verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(kept, base.get_weights()))
+    base.compile("sgd", "sparse_categorical_crossentropy")
+    base.fit(x, y, verbose=0)
+    assert not np.array_equal(kept[0], base.get_weights()[0])
 
     class KerasStyle(layers.Layer):
         def call(self, t):

@@ -303,6 +303,9 @@ class Layer:
         names = self.__dict__.get("weight_names", ())
         if name in names:
             return Variable(self, names.index(name))
+        attribute = getattr(type(self), name, None)
+        if isinstance(attribute, property):  # a property that failed: let its own AttributeError through
+            return attribute.fget(self)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def count_params(self):

@@ -73,6 +73,19 @@ class Variable:
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         inputs = [np.asarray(v) if isinstance(v, Variable) else v for v in inputs]
+        out = kwargs.get("out")
+        if out is not None:  # out=variable: the result computed, then assigned to the layer's weight
+            targets = out if isinstance(out, tuple) else (out,)
+            if any(isinstance(t, Variable) for t in targets):
+                kwargs["out"] = tuple(None if isinstance(t, Variable) else t for t in targets)
+                if all(t is None for t in kwargs["out"]):
+                    del kwargs["out"]
+                result = getattr(ufunc, method)(*inputs, **kwargs)
+                results = result if isinstance(result, tuple) else (result,)
+                for t, r in zip(targets, results):
+                    if isinstance(t, Variable):
+                        t.assign(r)
+                return out
         return getattr(ufunc, method)(*inputs, **kwargs)
 
     def __getitem__(self, key):
@@ -110,12 +123,34 @@ class Variable:
     def __truediv__(self, other): return self._op(other, np.true_divide)
     def __rtruediv__(self, other): return np.true_divide(other, np.asarray(self))
     def __neg__(self): return -np.asarray(self)
+    def __pos__(self): return +np.asarray(self)
+    def __abs__(self): return np.abs(np.asarray(self))
+    def __pow__(self, other): return self._op(other, np.power)
+    def __rpow__(self, other): return np.power(other, np.asarray(self))
+    def __floordiv__(self, other): return self._op(other, np.floor_divide)
+    def __mod__(self, other): return self._op(other, np.mod)
     def __matmul__(self, other): return self._op(other, np.matmul)
-    def __eq__(self, other): return self._op(other, np.equal)
-    def __ne__(self, other): return self._op(other, np.not_equal)
+    def __rmatmul__(self, other): return np.matmul(other, np.asarray(self))
     def __lt__(self, other): return self._op(other, np.less)
     def __le__(self, other): return self._op(other, np.less_equal)
     def __gt__(self, other): return self._op(other, np.greater)
     def __ge__(self, other): return self._op(other, np.greater_equal)
 
-    __hash__ = object.__hash__
+    # in place: the layer's weight changes (``v -= 1`` as on Keras's variables)
+    def __iadd__(self, other): return self.assign(self._op(other, np.add))
+    def __isub__(self, other): return self.assign(self._op(other, np.subtract))
+    def __imul__(self, other): return self.assign(self._op(other, np.multiply))
+    def __itruediv__(self, other): return self.assign(self._op(other, np.true_divide))
+
+    # the same weight is the same variable (``in``, ``index``, ``==`` between lists): a Variable names a slot
+    def __eq__(self, other):
+        if isinstance(other, Variable):
+            return self._layer is other._layer and self._index == other._index
+        return NotImplemented
+
+    def __ne__(self, other):
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self):
+        return hash((id(self._layer), self._index))

@@ -257,8 +257,8 @@ class Trainer:
         """What a step updates besides its own buffers: the weights (and the layers' own state, such as moving
         statistics, which are weights that do not train) and the optimizer's state."""
         opt, model = self.model.optimizer, self.model
-        fixed = [layer.weights[i] for layer, i in model._weight_slots()
-                 if not (layer.trainable and layer._weight_trainable[i])]  # the arrays themselves (their pointers)
+        trains = model._trains()
+        fixed = [layer.weights[i] for layer, i in model._weight_slots() if not trains(layer, i)]  # the arrays
         return [model._params] + [opt.state[k] for k in sorted(opt.state)] + fixed
 
     def _capture(self, rows):
@@ -309,7 +309,7 @@ class Trainer:
         config = {k: v for k, v in opt.get_config().items() if k != "learning_rate"}
         config["excluded from weight decay"] = (opt._excluded_names, tuple(id(a) for a in opt._excluded_arrays))
         return (tuple(sorted(config.items())), capture.buffer_key(self._graph_buffers()),
-                tuple(layer.trainable for layer in model._all_layers()))
+                model._trainable_flags())
 
     def _ensure_graphs(self):
         key = self._graph_key()

@@ -90,8 +90,6 @@ class Model(Trainer, Layer):
             raise NotImplementedError(f"Model {self.name!r}: gpucnn supports models with one input (got "
                                       f"{len(inputs)}); several inputs are not supported yet")
         self._set_graph(Graph(inputs, outputs, owner=f"Model {self.name!r}"))
-        if not trainable:  # Model(..., trainable=False): every layer frozen, as the setter does (Keras)
-            self.trainable = False
 
     def _init_model(self, name, trainable=True):
         self.name = name
@@ -237,11 +235,13 @@ class Model(Trainer, Layer):
 
     @property
     def trainable_weights(self):
-        return [w for layer in self._all_layers() for w in layer.trainable_weights]
+        trains = self._trains()
+        return [Variable(layer, i) for layer, i in self._weight_slots() if trains(layer, i)]
 
     @property
     def non_trainable_weights(self):
-        return [w for layer in self._all_layers() for w in layer.non_trainable_weights]
+        trains = self._trains()
+        return [Variable(layer, i) for layer, i in self._weight_slots() if not trains(layer, i)]
 
     trainable_variables, non_trainable_variables = trainable_weights, non_trainable_weights
 
@@ -267,11 +267,31 @@ class Model(Trainer, Layer):
             layer.set_weights(weights[i:i + n])
             i += n
 
-    @staticmethod
-    def _flat_layout(slots):
+    def _frozen_ids(self):
+        """ids of the layers held by a model that is not trainable — this one or one nested in it: Keras's rule, such
+        a model has no trainable weights whatever its layers' own flags (``Model(..., trainable=False)`` freezes
+        only its own view: the same layers in another model still train)."""
+        frozen = set()
+
+        def walk(model, off):
+            for layer in model.layers:
+                if isinstance(layer, Model):
+                    walk(layer, off or not layer._trainable)
+                elif off and not isinstance(layer, InputLayer):
+                    frozen.add(id(layer))
+        walk(self, not self._trainable)
+        return frozen
+
+    def _trains(self, frozen=None):
+        """A predicate ``(layer, index) -> bool``: whether this model trains that weight."""
+        frozen = self._frozen_ids() if frozen is None else frozen
+        return lambda layer, i: layer.trainable and id(layer) not in frozen and layer._weight_trainable[i]
+
+    def _flat_layout(self, slots):
         """(trained slots, their offsets, total length) of the flat buffer holding the trained weights among
         ``slots`` ((layer, index) pairs) in that order, each starting on an _ALIGN boundary."""
-        trained = [(layer, i) for layer, i in slots if layer.trainable and layer._weight_trainable[i]]
+        trains = self._trains()
+        trained = [(layer, i) for layer, i in slots if trains(layer, i)]
         sizes = [int(np.prod(layer.weights[i].shape)) for layer, i in trained]
         offsets = np.cumsum([0] + [-(-size // _ALIGN) * _ALIGN for size in sizes])
         return trained, [int(o) for o in offsets[:-1]], int(offsets[-1])
@@ -328,7 +348,7 @@ class Model(Trainer, Layer):
         return _moved(states, before, after, total, None, parked)
 
     def _trainable_flags(self):
-        return tuple(layer.trainable for layer in self._all_layers())
+        return tuple(layer.trainable for layer in self._all_layers()), frozenset(self._frozen_ids())
 
     def _sync_trainable(self):
         """Lay the flat buffers out again when a layer's ``trainable`` changed since they were packed (a layer frozen
@@ -437,7 +457,7 @@ class Model(Trainer, Layer):
             if any(node.training is not None for node in calls):  # the training= each call was written with
                 spec["call_training"] = [node.training for node in calls]
             layers.append(spec)
-        return {"name": self.name, "layers": layers,
+        return {"name": self.name, "layers": layers, **({} if self._trainable else {"trainable": False}),
                 "input_layers": [[t.node.layer.name, 0, 0] for t in graph.inputs],
                 "output_layers": [[t.node.layer.name, local_index(t.node), t.index] for t in graph.outputs],
                 "outputs_as_list": bool(self._outputs_were_list)}

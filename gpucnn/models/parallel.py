@@ -327,7 +327,7 @@ class _Worker:
         capacity = len(xh) if self.shared is None else max(len(xh), len(self.shared["x"]))
         # the model as compiled (graph, trainable weights, loss: model._version), its buffers, the data's shapes
         key = (id(model), model._version, id(model._params), model._params.shape, xh.shape[1:], yh.shape[1:],
-               yh.dtype.str, tuple(layer.trainable for layer in model._all_layers()))  # (a BatchNormalization's
+               yh.dtype.str, model._trainable_flags())  # (a BatchNormalization's
         # trainable, read at each call, decides whether it exchanges: both sides must agree)
         if key != self.key or len(xh) > len(self.shared["x"]):
             self._setup(model, key, capacity, xh, yh)
@@ -424,7 +424,8 @@ def _fixed_slots(model):
     """(layer, index) of the weights the optimizer does not update (a frozen layer's, BatchNormalization's moving
     statistics), in the model's order: the file carries their values to the worker, whose copy of the model
     starts from its config alone."""
-    return [(layer, i) for layer, i in model._weight_slots() if not (layer.trainable and layer._weight_trainable[i])]
+    trains = model._trains()
+    return [(layer, i) for layer, i in model._weight_slots() if not trains(layer, i)]
 
 
 def _arrays(mapped, layout):

@@ -31,8 +31,6 @@ class Sequential(Model):
             raise TypeError(f"Sequential takes a list of layers, got {type(layers).__name__}")
         self._quiet = False
         self._add_all(layers or [])
-        if not trainable:  # Sequential(..., trainable=False): every layer frozen, as the setter does (Keras)
-            self.trainable = False
 
     def _add_all(self, layers):
         """Add ``layers`` as one (re)build: Keras's Sequential rebuilds once after them (``_rebuilt``)."""
@@ -165,4 +163,4 @@ class Sequential(Model):
 
     def get_config(self):
         return {"name": self.name, "input_shape": None if self._input is None else list(self._input.sample_shape),
-                "layers": [serialize(layer) for layer in self._layers]}
+                "layers": [serialize(layer) for layer in self._layers], **({} if self._trainable else {"trainable": False})}

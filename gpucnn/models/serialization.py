@@ -92,6 +92,7 @@ def _sequential(config, classes):
         model.add(_from_spec(spec, classes))
     if not model.built and config.get("input_shape"):
         model.build((None,) + tuple(config["input_shape"]))
+    model._trainable = config.get("trainable", True) is not False  # (its own flag: its layers keep theirs)
     return model
 
 
@@ -130,7 +131,8 @@ def _functional(config, classes):
     inputs = [outputs_of[(str(n), int(i))][int(t)] for n, i, t in config["input_layers"]]
     outputs = [outputs_of[(str(n), int(i))][int(t)] for n, i, t in config["output_layers"]]
     as_list = bool(config.get("outputs_as_list", len(outputs) > 1))
-    return Model(inputs, outputs if as_list else outputs[0], name=str(config["name"]))
+    return Model(inputs, outputs if as_list else outputs[0], name=str(config["name"]),
+                 trainable=config.get("trainable", True) is not False)
 
 
 # ===================================================================================== files
