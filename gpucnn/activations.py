@@ -35,10 +35,8 @@ class Activation:
         if name == "softmax" and options["axis"] not in (-1, x.ndim - 1):
             return np.moveaxis(numpy_ops.activation_forward(np.moveaxis(x, options["axis"], -1), "softmax"), -1,
                                options["axis"])
-        if name in ("leaky_relu", "elu") and options != self.options:  # any number, as Keras's functions
-            slope = np.float32(next(iter(options.values())))
-            negative = slope * x if name == "leaky_relu" else slope * np.expm1(np.minimum(x, 0))
-            return np.where(x > 0, x, negative).astype(np.float32)
+        if name in ("leaky_relu", "elu") and options != self.options:  # any number, as Keras's functions (the
+            return numpy_ops._forward(name, next(iter(options.values())), x)  # layers' check asks for >= 0)
         spec = (name, options["approximate"]) if name == "gelu" else name
         return numpy_ops.activation_forward(x, spec)
 

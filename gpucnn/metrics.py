@@ -89,7 +89,7 @@ def kind(metric, loss):
     comes from the loss and the output's shape, ``form``), refusing one that cannot be read from ``loss``'s labels
     (a sparse accuracy without class indices, a categorical or binary one with them)."""
     wanted = metric.kind if isinstance(metric, Metric) else _KINDS[metric]
-    labels = _natural(loss)
+    labels = natural_form(loss)
     if wanted is not None and (wanted == "sparse") != (labels == "sparse"):
         name = metric.name if isinstance(metric, Metric) else metric
         needs = "class indices (sparse_categorical_crossentropy)" if wanted == "sparse" else \
@@ -103,7 +103,7 @@ def form(kinds, loss, units):
     """The one form of accuracy a model with these metric ``kinds`` (``kind``'s answers), ``loss`` and ``units``
     outputs counts. "accuracy" is Keras's choice by shape: binary for one sigmoid unit, categorical (arg-max) for
     more, sparse or categorical from the labels otherwise. Two different forms at once are not supported."""
-    natural = _natural(loss)
+    natural = natural_form(loss)
     auto = "categorical" if natural == "binary" and units > 1 else natural
     forms = {auto if k is None else k for k in kinds}
     if len(forms) > 1:
@@ -112,7 +112,7 @@ def form(kinds, loss, units):
     return forms.pop() if forms else natural
 
 
-def _natural(loss):
+def natural_form(loss):
     return "binary" if loss.name == "binary_crossentropy" else ("sparse" if loss.sparse else "categorical")
 
 

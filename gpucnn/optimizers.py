@@ -170,6 +170,13 @@ class Optimizer:
         layout = getattr(self._owner, "_layout", None)
         if not (self._excluded_names or self._excluded_arrays) or not layout:
             return [(0, total)]
+        key = (total, self._excluded_names, tuple(map(id, self._excluded_arrays)))
+        cached = getattr(self, "_ranges", None)  # (steps reuse them: the layout changes on packing only)
+        if cached is None or cached[0] is not layout or cached[1] != key:
+            self._ranges = cached = (layout, key, self._runs(layout))
+        return cached[2]
+
+    def _runs(self, layout):
         pattern = re.compile("|".join(self._excluded_names)) if self._excluded_names else None
         ranges, previous_decayed = [], False
         for layer, i, view, _, lo in sorted(layout, key=lambda entry: entry[4]):

@@ -618,3 +618,15 @@ def test_a_models_own_weights_file_loads_when_nested_models_repeat_layer_names(t
     m.load_weights(tmp_path / "w.npz")
     for a, b in zip(m.get_weights(), saved):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_file_whose_seeded_initializers_ask_for_more_weights_than_it_holds_is_refused_before_drawing(tmp_path):
+    """Seeded and constant initializers do not draw from gpucnn's generator, which meters a file's weight budget
+    while it loads: they charge the budget themselves (a crafted file allocated hundreds of MB before its refusal)."""
+    from gpucnn import initializers
+    m = models.Sequential([layers.Input((4,)), layers.Dense(3, kernel_initializer=initializers.HeNormal(seed=1))])
+    m.save(tmp_path / "m.gpucnn")
+    rewrite(tmp_path / "m.gpucnn", header=lambda h: h["model_config"]["config"]["layers"][0]["config"].update(
+        units=10**9))
+    with pytest.raises(InvalidModelFile, match="more weights than the file holds"):
+        models.load_model(tmp_path / "m.gpucnn")

@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import layers as L
 from .. import losses as losses_mod
+from .. import metrics as metrics_mod
 from .. import optimizers as optimizers_mod
 from ..layers import LAYER_CLASSES
 from . import capture
@@ -69,8 +70,7 @@ def unsupported_reason(model):
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
                 f"({', '.join(cls.__name__ for cls in _OPTIMIZERS)})")
-    natural = "binary" if isinstance(model.loss, losses_mod.BinaryCrossentropy) else (
-        "sparse" if model.loss.sparse else "categorical")
+    natural = metrics_mod.natural_form(model.loss)
     if model.metrics and model._accuracy_form() != natural:
         return (f"its metrics count {model._accuracy_form()} accuracy under a {model.loss.name} loss, which the "
                 f"fast path's step does not count (it counts {natural} accuracy)")

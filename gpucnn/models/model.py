@@ -43,6 +43,11 @@ def _opened(model, layers_of):
     return out
 
 
+def _placed(layout):
+    """{(id(layer), index): (offset, size)} of a model's ``_layout`` (where each trained weight sits in its buffer)."""
+    return {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in layout}
+
+
 def _moved(states, before, after, total, xp, parked):
     """The optimizer's state buffers ``states`` ({name: flat array} laid out as ``before``: {slot: (offset, size)})
     laid out as ``after`` ({slot: offset}) over ``total`` values. A slot in both keeps its values; a slot that
@@ -307,7 +312,7 @@ class Model(Trainer, Layer):
         starts from zeros, as a new optimizer would."""
         xp = backend.ops().xp
         slots, offsets, total = self._flat_layout(self._weight_slots())
-        before = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in self._layout or ()}
+        before = _placed(self._layout or ())
         before_total = None if self._layout is None else self._params.shape[0]
         self._params = xp.zeros(total, dtype=np.float32) if params is None else params
         self._grads = xp.zeros(total, dtype=np.float32) if grads is None else grads
@@ -342,7 +347,7 @@ class Model(Trainer, Layer):
         if self._layout is None or self._trainable_flags() == self._trainable_key:
             return states
         slots, offsets, total = self._flat_layout(self._weight_slots())
-        before = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in self._layout}
+        before = _placed(self._layout)
         after = {(id(layer), i): lo for (layer, i), lo in zip(slots, offsets)}
         parked = {slot: {name: backend.to_numpy(v) for name, v in kept.items()} for slot, kept in opt.parked.items()}
         return _moved(states, before, after, total, None, parked)

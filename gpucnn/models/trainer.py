@@ -213,8 +213,7 @@ class Trainer:
             raise NotImplementedError("fit(validation_freq=...) is not supported by gpucnn yet; validation runs "
                                       "after every epoch")
         verbose = _verbose(verbose)
-        given_batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
-        batch_size = 32 if given_batch is None else given_batch
+        given_batch, batch_size = _batch_size(batch_size)
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
         callbacks = _callback_list(callbacks)
@@ -431,8 +430,7 @@ class Trainer:
         takes it (arrays with ``y``, or a dataset of (x, y) batches, with ``steps``)."""
         self._require_compiled("evaluate")
         verbose = _verbose(verbose)
-        given_batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
-        batch_size = 32 if given_batch is None else given_batch
+        given_batch, batch_size = _batch_size(batch_size)
         ops = backend.ops()
         source = None
         if isinstance(x, adapters.Adapter) or not (steps is None and adapters.is_arrays(x, y)):
@@ -520,8 +518,7 @@ class Trainer:
         """The model's outputs for ``x`` (arrays, or a dataset / generator of batches, with ``steps``) as a
         NumPy array (N, ...), or a list of them for several outputs."""
         verbose = _verbose(verbose)
-        given_batch = None if batch_size is None else _positive_int(batch_size, "batch_size")
-        batch_size = 32 if given_batch is None else given_batch
+        given_batch, batch_size = _batch_size(batch_size)
         xp = backend.ops().xp
         source = None
         if not (steps is None and adapters.is_arrays(x, None)):
@@ -570,6 +567,13 @@ def _callback_list(callbacks):
         if not isinstance(cb, callbacks_mod.Callback):
             raise TypeError(f"callbacks must hold gpucnn.callbacks.Callback objects, got {type(cb).__name__}")
     return callbacks
+
+
+def _batch_size(batch_size):
+    """(the batch size given, or None; the one arrays use: it, or Keras's default 32). An adapter told None picks
+    Keras's own (ceil(N / steps) for arrays read in ``steps`` batches)."""
+    given = None if batch_size is None else _positive_int(batch_size, "batch_size")
+    return given, 32 if given is None else given
 
 
 def _positive_int(value, what):
