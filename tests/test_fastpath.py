@@ -957,6 +957,22 @@ def test_weight_decay_on_the_cpu_fast_path_is_the_plain_steps(feed, cpu_fast_pat
     _assert_same_training(plain, fast)
 
 
+def test_the_cpu_fast_path_trains_this_sessions_layers_as_the_numpy_engine(cpu_fast_path, monkeypatch):
+    """relu6 (a ReLU(6.0) layer and a Dense's activation), a Dense over the last axis of images and a global
+    pooling with keepdims in the captured step: the plain step's weights and losses."""
+    x, y = small_data(40, "normal")
+
+    def train():
+        m = models.Sequential([layers.Input((10, 10, 1)), layers.Conv2D(4, 3), layers.ReLU(6.0),
+                               layers.Dense(3, activation="relu6"), layers.GlobalAveragePooling2D(keepdims=True),
+                               layers.Flatten(), layers.Dense(5, activation="softmax")])
+        m.compile("adam", "categorical_crossentropy", ["accuracy"])
+        return m, m.fit(x * 4, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert len(cpu_fast_path) == 1
+    _assert_same_training(plain, fast)
+
+
 def test_the_cpu_fast_path_trains_a_functional_residual_model_as_the_numpy_engine(cpu_fast_path, monkeypatch):
     x, y = small_data(40)
 
