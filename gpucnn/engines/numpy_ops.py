@@ -293,33 +293,28 @@ def activation_backward(dy, y, activation, out=None, x=None):
 
 
 # ===================================================================================== conv2d
-def _im2col(x, k, stride, padding, p, q, ctx, pooled=False):
-    """The im2col matrix of x, (N·P·Q, KH·KW·C): row (n, p, q) holds the window under output pixel (p, q) of
-    image n, tap by tap — a work array in ``ctx`` ("cols_plain"; a plain convolution makes one for a chunk of
-    images at a time).
-
-    ``pooled`` (conv2d_maxpool): for a 2x2 max-pooling after the convolution, rows for the 2·P x 2·Q outputs its
-    windows read (P, Q: the pooled size), ordered (window tap di, dj, n, P, Q) — the four outputs of a window then
-    sit in four contiguous blocks of the product — and a last column of ones, the bias's input, so one product
-    gives conv + bias and one gives dw and db; in ``ctx`` ("cols"), where a batch of one chunk's backward finds it."""
+def _pooled_im2col(x, k, stride, padding, p, q, ctx):
+    """The im2col matrix of a convolution followed by a 2x2 max-pooling (conv2d_maxpool): rows for the 2·P x 2·Q
+    outputs its windows read (P, Q: the pooled size), ordered (window tap di, dj, n, P, Q) — the four outputs of a
+    window then sit in four contiguous blocks of the product — each row the window under that output, tap by tap,
+    then a last column of ones, the bias's input, so one product gives conv + bias and one gives dw and db; in
+    ``ctx`` ("cols"), where a batch of one chunk's backward finds it. (A plain convolution's: _chunk_cols.)"""
     n, c, kk = x.shape[0], x.shape[3], k[0] * k[1] * x.shape[3]
-    taps = (2, 2) if pooled else (1, 1)
-    extra = 1 if pooled else 0
-    shape = (taps[0] * taps[1] * n * p * q, kk + extra)
-    cols = _kept_cols(ctx, shape) if pooled else _scratch(ctx, "cols_plain", shape)
+    shape = (4 * n * p * q, kk + 1)
+    cols = _kept_cols(ctx, shape)
     if cols is None:  # a kept matrix has its column of ones already
         cols = _scratch(ctx, "cols", shape)
         cols[:, kk] = 1
     xpad = _pad(x, padding, ctx=ctx)
-    windows = cols.reshape(taps + (n, p, q, kk + extra))[..., :kk].reshape(taps + (n, p, q, k[0], k[1], c))
-    step = (stride[0] * taps[0], stride[1] * taps[1])  # input rows between the rows of one block
+    windows = cols.reshape((2, 2, n, p, q, kk + 1))[..., :kk].reshape((2, 2, n, p, q, k[0], k[1], c))
+    step = (stride[0] * 2, stride[1] * 2)  # input rows between the rows of one block
     if c >= 8:  # runs of C contiguous floats: one strided copy of every window is fastest
         s0, s1, s2, s3 = xpad.strides
         np.copyto(windows, as_strided(xpad, windows.shape, (s1 * stride[0], s2 * stride[1], s0, s1 * step[0],
                                                             s2 * step[1], s1, s2, s3), writeable=False))
         return cols
-    for di in range(taps[0]):  # few channels: one copy per tap is faster
-        for dj in range(taps[1]):
+    for di in range(2):  # few channels: one copy per tap is faster
+        for dj in range(2):
             for i in range(k[0]):
                 for j in range(k[1]):
                     windows[di, dj, :, :, :, i, j, :] = _tap(xpad, di * stride[0] + i, dj * stride[1] + j,
@@ -384,15 +379,37 @@ def _correlate(x, w, stride, padding, ctx, y):
     kh, kw, c, f = w.shape
     n, p, q = y.shape[:3]
     w2 = w.reshape(kh * kw * c, f)
+    windows = _batch_windows(x, (kh, kw), stride, padding, p, q, ctx)
     for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
-        np.matmul(_chunk_cols(x[part], (kh, kw), stride, padding, p, q, sub), w2, out=y[part].reshape(-1, f))
+        np.matmul(_chunk_cols(x, windows, part, sub), w2, out=y[part].reshape(-1, f))
 
 
-def _chunk_cols(x, k, stride, padding, p, q, ctx):
-    """The im2col matrix (N·P·Q, KH·KW·C) of a chunk of images (x itself for a 1x1 kernel at stride 1)."""
+def _batch_windows(x, k, stride, padding, p, q, ctx):
+    """The (N, P, Q, KH, KW, C) view of every window of the whole batch, padded once (in ``ctx``), that the
+    chunks' im2col matrices are copied from; None where x itself is the matrix (1x1 kernel, stride 1, no padding).
+    One view for the batch instead of one padded copy and one view per chunk: a chunk is often a single image, and
+    those calls cost more than the copy they make."""
     if tuple(k) == (1, 1) and tuple(stride) == (1, 1) and not any(padding):
-        return x.reshape(-1, x.shape[3])
-    return _im2col(x, k, stride, padding, p, q, ctx)
+        return None
+    return _windows(_pad(x, padding, ctx=ctx, what="pad_batch"), k, stride, p, q)
+
+
+def _chunk_cols(x, windows, part, ctx):
+    """The im2col matrix (rows, KH·KW·C) of the images ``part`` of x: row (n, p, q) holds the window under output
+    pixel (p, q) of image n, tap by tap — copied from the batch's ``windows`` (_batch_windows) into a work array in
+    ``ctx``, or x's own rows where ``windows`` is None."""
+    if windows is None:
+        return x[part].reshape(-1, x.shape[3])
+    _, p, q, kh, kw, c = windows.shape
+    cols = _scratch(ctx, "cols_plain", ((part.stop - part.start) * p * q, kh * kw * c))
+    target = cols.reshape((part.stop - part.start, p, q, kh, kw, c))
+    if c >= 8:  # runs of C contiguous floats: one strided copy of every window is fastest
+        np.copyto(target, windows[part])
+        return cols
+    for i in range(kh):  # few channels: one copy per tap is faster
+        for j in range(kw):
+            target[:, :, :, i, j] = windows[part, :, :, i, j]
+    return cols
 
 
 def conv2d_backward_data(dy, w, x_shape, stride, padding, ctx=None, out=None):
@@ -469,8 +486,9 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
         _winograd_backward(dy, x, None, x.shape, padding, ctx, out_w=dw)
         return dw, db
     g = np.zeros((kh * kw * c, f), DTYPE) if n == 0 else None
+    windows = _batch_windows(x, (kh, kw), stride, padding, p, q, ctx)
     for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
-        g = _summed(g, _chunk_cols(x[part], (kh, kw), stride, padding, p, q, sub).T @ dy[part].reshape(-1, f))
+        g = _summed(g, _chunk_cols(x, windows, part, sub).T @ dy[part].reshape(-1, f))
     return _finish(g.reshape(w_shape), out_w), db
 
 
@@ -1083,7 +1101,7 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, activation, ctx=None, out=N
         if winograd:
             _winograd_outputs(x[part], w, padding, 2, pp, pq, sub, out=z, u=u)
         else:
-            cols = _im2col(x[part], (kh, kw), stride, padding, pp, pq, sub, pooled=True)
+            cols = _pooled_im2col(x[part], (kh, kw), stride, padding, pp, pq, sub)
             np.matmul(cols if b is not None else cols[:, :-1], w2, out=z.reshape(-1, f))
         return list(z)
 
@@ -1147,7 +1165,7 @@ def conv2d_maxpool_backward(dy, y, idx, x, w, stride, padding, activation, ctx=N
                 dx = _gathered(dx, part, _winograd_dx(dm, w, (size,) + x.shape[1:], padding, 2, pp, pq, sub, u=u))
             continue
         cols = _kept_cols(sub, (4 * size * pp * pq, kh * kw * c + 1)) if len(chunks) == 1 else None
-        cols = _im2col(x[part], (kh, kw), stride, padding, pp, pq, sub, pooled=True) if cols is None else cols
+        cols = _pooled_im2col(x[part], (kh, kw), stride, padding, pp, pq, sub) if cols is None else cols
         gw = _summed(gw, cols.T @ dz.reshape(-1, f))
         if need_dx:
             # the window taps back in image order: (n, 2·PP, 2·PQ, F), the convolution outputs that have gradients
