@@ -6,14 +6,16 @@ A callback may set ``self.model.stop_training = True`` to end training after the
 import collections.abc
 import csv
 import inspect
+import io
 import math
 import os
+import string
 import warnings
 
 import numpy as np
 
-from . import schedules
-from .utils import missing
+from . import saving, schedules
+from .utils import atomic_write, missing
 
 
 class Callback:
@@ -222,6 +224,9 @@ class ModelCheckpoint(Callback):
             raise NotImplementedError(f"ModelCheckpoint(save_freq={save_freq!r}): gpucnn saves at the end of each "
                                       "epoch only (save_freq='epoch', Keras's default)")
         self.filepath, self.monitor, self.verbose = os.fspath(filepath), monitor, verbose
+        if save_weights_only:
+            saving.check_weights_path(self.filepath, "ModelCheckpoint(save_weights_only=True)")
+        _formatted_path(self.filepath, 1, {})  # a bad format is refused now, not after an epoch of training
         self.save_best_only, self.save_weights_only, self.save_freq = save_best_only, save_weights_only, save_freq
         self._better, sign = _monitor_op(monitor, mode, "ModelCheckpoint")
         self.best = -sign * math.inf if initial_value_threshold is None else initial_value_threshold
@@ -234,6 +239,9 @@ class ModelCheckpoint(Callback):
         except KeyError as exc:
             raise KeyError(f"ModelCheckpoint: filepath {self.filepath!r} names {exc}, which is not in the "
                            f"logs; available: ['epoch'] + {sorted(logs)}") from None
+        except (ValueError, IndexError, TypeError) as exc:
+            raise ValueError(f"ModelCheckpoint: filepath {self.filepath!r} does not format with this epoch's "
+                             f"logs ({exc})") from None
         if self.save_best_only:
             current = logs.get(self.monitor)
             if current is None:  # Keras 3 warns and saves, as without save_best_only
@@ -259,6 +267,20 @@ class ModelCheckpoint(Callback):
         if directory:
             os.makedirs(directory, exist_ok=True)
         (self.model.save_weights if self.save_weights_only else self.model.save)(path)
+
+
+class _AnyLogs(dict):
+    def __missing__(self, key):
+        return 0.5  # a log value stands for any
+
+
+def _formatted_path(filepath, epoch, logs):
+    """ModelCheckpoint's check of its filepath at construction: formatted with ``epoch`` and any log value (0.5)."""
+    try:
+        return string.Formatter().vformat(filepath, (), _AnyLogs(logs, epoch=epoch))
+    except (ValueError, IndexError, TypeError, AttributeError) as exc:
+        raise ValueError(f"ModelCheckpoint: filepath {filepath!r} is not a valid format string ({exc}); fields "
+                         "look like '{epoch:02d}' or '{val_loss:.4f}' (write '{{' and '}}' for braces)") from None
 
 
 class TerminateOnNaN(Callback):
@@ -385,19 +407,23 @@ class ReduceLROnPlateau(Callback):
 class CSVLogger(Callback):
     """Write each epoch's logs as a row of a CSV file: ``epoch`` (from 0), then the log keys in sorted order
     (with their ``val_`` twins even when there is no validation: "NA" there), as Keras does. ``append``: add
-    to an existing file (its header is kept) instead of starting it again."""
+    to an existing file instead of starting it again; its columns are kept, and a run that logs a key the file has
+    no column for adds the column (the earlier rows get "NA" there) rather than writing values under another
+    column's name."""
 
     def __init__(self, filename, separator=",", append=False):
         super().__init__()
         self.filename, self.sep, self.append = os.fspath(filename), separator, append
         self.csv_file = self.writer = self.keys = None
         self.append_header = True
+        self._header = None  # the columns of the file appended to
 
     def on_train_begin(self, logs=None):
-        self.append_header = True
+        self.append_header, self._header = True, None
         if self.append and os.path.exists(self.filename):
-            with open(self.filename, encoding="utf-8") as f:
-                self.append_header = not f.readline()
+            with open(self.filename, encoding="utf-8", newline="") as f:
+                self._header = next(csv.reader(f, delimiter=self.sep), None) or None
+            self.append_header = self._header is None
         if self.csv_file is not None and not self.csv_file.closed:
             self.csv_file.close()
         self.csv_file = open(self.filename, "a" if self.append else "w", newline="", encoding="utf-8")
@@ -411,15 +437,37 @@ class CSVLogger(Callback):
             return f'"[{", ".join(map(str, value))}]"'
         return value
 
+    def _dialect(self):
+        return type("CSVLoggerDialect", (csv.excel,), {"delimiter": self.sep})
+
+    def _widen(self, fields):
+        """Write the file again with the columns ``fields`` (its own first, then new ones; "NA" in its rows there)."""
+        self.csv_file.close()
+        with open(self.filename, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=self.sep))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields, restval="NA", dialect=self._dialect())
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_write(self.filename) as f:
+            f.write(text.getvalue().encode("utf-8"))
+        self.csv_file = open(self.filename, "a", newline="", encoding="utf-8")
+
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if self.keys is None:
-            self.keys = sorted(logs)
-            if self.keys and not any(key.startswith("val_") for key in self.keys):
-                self.keys += [f"val_{key}" for key in self.keys]
+            keys = sorted(logs)
+            if keys and not any(key.startswith("val_") for key in keys):
+                keys += [f"val_{key}" for key in keys]
+            fields = ["epoch"] + keys
+            if self._header is not None:  # the file's columns, in its order; any new one after them
+                new = [key for key in fields if key not in self._header]
+                fields = self._header + new
+                if new:
+                    self._widen(fields)
+            self.keys = [key for key in fields if key != "epoch"]
         if self.writer is None:
-            dialect = type("CSVLoggerDialect", (csv.excel,), {"delimiter": self.sep})
-            self.writer = csv.DictWriter(self.csv_file, fieldnames=["epoch"] + self.keys, dialect=dialect)
+            self.writer = csv.DictWriter(self.csv_file, fieldnames=["epoch"] + self.keys, dialect=self._dialect())
             if self.append_header:
                 self.writer.writeheader()
         row = {"epoch": epoch}

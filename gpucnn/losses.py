@@ -17,7 +17,7 @@ from .utils import missing
 
 class Loss:
     """Keras's constructor: ``from_logits`` (the model outputs logits: the loss applies the softmax/sigmoid),
-    ``label_smoothing`` (binary cross-entropy), ``reduction`` (only Keras's default, the mean over the batch)
+    ``label_smoothing`` (binary and categorical cross-entropy), ``reduction`` (only Keras's default, the mean over the batch)
     and ``name`` (accepted; the loss is known by its kind, as ``self.name``)."""
     name = None
     sparse = False
@@ -68,9 +68,18 @@ class _Categorical(Loss):
 
     def __init__(self, from_logits=False, label_smoothing=0.0, **kwargs):
         super().__init__(from_logits=from_logits, label_smoothing=label_smoothing, **kwargs)
-        if self.label_smoothing:
-            raise NotImplementedError(f"{type(self).__name__}(label_smoothing=...) is not supported by gpucnn "
-                                      "yet")
+        if self.label_smoothing and self.sparse:
+            raise TypeError("SparseCategoricalCrossentropy takes no label_smoothing (nor does Keras's): one-hot "
+                            "encode the labels (gpucnn.utils.to_categorical) and use "
+                            "CategoricalCrossentropy(label_smoothing=...)")
+
+    def check_labels(self, y, units, what="y"):
+        if units == 1:
+            raise ValueError(f"{self.name} needs a model with two outputs or more, this one has one: a softmax over "
+                             "one unit is always 1, so the loss would be 0 and the accuracy 1 whatever the data. For "
+                             "two classes, use Dense(1, activation='sigmoid') with loss='binary_crossentropy' (0/1 "
+                             f"labels), or Dense(2, activation='softmax') with {self.name}")
+        return super().check_labels(y, units, what)
 
     def per_sample(self, ops, p, y):
         return ops.crossentropy_forward(p, y, self.sparse, self.from_logits)
@@ -98,7 +107,10 @@ class CategoricalCrossentropy(_Categorical):
                              f"this model's {units} outputs, got shape {y.shape}.{hint}")
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"one-hot {what} must lie in [0, 1], found values from {y.min()} to {y.max()}")
-        return y.astype(np.float32)
+        y = y.astype(np.float32)
+        if self.label_smoothing:  # Keras's y·(1 − s) + s / K, made once here: every engine's loss takes these targets
+            y = y * np.float32(1 - self.label_smoothing) + np.float32(self.label_smoothing / units)
+        return y
 
 
 class SparseCategoricalCrossentropy(_Categorical):

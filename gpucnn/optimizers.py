@@ -54,7 +54,13 @@ class Optimizer:
     _slots = ()  # names of the per-parameter state buffers
     _config = ()  # constructor arguments reported by get_config
 
-    def __init__(self, learning_rate, weight_decay=None):
+    # Keras's optimizer arguments gpucnn takes at their default value only: any other is refused by name
+    _KERAS_DEFAULTS = {"clipnorm": None, "clipvalue": None, "global_clipnorm": None, "use_ema": False,
+                       "ema_momentum": 0.99, "ema_overwrite_frequency": None, "loss_scale_factor": None,
+                       "gradient_accumulation_steps": None, "name": None}
+
+    def __init__(self, learning_rate, weight_decay=None, **keras_arguments):
+        self._check_keras_arguments(keras_arguments)
         self._learning_rate = _learning_rate_argument(learning_rate)
         if weight_decay is not None and (isinstance(weight_decay, bool)
                                          or not _number("weight_decay", weight_decay) >= 0):
@@ -66,6 +72,19 @@ class Optimizer:
         self.iterations = 0
         self.state = None
         self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
+
+    def _check_keras_arguments(self, given):
+        kind = type(self).__name__
+        for key, value in given.items():
+            if key == "lr":
+                raise TypeError(f"{kind}(lr=...) is Keras 2's name: write {kind}(learning_rate={value!r})")
+            if key not in self._KERAS_DEFAULTS:
+                raise TypeError(f"{kind} got an unexpected keyword argument {key!r}")
+            if value != self._KERAS_DEFAULTS[key] and not (key == "name" and value == self.name):
+                what = ("gradient clipping is" if key.endswith("clipnorm") or key == "clipvalue" else
+                        "a custom optimizer name is" if key == "name" else f"{key}={value!r} is")
+                raise NotImplementedError(f"{kind}({key}={value!r}): {what} not supported by gpucnn yet; leave "
+                                          f"{key} out (Keras's default: {self._KERAS_DEFAULTS[key]!r})")
 
     # ---- the learning rate: a number, a LearningRateSchedule, or a callable of no arguments (Keras's forms)
     @property
@@ -214,8 +233,8 @@ class SGD(Optimizer):
     name = "sgd"
     _config = ("momentum", "nesterov")
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, *, weight_decay=None):
-        super().__init__(learning_rate, weight_decay)
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, *, weight_decay=None, **keras_arguments):
+        super().__init__(learning_rate, weight_decay, **keras_arguments)
         if not 0 <= _number("momentum", momentum) <= 1:
             raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
@@ -231,8 +250,8 @@ class RMSprop(Optimizer):
     _config = ("rho", "momentum", "epsilon", "centered")
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, *,
-                 weight_decay=None):
-        super().__init__(learning_rate, weight_decay)
+                 weight_decay=None, **keras_arguments):
+        super().__init__(learning_rate, weight_decay, **keras_arguments)
         _check_unit("rho", rho)
         _check_unit("momentum", momentum)
         self.rho, self.momentum = float(rho), float(momentum)
@@ -251,8 +270,11 @@ class Adam(Optimizer):
     _slots = ("m", "v")
     _config = ("beta_1", "beta_2", "epsilon")
 
-    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, *, weight_decay=None):
-        super().__init__(learning_rate, weight_decay)
+    _KERAS_DEFAULTS = {**Optimizer._KERAS_DEFAULTS, "amsgrad": False}
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, *, weight_decay=None,
+                 **keras_arguments):
+        super().__init__(learning_rate, weight_decay, **keras_arguments)
         _check_unit("beta_1", beta_1)
         _check_unit("beta_2", beta_2)
         self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), _epsilon(epsilon)
@@ -271,11 +293,12 @@ class AdamW(Adam):
     w −= weight_decay·lr·w, then Adam's update."""
     name = "adamw"
 
-    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 **keras_arguments):
         if weight_decay is None:
             raise ValueError("AdamW: weight_decay must be a number (AdamW is Adam with weight decay); for none, "
                              "use Adam")
-        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay=weight_decay)
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, weight_decay=weight_decay, **keras_arguments)
 
 
 def _learning_rate_argument(value):
@@ -296,8 +319,8 @@ def _learning_rate_argument(value):
             pass
         return value
     rate = _number("learning_rate", value)
-    if not rate > 0:
-        raise ValueError(f"learning_rate must be a positive number, got {value!r}")
+    if not rate >= 0:
+        raise ValueError(f"learning_rate must be a number >= 0, got {value!r}")
     return rate
 
 

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import struct
 import tokenize
 import zipfile
@@ -67,10 +68,12 @@ def write_model(model, path, model_config=None, overwrite=True):
     check_layer_classes(model)
     opt = model.optimizer
     _check_savable_rate(opt)
-    weights = _npz_bytes(_weight_arrays(model))
+    weights = _npz_bytes(_weight_arrays(model, path))
     members = {_WEIGHTS: weights}
     state = model._state_for_file()  # over the weights trainable now, as the file's config says
     if state is not None:
+        for slot, value in state.items():
+            _refuse_nonfinite(value, f"the optimizer's {slot}", path)
         members[_OPTIMIZER] = _npz_bytes(state)
     from . import __version__
     header = {
@@ -111,6 +114,11 @@ def read_model(path, build, restore_rng=True, custom_objects=None, compile=True)
     _refuse_keras_files(raw, path)
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+            names = zf.namelist()
+            if _JSON not in names and names and all(name.endswith(".npy") for name in names):
+                raise InvalidModelFile(f"{path} holds weights alone (save_weights writes such files), not a model: "
+                                       "build the model in code and call model.load_weights on it, or save the "
+                                       "whole model with model.save")
             header = _header(zf, path)
             declared = _member_info(zf, _WEIGHTS, path).file_size
             model = _build_within(build, header.get("model_config"), path, classes,
@@ -131,11 +139,40 @@ def read_model(path, build, restore_rng=True, custom_objects=None, compile=True)
 
 
 def save_weights(model, path, overwrite=True):
-    """Write the weights to an ``.npz`` (float32 arrays keyed ``00_conv2d_kernel``, ... in Keras's order)."""
+    """Write the weights to an ``.npz`` (float32 arrays keyed ``00_conv2d_kernel``, ... in Keras's order). A whole
+    model's name (``.keras``, ``.gpucnn``) or a saved model at ``path`` is refused: weights alone would replace it."""
+    check_weights_path(path, "save_weights")
+    if os.path.isfile(path) and _is_model_file(path):
+        raise FileExistsError(f"save_weights: {os.fspath(path)} holds a whole saved model (model.save); the weights "
+                              "alone would replace it. Choose another name (e.g. 'model.weights.npz'), or delete it "
+                              "first if it is no longer wanted")
     model._require_built("save_weights")
-    data = _npz_bytes(_weight_arrays(model))
+    data = _npz_bytes(_weight_arrays(model, path))
     with atomic_write(path, overwrite) as f:
         f.write(data)
+
+
+MODEL_SUFFIXES = (".keras", ".gpucnn")  # names of whole-model files, which a weights file must not take
+
+
+def check_weights_path(path, who):
+    """A ValueError when ``path`` ends as a whole model's file does (``.keras``, ``.gpucnn``): a weights file there
+    would pass for a model, and replace one."""
+    name = os.fspath(path)
+    suffix = next((s for s in MODEL_SUFFIXES if name.lower().endswith(s)), None)
+    if suffix:
+        raise ValueError(f"{who}: {name!r} ends in {suffix}, the name of a whole saved model (model.save writes one); "
+                         "weights alone go to a name such as 'model.weights.npz' (Keras: '.weights.h5'). To save the "
+                         "whole model, use model.save")
+
+
+def _is_model_file(path):
+    """Whether ``path`` is a zip archive with a gpucnn model's header (a whole saved model)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _JSON in zf.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def load_weights(model, path):
@@ -216,16 +253,25 @@ def _npz_bytes(arrays):
 KERAS_ORDER = "keras_order"  # an empty array in a weights file whose weights are numbered in Keras's order
 
 
-def _weight_arrays(model):
+def _weight_arrays(model, path):
     """{``00_conv2d_kernel``: array, ...}: every weight, numbered in Keras's order, and the empty ``KERAS_ORDER``
-    that says so (files of earlier gpucnn versions numbered a functional model's weights in call order)."""
+    that says so (files of earlier gpucnn versions numbered a functional model's weights in call order). A weight
+    that is not finite is refused (loading would refuse the file), before anything is written to ``path``."""
     out, i = {}, 0
     for layer in model._all_layers():
         for name, value in zip(layer.weight_names, layer.get_weights()):
+            _refuse_nonfinite(value, f"the {name} of layer {layer.name!r}", path)
             out[f"{i:02d}_{layer.name}_{name}"] = value
             i += 1
     out[KERAS_ORDER] = np.zeros(0, np.float32)
     return out
+
+
+def _refuse_nonfinite(value, what, path):
+    if not np.isfinite(value).all():
+        raise ValueError(f"not saved: {what} holds NaN or infinity, and a file with it could not be loaded ({path} "
+                         "is left as it was). The model's training diverged: check the inputs are scaled (e.g. "
+                         "divided by 255), lower the learning rate, and train it again")
 
 
 def check_layer_classes(model):

@@ -230,6 +230,18 @@ def test_checkpoint_every_epoch_weights_only_and_max_mode(tmp_path, capsys):
     assert (tmp_path / "sub" / "best.gpucnn").exists()
 
 
+def test_checkpoint_refuses_a_bad_format_and_weights_under_a_model_name_before_training(tmp_path):
+    with pytest.raises(ValueError, match="not a valid format string.*'{epoch:02d}'"):
+        ModelCheckpoint(str(tmp_path / "{epoch:.2q}.gpucnn"))
+    with pytest.raises(ValueError, match="not a valid format string"):
+        ModelCheckpoint(str(tmp_path / "{epoch.x}.gpucnn"))
+    for name in ("ckpt.keras", "ckpt-{epoch}.gpucnn"):  # a weights file there would pass for a model
+        with pytest.raises(ValueError, match="save_weights_only=True.*whole saved model.*'model.weights.npz'"):
+            ModelCheckpoint(str(tmp_path / name), save_weights_only=True)
+    ModelCheckpoint(str(tmp_path / "{{literal}}-{epoch:03d}-{val_loss:.4f}.weights.npz"), save_weights_only=True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_names_a_missing_log_key(tmp_path):
     model = tiny_model()
     with pytest.raises(KeyError, match="val_loss.*not in the logs"):
@@ -451,6 +463,26 @@ def test_csv_logger_append_separator_and_missing_validation(tmp_path):
     assert all(r[3:] == ["NA", "NA"] for r in rows[1:])
     model.fit(*tiny_data(), batch_size=4, epochs=1, verbose=0, callbacks=[callbacks.CSVLogger(path)])
     assert len(read_csv(path, "\t")) == 2  # append=False starts the file again
+
+
+def test_csv_logger_appending_other_keys_adds_columns_instead_of_shifting_values(tmp_path):
+    """A run that logs keys the file has no column for (here accuracy after a run without metrics): the columns are
+    widened, the old rows get "NA" there, and every value stays under its own name (Keras writes the new row's
+    values under the old header)."""
+    path = tmp_path / "log.csv"
+    plain = models.Sequential([layers.Input((6, 6, 1)), layers.Flatten(), layers.Dense(3, activation="softmax")])
+    plain.compile("sgd", "sparse_categorical_crossentropy")
+    plain.fit(*tiny_data(), batch_size=4, epochs=1, verbose=0, callbacks=[callbacks.CSVLogger(path, append=True)])
+    with_metric = tiny_model()
+    history = with_metric.fit(*tiny_data(), batch_size=4, epochs=2, verbose=0,
+                              callbacks=[callbacks.CSVLogger(path, append=True)])
+    rows = read_csv(path)
+    assert rows[0] == ["epoch", "loss", "val_loss", "accuracy", "val_accuracy"]
+    assert all(len(r) == 5 for r in rows) and len(rows) == 4
+    assert rows[1][3:] == ["NA", "NA"]
+    by_name = [dict(zip(rows[0], r)) for r in rows[2:]]
+    assert [float(r["accuracy"]) for r in by_name] == history.history["accuracy"]
+    assert [float(r["loss"]) for r in by_name] == history.history["loss"]
 
 
 def test_csv_logger_matches_keras(tmp_path):

@@ -68,8 +68,7 @@ def optimizer_config(h):
     (lambda h: h.update(optimizer_iterations=2**70), "iterations"),
     (lambda h: optimizer_config(h).update(learning_rate=10**400), "learning_rate must be a finite number"),
     (lambda h: optimizer_config(h).update(learning_rate=float("inf")), "learning_rate must be a finite"),
-    (lambda h: optimizer_config(h).update(learning_rate=0), "learning_rate must be a positive"),
-    (lambda h: optimizer_config(h).update(learning_rate=-1e-3), "learning_rate must be a positive"),
+    (lambda h: optimizer_config(h).update(learning_rate=-1e-3), "learning_rate must be a number >= 0"),
     (lambda h: optimizer_config(h).update(epsilon=float("nan")), "epsilon must be a finite"),
     (lambda h: optimizer_config(h).update(epsilon=-1e-7), "epsilon must be a small non-negative"),
     (lambda h: optimizer_config(h).update(rho=float("nan")), "rho"),
@@ -100,7 +99,7 @@ def test_weights_that_overflow_float32_are_refused(saved, tmp_path):
     replace_weight(saved, "02_dense_kernel", np.full((36, 3), 1e300))  # finite as float64, inf as float32
     with pytest.raises(InvalidModelFile, match="NaN or infinity"):
         models.load_model(saved)
-    arrays = saving._weight_arrays(trained())
+    arrays = saving._weight_arrays(trained(), "w.npz")
     np.savez(tmp_path / "w.npz", **{**arrays, min(arrays): np.full((3, 3, 1, 4), -1e300)})
     with pytest.raises(InvalidModelFile, match="NaN or infinity"):
         tiny_model().load_weights(tmp_path / "w.npz")

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from gpucnn import callbacks, layers, models, optimizers, utils
+from gpucnn import callbacks, layers, losses, models, optimizers, utils
 from gpucnn.cli import seed_model
 
 
@@ -631,6 +631,9 @@ def test_small_api_edges():
     assert m.fit(x, y, epochs=0, verbose=0).history == {}
     with pytest.raises(ValueError, match="already has a layer named 'dense'"):
         models.Sequential([layers.Dense(2, name="dense"), layers.Dense(2, name="dense")])
+    twice = layers.Dense(2)
+    with pytest.raises(ValueError, match="already in this model.*create a new one.*functional API"):
+        models.Sequential([layers.Input((2,)), twice, twice])
     for bad in (1.5, -1):
         with pytest.raises(ValueError, match="seed must be a non-negative int"):
             utils.set_random_seed(bad)
@@ -868,3 +871,136 @@ def test_model_building_edges_as_keras():
     own = models.Sequential([layers.Input((3,)), Scale(), layers.Dense(2)])
     assert own.count_params() == 11
     np.testing.assert_array_equal(own.layers[0].scale.numpy(), np.ones(3, np.float32))
+
+
+def test_a_weight_that_overflows_stops_training_though_the_loss_stays_finite():
+    """Inputs of 1e20 (finite float32, never scaled): BatchNormalization's batch statistics normalize them, so the
+    loss stays finite, but its moving variance overflows to infinity and predict would give a constant. fit names
+    the weight at the end of the epoch instead of training on."""
+    x = np.random.default_rng(0).random((8, 8, 8, 3)).astype(np.float32) * 1e20
+    y = np.arange(8) % 2
+    model = models.Sequential([layers.Input((8, 8, 3)), layers.BatchNormalization(name="bn"), layers.Flatten(),
+                               layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    seen = []
+    with pytest.raises(models.TrainingDivergedError,
+                       match="moving_variance of layer 'bn' is no longer finite after epoch 1.*inputs are scaled"):
+        model.fit(x, y, batch_size=4, epochs=3, verbose=0,
+                  callbacks=[callbacks.LambdaCallback(on_batch_end=lambda b, logs: seen.append(logs["loss"]))])
+    assert len(seen) == 2 and np.isfinite(seen).all()  # the loss alone would not have told
+
+
+def test_set_weights_checks_every_array_before_it_sets_any():
+    model = models.Sequential([layers.Input((4,)), layers.Dense(3), layers.Dense(2)])
+    before = model.get_weights()
+    new = [w + 1 for w in before]
+    new[-1] = np.zeros(99, np.float32)  # the last array is wrong
+    with pytest.raises(ValueError, match="bias must have shape"):
+        model.set_weights(new)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_negative_moving_variance_is_refused():
+    bn = layers.BatchNormalization()
+    models.Sequential([layers.Input((3,)), bn])
+    gamma, beta, mean, var = bn.get_weights()
+    with pytest.raises(ValueError, match="moving_variance must be >= 0"):
+        bn.set_weights([gamma, beta, mean, var - 2])
+    np.testing.assert_array_equal(bn.get_weights()[3], var)
+
+
+def test_a_softmax_or_categorical_loss_over_one_unit_is_refused():
+    """A softmax over one unit is always 1: loss 0 and accuracy 1 whatever the data (Keras only warns)."""
+    x, y = np.zeros((8, 4), np.float32), (np.arange(8) % 2).reshape(-1, 1).astype(np.float32)
+    for activation, loss in (("sigmoid", "categorical_crossentropy"), ("softmax", "categorical_crossentropy"),
+                             (None, "sparse_categorical_crossentropy"), ("softmax", "binary_crossentropy")):
+        model = models.Sequential([layers.Input((4,)), layers.Dense(1, activation=activation)])
+        model.compile("adam", loss, metrics=["accuracy"])
+        with pytest.raises(ValueError, match="one (unit|output).*Dense\\(1, activation='sigmoid'\\)"):
+            model.fit(x, y if loss != "sparse_categorical_crossentropy" else y[:, 0] * 0, verbose=0)
+    model = models.Sequential([layers.Input((4,)), layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy", metrics=["accuracy"])
+    assert np.isfinite(model.fit(x, y, verbose=0).history["loss"][0])
+
+
+def test_an_optimizer_that_trained_one_model_is_refused_for_another():
+    """Its moments and step count are the first model's (Keras refuses it too); an optimizer compiled with two
+    models that has not trained yet goes to the one that trains."""
+    x, y = np.random.default_rng(0).random((8, 4)).astype(np.float32), np.arange(8) % 2
+
+    def model():
+        return models.Sequential([layers.Input((4,)), layers.Dense(2, activation="softmax")])
+    first, second = model(), model()
+    opt = optimizers.Adam()
+    first.compile(opt, "sparse_categorical_crossentropy")
+    first.fit(x, y, batch_size=4, verbose=0)
+    with pytest.raises(ValueError, match="already trained model '.*' \\(2 steps\\).*an optimizer of its own"):
+        second.compile(opt, "sparse_categorical_crossentropy")
+    assert opt.iterations == 2 and second.optimizer is None
+    first.compile(opt, "sparse_categorical_crossentropy")  # the same model again keeps it, as before
+    third, fourth = model(), model()
+    shared = optimizers.Adam()
+    third.compile(shared, "sparse_categorical_crossentropy")
+    fourth.compile(shared, "sparse_categorical_crossentropy")
+    third.fit(x, y, batch_size=4, verbose=0)
+    assert shared.iterations == 2
+    with pytest.raises(ValueError, match="already trained model"):
+        fourth.fit(x, y, batch_size=4, verbose=0)
+
+
+def test_trainable_takes_true_or_false_only():
+    """trainable = "False" would read as true (and the layer train on): refused, as anything not a bool."""
+    dense = layers.Dense(2)
+    model = models.Sequential([layers.Input((3,)), dense])
+    for value in ("False", None, 0, 1.0, [False]):
+        with pytest.raises(TypeError, match="trainable must be True or False"):
+            dense.trainable = value
+        with pytest.raises(TypeError, match="trainable must be True or False"):
+            model.trainable = value
+        with pytest.raises(TypeError, match="trainable must be True or False"):
+            layers.Dense(2, trainable=value)
+    assert dense.trainable and model.trainable
+    dense.trainable = np.bool_(False)
+    assert dense.trainable is False and model.trainable_weights == []
+
+
+def test_inputs_and_labels_given_together_or_images_of_two_sizes_are_named():
+    model = models.Sequential([layers.Input((4, 4, 1)), layers.Flatten(), layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x, y = np.zeros((6, 4, 4, 1), np.float32), np.arange(6) % 2
+    for call in (lambda: model.fit((x, y), verbose=0), lambda: model.fit([x, y], verbose=0),
+                 lambda: model.predict((x, y), verbose=0)):
+        with pytest.raises(ValueError, match=r"x is a (tuple|list) of two arrays, \(6, 4, 4, 1\) and \(6,\).*fit\(x, y\)"):
+            call()
+    images = list(x)
+    images[4] = np.zeros((5, 4, 1), np.float32)
+    with pytest.raises(ValueError, match=r"item 4 has shape \(5, 4, 1\), most have \(4, 4, 1\)"):
+        model.fit(images, y, verbose=0)
+    with pytest.raises(ValueError, match="y is missing.*fit\\(x, y\\)"):
+        model.fit(x, None, verbose=0)
+    assert model.predict(list(x), verbose=0).shape == (6, 2)  # a list of equal images is still a batch
+
+
+def test_categorical_label_smoothing_trains_on_kerass_targets():
+    """CategoricalCrossentropy(label_smoothing=s) takes y·(1 − s) + s/K as its targets (Keras's formula): its loss
+    and one SGD step, against float64."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    y = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 6)]
+    model = models.Sequential([layers.Input((5,)), layers.Dense(4, activation="softmax")])
+    model.compile(optimizers.SGD(0.5), losses.CategoricalCrossentropy(label_smoothing=0.2),
+                  metrics=["accuracy"])
+    w, b = (v.astype(np.float64) for v in model.get_weights())
+    z = x @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    target = y * 0.8 + 0.2 / 4
+    loss, accuracy = model.evaluate(x, y, verbose=0)
+    np.testing.assert_allclose(loss, -(target * np.log(p)).sum(1).mean(), rtol=1e-5)
+    assert accuracy == np.mean(p.argmax(1) == y.argmax(1))  # counted against the labels' own classes
+    model.fit(x, y, batch_size=6, verbose=0)
+    dz = (p - target) / 6
+    np.testing.assert_allclose(model.get_weights()[0], w - 0.5 * x.astype(np.float64).T @ dz, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="takes no label_smoothing.*CategoricalCrossentropy\\(label_smoothing"):
+        losses.SparseCategoricalCrossentropy(label_smoothing=0.1)

@@ -305,3 +305,37 @@ def test_weights_excluded_from_weight_decay_are_left_alone_by_it():
     np.testing.assert_array_equal(m.layers[0].get_weights()[0], before)
     assert np.abs(m.layers[0].get_weights()[1] - 0.95).max() < 1e-6  # the bias decays again (a new call replaces)
 
+
+
+@pytest.mark.parametrize("kind", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_kerass_other_optimizer_arguments_are_taken_at_their_defaults_and_named_otherwise(kind):
+    make = getattr(optimizers, kind)
+    defaults = dict(clipnorm=None, clipvalue=None, global_clipnorm=None, use_ema=False, ema_momentum=0.99,
+                    ema_overwrite_frequency=None, loss_scale_factor=None, gradient_accumulation_steps=None,
+                    name=make.name)
+    assert make(**defaults).get_config() == make().get_config()
+    for key, value in (("clipnorm", 1.0), ("clipvalue", 0.5), ("global_clipnorm", 1.0), ("use_ema", True)):
+        with pytest.raises(NotImplementedError, match=f"{kind}\\({key}=.*not supported by gpucnn yet; leave {key} out"):
+            make(**{key: value})
+    with pytest.raises(TypeError, match=f"Keras 2's name: write {kind}\\(learning_rate=0.1\\)"):
+        make(lr=0.1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'momentun'"):
+        make(momentun=0.9)
+    if kind.startswith("Adam"):
+        make(amsgrad=False)
+        with pytest.raises(NotImplementedError, match="amsgrad=True"):
+            make(amsgrad=True)
+    else:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'amsgrad'"):
+            make(amsgrad=False)
+
+
+def test_a_learning_rate_of_zero_is_taken_as_keras_takes_it():
+    model = models.Sequential([layers.Input((3,)), layers.Dense(2, activation="softmax")])
+    before = model.get_weights()
+    model.compile(optimizers.SGD(learning_rate=0.0, momentum=0.9), "sparse_categorical_crossentropy")
+    model.fit(np.ones((4, 3), np.float32), np.arange(4) % 2, verbose=0)
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="learning_rate must be a number >= 0"):
+        optimizers.Adam(learning_rate=-0.1)

@@ -474,7 +474,7 @@ def test_wrong_weight_shapes_inside_a_model_file(saved):
 
 def test_non_float_and_non_finite_weights_are_refused(tmp_path):
     model = trained()
-    arrays = saving._weight_arrays(model)
+    arrays = saving._weight_arrays(model, "w.npz")
     for key, bad, match in [("01_conv2d_bias", np.array(["a"] * 4), "dtype <U1, not float"),
                             ("01_conv2d_bias", np.array([np.nan, 0, 0, 0], np.float32), "NaN")]:
         np.savez(tmp_path / "w.npz", **{**arrays, key: bad})
@@ -554,7 +554,7 @@ def test_a_file_in_the_call_order_of_earlier_versions_loads_by_layer_name(tmp_pa
     with monkeypatch.context() as old_version:
         old_version.setattr(models.Model, "_all_layers", models.Model._layers_in_call_order)
         arrays = saving._weight_arrays
-        old_version.setattr(saving, "_weight_arrays", lambda m: {k: v for k, v in arrays(m).items()
+        old_version.setattr(saving, "_weight_arrays", lambda m, p: {k: v for k, v in arrays(m, p).items()
                                                                  if k != saving.KERAS_ORDER})
         original = shortcut_first_model()
         assert [layer.name for layer in original._all_layers()][:4] == ["stem", "short", "main1", "main2"]
@@ -590,7 +590,7 @@ def test_weights_of_a_model_with_branches_load_by_name_or_by_position_in_the_fil
     with monkeypatch.context() as old_version:  # an earlier version's file: call order, no marker
         old_version.setattr(models.Model, "_all_layers", models.Model._layers_in_call_order)
         arrays = saving._weight_arrays
-        old_version.setattr(saving, "_weight_arrays", lambda m: {k: v for k, v in arrays(m).items()
+        old_version.setattr(saving, "_weight_arrays", lambda m, p: {k: v for k, v in arrays(m, p).items()
                                                                  if k != saving.KERAS_ORDER})
         model.save_weights(tmp_path / "old.npz")
     renamed = shortcut_first_model("_3")
@@ -630,3 +630,63 @@ def test_a_file_whose_seeded_initializers_ask_for_more_weights_than_it_holds_is_
         units=10**9))
     with pytest.raises(InvalidModelFile, match="more weights than the file holds"):
         models.load_model(tmp_path / "m.gpucnn")
+
+
+def test_weights_that_are_not_finite_are_not_saved_and_the_saved_file_stays(tmp_path):
+    """load refuses a file with NaN or infinite weights, so save refuses to write one: over a good file it would
+    lose the model saved there."""
+    model = tiny_model()
+    x, y = tiny_data()
+    model.compile("rmsprop", "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    model.save(tmp_path / "m.gpucnn")
+    model.save_weights(tmp_path / "w.npz")
+    good = [(tmp_path / name).read_bytes() for name in ("m.gpucnn", "w.npz")]
+    model.layers[-1].weights[1][0] = np.inf  # a diverged bias
+    for write in (lambda: model.save(tmp_path / "m.gpucnn"), lambda: model.save_weights(tmp_path / "w.npz")):
+        with pytest.raises(ValueError, match="bias of layer 'dense.*' holds NaN or infinity.*left as it was"):
+            write()
+    assert [(tmp_path / name).read_bytes() for name in ("m.gpucnn", "w.npz")] == good
+    model.layers[-1].weights[1][0] = 0
+    model.optimizer.state["velocity"][0] = np.nan  # RMSprop's mean of squares
+    with pytest.raises(ValueError, match="optimizer's velocity holds NaN"):
+        model.save(tmp_path / "m.gpucnn")
+    assert (tmp_path / "m.gpucnn").read_bytes() == good[0]
+
+
+def test_a_file_with_a_negative_moving_variance_is_refused(tmp_path):
+    model = models.Sequential([layers.Input((4,)), layers.BatchNormalization(), layers.Dense(2)])
+    weights = model.get_weights()
+    model.save_weights(tmp_path / "w.npz")
+    with np.load(tmp_path / "w.npz") as npz:
+        arrays = {key: npz[key] - 3 if "moving_variance" in key else npz[key] for key in npz.files}
+    np.savez(tmp_path / "w.npz", **arrays)
+    with pytest.raises(InvalidModelFile, match="moving_variance must be >= 0"):
+        model.load_weights(tmp_path / "w.npz")
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_save_weights_never_replaces_a_saved_model(tmp_path):
+    """A weights file under a whole model's name (Keras: .keras) would pass for one, and replace it: refused, the
+    model file kept."""
+    model = tiny_model()
+    model.save(tmp_path / "m.keras")
+    saved = (tmp_path / "m.keras").read_bytes()
+    for name in ("m.keras", "M.KERAS", "other.gpucnn"):
+        with pytest.raises(ValueError, match="whole saved model.*'model.weights.npz'.*model.save"):
+            model.save_weights(tmp_path / name)
+    model.save(tmp_path / "m.h5")  # a model file under a name that does not say so
+    with pytest.raises(FileExistsError, match="holds a whole saved model"):
+        model.save_weights(tmp_path / "m.h5")
+    assert (tmp_path / "m.keras").read_bytes() == saved and not (tmp_path / "other.gpucnn").exists()
+    assert models.load_model(tmp_path / "m.h5").count_params() == model.count_params()
+    model.save_weights(tmp_path / "m.weights.npz")
+    model.save_weights(tmp_path / "m.weights.npz")  # a weights file is replaced as before
+
+
+def test_load_model_on_a_weights_file_says_what_it_is(tmp_path):
+    model = tiny_model()
+    model.save_weights(tmp_path / "w.weights.npz")
+    with pytest.raises(InvalidModelFile, match="holds weights alone.*model.load_weights"):
+        models.load_model(tmp_path / "w.weights.npz")

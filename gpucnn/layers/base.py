@@ -67,7 +67,9 @@ def _activation(spec):
     try:
         name, param = numpy_ops.split_activation(spec)
     except ValueError as exc:
-        raise ValueError(f"{exc} (or 'linear')") from None
+        message = str(exc)
+        raise ValueError(message.replace(" (or None)", ", or None / 'linear' for none") if message.endswith(
+            " (or None)") else message) from None
     return name if not isinstance(spec, tuple) else (name, param)
 
 
@@ -150,6 +152,14 @@ class SeededGenerator:
 
 
 # ===================================================================================== base class
+def trainable_flag(value, owner):
+    """``value`` as the bool ``trainable`` takes: True or False (NumPy's too); anything else, say the string "False",
+    which Python would read as true, is refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{type(owner).__name__} {owner.name!r}: trainable must be True or False, got {value!r}")
+
+
 class Layer:
     """Base class: name, build, weights (``get_weights``/``set_weights``), forward/backward, calls."""
 
@@ -195,7 +205,7 @@ class Layer:
         self.grads = []  # same shapes; written by backward
         self.weight_names = []
         self._weight_trainable = []  # per weight: updated by the optimizer (BatchNormalization's moving stats are not)
-        self._trainable = bool(trainable)
+        self._trainable = trainable_flag(trainable, self)
         self._inbound_nodes = []  # every symbolic call of this layer, in order
 
     # ---- building
@@ -279,7 +289,7 @@ class Layer:
 
     @trainable.setter
     def trainable(self, value):
-        self._trainable = bool(value)
+        self._trainable = trainable_flag(value, self)
 
     @property
     def trainable_weights(self):
@@ -320,7 +330,13 @@ class Layer:
         return [np.array(backend.to_numpy(w), dtype=np.float32) for w in self.weights]
 
     def set_weights(self, weights):
-        """Set the weights from arrays of exactly the shapes ``get_weights`` returns."""
+        """Set the weights from arrays of exactly the shapes ``get_weights`` returns (all checked before any is
+        set)."""
+        self._assign_weights(self._checked_weights(weights))
+
+    def _checked_weights(self, weights):
+        """``weights`` as the float32 NumPy arrays set_weights would set, after checking their count, shapes and
+        values (a ValueError naming the layer and the weight)."""
         weights = list(weights)
         if len(weights) != len(self.weights):
             raise ValueError(f"layer {self.name!r} has {len(self.weights)} weight arrays "
@@ -333,7 +349,16 @@ class Layer:
                                  f"got {new.shape}")
             if new.dtype.kind not in "biuf" or not np.all(np.isfinite(new)):
                 raise ValueError(f"layer {self.name!r}: {name} must be finite numbers")
-            checked.append(new.astype(np.float32))
+            new = new.astype(np.float32)
+            self._check_weight_values(name, new)
+            checked.append(new)
+        return checked
+
+    def _check_weight_values(self, name, value):
+        """A ValueError when the finite float32 ``value`` cannot be this layer's weight ``name`` (a layer whose
+        weights have a range of their own says so: BatchNormalization's moving variance is never negative)."""
+
+    def _assign_weights(self, checked):
         for current, new in zip(self.weights, checked):
             current[...] = backend.ops().xp.asarray(new)  # in place: views stay valid
 

@@ -86,6 +86,11 @@ class BatchNormalization(Layer):
         self._index = {name: i for i, name in enumerate(names)}
         return input_shape
 
+    def _check_weight_values(self, name, value):
+        if name == "moving_variance" and value.min(initial=0) < 0:
+            raise ValueError(f"layer {self.name!r}: moving_variance must be >= 0 (it is a variance), got "
+                             f"{value.min():g}")
+
     def _weight(self, name):
         i = self._index.get(name)
         return None if i is None else self.weights[i]

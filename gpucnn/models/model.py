@@ -19,6 +19,7 @@ from .. import backend, saving
 from ..layers import InputLayer, Layer, serialize
 from ..layers.tensor import is_symbolic
 from ..layers.variables import Variable
+from ..layers.base import trainable_flag
 from ..utils import eager, next_name
 from . import summary as summary_mod
 from .graph import Contexts, Graph
@@ -99,7 +100,7 @@ class Model(Trainer, Layer):
     def _init_model(self, name, trainable=True):
         self.name = name
         self._inbound_nodes = []
-        self._trainable = bool(trainable)
+        self._trainable = trainable_flag(trainable, self)
         self._declared_input = None
         self.graph = None
         self.built = False
@@ -220,7 +221,7 @@ class Model(Trainer, Layer):
     @trainable.setter
     def trainable(self, value):
         """Keras: freezing a model freezes every layer in it (effective at the next training step)."""
-        self._trainable = bool(value)
+        self._trainable = trainable_flag(value, self)
         for layer in self.layers:
             if not isinstance(layer, InputLayer):
                 layer.trainable = value
@@ -266,11 +267,13 @@ class Model(Trainer, Layer):
         expected = len(self._weight_slots())
         if len(weights) != expected:
             raise ValueError(f"the model has {expected} weight arrays, got {len(weights)}")
-        i = 0
-        for layer in self._all_layers():
+        checked, i = [], 0
+        for layer in self._all_layers():  # every array checked before any is set: a refused list changes nothing
             n = len(layer.weights)
-            layer.set_weights(weights[i:i + n])
+            checked.append((layer, layer._checked_weights(weights[i:i + n])))
             i += n
+        for layer, values in checked:
+            layer._assign_weights(values)
 
     def _frozen_ids(self):
         """ids of the layers held by a model that is not trainable — this one or one nested in it: Keras's rule, such

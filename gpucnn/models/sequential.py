@@ -67,6 +67,11 @@ class Sequential(Model):
             raise TypeError(f"Sequential.add takes a gpucnn layer (or keras.Input first), got {layer!r}")
         if layer is self:
             raise ValueError("a model cannot contain itself")
+        if any(existing is layer for existing in self._layers):
+            raise ValueError(f"layer {layer.name!r} is already in this model: a Sequential model runs each layer "
+                             "object once. For another layer like it, create a new one (e.g. layers.Dense(64)); to "
+                             "apply one layer twice with the same weights, use the functional API (call it on two "
+                             "tensors)")
         if any(existing.name == layer.name for existing in self._layers):
             raise ValueError(f"the model already has a layer named {layer.name!r}; layer names must be "
                              "unique (pass name=... to tell them apart)")

@@ -24,6 +24,39 @@ class TrainingDivergedError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+def _refuse_ragged(x, what):
+    """A ValueError naming the odd one out when ``x`` is a list or tuple of arrays of different shapes (NumPy would
+    fail deep inside with "inhomogeneous shape"): the inputs and labels given together as x, or images of two
+    sizes."""
+    if not isinstance(x, (list, tuple)) or len(x) < 2:
+        return
+    shapes = [np.shape(item) for item in x]
+    if len(set(shapes)) == 1:
+        return
+    kind = type(x).__name__
+    if len(x) == 2 and shapes[0][:1] == shapes[1][:1] and len(shapes[0]) > 1:
+        raise ValueError(f"{what} is a {kind} of two arrays, {shapes[0]} and {shapes[1]}, but the model takes one "
+                         "input: if they are the inputs and their labels, pass them apart, fit(x, y) (predict takes "
+                         "the inputs alone)")
+    common = max(set(shapes), key=shapes.count)
+    odd = next(k for k, shape in enumerate(shapes) if shape != common)
+    raise ValueError(f"{what} is a {kind} of {len(x)} arrays of different shapes: item {odd} has shape "
+                     f"{shapes[odd]}, most have {common}. The samples of one input must share one shape: resize "
+                     "the odd ones (e.g. utils.load_img(path, target_size=(h, w)))")
+
+
+def _refuse_shared(optimizer, model):
+    """A ValueError when ``optimizer`` has trained another model: its state (moments, step count) is that model's, and
+    Keras refuses an optimizer's variables for another model's weights too."""
+    owner = getattr(optimizer, "_owner", None)
+    if owner is not None and owner is not model and optimizer.iterations > 0:
+        kind = type(optimizer).__name__
+        raise ValueError(f"this {kind} has already trained model {owner.name!r} ({optimizer.iterations} steps): its "
+                         "state belongs to that model, and sharing it would change how both train. Give model "
+                         f"{model.name!r} an optimizer of its own, e.g. compile(optimizer={optimizer.name!r}) or a new "
+                         f"optimizers.{kind}(...)")
+
+
 class Trainer:
     """The Keras training API of a model (mixed into ``Model``)."""
 
@@ -46,6 +79,7 @@ class Trainer:
             raise NotImplementedError(f"compile(steps_per_execution={steps_per_execution!r}) is not supported by "
                                       "gpucnn (its GPU step is already one captured graph); leave it at 1")
         optimizer = optimizers_mod.get(optimizer)
+        _refuse_shared(optimizer, self)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
         loss = losses_mod.get(loss)
@@ -69,6 +103,14 @@ class Trainer:
         answers ['loss', 'compile_metrics'] once trained)."""
         return ["loss"] + list(self.metrics) if self.loss is not None else []
 
+    def _claim_optimizer(self):
+        """Before training: the optimizer updates this model's buffers. One that was compiled with another model too
+        but has not trained yet becomes this model's (it starts from zeros, as Keras builds an optimizer at its
+        first step); one that has trained another model is refused (_refuse_shared)."""
+        _refuse_shared(self.optimizer, self)
+        if self._layout is not None and self.optimizer._owner is not self:
+            self._pack_weights()
+
     def _require_compiled(self, what):
         if self.optimizer is None or self.loss is None:
             raise RuntimeError(f"you must compile the model before calling {what}(): "
@@ -83,6 +125,7 @@ class Trainer:
             x = x[0]  # a one-input model takes [x] as Keras does (a list of one row stays one sample)
         if backend.is_engine_array(x):
             x = backend.to_numpy(x)
+        _refuse_ragged(x, what)
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise TypeError(f"{what} must be a numeric array (float32, or integers/uint8 to be cast), "
@@ -110,13 +153,21 @@ class Trainer:
         return x
 
     def _check_y(self, y, n, what="y"):
+        if y is None:
+            raise ValueError(f"{what} is missing: training and evaluating need the labels beside the inputs, e.g. "
+                             "fit(x, y), or a dataset of (x, y) batches")
         if backend.is_engine_array(y):
             y = backend.to_numpy(y)
         y = np.asarray(y)
         if y.ndim == 0 or y.shape[0] != n:
             raise ValueError(f"{what} has {y.shape[0] if y.ndim else 0} samples but x has {n}: "
                              "they must match")
-        return self.loss.check_labels(y, self.output_shape[-1], what)
+        units = self.output_shape[-1]
+        if units == 1 and getattr(self.outputs[0].node.layer, "activation", None) == "softmax":
+            raise ValueError("the model's output is a softmax over one unit, which is always 1 whatever the input: "
+                             "for two classes use Dense(1, activation='sigmoid') (with binary_crossentropy), or "
+                             "Dense(2, activation='softmax') (with a categorical cross-entropy)")
+        return self.loss.check_labels(y, units, what)
 
     def _require_one_output(self, what):
         if len(self.outputs) != 1:
@@ -283,6 +334,7 @@ class Trainer:
     def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch,
              validation_batch_size):
         self._adopt_weights()
+        self._claim_optimizer()
         self._accuracy_form()  # metrics of two forms: refused here (a model built by its first data), not mid-step
         xp = backend.ops().xp
         trainer = None
@@ -331,6 +383,7 @@ class Trainer:
                 else:
                     logs = self._train_epoch(self._checked_batches(train, epoch), cbs, bar, epoch)
                 logs = dict(logs)
+                self._check_weights_finite(f"after epoch {epoch + 1}")
                 if validation is not None:
                     val = self.evaluate(validation, batch_size=validation_batch_size, verbose=0, return_dict=True,
                                         callbacks=cbs, _checked=True)
@@ -423,6 +476,19 @@ class Trainer:
                 f"Lower the learning rate (now {self.optimizer.learning_rate:g}), check the inputs are "
                 "scaled (e.g. divided by 255), and rebuild the model: its weights are no longer usable.")
 
+    def _check_weights_finite(self, where):
+        """TrainingDivergedError when a weight is no longer finite: the loss can stay finite while one overflows (a
+        BatchNormalization's moving variance over inputs of 1e20: its batch statistics normalize them, its moving
+        ones, used by predict, become infinite)."""
+        xp = backend.ops().xp
+        for layer in self._all_layers():
+            for name, w in zip(layer.weight_names, layer.weights):
+                if not bool(xp.isfinite(w).all()):
+                    raise TrainingDivergedError(
+                        f"training diverged: the {name} of layer {layer.name!r} is no longer finite {where}. Check the "
+                        "inputs are scaled (e.g. divided by 255), lower the learning rate (now "
+                        f"{self.optimizer.learning_rate:g}), and rebuild the model: its weights are no longer usable.")
+
     # ================================================================================= evaluate, predict
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None, return_dict=False,
                  callbacks=None, _checked=False):
@@ -496,6 +562,7 @@ class Trainer:
         self._require_one_output("train_on_batch")
         y = self._check_y(y, len(x))
         self._adopt_weights()
+        self._claim_optimizer()
         xp = backend.ops().xp
         with np.errstate(over="ignore", invalid="ignore"):
             loss_sum, correct = self._train_step(xp.asarray(x), xp.asarray(y))
