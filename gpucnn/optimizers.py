@@ -195,13 +195,25 @@ class Optimizer:
             self._ranges = cached = (layout, key, self._runs(layout))
         return cached[2]
 
+    def _listed(self, layer, i, view=None):
+        """Whether exclude_from_weight_decay's var_list names weight ``i`` of ``layer`` (its array, its flat-buffer
+        ``view``, or a Variable of it)."""
+        return any(layer.weights[i] is a or (view is not None and view is a) or (
+            getattr(a, "_layer", None) is layer and getattr(a, "_index", None) == i) for a in self._excluded_arrays)
+
+    def decay_exclusions(self, slots):
+        """What exclude_from_weight_decay was told, for a saved file: {"var_names": patterns, "weights": [[layer
+        name, index], ...] of the (layer, index) ``slots`` var_list named}, or None when nothing is excluded."""
+        if not (self._excluded_names or self._excluded_arrays):
+            return None
+        return {"var_names": list(self._excluded_names),
+                "weights": [[layer.name, i] for layer, i in slots if self._listed(layer, i)]}
+
     def _runs(self, layout):
         pattern = re.compile("|".join(self._excluded_names)) if self._excluded_names else None
         ranges, previous_decayed = [], False
         for layer, i, view, _, lo in sorted(layout, key=lambda entry: entry[4]):
-            excluded = any(layer.weights[i] is a or view is a or (getattr(a, "_layer", None) is layer and
-                                                                  getattr(a, "_index", None) == i)
-                           for a in self._excluded_arrays) or (
+            excluded = self._listed(layer, i, view) or (
                 pattern is not None and pattern.search(layer.weight_names[i]) is not None)
             if not excluded and previous_decayed:
                 ranges[-1] = (ranges[-1][0], lo + view.size)

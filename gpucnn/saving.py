@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import re
 import struct
 import tokenize
 import zipfile
@@ -37,6 +38,7 @@ import zlib
 import numpy as np
 
 from . import backend, layers as layers_mod, losses as losses_mod, metrics as metrics_mod, optimizers as optimizers_mod
+from .layers.variables import Variable
 from .utils import atomic_write, generator_in_use, remove_stale_temporaries, rng, set_generator_state
 
 FORMAT = "gpucnn.model"
@@ -84,7 +86,8 @@ def write_model(model, path, model_config=None, overwrite=True):
         "compile_config": None if opt is None else {
             "optimizer": {"name": opt.name, "config": opt.get_config()},
             "loss": model.loss.get_config(),  # its name, and from_logits / label_smoothing where set
-            "metrics": list(getattr(model, "_metric_configs", model.metrics))},
+            "metrics": list(getattr(model, "_metric_configs", model.metrics)),
+            "weight_decay_exclusions": opt.decay_exclusions(model._weight_slots())},
         "optimizer_iterations": None if opt is None else int(opt.iterations),
         "rng_state": rng().bit_generator.state,
         "layer_rng_states": _layer_random_states(model),
@@ -572,6 +575,7 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
         except (TypeError, ValueError, NotImplementedError) as exc:
             raise InvalidModelFile(f"{path}: invalid metrics {cc['metrics']!r} ({exc})") from None
         model.compile(optimizer=optimizer, loss=_loss_from_config(cc["loss"], path), metrics=metrics)
+        _restore_decay_exclusions(model, optimizer, cc.get("weight_decay_exclusions"), path)
         iterations = header["optimizer_iterations"]
         if (isinstance(iterations, bool) or not isinstance(iterations, int)
                 or not 0 <= iterations < _MAX_ITERATIONS):
@@ -599,6 +603,28 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
     optimizer.build(n)
     for slot, value in state.items():
         optimizer.state[slot][...] = backend.ops().xp.asarray(_in_model_order(model, value, file_order))
+
+
+def _restore_decay_exclusions(model, optimizer, saved, path):
+    """Give the loaded optimizer the saved model's exclude_from_weight_decay (``saved``: decay_exclusions' dict, or
+    None): the weights it named, by layer name and index, and its name patterns."""
+    if saved is None:
+        return
+    names, weights = saved["var_names"], saved["weights"]
+    if not (isinstance(names, list) and all(isinstance(n, str) and len(n) <= 200 for n in names)):
+        raise InvalidModelFile(f"{path}: invalid weight-decay exclusions {names!r} (a list of name patterns)")
+    try:
+        re.compile("|".join(names))
+    except re.error as exc:
+        raise InvalidModelFile(f"{path}: invalid weight-decay exclusion pattern ({exc})") from None
+    layers = {layer.name: layer for layer in model._all_layers()}
+    var_list = []
+    for entry in weights:
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in layers and type(entry[1]) is int
+                and 0 <= entry[1] < len(layers[entry[0]].weights)):
+            raise InvalidModelFile(f"{path}: weight-decay exclusion {entry!r} names no weight of the model")
+        var_list.append(Variable(layers[entry[0]], entry[1]))
+    optimizer.exclude_from_weight_decay(var_list=var_list, var_names=names)
 
 
 def _in_model_order(model, flat, file_order):

@@ -306,7 +306,6 @@ def test_weights_excluded_from_weight_decay_are_left_alone_by_it():
     assert np.abs(m.layers[0].get_weights()[1] - 0.95).max() < 1e-6  # the bias decays again (a new call replaces)
 
 
-
 @pytest.mark.parametrize("kind", ["SGD", "RMSprop", "Adam", "AdamW"])
 def test_kerass_other_optimizer_arguments_are_taken_at_their_defaults_and_named_otherwise(kind):
     make = getattr(optimizers, kind)

@@ -690,3 +690,28 @@ def test_load_model_on_a_weights_file_says_what_it_is(tmp_path):
     model.save_weights(tmp_path / "w.weights.npz")
     with pytest.raises(InvalidModelFile, match="holds weights alone.*model.load_weights"):
         models.load_model(tmp_path / "w.weights.npz")
+
+
+def test_a_saved_model_keeps_the_weights_excluded_from_weight_decay(tmp_path):
+    """A resumed AdamW run decays the weights the saved one decayed, no others: exclude_from_weight_decay's
+    var_names and var_list travel in the file (else the biases would start decaying after loading)."""
+    x, y = tiny_data()
+
+    def build():
+        utils.set_random_seed(5)
+        model = models.Sequential([layers.Input((8, 8, 1)), layers.Conv2D(3, 3), layers.Flatten(),
+                                   layers.BatchNormalization(), layers.Dense(3, activation="softmax")])
+        opt = optimizers.AdamW(0.01, weight_decay=0.3)
+        model.compile(opt, "sparse_categorical_crossentropy")
+        opt.exclude_from_weight_decay(var_list=[model.layers[0].kernel], var_names=["bias", "gamma"])
+        return model
+    straight, resumed = build(), build()
+    straight.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    resumed.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    resumed.save(tmp_path / "m.gpucnn")
+    loaded = models.load_model(tmp_path / "m.gpucnn")
+    assert loaded.optimizer.decay_exclusions(loaded._weight_slots()) == {
+        "var_names": ["bias", "gamma"], "weights": [[loaded.layers[0].name, 0]]}
+    loaded.fit(x, y, batch_size=8, epochs=2, initial_epoch=1, shuffle=False, verbose=0)
+    for a, b in zip(loaded.get_weights(), straight.get_weights()):
+        np.testing.assert_array_equal(a, b)
