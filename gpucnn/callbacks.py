@@ -417,13 +417,22 @@ class CSVLogger(Callback):
         self.csv_file = self.writer = self.keys = None
         self.append_header = True
         self._header = None  # the columns of the file appended to
+        self._fields = None  # the columns written: epoch and the keys, or the file's
 
     def on_train_begin(self, logs=None):
         self.append_header, self._header = True, None
         if self.append and os.path.exists(self.filename):
             with open(self.filename, encoding="utf-8", newline="") as f:
-                self._header = next(csv.reader(f, delimiter=self.sep), None) or None
+                rows = list(csv.reader(f, delimiter=self.sep))
+            self._header = rows[0] if rows and rows[0] else None
             self.append_header = self._header is None
+            longer = next((k for k, row in enumerate(rows[1:], start=2) if self._header and len(row) > len(
+                self._header)), None)
+            if longer is not None:
+                raise ValueError(f"CSVLogger(append=True): line {longer} of {self.filename} holds more values than its "
+                                 f"header has columns ({len(self._header)}), so which value is which cannot be told "
+                                 "(runs that logged other keys wrote it). Log to another file, or pass append=False "
+                                 "to start this one again")
         if self.csv_file is not None and not self.csv_file.closed:
             self.csv_file.close()
         self.csv_file = open(self.filename, "a" if self.append else "w", newline="", encoding="utf-8")
@@ -459,15 +468,15 @@ class CSVLogger(Callback):
             keys = sorted(logs)
             if keys and not any(key.startswith("val_") for key in keys):
                 keys += [f"val_{key}" for key in keys]
-            fields = ["epoch"] + keys
+            self._fields = ["epoch"] + keys
             if self._header is not None:  # the file's columns, in its order; any new one after them
-                new = [key for key in fields if key not in self._header]
-                fields = self._header + new
+                new = [key for key in self._fields if key not in self._header]
+                self._fields = self._header + new
                 if new:
-                    self._widen(fields)
-            self.keys = [key for key in fields if key != "epoch"]
+                    self._widen(self._fields)
+            self.keys = [key for key in self._fields if key != "epoch"]
         if self.writer is None:
-            self.writer = csv.DictWriter(self.csv_file, fieldnames=["epoch"] + self.keys, dialect=self._dialect())
+            self.writer = csv.DictWriter(self.csv_file, fieldnames=self._fields, dialect=self._dialect())
             if self.append_header:
                 self.writer.writeheader()
         row = {"epoch": epoch}

@@ -17,8 +17,8 @@ from .utils import missing
 
 class Loss:
     """Keras's constructor: ``from_logits`` (the model outputs logits: the loss applies the softmax/sigmoid),
-    ``label_smoothing`` (binary and categorical cross-entropy), ``reduction`` (only Keras's default, the mean over the batch)
-    and ``name`` (accepted; the loss is known by its kind, as ``self.name``)."""
+    ``label_smoothing`` (binary and categorical cross-entropy), ``reduction`` (only Keras's default, the mean over
+    the batch) and ``name`` (accepted; the loss is known by its kind, as ``self.name``)."""
     name = None
     sparse = False
     fused_activation = None  # the output activation whose gradient the loss takes at the logits
@@ -75,20 +75,28 @@ class _Categorical(Loss):
 
     def check_labels(self, y, units, what="y"):
         if units == 1:
-            raise ValueError(f"{self.name} needs a model with two outputs or more, this one has one: a softmax over "
-                             "one unit is always 1, so the loss would be 0 and the accuracy 1 whatever the data. For "
-                             "two classes, use Dense(1, activation='sigmoid') with loss='binary_crossentropy' (0/1 "
-                             f"labels), or Dense(2, activation='softmax') with {self.name}")
+            raise ValueError(f"{self.name} needs a model with two output units or more, this one has one: a softmax "
+                             "over one unit is always 1, so the loss would be 0 and the accuracy 1 whatever the "
+                             "data. For two classes, use Dense(1, activation='sigmoid') with "
+                             "loss='binary_crossentropy' (0/1 labels), or Dense(2, activation='softmax') with "
+                             f"{self.name}")
         return super().check_labels(y, units, what)
 
+    def _targets(self, y):
+        """The labels the loss compares with: one-hot ``y`` itself, or with ``label_smoothing`` s Keras's
+        y·(1 − s) + s / K (an engine array; made at each call, as the labels stay the user's)."""
+        if not self.label_smoothing:
+            return y
+        return y * np.float32(1 - self.label_smoothing) + np.float32(self.label_smoothing / y.shape[-1])
+
     def per_sample(self, ops, p, y):
-        return ops.crossentropy_forward(p, y, self.sparse, self.from_logits)
+        return ops.crossentropy_forward(p, self._targets(y), self.sparse, self.from_logits)
 
     def gradient(self, ops, p, y):
-        return ops.crossentropy_backward(p, y, self.sparse, self.from_logits)
+        return ops.crossentropy_backward(p, self._targets(y), self.sparse, self.from_logits)
 
     def fused_gradient(self, ops, p, y):
-        return ops.softmax_crossentropy_backward(p, y, self.sparse)
+        return ops.softmax_crossentropy_backward(p, self._targets(y), self.sparse)
 
     @staticmethod
     def predictions(p):
@@ -107,10 +115,7 @@ class CategoricalCrossentropy(_Categorical):
                              f"this model's {units} outputs, got shape {y.shape}.{hint}")
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"one-hot {what} must lie in [0, 1], found values from {y.min()} to {y.max()}")
-        y = y.astype(np.float32)
-        if self.label_smoothing:  # Keras's y·(1 − s) + s / K, made once here: every engine's loss takes these targets
-            y = y * np.float32(1 - self.label_smoothing) + np.float32(self.label_smoothing / units)
-        return y
+        return y.astype(np.float32)
 
 
 class SparseCategoricalCrossentropy(_Categorical):

@@ -80,9 +80,12 @@ class Optimizer:
                 raise TypeError(f"{kind}(lr=...) is Keras 2's name: write {kind}(learning_rate={value!r})")
             if key not in self._KERAS_DEFAULTS:
                 raise TypeError(f"{kind} got an unexpected keyword argument {key!r}")
-            if value != self._KERAS_DEFAULTS[key] and not (key == "name" and value == self.name):
-                what = ("gradient clipping is" if key.endswith("clipnorm") or key == "clipvalue" else
-                        "a custom optimizer name is" if key == "name" else f"{key}={value!r} is")
+            if key == "name":  # a name of the user's (Keras's own differ between versions): taken, and unused
+                if value is not None and not isinstance(value, str):
+                    raise TypeError(f"{kind}: name must be a string, got {value!r}")
+                continue
+            if value != self._KERAS_DEFAULTS[key]:
+                what = "gradient clipping is" if key.endswith("clipnorm") or key == "clipvalue" else f"{key}={value!r} is"
                 raise NotImplementedError(f"{kind}({key}={value!r}): {what} not supported by gpucnn yet; leave "
                                           f"{key} out (Keras's default: {self._KERAS_DEFAULTS[key]!r})")
 

@@ -524,3 +524,21 @@ def test_lambda_callback_refuses_unknown_hooks_and_non_functions():
         callbacks.LambdaCallback(on_epoch_end=3)
     cb = callbacks.LambdaCallback()
     cb.on_epoch_end(0, {})  # no function: the base hook, which does nothing
+
+
+def test_csv_logger_appends_under_a_files_own_column_order_and_refuses_rows_it_cannot_read(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("accuracy,epoch,loss,val_accuracy,val_loss\n0.5,0,1.0,NA,NA\n")  # another tool's order
+    history = tiny_model().fit(*tiny_data(), batch_size=4, epochs=1, verbose=0,
+                               callbacks=[callbacks.CSVLogger(path, append=True)])
+    rows = read_csv(path)
+    assert len(rows) == 3 and dict(zip(rows[0], rows[2]))["epoch"] == "0"
+    assert float(dict(zip(rows[0], rows[2]))["accuracy"]) == history.history["accuracy"][0]
+    # a row longer than its header (an earlier version appended other keys so): refused before training
+    path.write_text("epoch,loss,val_loss\n0,1.5,NA\n0,0.3,1.4,NA,NA\n")
+    model = tiny_model()
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="line 3 of .* holds more values than its header has columns"):
+        model.fit(*tiny_data(), batch_size=4, epochs=1, verbose=0, callbacks=[callbacks.CSVLogger(path, append=True)])
+    np.testing.assert_array_equal(model.get_weights()[0], before[0])
+    assert path.read_text() == "epoch,loss,val_loss\n0,1.5,NA\n0,0.3,1.4,NA,NA\n"

@@ -924,28 +924,48 @@ def test_a_softmax_or_categorical_loss_over_one_unit_is_refused():
     assert np.isfinite(model.fit(x, y, verbose=0).history["loss"][0])
 
 
-def test_an_optimizer_that_trained_one_model_is_refused_for_another():
-    """Its moments and step count are the first model's (Keras refuses it too); an optimizer compiled with two
-    models that has not trained yet goes to the one that trains."""
+def test_an_optimizer_trains_on_across_models_of_the_same_weights_and_refuses_weights_it_never_saw():
+    """Keras's optimizer keeps a state per variable: a model of the same layers (Model(a.inputs, a.outputs), a
+    Sequential wrapping a) trains on from it exactly as the first would have; a model with a weight the optimizer
+    never trained (another model, a new head) is refused, as Keras refuses an unknown variable."""
     x, y = np.random.default_rng(0).random((8, 4)).astype(np.float32), np.arange(8) % 2
 
-    def model():
-        return models.Sequential([layers.Input((4,)), layers.Dense(2, activation="softmax")])
-    first, second = model(), model()
-    opt = optimizers.Adam()
+    def model(seed=0):
+        utils.set_random_seed(seed)
+        return models.Sequential([layers.Input((4,)), layers.Dense(3, activation="relu"),
+                                  layers.Dense(2, activation="softmax")])
+    straight = model()
+    straight.compile(optimizers.Adam(0.1), "sparse_categorical_crossentropy")
+    straight.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)
+    first = model()
+    opt = optimizers.Adam(0.1)
     first.compile(opt, "sparse_categorical_crossentropy")
-    first.fit(x, y, batch_size=4, verbose=0)
-    with pytest.raises(ValueError, match="already trained model '.*' \\(2 steps\\).*an optimizer of its own"):
-        second.compile(opt, "sparse_categorical_crossentropy")
-    assert opt.iterations == 2 and second.optimizer is None
-    first.compile(opt, "sparse_categorical_crossentropy")  # the same model again keeps it, as before
-    third, fourth = model(), model()
-    shared = optimizers.Adam()
+    first.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    same = models.Model(first.inputs, first.outputs)
+    same.compile(opt, "sparse_categorical_crossentropy")
+    same.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    wrapped = models.Sequential([layers.Input((4,)), first])
+    wrapped.compile(opt, "sparse_categorical_crossentropy")
+    wrapped.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    assert opt.iterations == 6
+    for a, b in zip(first.get_weights(), straight.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    other = model(1)
+    with pytest.raises(ValueError, match="has trained model .* \\(6 steps\\) and holds no state for 4 of the "
+                                         "weights.*kernel of layer.*an optimizer of its own"):
+        other.compile(opt, "sparse_categorical_crossentropy")
+    assert other.optimizer is None
+    head = models.Sequential([first, layers.Dense(2, activation="softmax")])
+    head.compile(opt, "sparse_categorical_crossentropy")  # (not built yet: checked when it trains)
+    with pytest.raises(ValueError, match="holds no state for 2 of the weights"):
+        head.fit(x, y, batch_size=4, verbose=0)
+    assert opt.iterations == 6
+    third, fourth = model(2), model(3)
+    shared = optimizers.Adam()  # compiled with two models before either trains: the first to train takes it
     third.compile(shared, "sparse_categorical_crossentropy")
     fourth.compile(shared, "sparse_categorical_crossentropy")
     third.fit(x, y, batch_size=4, verbose=0)
-    assert shared.iterations == 2
-    with pytest.raises(ValueError, match="already trained model"):
+    with pytest.raises(ValueError, match="holds no state"):
         fourth.fit(x, y, batch_size=4, verbose=0)
 
 
@@ -953,7 +973,7 @@ def test_trainable_takes_true_or_false_only():
     """trainable = "False" would read as true (and the layer train on): refused, as anything not a bool."""
     dense = layers.Dense(2)
     model = models.Sequential([layers.Input((3,)), dense])
-    for value in ("False", None, 0, 1.0, [False]):
+    for value in ("False", None, 2, 1.0, [False]):
         with pytest.raises(TypeError, match="trainable must be True or False"):
             dense.trainable = value
         with pytest.raises(TypeError, match="trainable must be True or False"):
@@ -963,6 +983,8 @@ def test_trainable_takes_true_or_false_only():
     assert dense.trainable and model.trainable
     dense.trainable = np.bool_(False)
     assert dense.trainable is False and model.trainable_weights == []
+    dense.trainable = 1  # Keras takes 1 and 0 as True and False
+    assert dense.trainable is True
 
 
 def test_inputs_and_labels_given_together_or_images_of_two_sizes_are_named():
@@ -977,6 +999,8 @@ def test_inputs_and_labels_given_together_or_images_of_two_sizes_are_named():
     images[4] = np.zeros((5, 4, 1), np.float32)
     with pytest.raises(ValueError, match=r"item 4 has shape \(5, 4, 1\), most have \(4, 4, 1\)"):
         model.fit(images, y, verbose=0)
+    with pytest.raises(ValueError, match=r"item 0 has shape \(4, 4, 1\), item 1 \(4, 3, 1\)"):  # two sizes
+        model.predict([x[0], np.zeros((4, 3, 1), np.float32)], verbose=0)
     with pytest.raises(ValueError, match="y is missing.*fit\\(x, y\\)"):
         model.fit(x, None, verbose=0)
     assert model.predict(list(x), verbose=0).shape == (6, 2)  # a list of equal images is still a batch
@@ -1004,3 +1028,44 @@ def test_categorical_label_smoothing_trains_on_kerass_targets():
     np.testing.assert_allclose(model.get_weights()[0], w - 0.5 * x.astype(np.float64).T @ dz, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="takes no label_smoothing.*CategoricalCrossentropy\\(label_smoothing"):
         losses.SparseCategoricalCrossentropy(label_smoothing=0.1)
+
+
+def test_label_smoothing_is_applied_once_on_every_path_of_fit():
+    """The smoothed targets are made where the loss reads the labels, so labels checked twice (arrays through
+    steps_per_epoch, validation_split, validation_steps) are still smoothed once: with a rate of 0 the weights never
+    move and every loss is the one of the smoothed targets."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((16, 5)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 16)]
+    model = models.Sequential([layers.Input((5,)), layers.Dense(3, activation="softmax")])
+    model.compile(optimizers.SGD(0.0), losses.CategoricalCrossentropy(label_smoothing=0.3))
+    w, b = (v.astype(np.float64) for v in model.get_weights())
+    z = x @ w + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    per_sample = -((y * 0.7 + 0.1) * np.log(p)).sum(1)
+    whole, last_half = per_sample.mean(), per_sample[8:].mean()
+    runs = [model.fit(x, y, batch_size=4, steps_per_epoch=4, verbose=0).history["loss"][0],
+            model.fit(x, y, batch_size=4, validation_split=0.5, verbose=0).history["val_loss"][0],
+            model.fit(x, y, batch_size=4, validation_data=(x, y), validation_steps=4, verbose=0).history["val_loss"][0],
+            model.fit(x[:8], y[:8], batch_size=4, validation_data=(x[8:], y[8:]), verbose=0).history["val_loss"][0],
+            model.evaluate(x, y, verbose=0), model.test_on_batch(x, y),
+            model.fit(x, y, batch_size=16, verbose=0).history["loss"][0]]  # two processes where there are 2 cores
+    np.testing.assert_allclose(runs, [whole, last_half, whole, last_half, whole, whole, whole], rtol=1e-5)
+
+
+def test_terminate_on_nan_still_ends_fit_quietly_when_the_weights_overflowed():
+    """A step with a finite loss overflows the weights, the next loss is NaN, TerminateOnNaN stops: fit returns as
+    Keras's does (the weights check after the epoch is for runs nothing stopped)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 6)).astype(np.float32), (rng.random((64, 1)) > 0.5).astype(np.float32)
+    stopped_with_overflow = 0
+    for seed in range(4):
+        utils.set_random_seed(seed)
+        model = models.Sequential([layers.Input((6,)), layers.Dense(16, activation="relu"),
+                                   layers.Dense(1, activation="sigmoid")])
+        model.compile(optimizers.SGD(learning_rate=1e37, momentum=0.9), "binary_crossentropy")
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[callbacks.TerminateOnNaN()])
+        assert len(history.history["loss"]) == 1 and not np.isfinite(history.history["loss"][0])
+        stopped_with_overflow += not all(np.isfinite(w).all() for w in model.get_weights())
+    assert stopped_with_overflow  # the case this is about happened

@@ -88,15 +88,19 @@ def test_conv2d_fused_activation(activation):
 @pytest.mark.parametrize("padding", [(1, 1, 1, 1), (0, 0, 0, 0), (0, 2, 1, 0), (3, 1, 0, 2)],
                          ids=["same", "valid", "asymmetric", "over-2"])
 @pytest.mark.parametrize("c, f, k, s", [(8, 6, 3, 1), (ops.PLAIN_WINOGRAD_MIN_CHANNELS, 6, 3, 1), (8, 6, 3, 2),
-                                        (8, 6, 1, 1), (8, ops.PLAIN_WINOGRAD_MIN_CHANNELS, 3, 1)],
-                         ids=["im2col", "winograd", "strided", "1x1", "dx-by-winograd"])
-def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, f, k, s):
+                                        (8, 6, 1, 1), (8, ops.PLAIN_WINOGRAD_MIN_CHANNELS, 3, 1), (3, 6, 3, 2)],
+                         ids=["im2col", "winograd", "strided", "1x1", "dx-by-winograd", "few-channels"])
+@pytest.mark.parametrize("pad_group_bytes", [ops.PAD_GROUP_BYTES, 1], ids=["padded-at-once", "padded-by-chunk"])
+def test_conv2d_in_chunks_of_images(monkeypatch, padding, c, f, k, s, pad_group_bytes):
     """A convolution runs a few images at a time: with chunks of 2 images over a batch of 5 (2 + 2 + 1, two chunk
     sizes), forward and backward match the oracle and the run in one chunk (up to rounding: BLAS may sum in
-    another order for another size) — through im2col and Winograd; the input gradient as the correlation of dy
+    another order for another size) — through im2col and Winograd, the images padded all at once or a chunk at a
+    time (PAD_GROUP_BYTES: the last, shorter chunk in the first chunks' work array); the input gradient as the
+    correlation of dy
     (stride 1, padding up to K − 1 on a side; through Winograd where the kernel turned has its many filters as
     channels) and from the taps' products (strides, or padding 3); dx into a C-contiguous out= buffer is written
     there, into a strided one is copied there; a strided dy."""
+    monkeypatch.setattr(ops, "PAD_GROUP_BYTES", pad_group_bytes)
     rng = np.random.default_rng(12)
     x, wt, b = normal(rng, (5, 7, 8, c)), normal(rng, (k, k, c, f)), normal(rng, (f,))
     s = (s, s)

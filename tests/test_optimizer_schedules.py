@@ -313,6 +313,7 @@ def test_kerass_other_optimizer_arguments_are_taken_at_their_defaults_and_named_
                     ema_overwrite_frequency=None, loss_scale_factor=None, gradient_accumulation_steps=None,
                     name=make.name)
     assert make(**defaults).get_config() == make().get_config()
+    assert make(name="my_optimizer").get_config() == make().get_config()  # a name of one's own is taken
     for key, value in (("clipnorm", 1.0), ("clipvalue", 0.5), ("global_clipnorm", 1.0), ("use_ema", True)):
         with pytest.raises(NotImplementedError, match=f"{kind}\\({key}=.*not supported by gpucnn yet; leave {key} out"):
             make(**{key: value})

@@ -379,36 +379,60 @@ def _correlate(x, w, stride, padding, ctx, y):
     kh, kw, c, f = w.shape
     n, p, q = y.shape[:3]
     w2 = w.reshape(kh * kw * c, f)
-    windows = _batch_windows(x, (kh, kw), stride, padding, p, q, ctx)
-    for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
+    for part, sub, windows in _windowed_chunks(x, (kh, kw), stride, padding, p, q, ctx):
         np.matmul(_chunk_cols(x, windows, part, sub), w2, out=y[part].reshape(-1, f))
 
 
-def _batch_windows(x, k, stride, padding, p, q, ctx):
-    """The (N, P, Q, KH, KW, C) view of every window of the whole batch, padded once (in ``ctx``), that the
-    chunks' im2col matrices are copied from; None where x itself is the matrix (1x1 kernel, stride 1, no padding).
-    One view for the batch instead of one padded copy and one view per chunk: a chunk is often a single image, and
-    those calls cost more than the copy they make."""
+# A plain convolution pads its images a group of chunks at a time, up to PAD_GROUP_BYTES (the whole batch of a
+# training step, usually), into one work array whose borders are zeroed once, and copies each chunk's im2col rows
+# from one window view of it: padding each chunk apart (often a single image) cost more calls than the copy made.
+PAD_GROUP_BYTES = 8 << 20
+
+
+def _windowed_chunks(x, k, stride, padding, p, q, ctx):
+    """(part, work dict, windows) for each chunk of the images of x (_image_chunks): ``windows`` the chunk's
+    (images, P, Q, KH, KW, C) view of every window of its padded images, or None where x itself is the im2col matrix
+    (1x1 kernel, stride 1, no padding)."""
+    n, h, wd, c = x.shape
+    chunks = _image_chunks(ctx, n, p * q * k[0] * k[1] * c)
     if tuple(k) == (1, 1) and tuple(stride) == (1, 1) and not any(padding):
-        return None
-    return _windows(_pad(x, padding, ctx=ctx, what="pad_batch"), k, stride, p, q)
+        yield from ((part, sub, None) for part, sub in chunks)
+        return
+    top, bottom, left, right = padding
+    image = (h + top + bottom, wd + left + right, c)
+    chunks = list(chunks)
+    per = chunks[0][0].stop - chunks[0][0].start if chunks else 1
+    group = min(n, max(per, PAD_GROUP_BYTES // (4 * math.prod(image)) // per * per))
+    key = _work_key(ctx, ("pad_group", tuple(padding)), (group,) + image)
+    padded = None if ctx is None else ctx.get(key)
+    if padded is None or padded.shape != (group,) + image:
+        padded = np.zeros((group,) + image, DTYPE)  # the borders stay zero: only the interiors are written
+        if ctx is not None:
+            ctx[key] = padded
+    first = end = 0
+    for part, sub in chunks:
+        if part.start >= end:
+            first, end = part.start, min(n, part.start + group)
+            padded[:end - first, top:top + h, left:left + wd] = x[first:end]
+            windows = _windows(padded, k, stride, p, q)
+        yield part, sub, windows[part.start - first:part.stop - first]
 
 
 def _chunk_cols(x, windows, part, ctx):
     """The im2col matrix (rows, KH·KW·C) of the images ``part`` of x: row (n, p, q) holds the window under output
-    pixel (p, q) of image n, tap by tap — copied from the batch's ``windows`` (_batch_windows) into a work array in
+    pixel (p, q) of image n, tap by tap — copied from the chunk's ``windows`` (_windowed_chunks) into a work array in
     ``ctx``, or x's own rows where ``windows`` is None."""
     if windows is None:
         return x[part].reshape(-1, x.shape[3])
-    _, p, q, kh, kw, c = windows.shape
-    cols = _scratch(ctx, "cols_plain", ((part.stop - part.start) * p * q, kh * kw * c))
-    target = cols.reshape((part.stop - part.start, p, q, kh, kw, c))
+    images, p, q, kh, kw, c = windows.shape
+    cols = _scratch(ctx, "cols_plain", (images * p * q, kh * kw * c))
+    target = cols.reshape(windows.shape)
     if c >= 8:  # runs of C contiguous floats: one strided copy of every window is fastest
-        np.copyto(target, windows[part])
+        np.copyto(target, windows)
         return cols
     for i in range(kh):  # few channels: one copy per tap is faster
         for j in range(kw):
-            target[:, :, :, i, j] = windows[part, :, :, i, j]
+            target[:, :, :, i, j] = windows[:, :, :, i, j]
     return cols
 
 
@@ -486,8 +510,7 @@ def conv2d_backward_filter(dy, x, w_shape, stride, padding, ctx=None, out_w=None
         _winograd_backward(dy, x, None, x.shape, padding, ctx, out_w=dw)
         return dw, db
     g = np.zeros((kh * kw * c, f), DTYPE) if n == 0 else None
-    windows = _batch_windows(x, (kh, kw), stride, padding, p, q, ctx)
-    for part, sub in _image_chunks(ctx, n, p * q * kh * kw * c):
+    for part, sub, windows in _windowed_chunks(x, (kh, kw), stride, padding, p, q, ctx):
         g = _summed(g, _chunk_cols(x, windows, part, sub).T @ dy[part].reshape(-1, f))
     return _finish(g.reshape(w_shape), out_w), db
 

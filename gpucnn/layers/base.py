@@ -153,9 +153,9 @@ class SeededGenerator:
 
 # ===================================================================================== base class
 def trainable_flag(value, owner):
-    """``value`` as the bool ``trainable`` takes: True or False (NumPy's too); anything else, say the string "False",
-    which Python would read as true, is refused."""
-    if isinstance(value, (bool, np.bool_)):
+    """``value`` as the bool ``trainable`` takes: True or False (NumPy's too, and 1 or 0, which Keras takes as
+    them); anything else, say the string "False", which Python would read as true, is refused."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{type(owner).__name__} {owner.name!r}: trainable must be True or False, got {value!r}")
 

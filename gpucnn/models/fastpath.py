@@ -74,9 +74,7 @@ def unsupported_reason(model):
     if model.metrics and model._accuracy_form() != natural:
         return (f"its metrics count {model._accuracy_form()} accuracy under a {model.loss.name} loss, which the "
                 f"fast path's step does not count (it counts {natural} accuracy)")
-    # (a categorical cross-entropy's label smoothing is in its targets already: _check made them)
-    smoothing = model.loss.label_smoothing and model.loss.name != "categorical_crossentropy"
-    if type(model.loss) not in _LOSSES or model.loss.from_logits or smoothing:
+    if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
         return (f"its loss {type(model.loss).__name__}{' (from_logits)' if model.loss.from_logits else ''} is not "
                 "one the captured step fuses with its output activation (a cross-entropy of probabilities)")
     if len(model.outputs) != 1:

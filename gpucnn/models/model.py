@@ -122,8 +122,9 @@ class Model(Trainer, Layer):
         self._contexts_cache.clear()
         self._eager_step = None  # the random layers may have changed
         self._layout = None
-        if self.optimizer is not None:
-            self.optimizer.reset()  # the weights to train changed: the optimizer starts again
+        if self.optimizer is not None and self.optimizer._owner in (None, self):
+            self.optimizer.reset()  # the weights to train changed: the optimizer starts again (another model's keeps
+            # its state: this model takes it over, or is refused, when it trains: Trainer._claim_optimizer)
         names = {}
         for layer in graph.layers:
             other = names.setdefault(layer.name, layer)
@@ -315,8 +316,16 @@ class Model(Trainer, Layer):
         starts from zeros, as a new optimizer would."""
         xp = backend.ops().xp
         slots, offsets, total = self._flat_layout(self._weight_slots())
-        before = _placed(self._layout or ())
-        before_total = None if self._layout is None else self._params.shape[0]
+        opt = self.optimizer
+        owner = None if opt is None else opt._owner
+        if owner is not None and owner is not self and owner._layout is not None:
+            # another model's optimizer (the same layers, or some of them): its state is laid out over that model's
+            # buffer, and comes over weight by weight as Keras's optimizer keeps a state per variable
+            laid_out, keep_state = owner, True
+        else:
+            laid_out = self
+        before = _placed(laid_out._layout or ())
+        before_total = None if laid_out._layout is None else laid_out._params.shape[0]
         self._params = xp.zeros(total, dtype=np.float32) if params is None else params
         self._grads = xp.zeros(total, dtype=np.float32) if grads is None else grads
         self._layout = []
@@ -329,7 +338,6 @@ class Model(Trainer, Layer):
             layer.weights[i], layer.grads[i] = view, gview
             self._layout.append((layer, i, view, gview, lo))
         self._trainable_key = self._trainable_flags()
-        opt = self.optimizer
         if opt is None:
             return
         opt._owner = self  # (its layout tells weight decay which weights are which: _decay_ranges)
@@ -338,6 +346,17 @@ class Model(Trainer, Layer):
         elif opt.state is not None:
             after = {(id(layer), i): lo for layer, i, _, _, lo in self._layout}
             opt.state = _moved(opt.state, before, after, total, xp, opt.parked)
+
+    def _weights_unknown_to(self, optimizer):
+        """The (layer, index) weights this model trains that ``optimizer`` holds no state for, having trained another
+        model (in that model's layout, or parked there while frozen); [] for an optimizer that has not trained or
+        that trained this model."""
+        owner = optimizer._owner
+        if owner is None or owner is self or (optimizer.state is None and not optimizer.iterations):
+            return []
+        known = set(_placed(owner._layout or ())) | set(optimizer.parked)
+        slots, _, _ = self._flat_layout(self._weight_slots())
+        return [(layer, i) for layer, i in slots if (id(layer), i) not in known]
 
     def _state_for_file(self):
         """The optimizer's state buffers as NumPy arrays laid out over the weights trainable now (what a saved file

@@ -34,27 +34,19 @@ def _refuse_ragged(x, what):
     if len(set(shapes)) == 1:
         return
     kind = type(x).__name__
-    if len(x) == 2 and shapes[0][:1] == shapes[1][:1] and len(shapes[0]) > 1:
+    if len(x) == 2 and shapes[0][:1] == shapes[1][:1] and len(shapes[0]) > 1 and len(shapes[1]) <= 2:
         raise ValueError(f"{what} is a {kind} of two arrays, {shapes[0]} and {shapes[1]}, but the model takes one "
                          "input: if they are the inputs and their labels, pass them apart, fit(x, y) (predict takes "
                          "the inputs alone)")
     common = max(set(shapes), key=shapes.count)
-    odd = next(k for k, shape in enumerate(shapes) if shape != common)
-    raise ValueError(f"{what} is a {kind} of {len(x)} arrays of different shapes: item {odd} has shape "
-                     f"{shapes[odd]}, most have {common}. The samples of one input must share one shape: resize "
-                     "the odd ones (e.g. utils.load_img(path, target_size=(h, w)))")
-
-
-def _refuse_shared(optimizer, model):
-    """A ValueError when ``optimizer`` has trained another model: its state (moments, step count) is that model's, and
-    Keras refuses an optimizer's variables for another model's weights too."""
-    owner = getattr(optimizer, "_owner", None)
-    if owner is not None and owner is not model and optimizer.iterations > 0:
-        kind = type(optimizer).__name__
-        raise ValueError(f"this {kind} has already trained model {owner.name!r} ({optimizer.iterations} steps): its "
-                         "state belongs to that model, and sharing it would change how both train. Give model "
-                         f"{model.name!r} an optimizer of its own, e.g. compile(optimizer={optimizer.name!r}) or a new "
-                         f"optimizers.{kind}(...)")
+    if shapes.count(common) > 1:
+        odd = next(k for k, shape in enumerate(shapes) if shape != common)
+        which = f"item {odd} has shape {shapes[odd]}, most have {common}"
+    else:
+        odd = next(k for k, shape in enumerate(shapes) if shape != shapes[0])
+        which = f"item 0 has shape {shapes[0]}, item {odd} {shapes[odd]}"
+    raise ValueError(f"{what} is a {kind} of {len(x)} arrays of different shapes: {which}. The samples of one input "
+                     "must share one shape: resize the odd ones (e.g. utils.load_img(path, target_size=(h, w)))")
 
 
 class Trainer:
@@ -79,7 +71,8 @@ class Trainer:
             raise NotImplementedError(f"compile(steps_per_execution={steps_per_execution!r}) is not supported by "
                                       "gpucnn (its GPU step is already one captured graph); leave it at 1")
         optimizer = optimizers_mod.get(optimizer)
-        _refuse_shared(optimizer, self)
+        if self.built:
+            self._refuse_unknown_weights(optimizer)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
         loss = losses_mod.get(loss)
@@ -104,12 +97,26 @@ class Trainer:
         return ["loss"] + list(self.metrics) if self.loss is not None else []
 
     def _claim_optimizer(self):
-        """Before training: the optimizer updates this model's buffers. One that was compiled with another model too
-        but has not trained yet becomes this model's (it starts from zeros, as Keras builds an optimizer at its
-        first step); one that has trained another model is refused (_refuse_shared)."""
-        _refuse_shared(self.optimizer, self)
+        """Before training: the optimizer updates this model's buffers. One compiled or trained with another model
+        too comes over with its state for this model's weights (Keras's optimizer keeps a state per variable: a
+        model of the same layers, or of some of them, trains on from it), unless it holds none for a weight this
+        model trains (_refuse_unknown_weights)."""
         if self._layout is not None and self.optimizer._owner is not self:
-            self._pack_weights()
+            self._pack_weights(keep_state=True)
+
+    def _refuse_unknown_weights(self, optimizer):
+        """A ValueError when ``optimizer`` has trained another model and holds no state for a weight this one trains:
+        Keras refuses such an optimizer too ("Unknown variable"), and a state of zeros beside the others' would train
+        that weight as no optimizer does."""
+        unknown = self._weights_unknown_to(optimizer)
+        if unknown:
+            layer, i = unknown[0]
+            kind = type(optimizer).__name__
+            raise ValueError(
+                f"this {kind} has trained model {optimizer._owner.name!r} ({optimizer.iterations} steps) and holds no "
+                f"state for {len(unknown)} of the weights model {self.name!r} trains (the first: "
+                f"{layer.weight_names[i]} of layer {layer.name!r}); Keras refuses it too. Give model {self.name!r} an "
+                f"optimizer of its own, e.g. compile(optimizer={optimizer.name!r}) or a new optimizers.{kind}(...)")
 
     def _require_compiled(self, what):
         if self.optimizer is None or self.loss is None:
@@ -333,6 +340,7 @@ class Trainer:
 
     def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch,
              validation_batch_size):
+        self._refuse_unknown_weights(self.optimizer)  # before the buffers are laid out again
         self._adopt_weights()
         self._claim_optimizer()
         self._accuracy_form()  # metrics of two forms: refused here (a model built by its first data), not mid-step
@@ -383,7 +391,8 @@ class Trainer:
                 else:
                     logs = self._train_epoch(self._checked_batches(train, epoch), cbs, bar, epoch)
                 logs = dict(logs)
-                self._check_weights_finite(f"after epoch {epoch + 1}")
+                if not self.stop_training:  # a callback that stopped it (TerminateOnNaN) ends fit quietly, as Keras
+                    self._check_weights_finite(f"after epoch {epoch + 1}")
                 if validation is not None:
                     val = self.evaluate(validation, batch_size=validation_batch_size, verbose=0, return_dict=True,
                                         callbacks=cbs, _checked=True)
@@ -561,6 +570,7 @@ class Trainer:
         x = self._check_x(x)
         self._require_one_output("train_on_batch")
         y = self._check_y(y, len(x))
+        self._refuse_unknown_weights(self.optimizer)  # before the buffers are laid out again
         self._adopt_weights()
         self._claim_optimizer()
         xp = backend.ops().xp
