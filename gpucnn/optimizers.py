@@ -72,6 +72,10 @@ class Optimizer:
         self.iterations = 0
         self.state = None
         self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
+        # where each weight's state sits in the state buffers: {(id(layer), index): (offset, size)} over
+        # laid_out_total values, as the model that last laid the buffers out placed it (lay_out); the layers it and
+        # ``parked`` name are kept alive in _layers, so that their ids stay theirs
+        self.laid_out, self.laid_out_total, self._layers = {}, None, {}
 
     def _check_keras_arguments(self, given):
         kind = type(self).__name__
@@ -123,6 +127,24 @@ class Optimizer:
     def reset(self):
         """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
         self.state, self.iterations, self.parked = None, 0, {}
+        self.laid_out, self.laid_out_total, self._layers = {}, None, {}
+
+    def lay_out(self, model, layout, total):
+        """Record that this optimizer now updates ``model``'s flat buffers of ``total`` values, its state laid out as
+        the model's ``layout`` (its _layout: (layer, index, view, grad view, offset) per trained weight)."""
+        self._owner = model
+        self.laid_out = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in layout}
+        self.laid_out_total = total
+        layers = {(id(layer), i): layer for layer, i, *_ in layout}
+        layers.update((slot, self._layers[slot]) for slot in self.parked if slot in self._layers)
+        self._layers = layers
+
+    def knows(self, slots):
+        """Whether this optimizer holds a state (laid out or parked) for each (layer, index) of ``slots`` — or has
+        none at all yet (a new optimizer takes any weights)."""
+        if self.state is None and not self.iterations:
+            return True
+        return all((id(layer), i) in self.laid_out or (id(layer), i) in self.parked for layer, i in slots)
 
     def build(self, n):
         """Allocate zeroed state for ``n`` parameters on the active engine."""

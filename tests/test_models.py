@@ -1069,3 +1069,40 @@ def test_terminate_on_nan_still_ends_fit_quietly_when_the_weights_overflowed():
         assert len(history.history["loss"]) == 1 and not np.isfinite(history.history["loss"][0])
         stopped_with_overflow += not all(np.isfinite(w).all() for w in model.get_weights())
     assert stopped_with_overflow  # the case this is about happened
+
+
+def test_an_optimizer_keeps_each_weights_state_wherever_it_was_laid_out(tmp_path):
+    """The optimizer records where its state sits: another optimizer in between (a model recompiled with one, then
+    with the first again), a frozen layer, another model of the same layers taking it, or a model saved while
+    another holds the optimizer — each weight's state and the step count go on as Keras's per-variable state."""
+    x, y = np.random.default_rng(0).random((8, 4)).astype(np.float32), np.arange(8) % 2
+
+    def model(seed=0):
+        utils.set_random_seed(seed)
+        return models.Sequential([layers.Input((4,)), layers.Dense(3, activation="relu", name=f"d{seed}"),
+                                  layers.Dense(2, activation="softmax", name=f"out{seed}")])
+    a = model()
+    first = optimizers.Adam(0.1)
+    a.compile(first, "sparse_categorical_crossentropy")
+    a.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    moments = {name: np.array(values) for name, values in first.state.items()}
+    a.layers[0].trainable = False
+    a.compile(optimizers.Adam(0.1), "sparse_categorical_crossentropy")  # another optimizer, another layout
+    a.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    a.layers[0].trainable = True
+    a.compile(first, "sparse_categorical_crossentropy")  # the first again: its state and steps, not a new start
+    assert first.iterations == 2
+    for name, values in moments.items():
+        np.testing.assert_array_equal(first.state[name], values)
+    a.layers[0].trainable = False
+    b = models.Model(a.inputs, a.outputs)  # the same layers, one frozen: takes the optimizer, parks d0's state
+    b.compile(first, "sparse_categorical_crossentropy")
+    b.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    assert first.iterations == 4
+    a.layers[0].trainable = True
+    a.save(tmp_path / "a.gpucnn")  # b holds the optimizer: a's file lays its state out over a's weights
+    loaded = models.load_model(tmp_path / "a.gpucnn")
+    a.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    loaded.fit(x, y, batch_size=4, shuffle=False, verbose=0)
+    for got, want in zip(loaded.get_weights(), a.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -305,27 +305,17 @@ class Model(Trainer, Layer):
         offsets = np.cumsum([0] + [-(-size // _ALIGN) * _ALIGN for size in sizes])
         return trained, [int(o) for o in offsets[:-1]], int(offsets[-1])
 
-    def _pack_weights(self, params=None, grads=None, keep_state=False):
+    def _pack_weights(self, params=None, grads=None):
         """Gather the trainable weights into one flat buffer and their gradients into another (new ones, or the
         float32 arrays ``params`` and ``grads`` of the right size); the layers keep views into them.
 
-        The optimizer starts again, unless ``keep_state`` (the same optimizer goes on after a change of which
-        weights train, or a compile with the same optimizer object, as Keras's optimizer keeps its variables): then
-        its step count stays and each weight that was trained before keeps its state values in the new layout, a
-        weight frozen meanwhile keeps them aside until it trains again (``_moved``), and a weight new to training
-        starts from zeros, as a new optimizer would."""
+        The optimizer's state comes along weight by weight, as Keras's optimizer keeps a state per variable: from
+        wherever it was laid out (this model's buffers before a change of which weights train, or another model's
+        of the same layers: the optimizer records where, ``lay_out``) to the new layout; its step count stays. A
+        weight that leaves training keeps its state aside until it trains again (``_moved``), and a weight new to
+        the optimizer starts from zeros, as a new optimizer would."""
         xp = backend.ops().xp
         slots, offsets, total = self._flat_layout(self._weight_slots())
-        opt = self.optimizer
-        owner = None if opt is None else opt._owner
-        if owner is not None and owner is not self and owner._layout is not None:
-            # another model's optimizer (the same layers, or some of them): its state is laid out over that model's
-            # buffer, and comes over weight by weight as Keras's optimizer keeps a state per variable
-            laid_out, keep_state = owner, True
-        else:
-            laid_out = self
-        before = _placed(laid_out._layout or ())
-        before_total = None if laid_out._layout is None else laid_out._params.shape[0]
         self._params = xp.zeros(total, dtype=np.float32) if params is None else params
         self._grads = xp.zeros(total, dtype=np.float32) if grads is None else grads
         self._layout = []
@@ -338,41 +328,39 @@ class Model(Trainer, Layer):
             layer.weights[i], layer.grads[i] = view, gview
             self._layout.append((layer, i, view, gview, lo))
         self._trainable_key = self._trainable_flags()
+        opt = self.optimizer
         if opt is None:
             return
-        opt._owner = self  # (its layout tells weight decay which weights are which: _decay_ranges)
-        if not keep_state or (opt.state is not None and any(v.shape[0] != before_total for v in opt.state.values())):
-            opt.reset()  # new buffers: the optimizer starts again
-        elif opt.state is not None:
+        if opt.state is not None:
+            if any(v.shape[0] != opt.laid_out_total for v in opt.state.values()):
+                raise RuntimeError("gpucnn: the optimizer's state does not match the layout it recorded")
             after = {(id(layer), i): lo for layer, i, _, _, lo in self._layout}
-            opt.state = _moved(opt.state, before, after, total, xp, opt.parked)
+            opt.state = _moved(opt.state, opt.laid_out, after, total, xp, opt.parked)
+        opt.lay_out(self, self._layout, total)
 
     def _weights_unknown_to(self, optimizer):
-        """The (layer, index) weights this model trains that ``optimizer`` holds no state for, having trained another
-        model (in that model's layout, or parked there while frozen); [] for an optimizer that has not trained or
-        that trained this model."""
-        owner = optimizer._owner
-        if owner is None or owner is self or (optimizer.state is None and not optimizer.iterations):
+        """The (layer, index) weights this model trains that ``optimizer``, which has trained another model, holds no
+        state for (laid out or parked); [] for an optimizer that has not trained, or that trains this model."""
+        if optimizer._owner in (None, self):
             return []
-        known = set(_placed(owner._layout or ())) | set(optimizer.parked)
         slots, _, _ = self._flat_layout(self._weight_slots())
-        return [(layer, i) for layer, i in slots if (id(layer), i) not in known]
+        return [slot for slot in slots if not optimizer.knows([slot])]
 
     def _state_for_file(self):
-        """The optimizer's state buffers as NumPy arrays laid out over the weights trainable now (what a saved file
-        holds), without laying the live buffers out again (another model's fit may be training them); None
-        before the optimizer's first step."""
+        """The optimizer's state buffers as NumPy arrays laid out over the weights this model trains now (what a saved
+        file holds), wherever the optimizer has them laid out (this model's buffers, before a change of which weights
+        train, or another model's of the same layers), without laying the live buffers out again (another model's
+        fit may be training them); None before the optimizer's first step."""
         opt = self.optimizer
         if opt is None or opt.state is None:
             return None
         states = {name: backend.to_numpy(v) for name, v in opt.state.items()}
-        if self._layout is None or self._trainable_flags() == self._trainable_key:
-            return states
         slots, offsets, total = self._flat_layout(self._weight_slots())
-        before = _placed(self._layout)
         after = {(id(layer), i): lo for (layer, i), lo in zip(slots, offsets)}
+        if total == opt.laid_out_total and {slot: lo for slot, (lo, _) in opt.laid_out.items()} == after:
+            return states
         parked = {slot: {name: backend.to_numpy(v) for name, v in kept.items()} for slot, kept in opt.parked.items()}
-        return _moved(states, before, after, total, None, parked)
+        return _moved(states, opt.laid_out, after, total, None, parked)
 
     def _trainable_flags(self):
         return tuple(layer.trainable for layer in self._all_layers()), frozenset(self._frozen_ids())
@@ -384,7 +372,7 @@ class Model(Trainer, Layer):
         Returns whether it did."""
         if self._layout is None or self._trainable_flags() == self._trainable_key:
             return False
-        self._pack_weights(keep_state=True)
+        self._pack_weights()
         self._contexts_cache.clear()  # the steps' contexts know which layers need gradients
         self._version += 1
         return True

@@ -81,12 +81,12 @@ class Trainer:
         kinds = [metrics_mod.kind(m, loss) for m in metrics]
         if self.built:
             metrics_mod.form(kinds, loss, self._output_units())
-        previous = self.optimizer  # (all checked: a refused compile leaves the model as it was)
+        # (all checked: a refused compile leaves the model as it was)
         self.optimizer, self.loss, self.metrics = optimizer, loss, list(dict.fromkeys(names))  # metrics: log names
         self._metric_configs = [metrics_mod.serialize(m) for m in metrics]  # what a saved file holds
         self._metric_kinds = kinds
         if self.built:
-            self._pack_weights(keep_state=self.optimizer is previous)
+            self._pack_weights()  # the optimizer's state comes along (a new one has none), as Keras keeps it
         self._contexts_cache.clear()
         self._version += 1
 
@@ -102,7 +102,7 @@ class Trainer:
         model of the same layers, or of some of them, trains on from it), unless it holds none for a weight this
         model trains (_refuse_unknown_weights)."""
         if self._layout is not None and self.optimizer._owner is not self:
-            self._pack_weights(keep_state=True)
+            self._pack_weights()
 
     def _refuse_unknown_weights(self, optimizer):
         """A ValueError when ``optimizer`` has trained another model and holds no state for a weight this one trains:
@@ -391,7 +391,8 @@ class Trainer:
                 else:
                     logs = self._train_epoch(self._checked_batches(train, epoch), cbs, bar, epoch)
                 logs = dict(logs)
-                if not self.stop_training:  # a callback that stopped it (TerminateOnNaN) ends fit quietly, as Keras
+                if not (self.stop_training and not math.isfinite(logs.get("loss", 0.0))):
+                    # (a callback that stopped a run on a NaN loss, TerminateOnNaN, ends fit quietly, as Keras's)
                     self._check_weights_finite(f"after epoch {epoch + 1}")
                 if validation is not None:
                     val = self.evaluate(validation, batch_size=validation_batch_size, verbose=0, return_dict=True,
