@@ -118,6 +118,11 @@ class Optimizer:
         """The LearningRateSchedule or function the rates come from, or None when the rate is a number."""
         return self._learning_rate if callable(self._learning_rate) else None
 
+    def held_values(self):
+        """How many parameters this optimizer holds a state for: those it lays out, and those set aside (frozen)."""
+        parked = sum(int(next(iter(kept.values())).shape[0]) for kept in self.parked.values() if kept)
+        return sum(size for _, size in self.laid_out.values()) + parked
+
     def variable_count(self, trained):
         """How many values Keras counts as this optimizer's variables (``summary``'s "Optimizer params") over
         ``trained`` trained parameters: each state buffer's, the step count, and the learning rate when it is a
@@ -138,6 +143,12 @@ class Optimizer:
         layers = {(id(layer), i): layer for layer, i, *_ in layout}
         layers.update((slot, self._layers[slot]) for slot in self.parked if slot in self._layers)
         self._layers = layers
+
+    def park(self, layer, i, values):
+        """Keep ``values`` ({state name: array}) aside as the state of weight ``i`` of ``layer``, which does not train
+        now (a loaded model's frozen weight): it comes back when the weight trains again."""
+        self.parked[(id(layer), i)] = values
+        self._layers[(id(layer), i)] = layer
 
     def knows(self, slots):
         """Whether this optimizer holds a state (laid out or parked) for each (layer, index) of ``slots`` — or has
@@ -176,6 +187,8 @@ class Optimizer:
             self._eager = (xp.zeros(1, np.float32), xp.zeros(1, np.int32), xp.zeros(1, np.float32))  # one-row
             # tables (the rate, weight decay's factor) and the counter at 0
         rates, counter, factors = self._eager
+        if params.shape[0] == 0:  # every weight frozen: Keras applies nothing and counts no step
+            return
         with sigint_deferred():
             if self.state is None:
                 self.build(params.shape[0])
@@ -207,6 +220,17 @@ class Optimizer:
             raise TypeError(f"exclude_from_weight_decay: var_names must be strings, got {names!r}")
         self._excluded_names = tuple(names)
         self._excluded_arrays = list(var_list or ())
+        if self._owner is not None:
+            self.anchor_exclusions(self._owner._weight_slots())
+
+    def anchor_exclusions(self, slots):
+        """Name each raw array of exclude_from_weight_decay's var_list that is a weight of ``slots`` ((layer, index)
+        pairs) by that weight (a Variable), before packing replaces the layer's arrays with views of a flat buffer
+        (an array kept by identity would then name nothing)."""
+        from .layers.variables import Variable  # (the layers import nothing of the optimizers)
+        where = {id(layer.weights[i]): (layer, i) for layer, i in slots}
+        self._excluded_arrays = [Variable(*where[id(a)]) if getattr(a, "_layer", None) is None and id(a) in where
+                                 else a for a in self._excluded_arrays]
 
     def _decay_ranges(self, total):
         """[(lo, hi), ...] of the flat buffer's runs of decayed weights (a run spans the alignment gaps between its

@@ -48,6 +48,7 @@ _MAX_JSON_BYTES = 16 * 2**20
 _DEFLATE_MAX_RATIO = 1032  # no deflate stream expands more: a zip member declaring more is not genuine
 _NPY_SLACK = 4096  # bytes an .npz spends per array besides the data: .npy header, zip entry (at most)
 _MAX_ITERATIONS = 2**62
+PARKED_KEY = "parked_{:03d}_{}"  # in optimizer.npz: the state of weight k (Keras's order) that does not train now
 # What parsing the bytes of a damaged or hostile file can raise (JSONDecodeError is a ValueError).
 _FILE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, IndexError, UnicodeDecodeError, ValueError,
                 TypeError, AttributeError, NotImplementedError, RecursionError, OverflowError, MemoryError,
@@ -589,20 +590,34 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
         return
     n = int(model._params.shape[0])
     slots = optimizer._slots
-    data = _member(zf, header, _OPTIMIZER, path, _npz_size_bound([(n,)] * len(slots)))
+    weights = model._weight_slots()
+    trained = {(id(layer), i) for layer, i, *_ in model._layout}
+    frozen = {PARKED_KEY.format(k, slot): (layer, i) for k, (layer, i) in enumerate(weights)
+              if (id(layer), i) not in trained for slot in slots}  # what the state of a frozen weight may be saved as
+    bound = [(n,)] * len(slots) + [tuple(layer.weights[i].shape) for layer, i in frozen.values()]
+    data = _member(zf, header, _OPTIMIZER, path, _npz_size_bound(bound))
     with zipfile.ZipFile(io.BytesIO(data)) as npz:
         headers = _npz_headers(npz, path, "optimizer state")
-        if set(headers) != set(slots) or any(h[1] != (n,) for h in headers.values()):
+        kept = set(headers) - set(slots)
+        if (not set(slots) <= set(headers) or any(headers[slot][1] != (n,) for slot in slots)
+                or not kept <= set(frozen) or any(headers[key][1] != (frozen[key][0].weights[frozen[key][1]].size,)
+                                                  for key in kept)):
             raise InvalidModelFile(f"{path}: optimizer state {sorted(headers)} does not fit a {opt_name} "
                                    f"optimizer over {n} parameters")
-        state = {slot: _npz_array(npz, headers[slot], path, "optimizer state", slot) for slot in slots}
-    for slot in ("velocity", "v"):  # running means of squared gradients
-        if slot in state and state[slot].min(initial=0) < 0:
-            raise InvalidModelFile(f"{path}: optimizer state {slot} has negative values (it is a mean of "
-                                   "squares)")
+        state = {key: _npz_array(npz, headers[key], path, "optimizer state", key) for key in headers}
+    for key, value in state.items():  # running means of squared gradients
+        if key.split("_")[-1] in ("velocity", "v") and value.min(initial=0) < 0:
+            raise InvalidModelFile(f"{path}: optimizer state {key} has negative values (it is a mean of squares)")
+    xp = backend.ops().xp
     optimizer.build(n)
-    for slot, value in state.items():
-        optimizer.state[slot][...] = backend.ops().xp.asarray(_in_model_order(model, value, file_order))
+    for slot in slots:
+        optimizer.state[slot][...] = xp.asarray(_in_model_order(model, state[slot], file_order))
+    for key in sorted(kept):
+        layer, i = frozen[key]
+        name = key[len(PARKED_KEY.format(0, "")):]
+        values = optimizer.parked.get((id(layer), i), {})
+        values[name] = xp.asarray(state[key])
+        optimizer.park(layer, i, values)
 
 
 def _restore_decay_exclusions(model, optimizer, saved, path):

@@ -293,3 +293,26 @@ def test_loading_without_restore_rng_draws_nothing(tmp_path):
     assert utils.rng().bit_generator.state == before
     models.load_model(path)
     assert utils.rng().bit_generator.state != before
+
+
+def test_a_frozen_weights_saved_optimizer_state_must_fit_it(tmp_path):
+    """optimizer.npz may hold the state of a weight that does not train now (parked_<k>_<slot>): only for such a
+    weight, of its size, of the optimizer's slots, and sane."""
+    model = trained()
+    model.layers[0].trainable = False
+    path = tmp_path / "m.gpucnn"
+    model.save(path)
+    with np.load(io.BytesIO(members(path)["optimizer.npz"])) as f:
+        assert sorted(k for k in f.files if k.startswith("parked")) == ["parked_000_velocity", "parked_001_velocity"]
+    assert models.load_model(path).optimizer.parked  # (a sound file loads, its frozen state set aside)
+    for key, value, match in (("parked_000_velocity", np.zeros(7, np.float32), "does not fit"),
+                              ("parked_002_velocity", np.zeros(36 * 3, np.float32), "does not fit"),  # trains now
+                              ("parked_000_momentum", np.zeros(36, np.float32), "does not fit"),  # not RMSprop's
+                              ("parked_000_velocity", np.full(36, -1, np.float32), "negative")):
+        model.save(path)
+        with np.load(io.BytesIO(members(path)["optimizer.npz"])) as f:
+            arrays = dict(f)
+        arrays[key] = value
+        rewrite(path, {"optimizer.npz": npz(**arrays)})
+        with pytest.raises(InvalidModelFile, match=match):
+            models.load_model(path)

@@ -512,30 +512,32 @@ def test_recompiling_with_the_same_optimizer_keeps_its_state_and_step_count():
     assert m.optimizer.iterations == 0 and m.optimizer.state is None
 
 
-def test_unfreezing_between_fits_trains_the_layer_again_from_fresh_optimizer_state():
-    """A layer unfrozen after training: it trains at the next fit; its momentum starts from zero (as a weight new to
-    the optimizer), the other weights keep theirs and the step count goes on."""
-    def unfreeze(m):
-        m.layers[0].trainable = True
+def test_unfreezing_a_layer_the_optimizer_never_trained_asks_for_a_new_optimizer():
+    """A layer frozen from the start, unfrozen after training: the optimizer holds no state for it (Keras refuses
+    it: "Unknown variable"), between fits and from a callback alike; compiled with a new optimizer, it trains."""
     utils.set_random_seed(3)
     m = tiny_model()
     m.layers[0].trainable = False
     m.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
     x, y = tiny_data(24)
     m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
-    dense_momentum = m.optimizer.state["momentum"][:m.layers[-1].weights[0].size].copy()
-    assert np.abs(dense_momentum).max() > 0
-    unfreeze(m)
-    conv = [w.copy() for w in m.layers[0].get_weights()]
-    m._sync_trainable()
-    state = m.optimizer.state["momentum"]
-    layout = {id(w): lo for layer, i, w, _, lo in m._layout}
-    conv_lo, dense_lo = layout[id(m.layers[0].weights[0])], layout[id(m.layers[-1].weights[0])]
-    np.testing.assert_array_equal(state[conv_lo:conv_lo + conv[0].size], 0)
-    np.testing.assert_array_equal(state[dense_lo:dense_lo + dense_momentum.size], dense_momentum)
+    m.layers[0].trainable = True
+    before = [w.copy() for w in m.get_weights()]
+    for call in (lambda: m.fit(x, y, batch_size=8, shuffle=False, verbose=0),
+                 lambda: m.compile(m.optimizer, "sparse_categorical_crossentropy")):  # (Keras: at its next fit)
+        with pytest.raises(ValueError, match="has trained this model \\(3 steps\\) and holds no state for 2 of the "
+                                             "weights.*kernel of layer 'conv2d.*Compile with a new optimizer"):
+            call()
+    for a, b in zip(m.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    m.layers[0].trainable = False
     m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
-    assert not np.array_equal(conv[0], m.layers[0].get_weights()[0])
-    assert m.optimizer.iterations == 6
+    unfreeze = callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(m.layers[0], "trainable", True))
+    with pytest.raises(ValueError, match="holds no state"):
+        m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[unfreeze])
+    m.compile(optimizers.SGD(0.1, momentum=0.9), "sparse_categorical_crossentropy")
+    m.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    assert not np.array_equal(before[0], m.layers[0].get_weights()[0]) and m.optimizer.iterations == 3
 
 
 def test_a_layer_frozen_and_unfrozen_again_keeps_its_optimizer_state():
@@ -604,15 +606,21 @@ def test_a_seeded_dropout_draws_a_new_mask_each_step_and_repeats_across_runs():
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def test_adding_a_layer_restarts_the_optimizer():
+def test_adding_a_layer_asks_for_a_new_optimizer():
+    """Keras refuses an optimizer a weight is unknown to; adding a layer without weights changes nothing."""
     m = models.Sequential([layers.Input((4,)), layers.Dense(3, activation="softmax")])
     m.compile("adam", "sparse_categorical_crossentropy")
-    m.fit(np.ones((4, 4), np.float32), np.arange(4) % 3, verbose=0)
-    assert m.optimizer.iterations == 1
-    m.layers[-1].activation = None
+    x, y = np.ones((4, 4), np.float32), np.arange(4) % 3
+    m.fit(x, y, verbose=0)
+    m.add(layers.Activation("linear"))
+    m.fit(x, y, verbose=0)
+    assert m.optimizer.iterations == 2  # (its state went on)
     m.add(layers.Dense(3, activation="softmax"))
-    m.build()
-    assert m.optimizer.iterations == 0 and m.optimizer.state is None
+    with pytest.raises(ValueError, match="holds no state for 2 of the weights.*added since"):
+        m.fit(x, y, verbose=0)
+    m.compile("adam", "sparse_categorical_crossentropy")
+    m.fit(x, y, verbose=0)
+    assert m.optimizer.iterations == 1
 
 
 def test_one_image_without_batch_axis_says_add_it(compiled):
@@ -952,7 +960,7 @@ def test_an_optimizer_trains_on_across_models_of_the_same_weights_and_refuses_we
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     other = model(1)
     with pytest.raises(ValueError, match="has trained model .* \\(6 steps\\) and holds no state for 4 of the "
-                                         "weights.*kernel of layer.*an optimizer of its own"):
+                                         "weights.*kernel of layer.*Compile with a new optimizer"):
         other.compile(opt, "sparse_categorical_crossentropy")
     assert other.optimizer is None
     head = models.Sequential([first, layers.Dense(2, activation="softmax")])

@@ -339,3 +339,39 @@ def test_a_learning_rate_of_zero_is_taken_as_keras_takes_it():
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="learning_rate must be a number >= 0"):
         optimizers.Adam(learning_rate=-0.1)
+
+
+def test_weights_excluded_from_decay_as_the_arrays_a_layer_holds_stay_excluded():
+    """var_list may hold the arrays a layer holds, given before compile: packing the weights into one buffer
+    replaces those arrays with views, so the optimizer names them by their weight first; they stay excluded
+    through re-layouts (a frozen layer) and in a saved file."""
+    from gpucnn import layers, models
+    m = models.Sequential([layers.Input((3,)), layers.Dense(4, name="keep"), layers.Dense(4, name="decay"),
+                           layers.Dense(2, activation="softmax")])
+    opt = optimizers.SGD(0.1, weight_decay=0.5)
+    opt.exclude_from_weight_decay(var_list=[m.get_layer("keep").weights[0]])
+    m.compile(opt, "sparse_categorical_crossentropy")
+    for freeze in (False, True):
+        m.layers[-1].trainable = not freeze
+        m._adopt_weights()
+        kept, decayed = m.get_layer("keep").get_weights()[0], m.get_layer("decay").get_weights()[0]
+        opt.apply(m._params, np.zeros_like(m._params))
+        np.testing.assert_array_equal(m.get_layer("keep").get_weights()[0], kept)
+        np.testing.assert_allclose(m.get_layer("decay").get_weights()[0], decayed * (1 - 0.05), rtol=1e-6)
+    assert opt.decay_exclusions(m._weight_slots())["weights"] == [["keep", 0]]
+
+
+def test_a_step_with_every_weight_frozen_counts_no_iteration():
+    """Keras applies nothing, and counts no step, when no weight trains: a schedule and Adam's bias correction go on
+    from where they were once a layer is unfrozen."""
+    from gpucnn import layers, models
+    m = models.Sequential([layers.Input((3,)), layers.Dense(2, activation="softmax")])
+    m.compile(optimizers.Adam(), "sparse_categorical_crossentropy")
+    x, y = np.ones((8, 3), np.float32), np.arange(8) % 2
+    m.fit(x, y, batch_size=4, verbose=0)
+    m.trainable = False
+    m.fit(x, y, batch_size=4, verbose=0)
+    assert m.optimizer.iterations == 2
+    m.trainable = True
+    m.fit(x, y, batch_size=4, verbose=0)
+    assert m.optimizer.iterations == 4

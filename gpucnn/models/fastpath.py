@@ -67,6 +67,8 @@ def unsupported_reason(model):
     neither CuPy nor a GPU."""
     if not model.built or not model._all_layers():
         return "the model has no layers"
+    if not model.trainable_weights:
+        return "it has no trainable weights (every layer is frozen: there is nothing to update)"
     if type(model.optimizer) not in _OPTIMIZERS:
         return (f"its optimizer {type(model.optimizer).__name__} is not one the fast path implements "
                 f"({', '.join(cls.__name__ for cls in _OPTIMIZERS)})")

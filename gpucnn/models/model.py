@@ -121,10 +121,7 @@ class Model(Trainer, Layer):
         self._version += 1
         self._contexts_cache.clear()
         self._eager_step = None  # the random layers may have changed
-        self._layout = None
-        if self.optimizer is not None and self.optimizer._owner in (None, self):
-            self.optimizer.reset()  # the weights to train changed: the optimizer starts again (another model's keeps
-            # its state: this model takes it over, or is refused, when it trains: Trainer._claim_optimizer)
+        self._layout = None  # (the optimizer's state follows the weights into the next layout: _pack_weights)
         names = {}
         for layer in graph.layers:
             other = names.setdefault(layer.name, layer)
@@ -315,6 +312,8 @@ class Model(Trainer, Layer):
         weight that leaves training keeps its state aside until it trains again (``_moved``), and a weight new to
         the optimizer starts from zeros, as a new optimizer would."""
         xp = backend.ops().xp
+        if self.optimizer is not None:
+            self.optimizer.anchor_exclusions(self._weight_slots())  # before the layers' arrays become views
         slots, offsets, total = self._flat_layout(self._weight_slots())
         self._params = xp.zeros(total, dtype=np.float32) if params is None else params
         self._grads = xp.zeros(total, dtype=np.float32) if grads is None else grads
@@ -339,9 +338,10 @@ class Model(Trainer, Layer):
         opt.lay_out(self, self._layout, total)
 
     def _weights_unknown_to(self, optimizer):
-        """The (layer, index) weights this model trains that ``optimizer``, which has trained another model, holds no
-        state for (laid out or parked); [] for an optimizer that has not trained, or that trains this model."""
-        if optimizer._owner in (None, self):
+        """The (layer, index) weights this model trains that ``optimizer``, which has trained, holds no state for
+        (laid out or parked): weights of another model, layers unfrozen or added since (Keras's unknown variables);
+        [] for an optimizer that has not trained yet."""
+        if optimizer._owner is None:
             return []
         slots, _, _ = self._flat_layout(self._weight_slots())
         return [slot for slot in slots if not optimizer.knows([slot])]
@@ -357,10 +357,24 @@ class Model(Trainer, Layer):
         states = {name: backend.to_numpy(v) for name, v in opt.state.items()}
         slots, offsets, total = self._flat_layout(self._weight_slots())
         after = {(id(layer), i): lo for (layer, i), lo in zip(slots, offsets)}
-        if total == opt.laid_out_total and {slot: lo for slot, (lo, _) in opt.laid_out.items()} == after:
-            return states
         parked = {slot: {name: backend.to_numpy(v) for name, v in kept.items()} for slot, kept in opt.parked.items()}
-        return _moved(states, opt.laid_out, after, total, None, parked)
+        out = states if total == opt.laid_out_total and {slot: lo for slot, (lo, _) in opt.laid_out.items()} == after \
+            else _moved(states, opt.laid_out, after, total, None, parked)
+        # the state of this model's weights that do not train now (frozen since they trained): set aside, and kept in
+        # the file too (saving.PARKED_KEY), so that a model loaded and unfrozen goes on as the saved one would
+        for k, (layer, i) in enumerate(self._weight_slots()):
+            slot = (id(layer), i)
+            if slot in after:
+                continue
+            if slot in parked:
+                kept = parked[slot]
+            elif slot in opt.laid_out:
+                lo, size = opt.laid_out[slot]
+                kept = {name: values[lo:lo + size] for name, values in states.items()}
+            else:
+                continue
+            out.update((saving.PARKED_KEY.format(k, name), values) for name, values in kept.items())
+        return out
 
     def _trainable_flags(self):
         return tuple(layer.trainable for layer in self._all_layers()), frozenset(self._frozen_ids())
@@ -372,6 +386,8 @@ class Model(Trainer, Layer):
         Returns whether it did."""
         if self._layout is None or self._trainable_flags() == self._trainable_key:
             return False
+        if self.optimizer is not None:
+            self._refuse_unknown_weights(self.optimizer)  # a layer unfrozen that it never trained
         self._pack_weights()
         self._contexts_cache.clear()  # the steps' contexts know which layers need gradients
         self._version += 1

@@ -62,7 +62,8 @@ def print_summary(model, print_fn, line_length=None, show_trainable=False, posit
     optimizer = getattr(model, "optimizer", None)
     # as Keras, once the optimizer has made its state (the first training step): its values too
     counted = optimizer is not None and optimizer.state is not None
-    of_optimizer = optimizer.variable_count(trainable) if counted else 0
+    # (over every weight it holds a state for: those trained now and those frozen since, as Keras counts)
+    of_optimizer = optimizer.variable_count(optimizer.held_values()) if counted else 0
     totals = [("Total", trainable + non_trainable + of_optimizer), ("Trainable", trainable),
               ("Non-trainable", non_trainable)] + ([("Optimizer", of_optimizer)] if counted else [])
     for label, n in totals:

@@ -105,18 +105,21 @@ class Trainer:
             self._pack_weights()
 
     def _refuse_unknown_weights(self, optimizer):
-        """A ValueError when ``optimizer`` has trained another model and holds no state for a weight this one trains:
-        Keras refuses such an optimizer too ("Unknown variable"), and a state of zeros beside the others' would train
-        that weight as no optimizer does."""
+        """A ValueError when ``optimizer`` has trained and holds no state for a weight this model trains now (a layer
+        unfrozen or added since, or another model's): Keras refuses such an optimizer too ("Unknown variable"), and a
+        state of zeros beside the others' step count would train that weight as no optimizer does."""
         unknown = self._weights_unknown_to(optimizer)
         if unknown:
             layer, i = unknown[0]
             kind = type(optimizer).__name__
+            owner = optimizer._owner
+            trained = "this model" if owner is self else f"model {owner.name!r}"
             raise ValueError(
-                f"this {kind} has trained model {optimizer._owner.name!r} ({optimizer.iterations} steps) and holds no "
-                f"state for {len(unknown)} of the weights model {self.name!r} trains (the first: "
-                f"{layer.weight_names[i]} of layer {layer.name!r}); Keras refuses it too. Give model {self.name!r} an "
-                f"optimizer of its own, e.g. compile(optimizer={optimizer.name!r}) or a new optimizers.{kind}(...)")
+                f"this {kind} has trained {trained} ({optimizer.iterations} steps) and holds no state for "
+                f"{len(unknown)} of the weights model {self.name!r} trains now (the first: {layer.weight_names[i]} of "
+                f"layer {layer.name!r}: a layer unfrozen or added since, or another model's); Keras refuses it too. "
+                f"Compile with a new optimizer, e.g. compile(optimizer={optimizer.name!r}) or "
+                f"optimizers.{kind}(...) (keras.io's fine-tuning recompiles with a new one after unfreezing)")
 
     def _require_compiled(self, what):
         if self.optimizer is None or self.loss is None:
