@@ -6,7 +6,7 @@ the smaller last batch, reports divergence, and falls back with one notice.
 import numpy as np
 import pytest
 
-from gpucnn import backend, layers, models, optimizers
+from gpucnn import backend, layers, losses, models, optimizers
 from gpucnn.models import fastpath
 from gpucnn.models.graph import Contexts
 from gpucnn.utils import set_random_seed, to_categorical
@@ -170,6 +170,12 @@ def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
     assert "count categorical accuracy under a binary_crossentropy loss" in fastpath.unsupported_reason(multi)
     multi.compile(optimizer="sgd", loss="binary_crossentropy", metrics=["binary_accuracy"])
     assert fastpath.unsupported_reason(multi) is None
+    smoothed = models.Sequential([layers.Input((6,)), layers.Dense(3, activation="softmax")])
+    smoothed.compile(optimizer="sgd", loss=losses.CategoricalCrossentropy(label_smoothing=0.1))
+    assert "(label_smoothing) is not one the captured step fuses" in fastpath.unsupported_reason(smoothed)
+    frozen = small_model()
+    frozen.trainable = False
+    assert "no trainable weights" in fastpath.unsupported_reason(frozen)
 
 
 def test_which_max_pools_run_inside_the_convolution():

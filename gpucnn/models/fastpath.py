@@ -77,8 +77,11 @@ def unsupported_reason(model):
         return (f"its metrics count {model._accuracy_form()} accuracy under a {model.loss.name} loss, which the "
                 f"fast path's step does not count (it counts {natural} accuracy)")
     if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
-        return (f"its loss {type(model.loss).__name__}{' (from_logits)' if model.loss.from_logits else ''} is not "
-                "one the captured step fuses with its output activation (a cross-entropy of probabilities)")
+        options = [name for name, on in (("from_logits", model.loss.from_logits),
+                                         ("label_smoothing", model.loss.label_smoothing)) if on]
+        return (f"its loss {type(model.loss).__name__}{' (' + ', '.join(options) + ')' if options else ''} is not "
+                "one the captured step fuses with its output activation (a cross-entropy of probabilities, its labels "
+                "as given)")
     if len(model.outputs) != 1:
         return f"it has {len(model.outputs)} outputs"
     for layer in model._all_layers():
