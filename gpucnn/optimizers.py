@@ -76,6 +76,8 @@ class Optimizer:
         # laid_out_total values, as the model that last laid the buffers out placed it (lay_out); the layers it and
         # ``parked`` name are kept alive in _layers, so that their ids stay theirs
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
+        self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
+        self.stepped_by = None  # the model it stepped last
 
     def _check_keras_arguments(self, given):
         kind = type(self).__name__
@@ -133,6 +135,8 @@ class Optimizer:
         """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
         self.state, self.iterations, self.parked = None, 0, {}
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
+        self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
+        self.stepped_by = None  # the model it stepped last
 
     def lay_out(self, model, layout, total):
         """Record that this optimizer now updates ``model``'s flat buffers of ``total`` values, its state laid out as
@@ -141,21 +145,33 @@ class Optimizer:
         self.laid_out = {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in layout}
         self.laid_out_total = total
         layers = {(id(layer), i): layer for layer, i, *_ in layout}
-        layers.update((slot, self._layers[slot]) for slot in self.parked if slot in self._layers)
+        layers.update((slot, self._layers[slot]) for slot in set(self.parked) | self.known if slot in self._layers)
         self._layers = layers
+
+    def count_step(self):
+        """One update was applied (by apply, or by the captured GPU step): the step count goes on, and every weight
+        laid out now has a state of this optimizer's. A layout of no weights (every layer frozen) is no step: Keras
+        applies nothing then."""
+        if self.laid_out_total == 0:
+            return
+        self.iterations += 1
+        self.known.update(self.laid_out)
+        self.stepped_by = self._owner
 
     def park(self, layer, i, values):
         """Keep ``values`` ({state name: array}) aside as the state of weight ``i`` of ``layer``, which does not train
         now (a loaded model's frozen weight): it comes back when the weight trains again."""
         self.parked[(id(layer), i)] = values
+        self.known.add((id(layer), i))
         self._layers[(id(layer), i)] = layer
 
     def knows(self, slots):
-        """Whether this optimizer holds a state (laid out or parked) for each (layer, index) of ``slots`` — or has
-        none at all yet (a new optimizer takes any weights)."""
-        if self.state is None and not self.iterations:
+        """Whether this optimizer has a state of its own for each (layer, index) of ``slots`` (it has stepped the
+        weight, laid out or set aside since) — or has stepped no weight at all yet (a new optimizer, or one whose
+        ``iterations`` were set by hand, takes any weights)."""
+        if not self.known:
             return True
-        return all((id(layer), i) in self.laid_out or (id(layer), i) in self.parked for layer, i in slots)
+        return all((id(layer), i) in self.known for layer, i in slots)
 
     def build(self, n):
         """Allocate zeroed state for ``n`` parameters on the active engine."""
@@ -196,7 +212,7 @@ class Optimizer:
             if self.weight_decay is not None:
                 factors[...] = xp.asarray(self.decay_factors_for(self.iterations + 1, 1))
             self.update(params, grads, rates, counter, factors)
-            self.iterations += 1
+            self.count_step()
 
     def update(self, params, grads, rates, counter, factors=None):
         """The update kernel/op over the flat buffers, reading the rate at ``rates[counter[0]]`` (and, with weight
@@ -231,6 +247,12 @@ class Optimizer:
         where = {id(layer.weights[i]): (layer, i) for layer, i in slots}
         self._excluded_arrays = [Variable(*where[id(a)]) if getattr(a, "_layer", None) is None and id(a) in where
                                  else a for a in self._excluded_arrays]
+        stale = [k for k, a in enumerate(self._excluded_arrays) if getattr(a, "_layer", None) is None]
+        if stale:
+            raise ValueError(f"exclude_from_weight_decay: var_list[{stale[0]}] is an array that is no weight of the "
+                             "model now (a model replaces its layers' arrays when it lays them out for training, so "
+                             "an array taken before may name nothing, and that weight would be decayed): pass the "
+                             "weights as variables, which follow their layer, e.g. layer.kernel or model.weights[k]")
 
     def _decay_ranges(self, total):
         """[(lo, hi), ...] of the flat buffer's runs of decayed weights (a run spans the alignment gaps between its

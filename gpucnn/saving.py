@@ -42,7 +42,8 @@ from .layers.variables import Variable
 from .utils import atomic_write, generator_in_use, remove_stale_temporaries, rng, set_generator_state
 
 FORMAT = "gpucnn.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this gpucnn reads: 1 and 2. It writes 2 only for a file whose optimizer.npz holds the state
+# of frozen weights (PARKED_KEY), which earlier versions would take for a damaged file; else 1, which they read
 _JSON, _WEIGHTS, _OPTIMIZER = "model.json", "weights.npz", "optimizer.npz"
 _MAX_JSON_BYTES = 16 * 2**20
 _DEFLATE_MAX_RATIO = 1032  # no deflate stream expands more: a zip member declaring more is not genuine
@@ -81,7 +82,7 @@ def write_model(model, path, model_config=None, overwrite=True):
     from . import __version__
     header = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if state is not None and set(state) - set(opt._slots) else 1,
         "gpucnn_version": __version__,
         "model_config": model.get_config() if model_config is None else model_config,
         "compile_config": None if opt is None else {
@@ -90,6 +91,9 @@ def write_model(model, path, model_config=None, overwrite=True):
             "metrics": list(getattr(model, "_metric_configs", model.metrics)),
             "weight_decay_exclusions": opt.decay_exclusions(model._weight_slots())},
         "optimizer_iterations": None if opt is None else int(opt.iterations),
+        # the weights (by their place in Keras's order) the optimizer has a state of its own for: it refuses others
+        "optimizer_state_of": None if opt is None else [
+            k for k, (layer, i) in enumerate(model._weight_slots()) if (id(layer), i) in opt.known],
         "rng_state": rng().bit_generator.state,
         "layer_rng_states": _layer_random_states(model),
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in members.items()},
@@ -333,7 +337,7 @@ def _header(zf, path):
     header = json.loads(zf.read(info).decode("utf-8"))
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise InvalidModelFile(f"{path}: not a gpucnn model file")
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in (1, FORMAT_VERSION):
         raise InvalidModelFile(f"{path}: format version {header.get('format_version')!r} is not "
                                f"supported (this gpucnn reads version {FORMAT_VERSION})")
     sums = header.get("sha256")
@@ -586,15 +590,48 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
     except _FILE_ERRORS as exc:
         raise InvalidModelFile(f"{path}: invalid compile config ({type(exc).__name__}: {exc})") from None
     optimizer.iterations = iterations
-    if _OPTIMIZER not in header["sha256"]:
+    if _OPTIMIZER in header["sha256"]:
+        _restore_optimizer_state(model, optimizer, header, zf, path, opt_name, file_order)
+    if [(id(layer), i) for layer, i in file_order] == [(id(layer), i) for layer, i in model._weight_slots()]:
+        _restore_known(model, optimizer, header.get("optimizer_state_of"), path)  # (not in a call-order file)
+    elif optimizer.iterations:
+        optimizer.known.update((id(layer), i) for layer, i, *_ in model._layout)
+
+
+def _restore_known(model, optimizer, listed, path):
+    """Tell the loaded optimizer which weights it has a state of its own for (``listed``: their places in Keras's
+    order, as saved), so that it refuses the others as the saved one would (a layer unfrozen but never trained); a
+    file of an earlier version lists none: then the weights trained now, once it has stepped."""
+    weights = model._weight_slots()
+    trained = {(id(layer), i) for layer, i, *_ in model._layout}
+    if listed is None:
+        if optimizer.iterations:
+            optimizer.known.update(trained)
         return
+    if not (isinstance(listed, list) and all(type(k) is int and 0 <= k < len(weights) for k in listed)
+            and len(set(listed)) == len(listed)):
+        raise InvalidModelFile(f"{path}: invalid list of the weights the optimizer has a state for: {listed!r}")
+    for k in listed:
+        layer, i = weights[k]
+        if (id(layer), i) in trained:
+            optimizer.known.add((id(layer), i))
+        elif (id(layer), i) not in optimizer.parked:
+            if optimizer._slots and optimizer.state is not None:
+                raise InvalidModelFile(f"{path}: the optimizer has a state for weight {k} ({layer.weight_names[i]} of "
+                                       f"layer {layer.name!r}), which does not train now, but the file holds none")
+            optimizer.park(layer, i, {})  # (an optimizer without state buffers, plain SGD: it knows the weight)
+
+
+def _restore_optimizer_state(model, optimizer, header, zf, path, opt_name, file_order):
+    """The optimizer's state buffers from the file's optimizer.npz: over the weights trained now (in the file's order
+    of weights, put back in the model's), and the state of weights that do not train now, set aside."""
     n = int(model._params.shape[0])
     slots = optimizer._slots
     weights = model._weight_slots()
     trained = {(id(layer), i) for layer, i, *_ in model._layout}
-    frozen = {PARKED_KEY.format(k, slot): (layer, i) for k, (layer, i) in enumerate(weights)
+    frozen = {PARKED_KEY.format(k, slot): (layer, i, slot) for k, (layer, i) in enumerate(weights)
               if (id(layer), i) not in trained for slot in slots}  # what the state of a frozen weight may be saved as
-    bound = [(n,)] * len(slots) + [tuple(layer.weights[i].shape) for layer, i in frozen.values()]
+    bound = [(n,)] * len(slots) + [tuple(layer.weights[i].shape) for layer, i, _ in frozen.values()]
     data = _member(zf, header, _OPTIMIZER, path, _npz_size_bound(bound))
     with zipfile.ZipFile(io.BytesIO(data)) as npz:
         headers = _npz_headers(npz, path, "optimizer state")
@@ -613,8 +650,7 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
     for slot in slots:
         optimizer.state[slot][...] = xp.asarray(_in_model_order(model, state[slot], file_order))
     for key in sorted(kept):
-        layer, i = frozen[key]
-        name = key[len(PARKED_KEY.format(0, "")):]
+        layer, i, name = frozen[key]
         values = optimizer.parked.get((id(layer), i), {})
         values[name] = xp.asarray(state[key])
         optimizer.park(layer, i, values)

@@ -375,3 +375,22 @@ def test_a_step_with_every_weight_frozen_counts_no_iteration():
     m.trainable = True
     m.fit(x, y, batch_size=4, verbose=0)
     assert m.optimizer.iterations == 4
+
+
+def test_an_array_of_var_list_that_is_no_weight_of_the_model_is_refused_not_ignored():
+    """An array taken before another model laid the layer out names nothing: that weight would be decayed. Refused at
+    compile (the model left as it was), with the variables to pass instead, which follow their layer."""
+    from gpucnn import layers, models
+    a = models.Sequential([layers.Input((3,)), layers.Dense(4, name="keep"), layers.Dense(2, activation="softmax")])
+    taken = a.get_layer("keep").weights[0]
+    wrapper = models.Sequential([a])
+    wrapper.compile("adam", "sparse_categorical_crossentropy")
+    wrapper.fit(np.ones((4, 3), np.float32), np.arange(4) % 2, verbose=0)  # lays the weights out anew
+    opt = optimizers.AdamW(0.01, weight_decay=0.5)
+    opt.exclude_from_weight_decay(var_list=[taken])
+    with pytest.raises(ValueError, match=r"var_list\[0\] is an array that is no weight of the model now.*layer.kernel"):
+        a.compile(opt, "sparse_categorical_crossentropy")
+    assert a.optimizer is None
+    opt.exclude_from_weight_decay(var_list=[a.get_layer("keep").kernel])
+    a.compile(opt, "sparse_categorical_crossentropy")
+    assert opt.decay_exclusions(a._weight_slots())["weights"] == [["keep", 0]]

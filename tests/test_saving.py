@@ -69,7 +69,7 @@ def test_model_round_trip_keeps_everything(tmp_path):
     with zipfile.ZipFile(path) as zf:
         assert sorted(zf.namelist()) == ["model.json", "optimizer.npz", "weights.npz"]
         header = json.loads(zf.read("model.json"))
-    assert header["format_version"] == saving.FORMAT_VERSION
+    assert header["format_version"] == 1  # (2 only for a file holding frozen weights' optimizer state)
     assert header["model_config"]["class_name"] == "Sequential"
     assert [l["class_name"] for l in header["model_config"]["config"]["layers"]] == [
         "Conv2D", "MaxPooling2D", "Flatten", "Dropout", "Dense"]
@@ -735,6 +735,8 @@ def test_a_model_saved_with_a_frozen_layer_keeps_its_state_and_resumes_exactly(t
             model.save(tmp_path / "m.gpucnn")
             with zipfile.ZipFile(tmp_path / "m.gpucnn") as zf, np.load(io.BytesIO(zf.read("optimizer.npz"))) as npz:
                 assert sorted(npz.files) == ["m", "parked_000_m", "parked_000_v", "parked_001_m", "parked_001_v", "v"]
+                header = json.loads(zf.read("model.json"))
+            assert header["format_version"] == 2 and header["optimizer_state_of"] == [0, 1, 2, 3]
             model = models.load_model(tmp_path / "m.gpucnn")
         model.get_layer("c1").trainable = True
         model.fit(x, y, batch_size=4, epochs=3, initial_epoch=2, verbose=0)
@@ -743,3 +745,34 @@ def test_a_model_saved_with_a_frozen_layer_keeps_its_state_and_resumes_exactly(t
     assert resumed.optimizer.iterations == straight.optimizer.iterations == 6
     for a, b in zip(resumed.get_weights(), straight.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_saved_optimizer_refuses_the_weights_the_saved_one_would(tmp_path, optimizer):
+    """The file lists the weights the optimizer has a state for: a layer frozen since it trained trains on after
+    loading (also under plain SGD, which keeps no state buffers), one frozen from the start and unfrozen before
+    saving is refused after loading as before (the zeros a file holds for it are no state of the optimizer's)."""
+    x, y = tiny_data()
+
+    def build():
+        utils.set_random_seed(1)
+        model = models.Sequential([layers.Input((8, 8, 1)), layers.Conv2D(2, 3, name="early"),
+                                   layers.Conv2D(2, 3, name="late"), layers.Flatten(),
+                                   layers.Dense(3, activation="softmax")])
+        model.get_layer("late").trainable = False
+        model.compile(optimizer, "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, verbose=0)
+        model.get_layer("early").trainable = False  # trained, then frozen
+        return model
+    model = build()
+    model.save(tmp_path / "frozen.gpucnn")
+    model.get_layer("late").trainable = True  # never trained
+    model.save(tmp_path / "unfrozen.gpucnn")
+    loaded = models.load_model(tmp_path / "frozen.gpucnn")
+    loaded.get_layer("early").trainable = True
+    loaded.fit(x, y, batch_size=8, verbose=0)
+    for path in (tmp_path / "frozen.gpucnn", tmp_path / "unfrozen.gpucnn"):
+        loaded = models.load_model(path)
+        loaded.get_layer("late").trainable = True
+        with pytest.raises(ValueError, match="holds no state for 2 of the weights.*late"):
+            loaded.fit(x, y, batch_size=8, verbose=0)

@@ -405,7 +405,7 @@ class Trainer:
                     self._follow_hooks(step)
                     self._ensure_graphs()  # new graphs if a hook froze or unfroze a layer (new buffers)
                 self.graph_for(step).launch(self.stream)
-                opt.iterations += 1
+                opt.count_step()
                 if step == self.steps - 1:  # the epoch's end: wait for everything, read every slot
                     self._copy_metrics(step)
                     self.stream.synchronize()
@@ -518,7 +518,7 @@ class StreamTrainer(Trainer):
                     if self.values.layers:  # this step's seeds and augmentation values, for its rows, as the plain path
                         self.values.load(self.values.draw([rows]), row=step % self.steps)
                 graph.launch(self.stream)
-                opt.iterations += 1
+                opt.count_step()
                 window.append(rows)
                 if lockstep:
                     self.stream.synchronize()

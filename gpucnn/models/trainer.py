@@ -72,7 +72,7 @@ class Trainer:
                                       "gpucnn (its GPU step is already one captured graph); leave it at 1")
         optimizer = optimizers_mod.get(optimizer)
         if self.built:
-            self._refuse_unknown_weights(optimizer)
+            optimizer.anchor_exclusions(self._weight_slots())  # (refused before the model changes)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
         loss = losses_mod.get(loss)
@@ -112,8 +112,8 @@ class Trainer:
         if unknown:
             layer, i = unknown[0]
             kind = type(optimizer).__name__
-            owner = optimizer._owner
-            trained = "this model" if owner is self else f"model {owner.name!r}"
+            last = optimizer.stepped_by or optimizer._owner
+            trained = "this model" if last is self else f"model {last.name!r}"
             raise ValueError(
                 f"this {kind} has trained {trained} ({optimizer.iterations} steps) and holds no state for "
                 f"{len(unknown)} of the weights model {self.name!r} trains now (the first: {layer.weight_names[i]} of "
