@@ -3,11 +3,14 @@
 A model file is a zip archive holding:
 
 - ``model.json``: format version, ``model.get_config()``, the compile config (optimizer name and
-  ``get_config()``, loss name, metrics), the optimizer's ``iterations``, gpucnn's random-generator state and
-  that of every layer with a generator of its own (``Dropout(seed=...)``), so a resumed run draws the same
-  shuffles and masks as an uninterrupted one, and the sha256 of every other member;
+  ``get_config()``, loss name and options, metrics, weight-decay exclusions), the optimizer's ``iterations`` and
+  which weights it has a state for (``optimizer_state_of``), gpucnn's random-generator state and that of every
+  layer with a generator of its own (``Dropout(seed=...)``), so a resumed run draws the same shuffles and masks as
+  an uninterrupted one, and the sha256 of every other member;
 - ``weights.npz``: the weights, as ``save_weights`` writes them;
-- ``optimizer.npz``: the optimizer's flat state buffers (absent until the first training step).
+- ``optimizer.npz``: the optimizer's flat state buffers over the weights trained now (absent until the first
+  training step), and the state of weights frozen since they trained (``PARKED_KEY``; such a file is format
+  version 2, which earlier gpucnn versions say they cannot read; any other file is version 1).
 
 The model is built from the file's architecture by ``gpucnn.models.load_model`` (this module reads and writes
 files, and never imports the models). Nothing in a file is ever executed: arrays are read from their ``.npy``
@@ -339,7 +342,7 @@ def _header(zf, path):
         raise InvalidModelFile(f"{path}: not a gpucnn model file")
     if header.get("format_version") not in (1, FORMAT_VERSION):
         raise InvalidModelFile(f"{path}: format version {header.get('format_version')!r} is not "
-                               f"supported (this gpucnn reads version {FORMAT_VERSION})")
+                               f"supported (this gpucnn reads versions 1 and {FORMAT_VERSION})")
     sums = header.get("sha256")
     if not isinstance(sums, dict) or _WEIGHTS not in sums:
         raise InvalidModelFile(f"{path}: the header lists no checksums")
