@@ -20,6 +20,7 @@ it, so the weights, the state buffers and ``iterations`` are never left half-upd
 import inspect
 import math
 import re
+import weakref
 
 import numpy as np
 
@@ -27,23 +28,36 @@ from . import backend, schedules
 from .utils import missing, sigint_deferred
 
 
-class LearningRate(float):
-    """An optimizer's learning rate as ``optimizer.learning_rate`` reads it: a float, which also answers Keras's
-    variable methods — ``numpy()`` (float32) and ``assign(value)`` (the same as setting ``learning_rate``)."""
+class _VariableNumber:
+    """A number an optimizer gives out that also answers Keras's variable methods: ``numpy()`` and ``assign(value)``
+    (the same as setting the optimizer's attribute ``_attribute``)."""
+    _attribute, _numpy_type, _plain = None, None, None
 
     def __new__(cls, value, optimizer):
-        rate = super().__new__(cls, value)
-        rate._optimizer = optimizer
-        return rate
+        number = super().__new__(cls, value)
+        number._optimizer = optimizer
+        return number
 
     def numpy(self):
-        return np.float32(self)
+        return self._numpy_type(self)
 
     def assign(self, value):
-        self._optimizer.learning_rate = value
+        setattr(self._optimizer, self._attribute, value)
 
-    def __reduce__(self):  # copied or pickled (a History holding it): the plain float
-        return float, (float(self),)
+    def __reduce__(self):  # copied or pickled (a History holding it): the plain number
+        return self._plain, (self._plain(self),)
+
+
+class LearningRate(_VariableNumber, float):
+    """An optimizer's learning rate as ``optimizer.learning_rate`` reads it: a float; ``numpy()`` is float32, and
+    ``assign(value)`` the same as setting ``learning_rate``."""
+    _attribute, _numpy_type, _plain = "learning_rate", np.float32, float
+
+
+class Iterations(_VariableNumber, int):
+    """An optimizer's step count as ``optimizer.iterations`` reads it: an int; ``numpy()`` is int64, and
+    ``assign(n)`` the same as setting ``iterations``."""
+    _attribute, _numpy_type, _plain = "iterations", np.int64, int
 
 
 class Optimizer:
@@ -77,7 +91,7 @@ class Optimizer:
         # ``parked`` name are kept alive in _layers, so that their ids stay theirs
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
         self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
-        self.stepped_by = None  # the model it stepped last
+        self._stepped_by = None  # (a weak reference to) the model it stepped last
 
     def _check_keras_arguments(self, given):
         kind = type(self).__name__
@@ -136,7 +150,7 @@ class Optimizer:
         self.state, self.iterations, self.parked = None, 0, {}
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
         self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
-        self.stepped_by = None  # the model it stepped last
+        self._stepped_by = None  # (a weak reference to) the model it stepped last
 
     def lay_out(self, model, layout, total):
         """Record that this optimizer now updates ``model``'s flat buffers of ``total`` values, its state laid out as
@@ -156,7 +170,23 @@ class Optimizer:
             return
         self.iterations += 1
         self.known.update(self.laid_out)
-        self.stepped_by = self._owner
+        self._stepped_by = weakref.ref(self._owner) if self._owner is not None else None
+
+    @property
+    def stepped_by(self):
+        """The model this optimizer stepped last (None when it has not, or that model is gone)."""
+        return None if self._stepped_by is None else self._stepped_by()
+
+    @property
+    def iterations(self):
+        """The number of steps taken, as Keras's variable reads it: an int with ``numpy()`` and ``assign(n)``."""
+        return Iterations(self._iterations, self)
+
+    @iterations.setter
+    def iterations(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"iterations must be an int >= 0, got {value!r}")
+        self._iterations = int(value)
 
     def park(self, layer, i, values):
         """Keep ``values`` ({state name: array}) aside as the state of weight ``i`` of ``layer``, which does not train
@@ -243,16 +273,14 @@ class Optimizer:
         """Name each raw array of exclude_from_weight_decay's var_list that is a weight of ``slots`` ((layer, index)
         pairs) by that weight (a Variable), before packing replaces the layer's arrays with views of a flat buffer
         (an array kept by identity would then name nothing)."""
-        from .layers.variables import Variable  # (the layers import nothing of the optimizers)
+        from .layers.base import weight_of  # (the layers import nothing of the optimizers)
+        from .layers.variables import Variable
         where = {id(layer.weights[i]): (layer, i) for layer, i in slots}
-        self._excluded_arrays = [Variable(*where[id(a)]) if getattr(a, "_layer", None) is None and id(a) in where
-                                 else a for a in self._excluded_arrays]
-        stale = [k for k, a in enumerate(self._excluded_arrays) if getattr(a, "_layer", None) is None]
-        if stale:
-            raise ValueError(f"exclude_from_weight_decay: var_list[{stale[0]}] is an array that is no weight of the "
-                             "model now (a model replaces its layers' arrays when it lays them out for training, so "
-                             "an array taken before may name nothing, and that weight would be decayed): pass the "
-                             "weights as variables, which follow their layer, e.g. layer.kernel or model.weights[k]")
+        anchored = []
+        for a in self._excluded_arrays:
+            weight = None if getattr(a, "_layer", None) is not None else where.get(id(a)) or weight_of(a)
+            anchored.append(a if weight is None else Variable(*weight))  # (an array of no weight names none)
+        self._excluded_arrays = anchored
 
     def _decay_ranges(self, total):
         """[(lo, hi), ...] of the flat buffer's runs of decayed weights (a run spans the alignment gaps between its

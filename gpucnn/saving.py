@@ -614,11 +614,15 @@ def _restore_known(model, optimizer, listed, path):
     if not (isinstance(listed, list) and all(type(k) is int and 0 <= k < len(weights) for k in listed)
             and len(set(listed)) == len(listed)):
         raise InvalidModelFile(f"{path}: invalid list of the weights the optimizer has a state for: {listed!r}")
+    listed_slots = {(id(weights[k][0]), weights[k][1]) for k in listed}
+    optimizer.known = set()  # what the list says, no more (a state of zeros a file holds is not the optimizer's)
+    for slot in [slot for slot in optimizer.parked if slot not in listed_slots]:
+        del optimizer.parked[slot]
     for k in listed:
         layer, i = weights[k]
-        if (id(layer), i) in trained:
+        if (id(layer), i) in trained or (id(layer), i) in optimizer.parked:
             optimizer.known.add((id(layer), i))
-        elif (id(layer), i) not in optimizer.parked:
+        else:
             if optimizer._slots and optimizer.state is not None:
                 raise InvalidModelFile(f"{path}: the optimizer has a state for weight {k} ({layer.weight_names[i]} of "
                                        f"layer {layer.name!r}), which does not train now, but the file holds none")

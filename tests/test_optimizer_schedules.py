@@ -377,20 +377,32 @@ def test_a_step_with_every_weight_frozen_counts_no_iteration():
     assert m.optimizer.iterations == 4
 
 
-def test_an_array_of_var_list_that_is_no_weight_of_the_model_is_refused_not_ignored():
-    """An array taken before another model laid the layer out names nothing: that weight would be decayed. Refused at
-    compile (the model left as it was), with the variables to pass instead, which follow their layer."""
+def test_an_array_of_var_list_taken_before_another_model_laid_the_layer_out_still_names_its_weight():
+    """Laying weights out for training replaces a layer's arrays with views of a flat buffer: an array taken before
+    (by another model's fit, here) still names its weight, which stays excluded; an array of another model's layer
+    is taken as Keras takes a variable the model does not have (it excludes nothing here)."""
     from gpucnn import layers, models
     a = models.Sequential([layers.Input((3,)), layers.Dense(4, name="keep"), layers.Dense(2, activation="softmax")])
+    b = models.Sequential([layers.Input((3,)), layers.Dense(2, name="elsewhere")])
     taken = a.get_layer("keep").weights[0]
     wrapper = models.Sequential([a])
     wrapper.compile("adam", "sparse_categorical_crossentropy")
     wrapper.fit(np.ones((4, 3), np.float32), np.arange(4) % 2, verbose=0)  # lays the weights out anew
+    assert a.get_layer("keep").weights[0] is not taken
     opt = optimizers.AdamW(0.01, weight_decay=0.5)
-    opt.exclude_from_weight_decay(var_list=[taken])
-    with pytest.raises(ValueError, match=r"var_list\[0\] is an array that is no weight of the model now.*layer.kernel"):
-        a.compile(opt, "sparse_categorical_crossentropy")
-    assert a.optimizer is None
-    opt.exclude_from_weight_decay(var_list=[a.get_layer("keep").kernel])
+    opt.exclude_from_weight_decay(var_list=[taken, b.get_layer("elsewhere").weights[0]])
     a.compile(opt, "sparse_categorical_crossentropy")
     assert opt.decay_exclusions(a._weight_slots())["weights"] == [["keep", 0]]
+    kept, decayed = a.get_layer("keep").get_weights()[0], a.layers[-1].get_weights()[0]
+    a._adopt_weights()
+    opt.apply(a._params, np.zeros_like(a._params))  # no gradient: only the decay moves weights
+    np.testing.assert_array_equal(a.get_layer("keep").get_weights()[0], kept)
+    np.testing.assert_allclose(a.layers[-1].get_weights()[0], decayed * (1 - 0.5 * 0.01), rtol=1e-6)
+
+
+def test_iterations_answer_kerass_variable_methods():
+    opt = optimizers.SGD()
+    opt.iterations.assign(10)
+    assert opt.iterations == 10 and opt.iterations.numpy() == 10 and isinstance(opt.iterations.numpy(), np.integer)
+    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+        opt.iterations = -1

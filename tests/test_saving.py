@@ -768,10 +768,13 @@ def test_a_saved_optimizer_refuses_the_weights_the_saved_one_would(tmp_path, opt
     model.save(tmp_path / "frozen.gpucnn")
     model.get_layer("late").trainable = True  # never trained
     model.save(tmp_path / "unfrozen.gpucnn")
+    model.compile(model.optimizer, "sparse_categorical_crossentropy")  # lays out zeros for it, accepted as Keras
+    model.get_layer("late").trainable = False
+    model.save(tmp_path / "refrozen.gpucnn")  # its zeros are not saved as a state of the optimizer's
     loaded = models.load_model(tmp_path / "frozen.gpucnn")
     loaded.get_layer("early").trainable = True
     loaded.fit(x, y, batch_size=8, verbose=0)
-    for path in (tmp_path / "frozen.gpucnn", tmp_path / "unfrozen.gpucnn"):
+    for path in (tmp_path / "frozen.gpucnn", tmp_path / "unfrozen.gpucnn", tmp_path / "refrozen.gpucnn"):
         loaded = models.load_model(path)
         loaded.get_layer("late").trainable = True
         with pytest.raises(ValueError, match="holds no state for 2 of the weights.*late"):

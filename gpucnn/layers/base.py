@@ -18,6 +18,8 @@ on an array it runs the layer forward in inference mode.
 """
 import re
 
+import weakref
+
 import numpy as np
 
 from .. import backend, initializers
@@ -152,6 +154,28 @@ class SeededGenerator:
 
 
 # ===================================================================================== base class
+# A weight array a model replaced by a view of its flat buffer (laying its weights out for training), by id, with the
+# weight it was: an array a user took before (exclude_from_weight_decay's var_list) still names that weight. Entries
+# leave with their array.
+_replaced = {}
+
+
+def remember_replaced(array, layer, i):
+    """Note that ``array``, until now weight ``i`` of ``layer``, was replaced (weight_of finds it after)."""
+    key = id(array)
+    try:
+        ref = weakref.ref(array, lambda _, key=key: _replaced.pop(key, None))
+    except TypeError:  # (an array type without weak references: nothing to remember it by)
+        return
+    _replaced[key] = (ref, layer, i)
+
+
+def weight_of(array):
+    """(layer, index) of the weight ``array`` was before a model replaced it (remember_replaced), or None."""
+    entry = _replaced.get(id(array))
+    return None if entry is None or entry[0]() is not array else entry[1:]
+
+
 def trainable_flag(value, owner):
     """``value`` as the bool ``trainable`` takes: True or False (NumPy's too, and 1 or 0, which Keras takes as
     them); anything else, say the string "False", which Python would read as true, is refused."""

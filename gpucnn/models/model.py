@@ -19,7 +19,7 @@ from .. import backend, saving
 from ..layers import InputLayer, Layer, serialize
 from ..layers.tensor import is_symbolic
 from ..layers.variables import Variable
-from ..layers.base import trainable_flag
+from ..layers.base import remember_replaced, trainable_flag
 from ..utils import eager, next_name
 from . import summary as summary_mod
 from .graph import Contexts, Graph
@@ -324,6 +324,7 @@ class Model(Trainer, Layer):
             view = self._params[lo:lo + size].reshape(shape)
             view[...] = layer.weights[i]
             gview = self._grads[lo:lo + size].reshape(shape)
+            remember_replaced(layer.weights[i], layer, i)
             layer.weights[i], layer.grads[i] = view, gview
             self._layout.append((layer, i, view, gview, lo))
         self._trainable_key = self._trainable_flags()
@@ -335,6 +336,8 @@ class Model(Trainer, Layer):
                 raise RuntimeError("gpucnn: the optimizer's state does not match the layout it recorded")
             after = {(id(layer), i): lo for layer, i, _, _, lo in self._layout}
             opt.state = _moved(opt.state, opt.laid_out, after, total, xp, opt.parked)
+            for slot in [slot for slot in opt.parked if slot not in opt.known]:
+                del opt.parked[slot]  # (the zeros of a weight it never stepped are no state of its own)
         opt.lay_out(self, self._layout, total)
 
     def _weights_unknown_to(self, optimizer):
@@ -364,7 +367,7 @@ class Model(Trainer, Layer):
         # the file too (saving.PARKED_KEY), so that a model loaded and unfrozen goes on as the saved one would
         for k, (layer, i) in enumerate(self._weight_slots()):
             slot = (id(layer), i)
-            if slot in after:
+            if slot in after or slot not in opt.known:  # (zeros laid out for a weight never stepped are no state)
                 continue
             if slot in parked:
                 kept = parked[slot]
