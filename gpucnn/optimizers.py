@@ -28,6 +28,9 @@ from . import backend, schedules
 from .utils import missing, sigint_deferred
 
 
+MAX_ITERATIONS = 2**62  # (a saved file holds no more either)
+
+
 class _VariableNumber:
     """A number an optimizer gives out that also answers Keras's variable methods: ``numpy()`` and ``assign(value)``
     (the same as setting the optimizer's attribute ``_attribute``)."""
@@ -58,6 +61,9 @@ class Iterations(_VariableNumber, int):
     """An optimizer's step count as ``optimizer.iterations`` reads it: an int; ``numpy()`` is int64, and
     ``assign(n)`` the same as setting ``iterations``."""
     _attribute, _numpy_type, _plain = "iterations", np.int64, int
+
+    def assign_add(self, value):
+        self._optimizer.iterations = int(self) + value
 
 
 class Optimizer:
@@ -92,6 +98,7 @@ class Optimizer:
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
         self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
         self._stepped_by = None  # (a weak reference to) the model it stepped last
+        self.stepped_by_name = None  # and that model's name (still there when the model is gone)
 
     def _check_keras_arguments(self, given):
         kind = type(self).__name__
@@ -151,6 +158,7 @@ class Optimizer:
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
         self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
         self._stepped_by = None  # (a weak reference to) the model it stepped last
+        self.stepped_by_name = None  # and that model's name (still there when the model is gone)
 
     def lay_out(self, model, layout, total):
         """Record that this optimizer now updates ``model``'s flat buffers of ``total`` values, its state laid out as
@@ -171,6 +179,7 @@ class Optimizer:
         self.iterations += 1
         self.known.update(self.laid_out)
         self._stepped_by = weakref.ref(self._owner) if self._owner is not None else None
+        self.stepped_by_name = None if self._owner is None else self._owner.name
 
     @property
     def stepped_by(self):
@@ -184,9 +193,13 @@ class Optimizer:
 
     @iterations.setter
     def iterations(self, value):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"iterations must be an int >= 0, got {value!r}")
-        self._iterations = int(value)
+        try:
+            count = None if isinstance(value, (bool, np.bool_, str)) else float(value)
+        except (TypeError, ValueError):
+            count = None
+        if count is None or not count.is_integer() or not 0 <= count < MAX_ITERATIONS:
+            raise ValueError(f"iterations must be a whole number from 0 to 2**62 - 1, got {value!r}")
+        self._iterations = int(count)
 
     def park(self, layer, i, values):
         """Keep ``values`` ({state name: array}) aside as the state of weight ``i`` of ``layer``, which does not train

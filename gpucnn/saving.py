@@ -51,7 +51,6 @@ _JSON, _WEIGHTS, _OPTIMIZER = "model.json", "weights.npz", "optimizer.npz"
 _MAX_JSON_BYTES = 16 * 2**20
 _DEFLATE_MAX_RATIO = 1032  # no deflate stream expands more: a zip member declaring more is not genuine
 _NPY_SLACK = 4096  # bytes an .npz spends per array besides the data: .npy header, zip entry (at most)
-_MAX_ITERATIONS = 2**62
 PARKED_KEY = "parked_{:03d}_{}"  # in optimizer.npz: the state of weight k (Keras's order) that does not train now
 # What parsing the bytes of a damaged or hostile file can raise (JSONDecodeError is a ValueError).
 _FILE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, IndexError, UnicodeDecodeError, ValueError,
@@ -586,7 +585,7 @@ def _compile_from_config(model, header, zf, path, custom_objects=None, file_orde
         _restore_decay_exclusions(model, optimizer, cc.get("weight_decay_exclusions"), path)
         iterations = header["optimizer_iterations"]
         if (isinstance(iterations, bool) or not isinstance(iterations, int)
-                or not 0 <= iterations < _MAX_ITERATIONS):
+                or not 0 <= iterations < optimizers_mod.MAX_ITERATIONS):
             raise InvalidModelFile(f"{path}: invalid optimizer iterations {iterations!r}")
     except InvalidModelFile:
         raise

@@ -976,7 +976,10 @@ def test_an_optimizer_trains_on_across_models_of_the_same_weights_and_refuses_we
     third.compile(shared, "sparse_categorical_crossentropy")
     fourth.compile(shared, "sparse_categorical_crossentropy")
     third.fit(x, y, batch_size=4, verbose=0)
-    with pytest.raises(ValueError, match="holds no state"):
+    with pytest.raises(ValueError, match=f"has trained model '{third.name}' .*holds no state"):
+        fourth.fit(x, y, batch_size=4, verbose=0)
+    shared._stepped_by = lambda: None  # that model gone (a weak reference): the refusal still names it
+    with pytest.raises(ValueError, match=f"has trained model '{third.name}' .*holds no state"):
         fourth.fit(x, y, batch_size=4, verbose=0)
 
 

@@ -393,6 +393,10 @@ def test_an_array_of_var_list_taken_before_another_model_laid_the_layer_out_stil
     opt.exclude_from_weight_decay(var_list=[taken, b.get_layer("elsewhere").weights[0]])
     a.compile(opt, "sparse_categorical_crossentropy")
     assert opt.decay_exclusions(a._weight_slots())["weights"] == [["keep", 0]]
+    again = a.get_layer("keep").weights[0]  # a's view: taken, then wrapper's fit takes the layer back
+    wrapper.fit(np.ones((4, 3), np.float32), np.arange(4) % 2, verbose=0)
+    opt.exclude_from_weight_decay(var_list=[again])
+    assert opt.decay_exclusions(a._weight_slots())["weights"] == [["keep", 0]]
     kept, decayed = a.get_layer("keep").get_weights()[0], a.layers[-1].get_weights()[0]
     a._adopt_weights()
     opt.apply(a._params, np.zeros_like(a._params))  # no gradient: only the decay moves weights
@@ -404,5 +408,9 @@ def test_iterations_answer_kerass_variable_methods():
     opt = optimizers.SGD()
     opt.iterations.assign(10)
     assert opt.iterations == 10 and opt.iterations.numpy() == 10 and isinstance(opt.iterations.numpy(), np.integer)
-    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
-        opt.iterations = -1
+    opt.iterations.assign_add(2)
+    opt.iterations.assign(np.array(13.0))  # (Keras takes any whole number)
+    assert opt.iterations == 13
+    for bad in (-1, 2.5, 2**62, "3", True):
+        with pytest.raises(ValueError, match="iterations must be a whole number from 0 to 2\\*\\*62 - 1"):
+            opt.iterations = bad

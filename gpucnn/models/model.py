@@ -406,6 +406,7 @@ class Model(Trainer, Layer):
         for layer, i, view, gview, _ in self._layout:
             if layer.weights[i] is not view:
                 view[...] = layer.weights[i]
+                remember_replaced(layer.weights[i], layer, i)
                 layer.weights[i] = view
             layer.grads[i] = gview
         self._sync_trainable()

@@ -112,9 +112,9 @@ class Trainer:
         if unknown:
             layer, i = unknown[0]
             kind = type(optimizer).__name__
-            last = optimizer.stepped_by or optimizer._owner
-            trained = ("this model" if last is self else f"another model named {last.name!r}" if last.name == self.name
-                       else f"model {last.name!r}")
+            last, name = optimizer.stepped_by, optimizer.stepped_by_name
+            trained = ("this model" if last is self else f"another model named {name!r}" if name == self.name
+                       else f"model {name!r}")
             raise ValueError(
                 f"this {kind} has trained {trained} ({optimizer.iterations} steps) and holds no state for "
                 f"{len(unknown)} of the weights model {self.name!r} trains now (the first: {layer.weight_names[i]} of "
