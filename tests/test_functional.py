@@ -321,7 +321,8 @@ def test_a_dropout_added_after_training_trains_too():
     m.compile("sgd", "sparse_categorical_crossentropy")
     x, y = data(16, (6,))
     m.fit(x, y, epochs=1, verbose=0)
-    m.pop()
+    last = m.layers[-1]
+    assert m.pop() is last  # (Keras returns the layer it removes)
     m.add(layers.Dropout(0.5))
     m.add(layers.Dense(3, activation="softmax"))
     m.compile("sgd", "sparse_categorical_crossentropy")

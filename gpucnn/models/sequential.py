@@ -92,15 +92,16 @@ class Sequential(Model):
         return self
 
     def pop(self):
-        """Remove the last layer (the graph is built again)."""
+        """Remove the last layer (the graph is built again) and return it, as Keras does."""
         if not self._layers:
             raise TypeError("there are no layers in the model")
-        layers = self._layers[:-1]
+        layers, removed = self._layers[:-1], self._layers[-1]
         shape = None if self._input is None else self._input.sample_shape
         self._layers, self._input, self._output, self.graph, self.built = [], None, None, None, False
         if shape is not None:
             self._set_input(Input(shape=shape))
         self._add_all(layers)
+        return removed
 
     def _set_input(self, tensor):
         if self._layers or self._input is not None:
