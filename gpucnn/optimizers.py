@@ -19,6 +19,7 @@ it, so the weights, the state buffers and ``iterations`` are never left half-upd
 """
 import inspect
 import math
+import operator
 import re
 import weakref
 
@@ -193,11 +194,17 @@ class Optimizer:
 
     @iterations.setter
     def iterations(self, value):
-        try:
-            count = None if isinstance(value, (bool, np.bool_, str)) else float(value)
-        except (TypeError, ValueError):
-            count = None
-        if count is None or not count.is_integer() or not 0 <= count < MAX_ITERATIONS:
+        count = None
+        if not isinstance(value, (bool, np.bool_, str, bytes, bytearray)):
+            try:
+                count = operator.index(value)  # an int, exactly (a float could not hold 2**53 + 1)
+            except TypeError:
+                try:
+                    number = float(value)  # 3.0, a 0-d array: whole numbers Keras's assign takes
+                    count = int(number) if number.is_integer() else None
+                except (TypeError, ValueError, OverflowError):
+                    count = None
+        if count is None or not 0 <= count < MAX_ITERATIONS:
             raise ValueError(f"iterations must be a whole number from 0 to 2**62 - 1, got {value!r}")
         self._iterations = int(count)
 

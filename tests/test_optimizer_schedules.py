@@ -411,6 +411,11 @@ def test_iterations_answer_kerass_variable_methods():
     opt.iterations.assign_add(2)
     opt.iterations.assign(np.array(13.0))  # (Keras takes any whole number)
     assert opt.iterations == 13
-    for bad in (-1, 2.5, 2**62, "3", True):
+    opt.iterations = 2**53 + 1  # exactly, and on from there
+    opt.iterations.assign_add(1)
+    assert opt.iterations == 2**53 + 2
+    opt.iterations = np.int64(2**62 - 1)
+    assert opt.iterations == 2**62 - 1
+    for bad in (-1, 2.5, 2**62, 10**400, "3", b"3", True):
         with pytest.raises(ValueError, match="iterations must be a whole number from 0 to 2\\*\\*62 - 1"):
             opt.iterations = bad

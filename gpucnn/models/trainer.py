@@ -113,6 +113,9 @@ class Trainer:
             layer, i = unknown[0]
             kind = type(optimizer).__name__
             last, name = optimizer.stepped_by, optimizer.stepped_by_name
+            if name is None:  # (a loaded optimizer: it stepped the model it was saved with, now its owner)
+                last = optimizer._owner
+                name = last.name
             trained = ("this model" if last is self else f"another model named {name!r}" if name == self.name
                        else f"model {name!r}")
             raise ValueError(
