@@ -90,16 +90,7 @@ class Optimizer:
         self._excluded_names = ()  # exclude_from_weight_decay's patterns
         self._excluded_arrays = []  # and the weight arrays it was given
         self._owner = None  # the model whose flat buffers this optimizer updates (its layout: _decay_ranges)
-        self.iterations = 0
-        self.state = None
-        self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
-        # where each weight's state sits in the state buffers: {(id(layer), index): (offset, size)} over
-        # laid_out_total values, as the model that last laid the buffers out placed it (lay_out); the layers it and
-        # ``parked`` name are kept alive in _layers, so that their ids stay theirs
-        self.laid_out, self.laid_out_total, self._layers = {}, None, {}
-        self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
-        self._stepped_by = None  # (a weak reference to) the model it stepped last
-        self.stepped_by_name = None  # and that model's name (still there when the model is gone)
+        self.reset()
 
     def _check_keras_arguments(self, given):
         kind = type(self).__name__
@@ -154,12 +145,17 @@ class Optimizer:
         return len(self._slots) * int(trained) + 1 + (0 if callable(self._learning_rate) else 1)
 
     def reset(self):
-        """Forget the state and the step count (the model's parameter buffers were rebuilt)."""
-        self.state, self.iterations, self.parked = None, 0, {}
+        """Forget the state, the step count and what they were laid out over (as a new optimizer)."""
+        self.state, self.iterations = None, 0
+        self.parked = {}  # the state of weights frozen after training: {(id(layer), index): {name: values}}
+        # where each weight's state sits in the state buffers: {(id(layer), index): (offset, size)} over
+        # laid_out_total values, as the model that last laid the buffers out placed it (lay_out); the layers it and
+        # ``parked`` name are kept alive in _layers, so that their ids stay theirs
         self.laid_out, self.laid_out_total, self._layers = {}, None, {}
         self.known = set()  # the (id(layer), index) weights this optimizer has stepped (or a file said it had)
         self._stepped_by = None  # (a weak reference to) the model it stepped last
         self.stepped_by_name = None  # and that model's name (still there when the model is gone)
+        self._stepped_layout = None  # the laid_out dict count_step last recorded
 
     def lay_out(self, model, layout, total):
         """Record that this optimizer now updates ``model``'s flat buffers of ``total`` values, its state laid out as
@@ -177,10 +173,12 @@ class Optimizer:
         applies nothing then."""
         if self.laid_out_total == 0:
             return
-        self.iterations += 1
-        self.known.update(self.laid_out)
-        self._stepped_by = weakref.ref(self._owner) if self._owner is not None else None
-        self.stepped_by_name = None if self._owner is None else self._owner.name
+        self._iterations += 1
+        if self._stepped_layout is not self.laid_out:  # (once per layout, not at every step)
+            self._stepped_layout = self.laid_out
+            self.known.update(self.laid_out)
+            self._stepped_by = weakref.ref(self._owner) if self._owner is not None else None
+            self.stepped_by_name = None if self._owner is None else self._owner.name
 
     @property
     def stepped_by(self):

@@ -403,6 +403,8 @@ def _windowed_chunks(x, k, stride, padding, p, q, ctx):
     chunks = list(chunks)
     per = chunks[0][0].stop - chunks[0][0].start if chunks else 1
     group = min(n, max(per, PAD_GROUP_BYTES // (4 * math.prod(image)) // per * per))
+    # (_pad's work array has its input's shape; this one holds `group` images, and a last, shorter group writes
+    # into its first ones)
     key = _work_key(ctx, ("pad_group", tuple(padding)), (group,) + image)
     padded = None if ctx is None else ctx.get(key)
     if padded is None or padded.shape != (group,) + image:

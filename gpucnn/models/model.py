@@ -44,11 +44,6 @@ def _opened(model, layers_of):
     return out
 
 
-def _placed(layout):
-    """{(id(layer), index): (offset, size)} of a model's ``_layout`` (where each trained weight sits in its buffer)."""
-    return {(id(layer), i): (lo, view.size) for layer, i, view, _, lo in layout}
-
-
 def _moved(states, before, after, total, xp, parked):
     """The optimizer's state buffers ``states`` ({name: flat array} laid out as ``before``: {slot: (offset, size)})
     laid out as ``after`` ({slot: offset}) over ``total`` values. A slot in both keeps its values; a slot that

@@ -96,12 +96,15 @@ class Trainer:
         answers ['loss', 'compile_metrics'] once trained)."""
         return ["loss"] + list(self.metrics) if self.loss is not None else []
 
-    def _claim_optimizer(self):
-        """Before training: the optimizer updates this model's buffers. One compiled or trained with another model
-        too comes over with its state for this model's weights (Keras's optimizer keeps a state per variable: a
-        model of the same layers, or of some of them, trains on from it), unless it holds none for a weight this
-        model trains (_refuse_unknown_weights)."""
-        if self._layout is not None and self.optimizer._owner is not self:
+    def _ready_to_train(self):
+        """Before fit or train_on_batch trains: the optimizer, refused if it has no state for a weight this model trains
+        (_refuse_unknown_weights: before the buffers are laid out again), then the weights back in this model's
+        buffers (another model of the same layers may have trained them) and the optimizer updating them. One compiled
+        or trained with another model too comes over with its state for this model's weights, as Keras's optimizer
+        keeps a state per variable."""
+        self._refuse_unknown_weights(self.optimizer)
+        self._adopt_weights()
+        if self.optimizer._owner is not self:
             self._pack_weights()
 
     def _refuse_unknown_weights(self, optimizer):
@@ -347,9 +350,7 @@ class Trainer:
 
     def _fit(self, x, y, train, batch_size, epochs, verbose, callbacks, validation, shuffle, initial_epoch,
              validation_batch_size):
-        self._refuse_unknown_weights(self.optimizer)  # before the buffers are laid out again
-        self._adopt_weights()
-        self._claim_optimizer()
+        self._ready_to_train()
         self._accuracy_form()  # metrics of two forms: refused here (a model built by its first data), not mid-step
         xp = backend.ops().xp
         trainer = None
@@ -488,10 +489,12 @@ class Trainer:
         """TrainingDivergedError when the logs' loss is NaN or infinite."""
         loss = logs.get("loss", 0.0)
         if not math.isfinite(loss):
-            raise TrainingDivergedError(
-                f"training diverged: the loss became {loss} {where}. "
-                f"Lower the learning rate (now {self.optimizer.learning_rate:g}), check the inputs are "
-                "scaled (e.g. divided by 255), and rebuild the model: its weights are no longer usable.")
+            raise self._diverged(f"the loss became {loss} {where}")
+
+    def _diverged(self, what):
+        return TrainingDivergedError(
+            f"training diverged: {what}. Lower the learning rate (now {self.optimizer.learning_rate:g}), check the "
+            "inputs are scaled (e.g. divided by 255), and rebuild the model: its weights are no longer usable.")
 
     def _check_weights_finite(self, where):
         """TrainingDivergedError when a weight is no longer finite: the loss can stay finite while one overflows (a
@@ -501,10 +504,7 @@ class Trainer:
         for layer in self._all_layers():
             for name, w in zip(layer.weight_names, layer.weights):
                 if not bool(xp.isfinite(w).all()):
-                    raise TrainingDivergedError(
-                        f"training diverged: the {name} of layer {layer.name!r} is no longer finite {where}. Check the "
-                        "inputs are scaled (e.g. divided by 255), lower the learning rate (now "
-                        f"{self.optimizer.learning_rate:g}), and rebuild the model: its weights are no longer usable.")
+                    raise self._diverged(f"the {name} of layer {layer.name!r} is no longer finite {where}")
 
     # ================================================================================= evaluate, predict
     def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None, return_dict=False,
@@ -578,9 +578,7 @@ class Trainer:
         x = self._check_x(x)
         self._require_one_output("train_on_batch")
         y = self._check_y(y, len(x))
-        self._refuse_unknown_weights(self.optimizer)  # before the buffers are laid out again
-        self._adopt_weights()
-        self._claim_optimizer()
+        self._ready_to_train()
         xp = backend.ops().xp
         with np.errstate(over="ignore", invalid="ignore"):
             loss_sum, correct = self._train_step(xp.asarray(x), xp.asarray(y))
