@@ -158,6 +158,27 @@ def test_the_feature_map_idiom_of_the_book():
     assert features.layers[1] is model.layers[1]  # views of the same weights
 
 
+def test_a_nested_sequentials_input_and_output_are_its_first_call_in_the_outer_model():
+    """Keras 3: the book's data_augmentation Sequential, called in a functional model, answers ``input`` and
+    ``output`` with that call's tensors, so an activation model over ``model.layers[:3]`` builds (before, its own
+    graph's tensors were returned and the activation model was refused for an input the user never made)."""
+    for first in ([], [keras.Input((6, 6, 2))]):  # with and without an Input of its own
+        aug = keras.Sequential(first + [layers.RandomFlip("horizontal")], name="data_augmentation")
+        inputs = keras.Input((6, 6, 2))
+        x = aug(inputs)
+        y = layers.Rescaling(0.5)(x)
+        model = keras.Model(inputs, layers.Dense(3)(layers.Flatten()(y)))
+        assert aug.input is inputs and aug.output is x
+        assert aug.inputs[0] is not inputs  # its own graph's, as in Keras
+        acts = keras.Model(inputs=model.input, outputs=[layer.output for layer in model.layers[:3]])
+        images = np.random.default_rng(0).random((2, 6, 6, 2), dtype=np.float32)
+        got = acts.predict(images, verbose=0)
+        np.testing.assert_array_equal(got[1], images)  # inference: no flip
+        np.testing.assert_allclose(got[2], images * 0.5)
+    standalone = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
+    assert standalone.input is standalone.inputs[0] and standalone.output is standalone.outputs[0]
+
+
 def test_a_model_called_on_an_array_runs_it():
     model = book_convnet()
     x, _ = data(2, (28, 28, 1))

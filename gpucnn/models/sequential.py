@@ -167,6 +167,18 @@ class Sequential(Model):
     def input_shape(self):
         return None if self._input is None else self._input.shape
 
+    # Keras 3: a Sequential called in another model answers ``input`` and ``output`` with the tensors of its first
+    # call there, as any layer does, so ``[layer.output for layer in model.layers]`` stays in the outer graph (an
+    # activation model of the book's augmented convnet); one never called answers with its own graph's
+    # (``inputs`` and ``outputs`` always do).
+    @property
+    def input(self):
+        return Layer.input.fget(self) if self._inbound_nodes else super().input
+
+    @property
+    def output(self):
+        return Layer.output.fget(self) if self._inbound_nodes else super().output
+
     def get_config(self):
         return {"name": self.name, "input_shape": None if self._input is None else list(self._input.sample_shape),
                 "layers": [serialize(layer) for layer in self._layers], **({} if self._trainable else {"trainable": False})}
