@@ -342,7 +342,8 @@ class LearningRateScheduler(Callback):
         optimizer.learning_rate = schedules.check_rate(lr, f"the learning rate the schedule returned for epoch "
                                                            f"{epoch}")
         if self.verbose > 0:
-            print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to {optimizer.learning_rate}.")
+            print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to "
+                  f"{np.float32(optimizer.learning_rate)!s}.")
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
@@ -400,7 +401,8 @@ class ReduceLROnPlateau(Callback):
             return False
         optimizer.learning_rate = max(old * self.factor, self.min_lr)
         if self.verbose > 0:
-            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {optimizer.learning_rate}.")
+            print(f"\nEpoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to "
+                  f"{np.float32(optimizer.learning_rate)!s}.")
         return True
 
 

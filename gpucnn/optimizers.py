@@ -10,7 +10,8 @@ The update reads its rate (the learning rate; Adam's step size) from a per-step 
 ``learning_rate`` is a number, a ``schedules.LearningRateSchedule`` (``keras.optimizers.schedules``: called with
 the number of updates made before, 0 for the first, as Keras's ``iterations``) or a function of no arguments,
 called for each step's rate (on the GPU fast path, for all of an epoch's steps as the epoch begins);
-``optimizer.learning_rate`` reads the next update's rate as a float and takes a new number between epochs or in a
+``optimizer.learning_rate`` is the next update's rate as Keras's float32 variable (live: a reference kept to it reads
+the rate set since; ``float()`` gives the number) and takes a new number between epochs or in a
 batch callback, applied from the next step (the fast path then runs in lockstep and rewrites its table; not while a
 schedule is set: TypeError, as Keras).
 
@@ -32,39 +33,92 @@ from .utils import missing, sigint_deferred
 MAX_ITERATIONS = 2**62  # (a saved file holds no more either)
 
 
-class _VariableNumber:
-    """A number an optimizer gives out that also answers Keras's variable methods: ``numpy()`` and ``assign(value)``
-    (the same as setting the optimizer's attribute ``_attribute``)."""
-    _attribute, _numpy_type, _plain = None, None, None
+class _Variable:
+    """One of an optimizer's numbers as Keras gives it out, a variable: a live view that reads the optimizer's current
+    value each time it is used (a reference kept across epochs sees the rate a callback set since, as Keras's does),
+    computes and compares as that value (``rate * 0.5``, ``rate > 1e-3``, ``float(rate)``, ``f"{rate:.4f}"``), and
+    answers Keras's variable methods ``numpy()`` and ``assign(value)`` (the same as setting the optimizer's attribute
+    ``_attribute``). Copied or pickled (a History holding it), it is the plain number of that moment."""
+    __slots__ = ("_optimizer", "_frozen")
+    __hash__ = None  # its value changes
+    _attribute = None
 
-    def __new__(cls, value, optimizer):
-        number = super().__new__(cls, value)
-        number._optimizer = optimizer
-        return number
+    def __init__(self, optimizer, frozen=None):
+        self._optimizer, self._frozen = optimizer, frozen  # frozen: a value of one moment (a schedule's rate)
+
+    def _value(self):
+        return self._frozen if self._frozen is not None else self._read()
 
     def numpy(self):
-        return self._numpy_type(self)
+        return self._value()
 
     def assign(self, value):
         setattr(self._optimizer, self._attribute, value)
 
-    def __reduce__(self):  # copied or pickled (a History holding it): the plain number
-        return self._plain, (self._plain(self),)
+    def __repr__(self):
+        return str(self._value())
+
+    __str__ = __repr__
+
+    def __format__(self, spec):
+        return format(self._value(), spec) if spec else str(self)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self._value(), dtype=dtype)
+
+    def __reduce__(self):
+        return self._plain, (self._plain(self._value()),)
 
 
-class LearningRate(_VariableNumber, float):
-    """An optimizer's learning rate as ``optimizer.learning_rate`` reads it: a float; ``numpy()`` is float32, and
-    ``assign(value)`` the same as setting ``learning_rate``."""
-    _attribute, _numpy_type, _plain = "learning_rate", np.float32, float
+def _as_value(x):
+    return x._value() if isinstance(x, _Variable) else x
 
 
-class Iterations(_VariableNumber, int):
-    """An optimizer's step count as ``optimizer.iterations`` reads it: an int; ``numpy()`` is int64, and
-    ``assign(n)`` the same as setting ``iterations``."""
-    _attribute, _numpy_type, _plain = "iterations", np.int64, int
+def _delegate(cls, names):
+    """Give ``cls`` the value's own arithmetic and comparisons (on the other operand's value if it is one too)."""
+    for name in names:
+        def method(self, *args, _name=name):
+            return getattr(self._value(), _name)(*(_as_value(a) for a in args))
+        method.__name__ = name
+        setattr(cls, name, method)
+    return cls
+
+
+_ARITHMETIC = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+               "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__",
+               "__abs__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__int__",
+               "__float__", "__round__", "__trunc__", "__floor__", "__ceil__")
+
+
+class LearningRate(_Variable):
+    """An optimizer's learning rate as ``optimizer.learning_rate`` gives it out: Keras's float32 variable, live (the
+    rate of the next update); with a schedule, the rate at the moment it was read (as Keras's, a value then)."""
+    _attribute, _plain = "learning_rate", float
+
+    def _read(self):
+        return np.float32(self._optimizer._current_rate())
+
+
+class Iterations(_Variable):
+    """An optimizer's step count as ``optimizer.iterations`` gives it out: Keras's int64 variable, live; ``numpy()``
+    is int64, ``assign(n)`` and ``assign_add(n)`` set it."""
+    _attribute, _plain = "iterations", int
+
+    def _read(self):
+        return self._optimizer._iterations
+
+    def numpy(self):
+        return np.int64(self._value())
+
+    def __index__(self):
+        return self._value()
 
     def assign_add(self, value):
-        self._optimizer.iterations = int(self) + value
+        self._optimizer.iterations = self._value() + value
+
+
+_delegate(LearningRate, _ARITHMETIC)
+_delegate(Iterations, _ARITHMETIC)
 
 
 class Optimizer:
@@ -111,9 +165,15 @@ class Optimizer:
     # ---- the learning rate: a number, a LearningRateSchedule, or a callable of no arguments (Keras's forms)
     @property
     def learning_rate(self):
-        """The rate of the next update, as a float (a schedule's value at ``iterations``) with Keras's variable
-        methods ``numpy()`` and ``assign(value)``."""
-        return LearningRate(schedules.resolve(self._learning_rate, self.iterations), self)
+        """The rate of the next update as Keras's float32 variable (``LearningRate``: live, ``numpy()``,
+        ``assign(value)``); with a schedule or function, its value at ``iterations``."""
+        if callable(self._learning_rate):
+            return LearningRate(self, frozen=np.float32(self._current_rate()))
+        return LearningRate(self)
+
+    def _current_rate(self):
+        """The next update's rate (a float32 number, as float)."""
+        return schedules.resolve(self._learning_rate, self._iterations)
 
     @learning_rate.setter
     def learning_rate(self, value):
@@ -188,7 +248,7 @@ class Optimizer:
     @property
     def iterations(self):
         """The number of steps taken, as Keras's variable reads it: an int with ``numpy()`` and ``assign(n)``."""
-        return Iterations(self._iterations, self)
+        return Iterations(self)
 
     @iterations.setter
     def iterations(self, value):

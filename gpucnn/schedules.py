@@ -17,6 +17,8 @@ Schedules compute in Python floats (double); Keras computes in float32, so rates
 import math
 import numbers
 
+import numpy as np
+
 from .utils import missing
 
 __all__ = ["LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay", "InverseTimeDecay",
@@ -256,18 +258,21 @@ class CosineDecayRestarts(LearningRateSchedule):
 
 # ===================================================================================== for the optimizers
 def check_rate(value, source):
-    """``value`` as a float if it is a usable learning rate (a finite number >= 0), else a clear error
-    naming ``source`` (what produced it)."""
+    """``value`` if it is a usable learning rate (a number >= 0, finite in float32), as the float of its float32
+    value (what the update uses; Keras keeps its rate as a float32 variable, so a callback comparing the rate sees
+    the same number in both), else a clear error naming ``source`` (what produced it)."""
     if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{source} must be a number, got {value!r}")
     try:
         rate = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{source} must be a number, got {type(value).__name__} {value!r}") from None
-    if not math.isfinite(rate) or rate < 0:
-        raise ValueError(f"{source} is {rate}: a learning rate must be a finite number >= 0. Check the schedule's "
-                         "arguments (or the function that computes the rate).")
-    return rate
+    with np.errstate(over="ignore"):
+        single = float(np.float32(rate))
+    if not math.isfinite(single) or rate < 0:
+        raise ValueError(f"{source} is {rate}: a learning rate must be a finite number >= 0 (in float32: below "
+                         "3.4e38). Check the schedule's arguments (or the function that computes the rate).")
+    return single
 
 
 def resolve(learning_rate, step):

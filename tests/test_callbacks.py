@@ -336,9 +336,56 @@ def test_learning_rate_scheduler_sets_the_rate_each_epoch_and_logs_it():
     seen = []
     history = model.fit(*tiny_data(), batch_size=4, epochs=3, verbose=0, callbacks=[
         callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5),
-        callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append(model.optimizer.learning_rate))])
-    assert seen == history.history["learning_rate"] == [0.05, 0.025, 0.0125]
+        callbacks.LambdaCallback(on_epoch_begin=lambda epoch, logs: seen.append(float(model.optimizer.learning_rate)))])
+    # the float32 rates, as Keras's variable holds and logs them
+    assert seen == history.history["learning_rate"] == [float(np.float32(r)) for r in (0.05, 0.025, 0.0125)]
     assert model.optimizer.learning_rate == 0.0125
+
+
+def halve_down_to(epoch, lr):
+    return lr * 0.5 if lr > 0.0125 else lr  # compares the rate it is given with a decimal
+
+
+def test_a_schedule_that_compares_rates_sees_the_float32_rate_as_in_keras():
+    """Keras keeps the rate as a float32 variable, so a schedule comparing it with 0.0125 sees 0.0125000001862...
+    and halves once more: the same branch here (before, the exact decimal was kept and the halving stopped)."""
+    history = sgd_model(0.1).fit(*tiny_data(), batch_size=4, epochs=5, verbose=0,
+                                 callbacks=[callbacks.LearningRateScheduler(halve_down_to)])
+    expected, lr = [], float(np.float32(0.1))
+    for epoch in range(5):  # Keras's rule, step by step: the float32 rate in, the float32 of the result kept
+        lr = float(np.float32(halve_down_to(epoch, lr)))
+        expected.append(lr)
+    assert history.history["learning_rate"] == expected and expected[3] < np.float32(0.0125)
+
+
+def test_a_learning_rate_kept_at_train_begin_reads_the_rate_set_since():
+    """Keras's optimizer.learning_rate is a variable: a callback that keeps it once and halves through it each epoch
+    halves the rate each epoch (a copy taken at train begin would halve 0.1 again and again)."""
+    class Halve(callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.rate = self.model.optimizer.learning_rate
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.rate.assign(float(self.rate) * 0.5)
+
+    model = sgd_model(0.1)
+    model.fit(*tiny_data(), batch_size=4, epochs=3, verbose=0, callbacks=[Halve()])
+    assert model.optimizer.learning_rate == 0.0125
+
+
+def test_learning_rate_schedulers_rates_match_keras():
+    keras = pytest.importorskip("keras", reason="Keras 3 is the oracle where it is installed (not a dependency)")
+    x, y = tiny_data()
+    rates = []
+    import gpucnn
+    for module in (gpucnn, keras):
+        model = module.Sequential([module.layers.Input((6, 6, 1)), module.layers.Flatten(),
+                                   module.layers.Dense(3, activation="softmax")])
+        model.compile(module.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        history = model.fit(x, y, batch_size=4, epochs=5, verbose=0,
+                            callbacks=[module.callbacks.LearningRateScheduler(halve_down_to)])
+        rates.append(history.history["learning_rate"])
+    assert rates[0] == rates[1]
 
 
 def test_learning_rate_scheduler_rate_is_the_one_the_optimizer_uses():
@@ -358,7 +405,7 @@ def test_learning_rate_scheduler_rate_is_the_one_the_optimizer_uses():
 def test_learning_rate_scheduler_verbose_and_bad_rates(capsys):
     rates, lr = drive_lr(callbacks.LearningRateScheduler(lambda epoch, lr: 0.1 / (epoch + 1), verbose=1),
                          [0.0, 0.0])
-    assert rates == [0.1, 0.05] and lr == 0.05
+    assert rates == [float(np.float32(0.1)), float(np.float32(0.05))] and lr == np.float32(0.05)
     assert "Epoch 2: LearningRateScheduler setting learning rate to 0.05." in capsys.readouterr().out
     for schedule, error, match in [(lambda epoch, lr: 1, ValueError, "must return a float, got int 1"),
                                    (lambda epoch, lr: float("nan"), ValueError, "for epoch 0 is nan"),
@@ -401,7 +448,7 @@ def test_reduce_lr_on_plateau_in_fit(capsys):
     script = Script(loss=[1.0, 1.0, 1.0, 0.5, 0.5])
     history = model.fit(*tiny_data(), batch_size=4, epochs=5, verbose=0, callbacks=[
         script, callbacks.ReduceLROnPlateau("loss", factor=0.5, patience=1, verbose=1)])
-    assert history.history["learning_rate"] == [0.2, 0.2, 0.1, 0.05, 0.05]
+    assert history.history["learning_rate"] == [float(np.float32(r)) for r in (0.2, 0.2, 0.1, 0.05, 0.05)]
     assert model.optimizer.learning_rate == 0.025
     out = capsys.readouterr().out
     assert "Epoch 2: ReduceLROnPlateau reducing learning rate to 0.1." in out

@@ -120,7 +120,11 @@ def test_the_learning_rate_reads_and_sets_as_keras():
     opt.learning_rate = 0.05
     assert opt.learning_rate == 0.05
     opt.learning_rate = np.float32(0.25)
-    assert isinstance(opt.learning_rate, float) and opt.learning_rate == 0.25
+    assert opt.learning_rate == 0.25 and float(opt.learning_rate) == 0.25
+    opt.learning_rate = 0.1  # kept as Keras keeps it, a float32: what a callback reads is what the update uses
+    assert float(opt.learning_rate) == float(np.float32(0.1)) != 0.1 and opt.learning_rate == 0.1
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        opt.learning_rate = 1e39  # finite in float64, infinite in float32
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="finite number >= 0"):
             opt.learning_rate = bad
@@ -138,19 +142,32 @@ def test_the_learning_rate_reads_and_sets_as_keras():
 
 
 def test_the_learning_rate_answers_kerass_variable_methods():
-    """Keras 3's learning_rate is a variable: ``optimizer.learning_rate.assign(0.01)`` (callbacks written for Keras 3
-    do this) and ``.numpy()`` work, and the value stays a float."""
+    """Keras 3's learning_rate is a float32 variable: ``optimizer.learning_rate.assign(0.01)`` (callbacks written for
+    Keras 3 do this) and ``.numpy()`` work, it computes and compares as a float32, and a reference kept to it is live:
+    it reads the rate set since (a callback that keeps it at train begin and halves it each epoch)."""
     opt = optimizers.Adam(0.01)
     rate = opt.learning_rate
     assert rate.numpy() == np.float32(0.01) and rate.numpy().dtype == np.float32 and rate * 2 == 0.02
+    assert rate > 0.005 and not rate < 0.01 and f"{rate:.3f}" == "0.010" and str(rate) == "0.01"
+    assert np.asarray(rate).dtype == np.float32 and int(opt.iterations) == 0
     rate.assign(0.5)
-    assert opt.learning_rate == 0.5 and float(opt.learning_rate) == 0.5
+    assert rate == 0.5 and opt.learning_rate == 0.5 and float(opt.learning_rate) == 0.5
+    rate.assign(float(rate) * 0.5)
+    assert float(rate) == 0.25 == float(opt.learning_rate)
     with pytest.raises(ValueError, match="finite number >= 0"):
         opt.learning_rate.assign(-1)
     import copy
     import pickle
     for again in (copy.copy(rate), copy.deepcopy(rate), pickle.loads(pickle.dumps(rate))):
-        assert type(again) is float and again == 0.01  # a History holding it saves and loads as a float
+        assert type(again) is float and again == 0.25  # a History holding it saves and loads as a float
+    steps = opt.iterations
+    opt.iterations = 7
+    assert steps == 7 and steps + 1 == 8 and list(range(steps))[-1] == 6  # live too
+    decay = schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    opt.learning_rate = decay
+    then = opt.learning_rate  # with a schedule, the rate at that step (a value, as Keras's)
+    opt.iterations = 17
+    assert then == pytest.approx(0.1 * 0.5 ** 0.7) and opt.learning_rate == pytest.approx(0.1 * 0.5 ** 1.7)
 
 
 def test_reduce_lr_on_plateau_refuses_a_schedule_as_keras():

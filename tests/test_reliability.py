@@ -43,7 +43,7 @@ def state(model):
     opt = model.optimizer
     return ([w.copy() for w in model.get_weights()],
             {k: backend.to_numpy(v).copy() for k, v in (opt.state or {}).items()},
-            opt.iterations, utils.rng().bit_generator.state)
+            int(opt.iterations), utils.rng().bit_generator.state)
 
 
 def assert_same(a, b):

@@ -121,11 +121,11 @@ class Halving(LearningRateSchedule):
 
 
 def test_resolve_numbers_schedules_and_callables():
-    assert schedules.resolve(0.01, 5) == 0.01
+    assert schedules.resolve(0.01, 5) == float(np.float32(0.01))  # the float32 rate the update uses (Keras's too)
     assert schedules.resolve(np.float32(0.5), 0) == 0.5
     assert schedules.resolve(Halving(0.1), 4) == pytest.approx(0.02)
     assert schedules.resolve(ExponentialDecay(0.1, 10, 0.5), 10) == pytest.approx(0.05)
-    assert schedules.resolve(lambda: 0.003, 99) == 0.003  # a plain callable takes no step (Keras's rule)
+    assert schedules.resolve(lambda: 0.003, 99) == float(np.float32(0.003))  # a plain callable takes no step (Keras's rule)
     assert schedules.resolve(CosineDecay(0.0, 10, warmup_target=0.1, warmup_steps=5), 0) == 0.0  # zero is a rate
 
 
