@@ -246,6 +246,12 @@ class CosineDecayRestarts(LearningRateSchedule):
             restart = math.floor(fraction)
             fraction -= restart
         else:  # periods of 1, t, t², ... first periods: restart i begins at (1 − t^i) / (1 − t)
+            if fraction * (1.0 - t_mul) >= 1.0:  # t < 1: the periods, shorter and shorter, end at 1 / (1 − t)
+                raise ValueError(
+                    f"CosineDecayRestarts(first_decay_steps={self.first_decay_steps!r}, t_mul={self.t_mul!r}): with "
+                    f"t_mul < 1 each period is shorter than the one before and all of them together last "
+                    f"{self.first_decay_steps / (1.0 - t_mul):g} steps, so step {step} has no rate (Keras's is NaN "
+                    "there). Use t_mul >= 1, or train fewer steps.")
             restart = math.floor(math.log(1.0 - fraction * (1.0 - t_mul)) / math.log(t_mul))
             fraction = (fraction - (1.0 - t_mul ** restart) / (1.0 - t_mul)) / t_mul ** restart
         cosine = 0.5 * float(self.m_mul) ** restart * (1.0 + math.cos(math.pi * fraction))

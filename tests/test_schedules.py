@@ -65,6 +65,11 @@ def test_inverse_time_polynomial_and_restarts_by_hand():
     assert sgdr(0) == 1.0 and sgdr(5) == pytest.approx(0.5)  # half-way through the first period of 10
     assert sgdr(10) == pytest.approx(0.5) and sgdr(20) == pytest.approx(0.25)  # restarts at 10 and 10 + 20 = 30
     assert sgdr(30) == pytest.approx(0.25)
+    shrinking = schedules.CosineDecayRestarts(1.0, 3, t_mul=0.5)  # periods 3, 1.5, 0.75, ...: 6 steps in all
+    assert shrinking(3) == pytest.approx(1.0) and shrinking(4.5) == pytest.approx(1.0)  # restarts at 3 and 4.5
+    assert 0 <= shrinking(5) <= 1
+    with pytest.raises(ValueError, match=r"t_mul=0.5\): with t_mul < 1 .* together last 6 steps, so step 6 has no rate"):
+        shrinking(6)
 
 
 @pytest.mark.parametrize("build, match", [
