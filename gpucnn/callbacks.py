@@ -139,23 +139,51 @@ def as_list(callbacks):
 
 
 # ===================================================================================== Keras's callbacks
-def _monitor_op(monitor, mode, who):
-    """``(better, sign)``: ``better(a, b)`` is true when a beats b; sign is -1 for "min", +1 for "max"."""
+def _direction(monitor, mode, who, metrics=()):
+    """"min" or "max" for ``monitor`` under ``mode``; with "auto": "min" for a loss, "max" for an accuracy (by its name,
+    or one of ``metrics``, the model's metric names: gpucnn's metrics are accuracies, all higher-is-better, as
+    Keras reads each metric's direction); None when neither tells."""
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"{who}: mode must be 'auto', 'min' or 'max', got {mode!r}")
-    if mode == "auto":
-        base = monitor[4:] if monitor.startswith("val_") else monitor
-        if base == "loss":
-            mode = "min"
-        elif base in ("acc", "accuracy"):
-            mode = "max"
-        else:
-            raise ValueError(f"{who}: cannot tell whether {monitor!r} should rise or fall; "
-                             "pass mode='min' or mode='max'")
-    return (lambda a, b: a < b, -1) if mode == "min" else (lambda a, b: a > b, 1)
+    if mode != "auto":
+        return mode
+    base = monitor[4:] if monitor.startswith("val_") else monitor
+    if base == "loss":
+        return "min"
+    if base in ("acc", "accuracy") or base in metrics:
+        return "max"
+    return None
 
 
-class EarlyStopping(Callback):
+class _Monitoring(Callback):
+    """What EarlyStopping, ModelCheckpoint and ReduceLROnPlateau share: whether ``monitor`` should fall or rise. In
+    "auto" mode a name that does not tell (a metric's own name, such as "val_sparse_categorical_accuracy") is read
+    against the model's metrics when training begins, as Keras does; one still unknown is refused then, before any
+    training."""
+
+    def _watch(self, monitor, mode, min_delta=0):
+        self.monitor, self._mode, self._delta = monitor, mode, abs(min_delta)
+        self._better = None
+        direction = _direction(monitor, mode, type(self).__name__)
+        if direction is not None:
+            self._set_direction(direction)
+
+    def _set_direction(self, direction):
+        self._better = (lambda a, b: a < b) if direction == "min" else (lambda a, b: a > b)
+        self._sign = -1 if direction == "min" else 1
+        self.min_delta = self._sign * self._delta  # an improvement must beat the best by |min_delta|
+
+    def on_train_begin(self, logs=None):
+        if self._better is not None:
+            return
+        direction = _direction(self.monitor, self._mode, type(self).__name__, getattr(self.model, "metrics", ()))
+        if direction is None:
+            raise ValueError(f"{type(self).__name__}: cannot tell whether {self.monitor!r} should rise or fall (it is "
+                             "not the loss nor one of this model's metrics); pass mode='min' or mode='max'")
+        self._set_direction(direction)
+
+
+class EarlyStopping(_Monitoring):
     """Stop training when ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs.
 
     ``baseline``: training also stops if the value does not beat it within ``patience`` epochs.
@@ -165,13 +193,13 @@ class EarlyStopping(Callback):
     def __init__(self, monitor="val_loss", min_delta=0, patience=0, verbose=0, mode="auto",
                  baseline=None, restore_best_weights=False, start_from_epoch=0):
         super().__init__()
-        self.monitor, self.patience, self.verbose = monitor, int(patience), verbose
+        self.patience, self.verbose = int(patience), verbose
         self.baseline, self.restore_best_weights = baseline, restore_best_weights
         self.start_from_epoch = int(start_from_epoch)
-        self._better, sign = _monitor_op(monitor, mode, "EarlyStopping")
-        self.min_delta = sign * abs(min_delta)  # an improvement must beat best by |min_delta|
+        self._watch(monitor, mode, min_delta)
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self.wait, self.stopped_epoch, self.best_epoch = 0, 0, 0
         self.best, self.best_weights = None, None
 
@@ -209,7 +237,7 @@ class EarlyStopping(Callback):
             self.model.set_weights(self.best_weights)
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(_Monitoring):
     """Save the model (``save_weights_only``: its weights) at the end of every epoch.
 
     ``filepath`` may hold ``{epoch:02d}`` and any log key, e.g. ``"ckpt-{epoch:02d}-{val_loss:.3f}.gpucnn"``.
@@ -223,14 +251,23 @@ class ModelCheckpoint(Callback):
         if save_freq != "epoch":
             raise NotImplementedError(f"ModelCheckpoint(save_freq={save_freq!r}): gpucnn saves at the end of each "
                                       "epoch only (save_freq='epoch', Keras's default)")
-        self.filepath, self.monitor, self.verbose = os.fspath(filepath), monitor, verbose
+        self.filepath, self.verbose = os.fspath(filepath), verbose
         if save_weights_only:
             saving.check_weights_path(self.filepath, "ModelCheckpoint(save_weights_only=True)")
         _formatted_path(self.filepath, 1, {})  # a bad format is refused now, not after an epoch of training
         self.save_best_only, self.save_weights_only, self.save_freq = save_best_only, save_weights_only, save_freq
-        self._better, sign = _monitor_op(monitor, mode, "ModelCheckpoint")
-        self.best = -sign * math.inf if initial_value_threshold is None else initial_value_threshold
+        self._watch(monitor, mode)
+        self.best = initial_value_threshold  # None: set to the worst value once the direction is known
         self._seen_best = initial_value_threshold is not None  # Keras prints "None" before a first best
+        self._set_best()
+
+    def _set_best(self):
+        if self.best is None and self._better is not None:
+            self.best = -self._sign * math.inf
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._set_best()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -350,7 +387,7 @@ class LearningRateScheduler(Callback):
             logs["learning_rate"] = float(_optimizer(self.model, "LearningRateScheduler").learning_rate)
 
 
-class ReduceLROnPlateau(Callback):
+class ReduceLROnPlateau(_Monitoring):
     """Multiply the learning rate by ``factor`` when ``monitor`` has not improved by more than ``min_delta``
     for ``patience`` epochs, never below ``min_lr``; then wait ``cooldown`` epochs before counting again.
     Each epoch's logs get ``learning_rate`` (the rate that epoch trained with)."""
@@ -363,13 +400,13 @@ class ReduceLROnPlateau(Callback):
                              f"{factor!r}")
         if not (math.isfinite(min_lr) and min_lr >= 0):
             raise ValueError(f"ReduceLROnPlateau: min_lr must be a finite number >= 0, got {min_lr!r}")
-        self.monitor, self.factor, self.patience, self.verbose = monitor, float(factor), int(patience), verbose
+        self.factor, self.patience, self.verbose = float(factor), int(patience), verbose
         self.cooldown, self.min_lr = int(cooldown), float(min_lr)
-        self._better, sign = _monitor_op(monitor, mode, "ReduceLROnPlateau")
-        self.min_delta = sign * abs(min_delta)  # an improvement must beat best by |min_delta|
+        self._watch(monitor, mode, min_delta)
         self.best, self.wait, self.cooldown_counter = None, 0, 0
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self.best, self.wait, self.cooldown_counter = None, 0, 0
 
     def in_cooldown(self):

@@ -195,12 +195,35 @@ def test_early_stopping_without_the_monitored_value_warns_and_goes_on():
         assert drive(EarlyStopping(patience=0), [1.0, 2.0, 3.0], key="loss")[0] == 2
 
 
-def test_early_stopping_refuses_an_unknown_mode_or_an_ambiguous_monitor():
+def test_early_stopping_refuses_an_unknown_mode_or_an_ambiguous_monitor(tmp_path):
     with pytest.raises(ValueError, match="mode must be 'auto', 'min' or 'max'"):
         EarlyStopping(mode="up")
-    with pytest.raises(ValueError, match="pass mode='min' or mode='max'"):
-        EarlyStopping(monitor="val_f1")
-    EarlyStopping(monitor="val_f1", mode="max")
+    model = tiny_model()
+    x, y = tiny_data()
+    for cb in (EarlyStopping(monitor="val_f1"), callbacks.ReduceLROnPlateau(monitor="val_f1"),
+               ModelCheckpoint(tmp_path / "m.gpucnn", monitor="val_f1", save_best_only=True)):
+        before = model.get_weights()
+        with pytest.raises(ValueError, match="cannot tell whether 'val_f1' should rise or fall .* pass mode='min'"):
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])  # refused before any step
+        for a, b in zip(before, model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    with pytest.warns(UserWarning, match="'val_f1', which is not in the logs"):  # given a mode, it trains
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[EarlyStopping(monitor="val_f1", mode="max")])
+
+
+def test_auto_mode_reads_the_models_own_metric_names_as_accuracies():
+    """Keras reads an "auto" monitor's direction from the model's metric of that name: an accuracy logged under its
+    own name (sparse_categorical_accuracy, an object's name=) rises."""
+    from gpucnn import metrics
+    x, y = tiny_data()
+    for metric, key in (("sparse_categorical_accuracy", "val_sparse_categorical_accuracy"),
+                        (metrics.SparseCategoricalAccuracy(name="hits"), "hits")):
+        model = tiny_model()
+        model.compile("sgd", "sparse_categorical_crossentropy", [metric])
+        stop = EarlyStopping(monitor=key, patience=0)
+        script = Script(**{key: [0.5, 0.6, 0.55, 0.7]})
+        model.fit(x, y, batch_size=4, epochs=4, verbose=0, validation_data=(x, y), callbacks=[script, stop])
+        assert stop.stopped_epoch == 2 and stop.best == 0.6  # rising is better: 0.55 after 0.6 stops it
 
 
 # ===================================================================================== ModelCheckpoint
@@ -460,8 +483,6 @@ def test_reduce_lr_on_plateau_refuses_bad_arguments_and_warns_without_its_monito
         callbacks.ReduceLROnPlateau(factor=1.0)
     with pytest.raises(ValueError, match="min_lr must be"):
         callbacks.ReduceLROnPlateau(min_lr=-1)
-    with pytest.raises(ValueError, match="pass mode='min' or mode='max'"):
-        callbacks.ReduceLROnPlateau(monitor="val_f1")
     missing = r"'val_loss', which is not in the logs; available: \['learning_rate', 'loss'\]"
     with pytest.warns(UserWarning, match=missing):
         rates, _ = drive_lr(callbacks.ReduceLROnPlateau(patience=0), [1.0, 2.0], key="loss")
