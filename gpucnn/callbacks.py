@@ -555,13 +555,18 @@ class LambdaCallback(Callback):
                 continue
             if not callable(function):
                 raise TypeError(f"LambdaCallback: {name} must be a function, got {type(function).__name__}")
-            setattr(self, name, _with_logs(function, takes_index="epoch" in name or "batch" in name))
+            setattr(self, name, _with_logs(function, takes_index="epoch" in name or "batch" in name,
+                                           by_keyword="batch" in name))
 
 
-def _with_logs(function, takes_index):
-    """A hook that calls ``function(index, logs)`` or ``function(logs)``, logs passed positionally as Keras
-    passes them (fit may call a hook without logs: they are None then)."""
-    if takes_index:
+def _with_logs(function, takes_index, by_keyword):
+    """A hook that calls ``function(index, logs)`` or ``function(logs)``, logs passed as Keras passes them: by
+    keyword to a batch hook (``lambda batch, **kw: ...`` works), by position to the others (fit may call a hook
+    without logs: they are None then)."""
+    if by_keyword:
+        def hook(index, logs=None):
+            return function(index, logs=logs)
+    elif takes_index:
         def hook(index, logs=None):
             return function(index, logs)
     else:

@@ -585,6 +585,17 @@ def test_lambda_callback_calls_the_functions_as_keras_does():
     assert calls == [("train_begin", {})] + epoch(0) + epoch(1) + [("train_end", epoch_logs)]
 
 
+def test_lambda_callback_passes_a_batch_hooks_logs_by_keyword_as_keras():
+    """Keras's callback list passes a batch hook's logs as ``logs=`` (a function ``lambda batch, **kw`` works there),
+    an epoch hook's by position."""
+    seen = []
+    cb = callbacks.LambdaCallback(on_train_batch_end=lambda batch, **kw: seen.append(sorted(kw)),
+                                  on_batch_begin=lambda batch, **kw: seen.append(("begin", sorted(kw))),
+                                  on_epoch_end=lambda epoch, *args: seen.append(len(args)))
+    tiny_model().fit(*tiny_data(4), batch_size=4, epochs=1, verbose=0, callbacks=[cb])
+    assert seen == [("begin", ["logs"]), ["logs"], 1]
+
+
 def test_lambda_callback_refuses_unknown_hooks_and_non_functions():
     with pytest.raises(TypeError, match="unknown hook 'on_epoch_ends'"):
         callbacks.LambdaCallback(on_epoch_ends=print)
