@@ -8,6 +8,7 @@ When output goes to a file or a CI log there are no carriage returns: one line p
 ``verbose=2`` prints one line per epoch, ``938/938 - 3s - 3ms/step - accuracy: ... - loss: ...``;
 ``verbose=0`` prints nothing.
 """
+import numbers
 import sys
 import time
 
@@ -31,8 +32,12 @@ def format_per_step(seconds):
     return f"{seconds * 1e6:.0f}us/step"
 
 
-def format_metrics(metrics):
-    return "".join(f" - {k}: {v:.4f}" for k, v in sorted(metrics.items()))
+def format_metrics(metrics, added=()):
+    """" - name: value" for each metric in name order, then the ``added`` names (what callbacks logged at the end of
+    an epoch, such as learning_rate: last, as Keras prints them); numbers to 4 decimals."""
+    names = sorted(k for k in metrics if k not in added) + [k for k in added if k in metrics]
+    return "".join(f" - {k}: {metrics[k]:.4f}" if isinstance(metrics[k], numbers.Real) else f" - {k}: {metrics[k]}"
+                   for k in names)
 
 
 class Progbar:
@@ -80,8 +85,8 @@ class Progbar:
         eta = "" if self.target is None else f" {format_duration(per_step * (self.target - step))}"
         self._write("\r" + self._bar(step) + f"{eta} {format_per_step(per_step)}" + format_metrics(metrics), end="")
 
-    def finish(self, metrics):
-        """The epoch's final line (the only one when not on a terminal)."""
+    def finish(self, metrics, added=()):
+        """The epoch's final line (the only one when not on a terminal); ``added``: format_metrics's."""
         if self.verbose == 0:
             return
         steps = self.seen if self.target is None else self.target  # (an unknown length: the steps that ran)
@@ -89,10 +94,10 @@ class Progbar:
         elapsed, per_step = now - self.start, self._per_step(steps, now)
         if self.verbose == 2:
             line = (f"{steps}/{self.target or 'Unknown'} - {format_duration(elapsed)} - "
-                    f"{format_per_step(per_step)}{format_metrics(metrics)}")
+                    f"{format_per_step(per_step)}{format_metrics(metrics, added)}")
         else:
             line = (self._bar(steps) + f" {format_duration(elapsed)} {format_per_step(per_step)}"
-                    + format_metrics(metrics))
+                    + format_metrics(metrics, added))
         self._write(("\r" if self.dynamic else "") + line, end="\n")
 
     def _write(self, text, end):

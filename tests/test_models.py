@@ -268,6 +268,25 @@ def test_progress_verbose_2_and_0(capsys):
     assert fit_output(capsys, 0) == ""
 
 
+def test_progress_line_shows_what_callbacks_log_after_the_epochs_own_values(capsys):
+    """Keras's progress bar is the last callback: the epoch's line comes after the others' messages and shows the
+    learning_rate ReduceLROnPlateau logs, at its end; a value that is not a number is shown as it is."""
+    class Note(callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["note"] = "ok"
+
+    model = tiny_model()
+    model.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
+    x, y = tiny_data(20)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=2, callbacks=[
+        callbacks.ReduceLROnPlateau("loss", patience=0, min_delta=10, verbose=1), Note()])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line]
+    assert lines[2] == "Epoch 2/2" and lines[3].startswith("Epoch 2: ReduceLROnPlateau reducing learning rate to 0.0001")
+    for line in (lines[1], lines[4]):  # (the rate each epoch trained with)
+        assert re.fullmatch(r"3/3 - \d+s - \d+(ms|us|s)/step - accuracy: \d\.\d{4} - loss: \d\.\d{4} - "
+                            r"learning_rate: 0\.0010 - note: ok", line)
+
+
 def test_progress_redraws_in_place_on_a_terminal():
     from gpucnn.progress import Progbar
 

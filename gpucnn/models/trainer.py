@@ -406,8 +406,11 @@ class Trainer:
                     val = self.evaluate(validation, batch_size=validation_batch_size, verbose=0, return_dict=True,
                                         callbacks=cbs, _checked=True)
                     logs.update({f"val_{k}": v for k, v in val.items()})
-                bar.finish(logs)
+                before = set(logs)
                 cbs.on_epoch_end(epoch, logs)
+                # the epoch's line comes after the callbacks (Keras's progress bar is the last of them), with what
+                # they logged (ReduceLROnPlateau's learning_rate) at its end
+                bar.finish(logs, added=[k for k in logs if k not in before])
                 self._last_logs = logs
                 if self.stop_training:
                     break
