@@ -56,7 +56,9 @@ PARKED_KEY = "parked_{:03d}_{}"  # in optimizer.npz: the state of weight k (Kera
 _FILE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, IndexError, UnicodeDecodeError, ValueError,
                 TypeError, AttributeError, NotImplementedError, RecursionError, OverflowError, MemoryError,
                 OSError, struct.error, tokenize.TokenError, SyntaxError)
-_registered = {}
+_registered = layers_mod.REGISTERED_CLASSES  # layer classes by name (register_layer_class, register_keras_serializable)
+_registered_schedules = {}  # learning-rate schedule classes by name (register_keras_serializable)
+_registered_names = {}  # class -> Keras's registered name "package>name"
 
 
 class InvalidModelFile(ValueError):
@@ -251,6 +253,50 @@ def register_layer_class(cls):
                          "give your class a name of its own to register it")
     _registered[name] = cls
     return cls
+
+
+def register_keras_serializable(package="Custom", name=None):
+    """Keras's decorator for your own classes: ``@keras.saving.register_keras_serializable()`` above a Layer or a
+    LearningRateSchedule subclass makes ``load_model`` rebuild it without ``custom_objects``. gpucnn's files name a
+    class by its class name, so that is the name it is known by (``get_registered_name`` gives Keras's
+    "package>name")."""
+    if not isinstance(package, str) or (name is not None and not isinstance(name, str)):
+        raise TypeError(f"register_keras_serializable(package=..., name=...) takes strings, got {package!r}, {name!r}")
+
+    def decorator(cls):
+        schedule = optimizers_mod.schedules.LearningRateSchedule
+        if isinstance(cls, type) and issubclass(cls, schedule):
+            if cls.__name__ in optimizers_mod.schedules.SCHEDULES:
+                raise ValueError(f"{cls.__module__}.{cls.__qualname__} has the name of gpucnn's built-in schedule "
+                                 f"{cls.__name__}; give your class a name of its own to register it")
+            _registered_schedules[cls.__name__] = cls
+        elif isinstance(cls, type) and issubclass(cls, layers_mod.Layer):
+            register_layer_class(cls)
+        else:
+            raise TypeError(f"register_keras_serializable: gpucnn saves your own Layer and LearningRateSchedule "
+                            f"subclasses; got {cls!r}")
+        _registered_names[cls] = f"{package}>{name or cls.__name__}"
+        return cls
+    return decorator
+
+
+def get_registered_name(obj):
+    """Keras's name for a class (or an object of it) registered with ``register_keras_serializable``; else its class
+    name."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return _registered_names.get(cls, cls.__name__)
+
+
+def get_registered_object(name, custom_objects=None, module_objects=None):
+    """The class registered (or given in ``custom_objects``) under ``name``, its class name or Keras's "package>name";
+    None if there is none."""
+    for table in (custom_objects or {}, module_objects or {}):
+        if name in table:
+            return table[name]
+    for cls, registered in _registered_names.items():
+        if name == registered:
+            return cls
+    return _registered.get(name, _registered_schedules.get(name))
 
 
 # ===================================================================================== writing
@@ -545,9 +591,10 @@ def _check_savable_rate(optimizer):
 
 
 def _schedule_classes(custom_objects):
-    """The LearningRateSchedule subclasses among ``custom_objects`` (the others are layer classes)."""
-    return {name: cls for name, cls in (custom_objects or {}).items()
-            if isinstance(cls, type) and issubclass(cls, optimizers_mod.schedules.LearningRateSchedule)}
+    """The LearningRateSchedule subclasses registered and among ``custom_objects`` (the others are layer classes)."""
+    given = {name: cls for name, cls in (custom_objects or {}).items()
+             if isinstance(cls, type) and issubclass(cls, optimizers_mod.schedules.LearningRateSchedule)}
+    return {**_registered_schedules, **given}
 
 
 def _loss_from_config(config, path):

@@ -271,7 +271,7 @@ def eager(value):
 
 
 _KERAS_UTILS = ("set_random_seed", "clear_session", "to_categorical", "image_dataset_from_directory", "load_img",
-                "img_to_array", "PyDataset")
+                "img_to_array", "PyDataset", "register_keras_serializable")
 
 
 def missing(module, name, what, has):
@@ -284,5 +284,10 @@ def missing(module, name, what, has):
 
 
 def __getattr__(name):
-    """A part of ``keras.utils`` gpucnn does not have (``plot_model``, ...): said clearly, with what it has."""
+    """A part of ``keras.utils`` gpucnn does not have (``plot_model``, ...): said clearly, with what it has. (Keras's
+    ``keras.utils.register_keras_serializable`` is ``gpucnn.saving``'s, read here when asked for: saving imports
+    this module.)"""
+    if name == "register_keras_serializable":
+        from .saving import register_keras_serializable
+        return register_keras_serializable
     raise missing("gpucnn.utils", name, "part of keras.utils", _KERAS_UTILS)

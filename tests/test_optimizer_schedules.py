@@ -224,6 +224,50 @@ def test_a_schedule_of_ones_own_saves_with_custom_objects_and_a_function_does_no
     assert not (tmp_path / "f.keras").exists()
 
 
+def test_register_keras_serializable_loads_ones_own_schedule_and_layer_without_custom_objects(tmp_path):
+    """Keras's decorator, as keras.io writes it (keras.saving.register_keras_serializable, also in keras.utils)."""
+    import gpucnn as keras
+    from gpucnn import saving
+
+    @keras.saving.register_keras_serializable(package="Mine")
+    class Thirds(schedules.LearningRateSchedule):
+        def __init__(self, start):
+            self.start = start
+
+        def __call__(self, step):
+            return self.start / 3 ** step
+
+        def get_config(self):
+            return {"start": self.start}
+
+    @keras.utils.register_keras_serializable(name="twice")
+    class Twice(layers.Layer):
+        def forward(self, x, training, ctx):
+            return 2 * x
+
+        def backward(self, dy, ctx):
+            return 2 * dy
+
+    try:
+        model = models.Sequential([layers.Input((4, 4, 1)), Twice(), layers.Flatten(), layers.Dense(3, activation="softmax")])
+        model.compile(optimizers.SGD(Thirds(0.3)), "sparse_categorical_crossentropy")
+        x, y = data(8)
+        model.fit(x, y, batch_size=4, verbose=0)
+        model.save(tmp_path / "m.keras")
+        loaded = models.load_model(tmp_path / "m.keras")
+        assert type(loaded.layers[0]) is Twice and isinstance(loaded.optimizer.schedule, Thirds)
+        assert loaded.optimizer.learning_rate == pytest.approx(0.3 / 9)
+        np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+        assert saving.get_registered_name(Thirds) == "Mine>Thirds" and saving.get_registered_name(Twice()) == "Custom>twice"
+        assert saving.get_registered_object("Mine>Thirds") is Thirds and saving.get_registered_object("Twice") is Twice
+    finally:
+        saving._registered.pop("Twice", None), saving._registered_schedules.pop("Thirds", None)
+    with pytest.raises(ValueError, match="name of gpucnn's built-in schedule CosineDecay"):
+        keras.saving.register_keras_serializable()(type("CosineDecay", (schedules.LearningRateSchedule,), {}))
+    with pytest.raises(TypeError, match="your own Layer and LearningRateSchedule subclasses"):
+        keras.saving.register_keras_serializable()(print)
+
+
 def test_a_saved_schedule_that_makes_no_sense_is_refused(tmp_path):
     import json
     import zipfile

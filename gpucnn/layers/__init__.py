@@ -36,19 +36,26 @@ LAYER_CLASSES = {cls.__name__: cls for cls in (
     ELU, Softmax, Dropout, Add, Concatenate, Rescaling, RandomFlip, RandomRotation, RandomZoom, RandomTranslation,
     RandomContrast)}
 
+# Your own layer classes made known to load_model by name (saving.register_layer_class, Keras's
+# register_keras_serializable): saved without the warning that loading needs custom_objects.
+REGISTERED_CLASSES = {}
+
 __all__ = sorted(LAYER_CLASSES) + ["Input", "Layer", "MaxPool2D", "AvgPool2D", "GlobalMaxPool2D", "GlobalAvgPool2D",
                                    "add", "concatenate"]
 
 
 def serialize(obj):
     """``{"class_name", "config"}`` of a layer or a model (models: ``Sequential`` or ``Functional``). A layer of a
-    user's class is marked ``custom`` (loading it needs ``custom_objects=``), with a warning saying so."""
+    user's class is marked ``custom`` (loading it needs ``custom_objects=``), with a warning saying so unless the class
+    is registered."""
     model_kind = getattr(obj, "config_class_name", None)
     if model_kind is not None:
         return {"class_name": model_kind, "config": obj.get_config()}
     spec = {"class_name": type(obj).__name__, "config": obj.get_config()}
     if LAYER_CLASSES.get(type(obj).__name__) is not type(obj):
         spec["custom"] = True
+        if REGISTERED_CLASSES.get(type(obj).__name__) is type(obj):
+            return spec
         warnings.warn(
             f"layer {obj.name!r} is of class {type(obj).__module__}.{type(obj).__qualname__}, which is not one of "
             f"gpucnn's own layers: the file records its name and config only, and loading it needs the class: "
