@@ -373,6 +373,8 @@ class LearningRateScheduler(Callback):
             lr = self.schedule(epoch, float(optimizer.learning_rate))
         else:
             lr = self.schedule(epoch)
+        if isinstance(lr, np.ndarray) and lr.ndim == 0 and lr.dtype.kind == "f":
+            lr = lr[()]  # a 0-d array, from keras.ops (Keras's docs: return lr * ops.exp(-0.1))
         if isinstance(lr, bool) or not isinstance(lr, (float, np.floating)):
             raise ValueError(f"LearningRateScheduler: the schedule must return a float, got {type(lr).__name__} "
                              f"{lr!r} for epoch {epoch}")

@@ -621,3 +621,21 @@ def test_csv_logger_appends_under_a_files_own_column_order_and_refuses_rows_it_c
         model.fit(*tiny_data(), batch_size=4, epochs=1, verbose=0, callbacks=[callbacks.CSVLogger(path, append=True)])
     np.testing.assert_array_equal(model.get_weights()[0], before[0])
     assert path.read_text() == "epoch,loss,val_loss\n0,1.5,NA\n0,0.3,1.4,NA,NA\n"
+
+
+def test_learning_rate_scheduler_takes_keras_docs_schedule_written_with_keras_ops():
+    """Keras's docs write the schedule as ``lr * ops.exp(-0.1)`` after ten epochs: keras.ops gives a 0-d float32 array,
+    taken as the rate."""
+    import gpucnn as keras
+
+    def scheduler(epoch, lr):
+        return lr if epoch < 1 else lr * keras.ops.exp(-0.1)
+
+    history = sgd_model(0.1).fit(*tiny_data(), batch_size=4, epochs=3, verbose=0,
+                                 callbacks=[callbacks.LearningRateScheduler(scheduler)])
+    first = float(np.float32(0.1))
+    second = float(np.float32(first * np.float32(np.exp(np.float32(-0.1)))))
+    assert history.history["learning_rate"][:2] == [first, second]
+    with pytest.raises(ValueError, match="must return a float"):
+        sgd_model(0.1).fit(*tiny_data(), batch_size=4, epochs=1, verbose=0, callbacks=[
+            callbacks.LearningRateScheduler(lambda epoch: keras.ops.convert_to_tensor([0.1, 0.2]))])
