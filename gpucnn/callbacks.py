@@ -174,6 +174,11 @@ class _Monitoring(Callback):
         self.min_delta = self._sign * self._delta  # an improvement must beat the best by |min_delta|
 
     def on_train_begin(self, logs=None):
+        self._know_direction()
+
+    def _know_direction(self):
+        """Read the direction from the model's metrics if the name did not tell (on_train_begin; each epoch's end
+        too, for a subclass whose on_train_begin does not call this one's)."""
         if self._better is not None:
             return
         direction = _direction(self.monitor, self._mode, type(self).__name__, getattr(self.model, "metrics", ()))
@@ -207,6 +212,7 @@ class EarlyStopping(_Monitoring):
         return reference is None or self._better(value - self.min_delta, reference)
 
     def on_epoch_end(self, epoch, logs=None):
+        self._know_direction()
         current = (logs or {}).get(self.monitor)
         if current is None:
             warnings.warn(f"EarlyStopping is conditioned on {self.monitor!r}, which is not in the logs; "
@@ -270,6 +276,8 @@ class ModelCheckpoint(_Monitoring):
         self._set_best()
 
     def on_epoch_end(self, epoch, logs=None):
+        self._know_direction()
+        self._set_best()
         logs = logs or {}
         try:
             path = self.filepath.format(epoch=epoch + 1, **logs)
@@ -415,6 +423,7 @@ class ReduceLROnPlateau(_Monitoring):
         return self.cooldown_counter > 0
 
     def on_epoch_end(self, epoch, logs=None):
+        self._know_direction()
         logs = logs if logs is not None else {}
         optimizer = _optimizer(self.model, "ReduceLROnPlateau")
         logs["learning_rate"] = float(optimizer.learning_rate)

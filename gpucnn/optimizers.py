@@ -20,6 +20,7 @@ it, so the weights, the state buffers and ``iterations`` are never left half-upd
 """
 import inspect
 import math
+import numbers
 import operator
 import re
 import weakref
@@ -36,9 +37,10 @@ MAX_ITERATIONS = 2**62  # (a saved file holds no more either)
 class _Variable:
     """One of an optimizer's numbers as Keras gives it out, a variable: a live view that reads the optimizer's current
     value each time it is used (a reference kept across epochs sees the rate a callback set since, as Keras's does),
-    computes and compares as that value (``rate * 0.5``, ``rate > 1e-3``, ``float(rate)``, ``f"{rate:.4f}"``), and
-    answers Keras's variable methods ``numpy()`` and ``assign(value)`` (the same as setting the optimizer's attribute
-    ``_attribute``). Copied or pickled (a History holding it), it is the plain number of that moment."""
+    computes and compares as that value (``rate * 0.5``, ``rate > 1e-3``, ``steps < 1e3``, ``float(rate)``,
+    ``f"{rate:.4f}"``, ``math.floor``), and answers Keras's variable methods ``numpy()`` and ``assign(value)`` (the same
+    as setting the optimizer's attribute ``_attribute``). Copied or pickled (a History holding it), it is the plain
+    number of that moment; gpucnn's own checks of a number read that too (``utils.plain_number``)."""
     __slots__ = ("_optimizer", "_frozen")
     __hash__ = None  # its value changes
     _attribute = None
@@ -48,6 +50,13 @@ class _Variable:
 
     def _value(self):
         return self._frozen if self._frozen is not None else self._read()
+
+    def _operand(self, other):
+        """``other`` as this variable computes with it."""
+        return other._value() if isinstance(other, _Variable) else other
+
+    def _plain_number(self):
+        return self._plain(self._value())
 
     def numpy(self):
         return self._value()
@@ -67,36 +76,83 @@ class _Variable:
         return np.asarray(self._value(), dtype=dtype)
 
     def __reduce__(self):
-        return self._plain, (self._plain(self._value()),)
+        return self._plain, (self._plain_number(),)
+
+    def __bool__(self):
+        return bool(self._value())
+
+    def __int__(self):
+        return int(self._value())
+
+    def __float__(self):
+        return float(self._value())
+
+    def __neg__(self):
+        return -self._value()
+
+    def __pos__(self):
+        return +self._value()
+
+    def __abs__(self):
+        return abs(self._value())
+
+    def __round__(self, digits=None):
+        return round(self._plain_number(), digits)
+
+    def __trunc__(self):
+        return math.trunc(self._plain_number())
+
+    def __floor__(self):
+        return math.floor(self._plain_number())
+
+    def __ceil__(self):
+        return math.ceil(self._plain_number())
 
 
-def _as_value(x):
-    return x._value() if isinstance(x, _Variable) else x
-
-
-def _delegate(cls, names):
-    """Give ``cls`` the value's own arithmetic and comparisons (on the other operand's value if it is one too)."""
-    for name in names:
-        def method(self, *args, _name=name):
-            return getattr(self._value(), _name)(*(_as_value(a) for a in args))
+def _operators(cls, binary, comparisons):
+    """Give ``cls`` each binary operator of ``binary`` (both ways: ``v * 2`` and ``2 * v``) and each comparison, on
+    the value and the other operand as ``_operand`` makes it (Python's operator functions: an int step count with a
+    float gives a float, as Keras's variable does)."""
+    def define(name, function, reflected):
+        def method(self, other):
+            other = self._operand(other)
+            return function(other, self._value()) if reflected else function(self._value(), other)
         method.__name__ = name
         setattr(cls, name, method)
+
+    for name, function in binary.items():
+        define(f"__{name}__", function, False)
+        define(f"__r{name}__", function, True)
+    for name, function in comparisons.items():
+        define(f"__{name}__", function, False)
     return cls
 
 
-_ARITHMETIC = ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
-               "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__", "__neg__", "__pos__",
-               "__abs__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__int__",
-               "__float__", "__round__", "__trunc__", "__floor__", "__ceil__")
+_ARITHMETIC = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+               "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "divmod": divmod}
+_BITWISE = {"and": operator.and_, "or": operator.or_, "xor": operator.xor, "lshift": operator.lshift,
+            "rshift": operator.rshift}
+_COMPARISONS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+                "ge": operator.ge}
 
 
 class LearningRate(_Variable):
     """An optimizer's learning rate as ``optimizer.learning_rate`` gives it out: Keras's float32 variable, live (the
-    rate of the next update); with a schedule, the rate at the moment it was read (as Keras's, a value then)."""
+    rate of the next update); with a schedule, the rate at the moment it was read (as Keras's, a value then). It
+    computes and compares in float32, a number it meets taken as a float32 first (Keras's rule, and NumPy 2's for a
+    Python float; NumPy 1 would compare 0.1 in float64 and find the rate 0.1 unequal to it)."""
     _attribute, _plain = "learning_rate", float
 
     def _read(self):
         return np.float32(self._optimizer._current_rate())
+
+    def _operand(self, other):
+        other = super()._operand(other)
+        if isinstance(other, (numbers.Real, np.number)) and not isinstance(other, (bool, np.bool_)):
+            return np.float32(other)
+        if isinstance(other, np.ndarray) and other.dtype.kind in "iuf":
+            return other.astype(np.float32)
+        return other
 
 
 class Iterations(_Variable):
@@ -113,12 +169,15 @@ class Iterations(_Variable):
     def __index__(self):
         return self._value()
 
+    def __invert__(self):
+        return ~self._value()
+
     def assign_add(self, value):
         self._optimizer.iterations = self._value() + value
 
 
-_delegate(LearningRate, _ARITHMETIC)
-_delegate(Iterations, _ARITHMETIC)
+_operators(LearningRate, _ARITHMETIC, _COMPARISONS)
+_operators(Iterations, {**_ARITHMETIC, **_BITWISE}, _COMPARISONS)
 
 
 class Optimizer:
@@ -510,7 +569,7 @@ def _learning_rate_argument(value):
     rate = _number("learning_rate", value)
     if not rate >= 0:
         raise ValueError(f"learning_rate must be a number >= 0, got {value!r}")
-    return rate
+    return schedules.check_rate(rate, "learning_rate")  # kept as Keras keeps it: a float32
 
 
 def _number(name, value):

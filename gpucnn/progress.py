@@ -8,9 +8,10 @@ When output goes to a file or a CI log there are no carriage returns: one line p
 ``verbose=2`` prints one line per epoch, ``938/938 - 3s - 3ms/step - accuracy: ... - loss: ...``;
 ``verbose=0`` prints nothing.
 """
-import numbers
 import sys
 import time
+
+import numpy as np
 
 BAR_WIDTH = 20
 
@@ -36,8 +37,18 @@ def format_metrics(metrics, added=()):
     """" - name: value" for each metric in name order, then the ``added`` names (what callbacks logged at the end of
     an epoch, such as learning_rate: last, as Keras prints them); numbers to 4 decimals."""
     names = sorted(k for k in metrics if k not in added) + [k for k in added if k in metrics]
-    return "".join(f" - {k}: {metrics[k]:.4f}" if isinstance(metrics[k], numbers.Real) else f" - {k}: {metrics[k]}"
-                   for k in names)
+    return "".join(f" - {k}: {_shown(metrics[k])}" for k in names)
+
+
+def _shown(value):
+    """A logged value as the progress line shows it: one number (a float, a NumPy scalar or 0-d array, an optimizer's
+    learning_rate) to 4 decimals, anything else as it prints."""
+    if not isinstance(value, (str, bytes)) and np.ndim(value) == 0:
+        try:
+            return f"{float(value):.4f}"
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 class Progbar:

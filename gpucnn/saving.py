@@ -59,6 +59,7 @@ _FILE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, KeyError, IndexError, 
 _registered = layers_mod.REGISTERED_CLASSES  # layer classes by name (register_layer_class, register_keras_serializable)
 _registered_schedules = {}  # learning-rate schedule classes by name (register_keras_serializable)
 _registered_names = {}  # class -> Keras's registered name "package>name"
+_registered_by_name = {}  # and back: "package>name" -> the class registered under it last
 
 
 class InvalidModelFile(ValueError):
@@ -275,7 +276,8 @@ def register_keras_serializable(package="Custom", name=None):
         else:
             raise TypeError(f"register_keras_serializable: gpucnn saves your own Layer and LearningRateSchedule "
                             f"subclasses; got {cls!r}")
-        _registered_names[cls] = f"{package}>{name or cls.__name__}"
+        registered = f"{package}>{name or cls.__name__}"
+        _registered_names[cls], _registered_by_name[registered] = registered, cls
         return cls
     return decorator
 
@@ -293,9 +295,8 @@ def get_registered_object(name, custom_objects=None, module_objects=None):
     for table in (custom_objects or {}, module_objects or {}):
         if name in table:
             return table[name]
-    for cls, registered in _registered_names.items():
-        if name == registered:
-            return cls
+    if name in _registered_by_name:
+        return _registered_by_name[name]
     return _registered.get(name, _registered_schedules.get(name))
 
 

@@ -19,7 +19,7 @@ import numbers
 
 import numpy as np
 
-from .utils import missing
+from .utils import missing, plain_number
 
 __all__ = ["LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay", "CosineDecay", "InverseTimeDecay",
            "PolynomialDecay", "CosineDecayRestarts", "resolve", "check_rate", "serialize", "deserialize"]
@@ -27,6 +27,7 @@ __all__ = ["LearningRateSchedule", "ExponentialDecay", "PiecewiseConstantDecay",
 
 def _number(value, what, who):
     """``value`` as a float, if it is a finite real number (not a bool)."""
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{who}: {what} must be a finite number, got {value!r}")
     return float(value)
@@ -42,6 +43,7 @@ def _decay_start(initial_learning_rate, decay_steps, who):
 
 def _step(step, who):
     """A step count as a float: a real number >= 0 (an int, as a rule)."""
+    step = plain_number(step)
     if isinstance(step, bool) or not isinstance(step, numbers.Real) or not step >= 0 or not math.isfinite(step):
         raise ValueError(f"{who}: the step must be a number >= 0 (the optimizer's update count), got {step!r}")
     return float(step)
@@ -53,6 +55,13 @@ class LearningRateSchedule:
 
     def __call__(self, step):
         raise NotImplementedError(f"learning rate schedule {type(self).__name__} must implement __call__(self, step)")
+
+    def __setattr__(self, name, value):
+        # an optimizer's live variable given as an argument (CosineDecay(opt.learning_rate, ...)) is kept as the
+        # number it is now, so the schedule does not change under the optimizer
+        if isinstance(value, (list, tuple)) and any(plain_number(v) is not v for v in value):
+            value = type(value)(plain_number(v) for v in value)
+        super().__setattr__(name, plain_number(value))
 
     def get_config(self):
         raise NotImplementedError(f"learning rate schedule {type(self).__name__} must implement get_config() to "

@@ -274,6 +274,13 @@ _KERAS_UTILS = ("set_random_seed", "clear_session", "to_categorical", "image_dat
                 "img_to_array", "PyDataset", "register_keras_serializable")
 
 
+def plain_number(value):
+    """The number one of the optimizers' live variables (``optimizer.learning_rate``, ``iterations``) holds now, for
+    a check or a setting that keeps it; any other value as it is."""
+    read = getattr(type(value), "_plain_number", None)
+    return read(value) if read is not None else value
+
+
 def missing(module, name, what, has):
     """The AttributeError for a Keras name that ``module`` lacks (a module's ``__getattr__`` raises it): it says
     gpucnn does not have that ``what`` yet and lists what it has (``has``: names, or a sentence)."""

@@ -211,6 +211,21 @@ def test_early_stopping_refuses_an_unknown_mode_or_an_ambiguous_monitor(tmp_path
         model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[EarlyStopping(monitor="val_f1", mode="max")])
 
 
+def test_a_subclass_that_does_not_call_on_train_begin_still_learns_the_direction():
+    """Keras reads an "auto" direction lazily, at the epoch's end: a subclass whose on_train_begin does not call the
+    base's works there, and here."""
+    class Quiet(EarlyStopping):
+        def on_train_begin(self, logs=None):
+            self.wait, self.stopped_epoch, self.best_epoch, self.best, self.best_weights = 0, 0, 0, None, None
+
+    model = tiny_model()
+    model.compile("sgd", "sparse_categorical_crossentropy", ["sparse_categorical_accuracy"])
+    stop = Quiet(monitor="sparse_categorical_accuracy", patience=0)
+    model.fit(*tiny_data(), batch_size=4, epochs=3, verbose=0,
+              callbacks=[Script(sparse_categorical_accuracy=[0.5, 0.4, 0.3]), stop])
+    assert stop.stopped_epoch == 1 and stop.best == 0.5
+
+
 def test_auto_mode_reads_the_models_own_metric_names_as_accuracies():
     """Keras reads an "auto" monitor's direction from the model's metric of that name: an accuracy logged under its
     own name (sparse_categorical_accuracy, an object's name=) rises."""

@@ -1021,6 +1021,21 @@ def test_the_cpu_fast_path_trains_from_host_batches_as_the_numpy_engine(cpu_fast
     assert fast[1]["accuracy"] == plain[1]["accuracy"]
 
 
+def test_the_streamed_fast_path_asks_for_the_rates_of_the_steps_it_trains_only(cpu_fast_path, monkeypatch):
+    """A window of streamed batches is as long as the steps left in the epoch: a schedule with no rate past the
+    training's last step (CosineDecayRestarts with t_mul < 1) trains on the fast path as on the plain one (the window
+    asked for READ_EVERY rates, past the end, and the schedule's error stopped the fit)."""
+    from gpucnn.optimizers import schedules
+    x, y = small_data(40)
+
+    def train():
+        m = small_model(optimizer=optimizers.SGD(schedules.CosineDecayRestarts(0.1, 3, t_mul=0.5)))
+        return m, m.fit(_Batches(x, y, 8), epochs=1, shuffle=False, verbose=0)  # 5 steps of the schedule's 6
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert isinstance(cpu_fast_path[-1], fastpath.StreamTrainer) and plain[2] == fast[2] == 5
+    _assert_same_training(plain, fast)
+
+
 @pytest.mark.parametrize("feed", ["arrays", "batches"])
 def test_the_cpu_fast_path_augments_as_the_numpy_engine(feed, cpu_fast_path, monkeypatch):
     """The random augmentation layers and Dropout, with and without their own seeds, in the captured step:

@@ -274,6 +274,8 @@ def test_progress_line_shows_what_callbacks_log_after_the_epochs_own_values(caps
     class Note(callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs["note"] = "ok"
+            logs["rate"] = self.model.optimizer.learning_rate  # a variable, or a 0-d array: shown as a number
+            logs["zero_d"] = np.array(0.5)
 
     model = tiny_model()
     model.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
@@ -282,9 +284,9 @@ def test_progress_line_shows_what_callbacks_log_after_the_epochs_own_values(caps
         callbacks.ReduceLROnPlateau("loss", patience=0, min_delta=10, verbose=1), Note()])
     lines = [line for line in capsys.readouterr().out.splitlines() if line]
     assert lines[2] == "Epoch 2/2" and lines[3].startswith("Epoch 2: ReduceLROnPlateau reducing learning rate to 0.0001")
-    for line in (lines[1], lines[4]):  # (the rate each epoch trained with)
+    for line, now in ((lines[1], "0010"), (lines[4], "0001")):  # (learning_rate: the rate each epoch trained with)
         assert re.fullmatch(r"3/3 - \d+s - \d+(ms|us|s)/step - accuracy: \d\.\d{4} - loss: \d\.\d{4} - "
-                            r"learning_rate: 0\.0010 - note: ok", line)
+                            rf"learning_rate: 0\.0010 - note: ok - rate: 0\.{now} - zero_d: 0\.5000", line)
 
 
 def test_progress_redraws_in_place_on_a_terminal():

@@ -170,6 +170,47 @@ def test_the_learning_rate_answers_kerass_variable_methods():
     assert then == pytest.approx(0.1 * 0.5 ** 0.7) and opt.learning_rate == pytest.approx(0.1 * 0.5 ** 1.7)
 
 
+def test_the_variables_compute_with_any_number_as_keras_variables_do():
+    """A step count with floats (a warm-up callback's ``steps < 1e3``, ``0.96 ** steps``), the rate against a float64
+    or a Python float (compared in float32, Keras's rule, whatever NumPy's own promotion), math's rounding."""
+    opt = optimizers.SGD(0.1)
+    opt.iterations = 100
+    steps = opt.iterations
+    assert steps == 100.0 and not steps != 100.0 and steps in (100.0,) and steps < 1e3 and steps > 50.0
+    assert steps * 0.5 == 50.0 and 0.5 * steps == 50.0 and steps / 1000.0 == 0.1 and 0.96 ** steps == 0.96 ** 100
+    assert math.exp(-0.01 * steps) == math.exp(-1.0) and divmod(steps, 7) == (14, 2) and divmod(250, steps) == (2, 50)
+    assert steps & 4 == 4 and 1 << steps == 2 ** 100 and steps // 3 == 33 and steps % 7 == 2 and -steps == -100
+    rate = opt.learning_rate
+    assert rate == 0.1 and rate <= 0.1 and rate >= 0.1 and rate == np.float64(0.1) and rate <= np.float64(0.1)
+    assert not rate < 0.1 and rate != 0.2 and rate * np.float64(2) == np.float32(0.2)
+    lr, halvings = rate, 0  # "halve while above 0.0125": 3 halvings in float32, as Keras
+    while lr > 0.0125:
+        lr, halvings = lr * 0.5, halvings + 1
+    assert halvings == 3
+    assert math.floor(rate) == 0 and math.ceil(rate) == 1 and math.trunc(rate) == 0 and round(rate, 2) == 0.1
+    assert round(steps) == 100 and int(rate * 100) == 10
+
+
+def test_gpucnns_own_checks_take_the_variables_and_keep_their_value_of_the_moment():
+    opt = optimizers.SGD(0.1)
+    opt.iterations = 20
+    decay = schedules.CosineDecay(opt.learning_rate, 100)
+    assert decay(opt.iterations) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    steps = schedules.PiecewiseConstantDecay([opt.iterations], [opt.learning_rate, opt.learning_rate * 0.1])
+    opt.iterations, opt.learning_rate = 50, 0.5
+    assert decay.initial_learning_rate == pytest.approx(0.1) and steps.boundaries == [20]  # not live
+    assert type(steps.boundaries[0]) is int and steps(30) == pytest.approx(0.01)
+    assert layers.ReLU(max_value=opt.learning_rate).max_value == 0.5
+
+
+def test_a_number_learning_rate_is_a_float32_from_the_constructor_on():
+    """Keras's variable holds float32: the constructor's rate too (get_config gives Keras's number); a rate past
+    float32's range is refused there as by assignment."""
+    assert optimizers.SGD(0.1).get_config()["learning_rate"] == float(np.float32(0.1))
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        optimizers.SGD(1e39)
+
+
 def test_reduce_lr_on_plateau_refuses_a_schedule_as_keras():
     model = small_model(optimizers.SGD(schedules.ExponentialDecay(0.1, 10, 0.5)))
     with pytest.raises(TypeError, match="is a schedule"):
@@ -260,6 +301,12 @@ def test_register_keras_serializable_loads_ones_own_schedule_and_layer_without_c
         np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
         assert saving.get_registered_name(Thirds) == "Mine>Thirds" and saving.get_registered_name(Twice()) == "Custom>twice"
         assert saving.get_registered_object("Mine>Thirds") is Thirds and saving.get_registered_object("Twice") is Twice
+
+        @keras.saving.register_keras_serializable(package="Mine")
+        class Thirds(schedules.LearningRateSchedule):  # the notebook cell run again: the new class
+            pass
+
+        assert saving.get_registered_object("Mine>Thirds") is Thirds is saving.get_registered_object("Thirds")
     finally:
         saving._registered.pop("Twice", None), saving._registered_schedules.pop("Thirds", None)
     with pytest.raises(ValueError, match="name of gpucnn's built-in schedule CosineDecay"):

@@ -5,11 +5,13 @@ tanh) have no layer of their own in Keras: ``Activation("gelu")``."""
 import numbers
 import warnings
 
+from ..utils import plain_number
 from .base import Layer
 from .core import Activation
 
 
 def _non_negative(value, what, who):
+    value = plain_number(value)  # (optimizer.learning_rate: the number it is now)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
         raise ValueError(f"{who}: {what} must be a finite number >= 0, got {value!r}")
     return float(value)

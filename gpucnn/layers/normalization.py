@@ -20,11 +20,13 @@ import math
 import numbers
 
 from .. import backend, initializers
+from ..utils import plain_number
 from .base import Layer, _initializer
 from .convolutional import Conv2D
 
 
 def _finite(value, what):
+    value = plain_number(value)  # (optimizer.learning_rate: the number it is now)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"BatchNormalization: {what} must be a finite number, got {value!r}")
     return float(value)

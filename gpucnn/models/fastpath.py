@@ -194,6 +194,7 @@ class Trainer:
         self.n = n
         self.batch = int(batch_size)
         self.steps = math.ceil(n / self.batch) if rows is None else rows
+        self._window = self.steps  # the table rows the steps to come read (a streamed trainer's window: fewer)
         self.full_rows = self.batch if n is None else min(self.batch, n)
         self.last_rows = self.full_rows if n is None else n - (self.steps - 1) * self.batch
         self.sparse = model.loss.sparse
@@ -381,7 +382,7 @@ class Trainer:
         factor = opt.decay_factors_for(opt.iterations + 1, 1)
         if (opt.rates_for(opt.iterations + 1, 1)[0] != self._host_rates[row]
                 or (1.0 if factor is None else factor[0]) != self._host_factors[row]):  # the rate or weight_decay
-            self._set_rates(row, len(self._host_rates) - row)
+            self._set_rates(row, self._window - row)
         self.model._sync_trainable()
         self.cupy.cuda.Device().synchronize()
 
@@ -479,7 +480,8 @@ class StreamTrainer(Trainer):
         self.cupy.cuda.Device().synchronize()  # writes of callbacks or validation on the default stream first
         with self.stream:
             self.step.fill(0)
-        self._set_rates(0, self.steps)
+        self._window = min(steps, self.steps)  # the rates of these steps only: a schedule may end after them
+        self._set_rates(0, self._window)
 
     def _close_window(self, rows, totals):
         """Read the window's slots (waiting for its steps) into the epoch's running totals; returns the logs."""
