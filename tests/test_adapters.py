@@ -98,6 +98,22 @@ def test_arrays_shuffle_each_epoch_and_repeat_with_the_seed():
     assert sum(_firsts(_epoch(b)), []) == first
 
 
+def test_shuffle_batch_keeps_each_batch_and_shuffles_inside_it_as_keras():
+    """Keras's shuffle="batch": the same batches every epoch, each one's samples in a new order."""
+    x, y = _arrays()
+    utils.set_random_seed(3)
+    a = adapt(x, y, batch_size=B, shuffle="batch")
+    epochs = [_firsts(_epoch(a, e)) for e in range(3)]
+    plain = _firsts(_epoch(adapt(x, y, batch_size=B)))
+    for batches in epochs:
+        assert [sorted(b) for b in batches] == plain
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # the order inside the batches changes
+    from gpucnn.data.adapters import check_shuffle
+    assert check_shuffle(1) is True and check_shuffle(0) is False and check_shuffle("batch") == "batch"
+    with pytest.raises(ValueError, match="shuffle must be True, False or 'batch'.* got 'True'"):
+        check_shuffle("True")
+
+
 def test_arrays_predict_without_targets_and_default_batch_sizes():
     x, _ = _arrays()
     assert [yb for _, yb in _epoch(adapt(x, batch_size=B))] == [None] * 3

@@ -1146,6 +1146,27 @@ def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(c
     assert seen[12]["loss"] > 0 and 0 <= seen[12]["accuracy"] <= 1
 
 
+@pytest.mark.parametrize("feed", ["arrays", "batches"])
+def test_shuffle_batch_trains_the_same_batches_on_both_engines(feed, cpu_fast_path, monkeypatch):
+    """shuffle="batch" (Keras's: for arrays the same batches, each one's samples in a new order; a dataset's batches
+    in a new order, as True): the fast path draws the order as the plain path does, so the same training; for
+    arrays it is the unshuffled batches' training, up to the order of the sums (before, "batch" shuffled every
+    sample, silently)."""
+    x, y = small_data(40)
+
+    def train(shuffle):
+        def run():
+            m = small_model()
+            data = (x, y) if feed == "arrays" else (_Batches(x, y, 8), None)
+            return m, m.fit(*data, batch_size=None if feed == "batches" else 8, epochs=2, shuffle=shuffle, verbose=0)
+        return run
+    plain, fast = _trained_on_both_engines(monkeypatch, train("batch"))
+    _assert_same_training(plain, fast)
+    if feed == "arrays":
+        unshuffled, _ = _trained_on_both_engines(monkeypatch, train(False))
+        _assert_same_training(plain, unshuffled)
+
+
 def test_a_diverging_cpu_fast_path_raises(cpu_fast_path):
     m = small_model(optimizer=optimizers.SGD(1e30))
     x, y = small_data(40, "normal")

@@ -261,6 +261,26 @@ class Adapter:
         return x.astype(np.float32, copy=False), y
 
 
+def check_shuffle(shuffle):
+    """``fit``'s ``shuffle``: True, False (or what reads as one), or Keras's "batch"; another string is refused."""
+    if isinstance(shuffle, str) and shuffle != "batch":
+        raise ValueError(f"shuffle must be True, False or 'batch' (the same batches each epoch, each one's samples in "
+                         f"a new order), got {shuffle!r}")
+    return shuffle if shuffle == "batch" else bool(shuffle)
+
+
+def epoch_order(n, batch_size, shuffle):
+    """The order of n samples for one epoch (drawn from ``gpucnn.utils.rng()``): a new one (``shuffle`` True), the
+    samples' own (False), or Keras's "batch": the same batches of ``batch_size`` each epoch, each one's samples in a
+    new order."""
+    if shuffle != "batch":
+        return rng().permutation(n) if shuffle else np.arange(n)
+    order = np.arange(n)
+    for start in range(0, n, batch_size):
+        rng().shuffle(order[start:start + batch_size])
+    return order
+
+
 class _ArrayAdapter(Adapter):
     kind = "arrays"
 
@@ -284,7 +304,7 @@ class _ArrayAdapter(Adapter):
 
     def _open_pass(self):
         x, y = self.arrays
-        order = rng().permutation(len(x)) if self.shuffle else np.arange(len(x))
+        order = epoch_order(len(x), self.batch_size, self.shuffle)
         for start in range(0, len(x), self.batch_size):
             index = order[start:start + self.batch_size]
             yield (x[index],) if y is None else (x[index], y[index])

@@ -45,6 +45,7 @@ import numpy as np
 from .. import layers as L
 from .. import losses as losses_mod
 from .. import metrics as metrics_mod
+from ..data.adapters import epoch_order
 from .. import optimizers as optimizers_mod
 from ..layers import LAYER_CLASSES
 from . import capture
@@ -344,7 +345,9 @@ class Trainer:
         cupy.cuda.Device().synchronize()
         self._ensure_graphs()
         with self.stream:
-            if shuffle:
+            if shuffle == "batch":  # the same batches, each one's samples in a new order: drawn as the plain path
+                self.perm.set(epoch_order(self.n, self.batch, shuffle).astype(np.int32))
+            elif shuffle:
                 seed = int(rng().integers(2**63))
                 self.cuda.launch("permutation_keys", self.ops._blocks(self.n), self.ops._THREADS,
                                  (self.keys, self.n, seed))

@@ -15,7 +15,6 @@ from .. import callbacks as callbacks_mod
 from ..callbacks import CallbackList, History
 from ..data import adapters
 from ..progress import Progbar
-from ..utils import rng
 from . import fastpath, parallel
 from .graph import Contexts, StepValues
 
@@ -281,6 +280,7 @@ class Trainer:
             raise NotImplementedError("fit(validation_freq=...) is not supported by gpucnn yet; validation runs "
                                       "after every epoch")
         verbose = _verbose(verbose)
+        shuffle = adapters.check_shuffle(shuffle)
         given_batch, batch_size = _batch_size(batch_size)
         if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
             raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
@@ -391,7 +391,7 @@ class Trainer:
                 elif trainer is not None:  # the fast path: its own device order, graphs and metric reads
                     logs = trainer.run_epoch(epoch, shuffle, cbs, bar)
                 elif train is None:
-                    order = rng().permutation(len(x_dev)) if shuffle else np.arange(len(x_dev))
+                    order = adapters.epoch_order(len(x_dev), batch_size, shuffle)
                     order_dev = xp.asarray(order)
                     batches = ((x_dev[idx], y_dev[idx]) for idx in
                                (order_dev[k * batch_size:(k + 1) * batch_size] for k in range(steps)))
