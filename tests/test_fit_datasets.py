@@ -207,3 +207,49 @@ def test_a_validation_generator_that_runs_out_says_so():
     once = ((x[i:i + 16], y[i:i + 16]) for i in range(0, 32, 16))
     with pytest.raises(ValueError, match="validation_data has run out of batches.*read only once"):
         m.fit(x, y, epochs=2, verbose=0, validation_data=once)
+
+
+def _hooks_of(module):
+    """The epoch hooks a PyDataset of ``module`` (gpucnn or Keras) sees through fit (with validation), evaluate and
+    predict, in order."""
+    calls = []
+
+    class Hooks(module.utils.PyDataset):
+        def __init__(self, tag):
+            super().__init__()
+            r = np.random.default_rng(0)
+            self.tag, self.x, self.y = tag, r.random((16, 4), dtype=np.float32), np.arange(16) % 2
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.x[i * 8:(i + 1) * 8], self.y[i * 8:(i + 1) * 8]
+
+        def on_epoch_begin(self):
+            calls.append(self.tag + ".begin")
+
+        def on_epoch_end(self):
+            calls.append(self.tag + ".end")
+
+    model = module.Sequential([module.Input((4,)), module.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(Hooks("t"), epochs=1, verbose=0)  # (Keras's first fit also peeks: begin, before its end)
+    calls.clear()
+    model.fit(Hooks("t"), epochs=2, verbose=0, validation_data=Hooks("v"))
+    model.evaluate(Hooks("e"), verbose=0)
+    model.predict(Hooks("p"), verbose=0)
+    return calls
+
+
+def test_a_pydatasets_on_epoch_end_runs_once_before_its_first_batch_as_in_keras():
+    """Keras resets its epoch iterator before fit's first epoch, each validation and evaluate (not predict), which
+    calls the dataset's on_epoch_end: a PyDataset that reshuffles there (keras.io's idiom) has reshuffled before its
+    first batch."""
+    assert _hooks_of(keras) == ["t.end", "t.begin", "t.end", "v.end", "v.begin", "v.end", "t.begin", "t.end",
+                                "v.end", "v.begin", "v.end", "e.end", "e.begin", "e.end", "p.begin", "p.end"]
+
+
+def test_a_pydatasets_epoch_hooks_match_keras():
+    k = pytest.importorskip("keras", reason="Keras 3 is the oracle where it is installed (not a dependency)")
+    assert _hooks_of(keras) == _hooks_of(k)

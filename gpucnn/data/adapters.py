@@ -156,6 +156,12 @@ class Adapter:
         pass
 
     # ------------------------------------------------------------------------------ shared
+    def reset(self):
+        """What Keras's epoch iterator does as it is reset, before fit's first epoch, before each validation and
+        evaluate (not predict): the dataset's ``on_epoch_end`` once, so a PyDataset that reshuffles there has done
+        so before its first batch, as in Keras."""
+        self._epoch_end()
+
     restarts = False  # validation data: each epoch from the first batch again (a generator cannot)
 
     def batches(self, epoch=0):

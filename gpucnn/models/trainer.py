@@ -376,6 +376,8 @@ class Trainer:
         self.history = history
         self._last_logs = {}
         cbs.on_train_begin()
+        if train is not None:
+            train.reset()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _end_batch
             for epoch in range(initial_epoch, epochs):
                 if train is not None and train.exhausted:
@@ -521,6 +523,7 @@ class Trainer:
         source = None
         if isinstance(x, adapters.Adapter) or not (steps is None and adapters.is_arrays(x, y)):
             source = x if isinstance(x, adapters.Adapter) else adapters.adapt(x, y, given_batch, steps, False, "x")
+            source.reset()
             total = source.num_batches
             batches = self._checked_batches(source, 0)
         else:
