@@ -196,6 +196,12 @@ def test_validation_data_forms_keras_takes():
         assert "val_loss" in h.history, kwargs
     with pytest.raises(NotImplementedError, match="sample weights"):
         m.fit(x, y, verbose=0, validation_data=(x, y, np.ones(48)))
+    for lone in ((x,), [x]):  # labels forgotten: said before any training (was a bare TypeError)
+        with pytest.raises(ValueError, match="validation_data must be a tuple \\(x_val, y_val\\).* of 1: give the labels"):
+            m.fit(x, y, verbose=0, validation_data=lone)
+    with pytest.raises(NotImplementedError, match="evaluate\\(sample_weight=...\\) is not supported"):
+        m.evaluate(x, y, verbose=0, sample_weight=np.ones(48))
+    assert m.evaluate(x, y, 16, 0, None, None, None, True) == m.evaluate(x, y, verbose=0, return_dict=True)  # Keras's order
     xv, yv = arrays(100, seed=1)  # no batch size: Keras's ceil(100 / 2) for the validation batches, all 100 read
     h = m.fit(x, y, verbose=0, validation_data=(xv, yv), validation_steps=2)
     assert h.history["val_loss"][0] == pytest.approx(m.evaluate(xv, yv, verbose=0)[0], rel=1e-5)

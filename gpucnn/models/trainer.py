@@ -331,6 +331,9 @@ class Trainer:
         """Validation data as evaluate takes it: checked arrays (x, y), an adapter, or None."""
         if validation_data is None:
             return None
+        if isinstance(validation_data, (tuple, list)) and len(validation_data) < 2:
+            raise ValueError(f"validation_data must be a tuple (x_val, y_val) or a dataset of (x, y) batches; got a "
+                             f"{type(validation_data).__name__} of {len(validation_data)}: give the labels too")
         if isinstance(validation_data, (tuple, list)) and adapters.is_arrays(*validation_data[:2]):
             if len(validation_data) == 3 and validation_data[2] is not None:
                 raise NotImplementedError("validation_data=(x_val, y_val, sample_weight): sample weights are not "
@@ -512,10 +515,13 @@ class Trainer:
                     raise self._diverged(f"the {name} of layer {layer.name!r} is no longer finite {where}")
 
     # ================================================================================= evaluate, predict
-    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", steps=None, return_dict=False,
-                 callbacks=None, _checked=False):
+    def evaluate(self, x=None, y=None, batch_size=None, verbose="auto", sample_weight=None, steps=None,
+                 callbacks=None, return_dict=False, _checked=False):
         """``[loss, metrics...]`` over the data (the loss alone when compiled without metrics); ``x`` as fit
-        takes it (arrays with ``y``, or a dataset of (x, y) batches, with ``steps``)."""
+        takes it (arrays with ``y``, or a dataset of (x, y) batches, with ``steps``). Keras's arguments, in its
+        order; ``sample_weight`` is refused (as by fit)."""
+        if sample_weight is not None:
+            raise NotImplementedError("evaluate(sample_weight=...) is not supported by gpucnn yet")
         self._require_compiled("evaluate")
         verbose = _verbose(verbose)
         given_batch, batch_size = _batch_size(batch_size)
