@@ -148,10 +148,8 @@ class LearningRate(_Variable):
 
     def _operand(self, other):
         other = super()._operand(other)
-        if isinstance(other, (numbers.Real, np.number)) and not isinstance(other, (bool, np.bool_)):
-            return np.float32(other)
-        if isinstance(other, np.ndarray) and other.dtype.kind in "iuf":
-            return other.astype(np.float32)
+        if isinstance(other, (numbers.Real, np.integer, np.floating)) and not isinstance(other, (bool, np.bool_)):
+            return np.float32(other)  # a number (an array, or a complex, keeps NumPy's own promotion: Keras's too)
         return other
 
 

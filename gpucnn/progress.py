@@ -43,10 +43,11 @@ def format_metrics(metrics, added=()):
 def _shown(value):
     """A logged value as the progress line shows it: one number (a float, a NumPy scalar or 0-d array, an optimizer's
     learning_rate) to 4 decimals, anything else as it prints."""
-    if not isinstance(value, (str, bytes)) and np.ndim(value) == 0:
+    if not isinstance(value, (str, bytes)):
         try:
-            return f"{float(value):.4f}"
-        except (TypeError, ValueError):
+            if np.ndim(value) == 0:
+                return f"{float(value):.4f}"
+        except (TypeError, ValueError):  # (a ragged list has no ndim)
             pass
     return str(value)
 

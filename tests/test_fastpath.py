@@ -1036,6 +1036,33 @@ def test_the_streamed_fast_path_asks_for_the_rates_of_the_steps_it_trains_only(c
     _assert_same_training(plain, fast)
 
 
+class _Undercounting:
+    """An iterable dataset of (x, y) batches whose len() says 3 while it yields 5."""
+
+    def __init__(self, x, y, size):
+        self.x, self.y, self.size = x, y, size
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        for i in range(0, len(self.x), self.size):
+            yield self.x[i:i + self.size], self.y[i:i + self.size]
+
+
+def test_the_streamed_fast_path_rates_steps_past_a_datasets_len(cpu_fast_path, monkeypatch):
+    """A dataset that yields more batches than its len(): the steps past it read their own rates (the window was cut
+    at len(), and those steps trained with a rate of 0 or a stale one)."""
+    x, y = small_data(40)
+
+    def train():
+        m = small_model(optimizer=optimizers.SGD(0.1))
+        return m, m.fit(_Undercounting(x, y, 8), epochs=2, shuffle=False, verbose=0)
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert plain[2] == fast[2] == 10
+    _assert_same_training(plain, fast)
+
+
 @pytest.mark.parametrize("feed", ["arrays", "batches"])
 def test_the_cpu_fast_path_augments_as_the_numpy_engine(feed, cpu_fast_path, monkeypatch):
     """The random augmentation layers and Dropout, with and without their own seeds, in the captured step:

@@ -199,6 +199,8 @@ def test_validation_data_forms_keras_takes():
     for lone in ((x,), [x]):  # labels forgotten: said before any training (was a bare TypeError)
         with pytest.raises(ValueError, match="validation_data must be a tuple \\(x_val, y_val\\).* of 1: give the labels"):
             m.fit(x, y, verbose=0, validation_data=lone)
+    with pytest.raises(ValueError, match="list of 1: give the pair itself, validation_data=\\(x_val, y_val\\)"):
+        m.fit(x, y, verbose=0, validation_data=[(x, y)])
     with pytest.raises(NotImplementedError, match="evaluate\\(sample_weight=...\\) is not supported"):
         m.evaluate(x, y, verbose=0, sample_weight=np.ones(48))
     assert m.evaluate(x, y, 16, 0, None, None, None, True) == m.evaluate(x, y, verbose=0, return_dict=True)  # Keras's order
@@ -242,7 +244,8 @@ def _hooks_of(module):
     model.compile("sgd", "sparse_categorical_crossentropy")
     model.fit(Hooks("t"), epochs=1, verbose=0)  # (Keras's first fit also peeks: begin, before its end)
     calls.clear()
-    model.fit(Hooks("t"), epochs=2, verbose=0, validation_data=Hooks("v"))
+    mark = module.callbacks.LambdaCallback(on_train_begin=lambda logs: calls.append("train_begin"))
+    model.fit(Hooks("t"), epochs=2, verbose=0, validation_data=Hooks("v"), callbacks=[mark])
     model.evaluate(Hooks("e"), verbose=0)
     model.predict(Hooks("p"), verbose=0)
     return calls
@@ -252,7 +255,7 @@ def test_a_pydatasets_on_epoch_end_runs_once_before_its_first_batch_as_in_keras(
     """Keras resets its epoch iterator before fit's first epoch, each validation and evaluate (not predict), which
     calls the dataset's on_epoch_end: a PyDataset that reshuffles there (keras.io's idiom) has reshuffled before its
     first batch."""
-    assert _hooks_of(keras) == ["t.end", "t.begin", "t.end", "v.end", "v.begin", "v.end", "t.begin", "t.end",
+    assert _hooks_of(keras) == ["t.end", "train_begin", "t.begin", "t.end", "v.end", "v.begin", "v.end", "t.begin", "t.end",
                                 "v.end", "v.begin", "v.end", "e.end", "e.begin", "e.end", "p.begin", "p.end"]
 
 

@@ -276,6 +276,7 @@ def test_progress_line_shows_what_callbacks_log_after_the_epochs_own_values(caps
             logs["note"] = "ok"
             logs["rate"] = self.model.optimizer.learning_rate  # a variable, or a 0-d array: shown as a number
             logs["zero_d"] = np.array(0.5)
+            logs["ragged"] = [[1], [2, 3]]  # shown as it prints (no ndim: it was an error after the epoch)
 
     model = tiny_model()
     model.compile("rmsprop", "sparse_categorical_crossentropy", ["accuracy"])
@@ -286,7 +287,8 @@ def test_progress_line_shows_what_callbacks_log_after_the_epochs_own_values(caps
     assert lines[2] == "Epoch 2/2" and lines[3].startswith("Epoch 2: ReduceLROnPlateau reducing learning rate to 0.0001")
     for line, now in ((lines[1], "0010"), (lines[4], "0001")):  # (learning_rate: the rate each epoch trained with)
         assert re.fullmatch(r"3/3 - \d+s - \d+(ms|us|s)/step - accuracy: \d\.\d{4} - loss: \d\.\d{4} - "
-                            rf"learning_rate: 0\.0010 - note: ok - rate: 0\.{now} - zero_d: 0\.5000", line)
+                            rf"learning_rate: 0\.0010 - note: ok - rate: 0\.{now} - zero_d: 0\.5000 - "
+                            r"ragged: \[\[1\], \[2, 3\]\]", line)
 
 
 def test_progress_redraws_in_place_on_a_terminal():

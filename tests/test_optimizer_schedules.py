@@ -189,6 +189,9 @@ def test_the_variables_compute_with_any_number_as_keras_variables_do():
     assert halvings == 3
     assert math.floor(rate) == 0 and math.ceil(rate) == 1 and math.trunc(rate) == 0 and round(rate, 2) == 0.1
     assert round(steps) == 100 and int(rate * 100) == 10
+    # an array, a 0-d array or a complex keeps NumPy's promotion (Keras's too): float64 both ways, nothing lost
+    assert (rate * np.ones(2)).dtype == (np.ones(2) * rate).dtype == np.float64
+    assert rate + np.array(1e-9) == float(np.float32(0.1)) + 1e-9 and rate * np.complex64(1j) == 1j * np.float32(0.1)
 
 
 def test_gpucnns_own_checks_take_the_variables_and_keep_their_value_of_the_moment():
@@ -201,6 +204,8 @@ def test_gpucnns_own_checks_take_the_variables_and_keep_their_value_of_the_momen
     assert decay.initial_learning_rate == pytest.approx(0.1) and steps.boundaries == [20]  # not live
     assert type(steps.boundaries[0]) is int and steps(30) == pytest.approx(0.01)
     assert layers.ReLU(max_value=opt.learning_rate).max_value == 0.5
+    opt.learning_rate = 0.25
+    assert layers.Dropout(opt.learning_rate).rate == 0.25 and layers.RandomRotation(opt.learning_rate).factor == (-0.25, 0.25)
 
 
 def test_a_number_learning_rate_is_a_float32_from_the_constructor_on():

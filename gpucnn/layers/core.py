@@ -2,7 +2,7 @@
 import numpy as np
 
 from .. import backend
-from ..utils import next_name
+from ..utils import next_name, plain_number
 from .base import Layer, SeededGenerator, _activation, _positive_int, _shape_tuple
 from .tensor import KerasTensor, Node
 
@@ -136,6 +136,7 @@ class Dropout(SeededGenerator, Layer):
         super().__init__(**kwargs)
         if noise_shape is not None:
             raise ValueError("Dropout(noise_shape=...) is not supported by gpucnn yet")
+        rate = plain_number(rate)
         if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)) \
                 or not 0 <= float(rate) < 1:
             raise ValueError(f"Dropout rate must be a number in [0, 1), got {rate!r}")

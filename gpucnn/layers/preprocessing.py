@@ -38,6 +38,7 @@ import math
 import numpy as np
 
 from .. import backend
+from ..utils import plain_number
 from .base import Layer, SeededGenerator, _check_image_input
 from .tensor import is_symbolic
 
@@ -48,6 +49,7 @@ FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 
 # ===================================================================================== argument checks
 def _number(value, what):
+    value = plain_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not math.isfinite(float(value)):
         raise ValueError(f"{what} must be a finite number, got {value!r}")

@@ -508,6 +508,9 @@ class StreamTrainer(Trainer):
                         logs = self._close_window(window, totals)
                     left = self.steps if bar.target is None else min(self.steps, bar.target - step)
                     self._open_window(max(left, 1))
+                elif step % self.steps >= self._window:  # more batches than the dataset's len() said: this
+                    self._set_rates(step % self.steps, 1)  # step's rate now (its table row was not filled)
+                    self._window = step % self.steps + 1
                 cbs.on_train_batch_begin(step)
                 rows = len(xb)
                 if rows > self.full_rows:

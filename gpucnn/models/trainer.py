@@ -332,8 +332,10 @@ class Trainer:
         if validation_data is None:
             return None
         if isinstance(validation_data, (tuple, list)) and len(validation_data) < 2:
+            pair = validation_data and isinstance(validation_data[0], (tuple, list)) and len(validation_data[0]) == 2
             raise ValueError(f"validation_data must be a tuple (x_val, y_val) or a dataset of (x, y) batches; got a "
-                             f"{type(validation_data).__name__} of {len(validation_data)}: give the labels too")
+                             f"{type(validation_data).__name__} of {len(validation_data)}: "
+                             + ("give the pair itself, validation_data=(x_val, y_val)" if pair else "give the labels too"))
         if isinstance(validation_data, (tuple, list)) and adapters.is_arrays(*validation_data[:2]):
             if len(validation_data) == 3 and validation_data[2] is not None:
                 raise NotImplementedError("validation_data=(x_val, y_val, sample_weight): sample weights are not "
@@ -378,9 +380,9 @@ class Trainer:
         self.stop_training = False
         self.history = history
         self._last_logs = {}
-        cbs.on_train_begin()
         if train is not None:
-            train.reset()
+            train.reset()  # (before on_train_begin, as Keras)
+        cbs.on_train_begin()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported by _end_batch
             for epoch in range(initial_epoch, epochs):
                 if train is not None and train.exhausted:
