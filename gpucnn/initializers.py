@@ -119,7 +119,9 @@ class VarianceScaling(Initializer):
     """Weights of variance ``scale / n``, n the fan in, the fan out or their mean (``mode``), from a truncated
     normal (Keras's default), a plain normal, or a uniform distribution."""
 
-    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None):
+    def __init__(self, scale=1.0, mode="fan_in", distribution="truncated_normal", seed=None, input_axes=None,
+                 output_axes=None):
+        _default_axes(type(self).__name__, input_axes, output_axes)
         if not scale > 0 or mode not in ("fan_in", "fan_out", "fan_avg") or distribution not in (
                 "truncated_normal", "untruncated_normal", "normal", "uniform"):
             raise ValueError(f"VarianceScaling: scale must be > 0, mode fan_in, fan_out or fan_avg, distribution "
@@ -149,9 +151,17 @@ class VarianceScaling(Initializer):
         return {"scale": self.scale, "mode": self.mode, "distribution": self.distribution, "seed": self.seed}
 
 
+def _default_axes(kind, input_axes, output_axes):
+    """Keras 3's newer VarianceScaling arguments (which axes are the fans), taken at their default, None: a Keras
+    config holds them."""
+    if input_axes is not None or output_axes is not None:
+        raise NotImplementedError(f"{kind}(input_axes={input_axes!r}, output_axes={output_axes!r}): gpucnn reads the "
+                                  "fans from the kernel's shape as Keras's default does; leave them None")
+
+
 def _scaling(name, scale, mode, distribution):
-    def __init__(self, seed=None):
-        VarianceScaling.__init__(self, scale, mode, distribution, seed)
+    def __init__(self, seed=None, input_axes=None, output_axes=None):
+        VarianceScaling.__init__(self, scale, mode, distribution, seed, input_axes, output_axes)
 
     def get_config(self):
         return {"seed": self.seed}

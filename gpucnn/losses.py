@@ -12,7 +12,7 @@ shape).
 """
 import numpy as np
 
-from .utils import missing
+from .utils import eager, missing
 
 
 class Loss:
@@ -49,6 +49,28 @@ class Loss:
             bad = int(np.flatnonzero((~np.isfinite(y.reshape(len(y), -1))).any(axis=1))[0])
             raise ValueError(f"{what} contains NaN or infinity (first at sample {bad})")
         return self._check(y, units, what)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        """The mean loss of a batch, as Keras's ``loss_fn(y_true, y_pred)`` (its quickstart's idiom): a 0-d float32
+        array (``float()`` or ``.numpy()`` reads it); ``y_pred`` (N, units), the labels as ``fit`` takes them."""
+        from .engines import numpy_ops
+        from .ops import convert_to_numpy
+        if sample_weight is not None:
+            raise NotImplementedError(f"{type(self).__name__}(...)(y_true, y_pred, sample_weight=...): sample weights "
+                                      "are not supported by gpucnn")
+        p = np.asarray(convert_to_numpy(y_pred), np.float32)
+        if p.ndim == 1 and isinstance(self, BinaryCrossentropy):
+            p = p[:, None]
+        if p.ndim != 2:
+            raise ValueError(f"{type(self).__name__}: y_pred must be a batch of outputs (N, units), got shape {p.shape}")
+        y = self.check_labels(convert_to_numpy(y_true), p.shape[1], "y_true")
+        if len(y) != len(p):
+            raise ValueError(f"{type(self).__name__}: y_true has {len(y)} samples and y_pred {len(p)}: they must match")
+        return eager(np.asarray(np.mean(self.per_sample(numpy_ops, p, y), dtype=np.float64), np.float32))
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     def fuses(self, activation):
         """Whether this loss takes its gradient at the logits of an output with ``activation``."""

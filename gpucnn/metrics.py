@@ -10,7 +10,9 @@ give (``kind``). The logs use the name the user wrote (``history.history["acc"]`
 ``Accuracy()`` as an object is Keras's exact-match accuracy (y_pred == y_true), which gpucnn does not compute: it is
 refused with the names to use instead.
 """
-from .utils import missing
+import numpy as np
+
+from .utils import eager, missing
 
 
 class Metric:
@@ -21,9 +23,33 @@ class Metric:
 
     def __init__(self, name=None, dtype=None):
         self.name = str(name) if name else self.default_name
+        self.reset_state()
 
     def get_config(self):
         return {"name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # ---- Keras's stateful use, outside fit: update_state over batches, result(), reset_state()
+    def reset_state(self):
+        self._hits, self._count = 0.0, 0
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        """Count a batch: ``y_pred`` (N, units) as the model outputs it, ``y_true`` as fit takes the labels."""
+        from .ops import convert_to_numpy
+        if sample_weight is not None:
+            raise NotImplementedError(f"{type(self).__name__}.update_state(sample_weight=...): sample weights are not "
+                                      "supported by gpucnn")
+        hits = self._hits_of(np.asarray(convert_to_numpy(y_true)), np.asarray(convert_to_numpy(y_pred)))
+        self._hits += float(np.sum(hits, dtype=np.float64))
+        self._count += int(hits.size)
+
+    def result(self):
+        """The accuracy so far (0 before any batch, as Keras), a 0-d float32 array."""
+        return eager(np.asarray(self._hits / self._count if self._count else 0.0, np.float32))
+
 
     def __repr__(self):
         return f"<{type(self).__name__} name={self.name!r}>"
@@ -35,15 +61,26 @@ class Accuracy(Metric):
     default_name = "accuracy"
     kind = "exact"
 
+    def _hits_of(self, y_true, y_pred):  # (outside fit only: compile refuses it)
+        return y_true == y_pred
+
 
 class CategoricalAccuracy(Metric):
     default_name = "categorical_accuracy"
     kind = "categorical"
 
+    def _hits_of(self, y_true, y_pred):
+        return np.argmax(y_pred, axis=-1) == np.argmax(y_true, axis=-1)
+
 
 class SparseCategoricalAccuracy(Metric):
     default_name = "sparse_categorical_accuracy"
     kind = "sparse"
+
+    def _hits_of(self, y_true, y_pred):
+        if y_true.ndim == y_pred.ndim:  # labels (N, 1), as Keras takes them
+            y_true = y_true[..., 0]
+        return np.argmax(y_pred, axis=-1) == y_true
 
 
 class BinaryAccuracy(Metric):
@@ -62,6 +99,11 @@ class BinaryAccuracy(Metric):
 
     def get_config(self):
         return {"name": self.name, "threshold": self.threshold}
+
+    def _hits_of(self, y_true, y_pred):
+        if y_true.ndim == y_pred.ndim - 1:
+            y_true = y_true[..., None]
+        return (y_pred > self.threshold).astype(np.float32) == y_true  # (Keras's: a soft label never matches)
 
 
 _KINDS = {"accuracy": None, "acc": None, "categorical_accuracy": "categorical",

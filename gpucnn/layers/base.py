@@ -184,6 +184,16 @@ def trainable_flag(value, owner):
     raise TypeError(f"{type(owner).__name__} {owner.name!r}: trainable must be True or False, got {value!r}")
 
 
+
+def _policy_name(dtype):
+    """The name of a dtype given as Keras 3 writes it in a layer's config: a DTypePolicy dict
+    ({"class_name": "DTypePolicy", "config": {"name": "float32"}}), or an object with a ``name``."""
+    if isinstance(dtype, dict):
+        config = dtype.get("config")
+        return config.get("name") if isinstance(config, dict) else None
+    return getattr(dtype, "name", None)
+
+
 class Layer:
     """Base class: name, build, weights (``get_weights``/``set_weights``), forward/backward, calls."""
 
@@ -192,7 +202,9 @@ class Layer:
     # Keras's layer arguments gpucnn takes at their default value only: any other is refused by name
     _KERAS_DEFAULTS = {"kernel_regularizer": None, "bias_regularizer": None, "activity_regularizer": None,
                        "kernel_constraint": None, "bias_constraint": None, "lora_rank": None, "groups": 1,
-                       "dilation_rate": (1, 1), "data_format": None}
+                       "dilation_rate": (1, 1), "data_format": None, "quantization_config": None,
+                       "depthwise_regularizer": None, "pointwise_regularizer": None, "depthwise_constraint": None,
+                       "pointwise_constraint": None, "renorm_clipping": None, "renorm_momentum": 0.99}
 
     def __init__(self, name=None, input_shape=None, trainable=True, dtype=None, input_dim=None, **kwargs):
         cls = type(self)
@@ -218,7 +230,7 @@ class Layer:
                             f"{', '.join(map(repr, kwargs))}")
         if input_dim is not None:  # Keras's older spelling of input_shape=(input_dim,)
             input_shape = (input_dim,) if input_shape is None else input_shape
-        if dtype not in (None, "float32", np.float32):
+        if dtype not in (None, "float32", np.float32) and _policy_name(dtype) != "float32":
             raise ValueError(f"{type(self).__name__}: gpucnn computes in float32 only, got dtype={dtype!r}")
         self.name = str(name) if name else next_name(_snake(type(self).__name__))
         self.input_shape = None  # per-sample shape (a list of them for merging layers), set by build

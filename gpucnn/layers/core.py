@@ -10,7 +10,11 @@ from .tensor import KerasTensor, Node
 class InputLayer(Layer):
     """The layer behind ``keras.Input``: it declares the per-sample input shape and passes the batch on."""
 
-    def __init__(self, shape=None, name=None, dtype=None, batch_size=None, batch_shape=None, input_shape=None):
+    def __init__(self, shape=None, name=None, dtype=None, batch_size=None, batch_shape=None, input_shape=None,
+                 sparse=False, ragged=False, optional=False):
+        for key, value in (("sparse", sparse), ("ragged", ragged), ("optional", optional)):
+            if value:  # (Keras's config holds them, False)
+                raise NotImplementedError(f"Input({key}=True) is not supported by gpucnn: it takes dense arrays")
         if shape is None and batch_shape is not None:
             shape = tuple(batch_shape)[1:]
         if shape is None:

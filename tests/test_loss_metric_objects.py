@@ -1,0 +1,72 @@
+"""Loss and metric objects used outside fit, as Keras's are: ``loss_fn(y_true, y_pred)`` (the quickstart's idiom),
+a metric's ``update_state`` / ``result`` / ``reset_state``, and ``from_config``; checked against float64 formulas
+here and against Keras 3 where it is installed."""
+import numpy as np
+import pytest
+
+import gpucnn as keras
+from gpucnn import losses, metrics
+
+R = np.random.default_rng(0)
+P = R.random((6, 3)).astype(np.float32)
+LABELS = R.integers(0, 3, 6)
+ONE_HOT = np.eye(3, dtype=np.float32)[LABELS]
+
+
+def test_a_loss_object_called_gives_the_batch_mean():
+    z = P.astype(np.float64)
+    log_softmax = z - z.max(1, keepdims=True) - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+    want = -log_softmax[np.arange(6), LABELS].mean()
+    got = losses.SparseCategoricalCrossentropy(from_logits=True)(LABELS, P)
+    assert got.dtype == np.float32 and got.shape == () and float(got) == pytest.approx(want, rel=1e-6)
+    q = np.clip(z / z.sum(1, keepdims=True), 1e-7, 1 - 1e-7)
+    assert float(losses.CategoricalCrossentropy()(ONE_HOT, P)) == pytest.approx(-np.log(q[np.arange(6), LABELS]).mean(),
+                                                                              rel=1e-6)
+    y, p = np.array([1, 0, 1.0]), np.array([0.8, 0.3, 0.6])  # (N,) outputs of one unit, as Keras takes them
+    want = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    assert float(losses.BinaryCrossentropy()(y, p).numpy()) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="label 3 at index 0 of y_true is out of range"):
+        losses.SparseCategoricalCrossentropy()(np.array([3]), P[:1])
+    with pytest.raises(NotImplementedError, match="sample weights"):
+        losses.SparseCategoricalCrossentropy()(LABELS, P, sample_weight=np.ones(6))
+    again = losses.SparseCategoricalCrossentropy.from_config(losses.SparseCategoricalCrossentropy(from_logits=True)
+                                                             .get_config())
+    assert again.from_logits and float(again(LABELS, P)) == float(got)
+
+
+def test_a_metric_object_counts_batches_as_keras():
+    m = metrics.SparseCategoricalAccuracy()
+    assert float(m.result()) == 0.0  # nothing counted yet
+    m.update_state(LABELS[:4], P[:4])
+    m.update_state(LABELS[4:, None], P[4:])  # (N, 1) labels too
+    assert float(m.result()) == pytest.approx(np.mean(P.argmax(1) == LABELS))
+    m.reset_state()
+    assert float(m.result()) == 0.0
+    c = metrics.CategoricalAccuracy.from_config(metrics.CategoricalAccuracy(name="hits").get_config())
+    c.update_state(ONE_HOT, P)
+    assert c.name == "hits" and float(c.result()) == pytest.approx(np.mean(P.argmax(1) == LABELS))
+    b = metrics.BinaryAccuracy()
+    b.update_state(np.array([1, 0, 1, 0.7]), np.array([0.7, 0.2, 0.4, 0.9]))  # a soft label never matches (Keras)
+    assert float(b.result()) == 0.5
+    e = metrics.Accuracy()
+    e.update_state([1, 2, 3], [1, 2, 4])
+    assert float(e.result()) == pytest.approx(2 / 3)
+    with pytest.raises(NotImplementedError, match="sample weights"):
+        b.update_state([1.0], [0.9], sample_weight=[1.0])
+
+
+def test_loss_and_metric_objects_match_keras():
+    k = pytest.importorskip("keras", reason="Keras 3 is the oracle where it is installed (not a dependency)")
+    for name, y, p in (("SparseCategoricalCrossentropy", LABELS, P), ("CategoricalCrossentropy", ONE_HOT, P),
+                       ("BinaryCrossentropy", np.array([[1], [0], [1.0]]), np.array([[0.8], [-0.3], [0.6]]))):
+        for kwargs in ({}, {"from_logits": True}):
+            ours = float(getattr(keras.losses, name)(**kwargs)(y, p))
+            theirs = float(k.ops.convert_to_numpy(getattr(k.losses, name)(**kwargs)(y, p)))
+            assert ours == pytest.approx(theirs, rel=1e-5), (name, kwargs)
+    for name, y, p in (("SparseCategoricalAccuracy", LABELS, P), ("CategoricalAccuracy", ONE_HOT, P),
+                       ("BinaryAccuracy", np.array([1, 0, 1, 0.0]), np.array([0.7, 0.2, 0.4, 0.6]))):
+        ours, theirs = getattr(keras.metrics, name)(), getattr(k.metrics, name)()
+        for m in (ours, theirs):
+            m.update_state(y[:2], p[:2])
+            m.update_state(y[2:], p[2:])
+        assert float(ours.result()) == pytest.approx(float(k.ops.convert_to_numpy(theirs.result())), rel=1e-6), name
