@@ -24,7 +24,10 @@ class Loss:
     fused_activation = None  # the output activation whose gradient the loss takes at the logits
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", name=None,
-                 axis=-1, dtype=None):
+                 axis=-1, dtype=None, ignore_class=None):
+        if ignore_class is not None:  # (Keras's config holds it, None)
+            raise NotImplementedError(f"{type(self).__name__}(ignore_class={ignore_class!r}) is not supported by gpucnn "
+                                      "yet: every label counts")
         if reduction not in ("sum_over_batch_size", "auto", None):
             raise ValueError(f"{type(self).__name__}: gpucnn reduces the loss as the mean over the batch "
                              f"(reduction='sum_over_batch_size'), got reduction={reduction!r}")

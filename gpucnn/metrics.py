@@ -23,7 +23,7 @@ class Metric:
 
     def __init__(self, name=None, dtype=None):
         self.name = str(name) if name else self.default_name
-        self.reset_state()
+        self._hits, self._count = 0.0, 0  # (Keras's state; as update_state counts, or fit and evaluate set it)
 
     def get_config(self):
         return {"name": self.name}
@@ -42,9 +42,13 @@ class Metric:
         if sample_weight is not None:
             raise NotImplementedError(f"{type(self).__name__}.update_state(sample_weight=...): sample weights are not "
                                       "supported by gpucnn")
-        hits = self._hits_of(np.asarray(convert_to_numpy(y_true)), np.asarray(convert_to_numpy(y_pred)))
+        hits = self._hits_of(*_same_rank(np.asarray(convert_to_numpy(y_true)), np.asarray(convert_to_numpy(y_pred))))
         self._hits += float(np.sum(hits, dtype=np.float64))
         self._count += int(hits.size)
+
+    def _counted(self, hits, count):
+        """The state fit or evaluate leaves in a compiled metric object: its running counts, as Keras's."""
+        self._hits, self._count = float(hits), int(count)
 
     def result(self):
         """The accuracy so far (0 before any batch, as Keras), a 0-d float32 array."""
@@ -83,6 +87,16 @@ class SparseCategoricalAccuracy(Metric):
         return np.argmax(y_pred, axis=-1) == y_true
 
 
+def _same_rank(y_true, y_pred):
+    """Keras's squeeze_or_expand_to_same_rank: a trailing axis of 1 dropped from the one of one more axis (labels
+    (N, 1) against outputs (N,), or the other way)."""
+    if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
+        return y_true[..., 0], y_pred
+    if y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
+        return y_true, y_pred[..., 0]
+    return y_true, y_pred
+
+
 class BinaryAccuracy(Metric):
     """Each output thresholded (``threshold``: 0.5, Keras's default, the one gpucnn computes) against its 0/1
     label, as Keras — on a ``from_logits=True`` model the logits are thresholded, as Keras does too."""
@@ -101,8 +115,6 @@ class BinaryAccuracy(Metric):
         return {"name": self.name, "threshold": self.threshold}
 
     def _hits_of(self, y_true, y_pred):
-        if y_true.ndim == y_pred.ndim - 1:
-            y_true = y_true[..., None]
         return (y_pred > self.threshold).astype(np.float32) == y_true  # (Keras's: a soft label never matches)
 
 
@@ -117,8 +129,13 @@ def get(metric):
         raise ValueError("keras.metrics.Accuracy() counts predictions exactly equal to the labels (Keras), which "
                          "gpucnn does not compute; for a classifier give metrics=['accuracy'] (the right form for "
                          "the loss), or SparseCategoricalAccuracy(), CategoricalAccuracy() or BinaryAccuracy()")
-    if isinstance(metric, Metric):
+    if isinstance(metric, Metric) and type(metric) in (CategoricalAccuracy, SparseCategoricalAccuracy, BinaryAccuracy):
         return metric.name
+    if isinstance(metric, Metric):  # a class of the user's: fit would log gpucnn's accuracy under its name
+        raise ValueError(f"compile(metrics=[{type(metric).__name__}(...)]): fit computes gpucnn's own accuracies only "
+                         "(it does not run a metric class's update_state); give 'accuracy' or one of "
+                         "CategoricalAccuracy(), SparseCategoricalAccuracy(), BinaryAccuracy(), and compute your "
+                         "metric from model.predict(...) after fit (its update_state / result work there)")
     if isinstance(metric, str) and metric in _NAMES:
         return metric
     raise ValueError(f"unknown metric {metric!r}; gpucnn computes accuracy: give 'accuracy' (or 'acc'), "

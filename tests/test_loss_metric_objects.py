@@ -70,3 +70,49 @@ def test_loss_and_metric_objects_match_keras():
             m.update_state(y[:2], p[:2])
             m.update_state(y[2:], p[2:])
         assert float(ours.result()) == pytest.approx(float(k.ops.convert_to_numpy(theirs.result())), rel=1e-6), name
+
+
+def test_a_metric_compares_outputs_and_labels_of_one_more_axis_as_keras():
+    """(N, 1) against (N,) either way: Keras brings them to one rank (NumPy would broadcast them to N x N)."""
+    b = metrics.BinaryAccuracy()
+    b.update_state([[1], [0], [0], [0]], [0.9, 0.1, 0.2, 0.3])
+    b.update_state([1, 0], [[0.9], [0.6]])
+    assert float(b.result()) == pytest.approx(5 / 6)
+    e = metrics.Accuracy()
+    e.update_state([[1], [2], [3]], [1, 2, 3])
+    assert float(e.result()) == 1.0
+
+
+def test_compile_refuses_a_metric_class_of_ones_own_and_keeps_the_state_of_its_own_objects():
+    """A user's Metric subclass was logged under its name with gpucnn's accuracy (its update_state never ran);
+    gpucnn's own objects hold the counts fit and evaluate read last, as Keras's compiled metrics do."""
+    class MeanMax(metrics.Metric):
+        def update_state(self, y_true, y_pred, sample_weight=None):
+            pass
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3, activation="softmax")])
+    with pytest.raises(ValueError, match=r"metrics=\[MeanMax\(...\)\]\): fit computes gpucnn's own accuracies only"):
+        model.compile("sgd", "sparse_categorical_crossentropy", [MeanMax(name="mean_max")])
+
+    class Mine(metrics.SparseCategoricalAccuracy):
+        pass
+    with pytest.raises(ValueError, match="fit computes gpucnn's own accuracies only"):
+        model.compile("sgd", "sparse_categorical_crossentropy", [Mine()])
+    hits = metrics.SparseCategoricalAccuracy(name="hits")
+    hits.update_state([0, 1], [[0.9, 0.1, 0.0], [0.1, 0.9, 0.0]])  # 1.0 before compile: fit starts its own count
+    model.compile("sgd", "sparse_categorical_crossentropy", [hits])
+    history = model.fit(P, LABELS, batch_size=4, epochs=2, verbose=0)
+    assert float(hits.result()) == pytest.approx(history.history["hits"][-1], rel=1e-6)
+    logs = model.evaluate(P[:4], LABELS[:4], verbose=0, return_dict=True)
+    assert float(hits.result()) == pytest.approx(logs["hits"], rel=1e-6)
+
+
+def test_keras_loss_configs_and_dtypes_gpucnn_does_not_compute_in():
+    config = {"name": "sparse_categorical_crossentropy", "reduction": "sum_over_batch_size", "from_logits": True,
+              "ignore_class": None}  # as Keras writes it
+    assert losses.SparseCategoricalCrossentropy.from_config(config).from_logits
+    with pytest.raises(NotImplementedError, match="ignore_class=255"):
+        losses.SparseCategoricalCrossentropy(ignore_class=255)
+    for dtype in (np.dtype("float64"), np.float64, "float16", "mixed_float16"):  # (np.dtype('float64') == None)
+        with pytest.raises(ValueError, match="float32 only"):
+            keras.layers.Dense(2, dtype=dtype)

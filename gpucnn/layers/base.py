@@ -186,12 +186,18 @@ def trainable_flag(value, owner):
 
 
 def _policy_name(dtype):
-    """The name of a dtype given as Keras 3 writes it in a layer's config: a DTypePolicy dict
-    ({"class_name": "DTypePolicy", "config": {"name": "float32"}}), or an object with a ``name``."""
+    """The name of a layer's dtype: a NumPy dtype or its name, or as Keras 3 writes it in a layer's config, a
+    DTypePolicy dict ({"class_name": "DTypePolicy", "config": {"name": "float32"}}) or an object with a ``name``
+    ("mixed_float16" is not float32)."""
     if isinstance(dtype, dict):
         config = dtype.get("config")
         return config.get("name") if isinstance(config, dict) else None
-    return getattr(dtype, "name", None)
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return getattr(dtype, "name", None)
 
 
 class Layer:
@@ -230,7 +236,7 @@ class Layer:
                             f"{', '.join(map(repr, kwargs))}")
         if input_dim is not None:  # Keras's older spelling of input_shape=(input_dim,)
             input_shape = (input_dim,) if input_shape is None else input_shape
-        if dtype not in (None, "float32", np.float32) and _policy_name(dtype) != "float32":
+        if dtype is not None and _policy_name(dtype) != "float32":
             raise ValueError(f"{type(self).__name__}: gpucnn computes in float32 only, got dtype={dtype!r}")
         self.name = str(name) if name else next_name(_snake(type(self).__name__))
         self.input_shape = None  # per-sample shape (a list of them for merging layers), set by build

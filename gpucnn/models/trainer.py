@@ -84,6 +84,7 @@ class Trainer:
         self.optimizer, self.loss, self.metrics = optimizer, loss, list(dict.fromkeys(names))  # metrics: log names
         self._metric_configs = [metrics_mod.serialize(m) for m in metrics]  # what a saved file holds
         self._metric_kinds = kinds
+        self._metric_objects = [m for m in metrics if isinstance(m, metrics_mod.Metric)]  # (their state follows fit's)
         if self.built:
             self._pack_weights()  # the optimizer's state comes along (a new one has none), as Keras keeps it
         self._contexts_cache.clear()
@@ -464,6 +465,8 @@ class Trainer:
         logs = {"loss": float(loss_total) / seen}
         for name in self.metrics:
             logs[name] = int(correct_total) / (seen * self._accuracy_units())
+        for metric in getattr(self, "_metric_objects", ()):  # Keras's compiled objects hold the counts read last
+            metric._counted(int(correct_total), seen * self._accuracy_units())
         return dict(sorted(logs.items()))  # by name, as Keras 3 orders its logs (and so history's keys)
 
     def _output_units(self):
