@@ -24,10 +24,7 @@ class Loss:
     fused_activation = None  # the output activation whose gradient the loss takes at the logits
 
     def __init__(self, from_logits=False, label_smoothing=0.0, reduction="sum_over_batch_size", name=None,
-                 axis=-1, dtype=None, ignore_class=None):
-        if ignore_class is not None:  # (Keras's config holds it, None)
-            raise NotImplementedError(f"{type(self).__name__}(ignore_class={ignore_class!r}) is not supported by gpucnn "
-                                      "yet: every label counts")
+                 axis=-1, dtype=None):
         if reduction not in ("sum_over_batch_size", "auto", None):
             raise ValueError(f"{type(self).__name__}: gpucnn reduces the loss as the mean over the batch "
                              f"(reduction='sum_over_batch_size'), got reduction={reduction!r}")
@@ -147,6 +144,12 @@ class SparseCategoricalCrossentropy(_Categorical):
     """Cross-entropy against integer class labels of shape (N,) (or (N, 1))."""
     name = "sparse_categorical_crossentropy"
     sparse = True
+
+    def __init__(self, from_logits=False, ignore_class=None, **kwargs):
+        if ignore_class is not None:  # (Keras's config holds it, None)
+            raise NotImplementedError(f"SparseCategoricalCrossentropy(ignore_class={ignore_class!r}) is not supported "
+                                      "by gpucnn yet: every label counts")
+        super().__init__(from_logits=from_logits, **kwargs)
 
     def _check(self, y, units, what):
         if y.ndim == 2 and y.shape[1] == 1:

@@ -42,7 +42,7 @@ class Metric:
         if sample_weight is not None:
             raise NotImplementedError(f"{type(self).__name__}.update_state(sample_weight=...): sample weights are not "
                                       "supported by gpucnn")
-        hits = self._hits_of(*_same_rank(np.asarray(convert_to_numpy(y_true)), np.asarray(convert_to_numpy(y_pred))))
+        hits = self._hits_of(np.asarray(convert_to_numpy(y_true)), np.asarray(convert_to_numpy(y_pred)))
         self._hits += float(np.sum(hits, dtype=np.float64))
         self._count += int(hits.size)
 
@@ -66,6 +66,7 @@ class Accuracy(Metric):
     kind = "exact"
 
     def _hits_of(self, y_true, y_pred):  # (outside fit only: compile refuses it)
+        y_true, y_pred = _same_rank(y_true, y_pred)
         return y_true == y_pred
 
 
@@ -88,8 +89,8 @@ class SparseCategoricalAccuracy(Metric):
 
 
 def _same_rank(y_true, y_pred):
-    """Keras's squeeze_or_expand_to_same_rank: a trailing axis of 1 dropped from the one of one more axis (labels
-    (N, 1) against outputs (N,), or the other way)."""
+    """Keras's squeeze_or_expand_to_same_rank, as its accuracy and binary accuracy take it: a trailing axis of 1
+    dropped from the one of one more axis (labels (N, 1) against outputs (N,), or the other way)."""
     if y_true.ndim == y_pred.ndim + 1 and y_true.shape[-1] == 1:
         return y_true[..., 0], y_pred
     if y_pred.ndim == y_true.ndim + 1 and y_pred.shape[-1] == 1:
@@ -115,6 +116,7 @@ class BinaryAccuracy(Metric):
         return {"name": self.name, "threshold": self.threshold}
 
     def _hits_of(self, y_true, y_pred):
+        y_true, y_pred = _same_rank(y_true, y_pred)
         return (y_pred > self.threshold).astype(np.float32) == y_true  # (Keras's: a soft label never matches)
 
 

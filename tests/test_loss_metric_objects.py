@@ -81,6 +81,9 @@ def test_a_metric_compares_outputs_and_labels_of_one_more_axis_as_keras():
     e = metrics.Accuracy()
     e.update_state([[1], [2], [3]], [1, 2, 3])
     assert float(e.result()) == 1.0
+    s = metrics.SparseCategoricalAccuracy()  # one output unit: its arg-max is 0 for every sample (Keras's too)
+    s.update_state([0, 0, 0, 0], np.ones((4, 1)))
+    assert float(s.result()) == 1.0 and s._count == 4
 
 
 def test_compile_refuses_a_metric_class_of_ones_own_and_keeps_the_state_of_its_own_objects():
@@ -113,6 +116,10 @@ def test_keras_loss_configs_and_dtypes_gpucnn_does_not_compute_in():
     assert losses.SparseCategoricalCrossentropy.from_config(config).from_logits
     with pytest.raises(NotImplementedError, match="ignore_class=255"):
         losses.SparseCategoricalCrossentropy(ignore_class=255)
+    with pytest.raises(TypeError, match="ignore_class"):  # only the sparse loss has it (Keras's too)
+        losses.CategoricalCrossentropy(ignore_class=None)
     for dtype in (np.dtype("float64"), np.float64, "float16", "mixed_float16"):  # (np.dtype('float64') == None)
         with pytest.raises(ValueError, match="float32 only"):
             keras.layers.Dense(2, dtype=dtype)
+        with pytest.raises(ValueError, match="float32"):
+            keras.layers.Dense(2).add_weight(shape=(2,), dtype=dtype)

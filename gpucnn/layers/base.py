@@ -196,7 +196,7 @@ def _policy_name(dtype):
         return dtype
     try:
         return np.dtype(dtype).name
-    except TypeError:
+    except (TypeError, ValueError):
         return getattr(dtype, "name", None)
 
 
@@ -309,7 +309,7 @@ class Layer:
         ``initializer``; returns its values (see ``__getattr__``: ``self.<name>`` reads it later)."""
         if shape is None:
             raise ValueError("add_weight needs a shape")
-        if dtype not in (None, "float32", np.float32):
+        if dtype is not None and _policy_name(dtype) != "float32":
             raise ValueError(f"add_weight: gpucnn's weights are float32, got dtype={dtype!r}")
         self._add_weight(str(name) if name else f"weight_{len(self.weights)}", tuple(int(d) for d in shape),
                          initializer, trainable)
