@@ -179,6 +179,36 @@ def test_a_nested_sequentials_input_and_output_are_its_first_call_in_the_outer_m
     assert standalone.input is standalone.inputs[0] and standalone.output is standalone.outputs[0]
 
 
+def test_a_nested_model_called_twice_trains_as_its_layer_called_twice():
+    """A nested model with weights called twice in the outer graph (and a layer called inside a nested model and
+    outside it): each call's weight gradients are added, as for a layer called twice (fit failed with "'Sequential'
+    object has no attribute 'grads'", and the inner layers' second call would have overwritten the first's)."""
+    x, y = data(16, (6, 6, 2))
+
+    def train(nested):
+        utils.set_random_seed(3)
+        conv, dense = layers.Conv2D(3, 3, padding="same"), layers.Dense(3, activation="softmax")
+        inputs = keras.Input((6, 6, 2))
+        if nested == "twice":
+            sub = keras.Sequential([keras.Input((6, 6, 2)), conv])
+            a, b = sub(inputs), sub(layers.Rescaling(0.5)(inputs))
+        elif nested == "inside and out":
+            inner = keras.Input((6, 6, 2))
+            sub = keras.Model(inner, conv(inner))
+            a, b = sub(inputs), conv(layers.Rescaling(0.5)(inputs))
+        else:
+            a, b = conv(inputs), conv(layers.Rescaling(0.5)(inputs))
+        model = keras.Model(inputs, dense(layers.Flatten()(layers.Add()([a, b]))))
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        return conv.get_weights() + dense.get_weights()
+
+    flat = train("flat")
+    for nested in ("twice", "inside and out"):
+        for got, want in zip(train(nested), flat):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=nested)
+
+
 def test_a_model_called_on_an_array_runs_it():
     model = book_convnet()
     x, _ = data(2, (28, 28, 1))

@@ -241,7 +241,8 @@ class Contexts(dict):
     size): whether each node needs its input gradient, which calls of a shared layer add their weight gradients to
     another's, and the step values (``step``: Dropout's seed table and the step counter)."""
 
-    def __init__(self, graph, step=None, skip_output_activation=False, inputs_need=False, shared_work=False):
+    def __init__(self, graph, step=None, skip_output_activation=False, inputs_need=False, shared_work=False,
+                 written_before=()):
         super().__init__()
         self.step = step
         # ``shared_work`` (inference: nothing is kept for a backward pass): every node's ops share one work dict,
@@ -250,7 +251,10 @@ class Contexts(dict):
         self.shared_work = {backend.ops().SHARED_WORK: True} if shared_work else None
         self.needs = graph.needs_gradient(inputs_need)
         output_nodes = {id(t.node) for t in graph.outputs}
-        written = set()  # layers whose gradient a later node (earlier in backward) already writes
+        # the layers whose gradient a later node (earlier in backward) already writes; a nested model's graph starts
+        # from those its outer graph's later nodes write (``written_before``: a model called twice, or a layer called
+        # inside a nested model and outside it, adds its second call's gradients instead of overwriting the first's)
+        written = set(written_before)
         for step_nodes in reversed(graph.steps(True)):
             for node in reversed(step_nodes):
                 self._context(node, step, written, skip_output_activation and id(node) in output_nodes)
@@ -264,12 +268,16 @@ class Contexts(dict):
             ctx["ops"] = self.shared_work
         if skip_activation:
             ctx["skip_activation"] = True
-        if id(node.layer) in written:
+        inner = getattr(node.layer, "_all_layers", None)  # a nested model: its own layers write the gradients
+        if inner is not None:
+            ctx["written_before"] = frozenset(written)
+            written.update(id(layer) for layer in inner())
+        elif id(node.layer) in written:
             ctx["accumulate"] = True
         written.add(id(node.layer))
         self[node] = ctx
 
-    _KEPT = ("need_dx", "step", "skip_activation", "accumulate", "inner")
+    _KEPT = ("need_dx", "step", "skip_activation", "accumulate", "inner", "written_before")
 
     def release(self, node):
         """Drop what ``node``'s layer kept in its context for a backward pass (its input, output, masks...), keeping

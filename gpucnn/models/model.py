@@ -436,8 +436,8 @@ class Model(Trainer, Layer):
     def forward(self, x, training, ctx):
         inner = ctx.get("inner")
         if inner is None or inner.step is not ctx.get("step"):
-            inner = ctx["inner"] = Contexts(self.graph, step=ctx.get("step"),
-                                            inputs_need=ctx.get("need_dx", False))
+            inner = ctx["inner"] = Contexts(self.graph, step=ctx.get("step"), inputs_need=ctx.get("need_dx", False),
+                                            written_before=ctx.get("written_before", ()))
         return self.graph.forward([x], training, inner)[0]
 
     def backward(self, dy, ctx):
