@@ -209,6 +209,26 @@ def test_a_nested_model_called_twice_trains_as_its_layer_called_twice():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=nested)
 
 
+def test_a_layer_held_by_a_nested_model_and_outside_it_is_refused_by_save_not_written_unloadable(tmp_path):
+    """A config names each layer in one model: such a file loaded as two separate layers ("the file holds 4 weight
+    arrays, the model has 6"), so nothing could read what was saved. Refused before writing; weights files work."""
+    conv = layers.Conv2D(2, 3, padding="same")
+    sub = keras.Sequential([keras.Input((6, 6, 2)), conv])
+    inputs = keras.Input((6, 6, 2))
+    model = keras.Model(inputs, layers.Dense(3, activation="softmax")(layers.Flatten()(sub(conv(inputs)))))
+    for save in (lambda: model.save(tmp_path / "m.keras"), model.to_json, lambda: models.clone_model(model)):
+        with pytest.raises(ValueError, match="layer 'conv2d.*' is held by model .* and by model .*save_weights"):
+            save()
+    assert not (tmp_path / "m.keras").exists()
+    model.save_weights(tmp_path / "w.npz")
+    model.load_weights(tmp_path / "w.npz")
+    twice = keras.Model(inputs, sub(sub(inputs)))  # a nested model called twice holds its layers alone: saved
+    twice.save(tmp_path / "t.keras")
+    x, _ = data(2, (6, 6, 2))
+    np.testing.assert_array_equal(models.load_model(tmp_path / "t.keras").predict(x, verbose=0),
+                                  twice.predict(x, verbose=0))
+
+
 def test_a_model_called_on_an_array_runs_it():
     model = book_convnet()
     x, _ = data(2, (28, 28, 1))

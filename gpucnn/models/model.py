@@ -172,6 +172,26 @@ class Model(Trainer, Layer):
                 return layer
         raise ValueError(f"no layer named {name!r}; layers: {[layer.name for layer in self.layers]}")
 
+    def _refuse_layers_shared_with_nested_models(self):
+        """A config names each layer inside the model that holds it: one layer object held by two models (a layer
+        called inside a nested model and outside it) would come back as two layers with weights of their own, so
+        saving, to_json and clone_model would build another model. Refused, saying what works."""
+        owner = {}
+
+        def visit(model):
+            for layer in model.layers:
+                held = owner.setdefault(id(layer), model)
+                if held is not model:
+                    raise ValueError(
+                        f"layer {layer.name!r} is held by model {held.name!r} and by model {model.name!r} (a layer "
+                        "called inside a nested model and outside it): a saved file or config holds each layer once, "
+                        "in one model, so it would load as two layers with weights of their own. Save the weights "
+                        "(model.save_weights(...)) and build the model with your code, or call the layer in one "
+                        "place only")
+                if isinstance(layer, Model):
+                    visit(layer)
+        visit(self)
+
     def _all_layers(self):
         """Every layer that computes, nested models opened, each once (InputLayers left out), in Keras's order. Kept
         until the graph changes: a training step asks for it several times."""
@@ -472,6 +492,7 @@ class Model(Trainer, Layer):
     def get_config(self):
         """The graph as JSON-able data: every layer's class and config, and which tensors each call reads as
         ``[layer name, call index, tensor index]`` (Keras's format); ``gpucnn.models.serialization`` reads it."""
+        self._refuse_layers_shared_with_nested_models()
         graph = self.graph
 
         def local_index(node):

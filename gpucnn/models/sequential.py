@@ -180,5 +180,6 @@ class Sequential(Model):
         return Layer.output.fget(self) if self._inbound_nodes else super().output
 
     def get_config(self):
+        self._refuse_layers_shared_with_nested_models()
         return {"name": self.name, "input_shape": None if self._input is None else list(self._input.sample_shape),
                 "layers": [serialize(layer) for layer in self._layers], **({} if self._trainable else {"trainable": False})}
