@@ -172,6 +172,10 @@ class _Monitoring(Callback):
         self._better = (lambda a, b: a < b) if direction == "min" else (lambda a, b: a > b)
         self._sign = -1 if direction == "min" else 1
         self.min_delta = self._sign * self._delta  # an improvement must beat the best by |min_delta|
+        self._direction_known()
+
+    def _direction_known(self):
+        """What a callback sets once the direction is known (ModelCheckpoint: its worst first best)."""
 
     def on_train_begin(self, logs=None):
         self._know_direction()
@@ -262,22 +266,16 @@ class ModelCheckpoint(_Monitoring):
             saving.check_weights_path(self.filepath, "ModelCheckpoint(save_weights_only=True)")
         _formatted_path(self.filepath, 1, {})  # a bad format is refused now, not after an epoch of training
         self.save_best_only, self.save_weights_only, self.save_freq = save_best_only, save_weights_only, save_freq
-        self._watch(monitor, mode)
-        self.best = initial_value_threshold  # None: set to the worst value once the direction is known
+        self.best = initial_value_threshold  # None: the worst value, once the direction is known
         self._seen_best = initial_value_threshold is not None  # Keras prints "None" before a first best
-        self._set_best()
+        self._watch(monitor, mode)
 
-    def _set_best(self):
-        if self.best is None and self._better is not None:
+    def _direction_known(self):
+        if self.best is None:
             self.best = -self._sign * math.inf
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._set_best()
 
     def on_epoch_end(self, epoch, logs=None):
         self._know_direction()
-        self._set_best()
         logs = logs or {}
         try:
             path = self.filepath.format(epoch=epoch + 1, **logs)

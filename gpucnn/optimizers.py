@@ -148,7 +148,7 @@ class LearningRate(_Variable):
 
     def _operand(self, other):
         other = super()._operand(other)
-        if isinstance(other, (numbers.Real, np.integer, np.floating)) and not isinstance(other, (bool, np.bool_)):
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):  # (NumPy's numbers are Real, not np.bool_)
             return np.float32(other)  # a number (an array, or a complex, keeps NumPy's own promotion: Keras's too)
         return other
 
