@@ -259,8 +259,13 @@ class EagerArray(np.ndarray):
 
 
 def eager(value):
-    """``value`` with its NumPy arrays (also inside a list or tuple) as ``EagerArray`` views; anything else (a
-    device array, a number) as it is."""
+    """``value`` with its arrays (also inside a list or tuple) as ``EagerArray``: a NumPy array viewed, a device
+    (CuPy) array copied to the host, so what a layer or model called on data returns is the same kind of array on
+    both engines (``numpy()``, ``np.asarray`` and Matplotlib work on it, as on a TensorFlow tensor; CuPy's arrays
+    refuse all three); anything else (a number) as it is."""
+    from .backend import is_engine_array
+    if is_engine_array(value):  # checked first: the emulator's stand-in device arrays are NumPy subclasses
+        return value.get().view(EagerArray)
     if isinstance(value, np.ndarray):
         return value if isinstance(value, EagerArray) else value.view(EagerArray)
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple

@@ -1210,3 +1210,20 @@ def test_dropout_reads_the_seed_of_its_step_and_slot(rate):
         assert set(np.unique(m).tolist()) <= {0.0, float(scale)}
         assert abs((m != 0).mean() - (1 - rate)) < 0.01  # 64,000 draws
         np.testing.assert_array_equal(host(y), host(x) * m)
+
+
+def test_a_model_called_on_data_returns_host_arrays_as_predict_does():
+    """What the book does with a called model's output (``numpy()``, ``np.argmax``, Matplotlib) needs host arrays:
+    CuPy's refuse ``np.asarray``."""
+    import gpucnn as keras
+    backend.set_engine("gpu")
+    try:
+        model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, activation="relu"),
+                                  keras.layers.Flatten(), keras.layers.Dense(4, activation="softmax")])
+        x = normal(np.random.default_rng(0), (5, 6, 6, 2))
+        out, layer_out = model(x), model.layers[0](x)
+        assert not backend.is_engine_array(out) and not backend.is_engine_array(layer_out)
+        np.testing.assert_allclose(np.asarray(out), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+        assert out.numpy().shape == (5, 4) and np.argmax(out, axis=1).shape == (5,)
+    finally:
+        backend.set_engine("auto")

@@ -420,6 +420,31 @@ def test_an_eager_array_prints_as_the_numpy_array_it_is():
     assert type((a * 2)[1:].numpy()) is np.ndarray
 
 
+def test_a_device_array_comes_back_to_the_host_as_an_eager_array():
+    """On the GPU a layer or model called on data computes CuPy arrays, which refuse ``numpy()``, ``np.asarray``
+    and Matplotlib: ``eager`` copies them to the host. A stand-in device array (the emulator's are NumPy
+    subclasses, which would pass without the copy)."""
+    from gpucnn.utils import EagerArray, eager
+
+    class Device:
+        __module__ = "cupy._core.core"
+
+        def __init__(self, values):
+            self.values = values
+
+        def get(self):
+            return self.values.copy()
+
+        def __array__(self, *args, **kwargs):
+            raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out, pair = eager(Device(values)), eager([Device(values), (Device(values[0]),)])
+    assert type(out) is EagerArray and np.array_equal(np.asarray(out), values)
+    assert type(pair[0]) is EagerArray and type(pair[1][0]) is EagerArray
+    assert out.numpy().tolist() == values.tolist()
+
+
 def test_reductions_of_an_eager_array_are_numpys_scalars_and_namedtuples_keep_their_fields():
     import collections
 

@@ -407,8 +407,8 @@ class Layer:
     # ---- calling
     def __call__(self, inputs, training=None):
         """On symbolic tensors: build the layer, record the call (a graph node, with its ``training`` if given) and
-        return symbolic output(s). On arrays: run the layer forward (inference unless ``training``) and return an
-        engine array."""
+        return symbolic output(s). On arrays: run the layer forward (inference unless ``training``) and return its
+        output in host memory on either engine (``utils.eager``: a NumPy array with Keras's ``numpy()``)."""
         if is_symbolic(inputs):
             return self._call_symbolic(inputs, training)
         if self.multi_input:

@@ -429,8 +429,9 @@ class Model(Trainer, Layer):
     # ================================================================================= a model as a layer
     def __call__(self, inputs, training=None):
         """On a symbolic tensor: nest this model in another (one row of its summary). On an array: the outputs
-        for that batch (engine arrays). ``training=None``, as Keras: each layer's own default (random
-        augmentation layers augment, Dropout passes values through)."""
+        for that batch, in host memory on either engine (NumPy arrays with ``numpy()``, as ``predict`` gives).
+        ``training=None``, as Keras: each layer's own default (random augmentation layers augment, Dropout passes
+        values through)."""
         if is_symbolic(inputs):
             return self._call_symbolic(inputs, training)
         x = self._as_engine_array(inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else inputs)
