@@ -578,3 +578,22 @@ def test_training_given_at_a_symbolic_call_holds_when_the_model_is_called_withou
     m2.save(tmp_path / "m.gpucnn")
     again = models.load_model(tmp_path / "m.gpucnn")
     assert [n.training for layer in again.layers for n in layer._inbound_nodes] == [None, None, True]
+
+
+@pytest.mark.parametrize("base_kind", ["functional", "sequential"])
+def test_a_sequential_whose_first_layer_is_a_built_model_is_built_at_once(base_kind):
+    """The transfer-learning idiom ``Sequential([base_model, head...])``: Keras builds the Sequential with the base
+    model's input shape, so get_weights, count_params and summary work before fit (they raised "not built")."""
+    if base_kind == "functional":
+        inputs = keras.Input((8, 8, 3))
+        base = keras.Model(inputs, layers.Conv2D(4, 3)(inputs), name="base")
+    else:
+        base = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(4, 3)], name="base")
+    model = keras.Sequential([base, layers.GlobalAveragePooling2D(), layers.Dense(3, activation="softmax")])
+    assert model.built and model.input_shape == (None, 8, 8, 3)
+    assert model.count_params() == (3 * 3 * 3 * 4 + 4) + (4 * 3 + 3)
+    assert [w.shape for w in model.get_weights()] == [(3, 3, 3, 4), (4,), (4, 3), (3,)]
+    x = np.random.default_rng(0).random((2, 8, 8, 3), dtype=np.float32)
+    features = base.predict(x, verbose=0).mean(axis=(1, 2))
+    want = model.layers[-1](features)
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,17 @@ from .graph import Graph
 from .model import Model, serialize
 
 
+def _known_input_shape(layer):
+    """The per-sample input shape a first layer brings: its ``input_shape=``, or, for a built model of one input
+    (a base model in the transfer-learning idiom ``Sequential([base_model, ...])``), that input's shape, with
+    which Keras builds the Sequential at once."""
+    if getattr(layer, "_declared_input", None) is not None:
+        return layer._declared_input
+    if isinstance(layer, Model) and layer.built and len(layer.graph.inputs) == 1:
+        return tuple(layer.graph.inputs[0].sample_shape)
+    return None
+
+
 class Sequential(Model):
     """A linear stack of layers: ``Sequential([Conv2D(...), MaxPooling2D(), ...])`` or ``.add()``."""
 
@@ -75,8 +86,8 @@ class Sequential(Model):
         if any(existing.name == layer.name for existing in self._layers):
             raise ValueError(f"the model already has a layer named {layer.name!r}; layer names must be "
                              "unique (pass name=... to tell them apart)")
-        if not self._layers and self._input is None and getattr(layer, "_declared_input", None) is not None:
-            self._input = Input(shape=layer._declared_input)
+        if not self._layers and self._input is None and _known_input_shape(layer) is not None:
+            self._input = Input(shape=_known_input_shape(layer))
             self._output = self._input
         self._layers.append(layer)
         if self._input is not None:
