@@ -79,8 +79,14 @@ def test_kerass_layer_arguments_at_their_defaults_are_taken_and_others_refused_b
             make()
     with pytest.raises(TypeError, match="unexpected keyword argument.*'kernal_size'"):
         layers.Conv2D(8, 3, kernal_size=3)
-    with pytest.raises(ValueError, match=r"without the batch dimension: give \(4,\)"):
-        layers.Dense(3).build((None, 4))
+    dense = layers.Dense(3)  # Keras's guides build a layer with the batch dimension first, as Keras takes it
+    dense.build((None, 4))
+    assert [w.shape for w in dense.get_weights()] == [(4, 3), (3,)] and dense.input_shape == (4,)
+    conv = layers.Conv2D(2, 3)
+    conv.build((None, 8, 8, 3))
+    assert conv.get_weights()[0].shape == (3, 3, 3, 2)
+    with pytest.raises(ValueError, match=r"does not support variable sizes \(None\)"):
+        keras.Input(shape=(None, 4))  # (a per-sample shape: no unknown dimensions)
     with pytest.raises(ValueError, match="not built yet"):
         layers.Dense(3).count_params()
 

@@ -114,11 +114,16 @@ def _check_image_input(layer, input_shape):
                if len(input_shape) == 2 else ""))
 
 
-def _shape_tuple(shape, what):
+def _shape_tuple(shape, what, batch_first=False):
+    """``shape`` as a tuple of ints (per sample). ``batch_first``: Keras's form with the batch dimension first,
+    ``(None, ...)``, is taken too (a layer's ``build``, as Keras's guides call it), that dimension dropped."""
     try:
         dims = tuple(shape)
     except TypeError:
         dims = None
+    if (batch_first and dims is not None and len(dims) > 1 and dims[0] is None
+            and all(isinstance(d, (int, np.integer)) for d in dims[1:])):
+        dims = dims[1:]
     if dims is not None and dims and dims[0] is None and all(isinstance(d, (int, np.integer)) for d in dims[1:]):
         raise ValueError(f"{what} is per sample, without the batch dimension: give {dims[1:]}, not {dims} (Keras's "
                          "build takes both; gpucnn's layer.build takes the per-sample shape)")
@@ -253,11 +258,12 @@ class Layer:
     # ---- building
     def build(self, input_shape):
         """Check the per-sample input shape, compute the output shape and create the weights (once: a
-        built layer keeps its weights, and refuses an input of another shape)."""
+        built layer keeps its weights, and refuses an input of another shape). Keras's form with the batch
+        dimension, ``layer.build((None, 4))``, is taken too."""
         if self.multi_input:
-            shape = [_shape_tuple(s, "input shape") for s in input_shape]
+            shape = [_shape_tuple(s, "input shape", batch_first=True) for s in input_shape]
         else:
-            shape = _shape_tuple(input_shape, "input shape")
+            shape = _shape_tuple(input_shape, "input shape", batch_first=True)
         if self.built:
             if shape != self.input_shape:
                 raise ValueError(f"layer {self.name!r} was built for inputs {self.input_shape} and cannot "
