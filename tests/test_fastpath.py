@@ -590,6 +590,51 @@ def test_inference_with_batch_normalization_folded_into_convolutions_is_numpys(g
     np.testing.assert_allclose(results["gpu"][1], results["cpu"][1], rtol=1e-5)
 
 
+def _plain_and_fast_cuda_fits(monkeypatch, make_optimizer, fit, check_fast=None):
+    """Train ``small_model(optimizer=make_optimizer())`` from the same weights on the plain CUDA path and on the
+    fast path (``fit(model)``; ``check_fast(model)`` after the fast one) and check they end with the same weights."""
+    backend.set_engine("cpu")
+    start = small_model().get_weights()
+    results = []
+    for fast in (False, True):
+        backend.set_engine("gpu")
+        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
+        m = small_model(optimizer=make_optimizer())
+        m.set_weights(start)
+        fit(m)
+        results.append(m.get_weights())
+        if fast and check_fast is not None:
+            check_fast(m)
+    backend.set_engine("cpu")
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+@_gpu
+@pytest.mark.parametrize("feed", ["arrays", "batches"])
+def test_a_layer_frozen_by_a_callback_on_the_gpu_fast_path_is_the_plain_cuda_paths(feed, monkeypatch, gpu_engine):
+    """A callback freezes the first convolution after the first epoch: the fast path lays the weights out in new
+    buffers (copies on the default stream) and captures new graphs over them. The capture's warm-up on the
+    non-blocking training stream read them before those copies were known to be done (the emulator's stream-order
+    check: a race on a GPU, which could put stale weights back); the device is synchronised first now."""
+    from gpucnn.callbacks import LambdaCallback
+    x, y = small_data(40)
+
+    def fit(m):
+        kept = []
+
+        def freeze(epoch, logs):
+            if epoch == 0:
+                m.layers[0].trainable = False
+                kept.append(m.layers[0].get_weights())
+        data = (x, y) if feed == "arrays" else (_Batches(x, y, 16), None)
+        m.fit(*data, batch_size=16 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0,
+              callbacks=[LambdaCallback(on_epoch_end=freeze)])
+        for a, b in zip(kept[0], m.layers[0].get_weights()):
+            np.testing.assert_array_equal(a, b)
+    _plain_and_fast_cuda_fits(monkeypatch, lambda: optimizers.SGD(0.05, momentum=0.9), fit)
+
+
 @_gpu
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
 def test_fast_path_reads_a_schedules_rates_from_its_table(optimizer, monkeypatch, gpu_engine):
@@ -602,26 +647,17 @@ def test_fast_path_reads_a_schedules_rates_from_its_table(optimizer, monkeypatch
         return optimizers.SGD(decay, momentum=0.9) if optimizer == "sgd_momentum" else optimizers.Adam(decay)
 
     x, y = small_data(40)
-    backend.set_engine("cpu")
-    start = small_model().get_weights()
-    results = []
-    for fast in (False, True):
-        backend.set_engine("gpu")
-        monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
-        m = small_model(optimizer=make())
-        m.set_weights(start)
-        m.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-        results.append(m.get_weights())
-        if fast:
-            trainer = fastpath.plan(m, 16, x, y)  # iterations 6: the table of the epoch from update 6 on
-            trainer.begin_epoch(shuffle=False)
-            want = [0.05 * 0.5 ** (step / 2) for step in (6, 7, 8)]
-            if optimizer == "adam":
-                want = [lr * np.sqrt(1 - 0.999 ** (s + 1)) / (1 - 0.9 ** (s + 1)) for lr, s in zip(want, (6, 7, 8))]
-            np.testing.assert_allclose(trainer.rates.get(), np.float32(want), rtol=1e-6)
-    backend.set_engine("cpu")
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+    def check_table(m):
+        trainer = fastpath.plan(m, 16, x, y)  # iterations 6: the table of the epoch from update 6 on
+        trainer.begin_epoch(shuffle=False)
+        trainer.stream.synchronize()  # the table is written on the training stream
+        want = [0.05 * 0.5 ** (step / 2) for step in (6, 7, 8)]
+        if optimizer == "adam":
+            want = [lr * np.sqrt(1 - 0.999 ** (s + 1)) / (1 - 0.9 ** (s + 1)) for lr, s in zip(want, (6, 7, 8))]
+        np.testing.assert_allclose(trainer.rates.get(), np.float32(want), rtol=1e-6)
+    _plain_and_fast_cuda_fits(monkeypatch, make, lambda m: m.fit(x, y, batch_size=16, epochs=2, shuffle=False,
+                                                                 verbose=0), check_table)
 
 
 @_gpu

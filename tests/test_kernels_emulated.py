@@ -7,8 +7,9 @@ its Python orchestration both run here.
 
 EMULATION, not a GPU: it checks indexing, bounds (guard zones around every array), reduction order and
 barrier placement (every thread of a block at the same ``__syncthreads``; threads of a block run in both
-orders, so a missing barrier shows). It does not model warps, the memory model, concurrent blocks, timing
-or real races. Nothing that passes here is verified on a GPU.
+orders, so a missing barrier shows), and that work on two streams sharing a buffer is ordered (synchronised,
+or through events). It does not model warps, the memory model, concurrent blocks, timing or real races
+inside a kernel. Nothing that passes here is verified on a GPU.
 
 Skipped (with the reason) where g++ is missing. Shared objects are cached outside the repository (see
 tests/emulator/fake_cupy.py). This file holds both sides: the test of this process, and, when
@@ -347,6 +348,7 @@ if INNER:
         x, y = cupy.zeros(4, np.float32), cupy.zeros(4, np.float32)
         two = cupy.full(4, 2.0, np.float32)
         stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.Device().synchronize()  # (the arrays are filled on the null stream)
         with stream:
             x[...] = 1.0
             stream.begin_capture()
@@ -357,13 +359,17 @@ if INNER:
             graph = stream.end_capture()
         assert graph.operations() == ["kernel relu_forward", "a copy into a device array", "cupy.copyto",
                                       "a memset of a device array"]
+        stream.synchronize()  # (the host reads on the null stream what the stream wrote)
         np.testing.assert_array_equal(cupy.asnumpy(x), 1.0)  # nothing ran
         np.testing.assert_array_equal(cupy.asnumpy(y), 0.0)
         graph.launch(stream)
+        stream.synchronize()
         np.testing.assert_array_equal(cupy.asnumpy(y), 5.0)
         np.testing.assert_array_equal(cupy.asnumpy(x), 2.0)
         two[...] = 3.0
+        cupy.cuda.Device().synchronize()  # (written on the null stream: done before the stream reads it)
         graph.launch(stream)  # the values as they are at the replay
+        stream.synchronize()
         np.testing.assert_array_equal(cupy.asnumpy(x), 3.0)
 
         def refuse_allocation(size):
@@ -410,6 +416,7 @@ if INNER:
     def test_strict_host_copies_are_refused_while_the_stream_captures():
         x, pinned = cupy.zeros(4, np.float32), np.zeros(4, np.float32)
         stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.Device().synchronize()
         copies = {"H2D": [lambda: x.set(pinned), lambda: x.set(pinned, stream=stream)],
                   "D2H": [lambda: x.get(), lambda: x.get(stream=stream, out=pinned, blocking=False),
                           lambda: cupy.asnumpy(x, stream=stream, out=pinned, blocking=False)]}
@@ -488,13 +495,14 @@ if INNER:
         x = cupy.ones(4, np.float32)
         y = cupy.zeros(8, np.float32)[2:6]  # a view: the graph keeps the buffer's address, not the view
         stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.Device().synchronize()
         with stream:
             stream.begin_capture()
             cuda.launch("relu_forward", 1, 256, (x, y, 4))
             graph = stream.end_capture()
         root = weakref.ref(y.base.base if y.base.base is not None else y.base)
         graph.launch(stream)
-        np.testing.assert_array_equal(y.get(), 1.0)
+        np.testing.assert_array_equal(y.get(stream=stream), 1.0)
         kept = y.base  # the buffer stays alive through another array: replaying is fine
         del y
         gc.collect()
@@ -522,6 +530,53 @@ if INNER:
             stream.begin_capture()  # the stream captures again
             cuda.launch("relu_forward", 1, 256, (x, y, 4))
             assert len(stream.end_capture()) == 1
+
+    def test_stream_order_two_streams_unordered_on_one_buffer_are_reported():
+        """Work on two streams that touches one buffer (one of them writing) must be ordered, by a synchronisation
+        the host waited for or an event the other stream waits for; the legacy null stream and blocking streams
+        are ordered implicitly, a non-blocking stream with nothing. Each case as a GPU would see it."""
+        race = fake_cupy.EmulatedStreamRaceError
+        side = cupy.cuda.Stream(non_blocking=True)
+        x, y = cupy.zeros(4, np.float32), cupy.zeros(4, np.float32)  # memsets on the null stream
+        with side, pytest.raises(race, match="relu_forward on a non-blocking stream .* reads .* a memset"):
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))  # reads x before its memset is known to be done
+        cupy.cuda.Device().synchronize()
+        with side:
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))  # ordered now; writes y on the side stream
+        with pytest.raises(race, match="on the null .* reads .* relu_forward on a non-blocking stream"):
+            y.get()  # the null stream does not wait for a non-blocking stream
+        with pytest.raises(race, match="reads"):
+            float(y[:1].reshape(()))
+        with pytest.raises(race, match="writes .* that kernel relu_forward .* read"):
+            x.fill(1.0)  # a write after the side stream's read of x, unordered
+        event = side.record()
+        cupy.cuda.Stream.null.wait_event(event)
+        x.fill(1.0)
+        np.testing.assert_array_equal(y.get(stream=side), 0.0)  # on the writer's own stream: in order
+        side.wait_event(cupy.cuda.Stream.null.record())  # the fill first
+        with side:
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))
+        side.synchronize()
+        np.testing.assert_array_equal(y.get(), 1.0)
+        blocking = cupy.cuda.Stream()  # a blocking stream and the null stream wait for each other
+        z = cupy.zeros(4, np.float32)
+        with blocking:
+            cuda.launch("relu_forward", 1, 256, (z, y, 4))
+        np.testing.assert_array_equal(y.get(), 0.0)
+        with side:  # a graph's nodes are checked as it replays
+            side.begin_capture()
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))
+            graph = side.end_capture()
+        x.fill(2.0)
+        with pytest.raises(race, match=r"\(in a graph\)"):
+            graph.launch(side)
+        cupy.cuda.Device().synchronize()
+        graph.launch(side)
+        assert y.get(stream=side).tolist() == [2.0] * 4
+        assert [what for what, problem in fake_cupy.PROBLEMS if problem == "stream order"] == [
+            "kernel relu_forward", "ndarray.get()", "ndarray.__float__", "a memset of a device array",
+            "kernel relu_forward (in a graph)"]
+        del fake_cupy.PROBLEMS[:]  # expected ones
 
     def test_an_empty_batch_reads_nothing():
         x, w, b = cupy.zeros((0, 5, 5, 3), np.float32), cupy.ones((3, 3, 3, 4), np.float32), cupy.ones(4, np.float32)

@@ -275,6 +275,11 @@ class Trainer:
         cupy = self.cupy
         contexts = Contexts(self.model.graph, step=self.values, skip_output_activation=True)
         program = self._program(rows, contexts)
+        # What the graphs are captured over may have been written just now on the default stream, which this
+        # non-blocking stream does not wait for: the buffers laid out again for a layer a callback froze
+        # (``_graph_key``), an optimizer state built, the contexts' buffers. That work finishes first, or the
+        # warm-up below could save (and put back) the weights as they were before the copies.
+        cupy.cuda.Device().synchronize()
         with self.stream:
             # the eager run reads the counter (keep its slots in range) and writes the weights, the optimizer's
             # state, the layers' own state and a metric slot: all put back as they were

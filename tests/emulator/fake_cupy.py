@@ -11,7 +11,8 @@ Importing this module (directly, or as the pytest plugin ``-p fake_cupy``) insta
     ``$GPUCNN_EMU_CACHE`` (default: ``<system temp>/gpucnn-emu-<uid>``), never in the repository.
 
 Streams and graphs (the fast path, gpucnn/models/fastpath.py): every emulated operation runs at once, in issue
-order, so streams, events and asynchronous copies are synchronous. ``Stream.begin_capture()`` switches the
+order, so streams, events and asynchronous copies are synchronous; each is checked against the other streams'
+work on the same buffers, which a GPU could run at the same time (``_ordered_access``: EmulatedStreamRaceError). ``Stream.begin_capture()`` switches the
 stream to recording: kernel launches and the device-side array operations a capture can hold
 (``a[...] = b``, ``fill``, ``cupy.copyto``) are recorded, NOT run, and ``end_capture()`` returns a ``Graph``
 whose ``launch()`` replays them in order, reading the arrays' memory at replay time. Like a CUDA graph, a
@@ -97,6 +98,8 @@ class ndarray(np.ndarray):
                 return np.ndarray(self.shape, self.dtype)
             _refuse_transfer(stream, "D2H")
             _refuse_in_capture("ndarray.get() (a synchronous copy to the host)")
+            _ordered_access("ndarray.get()", stream, ((self, "r"),))
+            _host_waits_for(stream)
             return _np["array"](self, copy=True, order=order)
         if not _is_host(out):
             raise TypeError("Only numpy.ndarray can be obtained from cupy.ndarray")
@@ -107,7 +110,9 @@ class ndarray(np.ndarray):
         _refuse_transfer(stream, "D2H")
         if blocking:
             _refuse_in_capture("ndarray.get(out=..., blocking=True) (a synchronous copy to the host)")
-        _enqueue("ndarray.get(out=...)", lambda src: np.copyto(out, src.view(np.ndarray)), (self,), stream)
+        _enqueue("ndarray.get(out=...)", lambda src: np.copyto(out, src.view(np.ndarray)), (self,), stream, "r")
+        if blocking:
+            _host_waits_for(stream)
         return out
 
     def set(self, arr, stream=None):
@@ -122,7 +127,7 @@ class ndarray(np.ndarray):
         stream = stream if stream is not None else _current_stream()
         _refuse_transfer(stream, "H2D")
         value = _np["array"](arr, copy=True)  # the host array as it is now
-        _enqueue("ndarray.set", lambda dst: np.ndarray.__setitem__(dst, Ellipsis, value), (self,), stream)
+        _enqueue("ndarray.set", lambda dst: np.ndarray.__setitem__(dst, Ellipsis, value), (self,), stream, "w")
 
     def __setitem__(self, key, value):
         """CuPy: basic indexing takes a device array or a scalar (a host array raises, see CuPy gh-2079);
@@ -130,12 +135,23 @@ class ndarray(np.ndarray):
         advanced = any(isinstance(k, (np.ndarray, list)) for k in (key if isinstance(key, tuple) else (key,)))
         if not (isinstance(value, ndarray) or advanced or _converting[0]) and _np["asarray"](value).shape != ():
             raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
-        _enqueue("a copy into a device array", lambda dst, v: np.ndarray.__setitem__(dst, key, v), (self, value))
+        _enqueue("a copy into a device array", lambda dst, v: np.ndarray.__setitem__(dst, key, v), (self, value),
+                 modes="wr")
+
+    def __getitem__(self, key):
+        """An element read here is a NumPy scalar at once (CuPy: a 0-d device array, read when converted): a host
+        read of the array on the current stream, for the stream-order check."""
+        out = np.ndarray.__getitem__(self, key)
+        if not isinstance(out, np.ndarray) and not _converting[0] and not _replaying[0]:
+            stream = _current_stream()
+            _ordered_access("a read of an element on the host", stream, ((self, "r"),))
+            _host_waits_for(stream)
+        return out
 
     def fill(self, value):
         if not (isinstance(value, ndarray) or _converting[0]) and _np["asarray"](value).shape != ():
             raise ValueError("non-scalar numpy.ndarray cannot be used for fill")
-        _enqueue("a memset of a device array", lambda dst: np.ndarray.fill(dst, value), (self,))
+        _enqueue("a memset of a device array", lambda dst: np.ndarray.fill(dst, value), (self,), modes="w")
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         if _capturing[0] is not None and not _replaying[0]:
@@ -146,6 +162,9 @@ class ndarray(np.ndarray):
             if _is_host(x) and not (comparison and x.ndim == 0):
                 raise TypeError(f"Unsupported type {type(x)} (a host array in numpy.{ufunc.__name__} with device "
                                 "arrays: CuPy does not copy it to the device implicitly)")
+        if not _converting[0] and not _replaying[0]:
+            _ordered_access(f"numpy.{ufunc.__name__}", _current_stream(),
+                            [(x, "r") for x in inputs] + [(x, "w") for x in kwargs.get("out", ())])
         base = lambda x: x.view(np.ndarray) if isinstance(x, ndarray) else x  # noqa: E731
         outs = kwargs.get("out")
         if outs:
@@ -164,6 +183,9 @@ class ndarray(np.ndarray):
         if _capturing[0] is not None and not _replaying[0] and func not in _CAPTURE_HARMLESS:
             raise EmulatedCaptureError(f"numpy.{func.__name__} on a device array inside a stream capture: "
                                        "not emulated")
+        if not _converting[0] and not _replaying[0]:
+            _ordered_access(f"numpy.{func.__name__}", _current_stream(),
+                            [(item, "r") for arg in args for item in (arg if isinstance(arg, (list, tuple)) else (arg,))])
         _converting[0] += 1
         try:
             result = super().__array_function__(func, types, args, kwargs)
@@ -210,6 +232,7 @@ def _alloc(shape, dtype=float, internal=False):
         _allocator[0](nbytes)  # counted by tests that install their own allocator; refused inside captures
     raw = np.full(nbytes + 2 * GUARD, POISON, np.uint8)
     _allocations[raw.ctypes.data] = raw
+    _accesses.pop(raw.ctypes.data, None)
     if not internal:
         _pool_bytes["used"] += nbytes
         _pool_bytes["peak"] = max(_pool_bytes["peak"], _pool_bytes["used"])
@@ -227,6 +250,8 @@ def _device_copy(a, dtype=None, order="C", internal=False):
     if order == "F" and a.ndim > 1:  # the same values in Fortran order: a view of a guarded buffer
         out = out.reshape(a.shape[::-1]).T
     np.ndarray.__setitem__(out, Ellipsis, a)
+    if not internal:
+        _ordered_access("a copy to the device (cupy.asarray)", _current_stream(), ((out, "w"),))
     return out
 
 
@@ -272,7 +297,7 @@ def _copyto(dst, src, casting="same_kind", where=None):
     if where is not None:
         raise NotImplementedError("cupy.copyto(where=...) is not emulated")
     host = lambda a: a.view(np.ndarray) if isinstance(a, ndarray) else a  # noqa: E731  (no dispatch again)
-    _enqueue("cupy.copyto", lambda d, s: np.copyto(host(d), host(s), casting=casting), (dst, src))
+    _enqueue("cupy.copyto", lambda d, s: np.copyto(host(d), host(s), casting=casting), (dst, src), modes="wr")
 
 
 cupy = types.ModuleType("cupy")
@@ -321,6 +346,8 @@ class _Device:
 
     def synchronize(self):
         _refuse_in_capture("Device.synchronize()")
+        for stream in list(_all_streams):
+            _host_waits_for(stream)
 
 
 class _MemoryPool:
@@ -362,6 +389,7 @@ class EmulatedCaptureError(RuntimeError):
 
 
 _streams = []           # the `with stream:` stack; the current stream is the last one (else the null stream)
+_all_streams = weakref.WeakSet()
 _capturing = [None]     # the stream being captured (one at a time here)
 _replaying = [0]        # > 0 while a graph replays: its operations run, never recorded
 
@@ -374,6 +402,14 @@ class Stream:
         self.is_null, self.non_blocking = bool(null), bool(non_blocking)
         self._nodes = None         # the recorded operations while capturing
         self._invalidated = False  # an error CUDA returns inside a capture invalidates it
+        self._issued = 0           # operations issued on this stream so far (stream order: _ordered_access)
+        self._completed = 0        # ... of which the host knows that they have finished
+        self._waits = {}           # {other stream: its operations this stream's next ones wait for}
+        _all_streams.add(self)
+
+    def __repr__(self):
+        return ("the null (legacy default) stream" if self.is_null else
+                f"{'a non-blocking' if self.non_blocking else 'a blocking'} stream (#{id(self) % 100000})")
 
     def __enter__(self):
         _streams.append(self)
@@ -389,10 +425,12 @@ class Stream:
 
     @property
     def done(self):
+        _host_waits_for(self)  # (true here: the host now knows this stream's work has finished)
         return True
 
     def synchronize(self):
         _refuse_in_capture("Stream.synchronize()")
+        _host_waits_for(self)
 
     def record(self, event=None):
         event = event if event is not None else Event()
@@ -400,7 +438,8 @@ class Stream:
         return event
 
     def wait_event(self, event):
-        pass
+        if event._stream is not None:
+            _merge_waits(self._waits, {**event._waits, event._stream: event._index})
 
     def is_capturing(self):
         if self._nodes is not None and self._invalidated:  # CuPy 14 raises for an invalidated capture
@@ -494,16 +533,19 @@ class Graph:
     def launch(self, stream=None):
         if _capturing[0] is not None:
             raise EmulatedCaptureError("Graph.launch while a stream is being captured is not emulated")
+        stream = stream if stream is not None else _current_stream()
         _replaying[0] += 1
         try:
-            for what, run, arguments in self._nodes:
-                run(*(a.resolve(what) for a in arguments))
+            for what, run, arguments, modes in self._nodes:
+                values = [a.resolve(what) for a in arguments]
+                _ordered_access(f"{what} (in a graph)", stream, zip(values, modes))
+                run(*values)
         finally:
             _replaying[0] -= 1
 
     def operations(self):
         """What each recorded node is (for tests of the harness)."""
-        return [what for what, _, _ in self._nodes]
+        return [node[0] for node in self._nodes]
 
 
 class Event:
@@ -511,33 +553,138 @@ class Event:
 
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.recorded = False
+        self._stream, self._index, self._waits = None, 0, {}
 
     def record(self, stream=None):
         self.recorded = True
+        stream = stream if stream is not None else _current_stream()
+        self._stream, self._index, self._waits = stream, stream._issued, dict(stream._waits)
 
     @property
     def done(self):
+        self._reached()
         return True
 
     def synchronize(self):
         _refuse_in_capture("Event.synchronize()")
+        self._reached()
+
+    def _reached(self):
+        if self._stream is not None:
+            self._stream._completed = max(self._stream._completed, self._index)
 
 
-def _enqueue(what, run, arguments=(), stream=None):
+def _enqueue(what, run, arguments=(), stream=None, modes=None):
     """``run(*arguments)`` now, or recorded as ``what`` when ``stream`` (default: the current one) is
-    capturing: the node keeps the device arrays among ``arguments`` as buffer addresses only."""
+    capturing: the node keeps the device arrays among ``arguments`` as buffer addresses only. ``modes``: for
+    each argument, "r" (read), "w" (written) or None (neither), for the stream-order check."""
+    modes = tuple(modes) if modes is not None else (None,) * len(arguments)
     capture = _capturing[0]
+    stream = stream if stream is not None else _current_stream()
     if capture is None or _replaying[0]:
+        if not _replaying[0]:  # (a replaying graph checks each node as it runs it: Graph.launch)
+            _ordered_access(what, stream, zip(arguments, modes))
         run(*arguments)
         return
-    stream = stream if stream is not None else _current_stream()
     if stream is not capture:
         raise EmulatedCaptureError(f"{what} on another stream while a stream is being captured (CUDA would run it "
                                    "outside the graph; the emulator refuses it)")
     if capture._invalidated:
         raise CUDARuntimeError(f"{what}: cudaErrorStreamCaptureInvalidated (an earlier error invalidated the "
                                "capture)")
-    capture._nodes.append((what, run, tuple(_node_argument(a) for a in arguments)))
+    capture._nodes.append((what, run, tuple(_node_argument(a) for a in arguments), modes))
+
+
+class EmulatedStreamRaceError(AssertionError):
+    """Two operations on different streams use one device buffer, at least one of them writing it, and nothing
+    orders them (a synchronisation the host waited for, an event one stream waits for, or the legacy null
+    stream's implicit order with blocking streams): on a GPU they may overlap, or run in either order."""
+
+
+# Stream order. The emulator runs every operation as it is issued, so two streams' work can never overlap here;
+# on a GPU it can. Each operation is checked as it is issued: for each guarded buffer it reads ("r") or writes
+# ("w"), the last write (and, for a write, the last reads) on *another* stream must be ordered before it —
+# finished as far as the host knows (Stream/Device/Event.synchronize, a blocking get(), ``done``), or waited for
+# by this stream (``wait_event`` on an event recorded after it), or implicitly ordered (the legacy null stream
+# and blocking streams wait for each other; a non-blocking stream for nothing). Buffers are whole allocations:
+# two views of one buffer count as the same memory.
+_accesses = {}  # address of a guarded buffer -> {"w": (stream, index, what) or None, "r": {stream: (index, what)}}
+
+
+def _merge_waits(waits, more):
+    for stream, index in more.items():
+        if index > waits.get(stream, 0):
+            waits[stream] = index
+
+
+def _host_waits_for(stream):
+    """The host has seen every operation issued on ``stream`` so far finish."""
+    stream._completed = stream._issued
+
+
+def _ordered_before(stream, index, reader):
+    """Whether operation ``index`` of ``stream`` is ordered before what ``reader`` issues next."""
+    return stream is reader or stream._completed >= index or reader._waits.get(stream, 0) >= index
+
+
+def _ordered_access(what, stream, accesses):
+    """Check, then record, ``what`` issued on ``stream``, accessing ``(array, "r" | "w" | None)`` pairs."""
+    if stream.is_null:  # the legacy null stream waits for the blocking streams' work, and they for its
+        _merge_waits(stream._waits, {s: s._issued for s in list(_all_streams) if not s.is_null and not s.non_blocking})
+    elif not stream.non_blocking:
+        _merge_waits(stream._waits, {_null_stream: _null_stream._issued})
+    stream._issued += 1
+    index = stream._issued
+    for array, mode in accesses:
+        if mode is None or not isinstance(array, ndarray):
+            continue
+        root = _guarded_root(array)
+        if root is None:
+            continue
+        record = _accesses.setdefault(root.ctypes.data, {"w": None, "r": {}})
+        others = [("wrote", *record["w"])] if record["w"] is not None else []
+        if mode == "w":
+            others += [("read", s, i, w) for s, (i, w) in record["r"].items()]
+        for did, other, other_index, other_what in others:
+            if not _ordered_before(other, other_index, stream):
+                PROBLEMS.append((what, "stream order"))
+                raise EmulatedStreamRaceError(
+                    f"{what} on {stream!r} {'writes' if mode == 'w' else 'reads'} a device buffer "
+                    f"({root.nbytes - 2 * GUARD:,} bytes) that {other_what} on {other!r} {did}, and nothing orders "
+                    "the two: on a GPU they may overlap. Synchronize (the device, that stream, or an event recorded "
+                    "after it) or make this stream wait for such an event first.")
+        if mode == "w":
+            record["w"], record["r"] = (stream, index, what), {}
+        else:
+            record["r"][stream] = (index, what)
+
+
+def _host_read(name):
+    """``float(a)``, ``a.item()``, ...: CuPy copies the value to the host on the current stream and waits."""
+    method = getattr(np.ndarray, name)
+
+    def read(self, *args):
+        if not _converting[0]:
+            stream = _current_stream()
+            _ordered_access(f"ndarray.{name}", stream, ((self, "r"),))
+            _host_waits_for(stream)
+        return method(self, *args)
+    read.__name__ = name
+    return read
+
+
+_HOST_READS = {name: _host_read(name) for name in ("__int__", "__float__", "__bool__", "item", "tolist")}
+for _name, _read in _HOST_READS.items():
+    setattr(ndarray, _name, _read)
+
+
+def _pointer_modes(name, params, source):
+    """For each parameter of kernel ``name`` (defined in ``source``): "r" for a ``const`` pointer, "w" for another
+    pointer (read and written, as far as the emulator knows), None for a scalar."""
+    found = re.search(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?' + name +
+                      r"\s*\(([^)]*)\)", re.sub(r"//[^\n]*", "", source))
+    texts = [" ".join(t.split()) for t in found.group(1).split(",")] if found else [""] * len(params)
+    return tuple(None if not p.pointer else "r" if t.startswith("const ") else "w" for p, t in zip(params, texts))
 
 
 def _refuse_in_capture(what):
@@ -580,7 +727,9 @@ def _install_capture_hooks():
 
 def _remove_capture_hooks():
     for name in _CAPTURE_HOOKS:
-        if name in ndarray.__dict__:
+        if name in _HOST_READS:
+            setattr(ndarray, name, _HOST_READS[name])
+        elif name in ndarray.__dict__:
             delattr(ndarray, name)
 
 
@@ -715,7 +864,7 @@ def problems(lib):
 class EmulatedKernel:
     """Stands in for a ``cupy.RawKernel``: ``kernel(grid, block, args, shared_mem=0)``."""
 
-    def __init__(self, name, params, lib):
+    def __init__(self, name, params, lib, source=""):
         self.name, self.params, self.lib = name, params, lib
         self.fn = getattr(self.lib, f"emu_launch_{name}")
         self.fn.argtypes = [ctypes.c_uint] * 6 + [ctypes.c_ulonglong] + [
@@ -724,6 +873,7 @@ class EmulatedKernel:
         self.lib.emu_problems.restype = ctypes.c_long
         self.lib.emu_first_problem.restype = ctypes.c_char_p
         self.max_dynamic_shared_size_bytes = DEFAULT_SHARED
+        self.modes = _pointer_modes(name, params, source)
 
     def __call__(self, grid, block, args, shared_mem=0):
         """Launch on the current stream: now, or recorded when it is capturing (checked as it is issued)."""
@@ -732,7 +882,8 @@ class EmulatedKernel:
             raise CUDADriverError(f"{where}: CUDA_ERROR_INVALID_VALUE: {shared_mem} bytes of dynamic shared "
                                   "memory (emulated limit)")
         grid, block, args = tuple(grid), tuple(block), tuple(args)
-        _enqueue(f"kernel {self.name}", lambda *a: self._run(where, grid, block, a, shared_mem), args)
+        _enqueue(f"kernel {self.name}", lambda *a: self._run(where, grid, block, a, shared_mem), args,
+                 modes=self.modes)
 
     def _run(self, where, grid, block, args, shared_mem):
         LAUNCHED[self.name] = LAUNCHED.get(self.name, 0) + 1
@@ -773,7 +924,7 @@ def _function(name):
     if name not in _kernels:
         cuda.signature(name)  # a KeyError for an unknown kernel, as the real loader gives
         filename, params = cuda._kernel_table()[name]
-        _kernels[name] = EmulatedKernel(name, params, _library(filename))
+        _kernels[name] = EmulatedKernel(name, params, _library(filename), cuda.kernel_source(filename))
     return _kernels[name]
 
 
