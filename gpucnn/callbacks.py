@@ -21,9 +21,11 @@ from .utils import atomic_write, missing
 class Callback:
     """Base class: override any of Keras's hooks. ``self.model`` and ``self.params`` are set by fit.
 
-    A callback whose batch hooks may read or change the model sees it exactly as after each step; on the
-    GPU's fast path that means waiting for the device every step. A callback that only looks at ``logs``
-    in its batch hooks can set ``batch_hooks_use_model = False`` to let the steps run ahead."""
+    A callback whose batch hooks may read or change the model sees it exactly as after each step, and gets
+    that step's logs; on the GPU's fast path that means waiting for the device every step. A callback that
+    can do with less in its batch hooks can set ``batch_hooks_use_model = False`` to let the steps run ahead:
+    there its hooks then get the logs of the latest step the fast path has read (it reads about every 50 steps
+    and at the epoch's end; ``{}`` before the first read of an epoch)."""
 
     batch_hooks_use_model = True
 

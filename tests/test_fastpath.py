@@ -1192,6 +1192,8 @@ def test_the_cpu_fast_path_shuffles_from_the_seed_and_reads_metrics_as_it_goes(c
     from gpucnn.callbacks import Callback
 
     class Record(Callback):
+        batch_hooks_use_model = False  # (reads logs only: the steps run ahead, the logs as the reads give them)
+
         def on_train_batch_end(self, batch, logs=None):
             seen.append(dict(logs or {}))
 
@@ -1257,6 +1259,30 @@ def test_the_cpu_fast_path_waits_for_the_default_stream_and_leaves_no_step_in_fl
     with pytest.raises(models.TrainingDivergedError):
         m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
     assert "step" in events and events[-1] == "stream sync"
+
+
+@pytest.mark.parametrize("feed", ["arrays", "batches"])
+def test_batch_hooks_get_each_steps_logs_on_the_cpu_fast_path(feed, cpu_fast_path, monkeypatch):
+    """A callback's on_train_batch_end gets that step's running loss and accuracy at every step, as on the plain
+    path (and in Keras): the fast path's slots were read only every READ_EVERY steps, so the hooks got {} (a
+    LambdaCallback reading logs["loss"] failed) or an earlier step's means."""
+    from gpucnn.callbacks import LambdaCallback
+    x, y = small_data(40)
+    seen = {}
+
+    def train():
+        m = small_model(optimizer=optimizers.SGD(0.05, momentum=0.9))
+        logs = seen.setdefault(backend.engine(), [])
+        data = (x, y) if feed == "arrays" else (_Batches(x, y, 8), None)
+        hook = LambdaCallback(on_train_batch_end=lambda batch, logs=None, kept=logs: kept.append(
+            (batch, logs["loss"], logs["accuracy"])))
+        return m, m.fit(*data, batch_size=8 if feed == "arrays" else None, epochs=2, shuffle=False, verbose=0,
+                        callbacks=[hook])
+    plain, fast = _trained_on_both_engines(monkeypatch, train)
+    assert len(cpu_fast_path) == 1
+    assert [b for b, _, _ in seen["cuda"]] == [b for b, _, _ in seen["numpy"]] == [0, 1, 2, 3, 4] * 2
+    np.testing.assert_allclose([v[1:] for v in seen["cuda"]], [v[1:] for v in seen["numpy"]], rtol=1e-5)
+    _assert_same_training(plain, fast)
 
 
 def test_a_batch_callback_that_may_use_the_model_runs_the_cpu_fast_path_in_lockstep(cpu_fast_path,

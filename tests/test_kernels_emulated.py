@@ -234,6 +234,8 @@ if INNER:
         seen = []
 
         class Record(Callback):
+            batch_hooks_use_model = False  # (reads logs only: the steps run ahead, the logs as the reads give them)
+
             def on_train_batch_end(self, batch, logs=None):
                 seen.append(dict(logs or {}))
 

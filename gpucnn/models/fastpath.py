@@ -21,7 +21,9 @@ engines run. This module only changes *how* it is launched. At batch 64 a step o
     epoch: an epoch stopped early has drawn its remaining seeds and values all the same);
   * the per-step loss sums and correct counts are copied to pinned host memory about every ``READ_EVERY``
     steps and read when the copy has finished, so the progress bar moves without stalling the GPU; a
-    non-finite loss found there raises ``TrainingDivergedError`` (through the trainer's ``_end_batch``).
+    non-finite loss found there raises ``TrainingDivergedError`` (through the trainer's ``_end_batch``). A
+    callback with its own train-batch hook runs the steps in lockstep instead: each step finishes, and its hooks
+    get that step's running means, before the next one starts.
 
 ``unsupported_reason(model)`` says, without CuPy, why a model cannot take this path (None when it can);
 ``plan(model, batch_size, x, y)`` returns a ``Trainer`` or that reason; ``Trainer.run_epoch`` trains one
@@ -427,8 +429,10 @@ class Trainer:
                         event = cupy.cuda.Event(disable_timing=True)
                         event.record(self.stream)
                         pending = (event, step)
-                if lockstep:
+                if lockstep:  # the hooks get this step's running means, as on the plain path (Keras passes them)
+                    self._copy_metrics(step)
                     self.stream.synchronize()
+                    logs = self._logs(step, epoch)
                 if self.model._end_batch(cbs, bar, epoch, step, logs):
                     self.stream.synchronize()  # the steps already launched finish before fit goes on
                     break
@@ -491,13 +495,17 @@ class StreamTrainer(Trainer):
         self._window = min(steps, self.steps)  # the rates of these steps only: a schedule may end after them
         self._set_rates(0, self._window)
 
-    def _close_window(self, rows, totals):
-        """Read the window's slots (waiting for its steps) into the epoch's running totals; returns the logs."""
+    def _window_totals(self, rows, totals):
+        """The epoch's running totals (loss sum, correct count, samples) with the window's steps so far, read
+        from their slots (waiting for those steps)."""
         self._copy_metrics(len(rows) - 1)
         self.stream.synchronize()
-        totals[0] += float(np.sum(self._loss_host[:len(rows)], dtype=np.float64))
-        totals[1] += int(np.sum(self._correct_host[:len(rows)], dtype=np.int64))
-        totals[2] += sum(rows)
+        return [totals[0] + float(np.sum(self._loss_host[:len(rows)], dtype=np.float64)),
+                totals[1] + int(np.sum(self._correct_host[:len(rows)], dtype=np.int64)), totals[2] + sum(rows)]
+
+    def _close_window(self, rows, totals):
+        """Read the window's slots (waiting for its steps) into the epoch's running totals; returns the logs."""
+        totals[:] = self._window_totals(rows, totals)
         rows.clear()
         return self.model._read_logs(*totals)
 
@@ -533,8 +541,8 @@ class StreamTrainer(Trainer):
                 graph.launch(self.stream)
                 opt.count_step()
                 window.append(rows)
-                if lockstep:
-                    self.stream.synchronize()
+                if lockstep:  # the hooks get this step's running means, as on the plain path (Keras passes them)
+                    logs = self.model._read_logs(*self._window_totals(window, totals))
                 if self.model._end_batch(cbs, bar, epoch, step, logs):
                     break
             if window:
