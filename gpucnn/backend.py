@@ -95,9 +95,12 @@ def is_engine_array(a):
 
 
 def to_numpy(a):
-    """A NumPy array of ``a`` (copied from the device when ``a`` is a CuPy array)."""
+    """``a`` with its CuPy arrays copied to NumPy arrays: ``a`` itself, or the items of a list or tuple (a list
+    of device arrays, which ``numpy.asarray`` refuses as CuPy does); anything else as it is."""
     if is_engine_array(a):
         return a.get()
+    if isinstance(a, (list, tuple)) and any(is_engine_array(v) or isinstance(v, (list, tuple)) for v in a):
+        return [to_numpy(v) for v in a]
     return a
 
 

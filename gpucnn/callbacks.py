@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from . import saving, schedules
+from . import backend, saving, schedules
 from .utils import atomic_write, missing
 
 
@@ -381,6 +381,7 @@ class LearningRateScheduler(Callback):
             lr = self.schedule(epoch, float(optimizer.learning_rate))
         else:
             lr = self.schedule(epoch)
+        lr = backend.to_numpy(lr)  # (a device array's value: CuPy's are not NumPy arrays)
         if isinstance(lr, np.ndarray) and lr.ndim == 0 and lr.dtype.kind == "f":
             lr = lr[()]  # a 0-d array, from keras.ops (Keras's docs: return lr * ops.exp(-0.1))
         if isinstance(lr, bool) or not isinstance(lr, (float, np.floating)):

@@ -18,7 +18,7 @@ from .utils import eager, missing
 
 def convert_to_numpy(x):
     """``x`` (an array of either engine, a list, a number) as a NumPy array."""
-    return np.asarray(backend.to_numpy(x) if backend.is_engine_array(x) else x)
+    return np.asarray(backend.to_numpy(x))
 
 
 def convert_to_tensor(x, dtype=None):

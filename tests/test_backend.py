@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from gpucnn import backend
@@ -48,3 +49,36 @@ def test_cupy_missing_is_reported_not_raised(monkeypatch):
 def test_unknown_choice():
     with pytest.raises(ValueError, match="auto.*gpu.*cpu"):
         backend.set_engine("tpu")
+
+
+def test_lists_of_device_arrays_are_read_as_their_values(monkeypatch):
+    """predict / fit / keras.ops / a schedule's value given device (CuPy) arrays inside a list: each item is copied
+    to the host (NumPy's asarray of a list of CuPy arrays raises, as CuPy refuses implicit conversions). A
+    stand-in device array (the emulator's are NumPy subclasses, which NumPy converts anyway)."""
+    import gpucnn as keras
+    from gpucnn import backend
+
+    class Device:
+        __module__ = "cupy._core.core"
+
+        def __init__(self, values):
+            self.values = np.asarray(values)
+
+        def get(self):
+            return self.values.copy()
+
+        def __array__(self, *args, **kwargs):
+            raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+    rows = np.arange(6, dtype=np.float32).reshape(3, 2)
+    assert keras.ops.convert_to_numpy([Device(r) for r in rows]).tolist() == rows.tolist()
+    assert np.asarray(backend.to_numpy([[Device(rows[0])], [Device(rows[1])]])).shape == (2, 1, 2)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    np.testing.assert_allclose(model.predict([Device(r) for r in rows], verbose=0), model.predict(rows, verbose=0))
+    model.fit([Device(r) for r in rows], [Device(1), Device(0), Device(1)], epochs=1, verbose=0)
+    from gpucnn.callbacks import LearningRateScheduler
+    scheduler = LearningRateScheduler(lambda epoch: Device(np.float32(0.25)))
+    scheduler.set_model(model)
+    scheduler.on_epoch_begin(0)
+    assert float(model.optimizer.learning_rate) == 0.25

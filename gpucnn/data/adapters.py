@@ -108,8 +108,7 @@ def _is_sequence(x):
 
 def _numeric(value, label):
     """``value`` as a NumPy array with a batch axis, or a clear error."""
-    if backend.is_engine_array(value):
-        value = backend.to_numpy(value)
+    value = backend.to_numpy(value)
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as e:

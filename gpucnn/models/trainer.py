@@ -140,8 +140,7 @@ class Trainer:
         if isinstance(x, (list, tuple)) and len(x) == 1 and (isinstance(x[0], np.ndarray)
                                                               or backend.is_engine_array(x[0])):
             x = x[0]  # a one-input model takes [x] as Keras does (a list of one row stays one sample)
-        if backend.is_engine_array(x):
-            x = backend.to_numpy(x)
+        x = backend.to_numpy(x)  # (a device array, or a list of them)
         _refuse_ragged(x, what)
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
@@ -173,9 +172,7 @@ class Trainer:
         if y is None:
             raise ValueError(f"{what} is missing: training and evaluating need the labels beside the inputs, e.g. "
                              "fit(x, y), or a dataset of (x, y) batches")
-        if backend.is_engine_array(y):
-            y = backend.to_numpy(y)
-        y = np.asarray(y)
+        y = np.asarray(backend.to_numpy(y))
         if y.ndim == 0 or y.shape[0] != n:
             raise ValueError(f"{what} has {y.shape[0] if y.ndim else 0} samples but x has {n}: "
                              "they must match")
