@@ -33,9 +33,14 @@
 //                             clip), dz = (p - y) / N as softmax_crossentropy_backward, the first arg-max of
 //                             p against the label as count_correct; then fixed-order block sums of the loss
 //                             and the count, written to loss_steps[step] and correct_steps[step]. No atomics.
+//                             from_logits (a linear output under a from_logits loss): the loss and dz exactly
+//                             as crossentropy_forward / crossentropy_backward with from_logits (no clip), the
+//                             first arg-max of the logits as count_correct counts on the model's output.
 //   sigmoid_binary_crossentropy_step
 //                             the same for a sigmoid output under a binary cross-entropy (labels (N, U) float
-//                             0/1): the loss, its gradient at the logits and the binary accuracy count.
+//                             0/1): the loss, its gradient at the logits and the binary accuracy count;
+//                             from_logits: the loss of logits, and the count on the logits (output > 0.5, the
+//                             threshold Keras's binary accuracy applies to the model's output).
 #include "common.cuh"
 
 #ifndef EPSILON
@@ -92,7 +97,8 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
                                                           float* __restrict__ dz,
                                                           float* __restrict__ loss_steps,
                                                           int* __restrict__ correct_steps,
-                                                          const int* __restrict__ step, int N, int K) {
+                                                          const int* __restrict__ step, int N, int K,
+                                                          int from_logits) {
     __shared__ float loss_scratch[THREADS];
     __shared__ long long count_scratch[THREADS];
     float my_loss = 0.0f;
@@ -108,6 +114,23 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
             if (max_replaces(xr[k], top)) top = xr[k];
         float sum = 0.0f;
         for (int k = 0; k < K; ++k) sum += expf(xr[k] - top);
+        if (from_logits) {
+            // as crossentropy_forward / crossentropy_backward from logits: -sum y log_softmax(z), and
+            // dz = (softmax(z) sum(y) - y) / N; the first arg-max of the logits
+            const float log_total = logf(sum);
+            float targets = SPARSE ? 1.0f : 0.0f;  // sum(y): one 1 for a class index
+            if (!SPARSE)
+                for (int k = 0; k < K; ++k) targets += onehot[(long long)r * K + k];
+            float ce = 0.0f;
+            for (int k = 0; k < K; ++k) {
+                const float y = SPARSE ? (k == label ? 1.0f : 0.0f) : onehot[(long long)r * K + k];
+                ce += y * ((xr[k] - top) - log_total);
+                dr[k] = bad ? quiet_nan() : (expf((xr[k] - top) - log_total) * targets - y) / (float)N;
+            }
+            my_loss += bad ? quiet_nan() : -ce;
+            my_correct += first_argmax(xr, K) == (SPARSE ? label : first_argmax(onehot + (long long)r * K, K));
+            continue;
+        }
         // the loss, as crossentropy_forward on p: renormalise, clip, -sum y log q
         float total = 0.0f;
         for (int k = 0; k < K; ++k) total += expf(xr[k] - top) / sum;
@@ -145,25 +168,29 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
 extern "C" __global__ void __launch_bounds__(THREADS)
 softmax_crossentropy_step_onehot(const float* __restrict__ logits, const float* __restrict__ onehot,
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
-                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K) {
-    softmax_crossentropy_rows<false>(logits, onehot, nullptr, dz, loss_steps, correct_steps, step, N, K);
+                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K,
+                                 int from_logits) {
+    softmax_crossentropy_rows<false>(logits, onehot, nullptr, dz, loss_steps, correct_steps, step, N, K, from_logits);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 softmax_crossentropy_step_sparse(const float* __restrict__ logits, const int* __restrict__ labels,
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
-                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K) {
-    softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K);
+                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K,
+                                 int from_logits) {
+    softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K, from_logits);
 }
 
 // grid 1, block THREADS: the binary cross-entropy of a sigmoid output, as the plain step computes it: p =
 // sigmoid(z) (activations.cu's sigmoid), the loss as binary_crossentropy_forward on p (clip, the U terms in
 // order, / U), dz = (p - y) / (N·U) as sigmoid_binary_crossentropy_backward, the correct count as
-// count_binary_correct ((p > 0.5) == y); fixed-order block sums into the step's slots.
+// count_binary_correct ((p > 0.5) == y); fixed-order block sums into the step's slots. from_logits: the loss of
+// the logits z as binary_crossentropy_forward computes it, the count of (z > 0.5) == y.
 extern "C" __global__ void __launch_bounds__(THREADS)
 sigmoid_binary_crossentropy_step(const float* __restrict__ logits, const float* __restrict__ labels,
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
-                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int U) {
+                                 int* __restrict__ correct_steps, const int* __restrict__ step, int N, int U,
+                                 int from_logits) {
     __shared__ float loss_scratch[THREADS];
     __shared__ long long count_scratch[THREADS];
     float my_loss = 0.0f;
@@ -173,12 +200,17 @@ sigmoid_binary_crossentropy_step(const float* __restrict__ logits, const float* 
         float row = 0.0f;
         for (int u = 0; u < U; ++u) {
             const long long i = (long long)r * U + u;
-            const float p = sigmoid(logits[i]);
+            const float z = logits[i];
+            const float p = sigmoid(z);
             const float y = labels[i];
-            const float q = clip_probability(p, EPSILON);
-            row += -(y * logf(q) + (1.0f - y) * logf(1.0f - q));
+            if (from_logits) {
+                row += (z > 0.0f ? z : 0.0f) - z * y + log1pf(expf(-fabsf(z)));
+            } else {
+                const float q = clip_probability(p, EPSILON);
+                row += -(y * logf(q) + (1.0f - y) * logf(1.0f - q));
+            }
             dz[i] = (p - y) / total;
-            my_correct += (p > 0.5f ? 1.0f : 0.0f) == y;
+            my_correct += ((from_logits ? z : p) > 0.5f ? 1.0f : 0.0f) == y;
         }
         my_loss += row / (float)U;
     }

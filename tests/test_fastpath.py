@@ -58,6 +58,17 @@ def small_model(output="dense_softmax", optimizer="rmsprop", loss="categorical_c
     return m
 
 
+def binary_logits_model(optimizer="rmsprop"):
+    """keras.io's image-classification-from-scratch head: one linear unit under a binary cross-entropy from logits,
+    its accuracy counted on the logit (Keras's BinaryAccuracy threshold 0.5 on the model's output)."""
+    from gpucnn import metrics
+    m = models.Sequential([layers.Input((10, 10, 1)), layers.Conv2D(3, 3, activation="relu"),
+                           layers.GlobalAveragePooling2D(), layers.Dense(1)])
+    m.compile(optimizer=optimizer, loss=losses.BinaryCrossentropy(from_logits=True),
+              metrics=[metrics.BinaryAccuracy(name="acc")])
+    return m
+
+
 def seed_model():
     m = models.Sequential()
     m.add(layers.Conv2D(32, (3, 3), activation="relu", input_shape=(28, 28, 1)))
@@ -127,8 +138,11 @@ def test_the_seed_model_and_the_supported_layers_are_taken(cpu_engine):
     assert fastpath.unsupported_reason(seed_model()) is None
     for kwargs in ({}, {"output": "activation_softmax"}, {"dropout": 0.5}, {"pool": "avg"},
                    {"optimizer": "adam"}, {"optimizer": optimizers.SGD(0.1, momentum=0.9, nesterov=True)},
-                   {"loss": "sparse_categorical_crossentropy"}):
+                   {"loss": "sparse_categorical_crossentropy"},
+                   {"output": "linear", "loss": losses.SparseCategoricalCrossentropy(from_logits=True)},
+                   {"output": "linear", "loss": losses.CategoricalCrossentropy(from_logits=True)}):
         assert fastpath.unsupported_reason(small_model(**kwargs)) is None, kwargs
+    assert fastpath.unsupported_reason(binary_logits_model()) is None
     m = models.Sequential([layers.Conv2D(3, 3, input_shape=(8, 8, 2)), layers.GlobalAveragePooling2D(),
                            layers.Dense(4, activation="softmax")])
     m.compile(optimizer="sgd", loss="categorical_crossentropy")
@@ -172,7 +186,9 @@ def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
     assert fastpath.unsupported_reason(multi) is None
     smoothed = models.Sequential([layers.Input((6,)), layers.Dense(3, activation="softmax")])
     smoothed.compile(optimizer="sgd", loss=losses.CategoricalCrossentropy(label_smoothing=0.1))
-    assert "(label_smoothing) is not one the captured step fuses" in fastpath.unsupported_reason(smoothed)
+    assert "(label_smoothing) is not one the captured step computes" in fastpath.unsupported_reason(smoothed)
+    softmax_logits = small_model(loss=losses.CategoricalCrossentropy(from_logits=True))  # a softmax output
+    assert "not a linear Dense or Activation (logits)" in fastpath.unsupported_reason(softmax_logits)
     frozen = small_model()
     frozen.trainable = False
     assert "no trainable weights" in fastpath.unsupported_reason(frozen)
@@ -211,11 +227,11 @@ def test_plan_says_why_on_the_numpy_engine(cpu_engine):
 
 # ===================================================================================== GPU
 def _fit_weights(engine, weights, x, y, monkeypatch, fast=True, epochs=1, batch_size=16, shuffle=False,
-                 **model_kwargs):
-    """Weights and history after fitting small_model from ``weights`` on ``engine``."""
+                 make=None, **model_kwargs):
+    """Weights and history after fitting small_model (or ``make()``) from ``weights`` on ``engine``."""
     backend.set_engine(engine)
     monkeypatch.setenv("GPUCNN_FASTPATH", "1" if fast else "0")
-    m = small_model(**model_kwargs)
+    m = small_model(**model_kwargs) if make is None else make()
     m.set_weights(weights)
     h = m.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=shuffle, verbose=0)
     return m.get_weights(), h.history
@@ -243,6 +259,36 @@ def test_fast_path_trains_as_the_plain_cuda_path_and_numpy(optimizer, kind, spar
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=name)
         np.testing.assert_allclose(results["fast"][1]["loss"], results[name][1]["loss"], rtol=1e-5)
         assert results["fast"][1]["accuracy"] == results[name][1]["accuracy"]
+
+
+@_gpu
+@pytest.mark.parametrize("head", ["sparse_logits", "binary_logits"])
+def test_fast_path_trains_a_from_logits_loss_as_the_plain_cuda_path_and_numpy(head, monkeypatch, gpu_engine):
+    """A linear output under a from_logits loss (keras.io's image-classification example's BinaryCrossentropy(
+    from_logits=True) head; a sparse categorical one): the captured step computes the loss, its gradient and the
+    accuracy from the logits as the plain path does (which it used to refuse, so such models never took it)."""
+    if head == "sparse_logits":
+        def make():
+            return small_model(output="linear", loss=losses.SparseCategoricalCrossentropy(from_logits=True),
+                               optimizer=optimizers.SGD(0.05, momentum=0.9))
+        x, y = small_data(40, "normal", sparse=True)
+    else:
+        def make():
+            return binary_logits_model(optimizer="adam")
+        x, labels = small_data(40, "normal", sparse=True)
+        y = (labels % 2).astype(np.float32)
+    backend.set_engine("cpu")
+    start = make().get_weights()
+    assert fastpath.unsupported_reason(make()) is None  # the fast run takes the fast path
+    results = {name: _fit_weights(engine, start, x, y, monkeypatch, fast=fast, epochs=2, make=make)
+               for name, engine, fast in (("numpy", "cpu", False), ("plain", "gpu", False), ("fast", "gpu", True))}
+    backend.set_engine("cpu")
+    for name in ("plain", "numpy"):
+        for got, want in zip(results["fast"][0], results[name][0]):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5, err_msg=name)
+        assert results["fast"][1].keys() == results[name][1].keys()
+        for key in results[name][1]:
+            np.testing.assert_allclose(results["fast"][1][key], results[name][1][key], rtol=1e-5, err_msg=key)
 
 
 @_gpu
@@ -840,14 +886,20 @@ def _kernel_stand_ins():
     def step_advance(step):
         step[0] += 1
 
-    def binary_step(logits, y, dz, loss_steps, correct_steps, step, n, k):
+    def binary_step(logits, y, dz, loss_steps, correct_steps, step, n, k, from_logits):
         p = on.activation_forward(logits, "sigmoid")
-        loss_steps[step[0]] = on.binary_crossentropy_forward(p, y, False).sum()
-        correct_steps[step[0]] = on.count_binary_correct(p, y)
+        out = logits if from_logits else p  # what the model outputs, which the loss and the count read
+        loss_steps[step[0]] = on.binary_crossentropy_forward(out, y, from_logits).sum()
+        correct_steps[step[0]] = on.count_binary_correct(out, y)
         dz[...] = on.sigmoid_binary_crossentropy_backward(p, y)
 
     def loss_step(sparse):
-        def run(logits, y, dz, loss_steps, correct_steps, step, n, k):
+        def run(logits, y, dz, loss_steps, correct_steps, step, n, k, from_logits):
+            if from_logits:
+                loss_steps[step[0]] = on.crossentropy_forward(logits, y, sparse, True).sum()
+                correct_steps[step[0]] = on.count_correct(logits, y, sparse)
+                dz[...] = on.crossentropy_backward(logits, y, sparse, True)
+                return
             p = on.activation_forward(logits, "softmax")
             loss_steps[step[0]] = on.crossentropy_forward(p, y, sparse).sum()
             correct_steps[step[0]] = on.count_correct(p, y, sparse)
@@ -930,6 +982,7 @@ def cpu_fast_path(cpu_engine, monkeypatch):
     {"optimizer": "adam", "dropout": 0.4},
     {"optimizer": "sgd_momentum", "loss": "sparse_categorical_crossentropy", "output": "activation_softmax"},
     {"pool": "avg", "kind": "normal"},
+    {"output": "linear", "loss": "from_logits", "kind": "normal"},
 ])
 def test_the_fast_path_step_on_the_cpu_trains_as_the_numpy_engine(kwargs, cpu_fast_path, monkeypatch):
     kwargs = dict(kwargs)
@@ -942,6 +995,8 @@ def test_the_fast_path_step_on_the_cpu_trains_as_the_numpy_engine(kwargs, cpu_fa
         model_kwargs = dict(kwargs)
         if kwargs.get("optimizer") == "sgd_momentum":
             model_kwargs["optimizer"] = optimizers.SGD(0.05, momentum=0.9)  # a fresh state each run
+        if kwargs.get("loss") == "from_logits":  # a linear output: the step's softmax and loss from the logits
+            model_kwargs["loss"] = losses.CategoricalCrossentropy(from_logits=True)
         m = small_model(**model_kwargs)
         if not fast:
             monkeypatch.setattr(backend, "engine", lambda: "numpy")

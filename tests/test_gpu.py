@@ -1153,11 +1153,16 @@ def _separated_logits(rng, n, k, ties=0):
     return f32(z)
 
 
+@pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("n, k", [(1, 2), (7, 10), (64, 10), (300, 3)])  # 300: more rows than THREADS
-def test_softmax_crossentropy_step_matches_reference(n, k, sparse):
+def test_softmax_crossentropy_step_matches_reference(n, k, sparse, from_logits):
+    """The captured step's loss, gradient and count: of a softmax output, or (from_logits: a linear output under a
+    from_logits loss) of the logits themselves, as the plain path computes each."""
     rng = np.random.default_rng([n, k, sparse, 40])
     logits = _separated_logits(rng, n, k, ties=3)
+    if from_logits:
+        logits[-1, 0] = 60.0  # a saturated row: no clip from logits
     labels = _labels(rng, n, k, sparse)
     labels[:2] = 0 if sparse else np.eye(k, dtype=F32)[0]  # tie rows whose first maximum is the label
     steps, step = 4, 2
@@ -1167,14 +1172,47 @@ def test_softmax_crossentropy_step_matches_reference(n, k, sparse):
     name = "softmax_crossentropy_step_sparse" if sparse else "softmax_crossentropy_step_onehot"
     lab = dev(labels.astype(np.int32) if sparse else labels)
     cuda.launch(name, 1, ops._THREADS, (dev(logits), lab, dz, loss_steps, correct_steps,
-                                         dev(np.array([step], np.int32)), n, k))
+                                         dev(np.array([step], np.int32)), n, k, from_logits))
     p = ref.activation_forward(logits, "softmax")
     loss, correct = host(loss_steps), host(correct_steps)
-    np.testing.assert_allclose(loss[step], ref.crossentropy_forward(p, labels, sparse).sum(), rtol=1e-4)
-    assert correct[step] == ref.count_correct(p, labels, sparse)
+    if from_logits:
+        want_loss = ref.crossentropy_forward(logits, labels, sparse, from_logits=True).sum()
+        want_correct, want_dz = ref.count_correct(logits, labels, sparse), ref.crossentropy_backward(
+            logits, labels, sparse, from_logits=True)
+    else:
+        want_loss, want_correct = ref.crossentropy_forward(p, labels, sparse).sum(), ref.count_correct(p, labels, sparse)
+        want_dz = ref.softmax_crossentropy_backward(p, labels, sparse)
+    np.testing.assert_allclose(loss[step], want_loss, rtol=1e-4)
+    assert correct[step] == want_correct
     assert (np.delete(loss, step) == SENTINEL).all() and (np.delete(correct, step) == -3).all()
     # p comes from the kernel's own expf here (not given, as in test_crossentropy_matches_reference)
-    assert_close(dz, ref.softmax_crossentropy_backward(p, labels, sparse), atol_scale=1e-5)
+    assert_close(dz, want_dz, atol_scale=1e-5)
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("n, u", [(1, 1), (9, 1), (300, 2)])
+def test_sigmoid_binary_crossentropy_step_matches_reference(n, u, from_logits):
+    """The captured step of a sigmoid output (or, from_logits, of logits) under a binary cross-entropy: the loss as
+    the plain path computes it (clipped probabilities, or the logits' formula), dz = (sigmoid(z) - y) / (N·U), and
+    the count of (output > 0.5) == y, the output being the probability or the logit (Keras's threshold)."""
+    rng = np.random.default_rng([n, u, from_logits, 41])
+    logits = f32(rng.normal(size=(n, u)) * 4)
+    logits[0, 0] = 0.3  # between the two thresholds: p > 0.5 but z < 0.5
+    if n > 1:
+        logits[1, 0] = -40.0  # saturated: clipped as a probability, not from logits
+    labels = f32(rng.integers(0, 2, (n, u)))
+    steps, step = 3, 1
+    loss_steps, correct_steps = cupy.full(steps, SENTINEL, F32), cupy.full(steps, -3, np.int32)
+    dz = cupy.full((n, u), SENTINEL, F32)
+    cuda.launch("sigmoid_binary_crossentropy_step", 1, ops._THREADS,
+                (dev(logits), dev(labels), dz, loss_steps, correct_steps, dev(np.array([step], np.int32)), n, u,
+                 from_logits))
+    p = ref.activation_forward(logits, "sigmoid")
+    out = logits if from_logits else p
+    np.testing.assert_allclose(host(loss_steps)[step],
+                               ref.binary_crossentropy_forward(out, labels, from_logits).sum(), rtol=1e-4)
+    assert host(correct_steps)[step] == ref.count_binary_correct(out, labels)
+    assert_close(dz, ref.sigmoid_binary_crossentropy_backward(p, labels), atol_scale=1e-5)
 
 
 def test_softmax_crossentropy_step_sparse_out_of_range_label_is_nan():
@@ -1183,7 +1221,7 @@ def test_softmax_crossentropy_step_sparse_out_of_range_label_is_nan():
     dz = cupy.zeros((3, 2), F32)
     cuda.launch("softmax_crossentropy_step_sparse", 1, ops._THREADS,
                 (logits, dev(np.array([1, 2, 0], np.int32)), dz, loss_steps, correct_steps,
-                 dev(np.array([0], np.int32)), 3, 2))
+                 dev(np.array([0], np.int32)), 3, 2, False))
     assert np.isnan(host(loss_steps)[0])  # the step's loss: a NaN row makes the sum NaN (divergence shows)
     g = host(dz)
     assert np.isfinite(g[[0, 2]]).all() and np.isnan(g[1]).all()

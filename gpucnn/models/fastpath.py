@@ -79,12 +79,10 @@ def unsupported_reason(model):
     if model.metrics and model._accuracy_form() != natural:
         return (f"its metrics count {model._accuracy_form()} accuracy under a {model.loss.name} loss, which the "
                 f"fast path's step does not count (it counts {natural} accuracy)")
-    if type(model.loss) not in _LOSSES or model.loss.from_logits or model.loss.label_smoothing:
-        options = [name for name, on in (("from_logits", model.loss.from_logits),
-                                         ("label_smoothing", model.loss.label_smoothing)) if on]
+    if type(model.loss) not in _LOSSES or model.loss.label_smoothing:
+        options = ["label_smoothing"] if model.loss.label_smoothing else []
         return (f"its loss {type(model.loss).__name__}{' (' + ', '.join(options) + ')' if options else ''} is not "
-                "one the captured step fuses with its output activation (a cross-entropy of probabilities, its labels "
-                "as given)")
+                "one the captured step computes (a cross-entropy of probabilities or of logits, its labels as given)")
     if len(model.outputs) != 1:
         return f"it has {len(model.outputs)} outputs"
     for layer in model._all_layers():
@@ -93,7 +91,11 @@ def unsupported_reason(model):
                     "whose steps are known to allocate nothing")
     last = model.outputs[0].node.layer
     wanted = model.loss.fused_activation
-    if not (isinstance(last, (L.Dense, L.Activation)) and last.activation == wanted):
+    if model.loss.from_logits:  # the step applies the softmax / sigmoid itself: the output must be the logits
+        if not (isinstance(last, (L.Dense, L.Activation)) and last.activation in (None, "linear")):
+            return (f"its output layer is not a linear Dense or Activation (logits), which the captured step's "
+                    f"{wanted} cross-entropy from_logits needs")
+    elif not (isinstance(last, (L.Dense, L.Activation)) and last.activation == wanted):
         return (f"its output layer is not a {wanted} (Dense(..., activation='{wanted}') or "
                 f"Activation('{wanted}')), which the fused {wanted} cross-entropy of the captured step needs")
     if len(model.outputs[0].sample_shape) != 1:
@@ -247,7 +249,8 @@ class Trainer:
 
         def forward_loss_backward():
             logits = model.graph.forward([xb], True, contexts)[0]  # the output layer leaves the softmax to the loss
-            args = (logits, yb, dz, self.loss_steps, self.correct_steps, self.step, rows, self.classes)
+            args = (logits, yb, dz, self.loss_steps, self.correct_steps, self.step, rows, self.classes,
+                    model.loss.from_logits)
             if self.binary:
                 launch("sigmoid_binary_crossentropy_step", 1, T, args)
             elif self.sparse:
