@@ -575,9 +575,16 @@ if INNER:
         cupy.cuda.Device().synchronize()
         graph.launch(side)
         assert y.get(stream=side).tolist() == [2.0] * 4
+        with side:
+            cuda.launch("relu_forward", 1, 256, (x, y, 4))  # writes y on the side stream
+        with pytest.raises(race, match="ndarray.copy on the null"):
+            y.copy()  # a device-to-device copy reads y on the null stream
+        with pytest.raises(race, match="numpy.sum .* writes"):
+            np.sum(x, out=y[:1].reshape(()))  # NumPy's out= is written on the null stream
+        assert np.shape(y) == (4,)  # (reads no memory)
         assert [what for what, problem in fake_cupy.PROBLEMS if problem == "stream order"] == [
             "kernel relu_forward", "ndarray.get()", "ndarray.__float__", "a memset of a device array",
-            "kernel relu_forward (in a graph)"]
+            "kernel relu_forward (in a graph)", "ndarray.copy", "numpy.sum"]
         del fake_cupy.PROBLEMS[:]  # expected ones
 
     def test_an_empty_batch_reads_nothing():

@@ -138,6 +138,18 @@ class ndarray(np.ndarray):
         _enqueue("a copy into a device array", lambda dst, v: np.ndarray.__setitem__(dst, key, v), (self, value),
                  modes="wr")
 
+    def copy(self, order="C"):
+        """A device-to-device copy on the current stream: reads this array there (stream order)."""
+        if not _converting[0] and not _replaying[0] and _capturing[0] is None:
+            _ordered_access("ndarray.copy", _current_stream(), ((self, "r"),))
+        return np.ndarray.copy(self, order)
+
+    def astype(self, dtype, *args, **kwargs):
+        """As ``copy``: a kernel on the current stream reads this array."""
+        if not _converting[0] and not _replaying[0] and _capturing[0] is None:
+            _ordered_access("ndarray.astype", _current_stream(), ((self, "r"),))
+        return np.ndarray.astype(self, dtype, *args, **kwargs)
+
     def __getitem__(self, key):
         """An element read here is a NumPy scalar at once (CuPy: a 0-d device array, read when converted): a host
         read of the array on the current stream, for the stream-order check."""
@@ -183,9 +195,11 @@ class ndarray(np.ndarray):
         if _capturing[0] is not None and not _replaying[0] and func not in _CAPTURE_HARMLESS:
             raise EmulatedCaptureError(f"numpy.{func.__name__} on a device array inside a stream capture: "
                                        "not emulated")
-        if not _converting[0] and not _replaying[0]:
+        if not _converting[0] and not _replaying[0] and func not in _CAPTURE_HARMLESS:  # (shape etc. read nothing)
+            outs = kwargs.get("out")
             _ordered_access(f"numpy.{func.__name__}", _current_stream(),
-                            [(item, "r") for arg in args for item in (arg if isinstance(arg, (list, tuple)) else (arg,))])
+                            [(item, "r") for arg in args for item in (arg if isinstance(arg, (list, tuple)) else (arg,))]
+                            + [(o, "w") for o in (outs if isinstance(outs, tuple) else (outs,))])
         _converting[0] += 1
         try:
             result = super().__array_function__(func, types, args, kwargs)
