@@ -96,10 +96,11 @@ def is_engine_array(a):
 
 def to_numpy(a):
     """``a`` with its CuPy arrays copied to NumPy arrays: ``a`` itself, or the items of a list or tuple (a list
-    of device arrays, which ``numpy.asarray`` refuses as CuPy does); anything else as it is."""
+    of device arrays, which ``numpy.asarray`` refuses as CuPy does; one level: nested Python lists of numbers
+    are not walked); anything else as it is."""
     if is_engine_array(a):
         return a.get()
-    if isinstance(a, (list, tuple)) and any(is_engine_array(v) or isinstance(v, (list, tuple)) for v in a):
+    if isinstance(a, (list, tuple)) and any(is_engine_array(v) for v in a):
         return [to_numpy(v) for v in a]
     return a
 

@@ -41,7 +41,8 @@ def squeeze(x, axis=None):
 
 def sigmoid(x):
     """1 / (1 + e^-x), elementwise, float32 (a number gives a 0-d array; ``float()`` reads it)."""
-    return eager(_sigmoid(np.atleast_1d(convert_to_numpy(x))).reshape(np.shape(x)))
+    a = convert_to_numpy(x)
+    return eager(_sigmoid(np.atleast_1d(a)).reshape(a.shape))
 
 
 def softmax(x, axis=-1):

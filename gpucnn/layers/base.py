@@ -125,8 +125,8 @@ def _shape_tuple(shape, what, batch_first=False):
             and all(isinstance(d, (int, np.integer)) for d in dims[1:])):
         dims = dims[1:]
     if dims is not None and dims and dims[0] is None and all(isinstance(d, (int, np.integer)) for d in dims[1:]):
-        raise ValueError(f"{what} is per sample, without the batch dimension: give {dims[1:]}, not {dims} (Keras's "
-                         "build takes both; gpucnn's layer.build takes the per-sample shape)")
+        raise ValueError(f"{what} is per sample, without the batch dimension: give {dims[1:]}, not {dims} (a "
+                         "layer's build also takes Keras's form, the batch dimension (None) first)")
     if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in dims):
         raise ValueError(f"{what} must be a tuple of ints, got {str(shape)[:100]}")
     return tuple(int(d) for d in dims)
