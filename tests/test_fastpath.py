@@ -682,6 +682,28 @@ def test_a_layer_frozen_by_a_callback_on_the_gpu_fast_path_is_the_plain_cuda_pat
 
 
 @_gpu
+def test_batch_hooks_get_each_steps_logs_on_the_plain_cuda_path(monkeypatch, gpu_engine):
+    """Off the fast path, the GPU engine's loop read the running loss every READ_EVERY steps (a read waits for the
+    device): a callback's own batch hooks got {} (a LambdaCallback reading logs["loss"] failed). With such a hook
+    it reads every step, as the NumPy engine (and Keras) do."""
+    from gpucnn.callbacks import LambdaCallback
+    monkeypatch.setenv("GPUCNN_FASTPATH", "0")
+    x, y = small_data(40)
+    seen = {}
+    for engine in ("cpu", "gpu"):
+        backend.set_engine(engine)
+        set_random_seed(3)
+        m = small_model(optimizer=optimizers.SGD(0.05))
+        kept = seen.setdefault(engine, [])
+        m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+              callbacks=[LambdaCallback(on_train_batch_end=lambda batch, logs=None: kept.append(
+                  (logs["loss"], logs["accuracy"])))])
+    backend.set_engine("cpu")
+    assert len(seen["gpu"]) == len(seen["cpu"]) == 5
+    np.testing.assert_allclose(seen["gpu"], seen["cpu"], rtol=1e-5)
+
+
+@_gpu
 @pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
 def test_fast_path_reads_a_schedules_rates_from_its_table(optimizer, monkeypatch, gpu_engine):
     """The captured optimizer launch reads each step's rate from the epoch's table (no capture per step): the
@@ -825,6 +847,15 @@ class _Stream:
 
     def synchronize(self):
         pass
+
+    def record(self):
+        return _Event()
+
+    def wait_event(self, event):
+        pass
+
+
+_Stream.null = _Stream()
 
 
 class _Event:
@@ -1314,6 +1345,66 @@ def test_the_cpu_fast_path_waits_for_the_default_stream_and_leaves_no_step_in_fl
     with pytest.raises(models.TrainingDivergedError):
         m.fit(x * 1e10, y, batch_size=8, epochs=3, verbose=0)
     assert "step" in events and events[-1] == "stream sync"
+
+
+def test_a_logs_only_batch_hook_gets_the_last_steps_logs_from_batches_on_the_cpu_fast_path(cpu_fast_path,
+                                                                                          monkeypatch):
+    """Batches of a known length, a callback that reads logs only (the steps run ahead): the streamed trainer reads
+    the epoch's last step before its hooks, as the array trainer does, so TerminateOnNaN sees a divergence within
+    the epoch (it saw none before the epoch ended: fit raised instead of stopping)."""
+    from gpucnn.callbacks import Callback
+    x, y = small_data(40)
+    seen = []
+
+    class Look(Callback):
+        batch_hooks_use_model = False
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(dict(logs or {}))
+    m = small_model(optimizer=optimizers.SGD(0.05))
+    m.fit(_Batches(x, y, 8), epochs=1, verbose=0, callbacks=[Look()])
+    assert len(cpu_fast_path) == 1 and len(seen) == 5
+    assert not seen[3] and seen[4]["loss"] == m.history.history["loss"][0]
+
+
+@_gpu
+@pytest.mark.parametrize("use", ["predict_at_epoch_end", "set_weights_in_getitem"])
+def test_dataset_code_that_uses_the_model_is_ordered_with_the_fast_paths_steps(use, monkeypatch, gpu_engine):
+    """A PyDataset that uses the model while the streamed trainer's steps run ahead on their non-blocking stream:
+    predicting in on_epoch_end (hard-example mining) or setting weights in __getitem__. The default stream, where
+    that runs, now waits for the steps launched so far, and the next steps for it (event waits around each pull).
+    Unordered before: the emulator's stream-order check failed it (on a GPU: a read of half-updated weights, or a
+    set_weights overwritten by an update in flight). Trains as the plain CUDA path."""
+    from gpucnn.utils import PyDataset
+    x, y = small_data(40)
+
+    class Data(PyDataset):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.scores = model, []
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            if use == "set_weights_in_getitem" and i == 3:
+                dense = self.model.layers[-1]
+                dense.set_weights([w * np.float32(0.5) for w in dense.get_weights()])
+            return x[i * 8:(i + 1) * 8], y[i * 8:(i + 1) * 8]
+
+        def on_epoch_end(self):
+            if use == "predict_at_epoch_end":
+                self.scores.append(self.model.predict(x, verbose=0))
+
+    scores = []
+
+    def fit(m):
+        data = Data(m)
+        m.fit(data, epochs=2, verbose=0, shuffle=False)
+        scores.append(data.scores)
+    _plain_and_fast_cuda_fits(monkeypatch, lambda: optimizers.SGD(0.05, momentum=0.9), fit)
+    for a, b in zip(*scores):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("feed", ["arrays", "batches"])

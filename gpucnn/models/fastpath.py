@@ -512,13 +512,32 @@ class StreamTrainer(Trainer):
         rows.clear()
         return self.model._read_logs(*totals)
 
+    def _pulled(self, batches):
+        """``batches``, each pulled in stream order. Pulling one runs the user's dataset code (a PyDataset's
+        ``__getitem__`` and ``on_epoch_end``, a generator), which may use the model on the default stream —
+        predict with it, read or set its weights — while the steps launched before still run on the training
+        stream, which the default stream does not wait for. So the default stream waits for the steps launched so
+        far, and the next steps for what the pull left on the default stream: two event waits, none on the host.
+        (A PyDataset with ``workers`` > 1 reads batches ahead on threads of its own: model use there is not
+        ordered so.)"""
+        null, items = self.cupy.cuda.Stream.null, iter(batches)
+        while True:
+            null.wait_event(self.stream.record())
+            try:
+                item = next(items)
+            except StopIteration:
+                self.stream.wait_event(null.record())
+                return
+            self.stream.wait_event(null.record())
+            yield item
+
     def run_epoch(self, batches, epoch, cbs, bar):
         """Train on ``batches`` (host (x, y) NumPy batches, checked) as one epoch (of ``bar.target`` steps when
         known); returns its logs."""
         opt, lockstep = self.model.optimizer, cbs.batch_hooks_use_model()
         totals, window, logs = [0.0, 0, 0], [], {}
         try:
-            for step, (xb, yb) in enumerate(batches):
+            for step, (xb, yb) in enumerate(self._pulled(batches)):
                 if step % self.steps == 0:
                     if window:
                         logs = self._close_window(window, totals)
@@ -544,7 +563,9 @@ class StreamTrainer(Trainer):
                 graph.launch(self.stream)
                 opt.count_step()
                 window.append(rows)
-                if lockstep:  # the hooks get this step's running means, as on the plain path (Keras passes them)
+                # the hooks get this step's running means, as on the plain path (Keras passes them); steps that
+                # run ahead get them at the epoch's last step (known from len()), as the array trainer reads it
+                if lockstep or (bar.target is not None and step == bar.target - 1):
                     logs = self.model._read_logs(*self._window_totals(window, totals))
                 if self.model._end_batch(cbs, bar, epoch, step, logs):
                     break

@@ -439,8 +439,9 @@ class Trainer:
     def _train_epoch(self, batches, cbs, bar, epoch):
         """One epoch of the plain loop over (x, y) engine batches; returns its logs."""
         # The NumPy engine reads its loss every step; on the GPU a read waits for the device, so the
-        # running loss is read (and checked for divergence) only every READ_EVERY steps.
-        read_every = self.READ_EVERY if backend.ops().READS_WAIT else 1
+        # running loss is read (and checked for divergence) only every READ_EVERY steps, unless a callback's own
+        # batch hooks want each step's logs (as Keras passes them).
+        read_every = self.READ_EVERY if backend.ops().READS_WAIT and not cbs.batch_hooks_use_model() else 1
         loss_total, correct_total, seen, logs, step = 0.0, 0, 0, {}, -1
         for step, (xb, yb) in enumerate(batches):
             cbs.on_train_batch_begin(step)
