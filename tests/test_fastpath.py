@@ -848,8 +848,8 @@ class _Stream:
     def synchronize(self):
         pass
 
-    def record(self):
-        return _Event()
+    def record(self, event=None):
+        return _Event() if event is None else event
 
     def wait_event(self, event):
         pass

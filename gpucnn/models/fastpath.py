@@ -520,15 +520,17 @@ class StreamTrainer(Trainer):
         far, and the next steps for what the pull left on the default stream: two event waits, none on the host.
         (A PyDataset with ``workers`` > 1 reads batches ahead on threads of its own: model use there is not
         ordered so.)"""
-        null, items = self.cupy.cuda.Stream.null, iter(batches)
+        cuda, items = self.cupy.cuda, iter(batches)
+        null = cuda.Stream.null
+        steps_done, pull_done = cuda.Event(disable_timing=True), cuda.Event(disable_timing=True)  # (re-recorded)
         while True:
-            null.wait_event(self.stream.record())
+            null.wait_event(self.stream.record(steps_done))
             try:
                 item = next(items)
             except StopIteration:
-                self.stream.wait_event(null.record())
+                self.stream.wait_event(null.record(pull_done))
                 return
-            self.stream.wait_event(null.record())
+            self.stream.wait_event(null.record(pull_done))
             yield item
 
     def run_epoch(self, batches, epoch, cbs, bar):
