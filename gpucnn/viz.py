@@ -54,6 +54,13 @@ def _show_image(ax, img, **kwargs):
 
 
 # ===================================================================================== looking inside
+def _image_layers(model):
+    """The names of the layers whose outputs are images (convolutions, poolings, ...); not the input itself (a
+    functional model lists its InputLayer among its layers, as Keras does)."""
+    from .layers import InputLayer
+    return [l.name for l in model.layers if not isinstance(l, InputLayer) and len(l.output_shape) == 3]
+
+
 def plot_feature_maps(model, image, layers=None, path=None, cols=16):
     """One figure: the input digit, then for each layer every channel's response to it.
 
@@ -68,14 +75,14 @@ def plot_feature_maps(model, image, layers=None, path=None, cols=16):
         x = x[None]
     if layers is None:
         model._require_built("plot_feature_maps")
-        layers = [l.name for l in model.layers if len(l.output_shape) == 3]
+        layers = _image_layers(model)
         if not layers:
             raise ValueError("the model has no layer with image-shaped outputs to show")
     outputs = model.layer_outputs(x, layers)
     flat = [n for n, a in outputs.items() if a.ndim != 4]
     if flat:
         raise ValueError(f"layer {flat[0]!r} outputs a flat vector, not feature maps; choose among "
-                         f"{[l.name for l in model.layers if len(l.output_shape) == 3]}")
+                         f"{_image_layers(model)}")
     cols = max(4, min(cols, max(a.shape[-1] for a in outputs.values())))
     rows = [math.ceil(a.shape[-1] / cols) for a in outputs.values()]
     cell = max(0.8, 4.8 / cols)  # room for the titles when there are few maps

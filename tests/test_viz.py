@@ -65,6 +65,18 @@ def test_feature_maps_show_every_channel_of_every_image_layer(mpl, tmp_path):
         viz.plot_feature_maps(model, x[0], layers=["flatten"])
 
 
+def test_feature_maps_of_a_functional_model_skip_its_input_layer(mpl):
+    """A functional model lists its InputLayer among its layers (as Keras does): its image-shaped output is not a
+    layer's response, and layer_outputs does not know it (plot_feature_maps raised "no layer named ...")."""
+    import gpucnn as keras
+    inputs = keras.Input(shape=(8, 8, 1))
+    h = keras.layers.MaxPooling2D(2)(keras.layers.Conv2D(3, 3, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(h)))
+    fig = viz.plot_feature_maps(model, np.random.default_rng(0).random((8, 8, 1), dtype=np.float32))
+    titles = [sub._suptitle.get_text() for sub in fig.subfigs[1:]]
+    assert titles == ["conv2d (Conv2D): 3 maps of 6×6", "max_pooling2d (MaxPooling2D): 3 maps of 3×3"]
+
+
 @pytest.mark.parametrize("channels", [1, 3, 2])
 def test_filters_of_the_first_convolution(mpl, tmp_path, channels):
     model = tiny_model(channels)
