@@ -142,6 +142,8 @@ class LearningRate(_Variable):
     computes and compares in float32, a number it meets taken as a float32 first (Keras's rule, and NumPy 2's for a
     Python float; NumPy 1 would compare 0.1 in float64 and find the rate 0.1 unequal to it)."""
     _attribute, _plain = "learning_rate", float
+    dtype = "float32"  # Keras's variable's dtype, by name
+    shape = ()
 
     def _read(self):
         return np.float32(self._optimizer._current_rate())

@@ -163,6 +163,12 @@ def save_weights(model, path, overwrite=True):
     data = _npz_bytes(_weight_arrays(model, path))
     with atomic_write(path, overwrite) as f:
         f.write(data)
+    if os.fspath(path).lower().endswith((".h5", ".hdf5")):  # Keras 3's name for its weights files
+        import warnings
+        warnings.warn(f"save_weights: {os.fspath(path)!r} is written in gpucnn's .npz format, not HDF5: gpucnn's "
+                      "load_weights reads it back, Keras and h5py cannot. Name it '.weights.npz' to say what it is; "
+                      "to move weights to Keras, see the README's 'Moving weights between Keras and gpucnn'",
+                      stacklevel=3)
 
 
 MODEL_SUFFIXES = (".keras", ".gpucnn")  # names of whole-model files, which a weights file must not take

@@ -1143,3 +1143,15 @@ def test_an_optimizer_keeps_each_weights_state_wherever_it_was_laid_out(tmp_path
     loaded.fit(x, y, batch_size=4, shuffle=False, verbose=0)
     for got, want in zip(loaded.get_weights(), a.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_loss_per_output_is_refused_as_what_it_is():
+    """Keras's form for a model of several outputs, a list or dict of losses, said as such (it read "unknown loss
+    [...]; gpucnn knows [...]", which names the losses it was given)."""
+    import gpucnn as keras
+    inputs = keras.Input((4,))
+    two = keras.Model(inputs, [keras.layers.Dense(3, activation="softmax")(inputs), keras.layers.Dense(1)(inputs)])
+    for loss in (["sparse_categorical_crossentropy", "binary_crossentropy"], {"dense": "binary_crossentropy"}):
+        with pytest.raises(NotImplementedError, match="a loss per output .* several outputs, which gpucnn does not "
+                                                      "train \\(predict works\\)"):
+            two.compile("sgd", loss)

@@ -779,3 +779,22 @@ def test_a_saved_optimizer_refuses_the_weights_the_saved_one_would(tmp_path, opt
         loaded.get_layer("late").trainable = True
         with pytest.raises(ValueError, match="has trained this model .*holds no state for 2 of the weights.*late"):
             loaded.fit(x, y, batch_size=8, verbose=0)
+
+
+def test_weights_saved_under_an_hdf5_name_say_they_are_npz(tmp_path):
+    """Keras 3 names weights files '.weights.h5': gpucnn writes its own .npz there (and reads it back), with a
+    warning that Keras and h5py cannot read it (it was silent)."""
+    import warnings
+
+    import gpucnn as keras
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / "model.weights.h5"
+    with pytest.warns(UserWarning, match="written in gpucnn's .npz format, not HDF5"):
+        model.save_weights(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.save_weights(tmp_path / "model.weights.npz")
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    other.load_weights(path)
+    for a, b in zip(other.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)

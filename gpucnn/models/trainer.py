@@ -74,6 +74,10 @@ class Trainer:
             optimizer.anchor_exclusions(self._weight_slots())  # (refused before the model changes)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
+        if isinstance(loss, (list, tuple, dict)):  # Keras's form for a model of several outputs
+            raise NotImplementedError(f"compile(loss={loss!r}): a loss per output (a list or dict) is Keras's form for "
+                                      "a model of several outputs, which gpucnn does not train (predict works); "
+                                      "give one loss for a model of one output")
         loss = losses_mod.get(loss)
         metrics = [metrics] if isinstance(metrics, (str, metrics_mod.Metric)) else list(metrics or [])
         names = [metrics_mod.get(m) for m in metrics]
