@@ -582,9 +582,22 @@ if INNER:
         with pytest.raises(race, match="numpy.sum .* writes"):
             np.sum(x, out=y[:1].reshape(()))  # NumPy's out= is written on the null stream
         assert np.shape(y) == (4,)  # (reads no memory)
+        import threading
+        raised = []
+
+        def read_on_another_thread():  # whose current stream is its own: the null stream, not this thread's
+            try:
+                y.get()
+            except race:
+                raised.append(True)
+        with side:
+            thread = threading.Thread(target=read_on_another_thread)
+            thread.start()
+            thread.join()
+        assert raised == [True]
         assert [what for what, problem in fake_cupy.PROBLEMS if problem == "stream order"] == [
             "kernel relu_forward", "ndarray.get()", "ndarray.__float__", "a memset of a device array",
-            "kernel relu_forward (in a graph)", "ndarray.copy", "numpy.sum"]
+            "kernel relu_forward (in a graph)", "ndarray.copy", "numpy.sum", "ndarray.get()"]
         del fake_cupy.PROBLEMS[:]  # expected ones
 
     def test_an_empty_batch_reads_nothing():

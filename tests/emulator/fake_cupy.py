@@ -52,6 +52,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 import weakref
 
@@ -402,7 +403,17 @@ class EmulatedCaptureError(RuntimeError):
     a graph replayed over a buffer freed since its capture."""
 
 
-_streams = []           # the `with stream:` stack; the current stream is the last one (else the null stream)
+_threads = threading.local()  # .streams: this thread's `with stream:` stack (CuPy's current stream is per thread)
+
+
+def _stack():
+    """This thread's ``with stream:`` stack; the current stream is its last one (else the null stream)."""
+    if not hasattr(_threads, "streams"):
+        _threads.streams = []
+    return _threads.streams
+
+
+
 _all_streams = weakref.WeakSet()
 _capturing = [None]     # the stream being captured (one at a time here)
 _replaying = [0]        # > 0 while a graph replays: its operations run, never recorded
@@ -426,15 +437,15 @@ class Stream:
                 f"{'a non-blocking' if self.non_blocking else 'a blocking'} stream (#{id(self) % 100000})")
 
     def __enter__(self):
-        _streams.append(self)
+        _stack().append(self)
         return self
 
     def __exit__(self, *exc):
-        _streams.pop()
+        _stack().pop()
         return False
 
     def use(self):
-        _streams[:] = [self]
+        _stack()[:] = [self]
         return self
 
     @property
@@ -489,7 +500,8 @@ Stream.null = _null_stream
 
 
 def _current_stream():
-    return _streams[-1] if _streams else _null_stream
+    stack = _stack()
+    return stack[-1] if stack else _null_stream
 
 
 class _Buffer:
