@@ -163,12 +163,16 @@ def save_weights(model, path, overwrite=True):
     data = _npz_bytes(_weight_arrays(model, path))
     with atomic_write(path, overwrite) as f:
         f.write(data)
-    if os.fspath(path).lower().endswith((".h5", ".hdf5")):  # Keras 3's name for its weights files
+    if os.fspath(path).lower().endswith((".h5", ".hdf5")) and not _said["npz under an HDF5 name"]:
+        _said["npz under an HDF5 name"] = True  # once per process (a checkpoint each epoch would repeat it)
         import warnings
-        warnings.warn(f"save_weights: {os.fspath(path)!r} is written in gpucnn's .npz format, not HDF5: gpucnn's "
-                      "load_weights reads it back, Keras and h5py cannot. Name it '.weights.npz' to say what it is; "
-                      "to move weights to Keras, see the README's 'Moving weights between Keras and gpucnn'",
-                      stacklevel=3)
+        warnings.warn(f"save_weights: {os.fspath(path)!r} is written in gpucnn's .npz format, not HDF5 (so is every "
+                      "weights file gpucnn writes under a .h5 name): gpucnn's load_weights reads it back, Keras and "
+                      "h5py cannot. Name it '.weights.npz' to say what it is; to move weights to Keras, see the "
+                      "README's 'Moving weights between Keras and gpucnn'", stacklevel=3)
+
+
+_said = {"npz under an HDF5 name": False}  # warnings given once per process
 
 
 MODEL_SUFFIXES = (".keras", ".gpucnn")  # names of whole-model files, which a weights file must not take
