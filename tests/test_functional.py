@@ -597,3 +597,21 @@ def test_a_sequential_whose_first_layer_is_a_built_model_is_built_at_once(base_k
     features = base.predict(x, verbose=0).mean(axis=(1, 2))
     want = model.layers[-1](features)
     np.testing.assert_allclose(model.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_paths_are_kerass():
+    """A layer a Sequential model builds has its weights' paths under the model's name, as in Keras
+    (``sequential/dense/kernel``); a functional model's layers are built outside it (``dense/kernel``); a nested
+    Sequential keeps its own."""
+    s = keras.Sequential([keras.Input((4,)), layers.Dense(2)])
+    assert [w.path for w in s.weights] == ["sequential/dense/kernel", "sequential/dense/bias"]
+    late = keras.Sequential([layers.Dense(2)])
+    late.build((None, 4))
+    assert [w.path for w in late.weights] == ["sequential_1/dense_1/kernel", "sequential_1/dense_1/bias"]
+    inputs = keras.Input((4,))
+    functional = keras.Model(inputs, layers.Dense(2)(inputs))
+    assert [w.path for w in functional.weights] == ["dense_2/kernel", "dense_2/bias"]
+    inner = keras.Sequential([keras.Input((4,)), layers.Dense(2)], name="inner")
+    outer = keras.Sequential([keras.Input((4,)), inner, layers.Dense(1)])
+    assert [w.path for w in outer.weights] == ["inner/dense_3/kernel", "inner/dense_3/bias",
+                                               "sequential_2/dense_4/kernel", "sequential_2/dense_4/bias"]

@@ -112,7 +112,7 @@ def test_variables_follow_the_layer_through_training_and_assign_reaches_it():
     writing through it reaches the model; name, path, numpy() and assign as Keras's."""
     m = models.Sequential([keras.Input((3,)), layers.Dense(2, activation="softmax", name="d")])
     kernel, first, trainable = m.layers[0].kernel, m.weights[0], m.trainable_weights[0]
-    assert (first.name, first.path, trainable.trainable) == ("kernel", "d/kernel", True)
+    assert (first.name, first.path, trainable.trainable) == ("kernel", "sequential/d/kernel", True)
     m.compile("sgd", "sparse_categorical_crossentropy")
     x = np.random.default_rng(0).random((8, 3)).astype(np.float32)
     m.fit(x, np.arange(8) % 2, epochs=2, verbose=0)

@@ -32,7 +32,9 @@ class Variable:
 
     @property
     def path(self):
-        return f"{self._layer.name}/{self.name}"
+        """Keras's: the layer's name and the weight's, after the name of the Sequential model that built the layer
+        (``sequential/dense/kernel``; a functional model's layers are built outside it: ``dense/kernel``)."""
+        return f"{getattr(self._layer, '_path_prefix', '')}{self._layer.name}/{self.name}"
 
     @property
     def trainable(self):

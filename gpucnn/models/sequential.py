@@ -91,11 +91,14 @@ class Sequential(Model):
             self._output = self._input
         self._layers.append(layer)
         if self._input is not None:
+            fresh = not layer.built
             try:
                 output = layer(self._output)
             except Exception:
                 self._layers.pop()
                 raise
+            if fresh:  # built here: its weights' paths start with this model's name, as Keras's do
+                layer._path_prefix = f"{self.name}/"
             self._output = output
             self._set_graph(Graph([self._input], [self._output], owner=f"Sequential {self.name!r}"))
             if not self._quiet:
