@@ -142,8 +142,9 @@ class LearningRate(_Variable):
     computes and compares in float32, a number it meets taken as a float32 first (Keras's rule, and NumPy 2's for a
     Python float; NumPy 1 would compare 0.1 in float64 and find the rate 0.1 unequal to it)."""
     _attribute, _plain = "learning_rate", float
-    dtype = "float32"  # Keras's variable's dtype, by name
-    shape = ()
+    __slots__ = ()
+    dtype = property(lambda self: "float32", doc="Keras's variable's dtype, by name (read-only, as Keras's)")
+    shape = property(lambda self: (), doc="()")
 
     def _read(self):
         return np.float32(self._optimizer._current_rate())

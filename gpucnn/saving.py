@@ -169,10 +169,21 @@ def save_weights(model, path, overwrite=True):
         warnings.warn(f"save_weights: {os.fspath(path)!r} is written in gpucnn's .npz format, not HDF5 (so is every "
                       "weights file gpucnn writes under a .h5 name): gpucnn's load_weights reads it back, Keras and "
                       "h5py cannot. Name it '.weights.npz' to say what it is; to move weights to Keras, see the "
-                      "README's 'Moving weights between Keras and gpucnn'", stacklevel=3)
+                      "README's 'Moving weights between Keras and gpucnn'", stacklevel=_users_frame())
 
 
 _said = {"npz under an HDF5 name": False}  # warnings given once per process
+
+
+def _users_frame():
+    """The ``stacklevel`` that makes a warning given by this function's caller name the first line outside gpucnn
+    (the user's ``save_weights`` call, or the ``fit`` whose ModelCheckpoint saved)."""
+    import sys
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 MODEL_SUFFIXES = (".keras", ".gpucnn")  # names of whole-model files, which a weights file must not take

@@ -58,7 +58,10 @@ def _image_layers(model):
     """The names of the layers whose outputs are images (convolutions, poolings, ...); not the input itself (a
     functional model lists its InputLayer among its layers, as Keras does)."""
     from .layers import InputLayer
-    return [l.name for l in model.layers if not isinstance(l, InputLayer) and len(l.output_shape) == 3]
+
+    def per_sample(shape):  # (a nested model's output_shape starts with the batch axis, None; a layer's does not)
+        return tuple(shape)[1:] if shape and tuple(shape)[0] is None else tuple(shape)
+    return [l.name for l in model.layers if not isinstance(l, InputLayer) and len(per_sample(l.output_shape)) == 3]
 
 
 def plot_feature_maps(model, image, layers=None, path=None, cols=16):

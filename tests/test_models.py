@@ -1152,6 +1152,15 @@ def test_a_loss_per_output_is_refused_as_what_it_is():
     inputs = keras.Input((4,))
     two = keras.Model(inputs, [keras.layers.Dense(3, activation="softmax")(inputs), keras.layers.Dense(1)(inputs)])
     for loss in (["sparse_categorical_crossentropy", "binary_crossentropy"], {"dense": "binary_crossentropy"}):
-        with pytest.raises(NotImplementedError, match="a loss per output .* several outputs, which gpucnn does not "
-                                                      "train \\(predict works\\)"):
+        with pytest.raises(NotImplementedError, match="a model of 2 outputs takes a loss per output in Keras; gpucnn "
+                                                      "does not train such models \\(predict works\\)"):
             two.compile("sgd", loss)
+    one = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(inputs))
+    for loss in (["sparse_categorical_crossentropy"], ("sparse_categorical_crossentropy",),  # Keras takes these
+                 {"out": "sparse_categorical_crossentropy"}, [losses.SparseCategoricalCrossentropy()]):
+        one.compile("sgd", loss)
+        assert type(one.loss) is losses.SparseCategoricalCrossentropy
+    with pytest.raises(ValueError, match="the model has one output, so one loss \\(got 2\\)"):
+        one.compile("sgd", ["sparse_categorical_crossentropy"] * 2)
+    with pytest.raises(ValueError, match="the dict's key must be the output layer's name 'out'"):
+        one.compile("sgd", {"dense": "sparse_categorical_crossentropy"})

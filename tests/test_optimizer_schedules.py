@@ -150,7 +150,9 @@ def test_the_learning_rate_answers_kerass_variable_methods():
     assert rate.numpy() == np.float32(0.01) and rate.numpy().dtype == np.float32 and rate * 2 == 0.02
     assert rate > 0.005 and not rate < 0.01 and f"{rate:.3f}" == "0.010" and str(rate) == "0.01"
     assert np.asarray(rate).dtype == np.float32 and int(opt.iterations) == 0
-    assert (rate.dtype, rate.shape) == ("float32", ())  # Keras's variable's, by name
+    assert (rate.dtype, rate.shape) == ("float32", ())  # Keras's variable's, by name; read-only as Keras's
+    with pytest.raises(AttributeError):
+        rate.dtype = "float16"
     rate.assign(0.5)
     assert rate == 0.5 and opt.learning_rate == 0.5 and float(opt.learning_rate) == 0.5
     rate.assign(float(rate) * 0.5)

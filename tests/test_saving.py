@@ -797,6 +797,13 @@ def test_weights_saved_under_an_hdf5_name_say_they_are_npz(tmp_path):
         warnings.simplefilter("error")
         model.save_weights(tmp_path / "model.weights.npz")
         model.save_weights(tmp_path / "epoch_2.weights.h5")  # once per process: a checkpoint each epoch says it once
+    saving._said["npz under an HDF5 name"] = False
+    checkpoint = keras.callbacks.ModelCheckpoint(str(tmp_path / "ck{epoch}.weights.h5"), save_weights_only=True)
+    classifier = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    classifier.compile("sgd", "sparse_categorical_crossentropy")
+    with pytest.warns(UserWarning, match="not HDF5") as said:  # from fit's checkpoint: named at the fit call
+        classifier.fit(np.zeros((4, 3), np.float32), np.zeros(4), epochs=2, verbose=0, callbacks=[checkpoint])
+    assert len(said) == 1 and said[0].filename == __file__
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     other.load_weights(path)
     for a, b in zip(other.get_weights(), model.get_weights()):

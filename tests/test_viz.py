@@ -75,6 +75,10 @@ def test_feature_maps_of_a_functional_model_skip_its_input_layer(mpl):
     fig = viz.plot_feature_maps(model, np.random.default_rng(0).random((8, 8, 1), dtype=np.float32))
     titles = [sub._suptitle.get_text() for sub in fig.subfigs[1:]]
     assert titles == ["conv2d (Conv2D): 3 maps of 6×6", "max_pooling2d (MaxPooling2D): 3 maps of 3×3"]
+    block = keras.Model(inputs, h, name="block")  # a model used as a layer: its output_shape has the batch axis
+    outer = keras.Sequential([block, keras.layers.Flatten(), keras.layers.Dense(2)])
+    fig = viz.plot_feature_maps(outer, np.zeros((8, 8, 1), np.float32))
+    assert [sub._suptitle.get_text() for sub in fig.subfigs[1:]] == ["block (Model): 3 maps of 3×3"]
 
 
 @pytest.mark.parametrize("channels", [1, 3, 2])

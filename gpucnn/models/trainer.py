@@ -74,10 +74,7 @@ class Trainer:
             optimizer.anchor_exclusions(self._weight_slots())  # (refused before the model changes)
         if loss is None:
             raise ValueError("compile() needs a loss, e.g. loss='categorical_crossentropy'")
-        if isinstance(loss, (list, tuple, dict)):  # Keras's form for a model of several outputs
-            raise NotImplementedError(f"compile(loss={loss!r}): a loss per output (a list or dict) is Keras's form for "
-                                      "a model of several outputs, which gpucnn does not train (predict works); "
-                                      "give one loss for a model of one output")
+        loss = self._one_loss(loss)
         loss = losses_mod.get(loss)
         metrics = [metrics] if isinstance(metrics, (str, metrics_mod.Metric)) else list(metrics or [])
         names = [metrics_mod.get(m) for m in metrics]
@@ -186,6 +183,27 @@ class Trainer:
                              "for two classes use Dense(1, activation='sigmoid') (with binary_crossentropy), or "
                              "Dense(2, activation='softmax') (with a categorical cross-entropy)")
         return self.loss.check_labels(y, units, what)
+
+    def _one_loss(self, loss):
+        """Keras's per-output forms for a model of one output — a list or tuple of one loss, a dict of one, keyed by
+        the output layer's name — as that loss; a model of several outputs (which gpucnn does not train) or more
+        losses than outputs refused."""
+        if not isinstance(loss, (list, tuple, dict)):
+            return loss
+        outputs = len(self.outputs) if self.built else 1
+        if outputs != 1:
+            raise NotImplementedError(f"compile(loss={loss!r}): a model of {outputs} outputs takes a loss per output in "
+                                      "Keras; gpucnn does not train such models (predict works): train a model of one "
+                                      "output")
+        if len(loss) != 1:
+            raise ValueError(f"compile(loss={loss!r}): the model has one output, so one loss (got {len(loss)})")
+        if isinstance(loss, dict):
+            name = self.outputs[0].node.layer.name if self.built else None
+            key = next(iter(loss))
+            if name is not None and key != name:
+                raise ValueError(f"compile(loss={loss!r}): the dict's key must be the output layer's name {name!r}")
+            return loss[key]
+        return loss[0]
 
     def _require_one_output(self, what):
         if len(self.outputs) != 1:
