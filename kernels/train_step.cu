@@ -36,11 +36,14 @@
 //                             from_logits (a linear output under a from_logits loss): the loss and dz exactly
 //                             as crossentropy_forward / crossentropy_backward with from_logits (no clip), the
 //                             first arg-max of the logits as count_correct counts on the model's output.
+//                             keep, offset: label smoothing of one-hot labels (1, 0 without), as the loss's
+//                             targets y·(1 - s) + s / K; the accuracy counts against the labels as given.
 //   sigmoid_binary_crossentropy_step
 //                             the same for a sigmoid output under a binary cross-entropy (labels (N, U) float
 //                             0/1): the loss, its gradient at the logits and the binary accuracy count;
 //                             from_logits: the loss of logits, and the count on the logits (output > 0.5, the
-//                             threshold Keras's binary accuracy applies to the model's output).
+//                             threshold Keras's binary accuracy applies to the model's output). keep, half: label
+//                             smoothing as binary_crossentropy_forward takes it (y·(1 - s) + s / 2).
 #include "common.cuh"
 
 #ifndef EPSILON
@@ -90,6 +93,12 @@ extern "C" __global__ void step_advance(int* __restrict__ step) {
 }
 
 // ------------------------------------------------------------------------------------ loss
+// A one-hot label under label smoothing: y·keep + offset (keep = 1 - s, offset = s / K), rounded after the product and
+// after the sum, as the plain path's two array operations round (no fused multiply-add). keep 1, offset 0: y itself.
+__device__ __forceinline__ float smoothed(float y, float keep, float offset) {
+    return __fadd_rn(__fmul_rn(y, keep), offset);
+}
+
 template <bool SPARSE>
 __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restrict__ logits,
                                                           const float* __restrict__ onehot,
@@ -98,7 +107,7 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
                                                           float* __restrict__ loss_steps,
                                                           int* __restrict__ correct_steps,
                                                           const int* __restrict__ step, int N, int K,
-                                                          int from_logits) {
+                                                          int from_logits, float keep, float offset) {
     __shared__ float loss_scratch[THREADS];
     __shared__ long long count_scratch[THREADS];
     float my_loss = 0.0f;
@@ -120,10 +129,10 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
             const float log_total = logf(sum);
             float targets = SPARSE ? 1.0f : 0.0f;  // sum(y): one 1 for a class index
             if (!SPARSE)
-                for (int k = 0; k < K; ++k) targets += onehot[(long long)r * K + k];
+                for (int k = 0; k < K; ++k) targets += smoothed(onehot[(long long)r * K + k], keep, offset);
             float ce = 0.0f;
             for (int k = 0; k < K; ++k) {
-                const float y = SPARSE ? (k == label ? 1.0f : 0.0f) : onehot[(long long)r * K + k];
+                const float y = SPARSE ? (k == label ? 1.0f : 0.0f) : smoothed(onehot[(long long)r * K + k], keep, offset);
                 ce += y * ((xr[k] - top) - log_total);
                 dr[k] = bad ? quiet_nan() : (expf((xr[k] - top) - log_total) * targets - y) / (float)N;
             }
@@ -141,16 +150,17 @@ __device__ __forceinline__ void softmax_crossentropy_rows(const float* __restric
         float truth_best = 0.0f;
         for (int k = 0; k < K; ++k) {
             const float p = expf(xr[k] - top) / sum;
-            const float y = SPARSE ? (k == label ? 1.0f : 0.0f) : onehot[(long long)r * K + k];
+            const float label_k = SPARSE ? (k == label ? 1.0f : 0.0f) : onehot[(long long)r * K + k];
+            const float y = SPARSE ? label_k : smoothed(label_k, keep, offset);
             ce += y * logf(clip_probability(p / total, EPSILON));
             dr[k] = bad ? quiet_nan() : (p - y) / (float)N;
             if (k == 0 || max_replaces(p, best_p)) {
                 best = k;
                 best_p = p;
             }
-            if (!SPARSE && (k == 0 || max_replaces(y, truth_best))) {
+            if (!SPARSE && (k == 0 || max_replaces(label_k, truth_best))) {  // the labels as given
                 truth = k;
-                truth_best = y;
+                truth_best = label_k;
             }
         }
         my_loss += bad ? quiet_nan() : -ce;
@@ -169,16 +179,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 softmax_crossentropy_step_onehot(const float* __restrict__ logits, const float* __restrict__ onehot,
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
                                  int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K,
-                                 int from_logits) {
-    softmax_crossentropy_rows<false>(logits, onehot, nullptr, dz, loss_steps, correct_steps, step, N, K, from_logits);
+                                 int from_logits, float keep, float offset) {
+    softmax_crossentropy_rows<false>(logits, onehot, nullptr, dz, loss_steps, correct_steps, step, N, K, from_logits,
+                                     keep, offset);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 softmax_crossentropy_step_sparse(const float* __restrict__ logits, const int* __restrict__ labels,
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
                                  int* __restrict__ correct_steps, const int* __restrict__ step, int N, int K,
-                                 int from_logits) {
-    softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K, from_logits);
+                                 int from_logits, float keep, float offset) {
+    softmax_crossentropy_rows<true>(logits, nullptr, labels, dz, loss_steps, correct_steps, step, N, K, from_logits,
+                                    keep, offset);
 }
 
 // grid 1, block THREADS: the binary cross-entropy of a sigmoid output, as the plain step computes it: p =
@@ -190,7 +202,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 sigmoid_binary_crossentropy_step(const float* __restrict__ logits, const float* __restrict__ labels,
                                  float* __restrict__ dz, float* __restrict__ loss_steps,
                                  int* __restrict__ correct_steps, const int* __restrict__ step, int N, int U,
-                                 int from_logits) {
+                                 int from_logits, float keep, float half) {
     __shared__ float loss_scratch[THREADS];
     __shared__ long long count_scratch[THREADS];
     float my_loss = 0.0f;
@@ -202,7 +214,7 @@ sigmoid_binary_crossentropy_step(const float* __restrict__ logits, const float* 
             const long long i = (long long)r * U + u;
             const float z = logits[i];
             const float p = sigmoid(z);
-            const float y = labels[i];
+            const float y = labels[i] * keep + half;  // label smoothing, as binary_crossentropy_forward (loss.cu)
             if (from_logits) {
                 row += (z > 0.0f ? z : 0.0f) - z * y + log1pf(expf(-fabsf(z)));
             } else {
@@ -210,7 +222,7 @@ sigmoid_binary_crossentropy_step(const float* __restrict__ logits, const float* 
                 row += -(y * logf(q) + (1.0f - y) * logf(1.0f - q));
             }
             dz[i] = (p - y) / total;
-            my_correct += ((from_logits ? z : p) > 0.5f ? 1.0f : 0.0f) == y;
+            my_correct += ((from_logits ? z : p) > 0.5f ? 1.0f : 0.0f) == labels[i];  // the labels as given
         }
         my_loss += row / (float)U;
     }

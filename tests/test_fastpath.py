@@ -58,13 +58,13 @@ def small_model(output="dense_softmax", optimizer="rmsprop", loss="categorical_c
     return m
 
 
-def binary_logits_model(optimizer="rmsprop"):
+def binary_logits_model(optimizer="rmsprop", label_smoothing=0.0):
     """keras.io's image-classification-from-scratch head: one linear unit under a binary cross-entropy from logits,
     its accuracy counted on the logit (Keras's BinaryAccuracy threshold 0.5 on the model's output)."""
     from gpucnn import metrics
     m = models.Sequential([layers.Input((10, 10, 1)), layers.Conv2D(3, 3, activation="relu"),
                            layers.GlobalAveragePooling2D(), layers.Dense(1)])
-    m.compile(optimizer=optimizer, loss=losses.BinaryCrossentropy(from_logits=True),
+    m.compile(optimizer=optimizer, loss=losses.BinaryCrossentropy(from_logits=True, label_smoothing=label_smoothing),
               metrics=[metrics.BinaryAccuracy(name="acc")])
     return m
 
@@ -186,7 +186,7 @@ def test_models_it_cannot_take_are_refused_with_a_reason(cpu_engine):
     assert fastpath.unsupported_reason(multi) is None
     smoothed = models.Sequential([layers.Input((6,)), layers.Dense(3, activation="softmax")])
     smoothed.compile(optimizer="sgd", loss=losses.CategoricalCrossentropy(label_smoothing=0.1))
-    assert "(label_smoothing) is not one the captured step computes" in fastpath.unsupported_reason(smoothed)
+    assert fastpath.unsupported_reason(smoothed) is None  # the step smooths the labels as the plain path does
     softmax_logits = small_model(loss=losses.CategoricalCrossentropy(from_logits=True))  # a softmax output
     assert "not a linear Dense or Activation (logits)" in fastpath.unsupported_reason(softmax_logits)
     frozen = small_model()
@@ -262,7 +262,7 @@ def test_fast_path_trains_as_the_plain_cuda_path_and_numpy(optimizer, kind, spar
 
 
 @_gpu
-@pytest.mark.parametrize("head", ["sparse_logits", "binary_logits"])
+@pytest.mark.parametrize("head", ["sparse_logits", "binary_logits", "onehot_logits_smoothed", "binary_smoothed"])
 def test_fast_path_trains_a_from_logits_loss_as_the_plain_cuda_path_and_numpy(head, monkeypatch, gpu_engine):
     """A linear output under a from_logits loss (keras.io's image-classification example's BinaryCrossentropy(
     from_logits=True) head; a sparse categorical one): the captured step computes the loss, its gradient and the
@@ -272,9 +272,14 @@ def test_fast_path_trains_a_from_logits_loss_as_the_plain_cuda_path_and_numpy(he
             return small_model(output="linear", loss=losses.SparseCategoricalCrossentropy(from_logits=True),
                                optimizer=optimizers.SGD(0.05, momentum=0.9))
         x, y = small_data(40, "normal", sparse=True)
+    elif head == "onehot_logits_smoothed":  # label smoothing, one-hot labels, from logits (keras.io's later examples)
+        def make():
+            return small_model(output="linear", optimizer="adam",
+                               loss=losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1))
+        x, y = small_data(40, "normal")
     else:
         def make():
-            return binary_logits_model(optimizer="adam")
+            return binary_logits_model(optimizer="adam", label_smoothing=0.2 if head == "binary_smoothed" else 0.0)
         x, labels = small_data(40, "normal", sparse=True)
         y = (labels % 2).astype(np.float32)
     backend.set_engine("cpu")
@@ -917,24 +922,26 @@ def _kernel_stand_ins():
     def step_advance(step):
         step[0] += 1
 
-    def binary_step(logits, y, dz, loss_steps, correct_steps, step, n, k, from_logits):
+    def binary_step(logits, y, dz, loss_steps, correct_steps, step, n, k, from_logits, keep, half):
         p = on.activation_forward(logits, "sigmoid")
         out = logits if from_logits else p  # what the model outputs, which the loss and the count read
-        loss_steps[step[0]] = on.binary_crossentropy_forward(out, y, from_logits).sum()
+        t = y * keep + half  # the smoothed targets, as the plain path's binary loss makes them
+        loss_steps[step[0]] = on.binary_crossentropy_forward(out, t, from_logits).sum()
         correct_steps[step[0]] = on.count_binary_correct(out, y)
-        dz[...] = on.sigmoid_binary_crossentropy_backward(p, y)
+        dz[...] = on.sigmoid_binary_crossentropy_backward(p, t)
 
     def loss_step(sparse):
-        def run(logits, y, dz, loss_steps, correct_steps, step, n, k, from_logits):
+        def run(logits, y, dz, loss_steps, correct_steps, step, n, k, from_logits, keep, offset):
+            t = y if sparse else y * keep + offset  # the targets, as the plain path's categorical loss makes them
             if from_logits:
-                loss_steps[step[0]] = on.crossentropy_forward(logits, y, sparse, True).sum()
+                loss_steps[step[0]] = on.crossentropy_forward(logits, t, sparse, True).sum()
                 correct_steps[step[0]] = on.count_correct(logits, y, sparse)
-                dz[...] = on.crossentropy_backward(logits, y, sparse, True)
+                dz[...] = on.crossentropy_backward(logits, t, sparse, True)
                 return
             p = on.activation_forward(logits, "softmax")
-            loss_steps[step[0]] = on.crossentropy_forward(p, y, sparse).sum()
+            loss_steps[step[0]] = on.crossentropy_forward(p, t, sparse).sum()
             correct_steps[step[0]] = on.count_correct(p, y, sparse)
-            dz[...] = on.softmax_crossentropy_backward(p, y, sparse)
+            dz[...] = on.softmax_crossentropy_backward(p, t, sparse)
         return run
 
     return {"permutation_keys": permutation_keys, "gather_batch": gather_batch, "step_advance": step_advance,
@@ -1014,6 +1021,7 @@ def cpu_fast_path(cpu_engine, monkeypatch):
     {"optimizer": "sgd_momentum", "loss": "sparse_categorical_crossentropy", "output": "activation_softmax"},
     {"pool": "avg", "kind": "normal"},
     {"output": "linear", "loss": "from_logits", "kind": "normal"},
+    {"loss": "smoothing", "optimizer": "adam"},
 ])
 def test_the_fast_path_step_on_the_cpu_trains_as_the_numpy_engine(kwargs, cpu_fast_path, monkeypatch):
     kwargs = dict(kwargs)
@@ -1028,6 +1036,8 @@ def test_the_fast_path_step_on_the_cpu_trains_as_the_numpy_engine(kwargs, cpu_fa
             model_kwargs["optimizer"] = optimizers.SGD(0.05, momentum=0.9)  # a fresh state each run
         if kwargs.get("loss") == "from_logits":  # a linear output: the step's softmax and loss from the logits
             model_kwargs["loss"] = losses.CategoricalCrossentropy(from_logits=True)
+        if kwargs.get("loss") == "smoothing":  # the step smooths the one-hot labels as the plain path's loss
+            model_kwargs["loss"] = losses.CategoricalCrossentropy(label_smoothing=0.2)
         m = small_model(**model_kwargs)
         if not fast:
             monkeypatch.setattr(backend, "engine", lambda: "numpy")

@@ -1153,10 +1153,11 @@ def _separated_logits(rng, n, k, ties=0):
     return f32(z)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("sparse", [True, False])
 @pytest.mark.parametrize("n, k", [(1, 2), (7, 10), (64, 10), (300, 3)])  # 300: more rows than THREADS
-def test_softmax_crossentropy_step_matches_reference(n, k, sparse, from_logits):
+def test_softmax_crossentropy_step_matches_reference(n, k, sparse, from_logits, smoothing):
     """The captured step's loss, gradient and count: of a softmax output, or (from_logits: a linear output under a
     from_logits loss) of the logits themselves, as the plain path computes each."""
     rng = np.random.default_rng([n, k, sparse, 40])
@@ -1171,17 +1172,19 @@ def test_softmax_crossentropy_step_matches_reference(n, k, sparse, from_logits):
     dz = cupy.full((n, k), SENTINEL, F32)
     name = "softmax_crossentropy_step_sparse" if sparse else "softmax_crossentropy_step_onehot"
     lab = dev(labels.astype(np.int32) if sparse else labels)
+    s = 0.0 if sparse else smoothing  # (no smoothing of class indices, as Keras)
     cuda.launch(name, 1, ops._THREADS, (dev(logits), lab, dz, loss_steps, correct_steps,
-                                         dev(np.array([step], np.int32)), n, k, from_logits))
+                                         dev(np.array([step], np.int32)), n, k, from_logits, F32(1 - s), F32(s / k)))
     p = ref.activation_forward(logits, "softmax")
     loss, correct = host(loss_steps), host(correct_steps)
+    targets = labels if sparse else labels * (1 - s) + s / k  # the loss's targets; the count reads the labels
     if from_logits:
-        want_loss = ref.crossentropy_forward(logits, labels, sparse, from_logits=True).sum()
+        want_loss = ref.crossentropy_forward(logits, targets, sparse, from_logits=True).sum()
         want_correct, want_dz = ref.count_correct(logits, labels, sparse), ref.crossentropy_backward(
-            logits, labels, sparse, from_logits=True)
+            logits, targets, sparse, from_logits=True)
     else:
-        want_loss, want_correct = ref.crossentropy_forward(p, labels, sparse).sum(), ref.count_correct(p, labels, sparse)
-        want_dz = ref.softmax_crossentropy_backward(p, labels, sparse)
+        want_loss, want_correct = ref.crossentropy_forward(p, targets, sparse).sum(), ref.count_correct(p, labels, sparse)
+        want_dz = ref.softmax_crossentropy_backward(p, targets, sparse)
     np.testing.assert_allclose(loss[step], want_loss, rtol=1e-4)
     assert correct[step] == want_correct
     assert (np.delete(loss, step) == SENTINEL).all() and (np.delete(correct, step) == -3).all()
@@ -1189,9 +1192,10 @@ def test_softmax_crossentropy_step_matches_reference(n, k, sparse, from_logits):
     assert_close(dz, want_dz, atol_scale=1e-5)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("n, u", [(1, 1), (9, 1), (300, 2)])
-def test_sigmoid_binary_crossentropy_step_matches_reference(n, u, from_logits):
+def test_sigmoid_binary_crossentropy_step_matches_reference(n, u, from_logits, smoothing):
     """The captured step of a sigmoid output (or, from_logits, of logits) under a binary cross-entropy: the loss as
     the plain path computes it (clipped probabilities, or the logits' formula), dz = (sigmoid(z) - y) / (N·U), and
     the count of (output > 0.5) == y, the output being the probability or the logit (Keras's threshold)."""
@@ -1206,13 +1210,13 @@ def test_sigmoid_binary_crossentropy_step_matches_reference(n, u, from_logits):
     dz = cupy.full((n, u), SENTINEL, F32)
     cuda.launch("sigmoid_binary_crossentropy_step", 1, ops._THREADS,
                 (dev(logits), dev(labels), dz, loss_steps, correct_steps, dev(np.array([step], np.int32)), n, u,
-                 from_logits))
+                 from_logits, F32(1 - smoothing), F32(0.5 * smoothing)))
     p = ref.activation_forward(logits, "sigmoid")
     out = logits if from_logits else p
     np.testing.assert_allclose(host(loss_steps)[step],
-                               ref.binary_crossentropy_forward(out, labels, from_logits).sum(), rtol=1e-4)
-    assert host(correct_steps)[step] == ref.count_binary_correct(out, labels)
-    assert_close(dz, ref.sigmoid_binary_crossentropy_backward(p, labels), atol_scale=1e-5)
+                               ref.binary_crossentropy_forward(out, labels, from_logits, smoothing).sum(), rtol=1e-4)
+    assert host(correct_steps)[step] == ref.count_binary_correct(out, labels)  # the labels as given
+    assert_close(dz, ref.sigmoid_binary_crossentropy_backward(p, labels, smoothing), atol_scale=1e-5)
 
 
 def test_softmax_crossentropy_step_sparse_out_of_range_label_is_nan():
@@ -1221,7 +1225,7 @@ def test_softmax_crossentropy_step_sparse_out_of_range_label_is_nan():
     dz = cupy.zeros((3, 2), F32)
     cuda.launch("softmax_crossentropy_step_sparse", 1, ops._THREADS,
                 (logits, dev(np.array([1, 2, 0], np.int32)), dz, loss_steps, correct_steps,
-                 dev(np.array([0], np.int32)), 3, 2, False))
+                 dev(np.array([0], np.int32)), 3, 2, False, F32(1), F32(0)))
     assert np.isnan(host(loss_steps)[0])  # the step's loss: a NaN row makes the sum NaN (divergence shows)
     g = host(dz)
     assert np.isfinite(g[[0, 2]]).all() and np.isnan(g[1]).all()

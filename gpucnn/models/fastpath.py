@@ -79,10 +79,9 @@ def unsupported_reason(model):
     if model.metrics and model._accuracy_form() != natural:
         return (f"its metrics count {model._accuracy_form()} accuracy under a {model.loss.name} loss, which the "
                 f"fast path's step does not count (it counts {natural} accuracy)")
-    if type(model.loss) not in _LOSSES or model.loss.label_smoothing:
-        options = ["label_smoothing"] if model.loss.label_smoothing else []
-        return (f"its loss {type(model.loss).__name__}{' (' + ', '.join(options) + ')' if options else ''} is not "
-                "one the captured step computes (a cross-entropy of probabilities or of logits, its labels as given)")
+    if type(model.loss) not in _LOSSES:
+        return (f"its loss {type(model.loss).__name__} is not one the captured step computes (a cross-entropy of "
+                "probabilities or of logits)")
     if len(model.outputs) != 1:
         return f"it has {len(model.outputs)} outputs"
     for layer in model._all_layers():
@@ -250,7 +249,7 @@ class Trainer:
         def forward_loss_backward():
             logits = model.graph.forward([xb], True, contexts)[0]  # the output layer leaves the softmax to the loss
             args = (logits, yb, dz, self.loss_steps, self.correct_steps, self.step, rows, self.classes,
-                    model.loss.from_logits)
+                    model.loss.from_logits, *self._smoothing())
             if self.binary:
                 launch("sigmoid_binary_crossentropy_step", 1, T, args)
             elif self.sparse:
@@ -301,6 +300,14 @@ class Trainer:
                 for run in program:
                     run()
         return captured.graph, contexts
+
+    def _smoothing(self):
+        """(keep, offset) of the loss's label smoothing s, as the plain path's losses compute the targets: one-hot
+        y·(1 - s) + s / K, binary y·(1 - s) + s / 2 (1 and 0 without smoothing)."""
+        s = self.model.loss.label_smoothing
+        if self.binary:
+            return np.float32(1 - s), np.float32(0.5 * s)
+        return np.float32(1 - s), np.float32(s / self.classes)
 
     def _graph_buffers(self):
         """Every array the step graphs read or write outside their own buffers (kept in their contexts): the

@@ -51,6 +51,8 @@ static inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4
 static inline unsigned __float_as_uint(float f) { unsigned v; std::memcpy(&v, &f, 4); return v; }
 static inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 static inline float __fdividef(float a, float b) { return a / b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }  // (the host compiles no FMA: -std=c++17, no -mfma)
+static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __saturatef(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 template <class T> static inline T __ldg(const T* p) { return *p; }
 // Atomics: a fiber is never interrupted between barriers, so a plain read-modify-write is atomic here.
