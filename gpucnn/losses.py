@@ -109,7 +109,9 @@ class _Categorical(Loss):
         y·(1 − s) + s / K (an engine array; made at each call, as the labels stay the user's)."""
         if not self.label_smoothing:
             return y
-        return y * np.float32(1 - self.label_smoothing) + np.float32(self.label_smoothing / y.shape[-1])
+        # s / K divided in float32, as Keras divides by its float32 class count (its TensorFlow and JAX backends
+        # round that quotient once; the torch backend multiplies by the reciprocal, which may differ in the last bit)
+        return y * np.float32(1 - self.label_smoothing) + np.float32(self.label_smoothing) / np.float32(y.shape[-1])
 
     def per_sample(self, ops, p, y):
         return ops.crossentropy_forward(p, self._targets(y), self.sparse, self.from_logits)

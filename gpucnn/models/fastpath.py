@@ -307,7 +307,7 @@ class Trainer:
         s = self.model.loss.label_smoothing
         if self.binary:
             return np.float32(1 - s), np.float32(0.5 * s)
-        return np.float32(1 - s), np.float32(s / self.classes)
+        return np.float32(1 - s), np.float32(s) / np.float32(self.classes)  # (in float32, as losses._targets)
 
     def _graph_buffers(self):
         """Every array the step graphs read or write outside their own buffers (kept in their contexts): the
