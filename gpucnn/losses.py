@@ -76,6 +76,12 @@ class Loss:
         """Whether this loss takes its gradient at the logits of an output with ``activation``."""
         return not self.from_logits and activation is not None and activation == self.fused_activation
 
+    def smoothing(self, units):
+        """(keep, offset): the targets are labels · keep + offset under ``label_smoothing`` s — Keras's y·(1 - s) +
+        s / K for K one-hot classes (``_Categorical``), y·(1 - s) + s / 2 for binary labels; (1, 0) without."""
+        s = self.label_smoothing
+        return np.float32(1 - s), np.float32(0.5 * s)
+
     def get_config(self):
         config = {"name": self.name}
         if self.from_logits:
@@ -104,14 +110,18 @@ class _Categorical(Loss):
                              f"{self.name}")
         return super().check_labels(y, units, what)
 
+    def smoothing(self, units):
+        # s / K divided in float32, as Keras divides by its float32 class count (its TensorFlow and JAX backends
+        # round that quotient once; the torch backend multiplies by the reciprocal, which may differ in the last bit)
+        return np.float32(1 - self.label_smoothing), np.float32(self.label_smoothing) / np.float32(units)
+
     def _targets(self, y):
         """The labels the loss compares with: one-hot ``y`` itself, or with ``label_smoothing`` s Keras's
         y·(1 − s) + s / K (an engine array; made at each call, as the labels stay the user's)."""
         if not self.label_smoothing:
             return y
-        # s / K divided in float32, as Keras divides by its float32 class count (its TensorFlow and JAX backends
-        # round that quotient once; the torch backend multiplies by the reciprocal, which may differ in the last bit)
-        return y * np.float32(1 - self.label_smoothing) + np.float32(self.label_smoothing) / np.float32(y.shape[-1])
+        keep, offset = self.smoothing(y.shape[-1])
+        return y * keep + offset
 
     def per_sample(self, ops, p, y):
         return ops.crossentropy_forward(p, self._targets(y), self.sparse, self.from_logits)

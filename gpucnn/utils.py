@@ -263,7 +263,7 @@ def eager(value):
     (CuPy) array copied to the host, so what a layer or model called on data returns is the same kind of array on
     both engines (``numpy()``, ``np.asarray`` and Matplotlib work on it, as on a TensorFlow tensor; CuPy's arrays
     refuse all three); anything else (a number) as it is."""
-    from .backend import is_engine_array
+    from .backend import is_engine_array  # (here: backend's import chain reaches utils)
     if is_engine_array(value):  # checked first: the emulator's stand-in device arrays are NumPy subclasses
         return value.get().view(EagerArray)
     if isinstance(value, np.ndarray):

@@ -2,7 +2,6 @@
 weights in and out, the progress output, and a clear error for every bad input."""
 import io
 import re
-import types
 
 import numpy as np
 import pytest
@@ -1171,13 +1170,12 @@ def test_label_smoothings_share_of_each_class_is_divided_in_float32():
     """Keras divides s by its float32 class count (``label_smoothing / num_classes``, a float32 tensor), so the
     smoothed targets' s / K is float32(s) / float32(K) (as its TensorFlow and JAX backends round it), which differs
     from float32(s / K) in the last bit for about a quarter of (s, K) (s = 0.3, K = 5 here): the plain path's
-    targets and the fast path's constants both so."""
-    from gpucnn.models import fastpath
+    targets and the fast path's constants (the loss's ``smoothing``) both so."""
     s, k = 0.3, 5
     assert np.float32(s) / np.float32(k) != np.float32(s / k)  # (a case where the two roundings differ)
     y = np.eye(k, dtype=np.float32)[[0, 3]]
     targets = losses.CategoricalCrossentropy(label_smoothing=s)._targets(y)
     np.testing.assert_array_equal(targets, y * np.float32(1 - s) + np.float32(s) / np.float32(k))
-    trainer = types.SimpleNamespace(model=types.SimpleNamespace(loss=losses.CategoricalCrossentropy(label_smoothing=s)),
-                                    binary=False, classes=k)
-    assert fastpath.Trainer._smoothing(trainer) == (np.float32(1 - s), np.float32(s) / np.float32(k))
+    assert losses.CategoricalCrossentropy(label_smoothing=s).smoothing(k) == (np.float32(1 - s),
+                                                                             np.float32(s) / np.float32(k))
+    assert losses.BinaryCrossentropy(label_smoothing=s).smoothing(1) == (np.float32(1 - s), np.float32(0.5 * s))

@@ -249,7 +249,7 @@ class Trainer:
         def forward_loss_backward():
             logits = model.graph.forward([xb], True, contexts)[0]  # the output layer leaves the softmax to the loss
             args = (logits, yb, dz, self.loss_steps, self.correct_steps, self.step, rows, self.classes,
-                    model.loss.from_logits, *self._smoothing())
+                    model.loss.from_logits, *model.loss.smoothing(self.classes))  # (label smoothing's, as the loss's)
             if self.binary:
                 launch("sigmoid_binary_crossentropy_step", 1, T, args)
             elif self.sparse:
@@ -300,14 +300,6 @@ class Trainer:
                 for run in program:
                     run()
         return captured.graph, contexts
-
-    def _smoothing(self):
-        """(keep, offset) of the loss's label smoothing s, as the plain path's losses compute the targets: one-hot
-        y·(1 - s) + s / K, binary y·(1 - s) + s / 2 (1 and 0 without smoothing)."""
-        s = self.model.loss.label_smoothing
-        if self.binary:
-            return np.float32(1 - s), np.float32(0.5 * s)
-        return np.float32(1 - s), np.float32(s) / np.float32(self.classes)  # (in float32, as losses._targets)
 
     def _graph_buffers(self):
         """Every array the step graphs read or write outside their own buffers (kept in their contexts): the
@@ -431,6 +423,10 @@ class Trainer:
                     self._copy_metrics(step)
                     self.stream.synchronize()
                     logs = self._logs(step, epoch)
+                elif lockstep:  # the hooks get this step's running means, as on the plain path (Keras passes them)
+                    self._copy_metrics(step)
+                    self.stream.synchronize()
+                    logs = self._logs(step, epoch)
                 else:
                     if pending is not None and pending[0].done:
                         logs, pending = self._logs(pending[1], epoch), None
@@ -439,10 +435,6 @@ class Trainer:
                         event = cupy.cuda.Event(disable_timing=True)
                         event.record(self.stream)
                         pending = (event, step)
-                if lockstep:  # the hooks get this step's running means, as on the plain path (Keras passes them)
-                    self._copy_metrics(step)
-                    self.stream.synchronize()
-                    logs = self._logs(step, epoch)
                 if self.model._end_batch(cbs, bar, epoch, step, logs):
                     self.stream.synchronize()  # the steps already launched finish before fit goes on
                     break

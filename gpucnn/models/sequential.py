@@ -86,8 +86,9 @@ class Sequential(Model):
         if any(existing.name == layer.name for existing in self._layers):
             raise ValueError(f"the model already has a layer named {layer.name!r}; layer names must be "
                              "unique (pass name=... to tell them apart)")
-        if not self._layers and self._input is None and _known_input_shape(layer) is not None:
-            self._input = Input(shape=_known_input_shape(layer))
+        known = _known_input_shape(layer) if not self._layers and self._input is None else None
+        if known is not None:
+            self._input = Input(shape=known)
             self._output = self._input
         self._layers.append(layer)
         if self._input is not None:
